@@ -57,7 +57,8 @@ def _validate(labels, scores) -> tuple[np.ndarray, np.ndarray]:
     if n_anom == 0 or n_anom == y.shape[0]:
         only = "anomalies (1)" if n_anom else "normals (0)"
         raise InputError(
-            f"labels contain only {only}; the metrics need both normal (0) and anomalous (1) samples."
+            f"labels contain only {only}; the metrics need both normal (0) and "
+            "anomalous (1) samples."
         )
     if not np.isfinite(s).all():
         n_bad = int((~np.isfinite(s)).sum())
