@@ -1,0 +1,53 @@
+"""The FIRM paper's projection head (used in training only, discarded at test time)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from firmad.errors import ConfigError
+
+__all__ = ["ProjectionHead", "build_head"]
+
+
+class ProjectionHead(nn.Module):
+    """MLP of bias-free linear layers, BN + ReLU between them, a final BN without affine
+    parameters, and an L2-normalised output. Attributes ``in_dim``, ``out_dim``, ``depth``."""
+
+    def __init__(self, in_dim: int, hidden: int = 1024, out_dim: int = 128, depth: int = 8):
+        super().__init__()
+        self.in_dim, self.depth = in_dim, depth
+        if depth == 0:
+            self.mlp: nn.Module = nn.Identity()
+            self.out_dim = in_dim
+            return
+        dims = [in_dim] + [hidden] * (depth - 1) + [out_dim]
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers.append(nn.Linear(dims[i], dims[i + 1], bias=False))
+            if i < depth - 1:
+                layers += [nn.BatchNorm1d(dims[i + 1]), nn.ReLU(inplace=True)]
+        layers.append(nn.BatchNorm1d(out_dim, affine=False))
+        self.mlp = nn.Sequential(*layers)
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(x), dim=1)
+
+
+def build_head(in_dim: int, hidden: int = 1024, out_dim: int = 128, depth: int = 8) -> nn.Module:
+    """The paper's head: ``depth`` bias-free linear layers in_dim -> hidden, (depth - 2) x
+    hidden -> hidden, hidden -> out_dim; BatchNorm1d + ReLU after each but the last;
+    BatchNorm1d(out_dim, affine=False) at the end; output L2-normalised.
+
+    ``depth=1``: one linear in_dim -> out_dim plus the final BN. ``depth=0``: identity followed by
+    L2 normalisation (for debugging; ``out_dim`` is then ``in_dim``). Like any BatchNorm network it
+    needs batches of at least 2 samples in training mode.
+    """
+    for what, v in (("in_dim", in_dim), ("hidden", hidden), ("out_dim", out_dim)):
+        if int(v) != v or v < 1:
+            raise ConfigError(f"head {what} must be a positive integer; got {v!r}")
+    if int(depth) != depth or depth < 0:
+        raise ConfigError(f"head depth must be an integer >= 0; got {depth!r}")
+    return ProjectionHead(int(in_dim), int(hidden), int(out_dim), int(depth))
