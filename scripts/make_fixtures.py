@@ -34,9 +34,7 @@ def pick(labels: torch.Tensor, per_class: int, gen: torch.Generator) -> torch.Te
 def main() -> None:
     repo = Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--source", default=None, help="folder of the real files"
-    )
+    parser.add_argument("--source", default=None, help="folder of the real files")
     parser.add_argument("--out", default=str(repo / "tests" / "fixtures" / "fashion-mnist"))
     args = parser.parse_args()
     out = Path(args.out)
