@@ -1,0 +1,320 @@
+"""Tests for firmad.scoring: scorers on synthetic features, kNN backends, feature extraction,
+and score_run with tiny stand-in encoders."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from firmad import augment, scoring
+from firmad.errors import ConfigError, InputError
+from firmad.scoring import (
+    DEFAULT_SCORERS,
+    SCORERS,
+    build_scorer,
+    extract_features,
+    knn_similarities,
+    score_run,
+)
+
+FEATURE_SCORERS = [
+    ("knn_cos", {"k": 1}),
+    ("knn_cos", {"k": 5}),
+    ("knn_cos_norm", {"k": 5}),
+    ("kde", {}),
+    ("centre", {}),
+    ("mahalanobis", {}),
+    ("ocsvm_rbf", {}),
+    ("ocsvm_linear", {}),
+    ("svdd", {}),
+]
+
+
+def _blob(rng: np.random.Generator, n: int, centre: np.ndarray, spread: float = 1.0):
+    return (centre + spread * rng.normal(size=(n, centre.size))).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    rng = np.random.default_rng(0)
+    d = 16
+    centre = np.zeros(d)
+    centre[:4] = 4.0  # a direction, so cosine-based scorers see the blob too
+    bank = _blob(rng, 400, centre)
+    normal = _blob(rng, 300, centre)
+    # far away: the opposite direction and further out
+    far = _blob(rng, 300, -2.0 * centre)
+    same = _blob(rng, 300, centre)
+    return bank, normal, far, same
+
+
+@pytest.mark.parametrize(("name", "params"), FEATURE_SCORERS, ids=lambda v: str(v))
+def test_scorers_separate_far_points(blobs, name, params) -> None:
+    bank, normal, far, _ = blobs
+    scorer = build_scorer(name, **params).fit(bank)
+    s_norm, s_far = scorer.score(normal), scorer.score(far)
+    assert s_norm.shape == (300,) and s_norm.dtype == np.float64
+    assert np.isfinite(s_norm).all() and np.isfinite(s_far).all()
+    labels = np.r_[np.zeros(300), np.ones(300)]
+    assert roc_auc_score(labels, np.r_[s_norm, s_far]) > 0.99
+
+
+@pytest.mark.parametrize(("name", "params"), FEATURE_SCORERS, ids=lambda v: str(v))
+def test_scorers_chance_on_identical_distributions(blobs, name, params) -> None:
+    bank, normal, _, same = blobs
+    scorer = build_scorer(name, **params).fit(bank)
+    labels = np.r_[np.zeros(300), np.ones(300)]
+    auroc = roc_auc_score(labels, np.r_[scorer.score(normal), scorer.score(same)])
+    assert abs(auroc - 0.5) < 0.08
+
+
+def test_knn_cos_values() -> None:
+    bank = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    scorer = build_scorer("knn_cos", k=1).fit(bank)
+    # bank points have cosine 1 to themselves
+    np.testing.assert_allclose(scorer.score(bank * 3.0), -1.0, atol=1e-6)
+    s2 = build_scorer("knn_cos", k=2).fit(bank).score(torch.tensor([[2.0, 0.0]]))
+    np.testing.assert_allclose(s2, [-(1.0 + 1 / np.sqrt(2)) / 2], atol=1e-6)
+
+
+def test_knn_cos_norm_is_knn_cos_times_norm(blobs) -> None:
+    bank, normal, _, _ = blobs
+    plain = build_scorer("knn_cos", k=5).fit(bank).score(normal)
+    normed = build_scorer("knn_cos_norm", k=5).fit(bank).score(normal)
+    np.testing.assert_allclose(normed, plain * np.linalg.norm(normal, axis=1), rtol=1e-5)
+
+
+def test_kde_matches_formula(blobs) -> None:
+    bank, normal, _, _ = blobs
+    bn = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    xn = normal / np.linalg.norm(normal, axis=1, keepdims=True)
+    var = bn.astype(np.float64).var(axis=0).mean()
+    gamma = 20.0 / (var * bank.shape[1])
+    z = gamma * (xn.astype(np.float64) @ bn.T.astype(np.float64))
+    m = z.max(axis=1, keepdims=True)
+    ref = -(m[:, 0] + np.log(np.exp(z - m).sum(axis=1))) / gamma
+    got = build_scorer("kde").fit(bank).score(normal)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_centre_matches_formula(blobs) -> None:
+    bank, normal, _, _ = blobs
+    bn = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    c = bn.mean(axis=0)
+    c /= np.linalg.norm(c)
+    ref = -(normal / np.linalg.norm(normal, axis=1, keepdims=True)) @ c
+    np.testing.assert_allclose(build_scorer("centre").fit(bank).score(normal), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_faiss_and_torch_backends_agree(blobs, monkeypatch, k) -> None:
+    pytest.importorskip("faiss")
+    bank, normal, far, _ = blobs
+    test = np.r_[normal, far]
+    s_faiss = build_scorer("knn_cos", k=k, knn_backend="faiss").fit(bank).score(test)
+    # a tiny chunk bound forces the chunked torch path through many chunks
+    monkeypatch.setattr(scoring, "_MAX_CHUNK_ELEMENTS", 400 * 70)
+    s_torch = build_scorer("knn_cos", k=k, knn_backend="torch").fit(bank).score(test)
+    np.testing.assert_allclose(s_faiss, s_torch, atol=1e-5)
+    sims = knn_similarities(torch.from_numpy(bank), torch.from_numpy(test), k, "torch")
+    assert sims.shape == (600, k)
+    assert (sims[:, :-1] >= sims[:, 1:]).all()
+
+
+def test_kde_chunking_does_not_change_scores(blobs, monkeypatch) -> None:
+    bank, normal, _, _ = blobs
+    full = build_scorer("kde").fit(bank).score(normal)
+    monkeypatch.setattr(scoring, "_MAX_CHUNK_ELEMENTS", 400 * 70)
+    np.testing.assert_allclose(build_scorer("kde").fit(bank).score(normal), full, rtol=1e-6)
+
+
+def test_mahalanobis_rank_deficient() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(10, 6))
+    bank = np.concatenate([base, base, base, np.ones((10, 2))], axis=1)  # 20 dims, rank 6
+    assert bank.shape == (10, 20)
+    scorer = build_scorer("mahalanobis").fit(bank)
+    near = bank[:3]
+    far = near + 25.0
+    s_near, s_far = scorer.score(near), scorer.score(far)
+    assert np.isfinite(s_near).all() and np.isfinite(s_far).all()
+    assert s_far.min() > s_near.max()
+    # even a constant bank does not fail
+    const = build_scorer("mahalanobis").fit(np.ones((5, 4)))
+    assert np.isfinite(const.score(np.zeros((2, 4)))).all()
+
+
+def test_ocsvm_caps_bank_deterministically(blobs) -> None:
+    bank, normal, _, _ = blobs
+    a = build_scorer("ocsvm_rbf", max_bank=50, seed=3).fit(bank)
+    b = build_scorer("ocsvm_rbf", max_bank=50, seed=3).fit(bank)
+    assert a.svm_.fit_status_ == 0
+    assert a.svm_.shape_fit_[0] == 50
+    np.testing.assert_array_equal(a.score(normal), b.score(normal))
+
+
+def test_svdd_and_logit() -> None:
+    c = torch.tensor([1.0, 2.0])
+    s = build_scorer("svdd", c=c).fit(None).score(torch.tensor([[1.0, 2.0], [4.0, 6.0]]))
+    np.testing.assert_allclose(s, [0.0, 25.0])
+    out = torch.tensor([0.3, -1.0, 2.0])
+    np.testing.assert_allclose(build_scorer("logit").fit(None).score(out), [0.3, -1.0, 2.0])
+    np.testing.assert_allclose(
+        build_scorer("logit", negate=True).score(out[:, None]), [-0.3, 1.0, -2.0], rtol=1e-6
+    )
+    with pytest.raises(InputError):
+        build_scorer("logit").score(torch.zeros(3, 2))
+
+
+def test_registry_and_errors(blobs) -> None:
+    bank = blobs[0]
+    assert {n for n, _ in DEFAULT_SCORERS} <= set(SCORERS)
+    with pytest.raises(ConfigError, match="knn_cos.*mahalanobis"):
+        build_scorer("nearest")
+    with pytest.raises(ConfigError, match="invalid parameters"):
+        build_scorer("kde", k=3)
+    with pytest.raises(ConfigError):
+        build_scorer("knn_cos", k=0)
+    with pytest.raises(InputError, match="not fitted"):
+        build_scorer("knn_cos").score(bank)
+    with pytest.raises(InputError, match="k=5"):
+        build_scorer("knn_cos", k=5).fit(bank[:3]).score(bank)
+    with pytest.raises(InputError, match="dimensions"):
+        build_scorer("centre").fit(bank).score(bank[:, :5])
+    with pytest.raises(InputError, match="NaN"):
+        build_scorer("centre").fit(np.full((3, 2), np.nan))
+
+
+# --------------------------------------------------------------------------- features
+
+
+class _Pool(nn.Module):
+    """Stand-in encoder: 4x4 average pooling, flattened (no parameters needed)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.avg_pool2d(x, 4).flatten(1)
+
+
+def _tiny_conv(in_ch: int = 3, dim: int = 8) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(in_ch, 4, 3, stride=2),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, dim),
+    )
+
+
+def _images(n: int, c: int = 3, hw: int = 12, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, c, hw, hw), generator=g, dtype=torch.uint8)
+
+
+def test_extract_features_pipeline_and_rotation() -> None:
+    imgs = _images(7, c=1, hw=14)
+    flat = nn.Flatten()
+    for angle in (0, 90, 180, 270):
+        feats = extract_features(flat, imgs, batch_size=3, size=16, angle=angle)
+        x = augment.test_transform(augment.to_float(imgs, channels=3), 16, 1.125)
+        ref = augment.rotate90(x, angle // 90).flatten(1)
+        assert feats.dtype == torch.float32 and feats.shape == (7, 3 * 16 * 16)
+        torch.testing.assert_close(feats, ref)
+    # resize_ratio 1.0 disables the centre crop
+    feats = extract_features(flat, imgs, size=16, resize_ratio=1.0, channels=1)
+    torch.testing.assert_close(feats, augment.to_float(imgs, size=16, channels=1).flatten(1))
+
+
+def test_extract_features_modes_crops_and_determinism() -> None:
+    enc = _tiny_conv()
+    enc.train()
+    enc[1].eval()  # a mixed-mode module must come back exactly as it was
+    imgs = _images(10)
+    f1 = extract_features(enc, imgs, batch_size=4, size=8)
+    assert enc.training and enc[0].training and not enc[1].training
+    f2 = extract_features(enc, imgs, batch_size=10, size=8)
+    torch.testing.assert_close(f1, f2)  # eval mode: batch size does not matter
+    crops = extract_features(enc, imgs, size=8, crops=3, gen=torch.Generator().manual_seed(1))
+    again = extract_features(enc, imgs, size=8, crops=3, gen=torch.Generator().manual_seed(1))
+    assert crops.shape == (3, 10, 8)
+    torch.testing.assert_close(crops, again)
+    assert not torch.allclose(crops[0], crops[1])
+
+
+def test_extract_features_rejects_bad_input() -> None:
+    with pytest.raises(InputError, match="uint8"):
+        extract_features(nn.Flatten(), torch.rand(2, 3, 8, 8))
+    with pytest.raises(InputError, match="multiple of 90"):
+        extract_features(nn.Flatten(), _images(2), angle=45)
+
+
+# --------------------------------------------------------------------------- score_run
+
+
+def _striped(n: int, vertical: bool, seed: int) -> torch.Tensor:
+    """Normals: horizontal stripes; anomalies: vertical stripes; both with noise."""
+    g = torch.Generator().manual_seed(seed)
+    stripes = (torch.arange(16) % 4 < 2).float() * 160
+    pattern = stripes[None, :].expand(16, 16) if vertical else stripes[:, None].expand(16, 16)
+    noise = torch.randint(0, 60, (n, 1, 16, 16), generator=g).float()
+    return (pattern + noise).clamp(0, 255).to(torch.uint8)
+
+
+def test_score_run_all_variants_and_keys() -> None:
+    train = _striped(40, vertical=False, seed=0)
+    test = torch.cat([_striped(15, False, 1), _striped(15, True, 2)])
+    labels = torch.cat([torch.zeros(15), torch.ones(15)]).long()
+    results, details = score_run(
+        _Pool(),
+        train,
+        test,
+        labels,
+        scorers=DEFAULT_SCORERS,
+        variants=("plain", "angled", "ensemble"),
+        size=16,
+        n_crops=2,
+        batch_size=16,
+        return_details=True,
+    )
+    assert len(results) == len(DEFAULT_SCORERS) * 3
+    keys = {"scorer", "k", "variant", "auroc", "aupr_anomaly", "aupr_normal", "fpr95"}
+    for r in results:
+        assert set(r) == keys
+        assert all(0.0 <= r[m] <= 1.0 for m in ("auroc", "aupr_anomaly", "aupr_normal", "fpr95"))
+    assert {r["variant"] for r in results} == {"plain", "angled", "ensemble"}
+    assert [r["k"] for r in results if r["scorer"] == "knn_cos"] == [1, 1, 1, 5, 5, 5]
+    assert all(r["k"] is None for r in results if r["scorer"] == "kde")
+    # the stripe orientation is easy to see for the plain kNN scorer
+    plain_knn = [r for r in results if r["scorer"] == "knn_cos" and r["variant"] == "plain"]
+    assert all(r["auroc"] > 0.95 for r in plain_knn)
+    assert len(details["scores"]) == len(results)
+    assert details["features"].shape == (30, 3 * 4 * 4)
+    np.testing.assert_array_equal(details["labels"], labels.numpy())
+
+
+def test_score_run_plain_matches_manual_and_bank_subset() -> None:
+    enc = _tiny_conv(in_ch=3)
+    train, test = _images(30, seed=1), _images(20, seed=2)
+    labels = torch.tensor([0, 1] * 10)
+    kw = dict(scorers=[("knn_cos", {"k": 2})], size=8, knn_backend="torch")
+    (res,) = score_run(enc, train, test, labels, **kw)
+    bank = extract_features(enc, train, size=8)
+    s = build_scorer("knn_cos", k=2).fit(bank).score(extract_features(enc, test, size=8))
+    assert res["auroc"] == pytest.approx(roc_auc_score(labels.numpy(), s), abs=1e-12)
+    a = score_run(enc, train, test, labels, bank_size=10, seed=4, **kw)
+    b = score_run(enc, train, test, labels, bank_size=10, seed=4, **kw)
+    assert a == b
+
+
+def test_score_run_errors() -> None:
+    imgs = _images(4)
+    with pytest.raises(InputError, match="labels"):
+        score_run(_Pool(), imgs, imgs, [0, 1, 0], scorers=["centre"], size=8)
+    with pytest.raises(ConfigError, match="variant"):
+        score_run(_Pool(), imgs, imgs, [0, 1, 0, 1], scorers=["centre"], variants=("rot",))
+    with pytest.raises(ConfigError, match="unknown scorer"):
+        score_run(_Pool(), imgs, imgs, [0, 1, 0, 1], scorers=["nope"], size=8)
