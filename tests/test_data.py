@@ -449,3 +449,12 @@ def test_bad_name_and_split():
     with pytest.raises(InputError, match="split"):
         load_dataset("mnist", split="valid")
     assert "fashion-mnist" in DATASETS and "cifar100-coarse" in DATASETS
+
+
+def test_numpy1_module_name_is_accepted(tmp_path):
+    # The official files were written by numpy 1 (numpy.core.multiarray._reconstruct).
+    folder = make_cifar10(tmp_path)
+    path = folder / "test_batch"
+    path.write_bytes(path.read_bytes().replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    assert b"numpy.core.multiarray" in path.read_bytes()
+    assert load_dataset("cifar10", "test", root=folder).images.shape == (4, 3, 32, 32)
