@@ -1,0 +1,33 @@
+"""Shared test helpers: the committed Fashion-MNIST fixture and a tiny, fast recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+FIXTURE_FMNIST = Path(__file__).parent / "fixtures" / "fashion-mnist"
+
+# A recipe small enough for a 2-core CPU in seconds: the fixture, a narrow ResNet-10, 16 px.
+TINY = [
+    f"data.root={FIXTURE_FMNIST}",
+    "data.size=16",
+    "data.max_test=200",
+    "model.backbone=resnet_small",
+    "model.width=0.25",
+    "model.head_depth=2",
+    "model.head_hidden=64",
+    "model.head_out=32",
+    "augment.blur_p=0.0",
+    "train.epochs=2",
+    "train.batch_size=16",
+    "train.steps_per_epoch=4",
+    "train.device=cpu",
+    "eval.scorers=[knn_cos:k=5, centre]",
+    "eval.batch_size=256",
+]
+
+
+@pytest.fixture
+def tiny() -> list[str]:
+    return list(TINY)
