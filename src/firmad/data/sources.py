@@ -622,7 +622,7 @@ def prepare(name: str, root: str | Path | None = None, download: bool = True) ->
     raise DataNotFoundError(_not_found_message(name, root))
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)  # e.g. train + test of two datasets
 def _read_builtin(name: str, split: str, path: str, mtime_ns: int):
     """Numpy images, labels, classes and source file of a builtin split (cached per process)."""
     storage = _storage_name(name)
@@ -659,9 +659,9 @@ def load_dataset(
         return read_npz(Path(name[4:]).expanduser(), split)
     _check_builtin(name)
     found = prepare(name, root, download=download)
-    images, labels, classes, source = _read_builtin(
-        name, split, str(found.resolve()), found.stat().st_mtime_ns
-    )
+    # Any change to the files (or the folder) gives a new cache key.
+    stamp = max(p.stat().st_mtime_ns for p in [found, *(found.iterdir() if found.is_dir() else [])])
+    images, labels, classes, source = _read_builtin(name, split, str(found.resolve()), stamp)
     # Copies, so callers may modify their tensors without touching the cache.
     return ImageDataset(
         images=torch.from_numpy(images.copy()),
