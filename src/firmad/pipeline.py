@@ -150,7 +150,7 @@ def evaluate_run(
         split = load_split(cfg)
     dev = resolve_device(device or cfg.train.device)
     if model is None:
-        model = build_model(cfg, split.dataset)
+        model = build_model(cfg, cfg.data.dataset)
         model.load_state_dict(prefixed(tensors, "model"))
     model = model.to(dev).eval()
 

@@ -189,7 +189,7 @@ class Trainer:
         self.split = split if split is not None else load_split(cfg)
         self.method = cfg.method.name
         normals = prepare_images(self.split.train_images, cfg.data.size)
-        if len(self.split.normal_classes) > 1:
+        if isinstance(cfg.data.normal_class, list) and not cfg.data.outlier_dataset:
             # Multi-class normal: each normal class keeps its id (multi-class FIRM positives).
             normal_ids = self.split.train_labels.long()  # original class ids
         else:
@@ -203,7 +203,7 @@ class Trainer:
         )
 
         torch.manual_seed(t.seed)  # model initialisation
-        self.model = build_model(cfg, self.split.dataset).to(self.device)
+        self.model = build_model(cfg, cfg.data.dataset).to(self.device)
         self.use_cuda = self.device.type == "cuda"
         channels_last = t.channels_last == "on" or (t.channels_last == "auto" and self.use_cuda)
         if channels_last:

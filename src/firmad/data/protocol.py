@@ -36,6 +36,7 @@ class OneClassSplit:
     classes: list[str]
     dataset: str
     subsample: dict
+    train_labels: torch.Tensor | None = None  # int64 (N,), original class ids of the normals
 
 
 def class_index(classes: Sequence[str], normal_class: int | str) -> int:
@@ -119,13 +120,14 @@ def _build(
 ) -> OneClassSplit:
     gen = torch.Generator().manual_seed(seed)
     normal = torch.isin(train.labels, torch.tensor(normal_ids))
-    train_images = train.images[normal]
+    train_images, train_labels = train.images[normal], train.labels[normal]
     if len(train_images) == 0:
         raise DataError(
             f"{dataset}: no training images of the normal class(es) "
             f"{[classes[i] for i in normal_ids]}; add some or pick another class."
         )
-    train_images = train_images[subsample_indices(len(train_images), max_train, gen)]
+    keep_train = subsample_indices(len(train_images), max_train, gen)
+    train_images, train_labels = train_images[keep_train], train_labels[keep_train]
     keep = stratified_indices(test_classes, max_test, gen)
     test_images, test_classes = test_images[keep], test_classes[keep]
     test_labels = (~torch.isin(test_classes, torch.tensor(normal_ids))).long()
@@ -144,6 +146,7 @@ def _build(
             "n_train": len(train_images),
             "n_test": len(test_images),
         },
+        train_labels=train_labels,
     )
 
 
