@@ -292,7 +292,7 @@ def test_score_run_all_variants_and_keys() -> None:
     plain_knn = [r for r in results if r["scorer"] == "knn_cos" and r["variant"] == "plain"]
     assert all(r["auroc"] > 0.95 for r in plain_knn)
     assert len(details["scores"]) == len(results)
-    assert details["features"].shape == (30, 3 * 4 * 4)
+    assert details["test_features"].shape == (30, 3 * 4 * 4)
     np.testing.assert_array_equal(details["labels"], labels.numpy())
 
 

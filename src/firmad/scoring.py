@@ -583,7 +583,7 @@ def score_run(
         list of dicts ``{"scorer", "k", "variant", "auroc", "aupr_anomaly", "aupr_normal",
         "fpr95"}``; with ``return_details=True`` a tuple ``(results, details)`` where details
         holds ``"scores"`` (result_name -> np.ndarray), ``"labels"`` (np.ndarray) and
-        ``"features"`` (plain test features, float32 tensor (N, D)).
+        ``"test_features"`` (plain test features, float32 tensor (N, D)).
     """
     variants = tuple(variants)
     bad = [v for v in variants if v not in VARIANTS]
@@ -658,5 +658,5 @@ def score_run(
                 {"scorer": name, "k": k, "variant": v, **evaluate_scores(labels, scores)}
             )
     if return_details:
-        return results, {"scores": all_scores, "labels": labels, "features": plain_features}
+        return results, {"scores": all_scores, "labels": labels, "test_features": plain_features}
     return results
