@@ -245,9 +245,9 @@ def write_report_md(run_dir: str | Path, results_json: dict[str, Any]) -> Path:
         ]
     plots = [(name, cap) for name, cap in _PLOTS.items() if (run_dir / PLOTS_DIR / name).exists()]
     if plots:
-        out += ["", "## Plots", ""]
+        out += ["", "## Plots"]
         for name, caption in plots:
-            out += [f"![{caption}]({PLOTS_DIR}/{name})", ""]
+            out += ["", f"![{caption}]({PLOTS_DIR}/{name})"]
     if d.get("diagnostics"):
         diag = dict(d["diagnostics"])
         note = diag.pop("note", DIAGNOSTIC_NOTE)
@@ -382,6 +382,7 @@ def write_plots(
     scores_by_name: Mapping[str, np.ndarray],
     features=None,
     learning_curve=None,
+    curve_label: str = "knn_cos k=5",
 ) -> list[Path]:
     """Write the run's plots under ``run_dir/plots``: ROC, score histogram of the best scorer,
     learning curve (``(epochs, aurocs)`` or list of {"epoch", "auroc"}) and PCA projection."""
@@ -402,9 +403,7 @@ def write_plots(
             epochs, aurocs = [p["epoch"] for p in pts], [p["auroc"] for p in pts]
         if len(epochs):
             written.append(
-                plot_learning_curve(
-                    out_dir / "learning_curve.png", {"knn_cos k=5": (epochs, aurocs)}
-                )
+                plot_learning_curve(out_dir / "learning_curve.png", {curve_label: (epochs, aurocs)})
             )
     if features is not None:
         written.append(plot_projection(out_dir / "projection.png", features, y))
