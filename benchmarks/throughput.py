@@ -1,0 +1,413 @@
+"""Training throughput of firmad's step against its own limit and against the papers' pipeline.
+
+Three pipelines, one process, one backbone, one device, one batch (32 samples = 64 views):
+
+- ``limit``: forward + backward + SGD step of the same model and loss on ready-made float views
+  already on the device (no sampling, no outliers, no augmentation): what any pipeline could at
+  best reach.
+- ``firmad``: the real ``Trainer.train_step()`` of ``firmad train`` (uint8 pool on the device,
+  frozen outliers, batched per-sample augmentation, FIRM loss, SGD step).
+- ``reference``: the papers' pipeline, written here for comparison only: a Dataset of PIL images
+  (normals + frozen rotated copies), torchvision transforms per image, two views per sample,
+  a DataLoader with 2 workers, then the same model step.
+
+The pipelines are timed side by side, interleaved, in segments of ``--steps`` steps after a
+warm-up; the result is the median over ``--repeats`` segments, in views per second. One JSON
+object goes to stdout (progress to stderr).
+
+    python benchmarks/throughput.py --backbone resnet_small --device cpu
+    python benchmarks/throughput.py --backbone resnet18_cifar --width 1.0 --head-depth 8 \\
+        --device cuda --amp bf16 --channels-last --data random
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from firmad.config import load_config
+from firmad.data import OneClassSplit, one_vs_rest
+from firmad.errors import FirmadError
+from firmad.models import normalisation_for
+from firmad.train import Trainer, build_loss
+
+RECIPE = "fmnist-cpu"
+BATCH = 32  # samples per step; two views each
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def random_split(seed: int = 0, n_train: int = 6000, n_test: int = 10000) -> OneClassSplit:
+    """Random uint8 images of Fashion-MNIST's shape (1 x 28 x 28), for machines without it."""
+    g = torch.Generator().manual_seed(seed)
+    train = torch.randint(0, 256, (n_train, 1, 28, 28), generator=g, dtype=torch.uint8)
+    test = torch.randint(0, 256, (n_test, 1, 28, 28), generator=g, dtype=torch.uint8)
+    classes = torch.arange(n_test) % 10
+    return OneClassSplit(
+        train_images=train,
+        test_images=test,
+        test_labels=(classes != 0).long(),
+        test_classes=classes,
+        normal_classes=[0],
+        classes=[str(i) for i in range(10)],
+        dataset="fashion-mnist",
+        subsample={
+            "max_train": None,
+            "max_test": None,
+            "seed": seed,
+            "n_train": n_train,
+            "n_test": n_test,
+        },
+    )
+
+
+def load_data(kind: str) -> tuple[OneClassSplit, str]:
+    """The real Fashion-MNIST (class 0 normal) when found, else random images of its shape."""
+    if kind == "fashion-mnist":
+        try:
+            return one_vs_rest("fashion-mnist", 0), "fashion-mnist"
+        except FirmadError as exc:
+            log(f"Fashion-MNIST not available ({exc}); using random images of its shape")
+    return random_split(), "random"
+
+
+# --- the model step shared by `limit` and `reference` --------------------------------------------
+
+
+def sgd(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """The trainer's optimiser: SGD lr 0.01, momentum 0.9, wd 3e-4, fused where available."""
+    kw: dict[str, bool] = {"fused": True}
+    try:
+        torch.optim.SGD([nn.Parameter(torch.zeros(1, device=device))], lr=0.1, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        kw = {"foreach": True}
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=3e-4, **kw)
+
+
+class ModelStep:
+    """Forward + FIRM loss on the two halves + backward + SGD, as in firmad's step."""
+
+    def __init__(self, trainer: Trainer, compile_encoder: bool, normalise: bool = True):
+        self.model = copy.deepcopy(trainer.model)
+        if not normalise:  # the reference normalises in its transforms instead
+            self.model.encoder.normalize = nn.Identity()
+        self.model.train()
+        self.encoder = torch.compile(self.model.encoder) if compile_encoder else self.model.encoder
+        self.device = trainer.device
+        self.optimizer = sgd(self.model, self.device)
+        self.loss_fn = build_loss(trainer.cfg)
+        self.amp_dtype = trainer.amp_dtype
+        self.channels_last = trainer.channels_last
+
+    def __call__(self, views: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(
+            self.device.type,
+            dtype=self.amp_dtype or torch.float32,
+            enabled=self.amp_dtype is not None,
+        ):
+            z = self.model.head(self.encoder(views)).float()
+            z1, z2 = z.chunk(2)
+            loss = self.loss_fn(z1, z2, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+
+# --- the papers' pipeline ------------------------------------------------------------------------
+
+
+class PaperDataset(torch.utils.data.Dataset):
+    """Normals (label 0) plus one frozen rotated copy per rotation (label -1), as PIL images
+    upsampled to 32 px and repeated to RGB; two independently transformed views per item."""
+
+    def __init__(self, images_uint8: torch.Tensor, size: int, transform: Callable):
+        from PIL import Image
+
+        self.transform = transform
+        self.items: list[tuple[Any, int]] = []
+        for img in images_uint8:
+            arr = img.permute(1, 2, 0).squeeze(2).numpy()
+            pil = Image.fromarray(arr).resize((size, size), Image.BILINEAR).convert("RGB")
+            self.items.append((pil, 0))
+            for angle in (90, 180, 270):
+                self.items.append((pil.rotate(angle), -1))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        img, label = self.items[i]
+        return self.transform(img), self.transform(img), label
+
+
+def reference_loader(images: torch.Tensor, size: int, dataset: str, channels: int, seed: int):
+    from torchvision import transforms as T
+
+    mean, std = normalisation_for(dataset, channels)
+    transform = T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.25, 1.0), ratio=(1.0, 1.0)),
+            T.ColorJitter(0.4, 0.4, 0.4, 0.4),
+            T.RandomApply([T.GaussianBlur(3, (0.1, 2.0))], p=0.75),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+    ds = PaperDataset(images, size, transform)
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=BATCH,
+        shuffle=True,
+        num_workers=2,
+        persistent_workers=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+class ReferenceStep:
+    """Next batch from the DataLoader (restarting the epoch when it ends) + the model step."""
+
+    def __init__(self, loader, step: ModelStep):
+        self.loader, self.step, self.it = loader, step, iter(loader)
+        self.device = step.device
+
+    def next_batch(self):
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.it = iter(self.loader)
+            return next(self.it)
+
+    def __call__(self) -> torch.Tensor:
+        v1, v2, labels = self.next_batch()
+        views = torch.cat([v1, v2]).to(self.device, non_blocking=True)
+        return self.step(views, labels.to(self.device, non_blocking=True))
+
+
+# --- timing --------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], steps: int, device: torch.device) -> float:
+    """Seconds for ``steps`` calls of ``fn``, device work included."""
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def build_trainer(args, split: OneClassSplit, run_dir: str) -> Trainer:
+    overrides = [
+        f"model.backbone={args.backbone}",
+        f"train.device={args.device}",
+        f"train.amp={args.amp}",
+        f"train.channels_last='{'on' if args.channels_last else 'off'}'",
+        f"train.compile={'true' if args.compile else 'false'}",
+        f"train.batch_size={BATCH}",
+        "train.epochs=1000",  # the one-cycle schedule must outlast all timed steps
+    ]
+    if args.width is not None:
+        overrides.append(f"model.width={args.width}")
+    if args.head_depth is not None:
+        overrides.append(f"model.head_depth={args.head_depth}")
+    if args.head_hidden is not None:
+        overrides.append(f"model.head_hidden={args.head_hidden}")
+    if args.threads:
+        overrides.append(f"train.threads={args.threads}")
+    cfg = load_config(RECIPE, overrides)
+    return Trainer(cfg, run_dir, split=split)
+
+
+def scoring_time(trainer: Trainer, split: OneClassSplit) -> dict[str, float]:
+    """Features of bank and test set + kNN (k = 5, knn_cos): seconds, from the model as is."""
+    from firmad.scoring import build_scorer, extract_features
+
+    enc, dev, channels = trainer.model.encoder, trainer.device, trainer.cfg.data.channels
+    size = trainer.cfg.data.size
+    # Warm-up on a few images (first-call allocations, cuDNN autotuning).
+    extract_features(enc, split.train_images[:256], device=dev, size=size, channels=channels)
+    sync(dev)
+    t0 = time.perf_counter()
+    bank = extract_features(enc, split.train_images, device=dev, size=size, channels=channels)
+    test = extract_features(enc, split.test_images, device=dev, size=size, channels=channels)
+    t1 = time.perf_counter()
+    scores = build_scorer("knn_cos", k=5).fit(bank).score(test)
+    t2 = time.perf_counter()
+    assert len(scores) == len(split.test_images)
+    return {
+        "scoring_s": t2 - t0,
+        "scoring_features_s": t1 - t0,
+        "scoring_knn_s": t2 - t1,
+        "scoring_bank": len(split.train_images),
+        "scoring_test": len(split.test_images),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", default="resnet_small")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--steps", type=int, default=None, help="steps per timed segment")
+    p.add_argument(
+        "--ref-steps",
+        type=int,
+        default=None,
+        help="steps per reference segment (default: --steps; at most 20 on cuda)",
+    )
+    p.add_argument("--repeats", type=int, default=5, help="timed segments per pipeline")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per pipeline")
+    p.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "random"])
+    p.add_argument("--amp", default="none", choices=["bf16", "fp16", "none"])
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
+    p.add_argument("--width", type=float, default=None, help="backbone width (recipe: 0.5)")
+    p.add_argument("--head-depth", type=int, default=None, help="head layers (recipe: 2)")
+    p.add_argument("--head-hidden", type=int, default=None, help="head width (recipe: 256)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--no-reference", action="store_true", help="skip the papers' pipeline")
+    p.add_argument("--scoring", action="store_true", help="also time features + kNN scoring")
+    args = p.parse_args(argv)
+    if args.head_depth is not None and args.head_hidden is None and args.head_depth == 8:
+        args.head_hidden = 1024  # the paper's head
+    cuda = args.device == "cuda"
+    steps = args.steps or (50 if cuda else 20)
+    ref_steps = args.ref_steps or (min(steps, 20) if cuda else steps)
+    warmup = (
+        args.warmup if args.warmup is not None else ((30 if args.compile else 10) if cuda else 3)
+    )
+
+    split, data = load_data(args.data)
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = build_trainer(args, split, run_dir)
+    trainer.model.train()
+    device = trainer.device
+    views_per_step = BATCH * 2
+
+    # Limit: ready-made views on the device with the label mix of the pool (1 in 4 inliers).
+    limit_step = ModelStep(trainer, compile_encoder=args.compile)
+    g = torch.Generator().manual_seed(1)
+    channels, size = trainer.cfg.data.channels, trainer.cfg.data.size
+    views = torch.rand((views_per_step, channels, size, size), generator=g).to(device)
+    labels = torch.where(torch.arange(BATCH) % 4 == 0, 0, -1).to(device)
+
+    def limit() -> torch.Tensor:
+        return limit_step(views, labels)
+
+    # Each pipeline is (name, step function, steps per segment).
+    pipelines: list[tuple[str, Callable[[], Any], int]] = [
+        ("limit", limit, steps),
+        ("firmad", trainer.train_step, steps),
+    ]
+    ref = None
+    if not args.no_reference:
+        log("building the reference dataset (PIL images) ...")
+        loader = reference_loader(
+            split.train_images, size, trainer.cfg.data.dataset, channels, seed=0
+        )
+        ref = ReferenceStep(loader, ModelStep(trainer, args.compile, normalise=False))
+        pipelines.append(("reference", ref, ref_steps))
+
+    for name, fn, _ in pipelines:
+        log(f"warm-up {name} ({warmup} steps)")
+        timed(fn, warmup, device)
+    results: dict[str, list[float]] = {name: [] for name, _, _ in pipelines}
+    for r in range(args.repeats):
+        # Rotate the order each repeat so slow drifts of a shared machine hit all pipelines.
+        order = pipelines[r % len(pipelines) :] + pipelines[: r % len(pipelines)]
+        for name, fn, n in order:
+            if name == "reference":
+                # Drain what the workers prefetched while the others ran: time steady state.
+                for _ in range(2 * 2):
+                    ref.next_batch()
+            seconds = timed(fn, n, device)
+            results[name].append(n * views_per_step / seconds)
+            if name == "reference":
+                # Let the workers refill their queue now rather than during the next pipeline.
+                time.sleep(min(5.0, 4 * seconds / n))
+        log(
+            f"repeat {r + 1}/{args.repeats}: "
+            + ", ".join(f"{k} {v[-1]:.0f}" for k, v in results.items() if v)
+            + " views/s"
+        )
+
+    med = {name: statistics.median(v) for name, v in results.items()}
+    out: dict[str, Any] = {
+        "backbone": args.backbone,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else None,
+        "limit": round(med["limit"], 1),
+        "firmad": round(med["firmad"], 1),
+        "reference": round(med["reference"], 1) if "reference" in med else None,
+        "firmad_over_limit": round(med["firmad"] / med["limit"], 3),
+        "firmad_over_reference": (
+            round(med["firmad"] / med["reference"], 3) if "reference" in med else None
+        ),
+        "units": "views/s (median over repeats)",
+        "samples": {k: [round(x, 1) for x in v] for k, v in results.items()},
+        "settings": {
+            "batch": BATCH,
+            "views_per_step": views_per_step,
+            "size": size,
+            "channels": channels,
+            "width": trainer.cfg.model.width,
+            "head_depth": trainer.cfg.model.head_depth,
+            "head_hidden": trainer.cfg.model.head_hidden,
+            "data": data,
+            "steps": steps,
+            "ref_steps": ref_steps if ref is not None else None,
+            "repeats": args.repeats,
+            "warmup": warmup,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "amp": args.amp,
+            "channels_last": bool(trainer.channels_last),
+            "compile": bool(args.compile),
+            "params": sum(p.numel() for p in trainer.model.parameters()),
+        },
+    }
+    if ref is not None:
+        ref.it = None  # stop the persistent workers before scoring
+        del ref, loader
+    if args.scoring:
+        log("timing scoring (features + kNN) ...")
+        out.update(
+            {
+                k: round(v, 3) if isinstance(v, float) else v
+                for k, v in scoring_time(trainer, split).items()
+            }
+        )
+    for k, v in out.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise SystemExit(f"non-finite {k}: {v}")
+    print(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
