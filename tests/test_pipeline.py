@@ -30,7 +30,8 @@ def test_train_run_writes_a_complete_run(tmp_path, tiny):
     assert "not a headline" in data["diagnostics"]["note"]
     report = (run / "report.md").read_text()
     assert "knn_cos" in report and "AUROC" in report
-    assert any(p.suffix == ".png" and p.stat().st_size > 0 for p in run.iterdir())
+    assert {p.name for p in (run / "plots").glob("*.png") if p.stat().st_size > 0} >= {
+        "roc.png", "score_hist.png", "learning_curve.png", "projection.png"}
     assert (run / "config.yaml").exists()
 
     # Re-scoring from the checkpoint gives the same numbers.

@@ -110,15 +110,13 @@ def run_cell(cell: Cell, grid: GridConfig, threads: int | None) -> dict[str, Any
     results = cell.run_dir / "results.json"
     if results.exists():
         return {"cell": cell.key, "status": "done"}
-    cmd = [sys.executable, "-m", "firmad.cli", "-q", "train", "--out", str(cell.run_dir)]
-    if (cell.run_dir / "checkpoint.json").exists():
-        cmd += ["--resume"]
-        if (cell.run_dir / "config.yaml").exists():
-            # A finished checkpoint without results: only the evaluation is left.
-            cmd = [sys.executable, "-m", "firmad.cli", "-q", "evaluate", str(cell.run_dir)]
-            meta = json.loads((cell.run_dir / "checkpoint.json").read_text())
-            if not meta.get("finished"):
-                cmd = cmd[:3] + ["train", "--out", str(cell.run_dir), "--resume"]
+    firmad = [sys.executable, "-m", "firmad.cli", "-q"]
+    checkpoint = cell.run_dir / "checkpoint.json"
+    if checkpoint.exists():
+        if json.loads(checkpoint.read_text()).get("finished"):
+            cmd = firmad + ["evaluate", str(cell.run_dir)]  # only the evaluation is left
+        else:
+            cmd = firmad + ["train", "--out", str(cell.run_dir), "--resume"]
     else:
         # Started but never checkpointed: nothing to keep, start it again.
         for name in ("config.yaml", "metrics.jsonl"):
@@ -130,12 +128,11 @@ def run_cell(cell: Cell, grid: GridConfig, threads: int | None) -> dict[str, Any
         ]
         if grid.root:
             overrides.append(f"data.root={grid.root}")
-        cmd += ["--config", cell.recipe] + [a for o in overrides for a in ("--set", o)]
+        cmd = firmad + ["train", "--out", str(cell.run_dir), "--config", cell.recipe]
+        cmd += [a for o in overrides for a in ("--set", o)]
     env = dict(os.environ)
-    if threads:
+    if threads:  # N cells at once share the cores
         env["OMP_NUM_THREADS"] = str(threads)
-        cmd[4:4] = [] if "--set" not in cmd else []
-        env["FIRMAD_THREADS"] = str(threads)
     cell.run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

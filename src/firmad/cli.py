@@ -5,13 +5,13 @@ Exit status: 0 success, 2 user error (message, no traceback), 1 internal error, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import traceback
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -88,11 +88,13 @@ def train(
             overrides.append(f"{key}={value}")
     if config is None and not resume:
         raise FirmadError("give a recipe with --config (e.g. --config fmnist-cpu), or --resume --out DIR")
-    summary = train_run(
-        config, overrides, out_dir=out_dir, resume=resume, evaluate=not no_eval,
-        quiet=state["quiet"],
-    )
-    _print_summary(summary)
+    with _interruptible():
+        summary = train_run(
+            config, overrides, out_dir=out_dir, resume=resume, evaluate=not no_eval,
+            quiet=state["quiet"],
+        )
+    if summary["results"] is not None:
+        _print_summary(summary)
 
 
 @app.command(
@@ -116,6 +118,16 @@ def evaluate(
         quiet=state["quiet"],
     )
     _print_summary(summary)
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """Ctrl-C: the trainer has saved a checkpoint; say how to continue and exit with 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        console.print("interrupted: a checkpoint was saved; continue with --resume --out RUN_DIR")
+        raise typer.Exit(130) from None
 
 
 def _split_scorers(text: str) -> list[str]:
@@ -221,8 +233,9 @@ def demo(
     if not state["quiet"]:
         _show_dataset("fashion-mnist", None)
     resume = (out_dir / "checkpoint.json").exists()
-    summary = train_run("fmnist-cpu", ["data.normal_class=0"], out_dir=out_dir, resume=resume,
-                        quiet=state["quiet"])
+    with _interruptible():
+        summary = train_run("fmnist-cpu", ["data.normal_class=0"], out_dir=out_dir, resume=resume,
+                            quiet=state["quiet"])
     _print_summary(summary)
 
 
@@ -230,23 +243,15 @@ def demo(
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Click (inside typer) handles usage errors itself (status 2); our own errors are caught here.
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="firmad", standalone_mode=False)
+        command.main(args=argv, prog_name="firmad", standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except FirmadError as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False)
         return 2
-    except click.exceptions.Abort:
-        console.print("interrupted")
-        return 130
-    except KeyboardInterrupt:
-        console.print("interrupted: a checkpoint was saved; continue with --resume --out RUN_DIR")
-        return 130
-    except click.ClickException as err:
-        err.show()
-        return 2
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
     except Exception:
         traceback.print_exc()
         console.print("[bold red]internal error[/]: please report it with the traceback above")

@@ -1,0 +1,78 @@
+"""Benchmark grids: cells run once, failures are recorded and the grid goes on, tables are written."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from firmad.bench import read_grid, run_grid
+from firmad.errors import ConfigError
+from tests.conftest import FIXTURE_FMNIST, TINY
+
+
+def _grid(tmp_path, **extra):
+    grid = {
+        "name": "tiny",
+        "recipes": ["fmnist-cpu", "fmnist-cpu-ntxent"],
+        "classes": [0, "Trouser"],
+        "seeds": [0],
+        "root": str(FIXTURE_FMNIST),
+        "set": [s for s in TINY if not s.startswith("data.root")] + ["train.epochs=1",
+                                                                      "train.eval_every=1"],
+        **extra,
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+def test_grid_runs_resumes_and_records_failures(tmp_path):
+    out = tmp_path / "out"
+    result = run_grid(_grid(tmp_path), out_dir=out, quiet=True)
+    assert [s["status"] for s in result["statuses"]] == ["ran"] * 4
+    rows = list(csv.DictReader((out / "bench.csv").open()))
+    assert {r["recipe"] for r in rows} == {"fmnist-cpu", "fmnist-cpu-ntxent"}
+    assert {r["normal_class"] for r in rows} == {"0", "1"}
+    assert all(r["status"] == "done" and 0 <= float(r["auroc"]) <= 1 for r in rows)
+    md = (out / "bench.md").read_text()
+    assert "fmnist-cpu-ntxent" in md and "**mean**" in md and "**" in md
+    assert (out / "bench.png").stat().st_size > 0
+    assert (out / "bench_curves.png").exists()
+
+    # A second run redoes nothing.
+    stamp = (out / "fmnist-cpu" / "fashion-mnist-c0-s0" / "results.json").stat().st_mtime_ns
+    again = run_grid(_grid(tmp_path), out_dir=out, quiet=True)
+    assert [s["status"] for s in again["statuses"]] == ["done"] * 4
+    assert (out / "fmnist-cpu" / "fashion-mnist-c0-s0" / "results.json").stat().st_mtime_ns == stamp
+
+    # An interrupted cell (checkpoint, no results) is finished, not restarted.
+    cell = out / "fmnist-cpu" / "fashion-mnist-c1-s0"
+    (cell / "results.json").unlink()
+    third = run_grid(_grid(tmp_path), out_dir=out, quiet=True)
+    assert sorted(s["status"] for s in third["statuses"]) == ["done", "done", "done", "ran"]
+    assert json.loads((cell / "results.json").read_text())["normal_classes"] == [1]
+
+
+def test_failed_cell_is_recorded_and_grid_goes_on(tmp_path):
+    # data.max_train=4 with batch 16 fails at start for every cell, with a clear message.
+    out = tmp_path / "out"
+    path = _grid(tmp_path, recipes=["fmnist-cpu"], classes=[0])
+    grid = yaml.safe_load(path.read_text())
+    grid["set"] += ["data.max_train=4"]
+    path.write_text(yaml.safe_dump(grid))
+    result = run_grid(path, out_dir=out, quiet=True)
+    assert result["statuses"][0]["status"] == "failed"
+    assert "batch_size" in result["statuses"][0]["error"]
+    assert "Failed cells" in (out / "bench.md").read_text()
+
+
+def test_bad_grid_is_rejected_before_work(tmp_path):
+    with pytest.raises(ConfigError, match="not a class"):
+        run_grid(_grid(tmp_path, classes=[42]), out_dir=tmp_path / "o", quiet=True)
+    path = tmp_path / "g.yaml"
+    path.write_text("recipes: [fmnist-cpu]\nbogus: 1\n")
+    with pytest.raises(ConfigError, match="bogus"):
+        read_grid(path)
