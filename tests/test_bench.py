@@ -57,11 +57,11 @@ def test_grid_runs_resumes_and_records_failures(tmp_path):
 
 
 def test_failed_cell_is_recorded_and_grid_goes_on(tmp_path):
-    # data.max_train=4 with batch 16 fails at start for every cell, with a clear message.
+    # data.max_train=2 (8 samples with outliers) with batch 16 fails at start, with a clear message.
     out = tmp_path / "out"
     path = _grid(tmp_path, recipes=["fmnist-cpu"], classes=[0])
     grid = yaml.safe_load(path.read_text())
-    grid["set"] += ["data.max_train=4"]
+    grid["set"] += ["data.max_train=2"]
     path.write_text(yaml.safe_dump(grid))
     result = run_grid(path, out_dir=out, quiet=True)
     assert result["statuses"][0]["status"] == "failed"

@@ -29,7 +29,7 @@ app = typer.Typer(
 data_app = typer.Typer(no_args_is_help=True, help="Find, inspect and prepare datasets.")
 app.add_typer(data_app, name="data")
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # errors are never wrapped mid-message
 out = Console()
 state = {"quiet": False}
 
