@@ -134,6 +134,9 @@ def extract_features(
 
 
 def _encode(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu":
+        # oneDNN convolutions run markedly faster on channels-last input (same numbers)
+        x = x.contiguous(memory_format=torch.channels_last)
     out = encoder(x)
     if isinstance(out, tuple | list):  # encoders returning (features, extras): take features
         out = out[0]
