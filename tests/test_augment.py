@@ -175,3 +175,18 @@ def test_rotate90() -> None:
     x = _images(2)
     assert torch.equal(rotate90(x, 1), torch.rot90(x, 1, dims=(2, 3)))
     assert torch.equal(rotate90(rotate90(x, 2), 2), x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_matches_eager_and_cpu() -> None:
+    x = _images(16, h=32, w=32).cuda()
+    graph_aug, eager_aug = ViewAugment(), ViewAugment(cuda_graphs=False)
+    for seed in range(6):  # several colour-op orders, replays of the same graph
+        a = graph_aug(x, _gen(seed))
+        b = eager_aug(x, _gen(seed))
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+        c = eager_aug(x.cpu(), _gen(seed))
+        torch.testing.assert_close(a.cpu(), c, atol=1e-5, rtol=0)
+    first = graph_aug(x, _gen(0))
+    graph_aug(x, _gen(1))  # a later replay must not overwrite an earlier result
+    torch.testing.assert_close(first, eager_aug(x, _gen(0)), atol=1e-6, rtol=0)

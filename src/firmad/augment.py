@@ -14,7 +14,9 @@ crop (and flip), closed-form colour adjustments, and one grouped ``conv2d`` for 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -40,11 +42,11 @@ __all__ = [
 _LUMA = (0.2989, 0.587, 0.114)
 
 
-def _uniform(gen: torch.Generator | None, shape: tuple[int, ...], device: torch.device) -> Tensor:
-    """Uniform [0, 1) numbers drawn on the generator's device, then moved to ``device``."""
-    gen_device = gen.device if gen is not None else torch.device("cpu")
-    u = torch.rand(shape, generator=gen, device=gen_device)
-    return u.to(device, non_blocking=True)
+@lru_cache(maxsize=64)
+def _const(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A small constant tensor, cached per device: no host-to-device copy per call (and none
+    while a CUDA graph is being captured)."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _check_images(x: Tensor, name: str = "x") -> None:
@@ -70,7 +72,7 @@ def grayscale(x: Tensor) -> Tensor:
     if x.shape[1] == 1:
         return x
     B, C, H, W = x.shape
-    w = torch.tensor(_LUMA, dtype=x.dtype, device=x.device)
+    w = _const(_LUMA, x.device, x.dtype)
     # One matmul over the channel axis: ~2x faster than a weighted sum on CPU.
     return torch.matmul(w, x.reshape(B, C, H * W)).reshape(B, 1, H, W)
 
@@ -115,7 +117,7 @@ def adjust_hue(x: Tensor, shift: Tensor | float) -> Tensor:
     h6 = (g - b) * is_r + (b - r + 2.0 * d) * is_g + (r - g + 4.0 * d) * is_b
     h6 = h6 * inv + 6.0 * _per_sample(shift, x).squeeze(1)  # in [-4, 8)
     h6 = h6 + 6.0 * (h6 < 0) - 6.0 * (h6 >= 6.0)  # [0, 6)
-    n = torch.tensor((5.0, 3.0, 1.0), dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    n = _const((5.0, 3.0, 1.0), x.device, x.dtype).view(1, 3, 1, 1)
     k = n + h6.unsqueeze(1)  # [1, 11)
     k = k - 6.0 * (k >= 6.0)  # [0, 6)
     w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
@@ -141,23 +143,33 @@ def color_jitter(x: Tensor, factors: Tensor, order: tuple[int, ...] = (0, 1, 2, 
 # ---------------------------------------------------------------------------------------------
 
 
+def _blur_kernels(sigma: np.ndarray, kernel_size: int) -> np.ndarray:
+    """1-D Gaussian kernels (B, k) for per-sample sigmas (B,); sigma <= 0 gives a delta."""
+    half = (kernel_size - 1) / 2
+    t = np.linspace(-half, half, kernel_size)
+    sig = np.asarray(sigma, dtype=np.float64).reshape(-1, 1)
+    k1 = np.exp(-0.5 * (t / np.maximum(sig, 1e-6)) ** 2)
+    k1 = np.where(sig > 0, k1, (t == 0).astype(np.float64))
+    return k1 / k1.sum(axis=1, keepdims=True)
+
+
+def _blur(x: Tensor, k1: Tensor) -> Tensor:
+    """Separable blur with per-sample 1-D kernels (B, k): reflect padding, one grouped conv2d."""
+    B, C, H, W = x.shape
+    k = k1.shape[1]
+    k2 = (k1.unsqueeze(2) * k1.unsqueeze(1)).repeat_interleave(C, dim=0)  # (B*C, k, k)
+    p = k // 2
+    xp = F.pad(x.reshape(1, B * C, H, W), (p, p, p, p), mode="reflect")
+    return F.conv2d(xp, k2.unsqueeze(1), groups=B * C).reshape(B, C, H, W)
+
+
 def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int = 3) -> Tensor:
     """Gaussian blur with a per-sample sigma (B,), reflect padding, as one grouped conv2d.
 
     A sigma of 0 (or below) leaves that sample unchanged (its kernel is a delta).
     """
-    B, C, H, W = x.shape
-    half = (kernel_size - 1) / 2
-    t = torch.linspace(-half, half, kernel_size, dtype=x.dtype, device=x.device)
-    sig = sigma.to(dtype=x.dtype, device=x.device).reshape(B, 1)
-    k1 = torch.exp(-0.5 * (t / sig.clamp_min(1e-6)) ** 2)
-    delta = (t == 0).to(x.dtype).expand_as(k1)
-    k1 = torch.where(sig > 0, k1, delta)
-    k1 = k1 / k1.sum(dim=1, keepdim=True)
-    k2 = (k1.unsqueeze(2) * k1.unsqueeze(1)).repeat_interleave(C, dim=0)  # (B*C, k, k)
-    p = kernel_size // 2
-    xp = F.pad(x.reshape(1, B * C, H, W), (p, p, p, p), mode="reflect")
-    return F.conv2d(xp, k2.unsqueeze(1), groups=B * C).reshape(B, C, H, W)
+    k1 = _blur_kernels(sigma.detach().cpu().double().numpy(), kernel_size)
+    return _blur(x, torch.from_numpy(k1).to(device=x.device, dtype=x.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,26 +178,27 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int = 3) -> Tensor:
 
 
 def _rrc_boxes(
-    u: Tensor, H: int, W: int, scale: tuple[float, float], ratio: tuple[float, float]
-) -> Tensor:
+    u: np.ndarray, H: int, W: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> np.ndarray:
     """Integer crop boxes (B, 4) = (top, left, height, width) from uniforms ``u`` (B, 22).
 
     torchvision's RandomResizedCrop.get_params, vectorised: 10 attempts per sample (columns
     0..19), the first that fits is kept, else the fallback centre crop; columns 20, 21 place
-    the box.
+    the box. Parameter maths runs in NumPy on the host: a few dozen tiny torch ops would cost
+    more in dispatch than the image work they prepare.
     """
-    B = u.shape[0]
+    u = np.asarray(u, dtype=np.float64)
     area = float(H * W)
     lr = (math.log(ratio[0]), math.log(ratio[1]))
     target = area * (scale[0] + (scale[1] - scale[0]) * u[:, 0:20:2])
-    aspect = torch.exp(lr[0] + (lr[1] - lr[0]) * u[:, 1:20:2])
-    w = torch.round(torch.sqrt(target * aspect))
-    h = torch.round(torch.sqrt(target / aspect))
+    aspect = np.exp(lr[0] + (lr[1] - lr[0]) * u[:, 1:20:2])
+    w = np.round(np.sqrt(target * aspect))
+    h = np.round(np.sqrt(target / aspect))
     ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
-    first = torch.argmax(ok.to(torch.int8), dim=1, keepdim=True)  # first fitting attempt
-    any_ok = ok.any(dim=1)
-    w = w.gather(1, first).squeeze(1)
-    h = h.gather(1, first).squeeze(1)
+    first = np.argmax(ok, axis=1)[:, None]  # first fitting attempt
+    any_ok = ok.any(axis=1)
+    w = np.take_along_axis(w, first, 1)[:, 0]
+    h = np.take_along_axis(h, first, 1)[:, 0]
     # Fallback: the whole image cut to the closest allowed aspect ratio, centred.
     in_ratio = W / H
     if in_ratio < min(ratio):
@@ -194,36 +207,50 @@ def _rrc_boxes(
         fw, fh = int(round(H * max(ratio))), H
     else:
         fw, fh = W, H
-    w = torch.where(any_ok, w, torch.full_like(w, fw))
-    h = torch.where(any_ok, h, torch.full_like(h, fh))
-    top = torch.floor(u[:, 20] * (H - h + 1)).clamp_max(H - h)
-    left = torch.floor(u[:, 21] * (W - w + 1)).clamp_max(W - w)
-    top = torch.where(any_ok, top, torch.round((H - h) / 2))
-    left = torch.where(any_ok, left, torch.round((W - w) / 2))
-    return torch.stack((top, left, h, w), dim=1).reshape(B, 4)
+    w = np.where(any_ok, w, fw)
+    h = np.where(any_ok, h, fh)
+    top = np.minimum(np.floor(u[:, 20] * (H - h + 1)), H - h)
+    left = np.minimum(np.floor(u[:, 21] * (W - w + 1)), W - w)
+    top = np.where(any_ok, top, np.round((H - h) / 2))
+    left = np.where(any_ok, left, np.round((W - w) / 2))
+    return np.stack((top, left, h, w), axis=1)
+
+
+def _crop_coords(
+    boxes: np.ndarray, H: int, W: int, size: int, flip: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Normalised sampling coordinates gx (B, size), gy (B, size) for crop boxes (B, 4) =
+    (top, left, h, w), mirrored where ``flip`` is true.
+
+    The crop is axis-aligned, so x depends on the output column only and y on the row: this
+    is affine_grid's map without its batched matmul over every output pixel.
+    """
+    top, left, h, w = (np.asarray(boxes, dtype=np.float64)[:, i : i + 1] for i in range(4))
+    sx = w / W
+    if flip is not None:
+        sx = np.where(flip[:, None], -sx, sx)
+    base = (2.0 * np.arange(size) + 1.0) / size - 1.0
+    gx = sx * base + ((2 * left + w) / W - 1.0)
+    gy = (h / H) * base + ((2 * top + h) / H - 1.0)
+    # Clamp to the crop's outer pixel centres: the crop's edge is replicated as torchvision's
+    # crop-then-resize does, instead of blending in pixels outside the crop.
+    gx = np.clip(gx, (2 * left + 1) / W - 1.0, (2 * (left + w) - 1) / W - 1.0)
+    gy = np.clip(gy, (2 * top + 1) / H - 1.0, (2 * (top + h) - 1) / H - 1.0)
+    return gx, gy
+
+
+def _sample_grid(x: Tensor, gx: Tensor, gy: Tensor) -> Tensor:
+    """Bilinear resampling of every sample at its own separable grid -- one grid_sample."""
+    B, S = gx.shape
+    grid = torch.stack((gx[:, None, :].expand(B, S, S), gy[:, :, None].expand(B, S, S)), dim=-1)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _crop_resize(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None) -> Tensor:
-    """Crop each sample to its box (top, left, h, w) and resize to ``size`` (bilinear), flipping
-    horizontally where ``flip`` is true -- one affine_grid + grid_sample for the whole batch."""
-    B, C, H, W = x.shape
-    top, left, h, w = boxes.to(x.dtype).unbind(1)
-    # The affine map of affine_grid, built directly: the crop is axis-aligned, so x depends on the
-    # output column only and y on the row (cheaper than affine_grid's batched matmul).
-    sx = w / W
-    if flip is not None:
-        sx = torch.where(flip, -sx, sx)
-    base = (2.0 * torch.arange(size, dtype=x.dtype, device=x.device) + 1.0) / size - 1.0
-    gx = sx[:, None] * base + ((2 * left + w) / W - 1.0)[:, None]
-    gy = (h / H)[:, None] * base + ((2 * top + h) / H - 1.0)[:, None]
-    # Clamp to the crop's outer pixel centres: the crop's edge is replicated as torchvision's
-    # crop-then-resize does, instead of blending in pixels outside the crop.
-    gx = gx.clamp(((2 * left + 1) / W - 1.0)[:, None], ((2 * (left + w) - 1) / W - 1.0)[:, None])
-    gy = gy.clamp(((2 * top + 1) / H - 1.0)[:, None], ((2 * (top + h) - 1) / H - 1.0)[:, None])
-    grid = torch.stack(
-        (gx[:, None, :].expand(B, size, size), gy[:, :, None].expand(B, size, size)), dim=-1
-    )
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    """Crop each sample to its box (top, left, h, w) and resize to ``size`` (bilinear)."""
+    gx, gy = _crop_coords(np.asarray(boxes), x.shape[2], x.shape[3], size, flip)
+    g = torch.from_numpy(np.concatenate((gx, gy), axis=1)).to(device=x.device, dtype=x.dtype)
+    return _sample_grid(x, g[:, :size], g[:, size:])
 
 
 class ViewAugment(nn.Module):
@@ -248,6 +275,7 @@ class ViewAugment(nn.Module):
         blur_p: float = 0.75,
         hflip_p: float = 0.0,
         grayscale_p: float = 0.0,
+        cuda_graphs: bool = True,
     ) -> None:
         super().__init__()
         if int(size) <= 0:
@@ -285,6 +313,10 @@ class ViewAugment(nn.Module):
         self.blur_p = float(blur_p)
         self.hflip_p = float(hflip_p)
         self.grayscale_p = float(grayscale_p)
+        self.cuda_graphs = bool(cuda_graphs)
+        # CUDA graphs by (shape, dtype, device, colour-op order); at most 24 orders per shape.
+        self._graphs: dict[tuple, tuple] = {}
+        self._pool = None
 
     def extra_repr(self) -> str:
         return (
@@ -294,44 +326,118 @@ class ViewAugment(nn.Module):
             f"grayscale_p={self.grayscale_p}"
         )
 
-    def forward(self, x: Tensor, gen: torch.Generator | None = None) -> Tensor:
-        """Augment a float batch (B, C, H, W) in [0, 1] -> (B, C, size, size) in [0, 1]."""
-        _check_images(x)
-        B, C, H, W = x.shape
-        # All per-sample random numbers in one draw: 22 crop, 1 flip, 4 + 1 jitter, 1 gray, 2 blur.
-        u = _uniform(gen, (B, 31), x.device).to(x.dtype)
+    def _stages(self, C: int) -> tuple[bool, bool, bool]:
+        """Which of jitter, grayscale, blur run for C-channel inputs."""
+        b, c, s, h = self.jitter
+        jitter = self.jitter_p > 0 and (b > 0 or c > 0 or (C == 3 and (s > 0 or h > 0)))
+        return jitter, self.grayscale_p > 0 and C == 3, self.blur_p > 0 and self.blur_kernel > 1
+
+    def sample_params(
+        self, x_shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype = torch.float32
+    ) -> tuple[Tensor, tuple[int, ...]]:
+        """Draw every per-sample parameter from ``gen``, packed in one (B, P) CPU tensor: crop
+        coordinates gx, gy (size each), jitter factors (4), grayscale flag (1), blur kernel
+        (blur_kernel) -- only the stages that run. Also returns the colour-op order.
+
+        The maths runs in NumPy on the host and one small tensor moves to the device: dozens of
+        tiny torch ops would cost more in dispatch (and kernel launches) than the image work.
+        """
+        B, C, H, W = x_shape
+        # All random numbers in one draw: 22 crop, 1 flip, 4 + 1 jitter, 1 gray, 2 blur, and the
+        # colour-op order from row 0's last 4 columns (one order per batch).
+        u = torch.rand((B, 35), generator=gen, device=gen.device).cpu().double().numpy()
         flip = u[:, 22] < self.hflip_p if self.hflip_p > 0 else None
         boxes = _rrc_boxes(u[:, :22], H, W, self.scale, self.ratio)
-        out = _crop_resize(x, boxes, self.size, flip)
-
-        b, c, s, h = self.jitter
-        if C == 1:
-            s = h = 0.0
-        if self.jitter_p > 0 and (b or c or s or h):
-            lo = torch.tensor((max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h))
-            hi = torch.tensor((1 + b, 1 + c, 1 + s, h))
-            lo, hi = lo.to(out), hi.to(out)
+        parts = list(_crop_coords(boxes, H, W, self.size, flip))
+        do_jitter, do_gray, do_blur = self._stages(C)
+        order: tuple[int, ...] = ()
+        if do_jitter:
+            b, c, s, h = self.jitter if C == 3 else (*self.jitter[:2], 0.0, 0.0)
+            lo = np.array((max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h))
+            hi = np.array((1 + b, 1 + c, 1 + s, h))
             factors = lo + (hi - lo) * u[:, 23:27]
             if self.jitter_p < 1:
-                identity = torch.tensor((1.0, 1.0, 1.0, 0.0)).to(out)
-                factors = torch.where((u[:, 27] < self.jitter_p)[:, None], factors, identity)
-            # Ops whose range is empty are skipped; the order is one random permutation per batch.
+                keep = (u[:, 27] < self.jitter_p)[:, None]
+                factors = np.where(keep, factors, np.array((1.0, 1.0, 1.0, 0.0)))
+            parts.append(factors)
+            # Ops with an empty range are skipped.
             active = [i for i, r in enumerate((b, c, s, h)) if r > 0]
-            perm = torch.randperm(
-                4, generator=gen, device=gen.device if gen is not None else "cpu"
-            ).tolist()
-            out = color_jitter(out, factors, tuple(i for i in perm if i in active))
+            order = tuple(int(i) for i in np.argsort(u[0, 31:35]) if i in active)
+        if do_gray:
+            parts.append((u[:, 28:29] < self.grayscale_p).astype(np.float64))
+        if do_blur:
+            lo_s, hi_s = self.blur_sigma
+            sigma = np.where(u[:, 30] < self.blur_p, lo_s + (hi_s - lo_s) * u[:, 29], 0.0)
+            parts.append(_blur_kernels(sigma, self.blur_kernel))
+        return torch.from_numpy(np.concatenate(parts, axis=1)).to(dtype), order
 
-        if self.grayscale_p > 0 and C == 3:
-            gray = (u[:, 28] < self.grayscale_p).view(B, 1, 1, 1)
-            out = torch.where(gray, grayscale(out).expand_as(out), out)
+    def apply_params(self, x: Tensor, params: Tensor, order: tuple[int, ...]) -> Tensor:
+        """The deterministic part: augment ``x`` with packed ``params`` (on x's device).
 
-        if self.blur_p > 0 and self.blur_kernel > 1:
-            lo, hi = self.blur_sigma
-            sigma = lo + (hi - lo) * u[:, 29]
-            sigma = torch.where(u[:, 30] < self.blur_p, sigma, torch.zeros_like(sigma))
-            out = gaussian_blur(out, sigma, self.blur_kernel)
+        Fixed shapes, no host synchronisation: safe to capture in a CUDA graph.
+        """
+        S = self.size
+        do_jitter, do_gray, do_blur = self._stages(x.shape[1])
+        out = _sample_grid(x, params[:, :S], params[:, S : 2 * S])
+        i = 2 * S
+        if do_jitter:
+            out = color_jitter(out, params[:, i : i + 4], order)
+            i += 4
+        if do_gray:
+            flag = params[:, i].view(-1, 1, 1, 1)
+            out = torch.lerp(out, grayscale(out).expand_as(out), flag)
+            i += 1
+        if do_blur:
+            out = _blur(out, params[:, i : i + self.blur_kernel])
         return out
+
+    def forward(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        """Augment a float batch (B, C, H, W) in [0, 1] -> (B, C, size, size) in [0, 1].
+
+        Parameters are drawn from ``gen`` (a CPU generator is fastest, also for CUDA inputs).
+        On CUDA the image work is replayed from a CUDA graph captured once per input shape and
+        colour-op order (set ``self.cuda_graphs = False`` to run eagerly): a small batch is
+        otherwise bound by the launch cost of its ~40 tiny kernels.
+        """
+        _check_images(x)
+        if not isinstance(gen, torch.Generator):
+            raise InputError("ViewAugment needs a torch.Generator (gen) to draw its parameters")
+        if x.shape[1] not in (1, 3):
+            raise InputError(f"ViewAugment expects 1 or 3 channels, got {x.shape[1]}")
+        params, order = self.sample_params(tuple(x.shape), gen, x.dtype)
+        params = params.to(x.device, non_blocking=True)
+        if (
+            self.cuda_graphs
+            and x.is_cuda
+            and not x.requires_grad
+            and not torch.cuda.is_current_stream_capturing()
+        ):
+            return self._replay(x, params, order)
+        return self.apply_params(x, params, order)
+
+    def _replay(self, x: Tensor, params: Tensor, order: tuple[int, ...]) -> Tensor:
+        key = (tuple(x.shape), x.dtype, x.device, order)
+        entry = self._graphs.get(key)
+        if entry is None:
+            static_x, static_p = x.clone(), params.clone()
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs need
+                for _ in range(2):
+                    self.apply_params(static_x, static_p, order)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                static_out = self.apply_params(static_x, static_p, order)
+            entry = (graph, static_x, static_p, static_out)
+            self._graphs[key] = entry
+        graph, static_x, static_p, static_out = entry
+        static_x.copy_(x)
+        static_p.copy_(params)
+        graph.replay()
+        return static_out.clone()  # the next replay overwrites static_out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +498,7 @@ def random_crops(
     if gen is None:
         gen = torch.Generator().manual_seed(0)
     B, C, H, W = x.shape
-    u = _uniform(gen, (B, 22), x.device).to(x.dtype)
+    u = torch.rand((B, 22), generator=gen, device=gen.device).cpu().double().numpy()
     boxes = _rrc_boxes(u, H, W, scale, (1.0, 1.0))
     return _crop_resize(x, boxes, size)
 
