@@ -260,7 +260,9 @@ class Trainer:
         self.perm: torch.Tensor | None = None
         self.history: list[dict[str, Any]] = []  # learning-curve points (diagnostic)
         self.elapsed = 0.0
-        self.train_model = torch.compile(self.model) if t.compile else self.model
+        # Compile the encoder itself: attributes of a compiled parent module (compiled.encoder)
+        # are the plain, uncompiled submodules.
+        self.train_encoder = torch.compile(self.model.encoder) if t.compile else self.model.encoder
 
     def _build_scheduler(self):
         t = self.cfg.train
@@ -303,7 +305,7 @@ class Trainer:
         labels = loss_labels(self.method, class_ids, kind_ids)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            feats = self.train_model.encoder(views)
+            feats = self.train_encoder(views)
             if self.method in CONTRASTIVE_METHODS:
                 z = self.model.head(feats).float()
                 z1, z2 = z.chunk(2)
