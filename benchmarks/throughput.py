@@ -269,7 +269,31 @@ def scoring_time(trainer: Trainer, split: OneClassSplit) -> dict[str, float]:
     }
 
 
+def profile_firmad(trainer: Trainer, steps: int, rows: int = 15) -> None:
+    """torch.profiler table of ``steps`` firmad steps (top ops by self time) on stderr."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = trainer.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            trainer.train_step()
+        sync(trainer.device)
+    for key in (
+        ("self_cpu_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
+    ):
+        log(f"profile of {steps} firmad steps, by {key}:")
+        log(prof.key_averages().table(sort_by=key, row_limit=rows))
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    try:
+        return _main(argv)
+    except FirmadError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+def _main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="resnet_small")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -292,6 +316,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--no-reference", action="store_true", help="skip the papers' pipeline")
     p.add_argument("--scoring", action="store_true", help="also time features + kNN scoring")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="print a torch.profiler table of N firmad steps to stderr",
+    )
     args = p.parse_args(argv)
     if args.head_depth is not None and args.head_hidden is None and args.head_depth == 8:
         args.head_hidden = 1024  # the paper's head
@@ -394,6 +425,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if ref is not None:
         ref.it = None  # stop the persistent workers before scoring
         del ref, loader
+    if args.profile:
+        profile_firmad(trainer, args.profile)
     if args.scoring:
         log("timing scoring (features + kNN) ...")
         out.update(
