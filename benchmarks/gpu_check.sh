@@ -70,6 +70,11 @@ elif python3 -m venv --system-site-packages "$VENV"; then
 else
     echo "python3 -m venv failed: using the system's python3, firmad from src/"
 fi
+# A venv made from a python3 that is itself a venv does not see that venv's packages.
+if [ "$PY" != python3 ] && ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
+    echo "no torch in $VENV: using the system's python3 ($(command -v python3))"
+    PY=python3
+fi
 # src/ first, so this checkout's firmad is the one imported either way.
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" - <<'EOF' || { echo "torch/firmad import failed: nothing to measure"; exit 1; }
