@@ -405,6 +405,10 @@ class ViewAugment(nn.Module):
         if x.shape[1] not in (1, 3):
             raise InputError(f"ViewAugment expects 1 or 3 channels, got {x.shape[1]}")
         params, order = self.sample_params(tuple(x.shape), gen, x.dtype)
+        if x.is_cuda:
+            # Pinned (cached by PyTorch's host allocator) so the copy is asynchronous: a copy
+            # from pageable memory would wait for all queued GPU work, stalling the step.
+            params = params.pin_memory()
         params = params.to(x.device, non_blocking=True)
         if (
             self.cuda_graphs
