@@ -1,4 +1,4 @@
-"""Benchmark grids: cells run once, failures are recorded and the grid goes on, tables are written."""
+"""Benchmark grids: cells run once, failures are recorded, the grid goes on, tables are written."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ def _grid(tmp_path, **extra):
         "classes": [0, "Trouser"],
         "seeds": [0],
         "root": str(FIXTURE_FMNIST),
-        "set": [s for s in TINY if not s.startswith("data.root")] + ["train.epochs=1",
-                                                                      "train.eval_every=1"],
+        "set": [s for s in TINY if not s.startswith("data.root")]
+        + ["train.epochs=1", "train.eval_every=1"],
         **extra,
     }
     path = tmp_path / "grid.yaml"

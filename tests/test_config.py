@@ -18,8 +18,15 @@ from firmad.errors import ConfigError
 
 def test_every_shipped_recipe_is_valid():
     names = available_recipes()
-    for required in ("cifar10-firm", "cifar100-firm", "fmnist-firm", "fmnist-cpu",
-                     "fmnist-cpu-ntxent", "fmnist-cpu-rotsupcon", "fmnist-cpu-dsvdd"):
+    for required in (
+        "cifar10-firm",
+        "cifar100-firm",
+        "fmnist-firm",
+        "fmnist-cpu",
+        "fmnist-cpu-ntxent",
+        "fmnist-cpu-rotsupcon",
+        "fmnist-cpu-dsvdd",
+    ):
         assert required in names
     for name in names:
         assert isinstance(load_config(name), RunConfig)
@@ -65,8 +72,14 @@ def test_unknown_outlier_lists_allowed_names():
 
 
 def test_overrides_and_round_trip(tmp_path):
-    cfg = load_config("fmnist-cpu", ["train.epochs=3", "data.normal_class=Trouser",
-                                     "outliers.kinds=[rot90+cutpaste, scramble]"])
+    cfg = load_config(
+        "fmnist-cpu",
+        [
+            "train.epochs=3",
+            "data.normal_class=Trouser",
+            "outliers.kinds=[rot90+cutpaste, scramble]",
+        ],
+    )
     assert cfg.train.epochs == 3 and cfg.data.normal_class == "Trouser"
     assert cfg.outliers.kinds == ["rot90+cutpaste", "scramble"]
     save_config(cfg, tmp_path / "config.yaml")

@@ -1,4 +1,4 @@
-"""The training loop on the committed fixture: every objective runs, the loss falls, resume is exact."""
+"""The training loop on the fixture: every objective runs, the loss falls, resume is exact."""
 
 from __future__ import annotations
 
@@ -23,20 +23,32 @@ def _trainer(tmp_path, overrides, name="run"):
 def test_each_objective_trains_two_epochs(tmp_path, tiny, method):
     extra = [f"method.name={method}"]
     if method == "dsvdd":
-        extra += ["model.backbone=lenet", "model.width=1.0", "data.size=32", "outliers.kinds=[]",
-                  "augment.enabled=false", "train.optimizer=adam", "train.lr=0.001"]
+        extra += [
+            "model.backbone=lenet",
+            "model.width=1.0",
+            "data.size=32",
+            "outliers.kinds=[]",
+            "augment.enabled=false",
+            "train.optimizer=adam",
+            "train.lr=0.001",
+        ]
     trainer = _trainer(tmp_path, tiny + extra)
     summary = trainer.fit()
     assert summary["epochs"] == 2 and summary["steps"] == 8
-    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    log = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert len(log) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     assert (tmp_path / "run" / "checkpoint.safetensors").exists()
 
 
 def test_loss_falls_with_training(tmp_path, tiny):
     # Same batches before and after: the objective on a fixed batch must go down.
-    trainer = _trainer(tmp_path, tiny + ["train.epochs=6", "train.steps_per_epoch=10",
-                                         "train.lr=0.05", "augment.enabled=false"])
+    trainer = _trainer(
+        tmp_path,
+        tiny
+        + ["train.epochs=6", "train.steps_per_epoch=10", "train.lr=0.05", "augment.enabled=false"],
+    )
     gen_state = trainer.gen.get_state()
     x, c, k = trainer.sample_batch()
     trainer.perm = None
@@ -58,14 +70,18 @@ def test_pool_holds_frozen_rotations(tmp_path, tiny):
     trainer = _trainer(tmp_path, tiny)
     pool = trainer.pool
     assert len(pool.images) == 4 * pool.n_normal  # normals + rot90/180/270 copies
-    assert (pool.kind_ids[: pool.n_normal] == 0).all() and (pool.class_ids[pool.n_normal:] == -1).all()
+    assert (pool.kind_ids[: pool.n_normal] == 0).all() and (
+        pool.class_ids[pool.n_normal :] == -1
+    ).all()
     n = pool.n_normal
     assert torch.equal(pool.images[n], torch.rot90(pool.images[0], 1, (1, 2)))
     assert trainer.pool.images.dtype == torch.uint8
 
 
 def test_fresh_outliers_mix(tmp_path, tiny):
-    trainer = _trainer(tmp_path, tiny + ["outliers.mode=fresh", "outliers.kinds=[cutpaste, scramble]"])
+    trainer = _trainer(
+        tmp_path, tiny + ["outliers.mode=fresh", "outliers.kinds=[cutpaste, scramble]"]
+    )
     x, class_ids, kind_ids = trainer.sample_batch()
     assert x.dtype == torch.float32 and x.shape[1] == 3
     assert set(kind_ids.tolist()) <= {0, 1, 2}
@@ -107,8 +123,9 @@ def test_resume_is_identical_to_an_uninterrupted_run(tmp_path, tiny):
     resumed.restore()
     assert resumed.global_step == 4 and resumed.epoch == 1 and resumed.step_in_epoch == 1
     resumed.fit()
-    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values(),
-                            strict=True):
+    for (name, a), b in zip(
+        full.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 

@@ -140,31 +140,42 @@ def run_cell(cell: Cell, grid: GridConfig, threads: int | None) -> dict[str, Any
     (cell.run_dir / "log.txt").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         error = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
-        atomic_write_json(cell.run_dir / "error.json", {"returncode": proc.returncode,
-                                                         "error": error})
+        atomic_write_json(
+            cell.run_dir / "error.json", {"returncode": proc.returncode, "error": error}
+        )
         return {"cell": cell.key, "status": "failed", "error": error, "seconds": seconds}
     (cell.run_dir / "error.json").unlink(missing_ok=True)
     return {"cell": cell.key, "status": "ran", "seconds": seconds}
 
 
-def run_grid(config: Path, out_dir: Path | None = None, workers: int = 1,
-             quiet: bool = False) -> dict[str, Any]:
+def run_grid(
+    config: Path, out_dir: Path | None = None, workers: int = 1, quiet: bool = False
+) -> dict[str, Any]:
     grid = read_grid(config)
     out_dir = Path(out_dir or Path("runs") / "bench" / grid.name)
     cells = plan_cells(grid, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // max(workers, 1))
     statuses: list[dict[str, Any]] = []
-    progress = None if quiet else Progress(
-        TextColumn("[bold]grid"), BarColumn(), TextColumn("{task.completed}/{task.total} cells"),
-        TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+    progress = (
+        None
+        if quiet
+        else Progress(
+            TextColumn("[bold]grid"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} cells"),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
+    )
     if progress:
         progress.start()
         task = progress.add_task("grid", total=len(cells), info="")
     try:
         with ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-            futures = [pool.submit(run_cell, c, grid, threads if workers > 1 else None)
-                       for c in cells]
+            futures = [
+                pool.submit(run_cell, c, grid, threads if workers > 1 else None) for c in cells
+            ]
             for fut in futures:
                 status = fut.result()
                 statuses.append(status)
@@ -180,31 +191,73 @@ def run_grid(config: Path, out_dir: Path | None = None, workers: int = 1,
 
 # --- tables and plots ----------------------------------------------------------------------------
 
-CSV_FIELDS = ["recipe", "method", "dataset", "normal_class", "class_name", "seed", "scorer", "k",
-              "variant", "auroc", "aupr_anomaly", "aupr_normal", "fpr95", "train_time_s",
-              "wall_time_s", "status", "error"]
+CSV_FIELDS = [
+    "recipe",
+    "method",
+    "dataset",
+    "normal_class",
+    "class_name",
+    "seed",
+    "scorer",
+    "k",
+    "variant",
+    "auroc",
+    "aupr_anomaly",
+    "aupr_normal",
+    "fpr95",
+    "train_time_s",
+    "wall_time_s",
+    "status",
+    "error",
+]
 
 
 def collect_rows(cells: list[Cell]) -> list[dict[str, Any]]:
     rows = []
     for cell in cells:
-        base = {"recipe": _slug(cell.recipe), "dataset": cell.dataset,
-                "normal_class": cell.normal_class, "seed": cell.seed}
+        base = {
+            "recipe": _slug(cell.recipe),
+            "dataset": cell.dataset,
+            "normal_class": cell.normal_class,
+            "seed": cell.seed,
+        }
         results = cell.run_dir / "results.json"
         error = cell.run_dir / "error.json"
         if results.exists():
             data = json.loads(results.read_text())
             names = data.get("normal_class_names") or [""]
             for r in data["results"]:
-                rows.append({**base, "method": data["method"], "class_name": names[0],
-                             "train_time_s": data.get("train_time_s"),
-                             "wall_time_s": data.get("wall_time_s"), "status": "done",
-                             "error": "", **{k: r.get(k) for k in
-                                             ("scorer", "k", "variant", "auroc", "aupr_anomaly",
-                                              "aupr_normal", "fpr95")}})
+                rows.append(
+                    {
+                        **base,
+                        "method": data["method"],
+                        "class_name": names[0],
+                        "train_time_s": data.get("train_time_s"),
+                        "wall_time_s": data.get("wall_time_s"),
+                        "status": "done",
+                        "error": "",
+                        **{
+                            k: r.get(k)
+                            for k in (
+                                "scorer",
+                                "k",
+                                "variant",
+                                "auroc",
+                                "aupr_anomaly",
+                                "aupr_normal",
+                                "fpr95",
+                            )
+                        },
+                    }
+                )
         elif error.exists():
-            rows.append({**base, "status": "failed",
-                         "error": json.loads(error.read_text()).get("error", "")})
+            rows.append(
+                {
+                    **base,
+                    "status": "failed",
+                    "error": json.loads(error.read_text()).get("error", ""),
+                }
+            )
         else:
             rows.append({**base, "status": "pending"})
     return rows
@@ -215,8 +268,9 @@ def _scorer_label(row: dict[str, Any]) -> str:
     return f"{row['scorer']}:k={k}" if k not in (None, "") else str(row["scorer"])
 
 
-def summarise(grid: GridConfig, cells: list[Cell], out_dir: Path,
-              statuses: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def summarise(
+    grid: GridConfig, cells: list[Cell], out_dir: Path, statuses: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     rows = collect_rows(cells)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
@@ -226,8 +280,12 @@ def summarise(grid: GridConfig, cells: list[Cell], out_dir: Path,
     markdown = bench_markdown(grid, cells, rows)
     atomic_write_text(out_dir / "bench.md", markdown)
     plot_bench(out_dir, grid, cells, rows)
-    return {"csv": out_dir / "bench.csv", "md": out_dir / "bench.md", "markdown": markdown,
-            "statuses": statuses or []}
+    return {
+        "csv": out_dir / "bench.csv",
+        "md": out_dir / "bench.md",
+        "markdown": markdown,
+        "statuses": statuses or [],
+    }
 
 
 def _mean_std(values: list[float]) -> str:
@@ -243,14 +301,23 @@ def bench_markdown(grid: GridConfig, cells: list[Cell], rows: list[dict[str, Any
     lines = [f"# Benchmark grid: {grid.name}", ""]
     n_done = len({(r["recipe"], r["dataset"], r["normal_class"], r["seed"]) for r in done})
     failed = [r for r in rows if r["status"] == "failed"]
-    lines.append(f"Cells: {len(cells)} planned, {n_done} done, {len(failed)} failed, "
-                 f"{len(cells) - n_done - len(failed)} pending. Results from the last checkpoint.")
+    lines.append(
+        f"Cells: {len(cells)} planned, {n_done} done, {len(failed)} failed, "
+        f"{len(cells) - n_done - len(failed)} pending. Results from the last checkpoint."
+    )
     lines.append("")
     for dataset in dict.fromkeys(c.dataset for c in cells):
-        head = [r for r in done if r["dataset"] == dataset and _scorer_label(r) == grid.headline
-                and r["variant"] == grid.variant]
-        lines += [f"## {dataset}: AUROC (%) with {grid.headline} ({grid.variant}), "
-                  "mean ± std over seeds", ""]
+        head = [
+            r
+            for r in done
+            if r["dataset"] == dataset
+            and _scorer_label(r) == grid.headline
+            and r["variant"] == grid.variant
+        ]
+        lines += [
+            f"## {dataset}: AUROC (%) with {grid.headline} ({grid.variant}), mean ± std over seeds",
+            "",
+        ]
         lines.append("| class | " + " | ".join(recipes) + " |")
         lines.append("|---|" + "---|" * len(recipes))
         classes = list(dict.fromkeys(c.normal_class for c in cells if c.dataset == dataset))
@@ -263,17 +330,23 @@ def bench_markdown(grid: GridConfig, cells: list[Cell], rows: list[dict[str, Any
                 vals[rec] = v
                 if v:
                     per_recipe_means[rec].append(float(np.mean(v)))
-            lines.append(f"| {c} {name} | " + " | ".join(_bold_best(vals, rec) for rec in recipes)
-                         + " |")
+            lines.append(
+                f"| {c} {name} | " + " | ".join(_bold_best(vals, rec) for rec in recipes) + " |"
+            )
         means = {rec: [float(np.mean(v))] if v else [] for rec, v in per_recipe_means.items()}
         complete = {rec: len(v) == len(classes) for rec, v in per_recipe_means.items()}
-        lines.append("| **mean** | " + " | ".join(
-            _bold_best(means, rec) + ("" if complete[rec] else " (partial)") for rec in recipes)
-            + " |")
+        lines.append(
+            "| **mean** | "
+            + " | ".join(
+                _bold_best(means, rec) + ("" if complete[rec] else " (partial)") for rec in recipes
+            )
+            + " |"
+        )
         lines.append("")
         # Every scorer: mean AUROC over classes.
-        scorers = list(dict.fromkeys((_scorer_label(r), r["variant"]) for r in done
-                                     if r["dataset"] == dataset))
+        scorers = list(
+            dict.fromkeys((_scorer_label(r), r["variant"]) for r in done if r["dataset"] == dataset)
+        )
         if scorers:
             lines += [f"### {dataset}: mean AUROC (%) over classes, every scorer", ""]
             lines.append("| scorer | variant | " + " | ".join(recipes) + " |")
@@ -283,12 +356,18 @@ def bench_markdown(grid: GridConfig, cells: list[Cell], rows: list[dict[str, Any
                 for rec in recipes:
                     per_class = {}
                     for r in done:
-                        if (r["recipe"] == rec and r["dataset"] == dataset and r["variant"] == variant
-                                and _scorer_label(r) == label):
+                        if (
+                            r["recipe"] == rec
+                            and r["dataset"] == dataset
+                            and r["variant"] == variant
+                            and _scorer_label(r) == label
+                        ):
                             per_class.setdefault(r["normal_class"], []).append(r["auroc"])
                     vals[rec] = [float(np.mean(v)) for v in per_class.values()]
-                cells_txt = [_bold_best({k: [np.mean(v)] if v else [] for k, v in vals.items()}, rec)
-                             for rec in recipes]
+                cells_txt = [
+                    _bold_best({k: [np.mean(v)] if v else [] for k, v in vals.items()}, rec)
+                    for rec in recipes
+                ]
                 lines.append(f"| {label} | {variant} | " + " | ".join(cells_txt) + " |")
             lines.append("")
     times = [r for r in done if _scorer_label(r) == grid.headline and r["variant"] == grid.variant]
@@ -301,8 +380,11 @@ def bench_markdown(grid: GridConfig, cells: list[Cell], rows: list[dict[str, Any
         lines.append("")
     if failed:
         lines += ["## Failed cells", ""]
-        lines += [f"- {r['recipe']} {r['dataset']} class {r['normal_class']} seed {r['seed']}: "
-                  f"{r['error']}" for r in failed]
+        lines += [
+            f"- {r['recipe']} {r['dataset']} class {r['normal_class']} seed {r['seed']}: "
+            f"{r['error']}"
+            for r in failed
+        ]
         lines.append("")
     return "\n".join(lines)
 
@@ -321,8 +403,13 @@ def plot_bench(out_dir: Path, grid: GridConfig, cells: list[Cell], rows: list[di
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    head = [r for r in rows if r["status"] == "done" and _scorer_label(r) == grid.headline
-            and r["variant"] == grid.variant]
+    head = [
+        r
+        for r in rows
+        if r["status"] == "done"
+        and _scorer_label(r) == grid.headline
+        and r["variant"] == grid.variant
+    ]
     if not head:
         return
     recipes = list(dict.fromkeys(_slug(c.recipe) for c in cells))
@@ -332,8 +419,11 @@ def plot_bench(out_dir: Path, grid: GridConfig, cells: list[Cell], rows: list[di
     for i, rec in enumerate(recipes):
         ys = []
         for dataset, c in classes:
-            v = [r["auroc"] for r in head if r["recipe"] == rec and r["dataset"] == dataset
-                 and r["normal_class"] == c]
+            v = [
+                r["auroc"]
+                for r in head
+                if r["recipe"] == rec and r["dataset"] == dataset and r["normal_class"] == c
+            ]
             ys.append(100 * np.mean(v) if v else np.nan)
         ax.bar(np.arange(len(classes)) + i * width, ys, width, label=rec)
     ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2)
@@ -362,11 +452,14 @@ def plot_curves(out_dir: Path, cells: list[Cell]) -> dict[str, Any] | None:
         data = json.loads(path.read_text())
         for point in data.get("learning_curve", []):
             curves.setdefault(_slug(cell.recipe), {}).setdefault(point["epoch"], []).append(
-                point["auroc"])
+                point["auroc"]
+            )
     if not curves:
         return None
-    mean_curves = {rec: (sorted(pts), [float(np.mean(pts[e])) for e in sorted(pts)])
-                   for rec, pts in curves.items()}
+    mean_curves = {
+        rec: (sorted(pts), [float(np.mean(pts[e])) for e in sorted(pts)])
+        for rec, pts in curves.items()
+    }
     plot_learning_curve(out_dir / "bench_curves.png", mean_curves)
     atomic_write_json(out_dir / "bench_curves.json", mean_curves)
     return mean_curves

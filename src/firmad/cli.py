@@ -10,7 +10,6 @@ import logging
 import sys
 import traceback
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -63,16 +62,16 @@ def _main(
     "  firmad train --out runs/my-run --resume"
 )
 def train(
-    config: Optional[str] = typer.Option(
+    config: str | None = typer.Option(
         None, "--config", "-c", help="Recipe: a YAML path or a shipped recipe name (fmnist-cpu)."
     ),
     set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory."),
+    out_dir: Path | None = typer.Option(None, "--out", help="Run directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
-    normal_class: Optional[str] = typer.Option(None, "--normal-class", help="Id or name."),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    epochs: Optional[int] = typer.Option(None, "--epochs"),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
+    normal_class: str | None = typer.Option(None, "--normal-class", help="Id or name."),
+    seed: int | None = typer.Option(None, "--seed"),
+    epochs: int | None = typer.Option(None, "--epochs"),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the evaluation at the end."),
 ) -> None:
     """Train a detector on normal images (and synthetic outliers), then evaluate it."""
@@ -81,16 +80,25 @@ def train(
     overrides = list(set_)
     if normal_class is not None:
         value = normal_class if not normal_class.lstrip("-").isdigit() else int(normal_class)
-        overrides.append(f"data.normal_class={value!r}" if isinstance(value, str) else
-                         f"data.normal_class={value}")
+        overrides.append(
+            f"data.normal_class={value!r}"
+            if isinstance(value, str)
+            else f"data.normal_class={value}"
+        )
     for key, value in (("train.seed", seed), ("train.epochs", epochs), ("train.device", device)):
         if value is not None:
             overrides.append(f"{key}={value}")
     if config is None and not resume:
-        raise FirmadError("give a recipe with --config (e.g. --config fmnist-cpu), or --resume --out DIR")
+        raise FirmadError(
+            "give a recipe with --config (e.g. --config fmnist-cpu), or --resume --out DIR"
+        )
     with _interruptible():
         summary = train_run(
-            config, overrides, out_dir=out_dir, resume=resume, evaluate=not no_eval,
+            config,
+            overrides,
+            out_dir=out_dir,
+            resume=resume,
+            evaluate=not no_eval,
             quiet=state["quiet"],
         )
     if summary["results"] is not None:
@@ -103,9 +111,9 @@ def train(
 )
 def evaluate(
     run_dir: Path = typer.Argument(..., help="A run directory written by `firmad train`."),
-    scorers: Optional[str] = typer.Option(None, help="Comma-separated, e.g. knn_cos:k=5,kde."),
-    variants: Optional[str] = typer.Option(None, help="Comma-separated: plain,angled,ensemble."),
-    device: Optional[str] = typer.Option(None, "--device"),
+    scorers: str | None = typer.Option(None, help="Comma-separated, e.g. knn_cos:k=5,kde."),
+    variants: str | None = typer.Option(None, help="Comma-separated: plain,angled,ensemble."),
+    device: str | None = typer.Option(None, "--device"),
 ) -> None:
     """(Re)score a trained run from its checkpoint and rewrite its report."""
     from firmad.pipeline import evaluate_run
@@ -131,7 +139,7 @@ def _interruptible():
 
 
 def _split_scorers(text: str) -> list[str]:
-    """'knn_cos:k=5,kde' -> ['knn_cos:k=5', 'kde'] (a part with '=' but no ':' continues a scorer)."""
+    """'knn_cos:k=5,kde' -> ['knn_cos:k=5', 'kde']; a part with '=' and no ':' continues one."""
     parts: list[str] = []
     for item in text.split(","):
         if "=" in item and ":" not in item and parts:
@@ -152,12 +160,13 @@ def _print_summary(summary: dict) -> None:
 
 
 @app.command(
-    epilog="Examples:\n\n  firmad bench --config benchmarks/fmnist-cpu-grid.yaml --out runs/bench\n\n"
+    epilog="Examples:\n\n"
+    "  firmad bench --config benchmarks/fmnist-cpu-grid.yaml --out runs/bench\n\n"
     "  firmad bench --config GRID.yaml --workers 2"
 )
 def bench(
     config: Path = typer.Option(..., "--config", "-c", help="Grid YAML."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output folder of the grid."),
+    out_dir: Path | None = typer.Option(None, "--out", help="Output folder of the grid."),
     workers: int = typer.Option(1, "--workers", help="Cells run at the same time."),
 ) -> None:
     """Run a grid of datasets x classes x methods x seeds; resumable, one run directory a cell."""
@@ -172,7 +181,7 @@ def bench(
 
 
 @data_app.command("list")
-def data_list(root: Optional[Path] = typer.Option(None, "--root")) -> None:
+def data_list(root: Path | None = typer.Option(None, "--root")) -> None:
     """Which built-in datasets are found, and where."""
     from firmad.data import DATASETS, locate
 
@@ -185,9 +194,10 @@ def data_list(root: Optional[Path] = typer.Option(None, "--root")) -> None:
 
 @data_app.command("show", epilog="Example:\n\n  firmad data show fashion-mnist")
 def data_show(
-    name: str = typer.Argument(..., help="fashion-mnist, mnist, cifar10, cifar100(-coarse), "
-                               "folder:PATH, npz:PATH"),
-    root: Optional[Path] = typer.Option(None, "--root", help="Folder holding the dataset files."),
+    name: str = typer.Argument(
+        ..., help="fashion-mnist, mnist, cifar10, cifar100(-coarse), folder:PATH, npz:PATH"
+    ),
+    root: Path | None = typer.Option(None, "--root", help="Folder holding the dataset files."),
 ) -> None:
     """Print a dataset and its one-vs-rest split sizes per class."""
     _show_dataset(name, root)
@@ -202,15 +212,20 @@ def _show_dataset(name: str, root: Path | None) -> None:
     for col in ("class", "name", "normal train", "test", "test anomalies"):
         table.add_column(col, justify="right" if col != "name" else "left")
     for r in rows:
-        table.add_row(str(r["class_id"]), r["name"], str(r["n_train_normal"]), str(r["n_test"]),
-                      str(r["n_test_anomalies"]))
+        table.add_row(
+            str(r["class_id"]),
+            r["name"],
+            str(r["n_train_normal"]),
+            str(r["n_test"]),
+            str(r["n_test_anomalies"]),
+        )
     out.print(table)
 
 
 @data_app.command("prepare", epilog="Example:\n\n  firmad data prepare fashion-mnist --download")
 def data_prepare(
     name: str = typer.Argument(..., help="A built-in dataset name."),
-    root: Optional[Path] = typer.Option(None, "--root", help="Where to put or look for it."),
+    root: Path | None = typer.Option(None, "--root", help="Where to put or look for it."),
     download: bool = typer.Option(False, "--download", help="Download the official files."),
 ) -> None:
     """Make a dataset available: find it, or download the official files (needs internet)."""
@@ -234,8 +249,13 @@ def demo(
         _show_dataset("fashion-mnist", None)
     resume = (out_dir / "checkpoint.json").exists()
     with _interruptible():
-        summary = train_run("fmnist-cpu", ["data.normal_class=0"], out_dir=out_dir, resume=resume,
-                            quiet=state["quiet"])
+        summary = train_run(
+            "fmnist-cpu",
+            ["data.normal_class=0"],
+            out_dir=out_dir,
+            resume=resume,
+            quiet=state["quiet"],
+        )
     _print_summary(summary)
 
 

@@ -113,7 +113,9 @@ class EvalConfig:
             "ocsvm_linear",
         ]
     )
-    variants: list[Literal["plain", "angled", "ensemble"]] = field(default_factory=lambda: ["plain"])
+    variants: list[Literal["plain", "angled", "ensemble"]] = field(
+        default_factory=lambda: ["plain"]
+    )
     batch_size: int = 512
     resize_ratio: float = 1.125  # test transform: resize to 1.125x then centre-crop (36 -> 32)
     bank_size: int | None = None
@@ -257,7 +259,8 @@ def _check_values(cfg: RunConfig) -> None:
         except ConfigError as err:
             raise ConfigError(f"outliers.kinds: {err}") from None
     need(
-        cfg.method.name not in ("rotsupcon", "supcon-binary", "binary") or bool(o.kinds or o.exposure),
+        cfg.method.name not in ("rotsupcon", "supcon-binary", "binary")
+        or bool(o.kinds or o.exposure),
         f"outliers.kinds: method {cfg.method.name!r} needs outliers",
     )
     a = cfg.augment

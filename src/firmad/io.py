@@ -79,8 +79,10 @@ def join_state(meta: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return meta
 
 
-def save_checkpoint(directory: Path, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write NAME.safetensors, then NAME.json; the JSON is the commit mark of a complete checkpoint."""
+def save_checkpoint(
+    directory: Path, name: str, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
+    """Write NAME.safetensors, then NAME.json: the JSON marks a complete checkpoint."""
     directory = Path(directory)
     atomic_save_tensors(directory / f"{name}.safetensors", tensors)
     atomic_write_json(directory / f"{name}.json", meta)

@@ -20,13 +20,22 @@ from firmad.io import load_checkpoint, prefixed
 from firmad.metrics import evaluate_scores
 from firmad.report import write_plots, write_report_md, write_results
 from firmad.scoring import build_scorer, extract_features, score_run
-from firmad.train import CHECKPOINT, Trainer, build_model, load_split, prepare_images, resolve_device
+from firmad.train import (
+    CHECKPOINT,
+    Trainer,
+    build_model,
+    load_split,
+    prepare_images,
+    resolve_device,
+)
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
     classes = cfg.data.normal_class
     tag = "-".join(map(str, classes)) if isinstance(classes, list) else str(classes)
-    return Path("runs") / cfg.name / f"{cfg.data.dataset}-c{tag}-{cfg.method.name}-s{cfg.train.seed}"
+    return (
+        Path("runs") / cfg.name / f"{cfg.data.dataset}-c{tag}-{cfg.method.name}-s{cfg.train.seed}"
+    )
 
 
 def read_run_config(run_dir: Path) -> RunConfig:
@@ -99,8 +108,14 @@ def train_run(
     train_wall = time.perf_counter() - start
     if not evaluate:
         return {"run_dir": run_dir, "results": None}
-    return evaluate_run(run_dir, split=split, model=trainer.model, device=str(trainer.device),
-                        train_wall_s=train_wall, quiet=quiet)
+    return evaluate_run(
+        run_dir,
+        split=split,
+        model=trainer.model,
+        device=str(trainer.device),
+        train_wall_s=train_wall,
+        quiet=quiet,
+    )
 
 
 def _curve_fn(cfg: RunConfig, split: OneClassSplit, device: torch.device):
@@ -116,8 +131,13 @@ def _curve_fn(cfg: RunConfig, split: OneClassSplit, device: torch.device):
         return None
 
     def curve(model) -> float:
-        kw = dict(device=device, size=cfg.data.size, resize_ratio=cfg.eval.resize_ratio,
-                  channels=cfg.data.channels, batch_size=cfg.eval.batch_size)
+        kw = dict(
+            device=device,
+            size=cfg.data.size,
+            resize_ratio=cfg.eval.resize_ratio,
+            channels=cfg.data.channels,
+            batch_size=cfg.eval.batch_size,
+        )
         bank = extract_features(model.encoder, bank_images, **kw)
         feats = extract_features(model.encoder, test_images, **kw)
         scores = build_scorer("knn_cos", k=5).fit(bank).score(feats)
@@ -162,10 +182,20 @@ def evaluate_run(
     test_images = prepare_images(split.test_images, cfg.data.size)
     labels = split.test_labels.numpy()
     results, details = score_run(
-        model.encoder, train_images, test_images, labels,
-        scorers=scorer_specs, variants=variants, device=dev, batch_size=cfg.eval.batch_size,
-        size=cfg.data.size, resize_ratio=cfg.eval.resize_ratio, n_crops=cfg.eval.n_crops,
-        seed=cfg.train.seed, bank_size=cfg.eval.bank_size, channels=cfg.data.channels,
+        model.encoder,
+        train_images,
+        test_images,
+        labels,
+        scorers=scorer_specs,
+        variants=variants,
+        device=dev,
+        batch_size=cfg.eval.batch_size,
+        size=cfg.data.size,
+        resize_ratio=cfg.eval.resize_ratio,
+        n_crops=cfg.eval.n_crops,
+        seed=cfg.train.seed,
+        bank_size=cfg.eval.bank_size,
+        channels=cfg.data.channels,
         return_details=True,
     )
     scores_by_name = dict(details["scores"])
@@ -179,8 +209,9 @@ def evaluate_run(
             own = ("logit", model.classifier(test_feats.to(dev)).squeeze(1).float().cpu().numpy())
     if own is not None:
         name, scores = own
-        results.insert(0, {"scorer": name, "k": None, "variant": "plain",
-                           **evaluate_scores(labels, scores)})
+        results.insert(
+            0, {"scorer": name, "k": None, "variant": "plain", **evaluate_scores(labels, scores)}
+        )
         scores_by_name[name] = scores
 
     history = meta.get("history", [])
@@ -190,7 +221,8 @@ def evaluate_run(
         "dataset": split.dataset,
         "normal_classes": list(split.normal_classes),
         "normal_class_names": [split.classes[i] for i in split.normal_classes]
-        if split.classes else [],
+        if split.classes
+        else [],
         "method": cfg.method.name,
         "backbone": cfg.model.backbone,
         "epochs": meta["epoch"],

@@ -69,7 +69,7 @@ class Pool:
 def build_pool(
     cfg: RunConfig, normals: torch.Tensor, normal_ids: torch.Tensor, device: torch.device
 ) -> Pool:
-    """Frozen outliers are drawn once from the run's seed, so a resumed run rebuilds the same pool."""
+    """Frozen outliers are drawn once from the run's seed: a resumed run rebuilds the same pool."""
     o = cfg.outliers
     gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + 17)
     images, class_ids, kind_ids = [normals], [normal_ids], [torch.zeros_like(normal_ids)]
@@ -197,7 +197,9 @@ class Trainer:
         self.pool = build_pool(cfg, normals, normal_ids, self.device)
         self.fresh_kinds = (
             parse_outliers(cfg.outliers.kinds)
-            if cfg.outliers.mode == "fresh" and cfg.outliers.kinds and not cfg.outliers.exposure
+            if cfg.outliers.mode == "fresh"
+            and cfg.outliers.kinds
+            and not cfg.outliers.exposure
             and _uses_outliers(cfg)
             else []
         )
@@ -247,7 +249,10 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if t.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(
-                params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                params,
+                lr=t.lr,
+                momentum=t.momentum,
+                weight_decay=t.weight_decay,
                 **_fused_kwargs(self.device),
             )
         else:
@@ -270,7 +275,10 @@ class Trainer:
             # PyTorch divides by zero when pct_start * total_steps <= 1 (tiny runs): widen it.
             pct = min(0.5, max(t.pct_start, 2.0 / self.total_steps))
             return torch.optim.lr_scheduler.OneCycleLR(
-                self.optimizer, max_lr=t.lr, total_steps=self.total_steps, pct_start=pct,
+                self.optimizer,
+                max_lr=t.lr,
+                total_steps=self.total_steps,
+                pct_start=pct,
                 anneal_strategy="cos",
             )
         if t.schedule == "cosine":
@@ -283,7 +291,9 @@ class Trainer:
         """Float images in [0, 1] (B, C, S, S) with their class ids and outlier kind ids."""
         b = self.cfg.train.batch_size
         if self.perm is None:
-            self.perm = torch.randperm(self.samples_per_epoch, generator=self.gen, device=self.device)
+            self.perm = torch.randperm(
+                self.samples_per_epoch, generator=self.gen, device=self.device
+            )
         idx = self.perm[self.step_in_epoch * b : (self.step_in_epoch + 1) * b]
         if self.fresh_kinds:
             # Slot i of the virtual pool: normal i % N, outlier kind i // N (0 = none).
@@ -303,8 +313,11 @@ class Trainer:
         if self.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
         labels = loss_labels(self.method, class_ids, kind_ids)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
+        with torch.autocast(
+            self.device.type,
+            dtype=self.amp_dtype or torch.float32,
+            enabled=self.amp_dtype is not None,
+        ):
             feats = self.train_encoder(views)
             if self.method in CONTRASTIVE_METHODS:
                 z = self.model.head(feats).float()
@@ -402,8 +415,11 @@ class Trainer:
             self.init_svdd_centre()
         self.model.train()
         views_per_step = t.batch_size * self.n_views
-        task = progress.add_task("train", total=self.total_steps, completed=self.global_step,
-                                 info="") if progress else None
+        task = (
+            progress.add_task("train", total=self.total_steps, completed=self.global_step, info="")
+            if progress
+            else None
+        )
         loss_sum, loss_n = torch.zeros((), device=self.device), 0
         epoch_start = time.perf_counter()
         try:
@@ -426,8 +442,10 @@ class Trainer:
                         "views_per_s": loss_n * views_per_step / max(seconds, 1e-9),
                         "time_s": round(self.elapsed, 3),
                     }
-                    if curve_fn and t.eval_every and (
-                        self.epoch % t.eval_every == 0 or self.epoch == t.epochs
+                    if (
+                        curve_fn
+                        and t.eval_every
+                        and (self.epoch % t.eval_every == 0 or self.epoch == t.epochs)
                     ):
                         record["curve_auroc"] = curve_fn(self.model)
                         self.history.append({"epoch": self.epoch, "auroc": record["curve_auroc"]})
@@ -435,8 +453,10 @@ class Trainer:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     if task is not None:
-                        info = (f"epoch {self.epoch}/{t.epochs} loss {record['loss']:.3f} "
-                                f"lr {record['lr']:.2e} {record['views_per_s']:.0f} views/s")
+                        info = (
+                            f"epoch {self.epoch}/{t.epochs} loss {record['loss']:.3f} "
+                            f"lr {record['lr']:.2e} {record['views_per_s']:.0f} views/s"
+                        )
                         progress.update(task, info=info)
                     if t.checkpoint_every and self.epoch % t.checkpoint_every == 0:
                         self.save()
