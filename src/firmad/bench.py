@@ -149,9 +149,14 @@ def run_cell(cell: Cell, grid: GridConfig, threads: int | None) -> dict[str, Any
 
 
 def run_grid(
-    config: Path, out_dir: Path | None = None, workers: int = 1, quiet: bool = False
+    config: Path,
+    out_dir: Path | None = None,
+    workers: int = 1,
+    quiet: bool = False,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     grid = read_grid(config)
+    grid.set = grid.set + list(overrides or [])
     out_dir = Path(out_dir or Path("runs") / "bench" / grid.name)
     cells = plan_cells(grid, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

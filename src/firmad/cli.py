@@ -168,11 +168,14 @@ def bench(
     config: Path = typer.Option(..., "--config", "-c", help="Grid YAML."),
     out_dir: Path | None = typer.Option(None, "--out", help="Output folder of the grid."),
     workers: int = typer.Option(1, "--workers", help="Cells run at the same time."),
+    set_: list[str] = typer.Option([], "--set", help="Override for every cell: section.key=value."),
 ) -> None:
     """Run a grid of datasets x classes x methods x seeds; resumable, one run directory a cell."""
     from firmad.bench import run_grid
 
-    result = run_grid(config, out_dir=out_dir, workers=workers, quiet=state["quiet"])
+    result = run_grid(
+        config, out_dir=out_dir, workers=workers, quiet=state["quiet"], overrides=list(set_)
+    )
     out.print(result["markdown"], highlight=False)
     out.print(f"Tables: {result['csv']} and {result['md']}", highlight=False)
 
