@@ -11,9 +11,10 @@ Three pipelines, one process, one backbone, one device, one batch (32 samples = 
   (normals + frozen rotated copies), torchvision transforms per image, two views per sample,
   a DataLoader with 2 workers, then the same model step.
 
-The pipelines are timed side by side, interleaved, in segments of ``--steps`` steps after a
-warm-up; the result is the median over ``--repeats`` segments, in views per second. One JSON
-object goes to stdout (progress to stderr).
+The pipelines are timed side by side, interleaved, in ``--repeats`` segments of ``--steps``
+steps each after a warm-up. The result is in views per second: 64 views over the median step
+time (on the CPU the median over single steps, robust to a shared machine's bursts; on CUDA the
+median of the segments' mean step times). One JSON object goes to stdout (progress to stderr).
 
     python benchmarks/throughput.py --backbone resnet_small --device cpu
     python benchmarks/throughput.py --backbone resnet18_cifar --width 1.0 --head-depth 8 \\
@@ -212,14 +213,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], steps: int, device: torch.device) -> float:
-    """Seconds for ``steps`` calls of ``fn``, device work included."""
-    sync(device)
-    t0 = time.perf_counter()
+def timed(fn: Callable[[], Any], steps: int, device: torch.device) -> list[float]:
+    """Seconds per step for ``steps`` calls of ``fn``, device work included.
+
+    On the CPU every step is timed on its own: the median over single steps shrugs off the
+    bursts of a shared machine. On CUDA steps overlap (the host runs ahead of the device), so
+    the segment is timed as a whole and its mean step time returned.
+    """
+    if device.type == "cuda":
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        sync(device)
+        return [(time.perf_counter() - t0) / steps]
+    times = []
     for _ in range(steps):
+        t0 = time.perf_counter()
         fn()
-    sync(device)
-    return time.perf_counter() - t0
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def build_trainer(args, split: OneClassSplit, run_dir: str) -> Trainer:
@@ -367,7 +380,8 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, fn, _ in pipelines:
         log(f"warm-up {name} ({warmup} steps)")
         timed(fn, warmup, device)
-    results: dict[str, list[float]] = {name: [] for name, _, _ in pipelines}
+    step_times: dict[str, list[float]] = {name: [] for name, _, _ in pipelines}
+    segments: dict[str, list[float]] = {name: [] for name, _, _ in pipelines}  # views/s
     for r in range(args.repeats):
         # Rotate the order each repeat so slow drifts of a shared machine hit all pipelines.
         order = pipelines[r % len(pipelines) :] + pipelines[: r % len(pipelines)]
@@ -376,18 +390,19 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
                 # Drain what the workers prefetched while the others ran: time steady state.
                 for _ in range(2 * 2):
                     ref.next_batch()
-            seconds = timed(fn, n, device)
-            results[name].append(n * views_per_step / seconds)
+            times = timed(fn, n, device)
+            step_times[name] += times
+            segments[name].append(views_per_step / statistics.fmean(times))
             if name == "reference":
                 # Let the workers refill their queue now rather than during the next pipeline.
-                time.sleep(min(5.0, 4 * seconds / n))
+                time.sleep(min(5.0, 4 * statistics.fmean(times)))
         log(
             f"repeat {r + 1}/{args.repeats}: "
-            + ", ".join(f"{k} {v[-1]:.0f}" for k, v in results.items() if v)
+            + ", ".join(f"{k} {v[-1]:.0f}" for k, v in segments.items() if v)
             + " views/s"
         )
 
-    med = {name: statistics.median(v) for name, v in results.items()}
+    med = {name: views_per_step / statistics.median(v) for name, v in step_times.items()}
     out: dict[str, Any] = {
         "backbone": args.backbone,
         "device": str(device),
@@ -399,8 +414,9 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
         "firmad_over_reference": (
             round(med["firmad"] / med["reference"], 3) if "reference" in med else None
         ),
-        "units": "views/s (median over repeats)",
-        "samples": {k: [round(x, 1) for x in v] for k, v in results.items()},
+        "units": "views/s: 64 views / median step time (cpu: over single steps; cuda: over "
+        "the mean step times of the segments)",
+        "segments": {k: [round(x, 1) for x in v] for k, v in segments.items()},
         "settings": {
             "batch": BATCH,
             "views_per_step": views_per_step,

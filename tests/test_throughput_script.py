@@ -50,4 +50,4 @@ def test_throughput_script_prints_complete_json() -> None:
     assert s["threads"] == 1 and s["width"] == 0.25
     assert s["amp"] == "none" and s["channels_last"] is False and s["compile"] is False
     assert isinstance(s["torch"], str) and s["torch"]
-    assert all(len(v) == 1 and v[0] > 0 for v in out["samples"].values())
+    assert all(len(v) == 1 and v[0] > 0 for v in out["segments"].values())
