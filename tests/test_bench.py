@@ -41,6 +41,7 @@ def test_grid_runs_resumes_and_records_failures(tmp_path):
     assert "fmnist-cpu-ntxent" in md and "**mean**" in md and "**" in md
     assert (out / "bench.png").stat().st_size > 0
     assert (out / "bench_curves.png").exists()
+    assert "first epoch at target" in md
 
     # A second run redoes nothing.
     stamp = (out / "fmnist-cpu" / "fashion-mnist-c0-s0" / "results.json").stat().st_mtime_ns

@@ -38,6 +38,7 @@ class GridConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     set: list[str] = field(default_factory=list)  # overrides applied to every cell
     headline: str = "knn_cos:k=5"  # the scorer of the main table
+    curve_reference: str | None = None  # learning-curve target; default: the NT-Xent recipe
     variant: str = "plain"
     root: str | None = None
 
@@ -383,6 +384,7 @@ def bench_markdown(grid: GridConfig, cells: list[Cell], rows: list[dict[str, Any
             if t:
                 lines.append(f"| {rec} | {np.mean(t):.0f} | {np.max(t):.0f} |")
         lines.append("")
+    lines += curves_markdown(grid, cells)
     if failed:
         lines += ["## Failed cells", ""]
         lines += [
@@ -442,29 +444,79 @@ def plot_bench(out_dir: Path, grid: GridConfig, cells: list[Cell], rows: list[di
     fig.tight_layout()
     fig.savefig(out_dir / "bench.png", dpi=120)
     plt.close(fig)
-    plot_curves(out_dir, cells)
+    plot_curves(out_dir, grid, cells)
 
 
-def plot_curves(out_dir: Path, cells: list[Cell]) -> dict[str, Any] | None:
-    """Mean learning curve per recipe (where logged) in one plot."""
-    from firmad.report import plot_learning_curve
-
-    curves: dict[str, dict[int, list[float]]] = {}
+def learning_curves(cells: list[Cell]) -> dict[str, tuple[list[float], list[float]]]:
+    """Mean learning curve per recipe over its cells (points at the same epochs are averaged)."""
+    points: dict[str, dict[float, list[float]]] = {}
     for cell in cells:
         path = cell.run_dir / "results.json"
         if not path.exists():
             continue
-        data = json.loads(path.read_text())
-        for point in data.get("learning_curve", []):
-            curves.setdefault(_slug(cell.recipe), {}).setdefault(point["epoch"], []).append(
-                point["auroc"]
-            )
-    if not curves:
-        return None
-    mean_curves = {
+        for point in json.loads(path.read_text()).get("learning_curve", []):
+            per_epoch = points.setdefault(_slug(cell.recipe), {})
+            per_epoch.setdefault(point["epoch"], []).append(point["auroc"])
+    return {
         rec: (sorted(pts), [float(np.mean(pts[e])) for e in sorted(pts)])
-        for rec, pts in curves.items()
+        for rec, pts in points.items()
     }
-    plot_learning_curve(out_dir / "bench_curves.png", mean_curves)
-    atomic_write_json(out_dir / "bench_curves.json", mean_curves)
-    return mean_curves
+
+
+def epochs_to_reach(
+    curves: dict[str, tuple[list[float], list[float]]], reference: str, share: float = 0.95
+) -> dict[str, float | None]:
+    """First epoch at which each mean curve reaches `share` of the reference's final AUROC."""
+    if reference not in curves or not curves[reference][1]:
+        return {}
+    target = share * curves[reference][1][-1]
+    return {
+        rec: next((e for e, a in zip(epochs, aurocs, strict=True) if a >= target), None)
+        for rec, (epochs, aurocs) in curves.items()
+    }
+
+
+def curve_reference(grid: GridConfig, curves: dict) -> str | None:
+    if grid.curve_reference:
+        return grid.curve_reference
+    return next((rec for rec in curves if "ntxent" in rec), None)
+
+
+def plot_curves(out_dir: Path, grid: GridConfig, cells: list[Cell]) -> None:
+    """Mean learning curves of all recipes in one plot, marked where each reaches the target."""
+    from firmad.report import plot_learning_curve
+
+    curves = learning_curves(cells)
+    if not curves:
+        return
+    reference = curve_reference(grid, curves)
+    reached = epochs_to_reach(curves, reference) if reference else {}
+    marks = {f"{rec} reaches 95% of {reference}": e for rec, e in reached.items() if e is not None}
+    plot_learning_curve(out_dir / "bench_curves.png", curves, marks=marks)
+    atomic_write_json(
+        out_dir / "bench_curves.json",
+        {"curves": curves, "reference": reference, "epoch_to_95pct_of_reference": reached},
+    )
+
+
+def curves_markdown(grid: GridConfig, cells: list[Cell]) -> list[str]:
+    curves = learning_curves(cells)
+    reference = curve_reference(grid, curves)
+    if not curves or not reference or reference not in curves:
+        return []
+    reached = epochs_to_reach(curves, reference)
+    final = curves[reference][1][-1]
+    lines = [
+        "## Learning curves (diagnostic: kNN-cosine k=5 AUROC on a test subsample)",
+        "",
+        f"Target: 95 % of {reference}'s final mean curve AUROC ({100 * final:.1f} %) = "
+        f"{95 * final:.1f} %. Plot: bench_curves.png.",
+        "",
+        "| recipe | final curve AUROC | first epoch at target |",
+        "|---|---|---|",
+    ]
+    for rec, (_, aurocs) in curves.items():
+        e = reached.get(rec)
+        first = e if e is not None else "not reached"
+        lines.append(f"| {rec} | {100 * aurocs[-1]:.1f} | {first} |")
+    return [*lines, ""]

@@ -94,7 +94,7 @@ class TrainConfig:
     compile: bool = False
     steps_per_epoch: int | None = None  # cap, for CPU budgets; None = a full pass over the pool
     checkpoint_every: int = 0  # epochs; 0 = only at the end (and on Ctrl-C)
-    eval_every: int = 0  # epochs between learning-curve evaluations; 0 = none
+    eval_every: float = 0  # epochs between learning-curve points (0.25 = 4 an epoch); 0 = none
     threads: int | None = None
 
 

@@ -420,8 +420,10 @@ class Trainer:
             if progress
             else None
         )
+        # Learning-curve points every `eval_every` epochs (may be fractional), and at the end.
+        curve_steps = max(1, round(t.eval_every * self.steps_per_epoch)) if t.eval_every else 0
         loss_sum, loss_n = torch.zeros((), device=self.device), 0
-        epoch_start = time.perf_counter()
+        epoch_start, curve_seconds = time.perf_counter(), 0.0
         try:
             with open(log_path, "a") as log:
                 while self.global_step < self.total_steps:
@@ -429,9 +431,27 @@ class Trainer:
                     loss_n += 1
                     if task is not None and (self.global_step % 10 == 0 or self.step_in_epoch == 0):
                         progress.update(task, completed=self.global_step)
+                    if (
+                        curve_fn
+                        and curve_steps
+                        and (
+                            self.global_step % curve_steps == 0
+                            or self.global_step == self.total_steps
+                        )
+                    ):
+                        tic = time.perf_counter()
+                        point = {
+                            "epoch": round(self.global_step / self.steps_per_epoch, 4),
+                            "step": self.global_step,
+                            "auroc": curve_fn(self.model),
+                        }
+                        self.history.append(point)
+                        log.write(json.dumps({"curve": point}) + "\n")
+                        self.model.train()
+                        curve_seconds += time.perf_counter() - tic
                     if self.step_in_epoch != 0:
                         continue
-                    # End of an epoch: log, maybe evaluate, maybe checkpoint.
+                    # End of an epoch: log, maybe checkpoint.
                     seconds = time.perf_counter() - epoch_start
                     self.elapsed += seconds
                     record = {
@@ -439,17 +459,10 @@ class Trainer:
                         "step": self.global_step,
                         "loss": float(loss_sum) / max(loss_n, 1),
                         "lr": self.scheduler.get_last_lr()[0],
-                        "views_per_s": loss_n * views_per_step / max(seconds, 1e-9),
+                        "views_per_s": loss_n * views_per_step / max(seconds - curve_seconds, 1e-9),
                         "time_s": round(self.elapsed, 3),
+                        "curve_time_s": round(curve_seconds, 3),
                     }
-                    if (
-                        curve_fn
-                        and t.eval_every
-                        and (self.epoch % t.eval_every == 0 or self.epoch == t.epochs)
-                    ):
-                        record["curve_auroc"] = curve_fn(self.model)
-                        self.history.append({"epoch": self.epoch, "auroc": record["curve_auroc"]})
-                        self.model.train()
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                     if task is not None:
@@ -461,7 +474,7 @@ class Trainer:
                     if t.checkpoint_every and self.epoch % t.checkpoint_every == 0:
                         self.save()
                     loss_sum, loss_n = torch.zeros((), device=self.device), 0
-                    epoch_start = time.perf_counter()
+                    epoch_start, curve_seconds = time.perf_counter(), 0.0
         except KeyboardInterrupt:
             self.elapsed += time.perf_counter() - epoch_start
             self.save(reason="interrupted")
