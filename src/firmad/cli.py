@@ -50,6 +50,9 @@ def _main(
     state["quiet"] = quiet
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s")
+    if not verbose:  # faiss announces which CPU build it loaded
+        logging.getLogger("faiss").setLevel(logging.WARNING)
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 # --- train / evaluate ----------------------------------------------------------------------------
@@ -183,7 +186,7 @@ def bench(
 # --- data ----------------------------------------------------------------------------------------
 
 
-@data_app.command("list")
+@data_app.command("list", epilog="Example:\n\n  firmad data list --root ~/datasets")
 def data_list(root: Path | None = typer.Option(None, "--root")) -> None:
     """Which built-in datasets are found, and where."""
     from firmad.data import DATASETS, locate
@@ -241,7 +244,7 @@ def data_prepare(
 # --- demo ----------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(epilog="Example:\n\n  firmad demo --out runs/demo")
 def demo(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory of the demo."),
 ) -> None:
