@@ -318,3 +318,19 @@ def test_score_run_errors() -> None:
         score_run(_Pool(), imgs, imgs, [0, 1, 0, 1], scorers=["centre"], variants=("rot",))
     with pytest.raises(ConfigError, match="unknown scorer"):
         score_run(_Pool(), imgs, imgs, [0, 1, 0, 1], scorers=["nope"], size=8)
+
+
+def test_kmeans_bank_keeps_the_answer():
+    from firmad.metrics import evaluate_scores
+    from firmad.scoring import kmeans_centroids
+
+    gen = torch.Generator().manual_seed(0)
+    bank = torch.randn(600, 16, generator=gen) * 0.1 + 3.0  # a tight blob
+    centroids = kmeans_centroids(bank, 20, seed=0)
+    assert centroids.shape == (20, 16)
+    assert torch.allclose(centroids.norm(dim=1), bank.norm(dim=1).mean().expand(20), rtol=1e-4)
+    normal = torch.randn(200, 16, generator=gen) * 0.1 + 3.0
+    far = -normal
+    scores = build_scorer("knn_cos", k=1).fit(centroids).score(torch.cat([normal, far]))
+    labels = np.r_[np.zeros(200), np.ones(200)]
+    assert evaluate_scores(labels, scores)["auroc"] > 0.99

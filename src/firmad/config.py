@@ -118,7 +118,8 @@ class EvalConfig:
     )
     batch_size: int = 512
     resize_ratio: float = 1.125  # test transform: resize to 1.125x then centre-crop (36 -> 32)
-    bank_size: int | None = None
+    bank_size: int | None = None  # random subset of the normal training images as the bank
+    bank_centroids: int | None = None  # or k-means centroids of the bank's features
     n_crops: int = 10
     curve_max_test: int = 2000  # test subsample for learning-curve points (diagnostic only)
 
@@ -285,6 +286,8 @@ def _check_values(cfg: RunConfig) -> None:
         )
     need(e.resize_ratio >= 1.0, "eval.resize_ratio: must be >= 1")
     need(e.n_crops >= 1, "eval.n_crops: must be >= 1")
+    need(e.bank_size is None or e.bank_size >= 1, "eval.bank_size: must be >= 1")
+    need(e.bank_centroids is None or e.bank_centroids >= 1, "eval.bank_centroids: must be >= 1")
 
 
 def parse_scorer(spec: str) -> tuple[str, dict[str, Any]]:

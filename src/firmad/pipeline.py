@@ -195,6 +195,7 @@ def evaluate_run(
         n_crops=cfg.eval.n_crops,
         seed=cfg.train.seed,
         bank_size=cfg.eval.bank_size,
+        bank_centroids=cfg.eval.bank_centroids,
         channels=cfg.data.channels,
         return_details=True,
     )

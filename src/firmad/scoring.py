@@ -556,6 +556,25 @@ def result_name(scorer: str, k: int | None, variant: str) -> str:
 # --------------------------------------------------------------------------- a whole run
 
 
+def kmeans_centroids(features: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """k spherical k-means centroids of the features, scaled to the features' mean norm (so the
+    norm-based scorers still see typical norms). faiss when installed, else scikit-learn."""
+    if k < 1:
+        raise InputError(f"bank_centroids must be >= 1, got {k}.")
+    x = _normalise(features.float()).numpy().astype(np.float32)
+    faiss = _faiss()
+    if faiss is not None:
+        km = faiss.Kmeans(x.shape[1], k, niter=25, seed=seed, spherical=True, verbose=False)
+        km.train(x)
+        centroids = torch.from_numpy(km.centroids.copy())
+    else:
+        from sklearn.cluster import KMeans
+
+        km = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(x)
+        centroids = torch.from_numpy(km.cluster_centers_.astype(np.float32))
+    return _normalise(centroids) * features.norm(dim=1).mean()
+
+
 def score_run(
     encoder: nn.Module,
     train_images: torch.Tensor,
@@ -573,6 +592,7 @@ def score_run(
     channels: int = 3,
     knn_backend: str = "auto",
     return_details: bool = False,
+    bank_centroids: int | None = None,
 ):
     """Score the test images with every scorer and variant and evaluate the metrics.
 
@@ -580,7 +600,8 @@ def score_run(
     the score against a bank at the same rotation (s_shift); ``ensemble`` = ``n_crops`` random
     crops x 4 rotations, each scored against the bank at that rotation, averaged (s_ens).
     Each feature set is extracted once and shared by all scorers; each scorer is fitted once
-    per rotation. ``bank_size`` draws a seeded random subset of the training images.
+    per rotation. ``bank_size`` draws a seeded random subset of the training images;
+    ``bank_centroids`` replaces the bank's features by that many k-means centroids (for big banks).
 
     Returns:
         list of dicts ``{"scorer", "k", "variant", "auroc", "aupr_anomaly", "aupr_normal",
@@ -627,6 +648,8 @@ def score_run(
     plain_features = None
     for angle in angles:
         bank = extract_features(encoder, train_images, angle=angle, **feat_kw)
+        if bank_centroids is not None and bank_centroids < bank.shape[0]:
+            bank = kmeans_centroids(bank, bank_centroids, seed)
         test = extract_features(encoder, test_images, angle=angle, **feat_kw)
         if angle == 0:
             plain_features = test
