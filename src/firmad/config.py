@@ -90,7 +90,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
-    channels_last: Literal["auto", "on", "off"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"  # auto = on
     compile: bool = False
     steps_per_epoch: int | None = None  # cap, for CPU budgets; None = a full pass over the pool
     checkpoint_every: int = 0  # epochs; 0 = only at the end (and on Ctrl-C)

@@ -207,7 +207,8 @@ class Trainer:
         torch.manual_seed(t.seed)  # model initialisation
         self.model = build_model(cfg, cfg.data.dataset).to(self.device)
         self.use_cuda = self.device.type == "cuda"
-        channels_last = t.channels_last == "on" or (t.channels_last == "auto" and self.use_cuda)
+        # channels_last: faster convolutions on CPU (mkldnn) and GPU alike.
+        channels_last = t.channels_last in ("on", "auto")
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
@@ -393,6 +394,12 @@ class Trainer:
         optim_state = join_state(meta["optimizer"], tensors)
         optim_state["state"] = {int(k): v for k, v in optim_state["state"].items()}
         self.optimizer.load_state_dict(optim_state)
+        # Checkpoints store tensors contiguous; fused SGD needs each momentum buffer in its
+        # parameter's memory layout (channels_last weights), or the update goes wrong.
+        for param in self.model.parameters():
+            state = self.optimizer.state.get(param, {})
+            if state.get("momentum_buffer") is not None:
+                state["momentum_buffer"] = torch.empty_like(param).copy_(state["momentum_buffer"])
         self.scheduler.load_state_dict(meta["scheduler"])
         if meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
