@@ -254,6 +254,8 @@ def demo(
     if not state["quiet"]:
         _show_dataset("fashion-mnist", None)
     resume = (out_dir / "checkpoint.json").exists()
+    if not resume:  # a demo stopped before its first checkpoint left nothing worth keeping
+        (out_dir / "config.yaml").unlink(missing_ok=True)
     with _interruptible():
         summary = train_run(
             "fmnist-cpu",
