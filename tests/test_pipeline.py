@@ -107,3 +107,19 @@ def test_cli_train_and_data_show(tmp_path, tiny, capsys):
     assert main(["data", "show", "fashion-mnist", "--root", str(FIXTURE_FMNIST)]) == 0
     shown = capsys.readouterr().out
     assert "Trouser" in shown and "100" in shown
+
+
+@pytest.mark.parametrize(("method", "own"), [("dsvdd", "svdd"), ("binary", "logit")])
+def test_methods_own_scores_are_reported(tmp_path, tiny, method, own):
+    extra = [f"method.name={method}", "train.epochs=1"]
+    if method == "dsvdd":
+        extra += [
+            "model.backbone=lenet",
+            "model.width=1.0",
+            "data.size=32",
+            "outliers.kinds=[]",
+            "augment.enabled=false",
+        ]
+    summary = train_run("fmnist-cpu", tiny + extra, out_dir=tmp_path / "r", quiet=True)
+    scorers = [r["scorer"] for r in summary["results"]["results"]]
+    assert scorers[0] == own and "knn_cos" in scorers

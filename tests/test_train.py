@@ -134,3 +134,23 @@ def test_batch_larger_than_data_is_a_clear_error(tmp_path, tiny):
 
     with pytest.raises(ConfigError, match="batch_size"):
         _trainer(tmp_path, tiny + ["data.max_train=4", "train.batch_size=64"])
+
+
+def test_outlier_exposure_fills_outlier_slots_with_real_images(tmp_path, tiny):
+    import numpy as np
+
+    real = np.full((10, 16, 16, 1), 200, dtype=np.uint8)  # NHWC, one grey level
+    np.savez(tmp_path / "oe.npz", images=real, labels=np.zeros(10, dtype=np.int64))
+    trainer = _trainer(tmp_path, tiny + [f"outliers.exposure=npz:{tmp_path / 'oe.npz'}"])
+    pool = trainer.pool
+    outliers = pool.images[pool.n_normal :]
+    assert len(outliers) == 3 * pool.n_normal  # one real image per synthetic slot
+    assert (outliers == 200).all() and (pool.class_ids[pool.n_normal :] == -1).all()
+    trainer.fit()
+
+
+def test_multi_class_normal_keeps_class_ids(tmp_path, tiny):
+    trainer = _trainer(tmp_path, tiny + ["data.normal_class=[0, Trouser]"])
+    ids = trainer.pool.class_ids[: trainer.pool.n_normal]
+    assert set(ids.tolist()) == {0, 1}  # multi-class FIRM: positives within a class
+    trainer.fit()
