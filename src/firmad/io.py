@@ -17,7 +17,6 @@ from safetensors.torch import load_file, save_file
 
 from firmad.errors import CheckpointError
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

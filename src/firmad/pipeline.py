@@ -5,6 +5,7 @@ The CLI and the benchmark grid both call these two functions.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from firmad.train import (
     load_split,
     prepare_images,
     resolve_device,
+    save_run_config,
 )
 
 
@@ -95,8 +97,6 @@ def train_run(
     if resume and (run_dir / f"{CHECKPOINT}.json").exists():
         trainer.restore()
     else:
-        from firmad.train import save_run_config
-
         save_run_config(cfg, run_dir)
     curve = _curve_fn(cfg, split, trainer.device) if cfg.train.eval_every else None
     progress = _progress(quiet)
@@ -246,8 +246,6 @@ def evaluate_run(
             "curve_scorer": "knn_cos k=5 on a test subsample",
         }
     path = write_results(run_dir, record, results)
-    import json
-
     written = json.loads(path.read_text())
     curve = ([h["epoch"] for h in history], [h["auroc"] for h in history]) if history else None
     write_plots(run_dir, labels, scores_by_name, test_feats.cpu().numpy(), learning_curve=curve)

@@ -8,7 +8,6 @@ RNG state, position inside the epoch); Ctrl-C writes one and stops cleanly.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -501,13 +500,3 @@ def _fused_kwargs(device: torch.device) -> dict[str, bool]:
 
 def save_run_config(cfg: RunConfig, run_dir: Path) -> None:
     save_config(cfg, Path(run_dir) / "config.yaml")
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)
