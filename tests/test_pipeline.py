@@ -50,10 +50,17 @@ def test_train_run_writes_a_complete_run(tmp_path, tiny):
 
     # Re-scoring from the checkpoint gives the same numbers.
     again = evaluate_run(run, scorers=["knn_cos:k=5"], variants=["plain", "angled"])
-    plain = [r for r in again["results"]["results"] if r["variant"] == "plain"]
+    plain = [
+        r
+        for r in again["results"]["results"]
+        if r["variant"] == "plain" and r["scorer"] == "knn_cos"
+    ]
     first = [r for r in data["results"] if r["scorer"] == "knn_cos"]
     assert plain[0]["auroc"] == pytest.approx(first[0]["auroc"], abs=1e-9)
     assert {r["variant"] for r in again["results"]["results"]} == {"plain", "angled"}
+    # Entries not re-scored (centre) are kept, not lost.
+    kept = {(r["scorer"], r["variant"]) for r in again["results"]["results"]}
+    assert ("centre", "plain") in kept and ("knn_cos", "angled") in kept
 
 
 def test_existing_run_is_not_overwritten(tmp_path, tiny):

@@ -230,6 +230,7 @@ def evaluate_run(
         "seed": cfg.train.seed,
         "subsample": split.subsample,
         "checkpoint": "last",
+        "checkpoint_step": meta.get("global_step"),
         "train_time_s": meta.get("elapsed_s"),
         "eval_time_s": round(eval_wall, 3),
         "wall_time_s": round((prev_train or 0.0) + eval_wall, 3),
@@ -245,12 +246,26 @@ def evaluate_run(
             "best_curve_epoch": best["epoch"],
             "curve_scorer": "knn_cos k=5 on a test subsample",
         }
+    results = _merge_results(run_dir / "results.json", results, meta.get("global_step"))
+    record["results"] = results
     path = write_results(run_dir, record, results)
     written = json.loads(path.read_text())
     curve = ([h["epoch"] for h in history], [h["auroc"] for h in history]) if history else None
     write_plots(run_dir, labels, scores_by_name, test_feats.cpu().numpy(), learning_curve=curve)
     write_report_md(run_dir, written)
     return {"run_dir": run_dir, "results": written}
+
+
+def _merge_results(path: Path, new: list[dict], step: int | None) -> list[dict]:
+    """Re-scoring with some scorers/variants keeps the other entries of the same checkpoint."""
+    if not path.exists():
+        return new
+    old = json.loads(path.read_text())
+    if old.get("checkpoint_step") not in (None, step):
+        return new  # another checkpoint: old numbers no longer describe this model
+    key = lambda r: (r["scorer"], r.get("k"), r["variant"])  # noqa: E731
+    fresh = {key(r) for r in new}
+    return [r for r in old.get("results", []) if key(r) not in fresh] + new
 
 
 def _previous_train_wall(run_dir: Path) -> float | None:
