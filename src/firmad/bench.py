@@ -339,15 +339,7 @@ def bench_markdown(grid: GridConfig, cells: list[Cell], rows: list[dict[str, Any
             lines.append(
                 f"| {c} {name} | " + " | ".join(_bold_best(vals, rec) for rec in recipes) + " |"
             )
-        means = {rec: [float(np.mean(v))] if v else [] for rec, v in per_recipe_means.items()}
-        complete = {rec: len(v) == len(classes) for rec, v in per_recipe_means.items()}
-        lines.append(
-            "| **mean** | "
-            + " | ".join(
-                _bold_best(means, rec) + ("" if complete[rec] else " (partial)") for rec in recipes
-            )
-            + " |"
-        )
+        lines.append("| **mean** | " + _means_row(per_recipe_means, recipes, len(classes)) + " |")
         lines.append("")
         # Every scorer: mean AUROC over classes.
         scorers = list(
@@ -370,11 +362,8 @@ def bench_markdown(grid: GridConfig, cells: list[Cell], rows: list[dict[str, Any
                         ):
                             per_class.setdefault(r["normal_class"], []).append(r["auroc"])
                     vals[rec] = [float(np.mean(v)) for v in per_class.values()]
-                cells_txt = [
-                    _bold_best({k: [np.mean(v)] if v else [] for k, v in vals.items()}, rec)
-                    for rec in recipes
-                ]
-                lines.append(f"| {label} | {variant} | " + " | ".join(cells_txt) + " |")
+                row = _means_row(vals, recipes, len(classes))
+                lines.append(f"| {label} | {variant} | {row} |")
             lines.append("")
     times = [r for r in done if _scorer_label(r) == grid.headline and r["variant"] == grid.variant]
     if times:
@@ -394,6 +383,24 @@ def bench_markdown(grid: GridConfig, cells: list[Cell], rows: list[dict[str, Any
         ]
         lines.append("")
     return "\n".join(lines)
+
+
+def _means_row(per_class: dict[str, list[float]], recipes: list[str], n_classes: int) -> str:
+    """Mean over classes per recipe; the best complete one bold, incomplete ones marked (n/N)
+    and never compared."""
+    complete = {r: float(np.mean(v)) for r, v in per_class.items() if len(v) == n_classes}
+    best = max(complete.values()) if len(complete) > 1 else None
+    texts = []
+    for rec in recipes:
+        v = per_class.get(rec, [])
+        if not v:
+            texts.append("–")
+        elif rec in complete:
+            text = f"{100 * complete[rec]:.1f}"
+            texts.append(f"**{text}**" if complete[rec] == best else text)
+        else:
+            texts.append(f"{100 * np.mean(v):.1f} ({len(v)}/{n_classes} classes)")
+    return " | ".join(texts)
 
 
 def _bold_best(vals: dict[str, list[float]], key: str) -> str:
