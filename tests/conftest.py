@@ -28,6 +28,28 @@ TINY = [
 ]
 
 
+# Deep SVDD on top of TINY: the bias-free LeNet (32 px), normals only, no augmentation.
+DSVDD_TINY = [
+    "method.name=dsvdd",
+    "model.backbone=lenet",
+    "model.width=1.0",
+    "data.size=32",
+    "outliers.kinds=[]",
+    "augment.enabled=false",
+]
+
+
 @pytest.fixture
 def tiny() -> list[str]:
     return list(TINY)
+
+
+@pytest.fixture
+def isolated_data(tmp_path, monkeypatch):
+    """No test sees the developer's $FIRMAD_DATA, cache, ./data or the reader cache."""
+    from firmad.data import sources
+
+    monkeypatch.delenv("FIRMAD_DATA", raising=False)
+    monkeypatch.setattr(sources, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.chdir(tmp_path)
+    sources._read_builtin.cache_clear()

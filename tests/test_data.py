@@ -23,18 +23,13 @@ from firmad.data import (
     write_idx,
 )
 from firmad.errors import DataError, DataNotFoundError, InputError
+from tests.conftest import FIXTURE_FMNIST
 
-FIXTURE = Path(__file__).parent / "fixtures" / "fashion-mnist"
+FIXTURE = FIXTURE_FMNIST
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    """No test sees the developer's $FIRMAD_DATA, cache, ./data or the reader cache."""
-    monkeypatch.delenv("FIRMAD_DATA", raising=False)
-    monkeypatch.setattr(sources, "CACHE_DIR", tmp_path / "cache")
-    monkeypatch.chdir(tmp_path)
-    sources._read_builtin.cache_clear()
+pytestmark = pytest.mark.usefixtures("isolated_data")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 from firmad.cli import main
 from firmad.errors import CheckpointError, ConfigError
 from firmad.pipeline import evaluate_run, train_run
+from tests.conftest import DSVDD_TINY
 
 RESULT_KEYS = {"scorer", "k", "variant", "auroc", "aupr_anomaly", "aupr_normal", "fpr95"}
 
@@ -118,15 +119,7 @@ def test_cli_train_and_data_show(tmp_path, tiny, capsys):
 
 @pytest.mark.parametrize(("method", "own"), [("dsvdd", "svdd"), ("binary", "logit")])
 def test_methods_own_scores_are_reported(tmp_path, tiny, method, own):
-    extra = [f"method.name={method}", "train.epochs=1"]
-    if method == "dsvdd":
-        extra += [
-            "model.backbone=lenet",
-            "model.width=1.0",
-            "data.size=32",
-            "outliers.kinds=[]",
-            "augment.enabled=false",
-        ]
+    extra = (DSVDD_TINY if method == "dsvdd" else [f"method.name={method}"]) + ["train.epochs=1"]
     summary = train_run("fmnist-cpu", tiny + extra, out_dir=tmp_path / "r", quiet=True)
     scorers = [r["scorer"] for r in summary["results"]["results"]]
     assert scorers[0] == own and "knn_cos" in scorers

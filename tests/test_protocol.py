@@ -14,20 +14,16 @@ from firmad.data import (
     match_images,
     multi_class_normal,
     one_vs_rest,
-    sources,
 )
 from firmad.data.protocol import stratified_indices
 from firmad.errors import DataError
+from tests.conftest import FIXTURE_FMNIST
 
-FIXTURE = Path(__file__).parent / "fixtures" / "fashion-mnist"
+FIXTURE = FIXTURE_FMNIST
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    monkeypatch.delenv("FIRMAD_DATA", raising=False)
-    monkeypatch.setattr(sources, "CACHE_DIR", tmp_path / "cache")
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated_data")
 
 
 def test_one_vs_rest_sizes_and_labels():

@@ -9,6 +9,7 @@ import torch
 
 from firmad.config import load_config
 from firmad.train import Trainer, loss_labels
+from tests.conftest import DSVDD_TINY
 
 
 def _trainer(tmp_path, overrides, name="run"):
@@ -23,15 +24,7 @@ def _trainer(tmp_path, overrides, name="run"):
 def test_each_objective_trains_two_epochs(tmp_path, tiny, method):
     extra = [f"method.name={method}"]
     if method == "dsvdd":
-        extra += [
-            "model.backbone=lenet",
-            "model.width=1.0",
-            "data.size=32",
-            "outliers.kinds=[]",
-            "augment.enabled=false",
-            "train.optimizer=adam",
-            "train.lr=0.001",
-        ]
+        extra = [*DSVDD_TINY, "train.optimizer=adam", "train.lr=0.001"]
     trainer = _trainer(tmp_path, tiny + extra)
     summary = trainer.fit()
     assert summary["epochs"] == 2 and summary["steps"] == 8
