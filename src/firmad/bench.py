@@ -197,6 +197,7 @@ def run_grid(
 
 # --- tables and plots ----------------------------------------------------------------------------
 
+RESULT_FIELDS = ("scorer", "k", "variant", "auroc", "aupr_anomaly", "aupr_normal", "fpr95")
 CSV_FIELDS = [
     "recipe",
     "method",
@@ -204,13 +205,7 @@ CSV_FIELDS = [
     "normal_class",
     "class_name",
     "seed",
-    "scorer",
-    "k",
-    "variant",
-    "auroc",
-    "aupr_anomaly",
-    "aupr_normal",
-    "fpr95",
+    *RESULT_FIELDS,
     "train_time_s",
     "wall_time_s",
     "status",
@@ -242,18 +237,7 @@ def collect_rows(cells: list[Cell]) -> list[dict[str, Any]]:
                         "wall_time_s": data.get("wall_time_s"),
                         "status": "done",
                         "error": "",
-                        **{
-                            k: r.get(k)
-                            for k in (
-                                "scorer",
-                                "k",
-                                "variant",
-                                "auroc",
-                                "aupr_anomaly",
-                                "aupr_normal",
-                                "fpr95",
-                            )
-                        },
+                        **{k: r.get(k) for k in RESULT_FIELDS},
                     }
                 )
         elif error.exists():
