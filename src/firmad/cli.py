@@ -126,7 +126,6 @@ def evaluate(
         scorers=_split_scorers(scorers) if scorers else None,
         variants=variants.split(",") if variants else None,
         device=device,
-        quiet=state["quiet"],
     )
     _print_summary(summary)
 

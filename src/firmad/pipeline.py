@@ -114,7 +114,6 @@ def train_run(
         model=trainer.model,
         device=str(trainer.device),
         train_wall_s=train_wall,
-        quiet=quiet,
     )
 
 
@@ -154,7 +153,6 @@ def evaluate_run(
     split: OneClassSplit | None = None,
     model=None,
     train_wall_s: float | None = None,
-    quiet: bool = False,
 ) -> dict[str, Any]:
     """Score the run's last checkpoint with every scorer x variant; write results, report, plots."""
     run_dir = Path(run_dir)
