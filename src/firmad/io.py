@@ -39,6 +39,10 @@ def atomic_write_text(path: Path, text: str) -> None:
     _atomic_replace(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    _atomic_replace(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
 
