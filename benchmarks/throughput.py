@@ -41,7 +41,8 @@ from firmad.config import load_config
 from firmad.data import OneClassSplit, one_vs_rest
 from firmad.errors import FirmadError
 from firmad.models import normalisation_for
-from firmad.train import Trainer, build_loss
+from firmad.methods import get_method
+from firmad.training import Trainer
 
 RECIPE = "fmnist-cpu"
 BATCH = 32  # samples per step; two views each
@@ -112,7 +113,7 @@ class ModelStep:
         self.encoder = torch.compile(self.model.encoder) if compile_encoder else self.model.encoder
         self.device = trainer.device
         self.optimizer = sgd(self.model, self.device)
-        self.loss_fn = build_loss(trainer.cfg)
+        self.loss_fn = get_method(trainer.cfg).make_loss()
         self.amp_dtype = trainer.amp_dtype
         self.channels_last = trainer.channels_last
 
@@ -254,7 +255,7 @@ def build_trainer(args, split: OneClassSplit, run_dir: str) -> Trainer:
     if args.threads:
         overrides.append(f"train.threads={args.threads}")
     cfg = load_config(RECIPE, overrides)
-    return Trainer(cfg, run_dir, split=split)
+    return Trainer(cfg, split=split)
 
 
 def scoring_time(trainer: Trainer, split: OneClassSplit) -> dict[str, float]:

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from firmad.cli import main
+from firmad.config import load_config
 from firmad.errors import CheckpointError, ConfigError
 from firmad.pipeline import evaluate_run, train_run
 from tests.conftest import DSVDD_TINY
@@ -16,7 +17,9 @@ RESULT_KEYS = {"scorer", "k", "variant", "auroc", "aupr_anomaly", "aupr_normal",
 
 def test_train_run_writes_a_complete_run(tmp_path, tiny):
     run = tmp_path / "run"
-    summary = train_run("fmnist-cpu", tiny + ["train.eval_every=1"], out_dir=run, quiet=True)
+    summary = train_run(
+        load_config("fmnist-cpu", tiny + ["train.eval_every=1"]), out_dir=run, quiet=True
+    )
     data = json.loads((run / "results.json").read_text())
     assert summary["results"] == data
     for key in (
@@ -66,10 +69,10 @@ def test_train_run_writes_a_complete_run(tmp_path, tiny):
 
 def test_existing_run_is_not_overwritten(tmp_path, tiny):
     run = tmp_path / "run"
-    train_run("fmnist-cpu", tiny + ["train.epochs=1"], out_dir=run, quiet=True)
+    train_run(load_config("fmnist-cpu", tiny + ["train.epochs=1"]), out_dir=run, quiet=True)
     before = (run / "checkpoint.safetensors").read_bytes()
     with pytest.raises(ConfigError, match="--resume"):
-        train_run("fmnist-cpu", tiny, out_dir=run, quiet=True)
+        train_run(load_config("fmnist-cpu", tiny), out_dir=run, quiet=True)
     assert (run / "checkpoint.safetensors").read_bytes() == before
 
 
@@ -120,6 +123,6 @@ def test_cli_train_and_data_show(tmp_path, tiny, capsys):
 @pytest.mark.parametrize(("method", "own"), [("dsvdd", "svdd"), ("binary", "logit")])
 def test_methods_own_scores_are_reported(tmp_path, tiny, method, own):
     extra = (DSVDD_TINY if method == "dsvdd" else [f"method.name={method}"]) + ["train.epochs=1"]
-    summary = train_run("fmnist-cpu", tiny + extra, out_dir=tmp_path / "r", quiet=True)
+    summary = train_run(load_config("fmnist-cpu", tiny + extra), out_dir=tmp_path / "r", quiet=True)
     scorers = [r["scorer"] for r in summary["results"]["results"]]
     assert scorers[0] == own and "knn_cos" in scorers

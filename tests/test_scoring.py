@@ -9,7 +9,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from firmad import augment, scoring
+from firmad import augment
 from firmad.errors import ConfigError, InputError
 from firmad.scoring import (
     DEFAULT_SCORERS,
@@ -19,6 +19,7 @@ from firmad.scoring import (
     knn_similarities,
     score_run,
 )
+from firmad.scoring import scorers as scoring
 
 FEATURE_SCORERS = [
     ("knn_cos", {"k": 1}),
@@ -220,7 +221,8 @@ def test_extract_features_pipeline_and_rotation() -> None:
     flat = nn.Flatten()
     for angle in (0, 90, 180, 270):
         feats = extract_features(flat, imgs, batch_size=3, size=16, angle=angle)
-        x = augment.test_transform(augment.to_float(imgs, channels=3), 16, 1.125)
+        # images not at the training size are first resized to it, as in training
+        x = augment.test_transform(augment.to_float(imgs, size=16, channels=3), 16, 1.125)
         ref = augment.rotate90(x, angle // 90).flatten(1)
         assert feats.dtype == torch.float32 and feats.shape == (7, 3 * 16 * 16)
         torch.testing.assert_close(feats, ref)
@@ -303,7 +305,8 @@ def test_score_run_plain_matches_manual_and_bank_subset() -> None:
     kw = dict(scorers=[("knn_cos", {"k": 2})], size=8, knn_backend="torch")
     (res,) = score_run(enc, train, test, labels, **kw)
     bank = extract_features(enc, train, size=8)
-    s = build_scorer("knn_cos", k=2).fit(bank).score(extract_features(enc, test, size=8))
+    knn = build_scorer("knn_cos", k=2, knn_backend="torch")
+    s = knn.fit(bank).score(extract_features(enc, test, size=8))
     assert res["auroc"] == pytest.approx(roc_auc_score(labels.numpy(), s), abs=1e-12)
     a = score_run(enc, train, test, labels, bank_size=10, seed=4, **kw)
     b = score_run(enc, train, test, labels, bank_size=10, seed=4, **kw)

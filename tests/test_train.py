@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 import torch
 
 from firmad.config import load_config
-from firmad.train import Trainer, loss_labels
+from firmad.methods import get_method
+from firmad.training import CheckpointSaver, MetricsLog, Trainer
 from tests.conftest import DSVDD_TINY
 
 
 def _trainer(tmp_path, overrides, name="run"):
+    """A trainer with the callbacks of a run directory: the JSONL log and checkpoints."""
     cfg = load_config("fmnist-cpu", overrides)
-    return Trainer(cfg, tmp_path / name)
+    run = tmp_path / name
+    saver = CheckpointSaver(run)
+    trainer = Trainer(cfg, callbacks=[MetricsLog(run / "metrics.jsonl"), saver])
+    trainer.saver = saver
+    return trainer
+
+
+def loss_labels(method, class_ids, kind_ids):
+    cfg = load_config("fmnist-cpu", [f"method.name={method}"])
+    return get_method(cfg).labels(class_ids, kind_ids)
 
 
 @pytest.mark.parametrize(
@@ -95,25 +108,25 @@ def test_resume_is_identical_to_an_uninterrupted_run(tmp_path, tiny):
     full = _trainer(tmp_path, overrides, "full")
     full.fit()
 
-    # Interrupt after 4 steps (inside epoch 2), as Ctrl-C would, then resume in a new trainer.
+    # A real SIGINT during step 4 (inside epoch 2): the step finishes, then the run stops.
     part = _trainer(tmp_path, overrides, "part")
     calls = {"n": 0}
     original = part.train_step
 
-    def interrupting_step():
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
+    def interrupted_step():
         calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
         return original()
 
-    part.train_step = interrupting_step
+    part.train_step = interrupted_step
     with pytest.raises(KeyboardInterrupt):
         part.fit()
     meta = json.loads((tmp_path / "part" / "checkpoint.json").read_text())
     assert meta["reason"] == "interrupted" and meta["global_step"] == 4
 
     resumed = _trainer(tmp_path, overrides, "part")
-    resumed.restore()
+    assert resumed.saver.restore(resumed)
     assert resumed.global_step == 4 and resumed.epoch == 1 and resumed.step_in_epoch == 1
     resumed.fit()
     for (name, a), b in zip(

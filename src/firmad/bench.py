@@ -23,10 +23,12 @@ import numpy as np
 import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from firmad.config import _build, load_config
+from firmad.config import _build, load_config, parse_scorer
 from firmad.data import describe
 from firmad.errors import ConfigError
 from firmad.io import atomic_write_json, atomic_write_text
+from firmad.run import CELL_ERROR, CELL_LOG, RunDir, safe_component
+from firmad.scoring.scorers import result_name
 
 
 @dataclass
@@ -87,7 +89,8 @@ def plan_cells(grid: GridConfig, out_dir: Path) -> list[Cell]:
                 raise ConfigError("classes: a list of class ids/names, or 'all'")
             for c in classes:
                 for seed in grid.seeds:
-                    run_dir = out_dir / _slug(recipe) / f"{dataset}-c{c}-s{seed}"
+                    cell_name = safe_component(f"{dataset}-c{c}-s{seed}")
+                    run_dir = out_dir / _slug(recipe) / cell_name
                     cells.append(Cell(recipe, dataset, c, seed, run_dir))
     return cells
 
@@ -103,25 +106,22 @@ def _class_id(value: int | str, names: list[str], dataset: str) -> int:
 
 
 def _slug(recipe: str) -> str:
-    return Path(recipe).stem
+    return safe_component(Path(recipe).stem)
 
 
 def run_cell(cell: Cell, grid: GridConfig, threads: int | None) -> dict[str, Any]:
     """Run one cell in a subprocess; returns its status record."""
-    results = cell.run_dir / "results.json"
-    if results.exists():
+    run = RunDir(cell.run_dir)
+    state = run.state
+    if state == "evaluated":
         return {"cell": cell.key, "status": "done"}
     firmad = [sys.executable, "-m", "firmad.cli", "-q"]
-    checkpoint = cell.run_dir / "checkpoint.json"
-    if checkpoint.exists():
-        if json.loads(checkpoint.read_text()).get("finished"):
-            cmd = firmad + ["evaluate", str(cell.run_dir)]  # only the evaluation is left
-        else:
-            cmd = firmad + ["train", "--out", str(cell.run_dir), "--resume"]
+    if state == "finished":
+        cmd = firmad + ["evaluate", str(cell.run_dir)]  # only the evaluation is left
+    elif state == "partial":
+        cmd = firmad + ["train", "--out", str(cell.run_dir), "--resume"]
     else:
-        # Started but never checkpointed: nothing to keep, start it again.
-        for name in ("config.yaml", "metrics.jsonl"):
-            (cell.run_dir / name).unlink(missing_ok=True)
+        # New, or started but never checkpointed: `firmad train` starts it (again).
         overrides = grid.set + [
             f"data.dataset={cell.dataset}",
             f"data.normal_class={cell.normal_class}",
@@ -138,14 +138,14 @@ def run_cell(cell: Cell, grid: GridConfig, threads: int | None) -> dict[str, Any
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    (cell.run_dir / "log.txt").write_text(proc.stdout + proc.stderr)
+    atomic_write_text(cell.run_dir / CELL_LOG, proc.stdout + proc.stderr)
     if proc.returncode != 0:
         error = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
         atomic_write_json(
-            cell.run_dir / "error.json", {"returncode": proc.returncode, "error": error}
+            cell.run_dir / CELL_ERROR, {"returncode": proc.returncode, "error": error}
         )
         return {"cell": cell.key, "status": "failed", "error": error, "seconds": seconds}
-    (cell.run_dir / "error.json").unlink(missing_ok=True)
+    (cell.run_dir / CELL_ERROR).unlink(missing_ok=True)
     return {"cell": cell.key, "status": "ran", "seconds": seconds}
 
 
@@ -222,8 +222,8 @@ def collect_rows(cells: list[Cell]) -> list[dict[str, Any]]:
             "normal_class": cell.normal_class,
             "seed": cell.seed,
         }
-        results = cell.run_dir / "results.json"
-        error = cell.run_dir / "error.json"
+        results = RunDir(cell.run_dir).results
+        error = cell.run_dir / CELL_ERROR
         if results.exists():
             data = json.loads(results.read_text())
             names = data.get("normal_class_names") or [""]
@@ -254,8 +254,13 @@ def collect_rows(cells: list[Cell]) -> list[dict[str, Any]]:
 
 
 def _scorer_label(row: dict[str, Any]) -> str:
-    k = row.get("k")
-    return f"{row['scorer']}:k={k}" if k not in (None, "") else str(row["scorer"])
+    return result_name(row["scorer"], row.get("k"))
+
+
+def _headline_label(spec: str) -> str:
+    """A grid's headline scorer spec ("knn_cos:k=5") as a row label ("knn_cos k=5")."""
+    name, params = parse_scorer(spec)
+    return result_name(name, params.get("k"))
 
 
 def summarise(
@@ -301,7 +306,7 @@ def bench_markdown(grid: GridConfig, cells: list[Cell], rows: list[dict[str, Any
             r
             for r in done
             if r["dataset"] == dataset
-            and _scorer_label(r) == grid.headline
+            and _scorer_label(r) == _headline_label(grid.headline)
             and r["variant"] == grid.variant
         ]
         lines += [
@@ -349,7 +354,11 @@ def bench_markdown(grid: GridConfig, cells: list[Cell], rows: list[dict[str, Any
                 row = _means_row(vals, recipes, len(classes))
                 lines.append(f"| {label} | {variant} | {row} |")
             lines.append("")
-    times = [r for r in done if _scorer_label(r) == grid.headline and r["variant"] == grid.variant]
+    times = [
+        r
+        for r in done
+        if _scorer_label(r) == _headline_label(grid.headline) and r["variant"] == grid.variant
+    ]
     if times:
         lines += ["## Wall time per cell (s)", "", "| recipe | mean | max |", "|---|---|---|"]
         for rec in recipes:
@@ -405,7 +414,7 @@ def plot_bench(out_dir: Path, grid: GridConfig, cells: list[Cell], rows: list[di
         r
         for r in rows
         if r["status"] == "done"
-        and _scorer_label(r) == grid.headline
+        and _scorer_label(r) == _headline_label(grid.headline)
         and r["variant"] == grid.variant
     ]
     if not head:
@@ -442,7 +451,7 @@ def learning_curves(cells: list[Cell]) -> dict[str, tuple[list[float], list[floa
     """Mean learning curve per recipe over its cells (points at the same epochs are averaged)."""
     points: dict[str, dict[float, list[float]]] = {}
     for cell in cells:
-        path = cell.run_dir / "results.json"
+        path = RunDir(cell.run_dir).results
         if not path.exists():
             continue
         for point in json.loads(path.read_text()).get("learning_curve", []):

@@ -95,17 +95,33 @@ def train(
         raise FirmadError(
             "give a recipe with --config (e.g. --config fmnist-cpu), or --resume --out DIR"
         )
+    cfg = _resume_config(out_dir, config, overrides) if resume else _config(config, overrides)
     with _interruptible():
         summary = train_run(
-            config,
-            overrides,
-            out_dir=out_dir,
-            resume=resume,
-            evaluate=not no_eval,
-            quiet=state["quiet"],
+            cfg, out_dir=out_dir, resume=resume, evaluate=not no_eval, quiet=state["quiet"]
         )
     if summary["results"] is not None:
         _print_summary(summary)
+
+
+def _config(recipe: str | None, overrides: list[str]):
+    from firmad.config import load_config
+
+    return load_config(recipe, overrides)
+
+
+def _resume_config(out_dir: Path | None, recipe: str | None, overrides: list[str]):
+    """The stored config with the given options applied; `train_run` refuses real changes."""
+    from firmad.config import apply_overrides, config_from_dict, read_recipe
+    from firmad.run import RunDir
+
+    if out_dir is None:
+        raise FirmadError("--resume needs --out RUN_DIR (the run to continue)")
+    stored = RunDir(out_dir).read_config()
+    base = read_recipe(recipe) if recipe else stored.to_dict()
+    if recipe and "name" not in base:
+        base["name"] = stored.name
+    return config_from_dict(apply_overrides(base, overrides))
 
 
 @app.command(
@@ -131,12 +147,12 @@ def evaluate(
 
 
 @contextlib.contextmanager
-def _interruptible():
-    """Ctrl-C: the trainer has saved a checkpoint; say how to continue and exit with 130."""
+def _interruptible(what: str = "a checkpoint was saved; continue with --resume --out RUN_DIR"):
+    """Ctrl-C / SIGTERM: say what was kept and how to continue, and exit with 130."""
     try:
         yield
     except KeyboardInterrupt:
-        console.print("interrupted: a checkpoint was saved; continue with --resume --out RUN_DIR")
+        console.print(f"interrupted: {what}")
         raise typer.Exit(130) from None
 
 
@@ -247,23 +263,163 @@ def data_prepare(
 def demo(
     out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory of the demo."),
 ) -> None:
-    """What `make demo` runs: FIRM on Fashion-MNIST T-shirt/top with the CPU recipe, all scorers."""
+    """What `make demo` runs: FIRM on Fashion-MNIST T-shirt/top with the CPU recipe, all scorers.
+
+    Run it again: a finished demo shows its results, an interrupted one continues."""
+    from firmad.config import load_config
     from firmad.pipeline import train_run
+    from firmad.run import RunDir
 
     if not state["quiet"]:
         _show_dataset("fashion-mnist", None)
-    resume = (out_dir / "checkpoint.json").exists()
-    if not resume:  # a demo stopped before its first checkpoint left nothing worth keeping
-        (out_dir / "config.yaml").unlink(missing_ok=True)
+    resume = RunDir(out_dir).state in ("partial", "finished", "evaluated")
+    cfg = load_config("fmnist-cpu", ["data.normal_class=0"])
     with _interruptible():
-        summary = train_run(
-            "fmnist-cpu",
-            ["data.normal_class=0"],
-            out_dir=out_dir,
-            resume=resume,
-            quiet=state["quiet"],
-        )
+        summary = train_run(cfg, out_dir=out_dir, resume=resume, quiet=state["quiet"])
     _print_summary(summary)
+
+
+# --- detectors: fit / score / export --------------------------------------------------------------
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  firmad fit photos/good_parts --out det/\n\n"
+    "  firmad fit photos/drones --out det/ --config fmnist-cpu --set train.epochs=8 "
+    "--scorer knn_cos:k=1"
+)
+def fit(
+    folder: Path = typer.Argument(..., help="A folder of normal images (searched recursively)."),
+    out_dir: Path = typer.Option(..., "--out", help="Detector directory to write."),
+    config: str | None = typer.Option(
+        None, "--config", "-c", help="Recipe (default fmnist-cpu: FIRM, narrow ResNet-10)."
+    ),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value."),
+    scorer: str = typer.Option("knn_cos:k=5", "--scorer", help="Scorer spec, e.g. kde."),
+    variant: str = typer.Option("plain", "--variant", help="plain, angled or ensemble."),
+    holdout: float = typer.Option(
+        0.1, "--holdout", help="Share of the images kept out of training to set the threshold."
+    ),
+    target_fpr: float = typer.Option(
+        0.05, "--target-fpr", help="Share of held-out normals the threshold flags."
+    ),
+) -> None:
+    """Train a detector on a folder of normal images; set its threshold on held-out ones."""
+    import torch
+
+    from firmad.detector import OneClassDetector, load_folder_images
+
+    det = OneClassDetector(
+        recipe=config, scorer=scorer, k=None, variant=variant, overrides=list(set_),
+        verbose=not state["quiet"],
+    )  # fmt: skip
+    cfg = det.make_config()
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FirmadError(f"{out_dir} exists and is not empty; choose a new --out")
+    images = load_folder_images(folder, cfg.data.size, cfg.data.channels)
+    if not 0.0 <= holdout < 1.0:
+        raise FirmadError(f"--holdout must be in [0, 1), got {holdout}")
+    n_held = int(round(holdout * len(images)))
+    if n_held and len(images) - n_held < 2 * cfg.train.batch_size:
+        n_held = 0  # too few images to spare any
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    held, train = images[order[:n_held]], images[order[n_held:]]
+    out.print(f"{len(train)} images for training, {n_held} held out", highlight=False)
+    with _interruptible("nothing was saved; run the command again"):
+        det.fit(train)
+    if n_held:
+        det.calibrate(held, target_fpr=target_fpr)
+    det.save(out_dir)
+    threshold = f"threshold {det.threshold_:.4g}" if n_held else "no threshold (no held-out images)"
+    out.print(f"Detector: {out_dir} ({threshold})", highlight=False)
+
+
+@app.command(
+    epilog="Examples:\n\n  firmad score det/ new_images/ --out scores.csv\n\n"
+    "  firmad score det/ a.png b.jpg --threshold 0.2"
+)
+def score(
+    detector: Path = typer.Argument(..., help="A detector directory (firmad fit)."),
+    paths: list[Path] = typer.Argument(..., help="Image files or folders (recursive)."),
+    out_csv: Path | None = typer.Option(None, "--out", help="CSV to write (default: stdout)."),
+    threshold: float | None = typer.Option(None, "--threshold", help="Override the threshold."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1),
+) -> None:
+    """Score images: one row per image (path, score, decision); unreadable files are skipped."""
+    import csv
+    import io
+
+    import numpy as np
+    import torch
+    from rich.progress import Progress
+
+    from firmad.data.sources import load_image
+    from firmad.detector import OneClassDetector, image_files
+    from firmad.errors import DataError
+    from firmad.io import atomic_write_text
+
+    det = OneClassDetector.load(detector)
+    files: list[Path] = []
+    for path in paths:
+        found = image_files(path)
+        if not found:
+            console.print(f"skipped {path}: no image files", highlight=False)
+        files.extend(found)
+    thr = threshold if threshold is not None else getattr(det, "threshold_", None)
+    size, channels = det.config_.data.size, det.config_.data.channels
+    rows, skipped = [], []
+    with Progress(console=console, disable=state["quiet"]) as progress:
+        task = progress.add_task("score", total=len(files))
+        for start in range(0, len(files), batch_size):
+            batch, names = [], []
+            for f in files[start : start + batch_size]:
+                try:
+                    batch.append(load_image(f, size, channels))
+                    names.append(f)
+                except DataError as err:
+                    skipped.append((f, str(err)))
+            if batch:
+                scores = det.score_images(torch.from_numpy(np.stack(batch)))
+                for f, s in zip(names, scores, strict=True):
+                    decision = "" if thr is None else int(s > thr)
+                    rows.append((str(f), f"{s:.6g}", decision))
+            progress.advance(task, len(files[start : start + batch_size]))
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "score", "anomaly"])
+    writer.writerows(rows)
+    if out_csv is not None:
+        atomic_write_text(out_csv, buf.getvalue())
+    else:
+        print(buf.getvalue(), end="")
+    for f, why in skipped:
+        console.print(f"skipped {f}: {why}", highlight=False)
+    console.print(
+        f"{len(rows)} scored, {len(skipped)} skipped"
+        + ("" if thr is not None else "; no threshold, so no decisions (use --threshold)")
+        + (f"; written to {out_csv}" if out_csv else ""),
+        highlight=False,
+    )
+    if not rows:
+        raise FirmadError("no image could be scored; check the paths and files above")
+
+
+@app.command(epilog="Example:\n\n  firmad export det/ --format onnx --out det.onnx")
+def export(
+    detector: Path = typer.Argument(..., help="A detector directory (firmad fit)."),
+    out_file: Path = typer.Option(..., "--out", help="File to write."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx"),
+) -> None:
+    """Export a detector as one graph: uint8 images in, anomaly scores out."""
+    from firmad.detector import OneClassDetector
+    from firmad.export import export_onnx
+
+    if fmt != "onnx":
+        raise FirmadError(f"--format {fmt!r} is not supported; use onnx")
+    det = OneClassDetector.load(detector)
+    export_onnx(det, out_file)
+    c, h, w = det.input_shape_
+    out.print(f"{out_file}: input images uint8 (N, {c}, {h}, {w}), output scores (N,)")
 
 
 # --- entry point ---------------------------------------------------------------------------------

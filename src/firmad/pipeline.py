@@ -1,6 +1,8 @@
-"""A run from recipe to report: train (or resume) -> score the last checkpoint -> write the report.
+"""A run from config to report: train (or resume) -> score the last checkpoint -> write reports.
 
-The CLI and the benchmark grid both call these two functions.
+The Python API takes typed objects (`RunConfig`); the CLI and the benchmark grid turn strings
+into configs and call these functions. Each run directory has one owner (`firmad.run.RunDir`),
+locked for the whole run.
 """
 
 from __future__ import annotations
@@ -11,45 +13,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from firmad.config import RunConfig, config_from_dict, load_config, parse_scorer
+from firmad.config import RunConfig, config_from_dict, parse_scorer
 from firmad.data import OneClassSplit
+from firmad.data.pool import load_split, prepare_images
 from firmad.errors import CheckpointError, ConfigError
-from firmad.io import load_checkpoint, prefixed
 from firmad.metrics import evaluate_scores
 from firmad.report import write_plots, write_report_md, write_results
-from firmad.scoring import build_scorer, extract_features, score_run
-from firmad.train import (
-    CHECKPOINT,
-    Trainer,
-    build_model,
-    load_split,
-    prepare_images,
-    resolve_device,
-    save_run_config,
-)
+from firmad.run import RunDir, safe_component
+from firmad.scoring import FeatureExtractor, build_scorer
+from firmad.training import CheckpointSaver, LearningCurve, MetricsLog, ProgressBar, Trainer
+
+# Keys that may differ between a stored run and the options given to resume it.
+RESUMABLE_CHANGES = ("train.device", "train.threads")
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
     classes = cfg.data.normal_class
     tag = "-".join(map(str, classes)) if isinstance(classes, list) else str(classes)
-    return (
-        Path("runs") / cfg.name / f"{cfg.data.dataset}-c{tag}-{cfg.method.name}-s{cfg.train.seed}"
-    )
+    name = f"{cfg.data.dataset}-c{tag}-{cfg.method.name}-s{cfg.train.seed}"
+    return Path("runs") / safe_component(cfg.name) / safe_component(name)
 
 
-def read_run_config(run_dir: Path) -> RunConfig:
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise CheckpointError(f"{run_dir} is not a firmad run directory (no config.yaml)")
-    return config_from_dict(yaml.safe_load(path.read_text()))
-
-
-def _progress(quiet: bool) -> Progress | None:
-    if quiet:
-        return None
+def progress_bar() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -60,64 +47,119 @@ def _progress(quiet: bool) -> Progress | None:
     )
 
 
+def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def config_changes(stored: RunConfig, given: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """Keys whose values differ, as {key: (stored, given)}; where to run is not a change."""
+    a, b = _flatten(stored.to_dict()), _flatten(given.to_dict())
+    return {
+        k: (a.get(k), b.get(k))
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES
+    }
+
+
+def refuse_changes(changes: dict[str, tuple[Any, Any]], where: str) -> None:
+    if changes:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        raise ConfigError(
+            f"{where} was made with other settings ({listed}); a resumed run must keep its "
+            "settings — drop those options, or start a new run with another --out"
+        )
+
+
 def train_run(
-    recipe: str | None,
-    overrides: list[str] | None = None,
+    cfg: RunConfig,
     out_dir: Path | None = None,
     resume: bool = False,
     evaluate: bool = True,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    """Train a run (new or resumed) and, by default, evaluate it. Returns {run_dir, results}."""
-    if resume:
-        if out_dir is None:
-            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
-        cfg = read_run_config(out_dir)
-        if overrides:
-            # Only where to run may change on resume; anything else would change the result.
-            data = cfg.to_dict()
-            for item in overrides:
-                if not item.startswith("train.device="):
-                    raise ConfigError(f"--resume continues a run as it was; {item!r} can't change")
-                data["train"]["device"] = yaml.safe_load(item.partition("=")[2])
-            cfg = config_from_dict(data)
-        run_dir = Path(out_dir)
-    else:
-        cfg = load_config(recipe, overrides)
-        run_dir = Path(out_dir) if out_dir else default_run_dir(cfg)
-        if (run_dir / "config.yaml").exists() or (run_dir / f"{CHECKPOINT}.json").exists():
+    """Train a run (new, or resumed with ``resume=True``) and, by default, evaluate it.
+
+    Resuming compares ``cfg`` with the run's stored config and refuses any change but where to
+    run (device, threads). Returns ``{"run_dir", "results"}``.
+    """
+    if not isinstance(cfg, RunConfig):
+        raise ConfigError("train_run takes a RunConfig; build one with firmad.config.load_config")
+    run = RunDir(out_dir or default_run_dir(cfg))
+    start = time.perf_counter()
+    with run:
+        state = run.state
+        if resume:
+            if state == "new":
+                raise ConfigError(f"{run.path} holds no run to resume; start it without --resume")
+            stored = run.read_config()
+            refuse_changes(config_changes(stored, cfg), str(run.config))
+            meta = run.checkpoint_meta()
+            if meta and isinstance(meta.get("config"), dict):
+                # config.yaml edited after the checkpoint was written: the weights do not match
+                saved = _config_or_error(meta["config"], run.checkpoint_json)
+                refuse_changes(config_changes(saved, stored), f"the checkpoint in {run.path}")
+        elif state in ("partial", "finished", "evaluated"):
             raise ConfigError(
-                f"{run_dir} already holds a run; continue it with --resume --out {run_dir}, "
+                f"{run.path} already holds a run; continue it with --resume --out {run.path}, "
                 "or choose another --out"
             )
-    start = time.perf_counter()
-    split = load_split(cfg)
-    trainer = Trainer(cfg, run_dir, split=split)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume and (run_dir / f"{CHECKPOINT}.json").exists():
-        trainer.restore()
-    else:
-        save_run_config(cfg, run_dir)
-    curve = _curve_fn(cfg, split, trainer.device) if cfg.train.eval_every else None
-    progress = _progress(quiet)
-    if progress:
-        with progress:
-            trainer.fit(progress=progress, curve_fn=curve)
-    else:
-        trainer.fit(curve_fn=curve)
-    train_wall = time.perf_counter() - start
-    if not evaluate:
-        return {"run_dir": run_dir, "results": None}
-    return evaluate_run(
-        run_dir,
-        split=split,
-        model=trainer.model,
-        device=str(trainer.device),
-        train_wall_s=train_wall,
-    )
+        else:
+            run.check_writable_new()  # "started" (no checkpoint yet) may simply start again
+        if resume and state == "evaluated" and evaluate:
+            return {"run_dir": run.path, "results": json.loads(run.results.read_text())}
+        split = load_split(cfg)
+        trainer = _trainer(cfg, run, split, restore=resume)
+        if state in ("new", "started"):
+            run.write_config(cfg)
+        _fit(trainer, quiet)
+        if not evaluate:
+            return {"run_dir": run.path, "results": None}
+        return _evaluate(
+            run, cfg, split=split, model=trainer.model, train_wall_s=time.perf_counter() - start
+        )
 
 
-def _curve_fn(cfg: RunConfig, split: OneClassSplit, device: torch.device):
+def _config_or_error(data: dict, where: Path) -> RunConfig:
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:
+        raise CheckpointError(f"{where}: the stored config is invalid ({err})") from None
+
+
+def _trainer(cfg: RunConfig, run: RunDir, split: OneClassSplit, restore: bool) -> Trainer:
+    log = MetricsLog(run.metrics)
+    saver = CheckpointSaver(run.path, every=cfg.train.checkpoint_every)
+    callbacks: list = [log]
+    curve = _curve_fn(cfg, split) if cfg.train.eval_every else None
+    if curve is not None:
+        callbacks.append(LearningCurve(curve, cfg.train.eval_every, log))
+    callbacks.append(saver)  # last: a checkpoint never describes more than the log
+    trainer = Trainer(cfg, split=split, callbacks=callbacks)
+    if restore:
+        saver.restore(trainer)
+    return trainer
+
+
+def _fit(trainer: Trainer, quiet: bool) -> None:
+    if trainer.finished:
+        return
+    if quiet:
+        trainer.fit()
+        return
+    progress = progress_bar()
+    trainer.callbacks.insert(0, ProgressBar(progress))
+    with progress:
+        trainer.fit()
+
+
+def _curve_fn(cfg: RunConfig, split: OneClassSplit):
     """kNN-cosine (k=5) AUROC on a fixed test subsample: learning curves, never model selection."""
     gen = torch.Generator().manual_seed(cfg.train.seed + 99)
     n_test = len(split.test_images)
@@ -126,19 +168,13 @@ def _curve_fn(cfg: RunConfig, split: OneClassSplit, device: torch.device):
     bank_images = prepare_images(split.train_images[bank_idx], cfg.data.size)
     test_images = prepare_images(split.test_images[test_idx], cfg.data.size)
     labels = split.test_labels[test_idx].numpy()
-    if labels.min() == labels.max():
+    if len(labels) == 0 or labels.min() == labels.max():
         return None
 
     def curve(model) -> float:
-        kw = dict(
-            device=device,
-            size=cfg.data.size,
-            resize_ratio=cfg.eval.resize_ratio,
-            channels=cfg.data.channels,
-            batch_size=cfg.eval.batch_size,
-        )
-        bank = extract_features(model.encoder, bank_images, **kw)
-        feats = extract_features(model.encoder, test_images, **kw)
+        extractor = FeatureExtractor.from_config(model.encoder, cfg)
+        bank = extractor.extract(bank_images, cfg.eval.batch_size)
+        feats = extractor.extract(test_images, cfg.eval.batch_size)
         scores = build_scorer("knn_cos", k=5).fit(bank).score(feats)
         return evaluate_scores(labels, scores)["auroc"]
 
@@ -150,72 +186,53 @@ def evaluate_run(
     scorers: list[str] | None = None,
     variants: list[str] | None = None,
     device: str | None = None,
+) -> dict[str, Any]:
+    """Score a finished run's last checkpoint with every scorer x variant; write results,
+    report and plots. Scorers/variants default to the run's ``eval`` settings."""
+    run = RunDir(run_dir)
+    with run:
+        cfg = run.read_config()
+        if device is not None:
+            cfg.train.device = device
+        return _evaluate(run, cfg, scorers=scorers, variants=variants)
+
+
+def _evaluate(
+    run: RunDir,
+    cfg: RunConfig,
+    scorers: list[str] | None = None,
+    variants: list[str] | None = None,
     split: OneClassSplit | None = None,
     model=None,
     train_wall_s: float | None = None,
 ) -> dict[str, Any]:
-    """Score the run's last checkpoint with every scorer x variant; write results, report, plots."""
-    run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
+    from firmad.detector import OneClassDetector
+
     start = time.perf_counter()
-    tensors, meta = load_checkpoint(run_dir, CHECKPOINT)
-    if not meta.get("finished"):
+    meta = run.checkpoint_meta()
+    if meta is None:
         raise CheckpointError(
-            f"{run_dir}: training stopped at epoch {meta['epoch']} of {cfg.train.epochs}; "
-            f"finish it with `firmad train --resume --out {run_dir}`"
+            f"no checkpoint in {run.path}; train first with `firmad train --out {run.path}`"
         )
+    if model is None:
+        model = run.load_model(cfg, device=cfg.train.device)
+    elif not meta.get("finished"):
+        raise CheckpointError(f"{run.path}: training is not finished")
     if split is None:
         split = load_split(cfg)
-    dev = resolve_device(device or cfg.train.device)
-    if model is None:
-        model = build_model(cfg, cfg.data.dataset)
-        model.load_state_dict(prefixed(tensors, "model"))
-    model = model.to(dev).eval()
-
-    scorer_specs = [parse_scorer(s) for s in (scorers or cfg.eval.scorers)]
-    for name, _ in scorer_specs:
-        build_scorer(name)  # unknown names fail here, before any work
+    specs = [parse_scorer(s) for s in (scorers or cfg.eval.scorers)]
+    for name, params in specs:
+        build_scorer(name, **params)  # bad names and parameters fail here, before any work
     variants = list(variants or cfg.eval.variants)
-    train_images = prepare_images(split.train_images, cfg.data.size)
-    test_images = prepare_images(split.test_images, cfg.data.size)
-    labels = split.test_labels.numpy()
-    results, details = score_run(
-        model.encoder,
-        train_images,
-        test_images,
-        labels,
-        scorers=scorer_specs,
-        variants=variants,
-        device=dev,
-        batch_size=cfg.eval.batch_size,
-        size=cfg.data.size,
-        resize_ratio=cfg.eval.resize_ratio,
-        n_crops=cfg.eval.n_crops,
-        seed=cfg.train.seed,
-        bank_size=cfg.eval.bank_size,
-        bank_centroids=cfg.eval.bank_centroids,
-        channels=cfg.data.channels,
-        return_details=True,
-    )
-    scores_by_name = dict(details["scores"])
-    test_feats = details["test_features"]
-    # The methods' own scores: Deep SVDD distance, binary classifier logit.
-    own = None
-    if cfg.method.name == "dsvdd":
-        own = ("svdd", (test_feats.to(dev) - model.centre).pow(2).sum(1).cpu().numpy())
-    elif cfg.method.name == "binary":
-        with torch.no_grad():
-            own = ("logit", model.classifier(test_feats.to(dev)).squeeze(1).float().cpu().numpy())
-    if own is not None:
-        name, scores = own
-        results.insert(
-            0, {"scorer": name, "k": None, "variant": "plain", **evaluate_scores(labels, scores)}
-        )
-        scores_by_name[name] = scores
 
+    detector = OneClassDetector.from_model(model.eval(), cfg)
+    results, details = detector.evaluate(
+        split.train_images, split.test_images, split.test_labels, specs, variants
+    )
+    labels = details["labels"]
     history = meta.get("history", [])
     eval_wall = time.perf_counter() - start
-    prev_train = train_wall_s if train_wall_s is not None else _previous_train_wall(run_dir)
+    prev_train = train_wall_s if train_wall_s is not None else meta.get("elapsed_s")
     record = {
         "dataset": split.dataset,
         "normal_classes": list(split.normal_classes),
@@ -244,14 +261,15 @@ def evaluate_run(
             "best_curve_epoch": best["epoch"],
             "curve_scorer": "knn_cos k=5 on a test subsample",
         }
-    results = _merge_results(run_dir / "results.json", results, meta.get("global_step"))
+    results = _merge_results(run.results, results, meta.get("global_step"))
     record["results"] = results
-    path = write_results(run_dir, record, results)
+    path = write_results(run.path, record, results)
     written = json.loads(path.read_text())
     curve = ([h["epoch"] for h in history], [h["auroc"] for h in history]) if history else None
-    write_plots(run_dir, labels, scores_by_name, test_feats.cpu().numpy(), learning_curve=curve)
-    write_report_md(run_dir, written)
-    return {"run_dir": run_dir, "results": written}
+    test_feats = details["test_features"].cpu().numpy()
+    write_plots(run.path, labels, details["scores"], test_feats, learning_curve=curve)
+    write_report_md(run.path, written)
+    return {"run_dir": run.path, "results": written}
 
 
 def _merge_results(path: Path, new: list[dict], step: int | None) -> list[dict]:
@@ -266,9 +284,15 @@ def _merge_results(path: Path, new: list[dict], step: int | None) -> list[dict]:
     return [r for r in old.get("results", []) if key(r) not in fresh] + new
 
 
-def _previous_train_wall(run_dir: Path) -> float | None:
-    try:
-        _, meta = load_checkpoint(run_dir, CHECKPOINT)
-        return meta.get("elapsed_s")
-    except CheckpointError:
-        return None
+def load_run_config(run_dir: Path) -> RunConfig:
+    return RunDir(run_dir).read_config()
+
+
+__all__ = [
+    "config_changes",
+    "config_from_dict",
+    "default_run_dir",
+    "evaluate_run",
+    "load_run_config",
+    "train_run",
+]

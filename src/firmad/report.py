@@ -6,18 +6,18 @@ Every file is written atomically: a temporary file in the same folder, then ``os
 
 from __future__ import annotations
 
-import os
 import platform
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from firmad.io import atomic_write_json, atomic_write_text
+from firmad.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from firmad.metrics import aulc
 from firmad.metrics import roc_curve as _roc_curve
+from firmad.run import RESULTS
+from firmad.scoring.scorers import result_name
 
 __all__ = [
     "DIAGNOSTIC_NOTE",
@@ -122,7 +122,7 @@ def write_results(run_dir: str | Path, meta: dict[str, Any], results: list[dict]
         diag = dict(meta["diagnostics"])
         diag.setdefault("note", DIAGNOSTIC_NOTE)
         data["diagnostics"] = diag
-    path = run_dir / "results.json"
+    path = run_dir / RESULTS
     atomic_write_json(path, data)
     return path
 
@@ -131,7 +131,7 @@ def write_results(run_dir: str | Path, meta: dict[str, Any], results: list[dict]
 
 
 def _row_name(r: Mapping[str, Any]) -> str:
-    return r["scorer"] if r.get("k") is None else f"{r['scorer']} k={r['k']}"
+    return result_name(r["scorer"], r.get("k"))
 
 
 def _pct(v: Any) -> str:
@@ -268,21 +268,17 @@ def _figure(figsize=(5.5, 4.0)):
 
 
 def _save(fig, path: str | Path) -> Path:
-    """Save a figure as PNG atomically (Agg canvas)."""
+    """Save a figure as PNG atomically, with the usual file permissions (firmad.io)."""
+    import io
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    path = Path(path)
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

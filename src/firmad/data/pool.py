@@ -1,0 +1,103 @@
+"""The in-memory training pool: a run's normal images and its outliers, uint8, on the device.
+
+`load_split` reads the run's one-class split, `prepare_images` resizes it once to the training
+size, `build_pool` adds the frozen synthetic outliers (or real outlier exposure). A training epoch
+samples from the pool; nothing here runs per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from firmad.augment import to_float
+from firmad.data.protocol import OneClassSplit, dataset_vs_dataset, multi_class_normal, one_vs_rest
+from firmad.data.sources import load_dataset
+from firmad.outliers import make_frozen_outliers, parse_outliers
+
+
+def load_split(cfg) -> OneClassSplit:
+    """The one-class split a run config describes (one-vs-rest, several normals, or two sets)."""
+    d = cfg.data
+    common = dict(root=d.root, download=d.download, max_train=d.max_train, max_test=d.max_test)
+    if d.outlier_dataset:
+        return dataset_vs_dataset(d.dataset, d.outlier_dataset, seed=cfg.train.seed, **common)
+    if isinstance(d.normal_class, list):
+        return multi_class_normal(d.dataset, d.normal_class, seed=cfg.train.seed, **common)
+    return one_vs_rest(d.dataset, d.normal_class, seed=cfg.train.seed, **common)
+
+
+def prepare_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize uint8 images once to the training size (kept uint8, native channels)."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = []
+    for chunk in images.split(4096):
+        x = to_float(chunk, size=size, channels=chunk.shape[1])
+        out.append((x * 255).round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def match_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """uint8 images with ``channels`` channels (RGB averaged to gray, gray repeated to RGB)."""
+    if images.shape[1] == channels:
+        return images
+    if channels == 1:
+        return images.float().mean(1, keepdim=True).round().to(torch.uint8)
+    return images.expand(-1, channels, -1, -1).contiguous()
+
+
+@dataclass
+class Pool:
+    """Everything one epoch samples from: normals first, then outliers."""
+
+    images: torch.Tensor  # uint8 (M, C, H, W) on the training device
+    class_ids: torch.Tensor  # int64 (M,): inlier class id, -1 for outliers
+    kind_ids: torch.Tensor  # int64 (M,): 0 for inliers, 1..K outlier kind
+    n_normal: int
+
+
+def normal_class_ids(cfg, split: OneClassSplit, n: int) -> torch.Tensor:
+    """Multi-class normal keeps each class's id (multi-class FIRM positives); else all 0."""
+    d = cfg.data
+    if (
+        isinstance(d.normal_class, list)
+        and not d.outlier_dataset
+        and split.train_labels is not None
+    ):
+        return split.train_labels.long()
+    return torch.zeros(n, dtype=torch.int64)
+
+
+def build_pool(
+    cfg,
+    normals: torch.Tensor,
+    normal_ids: torch.Tensor,
+    device: torch.device,
+    uses_outliers: bool = True,
+) -> Pool:
+    """Frozen outliers are drawn once from the run's seed: a resumed run rebuilds the same pool."""
+    o = cfg.outliers
+    gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + 17)
+    images, class_ids, kind_ids = [normals], [normal_ids], [torch.zeros_like(normal_ids)]
+    if o.exposure:
+        # Outlier exposure: real outlier images fill the outlier slots (one per kind per normal).
+        real = load_dataset(o.exposure, split="train", root=None, download=cfg.data.download).images
+        real = match_channels(prepare_images(real, normals.shape[-1]), normals.shape[1])
+        n = len(normals) * max(1, len(o.kinds))
+        pick = torch.randint(len(real), (n,), generator=gen)
+        images.append(real[pick])
+        class_ids.append(torch.full((n,), -1))
+        kind_ids.append(torch.ones(n, dtype=torch.int64))
+    elif o.kinds and o.mode == "frozen" and uses_outliers:
+        out, kinds = make_frozen_outliers(normals, parse_outliers(o.kinds), gen)
+        images.append(out)
+        class_ids.append(torch.full((len(out),), -1))
+        kind_ids.append(kinds)
+    return Pool(
+        images=torch.cat(images).to(device),
+        class_ids=torch.cat(class_ids).to(device),
+        kind_ids=torch.cat(kind_ids).to(device),
+        n_normal=len(normals),
+    )

@@ -1,0 +1,46 @@
+"""What every method provides to the trainer and to the evaluation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Method:
+    """One training objective. Subclasses set the class attributes and override what differs.
+
+    - ``uses_outliers``: the pool holds synthetic (or real) outliers next to the normals.
+    - ``n_views``: augmented views per sample in a step (2 for contrastive objectives).
+    - ``own_scorer``: name of the method's own anomaly score (``None`` if it has none); the
+      score itself is :meth:`score_features`.
+    """
+
+    name = "method"
+    uses_outliers = True
+    n_views = 1
+    own_scorer: str | None = None
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    def build_modules(self, feature_dim: int) -> dict[str, nn.Module]:
+        """Modules trained on top of the encoder, by attribute name (``head``, ``classifier``)."""
+        return {}
+
+    def labels(self, class_ids: torch.Tensor, kind_ids: torch.Tensor) -> torch.Tensor:
+        """The labels the objective sees (DESIGN: inliers >= 0 (class id), outliers -1)."""
+        return class_ids
+
+    def loss(self, model: nn.Module, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def on_train_start(self, model: nn.Module, normals_float: torch.Tensor) -> None:
+        """Called once before the first step of a new run (not on resume)."""
+
+    def own_scorer_params(self, model: nn.Module) -> dict:
+        """Parameters of the `own_scorer` scorer that carry the trained modules' values."""
+        return {}
+
+    def score_features(self, model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+        """The method's own anomaly score of encoder features (higher = more anomalous)."""
+        raise NotImplementedError(f"method {self.name!r} has no score of its own")

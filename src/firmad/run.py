@@ -1,0 +1,221 @@
+"""One owner of a run directory: its file names, its state, and its lock.
+
+A run directory holds ``config.yaml`` (the resolved recipe), ``checkpoint.safetensors`` +
+``checkpoint.json`` (the training state), ``metrics.jsonl``, ``results.json``, ``report.md`` and
+``plots/``. Its state is one of:
+
+- ``new``: nothing there yet (or an empty folder);
+- ``started``: a config but no checkpoint (stopped before the first save — safe to restart);
+- ``partial``: a checkpoint of an unfinished run (continue with ``--resume``);
+- ``finished``: training done, not evaluated;
+- ``evaluated``: results.json written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from firmad.errors import CheckpointError, ConfigError
+
+CONFIG = "config.yaml"
+CHECKPOINT = "checkpoint"
+METRICS = "metrics.jsonl"
+RESULTS = "results.json"
+REPORT = "report.md"
+PLOTS = "plots"
+LOCK = ".lock"
+CELL_LOG = "log.txt"  # a benchmark grid's record of one cell's process
+CELL_ERROR = "error.json"
+STATES = ("new", "started", "partial", "finished", "evaluated")
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # --- paths --------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def checkpoint_json(self) -> Path:
+        return self.path / f"{CHECKPOINT}.json"
+
+    @property
+    def checkpoint_weights(self) -> Path:
+        return self.path / f"{CHECKPOINT}.safetensors"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def results(self) -> Path:
+        return self.path / RESULTS
+
+    @property
+    def report(self) -> Path:
+        return self.path / REPORT
+
+    @property
+    def plots(self) -> Path:
+        return self.path / PLOTS
+
+    # --- state --------------------------------------------------------------------------------
+
+    def checkpoint_meta(self) -> dict | None:
+        if not self.checkpoint_json.exists():
+            return None
+        try:
+            meta = json.loads(self.checkpoint_json.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise CheckpointError(
+                f"{self.checkpoint_json} is damaged ({err}); the weights in "
+                f"{self.checkpoint_weights.name} are not affected, but the training state is "
+                "lost: restore the file from a copy, or start the run again in a new --out"
+            ) from None
+        if not isinstance(meta, dict):
+            raise CheckpointError(
+                f"{self.checkpoint_json} is not a checkpoint description; restore it from a "
+                "copy, or start the run again in a new --out"
+            )
+        return meta
+
+    @property
+    def state(self) -> str:
+        if self.results.exists():
+            return "evaluated"
+        meta = self.checkpoint_meta()
+        if meta is not None:
+            return "finished" if meta.get("finished") else "partial"
+        if self.config.exists():
+            return "started"
+        return "new"
+
+    def own_names(self) -> set[str]:
+        return {
+            CONFIG, f"{CHECKPOINT}.json", f"{CHECKPOINT}.safetensors", METRICS, RESULTS,
+            REPORT, PLOTS, LOCK, CELL_LOG, CELL_ERROR,
+        }  # fmt: skip
+
+    def is_foreign(self) -> bool:
+        """A folder holding files that no firmad run writes: never written into."""
+        if not self.path.exists():
+            return False
+        if not self.path.is_dir():
+            return True
+        own = self.own_names()
+        return any(p.name not in own and not p.name.startswith(".") for p in self.path.iterdir())
+
+    def check_writable_new(self) -> None:
+        if self.is_foreign():
+            raise ConfigError(
+                f"{self.path} is not empty and holds no firmad run; choose a new or empty --out "
+                "so none of your files are overwritten"
+            )
+
+    # --- config and model ---------------------------------------------------------------------
+
+    def read_config(self):
+        from firmad.config import config_from_dict
+
+        if not self.config.exists():
+            raise CheckpointError(f"{self.path} is not a firmad run directory (no {CONFIG})")
+        try:
+            data = yaml.safe_load(self.config.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise CheckpointError(f"{self.config} is not valid YAML ({err}); restore it") from None
+        if not isinstance(data, dict) or not data:
+            raise CheckpointError(
+                f"{self.config} is empty or not a mapping; restore it from a copy, or start the "
+                "run again in a new --out"
+            )
+        try:
+            return config_from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"{self.config}: {err}") from None
+
+    def write_config(self, cfg) -> None:
+        from firmad.config import save_config
+
+        save_config(cfg, self.config)
+
+    def load_checkpoint(self):
+        from firmad.io import load_checkpoint
+
+        return load_checkpoint(self.path, CHECKPOINT)
+
+    def load_model(self, cfg, device: str = "cpu"):
+        """The model of the run's last checkpoint, in eval mode; the run must be finished."""
+        from firmad.io import prefixed
+        from firmad.training import build_model, resolve_device
+
+        tensors, meta = self.load_checkpoint()
+        if not meta.get("finished"):
+            raise CheckpointError(
+                f"{self.path}: training stopped at epoch {meta.get('epoch')} of "
+                f"{cfg.train.epochs}; finish it with `firmad train --resume --out {self.path}`"
+            )
+        model = build_model(cfg, meta.get("dataset", cfg.data.dataset))
+        try:
+            model.load_state_dict(prefixed(tensors, "model"))
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"{self.checkpoint_weights}: weights do not fit {self.config} ({err}); was the "
+                "config edited? Restore it"
+            ) from None
+        return model.to(resolve_device(device)).eval()
+
+    # --- one writer -----------------------------------------------------------------------------
+
+    def lock(self) -> RunDir:
+        """Hold an exclusive lock on the run directory until `unlock` (or the process ends).
+        A second writer gets a ConfigError naming the holder."""
+        import fcntl
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ConfigError(
+                f"{self.path} is in use by {holder}; wait for it to finish or stop it, or "
+                "choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        self._lock_fd = fd
+        return self
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> RunDir:
+        return self.lock()
+
+    def __exit__(self, *exc) -> None:
+        self.unlock()
+
+
+def safe_component(name: str) -> str:
+    """A run or cell name as one safe path component (no separators, no '..', no hidden)."""
+    cleaned = "".join(c if c.isalnum() or c in "-_.+=" else "-" for c in str(name))
+    cleaned = cleaned.strip(".") or "run"
+    return cleaned

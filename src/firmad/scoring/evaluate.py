@@ -1,0 +1,250 @@
+"""Scoring variants and the evaluation loop (features once per rotation, every scorer on them).
+
+A `VariantScorer` is one scorer under one of the paper's variants:
+
+- ``plain`` (s_con): the score at angle 0;
+- ``angled`` (s_shift): the mean over the 4 rotations of the score against a bank of features
+  at the same rotation (a fitted copy of the scorer per rotation);
+- ``ensemble`` (s_ens): ``n_crops`` random crops (scale 0.55-1) x 4 rotations, each scored
+  against the bank at that rotation, averaged — stochastic unless its generator is seeded.
+
+`OneClassDetector` and `score_run` (the benchmark) both score through it, so the API and the
+tables share one path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from firmad.errors import ConfigError, InputError
+from firmad.metrics import evaluate_scores
+from firmad.scoring.features import ANGLES, FeatureExtractor, check_uint8
+from firmad.scoring.scorers import (
+    DEFAULT_SCORERS,
+    KnnCosScorer,
+    Scorer,
+    build_scorer,
+    kmeans_centroids,
+    result_name,
+)
+
+VARIANTS = ("plain", "angled", "ensemble")
+
+
+def angles_for(variant: str) -> tuple[int, ...]:
+    check_variants([variant])
+    return (0,) if variant == "plain" else ANGLES
+
+
+def check_variants(variants: Sequence[str]) -> tuple[str, ...]:
+    variants = tuple(variants)
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        raise ConfigError(f"unknown variant(s) {bad}; choose from: {', '.join(VARIANTS)}.")
+    return variants
+
+
+class VariantScorer(nn.Module):
+    """A scorer fitted per rotation and combined as the variant says."""
+
+    def __init__(
+        self, name: str, params: Mapping[str, Any] | None = None, variant: str = "plain",
+        n_crops: int = 10,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.name, self.params, self.variant = name, dict(params or {}), variant
+        self.angles = angles_for(variant)
+        self.n_crops = int(n_crops)
+        if self.n_crops < 1:
+            raise ConfigError(f"n_crops must be >= 1, got {n_crops}.")
+        self.per_angle = nn.ModuleList(build_scorer(name, **self.params) for _ in self.angles)
+
+    @property
+    def k(self) -> int | None:
+        k = getattr(self.per_angle[0], "k", None)
+        return k if isinstance(self.per_angle[0], KnnCosScorer) else None
+
+    @property
+    def differentiable(self) -> bool:
+        return all(s.differentiable for s in self.per_angle)
+
+    def fit(self, banks: Mapping[int, torch.Tensor], cache: dict | None = None) -> VariantScorer:
+        """``banks[angle]``: the normal training features at that rotation. With a ``cache``
+        dict, scorers already fitted with the same name and parameters at that angle (by
+        another variant) are shared instead of fitted again (OC-SVMs take seconds)."""
+        for i, angle in enumerate(self.angles):
+            key = (self.name, repr(sorted(self.params.items())), angle)
+            if cache is not None and key in cache:
+                self.per_angle[i] = cache[key]
+                continue
+            self.per_angle[i].fit(banks[angle])
+            if cache is not None:
+                cache[key] = self.per_angle[i]
+        return self
+
+    def scorer_at(self, angle: int) -> Scorer:
+        return self.per_angle[self.angles.index(angle)]
+
+    def combine(self, feats: Mapping[int, torch.Tensor]) -> torch.Tensor:
+        """Scores from test features: ``feats[angle]`` is (N, D), or (n_crops, N, D) for the
+        ensemble variant. Differentiable when the features are."""
+        total = None
+        for angle, scorer in zip(self.angles, self.per_angle, strict=True):
+            f = feats[angle]
+            if self.variant == "ensemble":
+                s = sum(scorer(c) for c in f) / (f.shape[0] * len(self.angles))
+            elif self.variant == "angled":
+                s = scorer(f) / len(self.angles)
+            else:
+                s = scorer(f)
+            total = s if total is None else total + s
+        return total
+
+    def forward(
+        self, extractor: FeatureExtractor, x: torch.Tensor, gen: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Differentiable scores of images in [0, 1] through ``extractor``."""
+        crops = self.n_crops if self.variant == "ensemble" else None
+        feats = {}
+        for angle in self.angles:
+            f = extractor(x, angle=angle, crops=crops, gen=gen)
+            feats[angle] = f.reshape(crops, x.shape[0], -1) if crops else f
+        return self.combine(feats)
+
+
+def scorer_specs(scorers) -> list[tuple[str, dict[str, Any]]]:
+    """Scorers as (name, params): names, (name, params) pairs or "name:key=value" strings."""
+    from firmad.config import parse_scorer
+
+    specs = []
+    for spec in scorers:
+        if isinstance(spec, str):
+            specs.append(parse_scorer(spec))
+        else:
+            name, params = spec
+            specs.append((name, dict(params or {})))
+    return specs
+
+
+def extract_banks(
+    extractor: FeatureExtractor,
+    train_images: torch.Tensor,
+    angles: Iterable[int],
+    batch_size: int = 512,
+    bank_centroids: int | None = None,
+    seed: int = 0,
+) -> dict[int, torch.Tensor]:
+    """Normal training features per rotation (optionally replaced by k-means centroids)."""
+    banks = {}
+    for angle in angles:
+        bank = extractor.extract(train_images, batch_size, angle=angle)
+        if bank_centroids is not None and bank_centroids < bank.shape[0]:
+            bank = kmeans_centroids(bank, bank_centroids, seed)
+        banks[angle] = bank
+    return banks
+
+
+def bank_subset(train_images: torch.Tensor, bank_size: int | None, seed: int) -> torch.Tensor:
+    """A seeded random subset of the normal training images as the bank (None: all)."""
+    if bank_size is None or bank_size >= train_images.shape[0]:
+        return train_images
+    if bank_size < 1:
+        raise InputError(f"bank_size must be >= 1 or None, got {bank_size}.")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(train_images.shape[0], generator=g)[:bank_size].sort().values
+    return train_images[idx]
+
+
+def score_run(
+    encoder: nn.Module | FeatureExtractor,
+    train_images: torch.Tensor,
+    test_images: torch.Tensor,
+    test_labels,
+    scorers: Iterable[tuple[str, dict[str, Any]] | str] = DEFAULT_SCORERS,
+    variants: Sequence[str] = ("plain",),
+    device: str | torch.device | None = None,
+    batch_size: int = 512,
+    size: int = 32,
+    resize_ratio: float = 1.125,
+    n_crops: int = 10,
+    seed: int = 0,
+    bank_size: int | None = None,
+    channels: int = 3,
+    knn_backend: str = "auto",
+    return_details: bool = False,
+    bank_centroids: int | None = None,
+    extra_scorers: Sequence[VariantScorer] = (),
+):
+    """Score the test images with every scorer x variant and evaluate the metrics.
+
+    Features are extracted once per rotation (and once for the crops) and shared by all
+    scorers. ``bank_size`` draws a seeded subset of the training images as the bank;
+    ``bank_centroids`` replaces the bank by that many k-means centroids. ``extra_scorers``:
+    fitted `VariantScorer`s (a method's own score) reported first.
+
+    Returns:
+        list of dicts ``{"scorer", "k", "variant", "auroc", "aupr_anomaly", "aupr_normal",
+        "fpr95"}``; with ``return_details=True`` a tuple ``(results, details)`` where details
+        holds ``"scores"`` (result_name -> np.ndarray), ``"labels"`` (np.ndarray) and
+        ``"test_features"`` (plain test features, float32 tensor (N, D)).
+    """
+    variants = check_variants(variants)
+    specs = scorer_specs(scorers)
+    if not specs:
+        raise ConfigError("no scorers given; pass e.g. [('knn_cos', {'k': 5})].")
+    for name, params in specs:
+        if name in ("knn_cos", "knn_cos_norm"):
+            params.setdefault("knn_backend", knn_backend)
+    scorers_ = [VariantScorer(n, p, v, n_crops) for n, p in specs for v in variants]
+    train_images = check_uint8(train_images)
+    test_images = check_uint8(test_images)
+    labels = np.asarray(
+        test_labels.detach().cpu().numpy() if hasattr(test_labels, "detach") else test_labels
+    ).reshape(-1)
+    if labels.shape[0] != test_images.shape[0]:
+        raise InputError(
+            f"{test_images.shape[0]} test images but {labels.shape[0]} test labels; "
+            "pass one label (1 = anomaly) per test image."
+        )
+    extractor = (
+        encoder
+        if isinstance(encoder, FeatureExtractor)
+        else FeatureExtractor(encoder, size, resize_ratio, channels)
+    )
+    if device is not None and extractor.device.type != torch.device(device).type:
+        raise InputError(f"the encoder lives on {extractor.device} but device={device} was given.")
+
+    angles = (0,) if variants == ("plain",) else ANGLES
+    banks = extract_banks(
+        extractor, bank_subset(train_images, bank_size, seed), angles, batch_size,
+        bank_centroids, seed,
+    )  # fmt: skip
+    crop_gen = torch.Generator().manual_seed(seed + 1)
+    test = {a: extractor.extract(test_images, batch_size, angle=a) for a in angles}
+    crops = {}
+    if "ensemble" in variants:
+        for a in angles:  # in angle order: the crops drawn are part of the result
+            crops[a] = extractor.extract(
+                test_images, batch_size, angle=a, crops=n_crops, gen=crop_gen
+            )
+
+    results, all_scores, fitted = [], {}, {}
+    with torch.no_grad():
+        for vs in [*extra_scorers, *scorers_]:
+            if vs not in extra_scorers:
+                vs.fit(banks, cache=fitted)
+            feats = crops if vs.variant == "ensemble" else test
+            scores = vs.combine(feats).double().cpu().numpy()
+            all_scores[result_name(vs.name, vs.k, vs.variant)] = scores
+            results.append(
+                {"scorer": vs.name, "k": vs.k, "variant": vs.variant,
+                 **evaluate_scores(labels, scores)}
+            )  # fmt: skip
+    if return_details:
+        return results, {"scores": all_scores, "labels": labels, "test_features": test[0]}
+    return results

@@ -1,0 +1,59 @@
+"""The model a run trains: the encoder (whose features are scored) plus the method's modules."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from firmad.errors import ConfigError
+from firmad.methods import get_method
+from firmad.models import build_backbone, normalisation_for
+
+
+class OneClassModel(nn.Module):
+    """``encoder`` maps images in [0, 1] to features; ``head`` (contrastive methods) or
+    ``classifier`` (binary) sit on top; ``centre`` is Deep SVDD's fixed centre (a buffer, so it is
+    saved with the weights; zeros for the other methods)."""
+
+    def __init__(self, cfg, dataset: str, normalisation=None):
+        super().__init__()
+        m, channels = cfg.model, cfg.data.channels
+        # The dataset's known statistics, or (mean, std) measured on the user's own images.
+        mean, std = normalisation or normalisation_for(dataset, channels)
+        self.encoder = build_backbone(
+            m.backbone,
+            in_channels=channels,
+            width=m.width,
+            bn_momentum=m.bn_momentum,
+            mean=mean,
+            std=std,
+        )
+        dim = self.encoder.feature_dim
+        self.head = None
+        self.classifier = None
+        for name, module in get_method(cfg).build_modules(dim).items():
+            setattr(self, name, module)
+        self.register_buffer("centre", torch.zeros(dim))
+
+
+def build_model(cfg, dataset: str, normalisation=None) -> OneClassModel:
+    return OneClassModel(cfg, dataset, normalisation)
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" is CUDA when available, else the CPU; an unavailable device is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(
+            f"device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: CUDA was requested but is not available; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("train.device: MPS was requested but is not available; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    return device

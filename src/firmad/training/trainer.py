@@ -1,0 +1,338 @@
+"""The training loop: one readable, method-agnostic loop over an in-memory uint8 pool.
+
+A step: index the pool on the device -> (fresh outliers) -> float -> the method's views in one
+batched augmentation call -> encoder -> the method's loss -> SGD. No per-sample Python, no
+DataLoader. What happens around the loop (checkpoints, the JSONL log, progress, learning curves)
+is done by callbacks (`firmad.training.callbacks`).
+
+SIGINT and SIGTERM never cut a step in half: the loop finishes the current step, lets the
+callbacks save, and then raises KeyboardInterrupt — so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from firmad.augment import ViewAugment, to_float
+from firmad.data import OneClassSplit
+from firmad.data.pool import build_pool, load_split, normal_class_ids, prepare_images
+from firmad.errors import CheckpointError, ConfigError, FirmadError
+from firmad.io import join_state, prefixed, split_state
+from firmad.methods import get_method
+from firmad.outliers import apply_kinds, parse_outliers
+from firmad.training.model import build_model, resolve_device
+
+CHECKPOINT_FORMAT = "firmad-checkpoint-1"
+
+
+class TrainingDiverged(FirmadError):
+    """The loss became NaN or infinite; the weights are no longer usable."""
+
+
+class Trainer:
+    """Builds the pool, model, optimiser and schedule from a RunConfig and runs the loop."""
+
+    def __init__(self, cfg, split: OneClassSplit | None = None, callbacks=(), normalisation=None):
+        self.cfg = cfg
+        self.callbacks = list(callbacks)
+        t = cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.device = resolve_device(t.device)
+        self.split = split if split is not None else load_split(cfg)
+        self.method = get_method(cfg)
+        normals = prepare_images(self.split.train_images, cfg.data.size)
+        ids = normal_class_ids(cfg, self.split, len(normals))
+        self.pool = build_pool(cfg, normals, ids, self.device, self.method.uses_outliers)
+        o = cfg.outliers
+        fresh = o.mode == "fresh" and o.kinds and not o.exposure and self.method.uses_outliers
+        self.fresh_kinds = parse_outliers(o.kinds) if fresh else []
+
+        torch.manual_seed(t.seed)  # model initialisation
+        self.model = build_model(cfg, cfg.data.dataset, normalisation).to(self.device)
+        self.use_cuda = self.device.type == "cuda"
+        # channels_last: faster convolutions on CPU (mkldnn) and GPU alike.
+        self.channels_last = t.channels_last in ("on", "auto")
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        amp = t.amp if t.amp != "auto" else ("bf16" if self.use_cuda else "none")
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16" and self.use_cuda)
+        a = cfg.augment
+        self.augment = (
+            ViewAugment(
+                size=cfg.data.size,
+                scale=tuple(a.scale),
+                ratio=tuple(a.ratio),
+                jitter=tuple(a.jitter),
+                jitter_p=a.jitter_p,
+                blur_kernel=a.blur_kernel,
+                blur_sigma=tuple(a.blur_sigma),
+                blur_p=a.blur_p,
+                hflip_p=a.hflip_p,
+                grayscale_p=a.grayscale_p,
+            )
+            if a.enabled
+            else None
+        )
+        self.n_views = self.method.n_views
+
+        self.samples_per_epoch = len(self.pool.images)
+        if self.fresh_kinds:  # same mix of inliers and outliers as the frozen pool
+            self.samples_per_epoch = self.pool.n_normal * (1 + len(self.fresh_kinds))
+        full = self.samples_per_epoch // t.batch_size
+        if full < 1:
+            raise ConfigError(
+                f"train.batch_size: {t.batch_size} is larger than the {self.samples_per_epoch} "
+                "training samples; lower it"
+            )
+        self.steps_per_epoch = min(full, t.steps_per_epoch) if t.steps_per_epoch else full
+        self.total_steps = self.steps_per_epoch * t.epochs
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if t.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(
+                params,
+                lr=t.lr,
+                momentum=t.momentum,
+                weight_decay=t.weight_decay,
+                **_fused_kwargs(self.device),
+            )
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+        self.scheduler = self._build_scheduler()
+        self.gen = torch.Generator(self.device).manual_seed(t.seed)
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.perm: torch.Tensor | None = None
+        self.history: list[dict[str, Any]] = []  # learning-curve points (diagnostic)
+        self.elapsed = 0.0
+        self.paused = 0.0  # seconds callbacks spent on evaluation inside the current epoch
+        # Compile the encoder itself: attributes of a compiled parent module (compiled.encoder)
+        # are the plain, uncompiled submodules.
+        self.train_encoder = torch.compile(self.model.encoder) if t.compile else self.model.encoder
+
+    def _build_scheduler(self):
+        t = self.cfg.train
+        if t.schedule == "onecycle":
+            # PyTorch divides by zero when pct_start * total_steps <= 1 (tiny runs): widen it.
+            pct = min(0.5, max(t.pct_start, 2.0 / self.total_steps))
+            return torch.optim.lr_scheduler.OneCycleLR(
+                self.optimizer,
+                max_lr=t.lr,
+                total_steps=self.total_steps,
+                pct_start=pct,
+                anneal_strategy="cos",
+            )
+        if t.schedule == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, self.total_steps)
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+
+    @property
+    def finished(self) -> bool:
+        return self.global_step >= self.total_steps
+
+    # --- one step ---------------------------------------------------------------------------
+
+    def sample_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Float images in [0, 1] (B, C, S, S) with their class ids and outlier kind ids."""
+        b = self.cfg.train.batch_size
+        if self.perm is None:
+            self.perm = torch.randperm(
+                self.samples_per_epoch, generator=self.gen, device=self.device
+            )
+        idx = self.perm[self.step_in_epoch * b : (self.step_in_epoch + 1) * b]
+        if self.fresh_kinds:
+            # Slot i of the virtual pool: normal i % N, outlier kind i // N (0 = none).
+            n = self.pool.n_normal
+            kind_ids = idx // n
+            x = to_float(self.pool.images[idx % n], channels=self.cfg.data.channels)
+            x = apply_kinds(x, kind_ids, self.fresh_kinds, self.gen)
+            class_ids = torch.where(kind_ids > 0, -1, self.pool.class_ids[idx % n])
+            return x, class_ids, kind_ids
+        x = to_float(self.pool.images[idx], channels=self.cfg.data.channels)
+        return x, self.pool.class_ids[idx], self.pool.kind_ids[idx]
+
+    def compute_loss(self, x: torch.Tensor, class_ids: torch.Tensor, kind_ids: torch.Tensor):
+        views = torch.cat([x] * self.n_views) if self.n_views > 1 else x
+        if self.augment is not None:
+            views = self.augment(views, self.gen)
+        if self.channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
+        labels = self.method.labels(class_ids, kind_ids)
+        with torch.autocast(
+            self.device.type,
+            dtype=self.amp_dtype or torch.float32,
+            enabled=self.amp_dtype is not None,
+        ):
+            feats = self.train_encoder(views)
+            return self.method.loss(self.model, feats, labels)
+
+    def train_step(self) -> torch.Tensor:
+        x, class_ids, kind_ids = self.sample_batch()
+        loss = self.compute_loss(x, class_ids, kind_ids)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step_in_epoch += 1
+        self.global_step += 1
+        if self.step_in_epoch == self.steps_per_epoch:
+            self.epoch += 1
+            self.step_in_epoch = 0
+            self.perm = None
+        return loss.detach()
+
+    # --- state: everything needed to continue bit for bit ---------------------------------
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, JSON metadata) of the whole training state."""
+        tensors: dict[str, torch.Tensor] = {}
+        for k, v in self.model.state_dict().items():
+            tensors[f"model.{k}"] = v
+        optim_meta = split_state(self.optimizer.state_dict(), "optim", tensors)
+        tensors["rng.train"] = self.gen.get_state()
+        if self.perm is not None:
+            tensors["epoch_perm"] = self.perm
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "total_steps": self.total_steps,
+            "finished": self.finished,
+            "elapsed_s": self.elapsed,
+            "optimizer": optim_meta,
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "history": self.history,
+            "dataset": self.split.dataset,
+            "config": self.cfg.to_dict(),
+        }
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"unknown checkpoint format {meta.get('format')!r}")
+        if meta.get("total_steps") not in (None, self.total_steps):
+            raise CheckpointError(
+                f"the checkpoint was made for {meta['total_steps']} steps but this configuration "
+                f"trains {self.total_steps}; resume with the run's own config.yaml"
+            )
+        self.model.load_state_dict(prefixed(tensors, "model"))
+        optim_state = join_state(meta["optimizer"], tensors)
+        optim_state["state"] = {int(k): v for k, v in optim_state["state"].items()}
+        self.optimizer.load_state_dict(optim_state)
+        # Checkpoints store tensors contiguous; fused SGD needs each momentum buffer in its
+        # parameter's memory layout (channels_last weights), or the update goes wrong.
+        for param in self.model.parameters():
+            state = self.optimizer.state.get(param, {})
+            if state.get("momentum_buffer") is not None:
+                state["momentum_buffer"] = torch.empty_like(param).copy_(state["momentum_buffer"])
+        self.scheduler.load_state_dict(meta["scheduler"])
+        if meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        self.gen.set_state(tensors["rng.train"])
+        self.perm = tensors["epoch_perm"].to(self.device) if "epoch_perm" in tensors else None
+        self.epoch = meta["epoch"]
+        self.step_in_epoch = meta["step_in_epoch"]
+        self.global_step = meta["global_step"]
+        self.history = list(meta.get("history", []))
+        self.elapsed = meta.get("elapsed_s", 0.0)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def _emit(self, event: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, event)(self, *args)
+
+    def fit(self) -> dict[str, Any]:
+        """Train to the end; returns a summary. Ctrl-C / SIGTERM: the step in flight finishes,
+        callbacks see ``on_interrupt`` (the checkpoint is saved there), KeyboardInterrupt."""
+        if self.global_step == 0:
+            normals = self.pool.images[: self.pool.n_normal]
+            self.method.on_train_start(
+                self.model, to_float(normals, channels=self.cfg.data.channels)
+            )
+        self.model.train()
+        views_per_step = self.cfg.train.batch_size * self.n_views
+        check_every = 1 if self.device.type == "cpu" else 10  # a finiteness check syncs a GPU
+        self._emit("on_train_start")
+        loss_sum, loss_n = torch.zeros((), device=self.device), 0
+        epoch_start = time.perf_counter()
+        self.paused = 0.0
+        with _deferred_signals() as stop:
+            while not self.finished:
+                loss = self.train_step()
+                loss_sum += loss
+                loss_n += 1
+                if self.global_step % check_every == 0 and not torch.isfinite(loss_sum):
+                    self._emit("on_diverged")
+                    raise TrainingDiverged(
+                        f"the loss became {float(loss)} at step {self.global_step} (epoch "
+                        f"{self.epoch}); lower train.lr or check the data. The last "
+                        "checkpoint (if any) was kept; the diverged weights were not saved."
+                    )
+                self._emit("on_step_end")
+                if self.step_in_epoch == 0:  # an epoch just ended
+                    seconds = time.perf_counter() - epoch_start
+                    self.elapsed += seconds
+                    record = {
+                        "epoch": self.epoch,
+                        "step": self.global_step,
+                        "loss": float(loss_sum) / max(loss_n, 1),
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "views_per_s": loss_n * views_per_step / max(seconds - self.paused, 1e-9),
+                        "time_s": round(self.elapsed, 3),
+                        "curve_time_s": round(self.paused, 3),
+                    }
+                    self._emit("on_epoch_end", record)
+                    loss_sum, loss_n = torch.zeros((), device=self.device), 0
+                    epoch_start, self.paused = time.perf_counter(), 0.0
+                if stop.requested:
+                    self.elapsed += time.perf_counter() - epoch_start if self.step_in_epoch else 0
+                    self._emit("on_interrupt")
+                    raise KeyboardInterrupt(f"stopped by {stop.requested}")
+        self._emit("on_train_end")
+        return {"epochs": self.epoch, "steps": self.global_step, "train_time_s": self.elapsed}
+
+
+class _StopFlag:
+    requested: str | None = None
+
+
+@contextlib.contextmanager
+def _deferred_signals():
+    """SIGINT / SIGTERM set a flag that the loop reads between steps (main thread only)."""
+    flag = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag.requested = signal.Signals(signum).name
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _fused_kwargs(device: torch.device) -> dict[str, bool]:
+    """Fused SGD saves a pass over the parameters; fall back where a build lacks it."""
+    try:
+        torch.optim.SGD([nn.Parameter(torch.zeros(1, device=device))], lr=0.1, fused=True)
+        return {"fused": True}
+    except (RuntimeError, TypeError, ValueError):
+        return {"foreach": True}

@@ -1,0 +1,86 @@
+"""`firmad fit`, `firmad score` and `firmad export` on small folders; ONNX reproduces scores."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from firmad.cli import main
+from firmad.data import one_vs_rest
+from tests.conftest import FIXTURE_FMNIST
+from tests.test_detector import TRAIN
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    split = one_vs_rest("fashion-mnist", 0, root=str(FIXTURE_FMNIST), max_test=40)
+    normal, new = root / "normal", root / "new"
+    normal.mkdir()
+    (new / "deeper").mkdir(parents=True)
+    for i, img in enumerate(split.train_images[:80]):
+        Image.fromarray(img[0].numpy()).save(normal / f"{i}.png")
+    for i, img in enumerate(split.test_images[:12]):
+        Image.fromarray(img[0].numpy()).convert("RGB").save(new / "deeper" / f"t{i}.jpg")
+    (new / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (new / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def detector_dir(folders, tmp_path_factory):
+    out = tmp_path_factory.mktemp("det") / "det"
+    args = ["-q", "fit", str(folders / "normal"), "--out", str(out)]
+    for item in TRAIN:
+        args += ["--set", item]
+    assert main(args) == 0
+    return out
+
+
+def test_fit_writes_a_calibrated_detector(detector_dir):
+    from firmad.detector import OneClassDetector
+
+    det = OneClassDetector.load(detector_dir)
+    assert det.threshold_ is not None and det.calibration_["n"] == 8  # 10 % of 80 held out
+
+
+def test_score_skips_broken_files(detector_dir, folders, tmp_path, capsys):
+    out = tmp_path / "scores.csv"
+    assert main(["-q", "score", str(detector_dir), str(folders / "new"), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 12 and all(r["anomaly"] in ("0", "1") for r in rows)
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "12 scored, 1 skipped" in err
+    # nothing readable at all: exit 2 with a message
+    assert main(["-q", "score", str(detector_dir), str(folders / "new" / "broken.png")]) == 2
+
+
+def test_score_a_missing_detector_is_a_clear_error(tmp_path, capsys):
+    assert main(["score", str(tmp_path / "none"), str(tmp_path)]) == 2
+    assert "not a firmad detector" in capsys.readouterr().err
+
+
+def test_fit_refuses_a_non_empty_out(folders, tmp_path):
+    (tmp_path / "x.txt").write_text("mine")
+    assert main(["-q", "fit", str(folders / "normal"), "--out", str(tmp_path)]) == 2
+    assert (tmp_path / "x.txt").read_text() == "mine"
+
+
+def test_onnx_export_reproduces_scores(detector_dir, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    from firmad.detector import OneClassDetector
+
+    path = tmp_path / "det.onnx"
+    assert main(["-q", "export", str(detector_dir), "--format", "onnx", "--out", str(path)]) == 0
+    det = OneClassDetector.load(detector_dir)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (7, *det.input_shape_), generator=gen, dtype=torch.uint8)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"images": images.numpy()})
+    np.testing.assert_allclose(got, det.score_images(images), atol=1e-4)
+    assert main(["-q", "export", str(detector_dir), "--format", "tflite", "--out", "x"]) == 2
