@@ -241,41 +241,38 @@ def _random_start(x: Tensor, norm: str, eps: float, gen: torch.Generator) -> Ten
     return _project(x + delta.to(device=x.device, dtype=x.dtype), x, norm, eps)
 
 
-def _objective(fn: ScoreFn, x: Tensor, sign: Tensor, eot: int) -> Tensor:
-    """Mean over ``eot`` evaluations of sign·score (higher = stronger attack), no gradient."""
+def _objective(fn: ScoreFn, x: Tensor, sign: Tensor | float, eot: int) -> Tensor:
+    """Mean over ``eot`` evaluations of sign·score (higher = stronger attack), float64."""
     with torch.no_grad():
         return sum(sign * _call_scores(fn, x).detach().double() for _ in range(eot)) / eot
 
 
-_warned_blind = False
-
-
 def _gradient(fn: ScoreFn, x: Tensor, sign: Tensor, eot: int) -> tuple[Tensor, Tensor]:
-    """Gradient of sign·score w.r.t. the input (averaged over ``eot``), and the objective."""
-    global _warned_blind
+    """Gradient of sign·score w.r.t. the input (mean over ``eot``) and the objective (float64).
+
+    Only the input gets a gradient (``torch.autograd.grad``); a score without a graph gives a
+    zero gradient and a warning (Python shows it once per session by default).
+    """
     grad = torch.zeros_like(x)
     obj = torch.zeros(x.shape[0], device=x.device, dtype=torch.float64)
     for _ in range(eot):
         xi = x.detach().requires_grad_(True)
         with torch.enable_grad():
             s = _call_scores(fn, xi)
+            g = None
             if s.requires_grad:
                 (g,) = torch.autograd.grad((sign * s).sum(), xi, allow_unused=True)
-            else:
-                g = None
         if g is None:
-            if not _warned_blind:
-                warnings.warn(
-                    "the score has no gradient w.r.t. the input (detached, no_grad or a "
-                    "non-torch backend); the attack is blind: only random starts and "
-                    "best-iterate selection act. Pass a differentiable surrogate.",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-                _warned_blind = True
+            warnings.warn(
+                "the score has no gradient w.r.t. the input (detached, no_grad or a non-torch "
+                "backend); the attack is blind: only random starts and best-iterate selection "
+                "act. Pass a differentiable surrogate (grad_fn / surrogate_scores).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         else:
             grad += torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
-        obj += (sign * s.detach()).double()
+        obj += sign.double() * s.detach().double()
     return grad / eot, obj / eot
 
 
@@ -290,51 +287,124 @@ def _run_pgd(
     grad_fn: ScoreFn | None,
     x: Tensor,
     sign: Tensor,
-    *,
-    norm: str,
-    eps: float,
-    steps: int,
-    alpha: float,
-    restarts: int,
-    eot: int,
-    random_start: bool,
+    cfg: dict,
     gen: torch.Generator,
-    batch_size: int | None,
 ) -> tuple[Tensor, Tensor]:
-    """Attack every row of ``x`` (all targeted); return the best images and their objective."""
-    chunks = _batches(x.shape[0], batch_size)
+    """Attack every row of ``x``; return the best images and their objective sign·score.
+
+    Candidates: the clean image, then iterates 0..steps of every restart (iterate 0 is the
+    random start). Gradients come from ``grad_fn`` or the score; selection always uses the
+    score, whose value at an iterate is taken from the same forward pass as its gradient
+    when no separate ``grad_fn`` is given.
+    """
+    norm, eps, steps, alpha, eot = cfg["norm"], cfg["eps"], cfg["steps"], cfg["alpha"], cfg["eot"]
+    chunks = _batches(x.shape[0], cfg["batch_size"])
     best_x = x.clone()
     best_obj = torch.cat([_objective(score_fn, x[b], sign[b], eot) for b in chunks])
-    for _ in range(restarts):
-        # One draw for all images per restart: results do not depend on batch_size.
-        start = _random_start(x, norm, eps, gen) if random_start else x
+    for _ in range(cfg["restarts"]):
+        # One draw for all images per restart, so results do not depend on batch_size.
+        start = _random_start(x, norm, eps, gen) if cfg["random_start"] else x
         for b in chunks:
-            xb, sb = x[b], sign[b]
             x_adv = start[b].clone()
             for k in range(steps + 1):
                 if k < steps:
-                    grad, obj = _gradient(grad_fn or score_fn, x_adv, sb, eot)
-                    if grad_fn is not None:
-                        obj = _objective(score_fn, x_adv, sb, eot)
-                else:
-                    obj = _objective(score_fn, x_adv, sb, eot)
+                    grad, obj = _gradient(grad_fn or score_fn, x_adv, sign[b], eot)
+                if k == steps or grad_fn is not None:
+                    obj = _objective(score_fn, x_adv, sign[b], eot)
                 better = obj > best_obj[b]  # NaN never wins
                 best_x[b][better] = x_adv[better]
                 best_obj[b] = torch.where(better, obj, best_obj[b])
                 if k < steps:
-                    x_adv = _project(_step(x_adv, grad, norm, alpha), xb, norm, eps)
+                    x_adv = _project(_step(x_adv, grad, norm, alpha), x[b], norm, eps)
     return best_x, best_obj
 
 
-def _prepare(detector, x, y, targets):
+@dataclass
+class AttackResult:
+    """Outcome of ``attack_detector``.
+
+    images: the strongest perturbed images (N, C, H, W); images not targeted are unchanged.
+    scores: the true score of ``images`` as used for selection (mean over ``eot``), float64 (N,).
+    winner: per image, the index into ``attacks`` of the attack that won, -1 if not targeted.
+    attacks: names, ``"exact"`` (or ``"grad_fn"``) first, then ``"surrogate:<name>"``.
+    wins: how many targeted images each attack won (ties go to the earlier attack).
+    """
+
+    images: Tensor
+    scores: Tensor
+    winner: Tensor
+    attacks: list[str]
+    wins: dict[str, int] = field(default_factory=dict)
+
+
+def _attack(
+    detector,
+    x,
+    y,
+    grad_fns: dict[str, object | None],
+    *,
+    eps,
+    norm,
+    steps,
+    step_size,
+    restarts,
+    targets,
+    eot,
+    random_start,
+    seed,
+    batch_size,
+) -> AttackResult:
+    """Shared core of ``pgd`` and ``attack_detector``: one PGD run per gradient source
+    (None = the detector's own score, seed + i for the i-th), best per image by the score."""
+    norm = _check_settings(
+        norm, eps, steps, step_size, restarts, targets, eot, random_start, batch_size
+    )
     x = _check_images(x)
     y = _check_labels(y, x.shape[0], x.device)
     if targets == "both":
         idx = torch.arange(x.shape[0], device=x.device)
     else:
         idx = torch.nonzero(y == (0 if targets == "normal" else 1)).flatten()
-    sign = (1.0 - 2.0 * y[idx].to(x.dtype)).to(x.dtype)  # +1 normals (raise), -1 anomalies
-    return x, y, idx, sign
+    sign = 1.0 - 2.0 * y[idx].to(x.dtype)  # +1: normals (raise the score), -1: anomalies
+    score_fn = score_fn_of(detector)
+    sources = [None if g is None else score_fn_of(g) for g in grad_fns.values()]
+    cfg = dict(
+        norm=norm,
+        eps=float(eps),
+        steps=steps,
+        restarts=restarts,
+        eot=eot,
+        alpha=2.5 * eps / steps if step_size is None else float(step_size),
+        random_start=random_start,
+        batch_size=batch_size,
+    )
+
+    images = x.clone()
+    winner = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+    with _eval_mode(detector, *(g for g in grad_fns.values() if g is not None)):
+        scores = torch.cat(
+            [_objective(score_fn, x[b], 1.0, eot) for b in _batches(x.shape[0], batch_size)]
+        )
+        if eps > 0 and idx.numel() > 0:
+            best_x, best_obj, best_i = None, None, torch.zeros_like(idx)
+            for i, source in enumerate(sources):
+                gen = torch.Generator().manual_seed(int(seed) + i)
+                adv, obj = _run_pgd(score_fn, source, x[idx], sign, cfg, gen)
+                if best_x is None:
+                    best_x, best_obj = adv, obj
+                    continue
+                better = obj > best_obj
+                best_x[better] = adv[better]
+                best_obj = torch.where(better, obj, best_obj)
+                best_i[better] = i
+            images[idx] = best_x
+            scores[idx] = sign.double() * best_obj  # sign is ±1: objective back to score
+            winner[idx] = best_i
+        else:
+            winner[idx] = 0
+    names = list(grad_fns)
+    wins = {name: int((winner == i).sum()) for i, name in enumerate(names)}
+    return AttackResult(images, scores, winner, names, wins)
 
 
 def pgd(
@@ -361,7 +431,7 @@ def pgd(
             more anomalous. Its score selects the best iterate.
         x: float images (N, C, H, W) in [0, 1].
         y: labels (N,), 1 = anomaly, 0 = normal. Normals are pushed up, anomalies down.
-        eps: radius of the perturbation in [0, 1] pixel space (L∞ or L2).
+        eps: radius of the perturbation in [0, 1] pixel space (L∞ or L2); 0 = no attack.
         norm: ``"linf"`` or ``"l2"``.
         steps: gradient steps per restart.
         step_size: α; default 2.5·eps/steps.
@@ -371,39 +441,28 @@ def pgd(
         eot: evaluations averaged per step (gradient and selection score) for stochastic scores.
         random_start: uniform start in the ε-ball (see ``_random_start``); else start at x.
         seed: seeds the ``torch.Generator`` of the random starts.
-        grad_fn: optional surrogate score (callable or detector) that provides the gradients;
-            the true score still selects the best iterate.
+        grad_fn: optional surrogate score (callable or detector, same input space and
+            direction) that provides the gradients; the true score still selects the best
+            iterate.
         batch_size: images per forward/backward pass; None = all at once.
     """
-    norm = _check_settings(
-        norm, eps, steps, step_size, restarts, targets, eot, random_start, batch_size
-    )
-    x, _, idx, sign = _prepare(detector, x, y, targets)
-    out = x.clone()
-    if eps == 0 or idx.numel() == 0:
-        return out
-    score_fn = score_fn_of(detector)
-    gfn = score_fn_of(grad_fn) if grad_fn is not None else None
-    alpha = 2.5 * eps / steps if step_size is None else float(step_size)
-    gen = torch.Generator().manual_seed(int(seed))
-    with _eval_mode(detector, *([grad_fn] if grad_fn is not None else [])):
-        best, _ = _run_pgd(
-            score_fn,
-            gfn,
-            x[idx],
-            sign,
-            norm=norm,
-            eps=float(eps),
-            steps=steps,
-            alpha=alpha,
-            restarts=restarts,
-            eot=eot,
-            random_start=random_start,
-            gen=gen,
-            batch_size=batch_size,
-        )
-    out[idx] = best
-    return out
+    source = {"exact" if grad_fn is None else "grad_fn": grad_fn}
+    return _attack(
+        detector,
+        x,
+        y,
+        source,
+        eps=eps,
+        norm=norm,
+        steps=steps,
+        step_size=step_size,
+        restarts=restarts,
+        targets=targets,
+        eot=eot,
+        random_start=random_start,
+        seed=seed,
+        batch_size=batch_size,
+    ).images
 
 
 def fgsm(
@@ -435,27 +494,6 @@ def fgsm(
         grad_fn=grad_fn,
         batch_size=batch_size,
     )
-
-
-# --------------------------------------------------------------------------- exact + surrogates
-
-
-@dataclass
-class AttackResult:
-    """Outcome of ``attack_detector``.
-
-    images: the strongest perturbed images (N, C, H, W); untargeted images unchanged.
-    scores: the true score of ``images`` as used for selection (mean over ``eot``), float64 (N,).
-    winner: per image, the index into ``attacks`` of the attack that won, -1 if not targeted.
-    attacks: names, ``"exact"`` first, then ``"surrogate:<name>"``.
-    wins: how many targeted images each attack won (ties go to the earlier attack).
-    """
-
-    images: Tensor
-    scores: Tensor
-    winner: Tensor
-    attacks: list[str]
-    wins: dict[str, int] = field(default_factory=dict)
 
 
 def _surrogates_of(detector, surrogates) -> dict[str, ScoreFn]:
@@ -496,61 +534,28 @@ def attack_detector(
 ) -> AttackResult:
     """The exact attack plus one attack per surrogate score; keeps the strongest per image.
 
-    The exact attack takes gradients from the detector's own score. With ``surrogates=True``
-    and a detector offering ``surrogate_scores()``, each surrogate provides the gradients of
-    one more PGD run (seed + i) while the true score selects the best iterate; a mapping
-    name -> score function may be passed instead. Per image the result with the best true
-    score in the attack direction is kept. Other arguments as in ``pgd``.
+    The exact attack takes gradients from the detector's own score (it is ``pgd`` with the
+    same arguments). With ``surrogates=True`` and a detector offering ``surrogate_scores()``,
+    each surrogate provides the gradients of one more PGD run (seed + i) while the true score
+    selects the best iterate; a mapping name -> score function may be passed instead. Per
+    image the result with the best true score in the attack direction is kept. Other
+    arguments as in ``pgd``.
     """
-    norm = _check_settings(
-        norm, eps, steps, step_size, restarts, targets, eot, random_start, batch_size
+    sources = {"exact": None}
+    sources.update({f"surrogate:{k}": f for k, f in _surrogates_of(detector, surrogates).items()})
+    return _attack(
+        detector,
+        x,
+        y,
+        sources,
+        eps=eps,
+        norm=norm,
+        steps=steps,
+        step_size=step_size,
+        restarts=restarts,
+        targets=targets,
+        eot=eot,
+        random_start=random_start,
+        seed=seed,
+        batch_size=batch_size,
     )
-    x, _, idx, sign = _prepare(detector, x, y, targets)
-    score_fn = score_fn_of(detector)
-    extra = _surrogates_of(detector, surrogates)
-    names = ["exact"] + [f"surrogate:{k}" for k in extra]
-    grad_fns = [None] + [score_fn_of(f) for f in extra.values()]
-    alpha = 2.5 * eps / steps if step_size is None else float(step_size)
-
-    images = x.clone()
-    winner = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
-    chunks = _batches(x.shape[0], batch_size)
-    with _eval_mode(detector):
-        scores = torch.cat([_objective(score_fn, x[b], 1.0, eot) for b in chunks])
-        if eps == 0 or idx.numel() == 0:
-            winner[idx] = 0
-            return AttackResult(images, scores, winner, names, _count(winner, names))
-        best_x = best_obj = best_i = None
-        for i, gfn in enumerate(grad_fns):
-            gen = torch.Generator().manual_seed(int(seed) + i)
-            adv, obj = _run_pgd(
-                score_fn,
-                gfn,
-                x[idx],
-                sign,
-                norm=norm,
-                eps=float(eps),
-                steps=steps,
-                alpha=alpha,
-                restarts=restarts,
-                eot=eot,
-                random_start=random_start,
-                gen=gen,
-                batch_size=batch_size,
-            )
-            if best_x is None:
-                best_x, best_obj = adv, obj
-                best_i = torch.zeros_like(idx)
-            else:
-                better = obj > best_obj
-                best_x[better] = adv[better]
-                best_obj = torch.where(better, obj, best_obj)
-                best_i[better] = i
-    images[idx] = best_x
-    scores[idx] = sign * best_obj  # sign is ±1: back from objective to score
-    winner[idx] = best_i
-    return AttackResult(images, scores, winner, names, _count(winner, names))
-
-
-def _count(winner: Tensor, names: list[str]) -> dict[str, int]:
-    return {name: int((winner == i).sum()) for i, name in enumerate(names)}
