@@ -418,6 +418,10 @@ def test_sweep_argument_errors(toy, data) -> None:
         robust_auroc_sweep(toy, x, y, eps_list=[])
     with pytest.raises(ConfigError):
         robust_auroc_sweep(toy, x, y, eps_list=[0.1], targets_list=("sideways",))
+    with pytest.raises(ConfigError, match="steps"):
+        robust_auroc_sweep(toy, x, y, eps_list=[0.1], steps=0)
+    with pytest.raises(ConfigError, match="large_eps"):
+        robust_auroc_sweep(toy, x, y, eps_list=[0.1], large_eps=-1.0)
     with pytest.raises(InputError, match="both"):
         robust_auroc_sweep(toy, x[y == 0], y[y == 0], eps_list=[0.1])
 
@@ -463,3 +467,34 @@ def test_cross_check_against_secml_torch(toy, data) -> None:
     assert a_theirs < a_clean - 0.2  # the library attack works through the wrapper
     assert abs(a_ours - a_theirs) < 0.1  # and both reach a similar robust AUROC
     assert a_ours <= a_theirs + 0.02  # ours is not the weaker one
+
+
+def test_eval_mode_restored_for_a_wrapping_detector(data) -> None:
+    """A plain detector object holding its network two levels down, with its own flag."""
+    bank, x, y = data
+
+    class Scorer:
+        def __init__(self):
+            self.encoder = ToyKNN(bank)
+
+    class Wrapper:
+        def __init__(self):
+            self.scorer, self.training = Scorer(), True
+            self.scorer.encoder.train()
+
+        def train(self, mode: bool = True):
+            self.training = mode
+            self.scorer.encoder.train(mode)
+            return self
+
+        def eval(self):
+            return self.train(False)
+
+        def score_tensor(self, z):
+            assert not self.scorer.encoder.bn.training  # attacks run in eval mode
+            return self.scorer.encoder.score_tensor(z)
+
+    det = Wrapper()
+    pgd(det, x, y, eps=4 / 255, steps=2)
+    attack_detector(det, x, y, eps=4 / 255, steps=2)
+    assert det.training and det.scorer.encoder.bn.training

@@ -66,39 +66,46 @@ def score_fn_of(detector) -> ScoreFn:
     )
 
 
-def _modules_of(obj) -> list[nn.Module]:
-    """nn.Modules reachable from ``obj``: itself, its attributes, a bound method's owner."""
-    found: list[nn.Module] = []
+def _modules_of(obj, depth: int = 2) -> list[nn.Module]:
+    """nn.Modules reachable from ``obj``: itself, a bound method's owner, and the attributes
+    of plain (non-Module) objects down to ``depth`` levels (e.g. detector.scorer.encoder)."""
     owner = getattr(obj, "__self__", None)  # a bound method such as detector.score_tensor
-    for o in (obj, owner):
-        if o is None:
-            continue
-        if isinstance(o, nn.Module):
-            found.append(o)
-        attrs = getattr(o, "__dict__", None)
-        if isinstance(attrs, dict) and not isinstance(o, nn.Module):
-            found.extend(v for v in attrs.values() if isinstance(v, nn.Module))
-    return found
+    if owner is not None and not isinstance(owner, type):
+        return _modules_of(owner, depth)
+    if isinstance(obj, nn.Module):
+        return [obj]
+    attrs = getattr(obj, "__dict__", None)
+    if depth == 0 or not isinstance(attrs, dict):
+        return []
+    return [m for v in attrs.values() for m in _modules_of(v, depth - 1)]
 
 
 @contextmanager
 def _eval_mode(*objects) -> Iterator[None]:
-    """Put detectors in eval mode; restore every module's train/eval flag afterwards."""
-    saved: dict[int, tuple[nn.Module, bool]] = {}
+    """Put detectors in eval mode (their ``eval()`` and every reachable module); restore every
+    module's train/eval flag afterwards, and a plain detector's own ``training`` flag through
+    its ``train(mode)``."""
+    modules: dict[int, tuple[nn.Module, bool]] = {}
+    plain: dict[int, tuple[object, bool]] = {}
     for obj in objects:
         for top in _modules_of(obj):
             for m in top.modules():
-                saved.setdefault(id(m), (m, m.training))
+                modules.setdefault(id(m), (m, m.training))
+        flag = getattr(obj, "training", None)
+        if not isinstance(obj, nn.Module) and isinstance(flag, bool) and hasattr(obj, "train"):
+            plain.setdefault(id(obj), (obj, flag))
     try:
         for obj in objects:
             eval_fn = getattr(obj, "eval", None)
-            if callable(eval_fn):
+            if callable(eval_fn) and not isinstance(obj, type):
                 eval_fn()
             for top in _modules_of(obj):
                 top.eval()
         yield
     finally:
-        for m, was_training in saved.values():
+        for obj, was_training in plain.values():
+            obj.train(was_training)
+        for m, was_training in modules.values():
             m.training = was_training
 
 

@@ -40,6 +40,7 @@ from firmad.robustness.attacks import (
     TARGETS,
     _check_images,
     _check_labels,
+    _check_settings,
     attack_detector,
     score,
 )
@@ -190,8 +191,14 @@ def robust_auroc_sweep(
         ``verdicts``, ``checks_skipped`` and ``passed`` (all verdicts passed).
     """
     norm, eps_sorted, modes = _check_sweep(norm, eps_list, targets_list, n_bootstrap)
-    if not _positive(step_factor):
-        raise ConfigError(f"step_factor must be a positive number, got {step_factor!r}.")
+    _check_settings(norm, 0.0, steps, None, restarts, "both", eot, random_start, batch_size)
+    for name, value in [
+        ("step_factor", step_factor),
+        ("check_eps", check_eps),
+        ("large_eps", large_eps),
+    ]:
+        if value is not None and not _positive(value):
+            raise ConfigError(f"{name} must be a positive number, got {value!r}.")
     x = _check_images(x)
     y = _check_labels(y, x.shape[0], x.device)
     if not (y == 0).any() or not (y == 1).any():
