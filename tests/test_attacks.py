@@ -441,6 +441,7 @@ class TwoLogit(nn.Module):
         return torch.stack([-s / 2, s / 2], dim=1)
 
 
+@pytest.mark.slow  # secml-torch's first SGD import pulls in torch._dynamo: 2-9 s once
 def test_cross_check_against_secml_torch(toy, data) -> None:
     secmlt = pytest.importorskip("secmlt", reason="secml-torch not installed (dev extra)")
     from secmlt.adv.evasion.pgd import PGD
