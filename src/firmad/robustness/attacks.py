@@ -1,0 +1,568 @@
+"""PGD and FGSM on a scalar anomaly score.
+
+Conventions:
+
+- A *detector* is any object with ``score_tensor(x) -> Tensor (N,)`` or a plain callable
+  ``f(x) -> Tensor (N,)``. ``x`` is float (N, C, H, W) in [0, 1]; a higher score means more
+  anomalous. Normalisation belongs inside the detector, so ε is measured in [0, 1] pixel space.
+- Labels: 1 = anomaly, 0 = normal. The attack pushes normals towards *higher* scores (false
+  alarms) and anomalies towards *lower* scores (evasion). ``targets`` chooses which of the two
+  groups is attacked; the others come back unchanged.
+- Steps: L∞ ``x + α·sign(g)``, L2 ``x + α·g/‖g‖₂``; after every step δ is projected onto the
+  ε-ball (L∞: clamp to ±ε, L2: rescale to ‖δ‖₂ ≤ ε) and ``x + δ`` is clamped to [0, 1].
+  Default step size α = 2.5·ε/steps.
+- The best iterate per sample (by the true score, in the attack direction) over every step and
+  restart is returned; the clean image is a candidate too, so the result is never weaker
+  than no attack.
+- Scores are assumed to be per sample (no interaction between images in a batch), which holds
+  for a detector in eval mode. Attacks run in eval mode; the train/eval flags of the detector
+  are restored afterwards. Gradients are taken with ``torch.autograd.grad`` w.r.t. the input
+  only, so parameter ``.grad`` fields are never touched.
+- Random starts come from a ``torch.Generator`` seeded with ``seed`` (drawn on the CPU, so the
+  same seed gives the same starts on any device). Randomness *inside* a stochastic score is
+  the detector's own business; ``eot`` averages over it.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from firmad.errors import ConfigError, InputError
+
+__all__ = [
+    "AttackResult",
+    "attack_detector",
+    "fgsm",
+    "pgd",
+    "score",
+    "score_fn_of",
+]
+
+ScoreFn = Callable[[Tensor], Tensor]
+NORMS = ("linf", "l2")
+TARGETS = ("both", "normal", "anomaly")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def score_fn_of(detector) -> ScoreFn:
+    """The score function of a detector: its ``score_tensor`` method, or the callable itself."""
+    fn = getattr(detector, "score_tensor", None)
+    if callable(fn):
+        return fn
+    if callable(detector):
+        return detector
+    raise InputError(
+        f"{type(detector).__name__} is not a detector: pass an object with a "
+        "score_tensor(x) -> Tensor (N,) method, or a callable f(x) -> Tensor (N,)."
+    )
+
+
+def _modules_of(obj, depth: int = 2) -> list[nn.Module]:
+    """nn.Modules reachable from ``obj``: itself, a bound method's owner, and the attributes
+    of plain (non-Module) objects down to ``depth`` levels (e.g. detector.scorer.encoder)."""
+    owner = getattr(obj, "__self__", None)  # a bound method such as detector.score_tensor
+    if owner is not None and not isinstance(owner, type):
+        return _modules_of(owner, depth)
+    if isinstance(obj, nn.Module):
+        return [obj]
+    attrs = getattr(obj, "__dict__", None)
+    if depth == 0 or not isinstance(attrs, dict):
+        return []
+    return [m for v in attrs.values() for m in _modules_of(v, depth - 1)]
+
+
+@contextmanager
+def _eval_mode(*objects) -> Iterator[None]:
+    """Put detectors in eval mode (their ``eval()`` and every reachable module); restore every
+    module's train/eval flag afterwards, and a plain detector's own ``training`` flag through
+    its ``train(mode)``."""
+    modules: dict[int, tuple[nn.Module, bool]] = {}
+    plain: dict[int, tuple[object, bool]] = {}
+    for obj in objects:
+        for top in _modules_of(obj):
+            for m in top.modules():
+                modules.setdefault(id(m), (m, m.training))
+        flag = getattr(obj, "training", None)
+        if not isinstance(obj, nn.Module) and isinstance(flag, bool) and hasattr(obj, "train"):
+            plain.setdefault(id(obj), (obj, flag))
+    try:
+        for obj in objects:
+            eval_fn = getattr(obj, "eval", None)
+            if callable(eval_fn) and not isinstance(obj, type):
+                eval_fn()
+            for top in _modules_of(obj):
+                top.eval()
+        yield
+    finally:
+        for obj, was_training in plain.values():
+            obj.train(was_training)
+        for m, was_training in modules.values():
+            m.training = was_training
+
+
+def _call_scores(fn: ScoreFn, x: Tensor) -> Tensor:
+    """Call a score function and check that it returns one score per image."""
+    s = fn(x)
+    if not isinstance(s, Tensor):
+        raise InputError(f"the score function returned {type(s).__name__}, not a Tensor (N,).")
+    if s.ndim == 2 and s.shape[1] == 1:
+        s = s[:, 0]
+    if s.shape != (x.shape[0],):
+        raise InputError(
+            f"the score function must return one score per image, shape ({x.shape[0]},), "
+            f"got {tuple(s.shape)}."
+        )
+    return s
+
+
+def _batches(n: int, batch_size: int | None) -> list[slice]:
+    size = n if batch_size is None else batch_size
+    return [slice(i, min(i + size, n)) for i in range(0, n, max(size, 1))]
+
+
+def score(detector, x: Tensor, batch_size: int | None = None) -> Tensor:
+    """Anomaly scores (N,) of images in eval mode, without gradients, in batches."""
+    x = _check_images(x)
+    fn = score_fn_of(detector)
+    with _eval_mode(detector), torch.no_grad():
+        parts = [_call_scores(fn, x[b]).detach() for b in _batches(x.shape[0], batch_size)]
+    return torch.cat(parts)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_images(x) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise InputError(f"images must be a torch.Tensor (N, C, H, W), got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise InputError(
+            f"images must be float in [0, 1], got dtype {x.dtype}; convert uint8 images "
+            "with x.float() / 255."
+        )
+    if x.ndim < 2:
+        raise InputError(f"images must have a batch dimension, (N, C, H, W); got {tuple(x.shape)}.")
+    if x.shape[0] == 0:
+        raise InputError("no images to score or attack (N = 0).")
+    if not torch.isfinite(x).all():
+        raise InputError("images contain NaN or infinite values.")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise InputError(
+            f"images must lie in [0, 1] (found [{float(x.min()):.3g}, {float(x.max()):.3g}]); "
+            "attacks work in pixel space, so undo any normalisation and put it inside the "
+            "detector."
+        )
+    return x.detach()
+
+
+def _check_labels(y, n: int, device) -> Tensor:
+    if not isinstance(y, Tensor):
+        try:
+            y = torch.as_tensor(y)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"labels must be 0/1 numbers: {exc}") from exc
+    y = y.reshape(-1) if y.ndim == 2 and 1 in y.shape else y
+    if y.shape != (n,):
+        raise InputError(f"labels must have shape ({n},) (one per image), got {tuple(y.shape)}.")
+    if y.numel() and not ((y == 0) | (y == 1)).all():
+        raise InputError("labels must be 0 (normal) or 1 (anomaly).")
+    return y.to(device=device, dtype=torch.long)
+
+
+def _check_int(name: str, value, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}.")
+    return value
+
+
+def _check_settings(norm, eps, steps, step_size, restarts, targets, eot, random_start, batch_size):
+    norm = str(norm).lower()
+    if norm not in NORMS:
+        raise ConfigError(f"norm must be one of {NORMS}, got {norm!r}.")
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps):
+        raise ConfigError(f"eps must be a finite number >= 0 (pixel space [0, 1]), got {eps!r}.")
+    if eps < 0:
+        raise ConfigError(f"eps must be >= 0 (pixel space [0, 1]), got {eps}.")
+    _check_int("steps", steps)
+    _check_int("restarts", restarts)
+    _check_int("eot", eot)
+    if batch_size is not None:
+        _check_int("batch_size", batch_size)
+    if step_size is not None and (
+        isinstance(step_size, bool)
+        or not isinstance(step_size, int | float)
+        or not step_size > 0
+        or not math.isfinite(step_size)
+    ):
+        raise ConfigError(f"step_size must be a positive number or None, got {step_size!r}.")
+    if targets not in TARGETS:
+        raise ConfigError(f"targets must be one of {TARGETS}, got {targets!r}.")
+    if restarts > 1 and not random_start:
+        raise ConfigError(
+            "restarts > 1 repeat the same attack without a random start; "
+            "set random_start=True or restarts=1."
+        )
+    return norm
+
+
+# --------------------------------------------------------------------------- the attack
+
+
+def _per_sample_norm(t: Tensor) -> Tensor:
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.ndim - 1)))
+
+
+def _project(x_adv: Tensor, x: Tensor, norm: str, eps: float) -> Tensor:
+    """Project ``x_adv`` onto the ε-ball around ``x`` intersected with [0, 1]."""
+    delta = x_adv - x
+    if norm == "linf":
+        delta = delta.clamp(-eps, eps)
+    else:
+        scale = (eps / _per_sample_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
+        delta = delta * scale
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def _random_start(x: Tensor, norm: str, eps: float, gen: torch.Generator) -> Tensor:
+    """L∞: δ uniform in [-ε, ε]^d. L2: δ uniform in the L2 ball (Gaussian direction, radius
+    ε·u^(1/d)), which for image-sized d lies almost on the sphere."""
+    shape = x.shape
+    if norm == "linf":
+        delta = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * eps
+    else:
+        direction = torch.randn(shape, generator=gen, dtype=torch.float64)
+        direction = direction / _per_sample_norm(direction).clamp_min(1e-12)
+        d = x[0].numel()
+        u = torch.rand(shape[0], generator=gen, dtype=torch.float64)
+        radius = eps * u.pow(1.0 / d)
+        delta = direction * radius.view(-1, *([1] * (x.ndim - 1)))
+    return _project(x + delta.to(device=x.device, dtype=x.dtype), x, norm, eps)
+
+
+def _objective(fn: ScoreFn, x: Tensor, sign: Tensor | float, eot: int) -> Tensor:
+    """Mean over ``eot`` evaluations of sign·score (higher = stronger attack), float64."""
+    with torch.no_grad():
+        return sum(sign * _call_scores(fn, x).detach().double() for _ in range(eot)) / eot
+
+
+def _gradient(fn: ScoreFn, x: Tensor, sign: Tensor, eot: int) -> tuple[Tensor, Tensor]:
+    """Gradient of sign·score w.r.t. the input (mean over ``eot``) and the objective (float64).
+
+    Only the input gets a gradient (``torch.autograd.grad``); a score without a graph gives a
+    zero gradient and a warning (Python shows it once per session by default).
+    """
+    grad = torch.zeros_like(x)
+    obj = torch.zeros(x.shape[0], device=x.device, dtype=torch.float64)
+    for _ in range(eot):
+        xi = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            s = _call_scores(fn, xi)
+            g = None
+            if s.requires_grad:
+                (g,) = torch.autograd.grad((sign * s).sum(), xi, allow_unused=True)
+        if g is None:
+            warnings.warn(
+                "the score has no gradient w.r.t. the input (detached, no_grad or a non-torch "
+                "backend); the attack is blind: only random starts and best-iterate selection "
+                "act. Pass a differentiable surrogate (grad_fn / surrogate_scores).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        else:
+            grad += torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        obj += sign.double() * s.detach().double()
+    return grad / eot, obj / eot
+
+
+def _step(x_adv: Tensor, grad: Tensor, norm: str, alpha: float) -> Tensor:
+    if norm == "linf":
+        return x_adv + alpha * grad.sign()
+    return x_adv + alpha * grad / _per_sample_norm(grad).clamp_min(1e-12)
+
+
+def _run_pgd(
+    score_fn: ScoreFn,
+    grad_fn: ScoreFn | None,
+    x: Tensor,
+    sign: Tensor,
+    cfg: dict,
+    gen: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """Attack every row of ``x``; return the best images and their objective sign·score.
+
+    Candidates: the clean image, then iterates 0..steps of every restart (iterate 0 is the
+    random start). Gradients come from ``grad_fn`` or the score; selection always uses the
+    score, whose value at an iterate is taken from the same forward pass as its gradient
+    when no separate ``grad_fn`` is given.
+    """
+    norm, eps, steps, alpha, eot = cfg["norm"], cfg["eps"], cfg["steps"], cfg["alpha"], cfg["eot"]
+    chunks = _batches(x.shape[0], cfg["batch_size"])
+    best_x = x.clone()
+    best_obj = torch.cat([_objective(score_fn, x[b], sign[b], eot) for b in chunks])
+    for _ in range(cfg["restarts"]):
+        # One draw for all images per restart, so results do not depend on batch_size.
+        start = _random_start(x, norm, eps, gen) if cfg["random_start"] else x
+        for b in chunks:
+            x_adv = start[b].clone()
+            for k in range(steps + 1):
+                if k < steps:
+                    grad, obj = _gradient(grad_fn or score_fn, x_adv, sign[b], eot)
+                if k == steps or grad_fn is not None:
+                    obj = _objective(score_fn, x_adv, sign[b], eot)
+                better = obj > best_obj[b]  # NaN never wins
+                best_x[b][better] = x_adv[better]
+                best_obj[b] = torch.where(better, obj, best_obj[b])
+                if k < steps:
+                    x_adv = _project(_step(x_adv, grad, norm, alpha), x[b], norm, eps)
+    return best_x, best_obj
+
+
+@dataclass
+class AttackResult:
+    """Outcome of ``attack_detector``.
+
+    images: the strongest perturbed images (N, C, H, W); images not targeted are unchanged.
+    scores: the true score of ``images`` as used for selection (mean over ``eot``), float64 (N,).
+    winner: per image, the index into ``attacks`` of the attack that won, -1 if not targeted.
+    attacks: names, ``"exact"`` (or ``"grad_fn"``) first, then ``"surrogate:<name>"``.
+    wins: how many targeted images each attack won (ties go to the earlier attack).
+    """
+
+    images: Tensor
+    scores: Tensor
+    winner: Tensor
+    attacks: list[str]
+    wins: dict[str, int] = field(default_factory=dict)
+
+
+def _attack(
+    detector,
+    x,
+    y,
+    grad_fns: dict[str, object | None],
+    *,
+    eps,
+    norm,
+    steps,
+    step_size,
+    restarts,
+    targets,
+    eot,
+    random_start,
+    seed,
+    batch_size,
+) -> AttackResult:
+    """Shared core of ``pgd`` and ``attack_detector``: one PGD run per gradient source
+    (None = the detector's own score, seed + i for the i-th), best per image by the score."""
+    norm = _check_settings(
+        norm, eps, steps, step_size, restarts, targets, eot, random_start, batch_size
+    )
+    x = _check_images(x)
+    y = _check_labels(y, x.shape[0], x.device)
+    if targets == "both":
+        idx = torch.arange(x.shape[0], device=x.device)
+    else:
+        idx = torch.nonzero(y == (0 if targets == "normal" else 1)).flatten()
+    sign = 1.0 - 2.0 * y[idx].to(x.dtype)  # +1: normals (raise the score), -1: anomalies
+    score_fn = score_fn_of(detector)
+    sources = [None if g is None else score_fn_of(g) for g in grad_fns.values()]
+    cfg = dict(
+        norm=norm,
+        eps=float(eps),
+        steps=steps,
+        restarts=restarts,
+        eot=eot,
+        alpha=2.5 * eps / steps if step_size is None else float(step_size),
+        random_start=random_start,
+        batch_size=batch_size,
+    )
+
+    images = x.clone()
+    winner = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+    with _eval_mode(detector, *(g for g in grad_fns.values() if g is not None)):
+        scores = torch.cat(
+            [_objective(score_fn, x[b], 1.0, eot) for b in _batches(x.shape[0], batch_size)]
+        )
+        if eps > 0 and idx.numel() > 0:
+            best_x, best_obj, best_i = None, None, torch.zeros_like(idx)
+            for i, source in enumerate(sources):
+                gen = torch.Generator().manual_seed(int(seed) + i)
+                adv, obj = _run_pgd(score_fn, source, x[idx], sign, cfg, gen)
+                if best_x is None:
+                    best_x, best_obj = adv, obj
+                    continue
+                better = obj > best_obj
+                best_x[better] = adv[better]
+                best_obj = torch.where(better, obj, best_obj)
+                best_i[better] = i
+            images[idx] = best_x
+            scores[idx] = sign.double() * best_obj  # sign is ±1: objective back to score
+            winner[idx] = best_i
+        else:
+            winner[idx] = 0
+    names = list(grad_fns)
+    wins = {name: int((winner == i).sum()) for i, name in enumerate(names)}
+    return AttackResult(images, scores, winner, names, wins)
+
+
+def pgd(
+    detector,
+    x: Tensor,
+    y,
+    *,
+    eps: float,
+    norm: str = "linf",
+    steps: int = 100,
+    step_size: float | None = None,
+    restarts: int = 1,
+    targets: str = "both",
+    eot: int = 1,
+    random_start: bool = True,
+    seed: int = 0,
+    grad_fn: ScoreFn | None = None,
+    batch_size: int | None = None,
+) -> Tensor:
+    """Projected gradient attack on an anomaly score; returns the perturbed images.
+
+    Args:
+        detector: object with ``score_tensor(x)`` or a callable ``f(x) -> (N,)``; higher =
+            more anomalous. Its score selects the best iterate.
+        x: float images (N, C, H, W) in [0, 1].
+        y: labels (N,), 1 = anomaly, 0 = normal. Normals are pushed up, anomalies down.
+        eps: radius of the perturbation in [0, 1] pixel space (L∞ or L2); 0 = no attack.
+        norm: ``"linf"`` or ``"l2"``.
+        steps: gradient steps per restart.
+        step_size: α; default 2.5·eps/steps.
+        restarts: independent random starts; the best iterate over all of them is kept.
+        targets: ``"both"``, ``"normal"`` (false alarms only) or ``"anomaly"`` (evasion only);
+            images not targeted are returned unchanged.
+        eot: evaluations averaged per step (gradient and selection score) for stochastic scores.
+        random_start: uniform start in the ε-ball (see ``_random_start``); else start at x.
+        seed: seeds the ``torch.Generator`` of the random starts.
+        grad_fn: optional surrogate score (callable or detector, same input space and
+            direction) that provides the gradients; the true score still selects the best
+            iterate.
+        batch_size: images per forward/backward pass; None = all at once.
+    """
+    source = {"exact" if grad_fn is None else "grad_fn": grad_fn}
+    return _attack(
+        detector,
+        x,
+        y,
+        source,
+        eps=eps,
+        norm=norm,
+        steps=steps,
+        step_size=step_size,
+        restarts=restarts,
+        targets=targets,
+        eot=eot,
+        random_start=random_start,
+        seed=seed,
+        batch_size=batch_size,
+    ).images
+
+
+def fgsm(
+    detector,
+    x: Tensor,
+    y,
+    *,
+    eps: float,
+    norm: str = "linf",
+    targets: str = "both",
+    eot: int = 1,
+    grad_fn: ScoreFn | None = None,
+    batch_size: int | None = None,
+) -> Tensor:
+    """One gradient step of size ε from the clean image (no random start); the clean image is
+    kept where the step does not help. Same conventions as ``pgd``."""
+    return pgd(
+        detector,
+        x,
+        y,
+        eps=eps,
+        norm=norm,
+        steps=1,
+        step_size=eps if eps > 0 else None,
+        restarts=1,
+        targets=targets,
+        eot=eot,
+        random_start=False,
+        grad_fn=grad_fn,
+        batch_size=batch_size,
+    )
+
+
+def _surrogates_of(detector, surrogates) -> dict[str, ScoreFn]:
+    if surrogates is False or surrogates is None:
+        return {}
+    if surrogates is True:
+        offer = getattr(detector, "surrogate_scores", None)
+        if not callable(offer):
+            return {}
+        surrogates = offer()
+    if not isinstance(surrogates, Mapping):
+        raise ConfigError(
+            "surrogates must be True/False or a mapping name -> score function; "
+            f"got {type(surrogates).__name__}."
+        )
+    for name, fn in surrogates.items():
+        if not callable(fn) and not callable(getattr(fn, "score_tensor", None)):
+            raise ConfigError(f"surrogate {name!r} is not callable; pass f(x) -> Tensor (N,).")
+    return dict(surrogates)
+
+
+def attack_detector(
+    detector,
+    x: Tensor,
+    y,
+    *,
+    eps: float,
+    norm: str = "linf",
+    steps: int = 100,
+    step_size: float | None = None,
+    restarts: int = 1,
+    targets: str = "both",
+    eot: int = 1,
+    random_start: bool = True,
+    seed: int = 0,
+    batch_size: int | None = None,
+    surrogates: bool | Mapping[str, ScoreFn] = True,
+) -> AttackResult:
+    """The exact attack plus one attack per surrogate score; keeps the strongest per image.
+
+    The exact attack takes gradients from the detector's own score (it is ``pgd`` with the
+    same arguments). With ``surrogates=True`` and a detector offering ``surrogate_scores()``,
+    each surrogate provides the gradients of one more PGD run (seed + i) while the true score
+    selects the best iterate; a mapping name -> score function may be passed instead. Per
+    image the result with the best true score in the attack direction is kept. Other
+    arguments as in ``pgd``.
+    """
+    sources = {"exact": None}
+    sources.update({f"surrogate:{k}": f for k, f in _surrogates_of(detector, surrogates).items()})
+    return _attack(
+        detector,
+        x,
+        y,
+        sources,
+        eps=eps,
+        norm=norm,
+        steps=steps,
+        step_size=step_size,
+        restarts=restarts,
+        targets=targets,
+        eot=eot,
+        random_start=random_start,
+        seed=seed,
+        batch_size=batch_size,
+    )
