@@ -568,30 +568,30 @@ def read_run_config_file(path: str | Path) -> RunConfig:
     """The resolved config.yaml of a run directory, validated.
 
     Unlike a recipe, an empty file is an error: a run's config is written in full by
-    `save_config`, so an empty or broken one means the file was damaged (e.g. a full disk).
+    `save_config`, so an empty or broken one was damaged (e.g. by a full disk) or edited.
     """
     path = Path(path)
     fix = (
-        "restore it from a copy, or write it again with the recipe and --set options the run "
-        "was trained with (`firmad train ... --out` a new folder)"
+        "Restore it from a copy, or train the run again with its recipe and --set options "
+        "(firmad train ... --out NEW_FOLDER)."
     )
     if not path.is_file():
         raise ConfigError(f"{path}: no such file; a run directory holds its config.yaml. {fix}")
     try:
         data = _read_yaml_file(path)
     except ConfigError as err:
-        raise ConfigError(f"{err}; {fix}") from None
+        raise ConfigError(f"{err}. {fix}") from None
     if data is None:
-        raise ConfigError(f"{path}: the run's config file is empty; {fix}")
+        raise ConfigError(f"{path}: the run's config file is empty. {fix}")
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: expected a mapping of sections (data, method, train, ...), got "
-            f"{type(data).__name__}; {fix}"
+            f"{type(data).__name__}. {fix}"
         )
     try:
         return config_from_dict(data)
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        raise ConfigError(f"{path}: {err}\n{fix}") from None
 
 
 def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> None:
