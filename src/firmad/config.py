@@ -17,7 +17,6 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import annotated_types
 import yaml
 from pydantic import (
     BaseModel,
@@ -258,16 +257,14 @@ def _expected(tp: Any) -> str:
 
 
 def _fields(tp: Any) -> dict[str, Any] | None:
-    """Field name -> FieldInfo (pydantic) or annotation (dataclass); None for other types."""
+    """Field name -> FieldInfo of a pydantic model; None for other types."""
     tp = _unwrap(tp)
     if isinstance(tp, type) and issubclass(tp, BaseModel):
         return dict(tp.model_fields)
-    if dataclasses.is_dataclass(tp):
-        return typing.get_type_hints(tp)
     return None
 
 
-def _locate(cls: type, loc: tuple) -> tuple[list[str], Any, Any, int]:
+def _locate(model: type[BaseModel], loc: tuple) -> tuple[list[str], Any, Any, int]:
     """Key path parts of a pydantic error location, the annotation and FieldInfo found there,
     and how many items of `loc` the path used.
 
@@ -275,15 +272,15 @@ def _locate(cls: type, loc: tuple) -> tuple[list[str], Any, Any, int]:
     the member tried for unions ('int', 'str', ...) and names unknown keys there.
     """
     parts: list[str] = []
-    tp: Any = cls
+    tp: Any = model
     info = None
     used = 0
     for item in loc:
         fields = _fields(tp)
         if isinstance(item, str) and fields is not None and item in fields:
             parts.append(item)
-            field = fields[item]
-            info, tp = (field, field.annotation) if hasattr(field, "annotation") else (None, field)
+            info = fields[item]
+            tp = info.annotation
         elif isinstance(item, int) and parts and get_origin(_unwrap(tp)) is list:
             parts[-1] += f"[{item}]"
             tp, info = get_args(_unwrap(tp))[0], None
@@ -304,21 +301,19 @@ def _value_at(data: Any, loc: tuple, default: Any) -> Any:
 
 def _bounds(info: Any, tp: Any) -> str:
     """'>= 1', 'in (0, 1)', '>= 1 (or null)' from a field's constraints."""
-    found: dict[str, Any] = {}
-    for item in getattr(info, "metadata", []):
-        for key in ("gt", "ge", "lt", "le"):
-            if isinstance(item, getattr(annotated_types, key.capitalize())):
-                found[key] = getattr(item, key)
-    low = ("gt", found["gt"]) if "gt" in found else ("ge", found.get("ge"))
-    high = ("lt", found["lt"]) if "lt" in found else ("le", found.get("le"))
-    if low[1] is not None and high[1] is not None:
-        text = "in {}{}, {}{}".format(
-            "(" if low[0] == "gt" else "[", low[1], high[1], ")" if high[0] == "lt" else "]"
-        )
-    elif low[1] is not None:
-        text = (">" if low[0] == "gt" else ">=") + f" {low[1]}"
+    c = {
+        key: getattr(item, key)
+        for item in getattr(info, "metadata", [])
+        for key in ("gt", "ge", "lt", "le")
+        if hasattr(item, key)
+    }
+    if ("gt" in c or "ge" in c) and ("lt" in c or "le" in c):
+        low = f"({c['gt']}" if "gt" in c else f"[{c['ge']}"
+        high = f"{c['lt']})" if "lt" in c else f"{c['le']}]"
+        text = f"in {low}, {high}"
     else:
-        text = ("<" if high[0] == "lt" else "<=") + f" {high[1]}"
+        ops = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+        text = next(f"{op} {c[key]}" for key, op in ops if key in c)
     if type(None) in get_args(tp):
         text += " (or null)"
     return text
@@ -327,12 +322,14 @@ def _bounds(info: Any, tp: Any) -> str:
 _BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
-def _config_error(err: ValidationError, cls: type, path: str, data: dict) -> ConfigError:
+def _config_error(
+    err: ValidationError, model: type[BaseModel], path: str, data: dict
+) -> ConfigError:
     """One readable ConfigError (a line per wrong key) from a pydantic ValidationError."""
     lines: dict[str, str] = {}  # key path -> message (a union gives several errors per key)
     unknown: dict[str, tuple[list[str], Any]] = {}
     for e in err.errors():
-        parts, tp, info, used = _locate(cls, e["loc"])
+        parts, tp, info, used = _locate(model, e["loc"])
         where = ".".join(([path] if path else []) + parts) or "recipe"
         if e["type"] == "extra_forbidden":
             unknown.setdefault(where, ([], tp))[0].append(str(e["loc"][used]))
@@ -389,7 +386,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
     try:
         built = model.model_validate(data)
     except ValidationError as err:
-        raise _config_error(err, cls, path, data) from None
+        raise _config_error(err, model, path, data) from None
     if model is cls:
         return built
     return cls(**{name: getattr(built, name) for name in model.model_fields})
