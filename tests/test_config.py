@@ -99,3 +99,144 @@ def test_parse_scorer():
     assert parse_scorer("kde") == ("kde", {})
     with pytest.raises(ConfigError):
         parse_scorer("knn_cos:5")
+
+
+# --- reliability: scientific notation, malformed values, bounds, scorers, run config files ---
+
+
+def test_scientific_notation_is_a_number_everywhere(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("base: fmnist-cpu\ntrain:\n  lr: 1e-4\n  weight_decay: 5E-4\n")
+    cfg = load_config(
+        str(recipe),
+        ["train.eval_every=1.0e9", "data.max_train=1e3", "eval.scorers=[kde:scale=2e1]"],
+    )
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.eval_every) == (1e-4, 5e-4, 1e9)
+    assert cfg.data.max_train == 1000 and isinstance(cfg.data.max_train, int)
+    assert parse_scorer("kde:scale=2e1") == ("kde", {"scale": 20.0})
+    assert parse_scorer("ocsvm_rbf:nu=-1.5e-2") == ("ocsvm_rbf", {"nu": -0.015})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["train.lr=[1,2"], "train.lr=[1,2"),
+        (["eval.scorers=[knn_cos:k=1"], "eval.scorers=[knn_cos:k=1"),
+    ],
+)
+def test_malformed_yaml_in_set_names_the_item(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config("fmnist-cpu", overrides)
+    assert fragment in str(err.value) and "not valid YAML" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "fragments"),
+    [
+        ({"train": {"threads": -1}}, ["train.threads", ">= 1", "null"]),
+        ({"train": {"threads": True}}, ["train.threads", "integer"]),
+        ({"data": {"size": 4096}}, ["data.size", "memory", "1024"]),
+        ({"data": {"size": 4}}, ["data.size", "8"]),
+        ({"train": {"device": "tpu"}}, ["train.device", "cpu", "cuda:N", "mps"]),
+        ({"eval": {"batch_size": 0}}, ["eval.batch_size", ">= 1"]),
+        ({"eval": {"scorers": ["knn_cos:k=abc"]}}, ["knn_cos:k=abc", "integer"]),
+        ({"eval": {"scorers": ["knn_cos:k=0"]}}, ["knn_cos:k=0", "k must be >= 1"]),
+        ({"eval": {"scorers": ["knn_cos:q=1"]}}, ["unknown parameter 'q'", "k, knn_backend"]),
+        ({"eval": {"scorers": ["centre:k=1"]}}, ["unknown parameter 'k'"]),
+        ({"eval": {"scorers": ["kde:scale=yes"]}}, ["kde:scale=yes", "number"]),
+        ({"eval": {"scorers": ["knn_cos:k=[1"]}}, ["knn_cos:k=[1", "not valid YAML"]),
+        ({"train": {"lr": "abc"}}, ["train.lr: expected a number, got 'abc'"]),
+        ({"train": {"pct_start": 1.0}}, ["train.pct_start: must be in (0, 1), got 1.0"]),
+    ],
+)
+def test_impossible_values_fail_at_config_time(data, fragments):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_removed_names_and_unused_eval_enabled():
+    import firmad.config as config
+
+    assert not hasattr(config, "METHODS")
+    assert "firm" in config.CONTRASTIVE_METHODS  # still imported by train.py
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['enabled'\]"):
+        config_from_dict({"eval": {"enabled": True}})
+
+
+def test_typed_sections_and_python_callers():
+    # Tuples from Python callers, empty YAML sections (`train:`), defaults and equality.
+    cfg = config_from_dict({"augment": {"scale": (0.5, 1.0)}, "train": None})
+    assert cfg.augment.scale == [0.5, 1.0] and cfg.train == RunConfig().train
+    assert config_from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="data.normal_class: expected an integer or a string"):
+        config_from_dict({"data": {"normal_class": [1.5]}})
+    with pytest.raises(ConfigError, match=r"outliers.kinds\[0\]: expected a string"):
+        config_from_dict({"outliers": {"kinds": [90]}})
+
+
+def test_build_validates_plain_dataclasses():
+    from dataclasses import dataclass, field
+
+    from firmad.config import _build
+
+    @dataclass
+    class Grid:
+        name: str = "grid"
+        seeds: list[int] = field(default_factory=lambda: [0])
+        classes: list[int | str] | str = "all"
+
+    grid = _build(Grid, {"seeds": [1, 2], "classes": [0, "Bag"]}, "")
+    assert grid == Grid(seeds=[1, 2], classes=[0, "Bag"]) and isinstance(grid, Grid)
+    with pytest.raises(ConfigError, match=r"grid.seeds\[1\]: expected an integer, got True"):
+        _build(Grid, {"seeds": [1, True]}, "grid")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['seed'\]; allowed keys: name"):
+        _build(Grid, {"seed": [1]}, "")
+
+
+def test_augment_and_head_checks_have_one_source():
+    from firmad.augment import ViewAugment
+    from firmad.models import build_head
+
+    with pytest.raises(ConfigError) as by_config:
+        config_from_dict({"augment": {"scale": [0.9, 0.1]}})
+    with pytest.raises(ConfigError) as by_module:
+        ViewAugment(scale=(0.9, 0.1))
+    assert str(by_config.value) == str(by_module.value)
+    assert str(by_config.value).startswith("augment.scale:")
+    with pytest.raises(ConfigError) as by_config:
+        config_from_dict({"model": {"head_depth": -1}})
+    with pytest.raises(ConfigError) as by_module:
+        build_head(32, depth=-1)
+    assert str(by_config.value) == str(by_module.value)
+    assert str(by_config.value).startswith("model.head_depth:")
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("", "empty"),
+        ("# only a comment\n", "empty"),
+        ("train: [1, 2\n", "not valid YAML"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("train:\n  epochs: 0\n", "train.epochs"),
+    ],
+)
+def test_run_config_file_refuses_empty_or_broken(tmp_path, content, fragment):
+    from firmad.config import read_run_config_file
+
+    path = tmp_path / "config.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as err:
+        read_run_config_file(path)
+    msg = str(err.value)
+    assert str(path) in msg and fragment in msg and "restore it from a copy" in msg.lower()
+
+
+def test_run_config_file_round_trip(tmp_path):
+    from firmad.config import read_run_config_file
+
+    cfg = load_config("fmnist-cpu", ["train.lr=1e-5"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert read_run_config_file(tmp_path / "config.yaml") == cfg

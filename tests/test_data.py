@@ -171,6 +171,33 @@ def test_idx_missing_labels_file(tmp_path):
         load_dataset("mnist", "test", root=folder)
 
 
+def test_idx_labels_out_of_range(tmp_path):
+    folder = make_idx(tmp_path / "f")
+    labels = np.arange(12, dtype=np.uint8) % 10
+    labels[5] = 200  # Fashion-MNIST has 10 classes
+    write_idx(folder / "train-labels-idx1-ubyte.gz", labels)
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte\.gz: label 200 is out of range"):
+        load_dataset("fashion-mnist", root=folder)
+
+
+def test_idx_permission_denied_is_not_called_corrupt(tmp_path, monkeypatch):
+    folder = make_idx(tmp_path / "m")
+    denied = folder / "train-labels-idx1-ubyte.gz"
+    real_open = sources.gzip.open
+
+    def gzip_open(path, *args, **kwargs):
+        if Path(path) == denied:  # as for a file of mode 0600 owned by someone else
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(sources.gzip, "open", gzip_open)
+    with pytest.raises(DataError) as err:
+        load_dataset("mnist", root=folder)
+    msg = str(err.value)
+    assert f"cannot read {denied}: permission denied" in msg
+    assert "corrupt" not in msg and "Delete" not in msg
+
+
 def test_fixture_fashion_mnist():
     train = load_dataset("fashion-mnist", "train", root=FIXTURE)
     test = load_dataset("fashion-mnist", "test", root=FIXTURE)
@@ -327,6 +354,24 @@ def test_folder_empty_normal_class(tmp_path):
         load_dataset(f"folder:{tmp_path / 'imgs'}")
 
 
+def test_folder_unreadable_subfolder_is_not_skipped(tmp_path, monkeypatch):
+    rng = np.random.default_rng(6)
+    for rel in ("cat/a.png", "cat/more/b.png", "dog/c.png"):
+        save_image(tmp_path / "d" / rel, rng.integers(0, 256, (10, 10, 3), dtype=np.uint8))
+    locked = tmp_path / "d" / "cat" / "more"
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # tests run as root, who may read any folder: simulate mode 0700
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(DataError) as err:
+        load_dataset(f"folder:{tmp_path / 'd'}", size=8)
+    assert f"cannot read the folder {locked}" in str(err.value)
+
+
 def test_folder_missing(tmp_path):
     with pytest.raises(DataNotFoundError, match="image folder not found"):
         load_dataset(f"folder:{tmp_path / 'nope'}")
@@ -370,6 +415,18 @@ def test_npz_bad_inputs(tmp_path):
         load_dataset(f"npz:{tmp_path / 'm.npz'}")
     with pytest.raises(DataNotFoundError, match="npz file not found"):
         load_dataset(f"npz:{tmp_path / 'none.npz'}")
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [np.array([0.0, 1.7]), np.array([0.0, np.nan]), np.array([0.0, 1.0])],
+    ids=["fraction", "nan", "whole-floats"],
+)
+def test_npz_float_labels_are_refused(tmp_path, labels):
+    images = np.zeros((2, 4, 4), np.uint8)
+    np.savez(tmp_path / "f.npz", images=images, labels=labels)
+    with pytest.raises(DataError, match=r"labels are float64; store integer class ids"):
+        load_dataset(f"npz:{tmp_path / 'f.npz'}")
 
 
 # ---------------------------------------------------------------------------------------------

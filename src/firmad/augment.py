@@ -14,6 +14,8 @@ crop (and flip), closed-form colour adjustments, and one grouped ``conv2d`` for 
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -29,6 +31,7 @@ __all__ = [
     "adjust_contrast",
     "adjust_hue",
     "adjust_saturation",
+    "check_view_settings",
     "color_jitter",
     "gaussian_blur",
     "grayscale",
@@ -253,6 +256,61 @@ def _crop_resize(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None
     return _sample_grid(x, g[:, :size], g[:, size:])
 
 
+def _is_number(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def check_view_settings(
+    *,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    jitter: Sequence[float],
+    jitter_p: float,
+    blur_kernel: int,
+    blur_sigma: Sequence[float],
+    blur_p: float,
+    hflip_p: float,
+    grayscale_p: float,
+) -> None:
+    """Check view augmentation settings; ConfigError names the recipe key (``augment.KEY``).
+
+    The one check of these values: the config calls it before any work starts, and
+    `ViewAugment` calls it when built directly.
+    """
+
+    def pair(key: str, value: Sequence[float], top: float | None) -> None:
+        v = list(value)
+        bound = "" if top is None else f" <= {top:g}"
+        ok = len(v) == 2 and all(map(_is_number, v)) and 0 < v[0] <= v[1]
+        if not ok or (top is not None and v[1] > top):
+            raise ConfigError(
+                f"augment.{key}: expected [low, high] with 0 < low <= high{bound}, got {v}"
+            )
+
+    pair("scale", scale, 1.0)
+    pair("ratio", ratio, None)
+    pair("blur_sigma", blur_sigma, None)
+    j = list(jitter)
+    if len(j) != 4 or not all(map(_is_number, j)) or min(j) < 0 or j[3] > 0.5:
+        raise ConfigError(
+            "augment.jitter: expected 4 values >= 0 (brightness, contrast, saturation, hue) "
+            f"with hue <= 0.5, got {j}"
+        )
+    whole = _is_number(blur_kernel) and float(blur_kernel).is_integer()
+    if not whole or blur_kernel < 1 or blur_kernel % 2 == 0:
+        raise ConfigError(
+            f"augment.blur_kernel: must be a positive odd integer, got {blur_kernel!r}"
+        )
+    for key, p in (
+        ("jitter_p", jitter_p),
+        ("blur_p", blur_p),
+        ("hflip_p", hflip_p),
+        ("grayscale_p", grayscale_p),
+    ):
+        if not _is_number(p) or not 0.0 <= p <= 1.0:
+            raise ConfigError(f"augment.{key}: must be a probability in [0, 1], got {p!r}")
+
+
 class ViewAugment(nn.Module):
     """Per-sample random views: RandomResizedCrop -> hflip -> ColorJitter -> grayscale -> blur.
 
@@ -280,29 +338,17 @@ class ViewAugment(nn.Module):
         super().__init__()
         if int(size) <= 0:
             raise ConfigError(f"augment size must be a positive integer, got {size}")
-        if not (0 < scale[0] <= scale[1] <= 1):
-            raise ConfigError(f"augment scale must satisfy 0 < min <= max <= 1, got {scale}")
-        if not (0 < ratio[0] <= ratio[1]):
-            raise ConfigError(f"augment ratio must satisfy 0 < min <= max, got {ratio}")
-        if len(jitter) != 4 or any(j < 0 for j in jitter) or jitter[3] > 0.5:
-            raise ConfigError(
-                "augment jitter must be 4 non-negative values (brightness, contrast, "
-                f"saturation, hue) with hue <= 0.5, got {jitter}"
-            )
-        if blur_kernel < 1 or blur_kernel % 2 == 0:
-            raise ConfigError(
-                f"augment blur_kernel must be a positive odd integer, got {blur_kernel}"
-            )
-        if not (0 < blur_sigma[0] <= blur_sigma[1]):
-            raise ConfigError(f"augment blur_sigma must satisfy 0 < min <= max, got {blur_sigma}")
-        for name, p in (
-            ("jitter_p", jitter_p),
-            ("blur_p", blur_p),
-            ("hflip_p", hflip_p),
-            ("grayscale_p", grayscale_p),
-        ):
-            if not (0.0 <= p <= 1.0):
-                raise ConfigError(f"augment {name} must be a probability in [0, 1], got {p}")
+        check_view_settings(
+            scale=scale,
+            ratio=ratio,
+            jitter=jitter,
+            jitter_p=jitter_p,
+            blur_kernel=blur_kernel,
+            blur_sigma=blur_sigma,
+            blur_p=blur_p,
+            hflip_p=hflip_p,
+            grayscale_p=grayscale_p,
+        )
         self.size = int(size)
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))

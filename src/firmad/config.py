@@ -1,107 +1,165 @@
 """Typed, validated run configuration (recipes are YAML files of these sections).
 
 A recipe is checked completely before any work starts: unknown keys, wrong types and impossible
-values raise ConfigError with the key path and the allowed values.
+values raise ConfigError with the key path and the allowed values. Types and simple bounds are
+checked by pydantic models; names from registries (backbones, outliers, scorers) and the
+augmentation and head settings are checked by the modules that own them, after the types.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+)
 
 from firmad.errors import ConfigError
 
-METHODS = ("firm", "ntxent", "rotsupcon", "supcon-binary", "dsvdd", "binary")
 CONTRASTIVE_METHODS = ("firm", "ntxent", "rotsupcon", "supcon-binary")
 
+DEVICES = "auto, cpu, cuda, cuda:N (N = 0, 1, ...), mps"
+MIN_SIZE, MAX_SIZE = 8, 1024
 
-@dataclass
-class DataConfig:
+
+def _whole_number(value: Any) -> Any:
+    """1e3 is read as the float 1000.0; accept it where an integer is expected."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# An integer that may be written in scientific notation (1e4); bools stay refused (strict mode).
+Int = Annotated[int, BeforeValidator(_whole_number)]
+
+
+class _Section(BaseModel):
+    # strict: no bool for numbers, no "3" for 3; forbid: a misspelt key is an error, not ignored.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class DataConfig(_Section):
     dataset: str = "fashion-mnist"
     root: str | None = None
     # One class id/name, or a list of them (multi-class normal).
     normal_class: int | str | list[int | str] = 0
     # Another dataset whose test split is the anomalies (normal dataset vs outlier dataset).
     outlier_dataset: str | None = None
-    max_train: int | None = None
-    max_test: int | None = None
-    size: int = 32  # images are resized once to this size (paper: Fashion-MNIST upsampled to 32)
-    channels: int = 3  # grayscale is repeated to 3 channels as in the paper
+    max_train: Int | None = Field(None, ge=1)
+    max_test: Int | None = Field(None, ge=2)
+    size: Int = 32  # images are resized once to this size (paper: Fashion-MNIST upsampled to 32)
+    channels: Int = 3  # grayscale is repeated to 3 channels as in the paper
     download: bool = False
 
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: int) -> int:
+        if v < MIN_SIZE:
+            raise ValueError(
+                f"{v} px is too small for the encoders' downsampling; use {MIN_SIZE}..{MAX_SIZE}"
+            )
+        if v > MAX_SIZE:
+            # Every image of the split is held in memory at this size, and activations grow
+            # with size squared: a typo like 10240 would exhaust memory long after the start.
+            raise ValueError(
+                f"{v} px is too large: all images are kept in memory at this size and the "
+                f"encoder's memory grows with size squared; use {MIN_SIZE}..{MAX_SIZE}"
+            )
+        return v
 
-@dataclass
-class MethodConfig:
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v: int) -> int:
+        if v not in (1, 3):
+            raise ValueError(f"must be 1 or 3, got {v}")
+        return v
+
+
+class MethodConfig(_Section):
     name: Literal["firm", "ntxent", "rotsupcon", "supcon-binary", "dsvdd", "binary"] = "firm"
-    tau: float = 0.2
+    tau: float = Field(0.2, gt=0)
     loss_mode: Literal["pairwise", "concat"] = "pairwise"
     symmetric: bool = False  # NT-Xent: the paper's one-directional form unless true
 
 
-@dataclass
-class OutlierConfig:
+class OutlierConfig(_Section):
     # Each entry is one outlier kind; "a+b" chains transforms into one kind.
-    kinds: list[str] = field(default_factory=lambda: ["rot90", "rot180", "rot270"])
+    kinds: list[str] = Field(default_factory=lambda: ["rot90", "rot180", "rot270"])
     mode: Literal["frozen", "fresh"] = "frozen"
     # Real outlier exposure: "folder:PATH" / "npz:PATH" / a dataset name; replaces synthetic kinds.
     exposure: str | None = None
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     backbone: str = "resnet18_cifar"
-    width: float = 1.0
-    bn_momentum: float = 0.1  # the paper's code effectively used 0.9 (PyTorch convention)
-    head_depth: int = 8
-    head_hidden: int = 1024
-    head_out: int = 128
+    width: float = Field(1.0, gt=0)
+    # the paper's code effectively used 0.9 (PyTorch convention)
+    bn_momentum: float = Field(0.1, ge=0, le=1)
+    # Checked by firmad.models.heads.check_head_settings (one source of truth).
+    head_depth: Int = 8
+    head_hidden: Int = 1024
+    head_out: Int = 128
 
 
-@dataclass
-class AugmentConfig:
+class AugmentConfig(_Section):
+    # Values are checked by firmad.augment.check_view_settings (one source of truth).
     enabled: bool = True
-    scale: list[float] = field(default_factory=lambda: [0.25, 1.0])
-    ratio: list[float] = field(default_factory=lambda: [1.0, 1.0])
-    jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.4])
+    scale: list[float] = Field(default_factory=lambda: [0.25, 1.0])
+    ratio: list[float] = Field(default_factory=lambda: [1.0, 1.0])
+    jitter: list[float] = Field(default_factory=lambda: [0.4, 0.4, 0.4, 0.4])
     jitter_p: float = 1.0
-    blur_kernel: int = 3
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    blur_kernel: Int = 3
+    blur_sigma: list[float] = Field(default_factory=lambda: [0.1, 2.0])
     blur_p: float = 0.75
     hflip_p: float = 0.0
     grayscale_p: float = 0.0
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = 2000
-    batch_size: int = 32  # samples per step; each gives two views
+class TrainConfig(_Section):
+    epochs: Int = Field(2000, ge=1)
+    batch_size: Int = Field(32, ge=2)  # samples per step; each gives two views
     optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 3e-4
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(3e-4, ge=0)
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
-    pct_start: float = 0.01
-    seed: int = 0
+    pct_start: float = Field(0.01, gt=0, lt=1)
+    seed: Int = Field(0, ge=0)
     device: str = "auto"
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto = on
     compile: bool = False
-    steps_per_epoch: int | None = None  # cap, for CPU budgets; None = a full pass over the pool
-    checkpoint_every: int = 0  # epochs; 0 = only at the end (and on Ctrl-C)
-    eval_every: float = 0  # epochs between learning-curve points (0.25 = 4 an epoch); 0 = none
-    threads: int | None = None
+    # cap, for CPU budgets; None = a full pass over the pool
+    steps_per_epoch: Int | None = Field(None, ge=1)
+    checkpoint_every: Int = Field(0, ge=0)  # epochs; 0 = only at the end (and on Ctrl-C)
+    # epochs between learning-curve points (0.25 = 4 an epoch); 0 = none
+    eval_every: float = Field(0, ge=0)
+    threads: Int | None = Field(None, ge=1)  # None = torch's default
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError(f"{v!r} is not a device; choose from {DEVICES}")
+        return v
 
 
-@dataclass
-class EvalConfig:
-    enabled: bool = True
-    scorers: list[str] = field(
+class EvalConfig(_Section):
+    scorers: list[str] = Field(
         default_factory=lambda: [
             "knn_cos:k=1",
             "knn_cos:k=5",
@@ -113,181 +171,300 @@ class EvalConfig:
             "ocsvm_linear",
         ]
     )
-    variants: list[Literal["plain", "angled", "ensemble"]] = field(
+    variants: list[Literal["plain", "angled", "ensemble"]] = Field(
         default_factory=lambda: ["plain"]
     )
-    batch_size: int = 512
-    resize_ratio: float = 1.125  # test transform: resize to 1.125x then centre-crop (36 -> 32)
-    bank_size: int | None = None  # random subset of the normal training images as the bank
-    bank_centroids: int | None = None  # or k-means centroids of the bank's features
-    n_crops: int = 10
-    curve_max_test: int = 2000  # test subsample for learning-curve points (diagnostic only)
+    batch_size: Int = Field(512, ge=1)
+    # test transform: resize to 1.125x then centre-crop (36 -> 32)
+    resize_ratio: float = Field(1.125, ge=1)
+    bank_size: Int | None = Field(None, ge=1)  # random subset of the normal training images
+    bank_centroids: Int | None = Field(None, ge=1)  # or k-means centroids of the bank's features
+    n_crops: Int = Field(10, ge=1)
+    # test subsample for learning-curve points (diagnostic only)
+    curve_max_test: Int = Field(2000, ge=2)
 
 
-@dataclass
-class RunConfig:
+SECTIONS = ("data", "method", "outliers", "model", "augment", "train", "eval")
+
+
+class RunConfig(_Section):
     name: str = "run"
-    data: DataConfig = field(default_factory=DataConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    outliers: OutlierConfig = field(default_factory=OutlierConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    outliers: OutlierConfig = Field(default_factory=OutlierConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator(*SECTIONS, mode="before")
+    @classmethod
+    def _empty_section(cls, v: Any) -> Any:
+        return {} if v is None else v  # `train:` with nothing under it in YAML
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
+
+
+# --- YAML: numbers in scientific notation -----------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where 1e-3 and 1.0e9 are strings; read them as numbers."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """yaml.safe_load, but 1e-3 is a number (as in YAML 1.2 and JSON)."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no objects
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The short reason of a YAML error, without PyYAML's multi-line context."""
+    problem = getattr(err, "problem", None) or getattr(err, "context", None)
+    return str(problem or err).strip()
 
 
 # --- building from dicts, with key paths in every error ---------------------------------------
 
 
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in get_args(tp))
-    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+def _unwrap(tp: Any) -> Any:
+    return get_args(tp)[0] if get_origin(tp) is Annotated else tp
 
 
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """Check `value` against the annotation `tp`; ints are accepted where floats are."""
+def _expected(tp: Any) -> str:
+    """'an integer', 'a number or null', ... for an annotation."""
+    tp = _unwrap(tp)
     origin = get_origin(tp)
     if origin is Literal:
-        if value not in get_args(tp):
-            raise ConfigError(f"{path}: {value!r} is not allowed; use {_type_name(tp)}")
-        return value
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
-        errors = []
-        for option in get_args(tp):
-            try:
-                return _coerce(value, option, path)
-            except ConfigError as err:
-                errors.append(str(err))
-        allowed = " or ".join(_type_name(a) for a in get_args(tp))
-        raise ConfigError(f"{path}: {value!r} has the wrong type; expected {allowed}")
+        return " or ".join(_expected(a) for a in get_args(tp))
     if origin is list:
-        (item_tp,) = get_args(tp)
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
+        return "a list"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
     if tp is type(None):
-        if value is not None:
-            raise ConfigError(f"{path}: expected null, got {value!r}")
-        return None
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{path}: unsupported type {tp}")  # pragma: no cover
+        return "null"
+    if tp in names:
+        return names[tp]
+    return "a mapping of keys"
+
+
+def _fields(tp: Any) -> dict[str, Any] | None:
+    """Field name -> FieldInfo of a pydantic model; None for other types."""
+    tp = _unwrap(tp)
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return dict(tp.model_fields)
+    return None
+
+
+def _locate(model: type[BaseModel], loc: tuple) -> tuple[list[str], Any, Any, int]:
+    """Key path parts of a pydantic error location, the annotation and FieldInfo found there,
+    and how many items of `loc` the path used.
+
+    The walk stops at the first item that is neither a field nor a list index: pydantic adds
+    the member tried for unions ('int', 'str', ...) and names unknown keys there.
+    """
+    parts: list[str] = []
+    tp: Any = model
+    info = None
+    used = 0
+    for item in loc:
+        fields = _fields(tp)
+        if isinstance(item, str) and fields is not None and item in fields:
+            parts.append(item)
+            info = fields[item]
+            tp = info.annotation
+        elif isinstance(item, int) and parts and get_origin(_unwrap(tp)) is list:
+            parts[-1] += f"[{item}]"
+            tp, info = get_args(_unwrap(tp))[0], None
+        else:
+            break
+        used += 1
+    return parts, tp, info, used
+
+
+def _value_at(data: Any, loc: tuple, default: Any) -> Any:
+    try:
+        for item in loc:
+            data = data[item]
+    except (KeyError, IndexError, TypeError):
+        return default
+    return data
+
+
+def _bounds(info: Any, tp: Any) -> str:
+    """'>= 1', 'in (0, 1)', '>= 1 (or null)' from a field's constraints."""
+    c = {
+        key: getattr(item, key)
+        for item in getattr(info, "metadata", [])
+        for key in ("gt", "ge", "lt", "le")
+        if hasattr(item, key)
+    }
+    if ("gt" in c or "ge" in c) and ("lt" in c or "le" in c):
+        low = f"({c['gt']}" if "gt" in c else f"[{c['ge']}"
+        high = f"{c['lt']})" if "lt" in c else f"{c['le']}]"
+        text = f"in {low}, {high}"
+    else:
+        ops = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+        text = next(f"{op} {c[key]}" for key, op in ops if key in c)
+    if type(None) in get_args(tp):
+        text += " (or null)"
+    return text
+
+
+_BOUND_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def _config_error(
+    err: ValidationError, model: type[BaseModel], path: str, data: dict
+) -> ConfigError:
+    """One readable ConfigError (a line per wrong key) from a pydantic ValidationError."""
+    lines: dict[str, str] = {}  # key path -> message (a union gives several errors per key)
+    unknown: dict[str, tuple[list[str], Any]] = {}
+    for e in err.errors():
+        parts, tp, info, used = _locate(model, e["loc"])
+        where = ".".join(([path] if path else []) + parts) or "recipe"
+        if e["type"] == "extra_forbidden":
+            unknown.setdefault(where, ([], tp))[0].append(str(e["loc"][used]))
+            continue
+        # A union's errors come from the members tried: show the value the user wrote.
+        value = _value_at(data, e["loc"][:used], e["input"])
+        if e["type"] in ("model_type", "dataclass_type", "dict_type"):
+            msg = f"expected a mapping of keys, got {value!r}"
+        elif e["type"] == "literal_error":
+            msg = f"{value!r} is not allowed; use {_expected(tp)}"
+        elif e["type"] in _BOUND_ERRORS:
+            msg = f"must be {_bounds(info, tp)}, got {value!r}"
+        elif e["type"] == "value_error":
+            msg = str(e["ctx"]["error"])
+        else:
+            msg = f"expected {_expected(tp)}, got {value!r}"
+        lines.setdefault(where, f"{where}: {msg}")
+    for where, (keys, tp) in unknown.items():
+        allowed = ", ".join(_fields(tp) or [])
+        lines.setdefault(where, f"{where}: unknown key(s) {keys}; allowed keys: {allowed}")
+    return ConfigError("\n".join(lines.values()))
+
+
+@functools.cache
+def _model_of(cls: type) -> type[BaseModel]:
+    """A strict pydantic model with a plain dataclass's fields (for GridConfig in bench.py)."""
+    hints = typing.get_type_hints(cls)
+    spec: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING:
+            spec[f.name] = (hints[f.name], Field(default_factory=f.default_factory))
+        else:
+            spec[f.name] = (hints[f.name], f.default)
+    return create_model(cls.__name__, __base__=_Section, **spec)
+
+
+def _plain(data: Any) -> Any:
+    """Tuples to lists: Python callers may pass (0.25, 1.0) where YAML gives a list."""
+    if isinstance(data, dict):
+        return {k: _plain(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [_plain(v) for v in data]
+    return data
 
 
 def _build(cls: type, data: Any, path: str) -> Any:
+    """Validate a dict into `cls` (a pydantic model or a dataclass); errors name `path.key`."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'recipe'}: expected a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        where = path or "recipe"
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed keys: {', '.join(names)}")
-    kwargs = {}
-    for key, value in data.items():
-        kwargs[key] = _coerce(value, hints[key], f"{path}.{key}" if path else key)
-    return cls(**kwargs)
+    model = cls if issubclass(cls, BaseModel) else _model_of(cls)
+    data = _plain(data)
+    try:
+        built = model.model_validate(data)
+    except ValidationError as err:
+        raise _config_error(err, model, path, data) from None
+    if model is cls:
+        return built
+    return cls(**{name: getattr(built, name) for name in model.model_fields})
+
+
+# --- checks that need the modules owning the names ---------------------------------------------
 
 
 def _check_values(cfg: RunConfig) -> None:
-    """Impossible values and unknown names, checked before any work starts."""
+    """Names from registries and module settings, checked before any work starts."""
+    from firmad.augment import check_view_settings
     from firmad.models import BACKBONES
+    from firmad.models.heads import check_head_settings
     from firmad.outliers import parse_outliers
-    from firmad.scoring import SCORERS
 
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
-    t = cfg.train
-    need(t.epochs >= 1, f"train.epochs: must be >= 1, got {t.epochs}")
-    need(t.batch_size >= 2, f"train.batch_size: must be >= 2, got {t.batch_size}")
-    need(t.lr > 0, f"train.lr: must be > 0, got {t.lr}")
-    need(0 <= t.momentum < 1, f"train.momentum: must be in [0, 1), got {t.momentum}")
-    need(t.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {t.weight_decay}")
-    need(0 < t.pct_start < 1, f"train.pct_start: must be in (0, 1), got {t.pct_start}")
-    need(t.steps_per_epoch is None or t.steps_per_epoch >= 1, "train.steps_per_epoch: must be >= 1")
-    need(t.checkpoint_every >= 0, "train.checkpoint_every: must be >= 0")
-    need(t.eval_every >= 0, "train.eval_every: must be >= 0")
-    need(t.seed >= 0, f"train.seed: must be >= 0, got {t.seed}")
-    need(
-        t.device == "auto" or t.device == "cpu" or t.device.startswith(("cuda", "mps")),
-        f"train.device: {t.device!r} is not a device; use auto, cpu, cuda or cuda:N",
-    )
-    need(cfg.method.tau > 0, f"method.tau: must be > 0, got {cfg.method.tau}")
-    d = cfg.data
-    need(d.size >= 8, f"data.size: must be >= 8, got {d.size}")
-    need(d.channels in (1, 3), f"data.channels: must be 1 or 3, got {d.channels}")
-    need(d.max_train is None or d.max_train >= 1, "data.max_train: must be >= 1")
-    need(d.max_test is None or d.max_test >= 2, "data.max_test: must be >= 2")
     m = cfg.model
-    need(
-        m.backbone in BACKBONES,
-        f"model.backbone: unknown backbone {m.backbone!r}; choose from {', '.join(BACKBONES)}",
-    )
-    need(m.width > 0, f"model.width: must be > 0, got {m.width}")
-    need(0 <= m.bn_momentum <= 1, "model.bn_momentum: must be in [0, 1]")
-    need(m.head_depth >= 0, "model.head_depth: must be >= 0")
-    need(m.head_hidden >= 1 and m.head_out >= 1, "model.head_hidden/head_out: must be >= 1")
+    if m.backbone not in BACKBONES:
+        raise ConfigError(
+            f"model.backbone: unknown backbone {m.backbone!r}; choose from {', '.join(BACKBONES)}"
+        )
+    check_head_settings(hidden=m.head_hidden, out_dim=m.head_out, depth=m.head_depth)
     o = cfg.outliers
     if o.kinds:
         try:
             parse_outliers(o.kinds)
         except ConfigError as err:
             raise ConfigError(f"outliers.kinds: {err}") from None
-    need(
-        cfg.method.name not in ("rotsupcon", "supcon-binary", "binary")
-        or bool(o.kinds or o.exposure),
-        f"outliers.kinds: method {cfg.method.name!r} needs outliers",
-    )
+    if cfg.method.name in ("rotsupcon", "supcon-binary", "binary") and not (o.kinds or o.exposure):
+        raise ConfigError(f"outliers.kinds: method {cfg.method.name!r} needs outliers")
     a = cfg.augment
-    for key in ("scale", "ratio", "blur_sigma"):
-        pair = getattr(a, key)
-        need(
-            len(pair) == 2 and 0 < pair[0] <= pair[1],
-            f"augment.{key}: expected [low, high] with 0 < low <= high, got {pair}",
-        )
-    need(a.scale[1] <= 1, f"augment.scale: high must be <= 1, got {a.scale}")
-    need(len(a.jitter) == 4 and min(a.jitter) >= 0, "augment.jitter: expected 4 values >= 0")
-    need(a.jitter[3] <= 0.5, "augment.jitter: hue must be <= 0.5")
-    for key in ("jitter_p", "blur_p", "hflip_p", "grayscale_p"):
-        need(0 <= getattr(a, key) <= 1, f"augment.{key}: must be a probability in [0, 1]")
-    need(a.blur_kernel % 2 == 1, f"augment.blur_kernel: must be odd, got {a.blur_kernel}")
-    e = cfg.eval
-    for spec in e.scorers:
-        name, _ = parse_scorer(spec)
-        need(
-            name in SCORERS,
-            f"eval.scorers: unknown scorer {name!r}; choose from {', '.join(SCORERS)}",
-        )
-    need(e.resize_ratio >= 1.0, "eval.resize_ratio: must be >= 1")
-    need(e.n_crops >= 1, "eval.n_crops: must be >= 1")
-    need(e.bank_size is None or e.bank_size >= 1, "eval.bank_size: must be >= 1")
-    need(e.bank_centroids is None or e.bank_centroids >= 1, "eval.bank_centroids: must be >= 1")
+    check_view_settings(
+        scale=a.scale,
+        ratio=a.ratio,
+        jitter=a.jitter,
+        jitter_p=a.jitter_p,
+        blur_kernel=a.blur_kernel,
+        blur_sigma=a.blur_sigma,
+        blur_p=a.blur_p,
+        hflip_p=a.hflip_p,
+        grayscale_p=a.grayscale_p,
+    )
+    for spec in cfg.eval.scorers:
+        check_scorer(spec)
+
+
+_PARAM_TYPES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def check_scorer(spec: str) -> None:
+    """Build the scorer of `spec` once: unknown names, parameters and values fail now."""
+    from firmad.scoring import SCORERS, build_scorer
+
+    name, params = parse_scorer(spec)
+    where = f"eval.scorers: {spec!r}"
+    if name not in SCORERS:
+        raise ConfigError(f"{where}: unknown scorer {name!r}; choose from {', '.join(SCORERS)}")
+    signature = inspect.signature(SCORERS[name].__init__)
+    allowed = [p for p in signature.parameters if p != "self"]
+    for key, value in params.items():
+        if key not in allowed:
+            hint = f"allowed: {', '.join(allowed)}" if allowed else f"{name} takes no parameters"
+            raise ConfigError(f"{where}: unknown parameter {key!r}; {hint}")
+        # The default's type is the parameter's type; int(True) or float("nan") must not pass.
+        kind = type(signature.parameters[key].default)
+        ok = {
+            bool: isinstance(value, bool),
+            int: isinstance(value, int) and not isinstance(value, bool),
+            float: isinstance(value, int | float) and not isinstance(value, bool),
+            str: isinstance(value, str),
+        }.get(kind, True)
+        if kind is int and isinstance(value, float) and value.is_integer():
+            ok = True  # 1e3
+        if not ok:
+            raise ConfigError(f"{where}: {key} expects {_PARAM_TYPES[kind]}, got {value!r}")
+    try:
+        build_scorer(name, **params)
+    except (ConfigError, TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def parse_scorer(spec: str) -> tuple[str, dict[str, Any]]:
@@ -296,9 +473,15 @@ def parse_scorer(spec: str) -> tuple[str, dict[str, Any]]:
     params: dict[str, Any] = {}
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
-        if not sep:
+        if not sep or not key.strip():
             raise ConfigError(f"eval.scorers: {spec!r}: parameters are written name:key=value")
-        params[key.strip()] = yaml.safe_load(value)
+        try:
+            params[key.strip()] = parse_yaml(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"eval.scorers: {spec!r}: the value of {key.strip()} ({value!r}) is not valid "
+                f"YAML ({_yaml_problem(err)}); write e.g. knn_cos:k=5"
+            ) from None
     return name.strip(), params
 
 
@@ -324,7 +507,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: write it as section.key=value")
-        _set_path(data, key.strip(), yaml.safe_load(value))
+        try:
+            parsed = parse_yaml(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(
+                f"--set {item!r}: the value is not valid YAML ({_yaml_problem(err)}); close "
+                "brackets and quotes, e.g. outliers.kinds=[rot90, rot180]"
+            ) from None
+        _set_path(data, key.strip(), parsed)
     return data
 
 
@@ -335,6 +525,17 @@ def recipes_dir() -> Path:
 
 def available_recipes() -> list[str]:
     return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def _read_yaml_file(path: Path) -> Any:
+    try:
+        return parse_yaml(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; a recipe is UTF-8 YAML") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
 
 
 def read_recipe(name_or_path: str) -> dict[str, Any]:
@@ -348,10 +549,7 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
                 f"{', '.join(available_recipes())}"
             )
         path = candidate
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    data = _read_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections (data, method, train, ...)")
     base = data.pop("base", None)
@@ -361,6 +559,36 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
         _deep_update(merged, data)
         data = merged
     return data
+
+
+def read_run_config_file(path: str | Path) -> RunConfig:
+    """The resolved config.yaml of a run directory, validated.
+
+    Unlike a recipe, an empty file is an error: a run's config is written in full by
+    `save_config`, so an empty or broken one was damaged (e.g. by a full disk) or edited.
+    """
+    path = Path(path)
+    fix = (
+        "Restore it from a copy, or train the run again with its recipe and --set options "
+        "(firmad train ... --out NEW_FOLDER)."
+    )
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file; a run directory holds its config.yaml. {fix}")
+    try:
+        data = _read_yaml_file(path)
+    except ConfigError as err:
+        raise ConfigError(f"{err}. {fix}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the run's config file is empty. {fix}")
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping of sections (data, method, train, ...), got "
+            f"{type(data).__name__}. {fix}"
+        )
+    try:
+        return config_from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}\n{fix}") from None
 
 
 def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> None:

@@ -23,3 +23,7 @@ class CheckpointError(FirmadError):
 
 class InputError(FirmadError):
     """Arguments to a library function are invalid (shapes, labels, NaN scores)."""
+
+
+class StorageError(FirmadError):
+    """A file cannot be written: the disk is full, or the folder is read-only or not ours."""

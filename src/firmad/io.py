@@ -1,42 +1,121 @@
-"""Atomic file writes and checkpoints (safetensors for tensors, JSON for everything else).
+"""Atomic, durable file writes and checkpoints (safetensors for tensors, JSON for the rest).
 
-Nothing the project writes is a pickle. A write goes to a temporary file in the same folder and is
-renamed into place, so an interrupted write never leaves a half-written file behind.
+Nothing the project writes is a pickle. A write goes to a temporary file in the same folder, is
+synced to disk and renamed into place, and the folder is synced: an interrupted write or a power
+cut leaves either the old file or the new one, never a half-written one. A checkpoint's JSON
+records the SHA-256 of its weights, so a damaged weights file is detected when loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
-from firmad.errors import CheckpointError
+from firmad.errors import CheckpointError, StorageError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
+# Write failures the user can fix, and how.
+_NO_SPACE = "the disk is full; free some space or write to another folder, then run again"
+_READ_ONLY = (
+    "the folder is read-only or not writable by you; choose a writable folder (e.g. --out) "
+    "or fix its permissions"
+)
+_STORAGE_ADVICE = {
+    errno.ENOSPC: _NO_SPACE,
+    errno.EROFS: _READ_ONLY,
+    errno.EACCES: _READ_ONLY,
+    errno.EPERM: _READ_ONLY,
+}
+if hasattr(errno, "EDQUOT"):  # not on every platform
+    _STORAGE_ADVICE[errno.EDQUOT] = "the disk quota is used up; " + _NO_SPACE.split("; ", 1)[1]
 
-def _atomic_replace(path: Path, write) -> None:
-    path = Path(path)
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable. Some systems cannot open or sync a folder (Windows,
+    some network file systems): the rename is done anyway, so that is not an error."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_temp(path: Path, data: bytes) -> str:
+    """Write `data` to a new temporary file next to `path`, synced to disk; returns its name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        write(tmp)
+        try:
+            view = memoryview(data)
+            while view:  # os.write may write less than asked
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)  # the data is on disk before a name points to it
+        finally:
+            os.close(fd)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
+    return tmp
+
+
+def atomic_write_files(files: Sequence[tuple[Path, bytes]]) -> None:
+    """Write several files, all or none (as far as a full disk goes).
+
+    Every file is first written and synced to a temporary file; only then are they renamed into
+    place, in order (renames need no space). A full disk or a read-only folder raises
+    StorageError naming the file; the previous files are then untouched and no temporary file
+    is left behind.
+    """
+    temps: list[str] = []
+    current = None
+    try:
+        for path, data in files:
+            current = Path(path)
+            temps.append(_write_temp(current, data))
+        for tmp, (path, _) in zip(temps, files, strict=True):
+            current = Path(path)
+            os.replace(tmp, current)
+    except BaseException as err:
+        for tmp in temps:  # those already renamed are gone: nothing to remove
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        if isinstance(err, OSError) and err.errno in _STORAGE_ADVICE:
+            raise StorageError(f"cannot write {current}: {_STORAGE_ADVICE[err.errno]}") from err
+        raise
+    for folder in dict.fromkeys(Path(path).parent for path, _ in files):
+        _fsync_dir(folder)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically and durably (see `atomic_write_files`)."""
+    atomic_write_files([(Path(path), data)])
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    _atomic_replace(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, default=_json_default) + "\n").encode("utf-8")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -44,7 +123,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+    atomic_write_bytes(path, _json_bytes(data))
 
 
 def _json_default(obj: Any) -> Any:
@@ -57,9 +136,12 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    return save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+
+
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_replace(path, lambda tmp: save_file(tensors, tmp))
+    atomic_write_bytes(path, _tensor_bytes(tensors))
 
 
 # --- flattening nested state (optimizer, scheduler, RNG) into tensors + JSON ---------------------
@@ -87,16 +169,47 @@ def join_state(meta: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return meta
 
 
+# The JSON entry holding the weights file's checksum (added on save, checked and removed on load).
+WEIGHTS_SHA256 = "weights_sha256"
+# Entries every firmad checkpoint has; a JSON file without them is damaged or not ours.
+REQUIRED_META = ("format", "epoch", "global_step", "finished")
+_FIX = "restore it from a copy, or train the run again"
+
+
 def save_checkpoint(
     directory: Path, name: str, tensors: dict[str, torch.Tensor], meta: dict
 ) -> None:
-    """Write NAME.safetensors, then NAME.json: the JSON marks a complete checkpoint."""
+    """Write NAME.safetensors, then NAME.json: the JSON marks a complete checkpoint and records
+    the weights' SHA-256."""
     directory = Path(directory)
-    atomic_save_tensors(directory / f"{name}.safetensors", tensors)
-    atomic_write_json(directory / f"{name}.json", meta)
+    data = _tensor_bytes(tensors)
+    meta = {**meta, WEIGHTS_SHA256: hashlib.sha256(data).hexdigest()}
+    # Both written before either is renamed: a full disk leaves the previous pair intact.
+    atomic_write_files(
+        [(directory / f"{name}.safetensors", data), (directory / f"{name}.json", _json_bytes(meta))]
+    )
 
 
-def load_checkpoint(directory: Path, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+def check_checkpoint_meta(meta: Any, path: Path, required: Sequence[str] = REQUIRED_META) -> dict:
+    """`meta` read from the JSON file `path` must be an object holding the `required` entries."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(
+            f"{path} is damaged: expected a JSON object of checkpoint entries, got "
+            f"{type(meta).__name__}; {_FIX}"
+        )
+    missing = [key for key in required if key not in meta]
+    if missing:
+        raise CheckpointError(
+            f"{path} is damaged or not a firmad checkpoint: it lacks the entries {missing}; {_FIX}"
+        )
+    return meta
+
+
+def load_checkpoint(
+    directory: Path, name: str, required: Sequence[str] = REQUIRED_META
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read NAME.json and NAME.safetensors; the weights are checked against the recorded
+    SHA-256. Each kind of damage raises CheckpointError naming the damaged file."""
     directory = Path(directory)
     meta_path = directory / f"{name}.json"
     weights_path = directory / f"{name}.safetensors"
@@ -106,11 +219,31 @@ def load_checkpoint(directory: Path, name: str) -> tuple[dict[str, torch.Tensor]
             f"{meta_path.name}; train first with `firmad train`"
         )
     try:
-        meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(weights_path))
+        meta = json.loads(meta_path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{meta_path} is damaged: not valid JSON ({err}); {_FIX}") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read {meta_path}: {err.strerror or err}") from None
+    check_checkpoint_meta(meta, meta_path, required)
+    expected = meta.pop(WEIGHTS_SHA256, None)
+    if expected is not None and not isinstance(expected, str):
+        raise CheckpointError(f"{meta_path} is damaged: {WEIGHTS_SHA256} is not a string; {_FIX}")
+    try:
+        data = weights_path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"cannot read {weights_path}: {err.strerror or err}") from None
+    # Checkpoints written before checksums were recorded have none: nothing to compare.
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise CheckpointError(
+            f"{weights_path} is damaged: its SHA-256 differs from the one recorded in "
+            f"{meta_path.name} when it was saved; {_FIX}"
+        )
+    try:
+        tensors = load_safetensors(data)
     except Exception as err:  # safetensors raises several types for damaged files
         raise CheckpointError(
-            f"checkpoint {weights_path} is damaged ({err}); delete it and train again"
+            f"{weights_path} is damaged ({err}); restore it from a copy, or delete it and "
+            "train again"
         ) from None
     return tensors, meta
 

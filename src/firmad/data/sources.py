@@ -82,6 +82,22 @@ class ImageDataset:
 # IDX (MNIST, Fashion-MNIST)
 
 
+def _unreadable(path: Path, e: OSError) -> DataError | None:
+    """A DataError for a file the system refuses to read (permissions, I/O), else None.
+
+    Errors from the operating system carry an errno; format errors from gzip, tarfile or zlib
+    (also OSError subclasses) do not, and mean a damaged file instead.
+    """
+    if isinstance(e, PermissionError):
+        return DataError(
+            f"cannot read {path}: permission denied. Make it readable for this user "
+            "(e.g. chmod a+r), or copy the data somewhere you can read it."
+        )
+    if e.errno is not None and not isinstance(e, FileNotFoundError):
+        return DataError(f"cannot read {path}: {e.strerror or e}. Check the disk and the path.")
+    return None
+
+
 def _read_bytes(path: Path) -> bytes:
     """The file's bytes, gunzipped when the name ends in .gz; damaged files raise DataError."""
     try:
@@ -91,7 +107,16 @@ def _read_bytes(path: Path) -> bytes:
         return path.read_bytes()
     except FileNotFoundError as e:
         raise DataError(f"{path}: file not found. Check the path or re-download the data.") from e
-    except (EOFError, OSError, zlib.error) as e:
+    except OSError as e:
+        # Permission denied is not damage: do not advise deleting a good file.
+        error = _unreadable(path, e)
+        if error is not None:
+            raise error from e
+        raise DataError(
+            f"{path}: cannot read the file ({e}); it is probably truncated or corrupt. "
+            "Delete it and download it again."
+        ) from e
+    except (EOFError, zlib.error) as e:
         raise DataError(
             f"{path}: cannot read the file ({e}); it is probably truncated or corrupt. "
             "Delete it and download it again."
@@ -153,8 +178,14 @@ def _idx_file(folder: Path, prefix: str, kind: str) -> Path | None:
     return None
 
 
-def read_idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, str]:
-    """Images (N, 1, H, W) and labels (N,) of one split of an MNIST-style folder."""
+def read_idx_split(
+    folder: Path, split: str, n_classes: int | None = None
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Images (N, 1, H, W) and labels (N,) of one split of an MNIST-style folder.
+
+    With ``n_classes``, labels must lie in 0..n_classes-1 (a label out of range would otherwise
+    be a class of its own or break the class names later).
+    """
     prefix = "train" if split == "train" else "t10k"
     images_path = _idx_file(folder, prefix, "images")
     labels_path = _idx_file(folder, prefix, "labels")
@@ -170,6 +201,12 @@ def read_idx_split(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray, st
         raise DataError(
             f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} "
             "labels; the files do not belong together. Re-download both."
+        )
+    if n_classes is not None and len(labels) and int(labels.max()) >= n_classes:
+        raise DataError(
+            f"{labels_path}: label {int(labels.max())} is out of range: this dataset has "
+            f"{n_classes} classes (labels 0..{n_classes - 1}). The file is damaged or belongs "
+            "to another dataset; re-download it."
         )
     return images[:, None], labels, str(images_path)
 
@@ -254,6 +291,9 @@ def _read_cifar_members(source: Path, folder_name: str, members: list[str]) -> d
                 if info.name in wanted and info.isfile():
                     found[wanted[info.name]] = tar.extractfile(info).read()
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+        error = _unreadable(source, e) if isinstance(e, OSError) else None
+        if error is not None:
+            raise error from e
         raise DataError(
             f"{source}: cannot read the archive ({e}); it is probably truncated or corrupt. "
             "Delete it and download it again."
@@ -363,20 +403,42 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
+def _folder_error(folder: Path, e: OSError) -> DataError:
+    return DataError(
+        f"cannot read the folder {folder}: {e.strerror or e}. Make it readable for this user "
+        "(e.g. chmod a+rx), or move it out of the dataset."
+    )
+
+
+def _list_dir(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as e:
+        raise _folder_error(folder, e) from e
+
+
 def _image_files(folder: Path) -> list[Path]:
-    """Image files under folder, recursively, sorted; hidden files and folders are skipped."""
+    """Image files under folder, recursively, sorted; hidden files and folders are skipped.
+
+    A folder that cannot be listed is an error: skipping it would silently drop its images.
+    """
+
+    def refuse(e: OSError) -> None:
+        raise _folder_error(Path(e.filename), e) from e
+
     files = []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-            files.append(path)
-    return files
+    for root, dirs, names in os.walk(folder, onerror=refuse):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in names:
+            path = Path(root) / name
+            visible = not name.startswith(".")
+            if visible and path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+                files.append(path)
+    return sorted(files)
 
 
 def _subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [p for p in _list_dir(folder) if p.is_dir() and not p.name.startswith(".")]
 
 
 def read_image_folder(path: Path, split: str, size: int = 32, channels: int = 3) -> ImageDataset:
@@ -416,7 +478,7 @@ def read_image_folder(path: Path, split: str, size: int = 32, channels: int = 3)
     else:
         classes = [path.name]
         groups = [(0, path)]
-    if subs and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir() if p.is_file()):
+    if subs and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in _list_dir(path) if p.is_file()):
         raise DataError(
             f"{path}: has both loose images and class sub-folders; move the loose images "
             "into a class sub-folder."
@@ -475,6 +537,9 @@ def read_npz(path: Path, split: str) -> ImageDataset:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {k: archive[k] for k in archive.files}
     except Exception as e:
+        error = _unreadable(path, e) if isinstance(e, OSError) else None
+        if error is not None:
+            raise error from e
         raise DataError(
             f"{path}: cannot read this .npz ({type(e).__name__}: {e}). Save it with "
             "numpy.savez(path, images=..., labels=...), without object arrays."
@@ -487,7 +552,7 @@ def read_npz(path: Path, split: str) -> ImageDataset:
         )
     images = _to_nchw(arrays[f"{prefix}images"], f"{path}[{prefix}images]")
     if f"{prefix}labels" in arrays:
-        labels = np.asarray(arrays[f"{prefix}labels"]).reshape(-1).astype(np.int64)
+        labels = np.asarray(arrays[f"{prefix}labels"]).reshape(-1)
     else:
         labels = np.zeros(len(images), dtype=np.int64)
     if len(labels) != len(images):
@@ -495,6 +560,13 @@ def read_npz(path: Path, split: str) -> ImageDataset:
             f"{path}: {len(images)} {prefix}images but {len(labels)} {prefix}labels; "
             "give one label per image."
         )
+    # Floats would be truncated (0.7 -> class 0) and NaN cast to a huge negative number.
+    if labels.dtype.kind not in "iub":
+        raise DataError(
+            f"{path}[{prefix}labels]: labels are {labels.dtype}; store integer class ids "
+            "(0, 1, 2, ...), e.g. numpy.savez(path, images=..., labels=labels.astype(int))."
+        )
+    labels = labels.astype(np.int64)
     if len(labels) and labels.min() < 0:
         raise DataError(f"{path}: negative labels; class ids must be 0, 1, 2, ...")
     if "classes" in arrays:
@@ -628,8 +700,8 @@ def _read_builtin(name: str, split: str, path: str, mtime_ns: int):
     storage = _storage_name(name)
     source = Path(path)
     if storage in ("fashion-mnist", "mnist"):
-        images, labels, where = read_idx_split(source, split)
         classes = FASHION_MNIST_CLASSES if storage == "fashion-mnist" else MNIST_CLASSES
+        images, labels, where = read_idx_split(source, split, len(classes))
         return images, labels.astype(np.int64), list(classes), where
     images, labels, classes = read_cifar_split(source, storage, split, name == "cifar100-coarse")
     return images, labels, classes, str(source)

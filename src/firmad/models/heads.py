@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from firmad.errors import ConfigError
 
-__all__ = ["ProjectionHead", "build_head"]
+__all__ = ["ProjectionHead", "build_head", "check_head_settings"]
 
 
 class ProjectionHead(nn.Module):
@@ -36,6 +38,26 @@ class ProjectionHead(nn.Module):
         return F.normalize(self.mlp(x), dim=1)
 
 
+def _is_int(v: object) -> bool:
+    """An integer (numpy's too) or a whole float, but not a bool."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        return False
+    return isinstance(v, numbers.Integral) or float(v).is_integer()
+
+
+def check_head_settings(*, hidden: int, out_dim: int, depth: int) -> None:
+    """Check the head's sizes; ConfigError names the recipe key (``model.head_*``).
+
+    The one check of these values: the config calls it before any work starts, and
+    `build_head` calls it when used directly.
+    """
+    for key, v in (("head_hidden", hidden), ("head_out", out_dim)):
+        if not _is_int(v) or v < 1:
+            raise ConfigError(f"model.{key}: must be an integer >= 1, got {v!r}")
+    if not _is_int(depth) or depth < 0:
+        raise ConfigError(f"model.head_depth: must be an integer >= 0, got {depth!r}")
+
+
 def build_head(in_dim: int, hidden: int = 1024, out_dim: int = 128, depth: int = 8) -> nn.Module:
     """The paper's head: ``depth`` bias-free linear layers in_dim -> hidden, (depth - 2) x
     hidden -> hidden, hidden -> out_dim; BatchNorm1d + ReLU after each but the last;
@@ -45,9 +67,7 @@ def build_head(in_dim: int, hidden: int = 1024, out_dim: int = 128, depth: int =
     L2 normalisation (for debugging; ``out_dim`` is then ``in_dim``). Like any BatchNorm network it
     needs batches of at least 2 samples in training mode.
     """
-    for what, v in (("in_dim", in_dim), ("hidden", hidden), ("out_dim", out_dim)):
-        if int(v) != v or v < 1:
-            raise ConfigError(f"head {what} must be a positive integer; got {v!r}")
-    if int(depth) != depth or depth < 0:
-        raise ConfigError(f"head depth must be an integer >= 0; got {depth!r}")
+    if not _is_int(in_dim) or in_dim < 1:
+        raise ConfigError(f"head in_dim must be a positive integer; got {in_dim!r}")
+    check_head_settings(hidden=hidden, out_dim=out_dim, depth=depth)
     return ProjectionHead(int(in_dim), int(hidden), int(out_dim), int(depth))
