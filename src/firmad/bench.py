@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from firmad.config import _build, load_config, parse_scorer
+from firmad.config import _build, load_config, parse_scorer, parse_yaml
 from firmad.data import describe
 from firmad.errors import ConfigError
 from firmad.io import atomic_write_json, atomic_write_text
@@ -63,7 +63,7 @@ def read_grid(path: Path) -> GridConfig:
     if not path.exists():
         raise ConfigError(f"grid file {path} not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     grid = _build(GridConfig, data, "")

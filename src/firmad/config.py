@@ -30,8 +30,6 @@ from pydantic import (
 
 from firmad.errors import ConfigError
 
-CONTRASTIVE_METHODS = ("firm", "ntxent", "rotsupcon", "supcon-binary")
-
 DEVICES = "auto, cpu, cuda, cuda:N (N = 0, 1, ...), mps"
 MIN_SIZE, MAX_SIZE = 8, 1024
 

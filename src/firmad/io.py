@@ -118,10 +118,6 @@ def _json_bytes(data: Any) -> bytes:
     return (json.dumps(data, indent=2, default=_json_default) + "\n").encode("utf-8")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    _atomic_replace(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, _json_bytes(data))
 

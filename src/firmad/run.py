@@ -17,8 +17,6 @@ import json
 import os
 from pathlib import Path
 
-import yaml
-
 from firmad.errors import CheckpointError, ConfigError
 
 CONFIG = "config.yaml"
@@ -130,23 +128,11 @@ class RunDir:
     # --- config and model ---------------------------------------------------------------------
 
     def read_config(self):
-        from firmad.config import config_from_dict
+        from firmad.config import read_run_config_file
 
         if not self.config.exists():
             raise CheckpointError(f"{self.path} is not a firmad run directory (no {CONFIG})")
-        try:
-            data = yaml.safe_load(self.config.read_text())
-        except (OSError, yaml.YAMLError) as err:
-            raise CheckpointError(f"{self.config} is not valid YAML ({err}); restore it") from None
-        if not isinstance(data, dict) or not data:
-            raise CheckpointError(
-                f"{self.config} is empty or not a mapping; restore it from a copy, or start the "
-                "run again in a new --out"
-            )
-        try:
-            return config_from_dict(data)
-        except ConfigError as err:
-            raise ConfigError(f"{self.config}: {err}") from None
+        return read_run_config_file(self.config)
 
     def write_config(self, cfg) -> None:
         from firmad.config import save_config

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from firmad.io import load_checkpoint, save_checkpoint
+from firmad.io import REQUIRED_META, load_checkpoint, save_checkpoint
 
 
 class Callback:
@@ -36,7 +36,8 @@ class CheckpointSaver(Callback):
         """Load the saved state into ``trainer``; False when there is no checkpoint yet."""
         if not (self.directory / f"{self.name}.json").exists():
             return False
-        tensors, meta = load_checkpoint(self.directory, self.name)
+        required = (*REQUIRED_META, "optimizer", "scheduler", "step_in_epoch")
+        tensors, meta = load_checkpoint(self.directory, self.name, required=required)
         trainer.load_state(tensors, meta)
         return True
 
