@@ -85,7 +85,13 @@ def main() -> None:
         det, train_s = train(backbone, args.normal_class, extra)
         scores = det.decision_function(split.test_images)
         path = export_onnx(det, args.out / f"{backbone}.onnx")
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        # Idle sessions must not spin on the cores while another one is timed.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.intra_op_num_threads = 2
+        sess = ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
         test = split.test_images.numpy()
         onnx_scores = np.concatenate(
             [sess.run(None, {"images": test[i : i + 500]})[0] for i in range(0, len(test), 500)]
