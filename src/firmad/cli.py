@@ -422,6 +422,28 @@ def export(
     out.print(f"{out_file}: input images uint8 (N, {c}, {h}, {w}), output scores (N,)")
 
 
+# --- the robust / non-robust feature study -------------------------------------------------------
+
+
+@app.command(
+    epilog="Examples:\n\n  firmad features --config benchmarks/features-fmnist-cpu.yaml\n\n"
+    "  firmad features --config STUDY.yaml --out runs/features/mine"
+)
+def features(
+    config: Path = typer.Option(..., "--config", "-c", help="Study YAML (see robustness.study)."),
+    out_dir: Path | None = typer.Option(None, "--out", help="Study directory."),
+) -> None:
+    """Are non-robust features useful for one class? Constructed sets, probes and drift."""
+    from firmad.robustness.study import run_study
+
+    log = (lambda *a: None) if state["quiet"] else (lambda msg: console.print(msg, highlight=False))
+    with _interruptible("finished stages are kept; run the same command again to continue"):
+        result = run_study(config, out_dir, log=log)
+    from firmad.robustness.study import study_markdown
+
+    out.print(study_markdown(result), highlight=False)
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 

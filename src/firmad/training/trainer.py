@@ -122,6 +122,10 @@ class Trainer:
 
     def _build_scheduler(self):
         t = self.cfg.train
+        if t.schedule == "onecycle" and self.total_steps < 3:
+            # OneCycle needs room for a warm-up and an annealing step; a run of one or two steps
+            # (tiny data) keeps the peak learning rate instead of failing.
+            return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
         if t.schedule == "onecycle":
             # PyTorch divides by zero when pct_start * total_steps <= 1 (tiny runs): widen it.
             pct = min(0.5, max(t.pct_start, 2.0 / self.total_steps))
