@@ -9,6 +9,7 @@ from firmad.models.backbones import (
     normalisation_for,
     set_bn_momentum,
 )
+from firmad.models.complexity import complexity
 from firmad.models.heads import ProjectionHead, build_head
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "ProjectionHead",
     "build_backbone",
     "build_head",
+    "complexity",
     "normalisation_for",
     "set_bn_momentum",
 ]
