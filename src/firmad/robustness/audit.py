@@ -324,10 +324,10 @@ def audit_path(
                 f"{path} is a detector directory, which holds no test set: name one with "
                 "--data DATASET --normal-class C (e.g. --data fashion-mnist --normal-class 0)"
             )
-        if scorer is not None:
+        if scorer is not None or variant != "plain":
             raise ConfigError(
-                "--scorer applies to run directories; a detector's scorer was fixed by "
-                "`firmad fit --scorer`"
+                "--scorer and --variant apply to run directories; a detector's scorer and "
+                "variant were fixed by `firmad fit`"
             )
         det = OneClassDetector.load(path, device=device)
         split = one_vs_rest(data, normal_class, root=root, seed=det.config_.train.seed)
