@@ -285,6 +285,7 @@ def _robustness_md(rob: Mapping[str, Any]) -> str:
                 else f"{100 * r['auroc']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
             )
         label = f"{eps * 255:.3g}/255" if rob["norm"] == "linf" else f"{eps:.3g}"
+        label = "0 (clean)" if eps == 0 else label
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

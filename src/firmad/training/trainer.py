@@ -173,16 +173,13 @@ class Trainer:
         labels = self.method.labels(class_ids, kind_ids)
         if self.adversarial is not None:
             views = self.perturb(views, labels)
-        with self._autocast():
-            feats = self.train_encoder(views)
-            return self.method.loss(self.model, feats, labels)
-
-    def _autocast(self):
-        return torch.autocast(
+        with torch.autocast(
             self.device.type,
             dtype=self.amp_dtype or torch.float32,
             enabled=self.amp_dtype is not None,
-        )
+        ):
+            feats = self.train_encoder(views)
+            return self.method.loss(self.model, feats, labels)
 
     def perturb(self, views: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Adversarial training's inner maximisation: PGD on the method's own loss.
@@ -205,7 +202,8 @@ class Trainer:
         with _running_stats_kept(self.model), torch.enable_grad():
             for k in range(a.steps):
                 x_adv = x_adv.detach().requires_grad_(True)
-                with self._autocast():
+                amp = self.amp_dtype is not None
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=amp):
                     loss = self.method.loss(self.model, self.train_encoder(x_adv), labels)
                 (grad,) = torch.autograd.grad(loss.float(), x_adv)
                 if k == 0:
