@@ -40,8 +40,8 @@ from torch import nn
 from firmad.config import load_config
 from firmad.data import OneClassSplit, one_vs_rest
 from firmad.errors import FirmadError
-from firmad.models import normalisation_for
 from firmad.methods import get_method
+from firmad.models import normalisation_for
 from firmad.training import Trainer
 
 RECIPE = "fmnist-cpu"

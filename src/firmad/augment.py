@@ -510,7 +510,8 @@ def to_float(x: Tensor, size: int | None = None, channels: int = 3) -> Tensor:
         raise InputError("to_float expects a (B, C, H, W) tensor of uint8 images")
     out = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
     if size is not None:
-        out = _resize(out, int(size)).clamp(0.0, 1.0)  # never in place: may be the input
+        # not in place: at the target size _resize returns the caller's (maybe leaf) tensor
+        out = _resize(out, int(size)).clamp(0.0, 1.0)
     if channels == 3 and out.shape[1] == 1:
         out = out.expand(-1, 3, -1, -1).contiguous()
     return out

@@ -444,6 +444,120 @@ def features(
     out.print(study_markdown(result), highlight=False)
 
 
+# --- robustness ----------------------------------------------------------------------------------
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  firmad attack runs/fmnist-cpu/fashion-mnist-c0-firm-s0 --eps 0,2,4,8 --steps 100\n\n"
+    "  firmad attack det/ --data fashion-mnist --normal-class 0 --norm l2 --eps 0,0.25,0.5\n\n"
+    "  firmad attack RUN --targets both --subset 500 --scorer kde --out audits/kde"
+)
+def attack(
+    target: Path = typer.Argument(
+        ..., help="A run directory (firmad train) or a detector directory (firmad fit)."
+    ),
+    norm: str = typer.Option("linf", "--norm", help="linf or l2."),
+    eps: str = typer.Option(
+        "0,2,4,8",
+        "--eps",
+        help="Comma-separated radii. linf: in 1/255 units (8 means 8/255); l2: plain numbers "
+        "in [0, 1] pixel space (e.g. 0,0.25,0.5). 0 is the clean AUROC.",
+    ),
+    steps: int = typer.Option(100, "--steps", help="PGD steps (step size 2.5 eps / steps)."),
+    restarts: int = typer.Option(1, "--restarts", help="Random restarts per attack."),
+    targets: str = typer.Option(
+        "normal,anomaly,both", "--targets", help="Attacked groups: normal, anomaly, both."
+    ),
+    subset: int = typer.Option(
+        1000, "--subset", help="Stratified seeded test subset size; 0 = every test image."
+    ),
+    scorer: str | None = typer.Option(
+        None,
+        "--scorer",
+        help="Runs only: scorer spec (knn_cos:k=5, kde, own, ...); default the method's own "
+        "score (dsvdd, binary) or knn_cos:k=5.",
+    ),
+    variant: str = typer.Option("plain", "--variant", help="Runs only: plain, angled, ensemble."),
+    out_dir: Path | None = typer.Option(
+        None, "--out", help="Folder for the attack files (default: the run/detector directory)."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seeds the subset, the attacks, the bootstrap."),
+    data: str | None = typer.Option(None, "--data", help="Detectors: the test dataset."),
+    normal_class: str | None = typer.Option(
+        None, "--normal-class", help="Detectors: the normal class of --data (id or name)."
+    ),
+    root: Path | None = typer.Option(None, "--root", help="Folder holding --data."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per pass."),
+    no_checks: bool = typer.Option(
+        False, "--no-checks", help="Skip the strength checks (about four more attacks)."
+    ),
+) -> None:
+    """Robust AUROC under PGD on the anomaly score: attack.json, attack.md and two plots."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from firmad.robustness.audit import audit_path
+
+    norm = norm.lower()
+    if norm not in ("linf", "l2"):
+        raise FirmadError(f"--norm {norm!r}: use linf or l2")
+    eps_list = _parse_eps(eps, norm)
+    target_list = [t.strip() for t in targets.split(",") if t.strip()]
+    bad = [t for t in target_list if t not in ("normal", "anomaly", "both")]
+    if bad or not target_list:
+        raise FirmadError(f"--targets {targets!r}: use some of normal, anomaly, both")
+    if steps < 1 or restarts < 1 or subset < 0:
+        raise FirmadError("--steps and --restarts must be >= 1, --subset >= 0")
+    klass = None
+    if normal_class is not None:
+        klass = int(normal_class) if normal_class.lstrip("-").isdigit() else normal_class
+    progress = Progress(
+        TextColumn("[bold]attack"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} attacks"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        disable=state["quiet"],
+    )
+    task = progress.add_task("attack", total=None, info="")
+
+    def advance(done: int, total: int, what: str) -> None:
+        progress.update(task, completed=done, total=total, info=what)
+
+    with progress, _interruptible("nothing was written; run the command again"):
+        result, folder = audit_path(
+            target, data=data, normal_class=klass, root=root, scorer=scorer, variant=variant,
+            device=device, out_dir=out_dir, eps_list=eps_list, norm=norm, steps=steps,
+            restarts=restarts, targets=target_list, subset=subset or None, seed=seed,
+            batch_size=batch_size, checks=not no_checks, progress=advance,
+        )  # fmt: skip
+    from firmad.robustness.audit import attack_markdown
+
+    print(attack_markdown(result), end="")  # plain: a Markdown table must not be wrapped
+    print(f"Attack files: {folder}/attack.json, attack.md, attack_auroc.png, attack_examples.png")
+
+
+def _parse_eps(text: str, norm: str) -> list[float]:
+    """'0,2,4,8' -> radii in [0, 1] pixel space (L∞ values are in 1/255 units)."""
+    values = []
+    for item in text.split(","):
+        try:
+            v = float(item)
+        except ValueError:
+            raise FirmadError(
+                f"--eps {text!r}: {item.strip()!r} is not a number; write e.g. --eps 0,2,4,8 "
+                "(L∞ in 1/255 units) or --norm l2 --eps 0,0.25,0.5"
+            ) from None
+        if not v >= 0 or v == float("inf"):
+            raise FirmadError(f"--eps {text!r}: radii must be finite and >= 0")
+        if norm == "linf" and v > 255:
+            raise FirmadError(f"--eps {text!r}: L∞ radii are in 1/255 units, at most 255")
+        values.append(v / 255 if norm == "linf" else v)
+    return values
+
+
 # --- entry point ---------------------------------------------------------------------------------
 
 

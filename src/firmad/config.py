@@ -182,7 +182,80 @@ class EvalConfig(_Section):
     curve_max_test: Int = Field(2000, ge=2)
 
 
-SECTIONS = ("data", "method", "outliers", "model", "augment", "train", "eval")
+class AdversarialConfig(_Section):
+    """Adversarial training (Madry et al.): each step trains on views perturbed within ε to
+    maximise the method's own loss. ``steps: 1`` with ``random_start`` is the cheap single-step
+    "FGSM with a random start" (Wong et al. 2020); more steps are PGD-k."""
+
+    enabled: bool = False
+    norm: Literal["linf", "l2"] = "linf"
+    # radius in [0, 1] pixel space (L∞: 8/255 = 0.0314; L2: e.g. 0.5)
+    eps: float = Field(0.0314, ge=0)
+    steps: Int = Field(1, ge=1)
+    step_size: float | None = Field(None, gt=0)  # None: 2.5·eps/steps (PGD), 1.25·eps (1 step)
+    random_start: bool = True
+
+    @field_validator("eps")
+    @classmethod
+    def _eps(cls, v: float, info) -> float:
+        if info.data.get("enabled") and v <= 0:
+            raise ValueError("must be > 0 when adversarial.enabled is true")
+        if info.data.get("norm") == "linf" and v > 1:
+            raise ValueError(
+                f"{v} is larger than the whole [0, 1] pixel range; L∞ eps is in pixel space "
+                "(8/255 = 0.0314)"
+            )
+        return v
+
+    def alpha(self) -> float:
+        """The step size: ``step_size``, or 2.5·eps/steps (PGD) / 1.25·eps (a single step)."""
+        if self.step_size is not None:
+            return self.step_size
+        return 1.25 * self.eps if self.steps == 1 else 2.5 * self.eps / self.steps
+
+
+class AttackConfig(_Section):
+    """A robust-AUROC sweep after training (`firmad.robustness`): PGD on the run's headline
+    detector at every ε, written to attack.json / attack.md / plots and results.json."""
+
+    enabled: bool = False
+    norm: Literal["linf", "l2"] = "linf"
+    # radii in [0, 1] pixel space (L∞ 2/255 = 0.00784, 4/255 = 0.0157, 8/255 = 0.0314)
+    eps: list[float] = Field(default_factory=lambda: [0.0, 2 / 255, 4 / 255, 8 / 255])
+    steps: Int = Field(100, ge=1)
+    restarts: Int = Field(1, ge=1)
+    subset: Int | None = Field(1000, ge=2)  # stratified seeded test subset; None = all
+    targets: list[Literal["normal", "anomaly", "both"]] = Field(
+        default_factory=lambda: ["normal", "anomaly", "both"]
+    )
+    checks: bool = True  # strength checks (about four more attacks)
+
+    @field_validator("eps")
+    @classmethod
+    def _eps(cls, v: list[float], info) -> list[float]:
+        if not v:
+            raise ValueError("give at least one radius, e.g. [0, 0.0314]")
+        for e in v:
+            if e < 0:
+                raise ValueError(f"radii must be >= 0, got {e}")
+            if info.data.get("norm") == "linf" and e > 1:
+                raise ValueError(
+                    f"{e} is larger than the whole [0, 1] pixel range; L∞ radii are in pixel "
+                    "space (8/255 = 0.0314), not in 1/255 units"
+                )
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("name at least one of normal, anomaly, both")
+        return v
+
+
+SECTIONS = (
+    "data", "method", "outliers", "model", "augment", "train", "eval", "adversarial", "attack",
+)  # fmt: skip
 
 
 class RunConfig(_Section):
@@ -194,6 +267,8 @@ class RunConfig(_Section):
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
 
     @field_validator(*SECTIONS, mode="before")
     @classmethod

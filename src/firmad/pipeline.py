@@ -21,6 +21,7 @@ from firmad.data.pool import load_split, prepare_images
 from firmad.errors import CheckpointError, ConfigError
 from firmad.metrics import evaluate_scores
 from firmad.report import write_plots, write_report_md, write_results
+from firmad.robustness.audit import robustness_for_run
 from firmad.run import RunDir, safe_component
 from firmad.scoring import FeatureExtractor, build_scorer
 from firmad.training import CheckpointSaver, LearningCurve, MetricsLog, ProgressBar, Trainer
@@ -263,6 +264,10 @@ def _evaluate(
         }
     results = _merge_results(run.results, results, meta.get("global_step"))
     record["results"] = results
+    # The `attack` recipe key: robust AUROC of the headline detector (None when off).
+    robustness = robustness_for_run(run, cfg, model, split, meta.get("global_step"))
+    if robustness is not None:
+        record["robustness"] = robustness
     path = write_results(run.path, record, results)
     written = json.loads(path.read_text())
     curve = ([h["epoch"] for h in history], [h["auroc"] for h in history]) if history else None

@@ -230,6 +230,8 @@ def write_report_md(run_dir: str | Path, results_json: dict[str, Any]) -> Path:
         "",
         _markdown_table(d.get("results", [])),
     ]
+    if d.get("robustness"):
+        out += ["", "## Robustness", "", _robustness_md(d["robustness"])]
     if d.get("learning_curve"):
         pts = d["learning_curve"]
         area = d.get("aulc")
@@ -256,6 +258,36 @@ def write_report_md(run_dir: str | Path, results_json: dict[str, Any]) -> Path:
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(out).rstrip() + "\n")
     return path
+
+
+def _robustness_md(rob: Mapping[str, Any]) -> str:
+    """The results.json ``robustness`` entry as a table: ε rows, attacked-group columns."""
+    det = rob.get("detector", {})
+    k = det.get("scorer_params", {}).get("k")
+    modes = list(dict.fromkeys(r["target"] for r in rob["rows"]))
+    checks = "passed" if rob.get("passed") else "NOT all passed"
+    lines = [
+        f"AUROC % [95 % CI] of {result_name(det.get('scorer', '?'), k)} ({det.get('variant')}) "
+        f"under {rob['norm']} PGD-{rob['steps']} x {rob['restarts']} on n = {rob['n']} test "
+        f"images; strength checks {checks}. Details: {rob.get('file', 'attack.json')}, "
+        "attack.md.",
+        "",
+        "| eps | " + " | ".join(modes) + " |",
+        "|---|" + "---:|" * len(modes),
+    ]
+    for eps in sorted({r["eps"] for r in rob["rows"]}):
+        cells = []
+        for mode in modes:
+            r = next((r for r in rob["rows"] if r["eps"] == eps and r["target"] == mode), None)
+            cells.append(
+                "—"
+                if r is None
+                else f"{100 * r['auroc']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
+            )
+        label = f"{eps * 255:.3g}/255" if rob["norm"] == "linf" else f"{eps:.3g}"
+        label = "0 (clean)" if eps == 0 else label
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- plots

@@ -28,6 +28,8 @@ PLOTS = "plots"
 LOCK = ".lock"
 CELL_LOG = "log.txt"  # a benchmark grid's record of one cell's process
 CELL_ERROR = "error.json"
+# `firmad attack` / the `attack` recipe key (firmad.robustness.audit)
+ATTACK_FILES = ("attack.json", "attack.md", "attack_auroc.png", "attack_examples.png")
 STATES = ("new", "started", "partial", "finished", "evaluated")
 
 
@@ -106,7 +108,7 @@ class RunDir:
     def own_names(self) -> set[str]:
         return {
             CONFIG, f"{CHECKPOINT}.json", f"{CHECKPOINT}.safetensors", METRICS, RESULTS,
-            REPORT, PLOTS, LOCK, CELL_LOG, CELL_ERROR,
+            REPORT, PLOTS, LOCK, CELL_LOG, CELL_ERROR, *ATTACK_FILES,
         }  # fmt: skip
 
     def is_foreign(self) -> bool:

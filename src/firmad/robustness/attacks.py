@@ -38,9 +38,12 @@ from firmad.errors import ConfigError, InputError
 
 __all__ = [
     "AttackResult",
+    "ascent_step",
     "attack_detector",
     "fgsm",
     "pgd",
+    "project",
+    "random_delta",
     "score",
     "score_fn_of",
 ]
@@ -221,7 +224,7 @@ def _per_sample_norm(t: Tensor) -> Tensor:
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.ndim - 1)))
 
 
-def _project(x_adv: Tensor, x: Tensor, norm: str, eps: float) -> Tensor:
+def project(x_adv: Tensor, x: Tensor, norm: str, eps: float) -> Tensor:
     """Project ``x_adv`` onto the ε-ball around ``x`` intersected with [0, 1]."""
     delta = x_adv - x
     if norm == "linf":
@@ -232,20 +235,29 @@ def _project(x_adv: Tensor, x: Tensor, norm: str, eps: float) -> Tensor:
     return (x + delta).clamp(0.0, 1.0)
 
 
-def _random_start(x: Tensor, norm: str, eps: float, gen: torch.Generator) -> Tensor:
-    """L∞: δ uniform in [-ε, ε]^d. L2: δ uniform in the L2 ball (Gaussian direction, radius
-    ε·u^(1/d)), which for image-sized d lies almost on the sphere."""
-    shape = x.shape
+_project = project  # the name the tests and older callers use
+
+
+def random_delta(
+    shape: torch.Size, norm: str, eps: float, gen: torch.Generator, dtype=torch.float64
+) -> Tensor:
+    """A random start δ, drawn on the generator's device. L∞: uniform in [-ε, ε]^d. L2:
+    uniform in the L2 ball (Gaussian direction, radius ε·u^(1/d)), which for image-sized d lies
+    almost on the sphere."""
+    device = gen.device
     if norm == "linf":
-        delta = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * eps
-    else:
-        direction = torch.randn(shape, generator=gen, dtype=torch.float64)
-        direction = direction / _per_sample_norm(direction).clamp_min(1e-12)
-        d = x[0].numel()
-        u = torch.rand(shape[0], generator=gen, dtype=torch.float64)
-        radius = eps * u.pow(1.0 / d)
-        delta = direction * radius.view(-1, *([1] * (x.ndim - 1)))
-    return _project(x + delta.to(device=x.device, dtype=x.dtype), x, norm, eps)
+        return (torch.rand(shape, generator=gen, dtype=dtype, device=device) * 2 - 1) * eps
+    direction = torch.randn(shape, generator=gen, dtype=dtype, device=device)
+    direction = direction / _per_sample_norm(direction).clamp_min(1e-12)
+    d = math.prod(shape[1:])
+    u = torch.rand(shape[0], generator=gen, dtype=dtype, device=device)
+    radius = eps * u.pow(1.0 / d)
+    return direction * radius.view(-1, *([1] * (len(shape) - 1)))
+
+
+def _random_start(x: Tensor, norm: str, eps: float, gen: torch.Generator) -> Tensor:
+    delta = random_delta(x.shape, norm, eps, gen)
+    return project(x + delta.to(device=x.device, dtype=x.dtype), x, norm, eps)
 
 
 def _objective(fn: ScoreFn, x: Tensor, sign: Tensor | float, eot: int) -> Tensor:
@@ -283,7 +295,8 @@ def _gradient(fn: ScoreFn, x: Tensor, sign: Tensor, eot: int) -> tuple[Tensor, T
     return grad / eot, obj / eot
 
 
-def _step(x_adv: Tensor, grad: Tensor, norm: str, alpha: float) -> Tensor:
+def ascent_step(x_adv: Tensor, grad: Tensor, norm: str, alpha: float) -> Tensor:
+    """One step of size α up the gradient: L∞ ``α·sign(g)``, L2 ``α·g/‖g‖₂`` (per sample)."""
     if norm == "linf":
         return x_adv + alpha * grad.sign()
     return x_adv + alpha * grad / _per_sample_norm(grad).clamp_min(1e-12)
@@ -322,7 +335,7 @@ def _run_pgd(
                 best_x[b][better] = x_adv[better]
                 best_obj[b] = torch.where(better, obj, best_obj[b])
                 if k < steps:
-                    x_adv = _project(_step(x_adv, grad, norm, alpha), x[b], norm, eps)
+                    x_adv = project(ascent_step(x_adv, grad, norm, alpha), x[b], norm, eps)
     return best_x, best_obj
 
 
@@ -446,7 +459,7 @@ def pgd(
         targets: ``"both"``, ``"normal"`` (false alarms only) or ``"anomaly"`` (evasion only);
             images not targeted are returned unchanged.
         eot: evaluations averaged per step (gradient and selection score) for stochastic scores.
-        random_start: uniform start in the ε-ball (see ``_random_start``); else start at x.
+        random_start: uniform start in the ε-ball (see ``random_delta``); else start at x.
         seed: seeds the ``torch.Generator`` of the random starts.
         grad_fn: optional surrogate score (callable or detector, same input space and
             direction) that provides the gradients; the true score still selects the best

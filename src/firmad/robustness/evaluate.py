@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -167,6 +167,7 @@ def robust_auroc_sweep(
     check_eps: float | None = None,
     large_eps: float | None = None,
     transfer_from=None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> dict:
     """AUROC under attack for every ε and target mode, with intervals and strength checks.
 
@@ -184,6 +185,8 @@ def robust_auroc_sweep(
         check_eps: ε of the steps/restarts/transfer checks; default the median non-zero ε.
         large_eps: ε of the masking check; default 1.0 (L∞) or √d (L2).
         transfer_from: optional surrogate detector for the black-box transfer check.
+        progress: called as ``progress(done, total, what)`` before each attack and once at the
+            end (``done == total``), e.g. to drive a progress bar.
 
     Returns:
         A JSON-serialisable dict: ``settings``, ``subset``, ``clean``, ``rows`` (one per ε and
@@ -224,7 +227,24 @@ def robust_auroc_sweep(
         surrogates=surrogates,
     )
 
+    nonzero = [e for e in eps_sorted if e > 0]
+    if check_eps is None and nonzero:
+        check_eps = float(nonzero[(len(nonzero) - 1) // 2])
+    if large_eps is None:
+        large_eps = 1.0 if norm == "linf" else math.sqrt(x[0].numel())
+    total = len(nonzero)
+    if checks:
+        total += 1  # large_eps
+        if check_eps is not None and check_eps > 0:
+            reused = attack_targets == "both" and check_eps in nonzero
+            total += 2 + (0 if reused else 1) + (transfer_from is not None)
+    done = [0]
+
     def attack(det, eps: float, targets: str = "both", **override):
+        if progress is not None:
+            what = ", ".join(f"{k}={v}" for k, v in override.items())
+            progress(done[0], total, f"eps={eps:.4g}" + (f" ({what})" if what else ""))
+        done[0] += 1
         kw = {**settings, **override}
         step_size = step_factor * eps / kw["steps"] if eps > 0 else None
         return attack_detector(
@@ -276,12 +296,6 @@ def robust_auroc_sweep(
             wins = {} if res is None else _wins(res.winner, res.attacks, y, mode)
             rows.append(row(eps, mode, _mode_scores(mode, y, clean, adv), wins))
 
-    nonzero = [e for e in eps_sorted if e > 0]
-    if check_eps is None and nonzero:
-        check_eps = float(nonzero[(len(nonzero) - 1) // 2])
-    if large_eps is None:
-        large_eps = 1.0 if norm == "linf" else math.sqrt(x[0].numel())
-
     verdicts: list[Verdict] = []
     skipped: list[str] = []
     if not checks:
@@ -311,6 +325,8 @@ def robust_auroc_sweep(
                 detail = f"{head} (white-box); {black:.4f} transferred from {name} {tail}"
                 verdicts.append(Verdict("transfer", black >= ref - CONVERGENCE_TOL, detail))
 
+    if progress is not None:
+        progress(total, total, "done")
     return {
         "settings": {
             "norm": norm,

@@ -27,6 +27,7 @@ from firmad.errors import CheckpointError, ConfigError, FirmadError
 from firmad.io import join_state, prefixed, split_state
 from firmad.methods import get_method
 from firmad.outliers import apply_kinds, parse_outliers
+from firmad.robustness.attacks import ascent_step, project, random_delta
 from firmad.training.model import build_model, resolve_device
 
 CHECKPOINT_FORMAT = "firmad-checkpoint-1"
@@ -83,6 +84,8 @@ class Trainer:
             else None
         )
         self.n_views = self.method.n_views
+        self.adversarial = cfg.adversarial if cfg.adversarial.enabled else None
+        self.attack_start_loss = torch.zeros((), device=self.device)  # summed over an epoch
 
         self.samples_per_epoch = len(self.pool.images)
         if self.fresh_kinds:  # same mix of inliers and outliers as the frozen pool
@@ -172,6 +175,8 @@ class Trainer:
         if self.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
         labels = self.method.labels(class_ids, kind_ids)
+        if self.adversarial is not None:
+            views = self.perturb(views, labels)
         with torch.autocast(
             self.device.type,
             dtype=self.amp_dtype or torch.float32,
@@ -179,6 +184,38 @@ class Trainer:
         ):
             feats = self.train_encoder(views)
             return self.method.loss(self.model, feats, labels)
+
+    def perturb(self, views: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Adversarial training's inner maximisation: PGD on the method's own loss.
+
+        The views (in [0, 1]) move within the ε-ball of ``cfg.adversarial`` to raise
+        ``method.loss(model, encoder(views + δ), labels)``; after every step δ is projected onto
+        the ball and [0, 1]. Gradients are taken w.r.t. the views only. BatchNorm stays in train
+        mode (the attack sees the batch statistics the update will see), but its running
+        statistics are saved before the attack passes and restored after them, so only the
+        update pass moves them, exactly as in clean training. The random start is drawn from
+        the trainer's generator, so a resumed run continues bit for bit.
+        """
+        a = self.adversarial
+        alpha = a.alpha()
+        x = views.detach()
+        x_adv = x
+        if a.random_start:
+            delta = random_delta(x.shape, a.norm, a.eps, self.gen, dtype=x.dtype)
+            x_adv = project(x + delta, x, a.norm, a.eps)
+        with _running_stats_kept(self.model), torch.enable_grad():
+            for k in range(a.steps):
+                x_adv = x_adv.detach().requires_grad_(True)
+                amp = self.amp_dtype is not None
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=amp):
+                    loss = self.method.loss(self.model, self.train_encoder(x_adv), labels)
+                (grad,) = torch.autograd.grad(loss.float(), x_adv)
+                if k == 0:
+                    self.attack_start_loss += loss.detach().float()
+                x_adv = project(ascent_step(x_adv.detach(), grad, a.norm, alpha), x, a.norm, a.eps)
+        if self.channels_last:
+            x_adv = x_adv.contiguous(memory_format=torch.channels_last)
+        return x_adv
 
     def train_step(self) -> torch.Tensor:
         x, class_ids, kind_ids = self.sample_batch()
@@ -272,6 +309,7 @@ class Trainer:
         check_every = 1 if self.device.type == "cpu" else 10  # a finiteness check syncs a GPU
         self._emit("on_train_start")
         loss_sum, loss_n = torch.zeros((), device=self.device), 0
+        self.attack_start_loss.zero_()
         epoch_start = time.perf_counter()
         self.paused = 0.0
         with _deferred_signals() as stop:
@@ -299,6 +337,10 @@ class Trainer:
                         "time_s": round(self.elapsed, 3),
                         "curve_time_s": round(self.paused, 3),
                     }
+                    if self.adversarial is not None:
+                        # "loss" is on the attacked views; this is at the attack's start point
+                        record["attack_start_loss"] = float(self.attack_start_loss) / max(loss_n, 1)
+                        self.attack_start_loss.zero_()
                     self._emit("on_epoch_end", record)
                     loss_sum, loss_n = torch.zeros((), device=self.device), 0
                     epoch_start, self.paused = time.perf_counter(), 0.0
@@ -331,6 +373,24 @@ def _deferred_signals():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _running_stats_kept(model: nn.Module):
+    """Forward passes inside leave BatchNorm's running statistics (and batch count) as they were."""
+    saved = [
+        (m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, mean, var, count in saved:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
 
 
 def _fused_kwargs(device: torch.device) -> dict[str, bool]:

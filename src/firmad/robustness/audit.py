@@ -1,0 +1,405 @@
+"""Robustness audits: attack a detector at several ε and write the evidence.
+
+- `audit`: `robust_auroc_sweep` on a detector and labelled test images, written to a folder as
+  ``attack.json`` (every setting, the subset, intervals, verdicts, the detector with its size
+  and cost), ``attack.md`` (a Markdown table), ``attack_auroc.png`` (AUROC vs ε, one curve per
+  attacked group) and ``attack_examples.png`` (clean / adversarial / amplified perturbation).
+- `audit_path`: the same for a `firmad train` run directory (its own test split) or a
+  `firmad fit` detector directory (a test split named by the caller); what `firmad attack` runs.
+- `robustness_for_run`: the ``attack`` recipe key. After a run's evaluation, the sweep on its
+  headline detector, summarised for results.json (``robustness``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from firmad.errors import CheckpointError, ConfigError, InputError
+from firmad.io import atomic_write_json, atomic_write_text
+from firmad.robustness.attacks import attack_detector
+from firmad.robustness.evaluate import format_markdown, robust_auroc_sweep
+
+__all__ = [
+    "ATTACK_FILES",
+    "audit",
+    "audit_path",
+    "describe_detector",
+    "headline_scorer",
+    "plot_attack_auroc",
+    "plot_attack_examples",
+    "robustness_for_run",
+    "robustness_summary",
+]
+
+ATTACK_JSON = "attack.json"
+ATTACK_MD = "attack.md"
+AUROC_PNG = "attack_auroc.png"
+EXAMPLES_PNG = "attack_examples.png"
+ATTACK_FILES = (ATTACK_JSON, ATTACK_MD, AUROC_PNG, EXAMPLES_PNG)  # also listed in firmad.run
+_MODE_LABELS = {"normal": "normals attacked", "anomaly": "anomalies attacked", "both": "both"}
+
+
+def headline_scorer(cfg) -> str:
+    """The scorer a run is summarised by: the method's own score (Deep SVDD distance,
+    classifier logit) where it has one, else kNN-cosine with k = 5."""
+    from firmad.methods import get_method
+
+    return "own" if get_method(cfg).own_scorer else "knn_cos:k=5"
+
+
+def describe_detector(det, source: str | Path | None = None) -> dict[str, Any]:
+    """What was attacked: method, backbone, scorer, input size, encoder parameters and FLOPs
+    per image (`firmad.models.complexity`), adversarial training settings, recipe."""
+    from firmad.models import complexity
+
+    cfg = det.config_
+    c, s = cfg.data.channels, cfg.data.size
+    cost = complexity(det.model_.encoder, (c, s, s))
+    params = det.scorer_.per_angle[0].get_params()
+    plain = (bool, int, float, str, type(None))
+    return {
+        "source": None if source is None else str(source),
+        "recipe": cfg.name,
+        "method": cfg.method.name,
+        "backbone": cfg.model.backbone,
+        "width": cfg.model.width,
+        "input": [c, s, s],
+        "scorer": det.scorer_.name,
+        "scorer_params": {k: v for k, v in params.items() if isinstance(v, plain)},
+        "variant": det.scorer_.variant,
+        "n_bank": det.n_bank_,
+        "params": cost["params"],
+        "flops": cost["flops"],
+        "cost_note": "encoder only; FLOPs of one forward pass per image (2 per multiply-add)",
+        "adversarial_training": cfg.adversarial.model_dump() if cfg.adversarial.enabled else None,
+        "device": str(det.extractor_.device),
+    }
+
+
+def audit(
+    det,
+    x: torch.Tensor,
+    y,
+    out_dir: str | Path,
+    *,
+    eps_list: Sequence[float],
+    norm: str = "linf",
+    steps: int = 100,
+    restarts: int = 1,
+    targets: Sequence[str] = ("normal", "anomaly", "both"),
+    subset: int | None = 1000,
+    seed: int = 0,
+    batch_size: int | None = 256,
+    checks: bool = True,
+    n_examples: int = 4,
+    source: str | Path | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict[str, Any]:
+    """Robust AUROC of a fitted `OneClassDetector` on float images ``x`` in [0, 1] (N, C, H, W)
+    with labels ``y`` (1 = anomaly); writes the four attack files into ``out_dir`` and returns
+    the attack.json dict. ``eps_list`` is in [0, 1] pixel space; the other arguments are those
+    of `robust_auroc_sweep` (surrogate attacks are always on)."""
+    x = x.to(det.extractor_.device)
+    y = torch.as_tensor(y).reshape(-1)
+    result = robust_auroc_sweep(
+        det,
+        x,
+        y,
+        eps_list=eps_list,
+        norm=norm,
+        steps=steps,
+        restarts=restarts,
+        targets_list=tuple(targets),
+        seed=seed,
+        batch_size=batch_size,
+        subset=subset,
+        checks=checks,
+        progress=progress,
+    )
+    st = result["settings"]
+    if st["norm"] == "linf":
+        st["eps_255"] = [round(e * 255, 6) for e in st["eps_list"]]
+    result["detector"] = describe_detector(det, source)
+    from firmad.report import versions
+
+    result["versions"] = versions()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    examples = _examples(det, x, y, result, n_examples, batch_size)
+    result["files"] = list(ATTACK_FILES)
+    atomic_write_json(out_dir / ATTACK_JSON, result)
+    atomic_write_text(out_dir / ATTACK_MD, attack_markdown(result))
+    plot_attack_auroc(out_dir / AUROC_PNG, result)
+    plot_attack_examples(out_dir / EXAMPLES_PNG, *examples, result)
+    return result
+
+
+def _examples(det, x, y, result, n: int, batch_size):
+    """The first ``n`` normals and ``n`` anomalies of the evaluated subset, attacked (both
+    sides) at the largest ε with the sweep's settings: clean, adversarial, labels, scores."""
+    st = result["settings"]
+    idx = result["subset"]["indices"]
+    idx = torch.arange(len(y)) if idx is None else torch.as_tensor(idx)
+    ys = y[idx]
+    pick = torch.cat([idx[ys == 0][:n], idx[ys == 1][:n]])
+    xe, ye = x[pick.to(x.device)], y[pick]
+    eps = max(st["eps_list"])
+    res = attack_detector(
+        det, xe, ye, eps=eps, norm=st["norm"], steps=st["steps"],
+        step_size=2.5 * eps / st["steps"] if eps > 0 else None, restarts=st["restarts"],
+        targets="both", seed=st["seed"], batch_size=batch_size,
+    )  # fmt: skip
+    from firmad.robustness.attacks import score
+
+    clean_scores = score(det, xe, batch_size)
+    return xe.cpu(), res.images.cpu(), ye.cpu(), clean_scores.cpu(), res.scores.cpu()
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def _eps_axis(eps: float, norm: str) -> float:
+    return eps * 255 if norm == "linf" else eps
+
+
+def _human(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return str(n)
+
+
+def attack_markdown(result: dict[str, Any]) -> str:
+    """attack.md: the detector, the robust AUROC table with intervals, the checks, the plots."""
+    d = result["detector"]
+    adv = d.get("adversarial_training")
+    trained = (
+        f"adversarially trained ({adv['norm']} eps={adv['eps']:.4g}, {adv['steps']} step(s))"
+        if adv
+        else "standard training"
+    )
+    params = ", ".join(f"{k}={v}" for k, v in d["scorer_params"].items())
+    lines = [
+        "# Robustness audit",
+        "",
+        f"- Detector: {d['method']} / {d['backbone']} (width {d['width']}), {trained}",
+        f"- Scorer: {d['scorer']}" + (f" ({params})" if params else "") + f", {d['variant']}",
+        f"- Input: {' x '.join(map(str, d['input']))}; encoder {_human(d['params'])} parameters, "
+        f"{_human(d['flops'])}FLOPs per image",
+    ]
+    if d.get("source"):
+        lines.append(f"- Source: {d['source']}")
+    lines += ["", format_markdown(result).rstrip(), ""]
+    lines += [f"![AUROC vs eps]({AUROC_PNG})", "", f"![Examples]({EXAMPLES_PNG})", ""]
+    return "\n".join(lines)
+
+
+def plot_attack_auroc(path: str | Path, result: dict[str, Any]) -> Path:
+    """AUROC % vs ε, one curve (with its 95 % band) per target mode, chance at 50."""
+    from firmad.report import _figure, _save
+
+    st = result["settings"]
+    norm = st["norm"]
+    fig = _figure()
+    ax = fig.add_subplot()
+    for i, mode in enumerate(st["targets_list"]):
+        rows = sorted((r for r in result["rows"] if r["target"] == mode), key=lambda r: r["eps"])
+        e = [_eps_axis(r["eps"], norm) for r in rows]
+        ax.plot(
+            e, [100 * r["auroc"] for r in rows], marker="o", ms=4, color=f"C{i}",
+            label=_MODE_LABELS.get(mode, mode),
+        )  # fmt: skip
+        lo, hi = [100 * r["ci_low"] for r in rows], [100 * r["ci_high"] for r in rows]
+        ax.fill_between(e, lo, hi, color=f"C{i}", alpha=0.15, lw=0)
+    ax.axhline(50, color="grey", lw=0.8, ls="--")
+    unit = "ε (x 1/255, L∞)" if norm == "linf" else "ε (L2, pixel space [0, 1])"
+    sub = result["subset"]
+    ax.set(xlabel=unit, ylabel="AUROC %", ylim=(0, 100))
+    ax.set_title(f"PGD-{st['steps']} on the anomaly score (n = {sub['n']})", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_attack_examples(
+    path: str | Path, clean, adv, labels, clean_scores, adv_scores, result: dict[str, Any]
+) -> Path:
+    """A grid: columns are normals then anomalies (score clean -> attacked), rows are the clean
+    image, the adversarial one and the perturbation amplified to the full grey range."""
+    from firmad.report import _figure, _save
+    from firmad.robustness.construct import centre_perturbation
+
+    st = result["settings"]
+    eps = max(st["eps_list"])
+    n = max(len(clean), 1)
+    fig = _figure((1.0 + 1.3 * n, 4.6))
+    axes = fig.subplots(3, n, squeeze=False)
+    pert = centre_perturbation(adv - clean) if len(clean) else adv
+    rows = (("clean", clean), ("adversarial", adv), ("perturbation\n(amplified)", pert))
+    for r, (name, images) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(images):
+                ax.set_axis_off()
+                continue
+            img = images[c].clamp(0, 1).permute(1, 2, 0).numpy()
+            if img.shape[2] == 1:
+                ax.imshow(img[:, :, 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            else:
+                ax.imshow(img, interpolation="nearest")
+            if r == 0:
+                kind = "anomaly" if int(labels[c]) == 1 else "normal"
+                ax.set_title(
+                    f"{kind}\n{float(clean_scores[c]):.3g} -> {float(adv_scores[c]):.3g}",
+                    fontsize=7,
+                )
+        axes[r][0].set_ylabel(name, fontsize=8)
+    eps_text = f"{eps * 255:.3g}/255" if st["norm"] == "linf" else f"{eps:.3g}"
+    fig.suptitle(f"{st['norm']} eps = {eps_text}; anomaly score clean -> attacked", fontsize=9)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------- runs, detectors
+
+
+def _test_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 test images at the detector's input size (as its evaluation sees them), in [0, 1]."""
+    from firmad.data.pool import prepare_images
+
+    return prepare_images(images, size).float().div_(255.0)
+
+
+def audit_path(
+    target: str | Path,
+    *,
+    data: str | None = None,
+    normal_class: int | str | None = None,
+    root: str | Path | None = None,
+    scorer: str | None = None,
+    variant: str = "plain",
+    device: str | None = None,
+    out_dir: str | Path | None = None,
+    **sweep,
+) -> tuple[dict[str, Any], Path]:
+    """`audit` of a run directory (its last checkpoint, the scorer fitted on its normal training
+    images, its test split) or of a detector directory (with ``data`` and ``normal_class``
+    naming a one-vs-rest test split). ``scorer`` (runs only) defaults to the headline scorer.
+    Files go to ``out_dir`` or into the run / detector directory. Returns (result, folder)."""
+    from firmad.data import one_vs_rest
+    from firmad.data.pool import load_split
+    from firmad.detector import META, OneClassDetector
+    from firmad.run import RunDir
+
+    path = Path(target)
+    if (path / "config.yaml").is_file():
+        if data is not None or normal_class is not None:
+            raise ConfigError(
+                f"{path} is a run directory: it is attacked on its own test split; drop --data "
+                "and --normal-class (they are for detector directories)"
+            )
+        run = RunDir(path)
+        cfg = run.read_config()
+        if device is not None:
+            cfg.train.device = device
+        folder = Path(out_dir) if out_dir is not None else path
+        with run:  # no training or evaluation writes into the run meanwhile
+            split = load_split(cfg)
+            model = run.load_model(cfg, device=cfg.train.device)
+            det = OneClassDetector.from_model(
+                model, cfg, scorer=scorer or headline_scorer(cfg), k=None, variant=variant
+            ).fit_bank(split.train_images)
+            x = _test_images(split.test_images, cfg.data.size)
+            result = audit(det, x, split.test_labels, folder, source=path, **sweep)
+        return result, folder
+    if (path / META).is_file():
+        if data is None or normal_class is None:
+            raise InputError(
+                f"{path} is a detector directory, which holds no test set: name one with "
+                "--data DATASET --normal-class C (e.g. --data fashion-mnist --normal-class 0)"
+            )
+        if scorer is not None or variant != "plain":
+            raise ConfigError(
+                "--scorer and --variant apply to run directories; a detector's scorer and "
+                "variant were fixed by `firmad fit`"
+            )
+        det = OneClassDetector.load(path, device=device)
+        split = one_vs_rest(data, normal_class, root=root, seed=det.config_.train.seed)
+        x = _test_images(split.test_images, det.config_.data.size)
+        if det.input_layout_ == "NHWC":
+            raise InputError(
+                f"{path} was fitted on channels-last (N, H, W, C) arrays; attack it from Python "
+                "with firmad.robustness.audit.audit on images in that layout"
+            )
+        folder = Path(out_dir) if out_dir is not None else path
+        return audit(det, x, split.test_labels, folder, source=path, **sweep), folder
+    raise CheckpointError(
+        f"{path} is neither a run directory (config.yaml, from `firmad train`) nor a detector "
+        "directory (detector.json, from `firmad fit`)"
+    )
+
+
+def robustness_summary(result: dict[str, Any], cfg=None, step: int | None = None) -> dict:
+    """The results.json entry of an attack: settings, the detector, per ε and target mode the
+    AUROC with its interval, and whether the strength checks passed."""
+    st = result["settings"]
+    rows = []
+    for r in result["rows"]:
+        row = {"eps": r["eps"], "target": r["target"], "auroc": r["auroc"]}
+        row.update(ci_low=r["ci_low"], ci_high=r["ci_high"])
+        if st["norm"] == "linf":
+            row["eps_255"] = round(r["eps"] * 255, 6)
+        rows.append(row)
+    d = result["detector"]
+    return {
+        "file": ATTACK_JSON,
+        "checkpoint_step": step,
+        "attack": cfg.attack.model_dump() if cfg is not None else None,
+        "detector": {k: d[k] for k in ("scorer", "scorer_params", "variant", "params", "flops")},
+        "norm": st["norm"],
+        "steps": st["steps"],
+        "restarts": st["restarts"],
+        "n": result["subset"]["n"],
+        "passed": result["passed"],
+        "verdicts": {v["name"]: v["passed"] for v in result["verdicts"]},
+        "rows": rows,
+    }
+
+
+def robustness_for_run(run, cfg, model, split, step: int | None) -> dict | None:
+    """The ``attack`` recipe key: None when it is off. Otherwise the robustness entry for
+    results.json, reused from the run's previous results.json when the checkpoint and the
+    attack settings are the same, else measured now on the run's headline detector (attack
+    files written into the run directory)."""
+    if not cfg.attack.enabled:
+        return None
+    if run.results.exists():
+        try:
+            old = json.loads(run.results.read_text()).get("robustness")
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if (
+            isinstance(old, dict)
+            and old.get("checkpoint_step") == step
+            and old.get("attack") == cfg.attack.model_dump()
+            and (run.path / ATTACK_JSON).exists()
+        ):
+            return old
+    from firmad.detector import OneClassDetector
+
+    a = cfg.attack
+    det = OneClassDetector.from_model(model.eval(), cfg, scorer=headline_scorer(cfg), k=None)
+    det.fit_bank(split.train_images)
+    x = _test_images(split.test_images, cfg.data.size)
+    result = audit(
+        det, x, split.test_labels, run.path, eps_list=a.eps, norm=a.norm, steps=a.steps,
+        restarts=a.restarts, targets=a.targets, subset=a.subset, seed=cfg.train.seed,
+        batch_size=cfg.eval.batch_size, checks=a.checks, source=run.path,
+    )  # fmt: skip
+    return robustness_summary(result, cfg, step)

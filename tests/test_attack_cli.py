@@ -1,0 +1,167 @@
+"""`firmad attack` on a tiny trained run and a detector directory, its errors, the `attack` recipe
+key (robustness in results.json), the sweep's progress calls and `firmad.models.complexity`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from firmad.cli import main
+from firmad.config import load_config
+from firmad.data import one_vs_rest
+from firmad.detector import OneClassDetector
+from firmad.models import complexity
+from firmad.pipeline import evaluate_run, train_run
+from firmad.robustness import robust_auroc_sweep
+from tests.conftest import FIXTURE_FMNIST, TINY
+from tests.test_detector import TRAIN
+
+PNG = b"\x89PNG\r\n\x1a\n"
+QUICK = ["--steps", "3", "--subset", "60"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is as fast, and far faster on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("attack") / "run"
+    train_run(load_config("fmnist-cpu", [*TINY, "train.epochs=1"]), out_dir=run, quiet=True)
+    return run
+
+
+def test_attack_on_a_run_writes_its_four_files(run_dir, capsys):
+    assert main(["-q", "attack", str(run_dir), "--eps", "0,4,8", *QUICK]) == 0
+    data = json.loads((run_dir / "attack.json").read_text())
+    st = data["settings"]
+    assert st["norm"] == "linf" and st["steps"] == 3 and st["eps_255"] == [0, 4, 8]
+    assert st["eps_list"] == pytest.approx([0, 4 / 255, 8 / 255])
+    sub = data["subset"]
+    assert sub["n"] == 60 and sub["n_normal"] + sub["n_anomaly"] == 60 and sub["n_normal"] > 0
+    assert len(data["rows"]) == 9  # 3 eps x (normal, anomaly, both)
+    for r in data["rows"]:
+        assert r["ci_low"] <= r["auroc"] <= r["ci_high"]
+    both = {r["eps"]: r["auroc"] for r in data["rows"] if r["target"] == "both"}
+    assert both[0] == pytest.approx(data["clean"]["auroc"])
+    assert both[max(both)] < both[0]  # the attack works
+    assert {v["name"] for v in data["verdicts"]} == {
+        "monotone", "large_eps", "more_steps", "more_restarts"
+    }  # fmt: skip
+    d = data["detector"]
+    assert (d["method"], d["backbone"], d["scorer"]) == ("firm", "resnet_small", "knn_cos")
+    assert d["scorer_params"]["k"] == 5 and d["input"] == [3, 16, 16]
+    model = OneClassDetector.from_run(run_dir).model_
+    assert d["params"] == sum(p.numel() for p in model.encoder.parameters())
+    assert d["flops"] > 1e5
+    md = (run_dir / "attack.md").read_text()
+    assert "| eps | normal | anomaly | both |" in md and "| 8/255 |" in md and "FLOPs" in md
+    for name in ("attack_auroc.png", "attack_examples.png"):
+        content = (run_dir / name).read_bytes()
+        assert content.startswith(PNG) and len(content) > 5000
+    shown = capsys.readouterr().out
+    assert "| 4/255 |" in shown and "attack.json" in shown
+    # the run is still a run: evaluation and resume do not see foreign files
+    from firmad.run import RunDir
+
+    assert not RunDir(run_dir).is_foreign() and RunDir(run_dir).state == "evaluated"
+
+
+def test_attack_on_a_detector_needs_a_test_set(tmp_path, capsys):
+    split = one_vs_rest("fashion-mnist", 0, root=str(FIXTURE_FMNIST))
+    det = OneClassDetector(overrides=TRAIN, scorer="knn_cos", k=5).fit(split.train_images)
+    det.save(tmp_path / "det")
+    capsys.readouterr()
+    assert main(["-q", "attack", str(tmp_path / "det")]) == 2
+    assert "--data" in capsys.readouterr().err
+    out = tmp_path / "audit"
+    args = ["-q", "attack", str(tmp_path / "det"), "--data", "fashion-mnist", "--normal-class"]
+    args += ["T-shirt/top", "--root", str(FIXTURE_FMNIST), "--norm", "l2", "--eps", "0,0.5"]
+    args += ["--steps", "2", "--subset", "40", "--no-checks", "--out", str(out)]
+    assert main(args) == 0
+    data = json.loads((out / "attack.json").read_text())
+    assert data["settings"]["eps_list"] == [0.0, 0.5] and "eps_255" not in data["settings"]
+    assert data["checks_skipped"] and data["verdicts"] == []
+    assert data["detector"]["source"] == str(tmp_path / "det")
+    assert {p.name for p in out.iterdir()} == {
+        "attack.json", "attack.md", "attack_auroc.png", "attack_examples.png"
+    }  # fmt: skip
+    assert not (tmp_path / "det" / "attack.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["{missing}"], "neither a run directory"),
+        (["{run}", "--eps", "0,a"], "not a number"),
+        (["{run}", "--eps", "0,300"], "1/255 units"),
+        (["{run}", "--eps", "0,-1"], ">= 0"),
+        (["{run}", "--norm", "l3"], "linf or l2"),
+        (["{run}", "--targets", "both,all"], "--targets"),
+        (["{run}", "--data", "fashion-mnist"], "run directory"),
+        (["{run}", "--scorer", "nope"], "unknown scorer"),
+    ],
+)
+def test_attack_errors_exit_2_with_a_message(run_dir, tmp_path, capsys, args, message):
+    args = [a.format(missing=tmp_path / "none", run=run_dir) for a in args]
+    assert main(["-q", "attack", *args, *QUICK]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_attack_recipe_key_adds_robustness_to_results(tmp_path):
+    run = tmp_path / "run"
+    attack = [
+        "attack.enabled=true",
+        "attack.eps=[0, 0.0314]",
+        "attack.steps=2",
+        "attack.subset=40",
+        "attack.checks=false",
+    ]
+    cfg = load_config("fmnist-cpu", [*TINY, "method.name=binary", "train.epochs=1", *attack])
+    results = train_run(cfg, out_dir=run, quiet=True)["results"]
+    rob = results["robustness"]
+    assert rob["detector"]["scorer"] == "logit"  # the binary classifier's own score
+    assert rob["norm"] == "linf" and rob["n"] == 40 and rob["file"] == "attack.json"
+    assert {(r["eps_255"], r["target"]) for r in rob["rows"]} == {
+        (e, t) for e in (0, 8.007) for t in ("normal", "anomaly", "both")
+    }
+    for r in rob["rows"]:
+        assert r["ci_low"] <= r["auroc"] <= r["ci_high"]
+    assert json.loads((run / "results.json").read_text())["robustness"] == rob
+    assert (run / "attack.json").exists() and (run / "attack_examples.png").exists()
+    assert "## Robustness" in (run / "report.md").read_text()
+    # Re-scoring the same checkpoint keeps the entry without attacking again.
+    before = (run / "attack.json").stat().st_mtime_ns
+    again = evaluate_run(run, scorers=["centre"])["results"]
+    assert again["robustness"] == rob and (run / "attack.json").stat().st_mtime_ns == before
+
+
+def test_sweep_reports_progress():
+    calls = []
+    x = torch.rand(12, 1, 8, 8)
+    y = torch.tensor([0, 1] * 6)
+    robust_auroc_sweep(
+        lambda v: v.mean((1, 2, 3)), x, y, eps_list=[0, 0.01, 0.02], steps=2,
+        n_bootstrap=10, progress=lambda *a: calls.append(a),
+    )  # fmt: skip
+    total = calls[0][1]
+    # 2 eps + large_eps + more_steps + more_restarts (the check eps reuses its sweep attack)
+    assert total == 5 and [c[0] for c in calls] == list(range(total + 1))
+    assert calls[-1] == (total, total, "done")
+
+
+def test_complexity_counts_parameters_and_flops():
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten())
+    conv.train()
+    cost = complexity(conv, (3, 8, 8))
+    assert cost == {"params": 8 * 27 + 8, "flops": 2 * (8 * 8 * 8) * 27}
+    assert conv.training  # the mode is restored
