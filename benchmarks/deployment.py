@@ -69,6 +69,7 @@ def main() -> None:
         help="steps per epoch cap for resnet18_cifar (14 images/s on 2 cores: the full recipe "
         "would take two hours)",
     )
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
     ap.add_argument("--quick", action="store_true", help="a few steps per model (smoke test)")
     ap.add_argument(
         "--latency-only",
@@ -78,7 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     import onnxruntime as ort
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.latency_only:
         retime(args, ort)
         return
