@@ -70,6 +70,12 @@ def main() -> None:
         "would take two hours)",
     )
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
+    ap.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=None,
+        help="cap the recipe's steps per epoch for every backbone (a CPU budget)",
+    )
     ap.add_argument("--quick", action="store_true", help="a few steps per model (smoke test)")
     ap.add_argument(
         "--latency-only",
@@ -89,8 +95,11 @@ def main() -> None:
     rows, sessions, one, many = [], {}, {}, {}
     for backbone in args.backbones.split(","):
         extra = ["train.steps_per_epoch=5", "train.epochs=1"] if args.quick else []
+        if args.steps_per_epoch and not args.quick:
+            extra += [f"train.steps_per_epoch={args.steps_per_epoch}"]
         if backbone == "resnet18_cifar" and not args.quick:
-            extra += [f"train.steps_per_epoch={args.resnet18_steps}"]
+            cap = min(args.resnet18_steps, args.steps_per_epoch or args.resnet18_steps)
+            extra += [f"train.steps_per_epoch={cap}"]
         det, train_s = train(backbone, args.normal_class, extra)
         scores = det.decision_function(split.test_images)
         path = export_onnx(det, args.out / f"{backbone}.onnx")
