@@ -15,11 +15,10 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from firmad.config import RunConfig, config_from_dict, parse_scorer
+from firmad.config import RunConfig, check_scorer, config_from_dict, parse_scorer
 from firmad.data import OneClassSplit
 from firmad.data.pool import load_split, prepare_images
 from firmad.errors import CheckpointError, ConfigError
-from firmad.metrics import evaluate_scores
 from firmad.report import write_plots, write_report_md, write_results
 from firmad.run import RunDir, safe_component
 from firmad.scoring import FeatureExtractor, build_scorer
@@ -27,6 +26,8 @@ from firmad.training import CheckpointSaver, LearningCurve, MetricsLog, Progress
 
 # Keys that may differ between a stored run and the options given to resume it.
 RESUMABLE_CHANGES = ("train.device", "train.threads")
+# What evaluating a finished run may change besides (its scorers, variants, batch size...).
+EVAL_SECTION = "eval."
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -68,13 +69,15 @@ def config_changes(stored: RunConfig, given: RunConfig) -> dict[str, tuple[Any, 
     }
 
 
-def refuse_changes(changes: dict[str, tuple[Any, Any]], where: str) -> None:
+def refuse_changes(
+    changes: dict[str, tuple[Any, Any]],
+    where: str,
+    fix: str = "a resumed run must keep its settings — drop those options, or start a new run "
+    "with another --out",
+) -> None:
     if changes:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
-        raise ConfigError(
-            f"{where} was made with other settings ({listed}); a resumed run must keep its "
-            "settings — drop those options, or start a new run with another --out"
-        )
+        raise ConfigError(f"{where} was made with other settings ({listed}); {fix}")
 
 
 def train_run(
@@ -93,11 +96,13 @@ def train_run(
         raise ConfigError("train_run takes a RunConfig; build one with firmad.config.load_config")
     run = RunDir(out_dir or default_run_dir(cfg))
     start = time.perf_counter()
+    # Checked again under the lock; first here, as taking the lock creates the folder and its
+    # lock file, which must not happen in a folder of the user's or for a run that is not there.
+    _check_target(run, resume)
     with run:
         state = run.state
+        _check_target(run, resume)
         if resume:
-            if state == "new":
-                raise ConfigError(f"{run.path} holds no run to resume; start it without --resume")
             stored = run.read_config()
             refuse_changes(config_changes(stored, cfg), str(run.config))
             meta = run.checkpoint_meta()
@@ -110,8 +115,6 @@ def train_run(
                 f"{run.path} already holds a run; continue it with --resume --out {run.path}, "
                 "or choose another --out"
             )
-        else:
-            run.check_writable_new()  # "started" (no checkpoint yet) may simply start again
         if resume and state == "evaluated" and evaluate:
             return {"run_dir": run.path, "results": json.loads(run.results.read_text())}
         split = load_split(cfg)
@@ -124,6 +127,14 @@ def train_run(
         return _evaluate(
             run, cfg, split=split, model=trainer.model, train_wall_s=time.perf_counter() - start
         )
+
+
+def _check_target(run: RunDir, resume: bool) -> None:
+    state = run.state
+    if resume and state == "new":
+        raise ConfigError(f"{run.path} holds no run to resume; start it without --resume")
+    if state in ("new", "started"):
+        run.check_writable_new()  # "started" (no checkpoint yet) may simply start again
 
 
 def _config_or_error(data: dict, where: Path) -> RunConfig:
@@ -172,6 +183,8 @@ def _curve_fn(cfg: RunConfig, split: OneClassSplit):
         return None
 
     def curve(model) -> float:
+        from firmad.metrics import evaluate_scores  # sklearn: seconds to import, only used here
+
         extractor = FeatureExtractor.from_config(model.encoder, cfg)
         bank = extractor.extract(bank_images, cfg.eval.batch_size)
         feats = extractor.extract(test_images, cfg.eval.batch_size)
@@ -190,8 +203,22 @@ def evaluate_run(
     """Score a finished run's last checkpoint with every scorer x variant; write results,
     report and plots. Scorers/variants default to the run's ``eval`` settings."""
     run = RunDir(run_dir)
+    run.read_config()  # not a run (or a broken one): say so before the lock creates anything
+    for spec in scorers or []:
+        check_scorer(spec)  # a wrong scorer fails before any work
     with run:
         cfg = run.read_config()
+        meta = run.checkpoint_meta()
+        if meta and isinstance(meta.get("config"), dict):
+            # config.yaml edited after training: the report would describe another model.
+            saved = _config_or_error(meta["config"], run.checkpoint_json)
+            changes = config_changes(saved, cfg)
+            refuse_changes(
+                {k: v for k, v in changes.items() if not k.startswith(EVAL_SECTION)},
+                f"the checkpoint in {run.path}",
+                f"{run.config} was edited after training; restore those settings (only the "
+                "eval section may change), or train a new run with another --out",
+            )
         if device is not None:
             cfg.train.device = device
         return _evaluate(run, cfg, scorers=scorers, variants=variants)
@@ -220,9 +247,9 @@ def _evaluate(
         raise CheckpointError(f"{run.path}: training is not finished")
     if split is None:
         split = load_split(cfg)
+    for spec in scorers or []:
+        check_scorer(spec)  # bad names and parameters fail here, before any work
     specs = [parse_scorer(s) for s in (scorers or cfg.eval.scorers)]
-    for name, params in specs:
-        build_scorer(name, **params)  # bad names and parameters fail here, before any work
     variants = list(variants or cfg.eval.variants)
 
     detector = OneClassDetector.from_model(model.eval(), cfg)
