@@ -97,7 +97,8 @@ def train(
         from firmad.pipeline import default_run_dir, train_run
 
         cfg = _resume_config(out_dir, config, overrides) if resume else _config(config, overrides)
-        where["run"] = out_dir or default_run_dir(cfg)
+        run = out_dir or default_run_dir(cfg)
+        where.update(run=run, again=f"firmad train --resume --out {run}")
         summary = train_run(
             cfg, out_dir=out_dir, resume=resume, evaluate=not no_eval, quiet=state["quiet"]
         )
@@ -151,22 +152,23 @@ def evaluate(
 @contextlib.contextmanager
 def _interruptible(what: str | None = None):
     """Ctrl-C (and SIGTERM inside the training loop): say what was kept and how to continue,
-    and exit with 130. Yields a dict where the command puts its run directory once known."""
+    and exit with 130. Yields a dict where the command puts, once known, its run directory
+    ("run") and the command that continues it ("again")."""
     from firmad.run import RunDir
 
     where: dict = {}
     try:
         yield where
     except KeyboardInterrupt as err:
-        run = where.get("run")
+        run, again = where.get("run"), where.get("again")
         step = getattr(err, "step", None)  # firmad.training.TrainingInterrupted
-        if what is None and run is not None and step is not None:
-            what = f"a checkpoint was saved after step {step}; continue with --resume --out {run}"
+        if what is None and again and step is not None:
+            what = f"a checkpoint was saved after step {step}; continue with `{again}`"
         elif what is None:
             what = "files are written whole or not at all; run the command again"
             with contextlib.suppress(Exception):
-                if run is not None and RunDir(run).checkpoint_meta() is not None:
-                    what += f", or continue with --resume --out {run}"
+                if again and RunDir(run).checkpoint_meta() is not None:
+                    what = f"the last checkpoint was kept; continue with `{again}`"
         console.print(f"interrupted: {what}", highlight=False)
         raise typer.Exit(130) from None
 
@@ -291,7 +293,7 @@ def demo(
             _show_dataset("fashion-mnist", None)
         resume = RunDir(out_dir).state in ("partial", "finished", "evaluated")
         cfg = load_config("fmnist-cpu", ["data.normal_class=0"])
-        where["run"] = out_dir
+        where.update(run=out_dir, again=f"firmad demo --out {out_dir}")
         summary = train_run(cfg, out_dir=out_dir, resume=resume, quiet=state["quiet"])
     _print_summary(summary)
 

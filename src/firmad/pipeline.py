@@ -19,6 +19,7 @@ from firmad.config import RunConfig, check_scorer, config_from_dict, parse_score
 from firmad.data import OneClassSplit
 from firmad.data.pool import load_split, prepare_images
 from firmad.errors import CheckpointError, ConfigError
+from firmad.metrics import evaluate_scores
 from firmad.report import write_plots, write_report_md, write_results
 from firmad.run import RunDir, safe_component
 from firmad.scoring import FeatureExtractor, build_scorer
@@ -183,8 +184,6 @@ def _curve_fn(cfg: RunConfig, split: OneClassSplit):
         return None
 
     def curve(model) -> float:
-        from firmad.metrics import evaluate_scores  # sklearn: seconds to import, only used here
-
         extractor = FeatureExtractor.from_config(model.encoder, cfg)
         bank = extractor.extract(bank_images, cfg.eval.batch_size)
         feats = extractor.extract(test_images, cfg.eval.batch_size)

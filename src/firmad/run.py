@@ -130,6 +130,8 @@ class RunDir:
         return bool(self.foreign_files())
 
     def check_writable_new(self) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"{self.path} is a file, not a folder; choose another --out")
         foreign = self.foreign_files()
         if foreign:
             shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
