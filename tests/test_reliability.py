@@ -249,12 +249,15 @@ def test_signal_then_resume_is_exact(tmp_path, reference, capsys, sig):
     proc = _spawn(_train_args(out), tmp_path / "proc")
     try:
         assert _wait_until(lambda: _epochs_logged(out) >= 1, proc), "finished before the signal"
-        # 6: a second writer is refused, naming the first, and changes nothing.
-        assert _run_main(_train_args(out)) == 2
-        err = capsys.readouterr().err
-        assert f"in use by pid {proc.pid}" in err and "Traceback" not in err
-        time.sleep(0.1)  # most likely inside epoch 2
-        proc.send_signal(sig)
+        proc.send_signal(signal.SIGSTOP)  # held inside epoch 2, however fast this machine is
+        try:
+            # 6: a second writer is refused, naming the first, and changes nothing.
+            assert _run_main(_train_args(out)) == 2
+            err = capsys.readouterr().err
+            assert f"in use by pid {proc.pid}" in err and "Traceback" not in err
+        finally:
+            proc.send_signal(sig)  # delivered when it continues
+            proc.send_signal(signal.SIGCONT)
         assert proc.wait(timeout=180) == 130
     finally:
         proc.kill()
@@ -276,6 +279,9 @@ def test_signal_then_resume_is_exact(tmp_path, reference, capsys, sig):
 
 def test_random_interruptions_end_with_the_same_run(tmp_path, reference):
     rng = random.Random(20251)
+    lines = (reference / "metrics.jsonl").read_text().splitlines()
+    times = [e["time_s"] for e in map(json.loads, lines) if "time_s" in e]
+    epoch_s = min(b - a for a, b in zip(times, times[1:], strict=False))  # on this machine
     plan = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
     rng.shuffle(plan)
     out, stopped = tmp_path / "run", []
@@ -289,7 +295,7 @@ def test_random_interruptions_end_with_the_same_run(tmp_path, reference):
             if going and rng.random() < 0.5:
                 seen = _epochs_logged(out)
                 going = _wait_until(lambda: _epochs_logged(out) > seen, proc)  # noqa: B023
-            time.sleep(rng.uniform(0.0, 0.2))
+            time.sleep(rng.uniform(0.0, 0.5) * epoch_s)
             proc.send_signal(sig)
             rc = proc.wait(timeout=180)
         finally:
