@@ -246,8 +246,6 @@ def _evaluate(
         raise CheckpointError(f"{run.path}: training is not finished")
     if split is None:
         split = load_split(cfg)
-    for spec in scorers or []:
-        check_scorer(spec)  # bad names and parameters fail here, before any work
     specs = [parse_scorer(s) for s in (scorers or cfg.eval.scorers)]
     variants = list(variants or cfg.eval.variants)
 

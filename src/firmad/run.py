@@ -174,11 +174,11 @@ class RunDir:
         try:
             model.load_state_dict(prefixed(tensors, "model"))
         except RuntimeError as err:
-            from firmad.training.trainer import _first_mismatch
+            from firmad.training.model import weights_mismatch
 
             raise CheckpointError(
                 f"{self.checkpoint_weights}: the weights do not fit {self.config} "
-                f"({_first_mismatch(err)}); was the config edited? Restore it"
+                f"({weights_mismatch(err)}); was the config edited? Restore it"
             ) from None
         return model.to(resolve_device(device)).eval()
 
@@ -210,8 +210,11 @@ class RunDir:
                 f"{self.path} is in use by {holder}; wait for it to finish or stop it, or "
                 "choose another --out"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
+        try:  # who holds it, for a second writer's message
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}".encode())
+        except OSError:
+            pass  # a full disk: the lock holds all the same
         self._lock_fd = fd
         self._tidy()
         return self

@@ -27,7 +27,7 @@ from firmad.errors import CheckpointError, ConfigError, FirmadError
 from firmad.io import join_state, prefixed, split_state
 from firmad.methods import get_method
 from firmad.outliers import apply_kinds, parse_outliers
-from firmad.training.model import build_model, resolve_device
+from firmad.training.model import build_model, resolve_device, weights_mismatch
 
 CHECKPOINT_FORMAT = "firmad-checkpoint-1"
 
@@ -247,7 +247,7 @@ class Trainer:
         except RuntimeError as err:
             raise CheckpointError(
                 f"the checkpoint's weights do not fit this configuration "
-                f"({_first_mismatch(err)}); resume with the run's own config.yaml"
+                f"({weights_mismatch(err)}); resume with the run's own config.yaml"
             ) from None
         optim_state = join_state(meta["optimizer"], tensors)
         optim_state["state"] = {int(k): v for k, v in optim_state["state"].items()}
@@ -307,14 +307,13 @@ class Trainer:
                 if self.step_in_epoch == 0:  # an epoch just ended
                     seconds = time.perf_counter() - epoch_start
                     self.elapsed += seconds
+                    busy = max(seconds - self.paused, 1e-9)
                     record = {
                         "epoch": self.epoch,
                         "step": self.global_step,
                         "loss": float(loss_sum) / max(loss_n, 1),
                         "lr": self.scheduler.get_last_lr()[0],
-                        "views_per_s": steps_run
-                        * views_per_step
-                        / max(seconds - self.paused, 1e-9),
+                        "views_per_s": steps_run * views_per_step / busy,
                         "time_s": round(self.elapsed, 3),
                         "curve_time_s": round(self.paused, 3),
                     }
@@ -364,13 +363,6 @@ def _deferred_signals():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-
-
-def _first_mismatch(err: RuntimeError) -> str:
-    """The first line naming a tensor of PyTorch's load_state_dict error, not all of them."""
-    lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
-    more = f", and {len(lines) - 1} more" if len(lines) > 1 else ""
-    return (lines[0].rstrip(".") + more) if lines else str(err).splitlines()[0]
 
 
 def _fused_kwargs(device: torch.device) -> dict[str, bool]:
