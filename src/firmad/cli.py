@@ -78,8 +78,6 @@ def train(
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the evaluation at the end."),
 ) -> None:
     """Train a detector on normal images (and synthetic outliers), then evaluate it."""
-    from firmad.pipeline import train_run
-
     overrides = list(set_)
     if normal_class is not None:
         value = normal_class if not normal_class.lstrip("-").isdigit() else int(normal_class)
@@ -95,8 +93,12 @@ def train(
         raise FirmadError(
             "give a recipe with --config (e.g. --config fmnist-cpu), or --resume --out DIR"
         )
-    cfg = _resume_config(out_dir, config, overrides) if resume else _config(config, overrides)
-    with _interruptible():
+    with _interruptible() as where:  # from here on: importing torch takes seconds
+        from firmad.pipeline import default_run_dir, train_run
+
+        cfg = _resume_config(out_dir, config, overrides) if resume else _config(config, overrides)
+        run = out_dir or default_run_dir(cfg)
+        where.update(run=run, again=f"firmad train --resume --out {run}")
         summary = train_run(
             cfg, out_dir=out_dir, resume=resume, evaluate=not no_eval, quiet=state["quiet"]
         )
@@ -135,24 +137,39 @@ def evaluate(
     device: str | None = typer.Option(None, "--device"),
 ) -> None:
     """(Re)score a trained run from its checkpoint and rewrite its report."""
-    from firmad.pipeline import evaluate_run
+    with _interruptible("files are written whole or not at all; run the command again"):
+        from firmad.pipeline import evaluate_run
 
-    summary = evaluate_run(
-        run_dir,
-        scorers=_split_scorers(scorers) if scorers else None,
-        variants=variants.split(",") if variants else None,
-        device=device,
-    )
+        summary = evaluate_run(
+            run_dir,
+            scorers=_split_scorers(scorers) if scorers else None,
+            variants=variants.split(",") if variants else None,
+            device=device,
+        )
     _print_summary(summary)
 
 
 @contextlib.contextmanager
-def _interruptible(what: str = "a checkpoint was saved; continue with --resume --out RUN_DIR"):
-    """Ctrl-C / SIGTERM: say what was kept and how to continue, and exit with 130."""
+def _interruptible(what: str | None = None):
+    """Ctrl-C (and SIGTERM inside the training loop): say what was kept and how to continue,
+    and exit with 130. Yields a dict where the command puts, once known, its run directory
+    ("run") and the command that continues it ("again")."""
+    from firmad.run import RunDir
+
+    where: dict = {}
     try:
-        yield
-    except KeyboardInterrupt:
-        console.print(f"interrupted: {what}")
+        yield where
+    except KeyboardInterrupt as err:
+        run, again = where.get("run"), where.get("again")
+        step = getattr(err, "step", None)  # firmad.training.TrainingInterrupted
+        if what is None and again and step is not None:
+            what = f"a checkpoint was saved after step {step}; continue with `{again}`"
+        elif what is None:
+            what = "files are written whole or not at all; run the command again"
+            with contextlib.suppress(Exception):
+                if again and RunDir(run).checkpoint_meta() is not None:
+                    what = f"the last checkpoint was kept; continue with `{again}`"
+        console.print(f"interrupted: {what}", highlight=False)
         raise typer.Exit(130) from None
 
 
@@ -266,15 +283,17 @@ def demo(
     """What `make demo` runs: FIRM on Fashion-MNIST T-shirt/top with the CPU recipe, all scorers.
 
     Run it again: a finished demo shows its results, an interrupted one continues."""
-    from firmad.config import load_config
-    from firmad.pipeline import train_run
     from firmad.run import RunDir
 
-    if not state["quiet"]:
-        _show_dataset("fashion-mnist", None)
-    resume = RunDir(out_dir).state in ("partial", "finished", "evaluated")
-    cfg = load_config("fmnist-cpu", ["data.normal_class=0"])
-    with _interruptible():
+    with _interruptible() as where:
+        from firmad.config import load_config
+        from firmad.pipeline import train_run
+
+        if not state["quiet"]:
+            _show_dataset("fashion-mnist", None)
+        resume = RunDir(out_dir).state in ("partial", "finished", "evaluated")
+        cfg = load_config("fmnist-cpu", ["data.normal_class=0"])
+        where.update(run=out_dir, again=f"firmad demo --out {out_dir}")
         summary = train_run(cfg, out_dir=out_dir, resume=resume, quiet=state["quiet"])
     _print_summary(summary)
 

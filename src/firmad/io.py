@@ -13,7 +13,9 @@ import errno
 import hashlib
 import json
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,33 @@ _STORAGE_ADVICE = {
 }
 if hasattr(errno, "EDQUOT"):  # not on every platform
     _STORAGE_ADVICE[errno.EDQUOT] = "the disk quota is used up; " + _NO_SPACE.split("; ", 1)[1]
+
+
+def storage_advice(err: OSError) -> str | None:
+    """What to do about a write failure the user can fix (full disk, read-only folder)."""
+    return _STORAGE_ADVICE.get(err.errno)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT / SIGTERM wait until the block is done (main thread; elsewhere a no-op).
+
+    Used around the renames of several files written together: Ctrl-C between two renames
+    would leave a new weights file next to the old JSON that describes other weights."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        for sig in dict.fromkeys(caught):
+            signal.raise_signal(sig)  # now handled as it would have been
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -91,9 +120,12 @@ def atomic_write_files(files: Sequence[tuple[Path, bytes]]) -> None:
         for path, data in files:
             current = Path(path)
             temps.append(_write_temp(current, data))
-        for tmp, (path, _) in zip(temps, files, strict=True):
-            current = Path(path)
-            os.replace(tmp, current)
+        with _signals_deferred():
+            for tmp, (path, _) in zip(temps, files, strict=True):
+                current = Path(path)
+                os.replace(tmp, current)
+            for folder in dict.fromkeys(Path(path).parent for path, _ in files):
+                _fsync_dir(folder)
     except BaseException as err:
         for tmp in temps:  # those already renamed are gone: nothing to remove
             with contextlib.suppress(OSError):
@@ -101,8 +133,6 @@ def atomic_write_files(files: Sequence[tuple[Path, bytes]]) -> None:
         if isinstance(err, OSError) and err.errno in _STORAGE_ADVICE:
             raise StorageError(f"cannot write {current}: {_STORAGE_ADVICE[err.errno]}") from err
         raise
-    for folder in dict.fromkeys(Path(path).parent for path, _ in files):
-        _fsync_dir(folder)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -242,6 +272,51 @@ def load_checkpoint(
             "train again"
         ) from None
     return tensors, meta
+
+
+def _temp_files(directory: Path, name: str) -> list[Path]:
+    """Temporary files `_write_temp` made for `directory/name` (left by a killed process)."""
+    return sorted(Path(directory).glob(f".{name}.*.tmp"))
+
+
+def recover_checkpoint(directory: Path, name: str) -> bool:
+    """Finish a checkpoint save that was cut between its two renames (SIGKILL, power cut).
+
+    Both files are written and synced before either is renamed, so such a cut leaves the new
+    weights next to the old JSON, and the new JSON complete in its temporary file. The
+    temporary JSON that records the present weights' checksum is renamed into place. Returns
+    whether it did; any other state is left alone."""
+    directory = Path(directory)
+    weights, meta_path = directory / f"{name}.safetensors", directory / f"{name}.json"
+    pending = _temp_files(directory, meta_path.name)
+    if not pending or not weights.exists():
+        return False
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    try:
+        current = json.loads(meta_path.read_bytes()).get(WEIGHTS_SHA256)
+    except (OSError, ValueError, AttributeError):
+        current = None
+    if current == digest:
+        return False
+    for tmp in reversed(pending):
+        try:
+            meta = json.loads(tmp.read_bytes())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and meta.get(WEIGHTS_SHA256) == digest:
+            os.replace(tmp, meta_path)
+            _fsync_dir(directory)
+            return True
+    return False
+
+
+def remove_temp_files(directory: Path, names: Sequence[str]) -> None:
+    """Remove the temporary files a killed writer left for `names` in `directory`; only call
+    this while no other process may be writing them (e.g. under the run directory's lock)."""
+    for name in names:
+        for tmp in _temp_files(directory, name):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
 
 def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn import metrics as skm
 
 from firmad.errors import InputError
 
@@ -82,6 +81,8 @@ def fpr_at_tpr(labels, scores, tpr_level: float = 0.95) -> float:
 
 def _fpr_at(y: np.ndarray, s: np.ndarray, tpr_level: float) -> float:
     # drop_intermediate=False: a dropped collinear point could be the first one reaching the level
+    from sklearn import metrics as skm  # imported when used: it takes seconds
+
     fpr, tpr, _ = skm.roc_curve(y, s, drop_intermediate=False)
     idx = int(np.searchsorted(tpr, tpr_level, side="left"))
     return float(fpr[min(idx, len(fpr) - 1)])
@@ -103,6 +104,8 @@ def evaluate_scores(labels, scores) -> dict[str, float]:
     Raises:
         InputError: single label class, labels other than 0/1, NaN/inf scores, length mismatch.
     """
+    from sklearn import metrics as skm
+
     y, s = _validate(labels, scores)
     return {
         "auroc": float(skm.roc_auc_score(y, s)),
@@ -114,6 +117,8 @@ def evaluate_scores(labels, scores) -> dict[str, float]:
 
 def roc_curve(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(fpr, tpr, thresholds)`` of scikit-learn's ROC curve after validating the inputs."""
+    from sklearn import metrics as skm
+
     y, s = _validate(labels, scores)
     return skm.roc_curve(y, s)
 

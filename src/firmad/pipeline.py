@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from firmad.config import RunConfig, config_from_dict, parse_scorer
+from firmad.config import RunConfig, check_scorer, config_from_dict, parse_scorer
 from firmad.data import OneClassSplit
 from firmad.data.pool import load_split, prepare_images
 from firmad.errors import CheckpointError, ConfigError
@@ -28,6 +28,8 @@ from firmad.training import CheckpointSaver, LearningCurve, MetricsLog, Progress
 
 # Keys that may differ between a stored run and the options given to resume it.
 RESUMABLE_CHANGES = ("train.device", "train.threads")
+# What evaluating a finished run may change besides (its scorers, variants, batch size...).
+EVAL_SECTION = "eval."
 
 
 def default_run_dir(cfg: RunConfig) -> Path:
@@ -69,13 +71,15 @@ def config_changes(stored: RunConfig, given: RunConfig) -> dict[str, tuple[Any, 
     }
 
 
-def refuse_changes(changes: dict[str, tuple[Any, Any]], where: str) -> None:
+def refuse_changes(
+    changes: dict[str, tuple[Any, Any]],
+    where: str,
+    fix: str = "a resumed run must keep its settings — drop those options, or start a new run "
+    "with another --out",
+) -> None:
     if changes:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
-        raise ConfigError(
-            f"{where} was made with other settings ({listed}); a resumed run must keep its "
-            "settings — drop those options, or start a new run with another --out"
-        )
+        raise ConfigError(f"{where} was made with other settings ({listed}); {fix}")
 
 
 def train_run(
@@ -94,11 +98,13 @@ def train_run(
         raise ConfigError("train_run takes a RunConfig; build one with firmad.config.load_config")
     run = RunDir(out_dir or default_run_dir(cfg))
     start = time.perf_counter()
+    # Checked again under the lock; first here, as taking the lock creates the folder and its
+    # lock file, which must not happen in a folder of the user's or for a run that is not there.
+    _check_target(run, resume)
     with run:
         state = run.state
+        _check_target(run, resume)
         if resume:
-            if state == "new":
-                raise ConfigError(f"{run.path} holds no run to resume; start it without --resume")
             stored = run.read_config()
             refuse_changes(config_changes(stored, cfg), str(run.config))
             meta = run.checkpoint_meta()
@@ -111,8 +117,6 @@ def train_run(
                 f"{run.path} already holds a run; continue it with --resume --out {run.path}, "
                 "or choose another --out"
             )
-        else:
-            run.check_writable_new()  # "started" (no checkpoint yet) may simply start again
         if resume and state == "evaluated" and evaluate:
             return {"run_dir": run.path, "results": json.loads(run.results.read_text())}
         split = load_split(cfg)
@@ -125,6 +129,14 @@ def train_run(
         return _evaluate(
             run, cfg, split=split, model=trainer.model, train_wall_s=time.perf_counter() - start
         )
+
+
+def _check_target(run: RunDir, resume: bool) -> None:
+    state = run.state
+    if resume and state == "new":
+        raise ConfigError(f"{run.path} holds no run to resume; start it without --resume")
+    if state in ("new", "started"):
+        run.check_writable_new()  # "started" (no checkpoint yet) may simply start again
 
 
 def _config_or_error(data: dict, where: Path) -> RunConfig:
@@ -191,8 +203,22 @@ def evaluate_run(
     """Score a finished run's last checkpoint with every scorer x variant; write results,
     report and plots. Scorers/variants default to the run's ``eval`` settings."""
     run = RunDir(run_dir)
+    run.read_config()  # not a run (or a broken one): say so before the lock creates anything
+    for spec in scorers or []:
+        check_scorer(spec)  # a wrong scorer fails before any work
     with run:
         cfg = run.read_config()
+        meta = run.checkpoint_meta()
+        if meta and isinstance(meta.get("config"), dict):
+            # config.yaml edited after training: the report would describe another model.
+            saved = _config_or_error(meta["config"], run.checkpoint_json)
+            changes = config_changes(saved, cfg)
+            refuse_changes(
+                {k: v for k, v in changes.items() if not k.startswith(EVAL_SECTION)},
+                f"the checkpoint in {run.path}",
+                f"{run.config} was edited after training; restore those settings (only the "
+                "eval section may change), or train a new run with another --out",
+            )
         if device is not None:
             cfg.train.device = device
         return _evaluate(run, cfg, scorers=scorers, variants=variants)
@@ -222,8 +248,6 @@ def _evaluate(
     if split is None:
         split = load_split(cfg)
     specs = [parse_scorer(s) for s in (scorers or cfg.eval.scorers)]
-    for name, params in specs:
-        build_scorer(name, **params)  # bad names and parameters fail here, before any work
     variants = list(variants or cfg.eval.variants)
 
     detector = OneClassDetector.from_model(model.eval(), cfg)

@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from firmad.errors import CheckpointError, ConfigError
+from firmad.errors import CheckpointError, ConfigError, StorageError
 
 CONFIG = "config.yaml"
 CHECKPOINT = "checkpoint"
@@ -31,6 +31,8 @@ CELL_ERROR = "error.json"
 # `firmad attack` / the `attack` recipe key (firmad.robustness.audit)
 ATTACK_FILES = ("attack.json", "attack.md", "attack_auroc.png", "attack_examples.png")
 STATES = ("new", "started", "partial", "finished", "evaluated")
+# Files a run writes under its lock (a firmad folder holding any of them also holds LOCK).
+RUN_FILES = (CONFIG, f"{CHECKPOINT}.json", f"{CHECKPOINT}.safetensors", METRICS, RESULTS, REPORT)
 
 
 class RunDir:
@@ -77,22 +79,21 @@ class RunDir:
     # --- state --------------------------------------------------------------------------------
 
     def checkpoint_meta(self) -> dict | None:
+        """The checkpoint's JSON description (checked like `firmad.io.load_checkpoint` checks
+        it: an object with the entries every checkpoint has); None when there is none."""
+        from firmad.io import check_checkpoint_meta
+
         if not self.checkpoint_json.exists():
             return None
         try:
-            meta = json.loads(self.checkpoint_json.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            meta = json.loads(self.checkpoint_json.read_bytes())
+        except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeDecodeError
             raise CheckpointError(
                 f"{self.checkpoint_json} is damaged ({err}); the weights in "
                 f"{self.checkpoint_weights.name} are not affected, but the training state is "
                 "lost: restore the file from a copy, or start the run again in a new --out"
             ) from None
-        if not isinstance(meta, dict):
-            raise CheckpointError(
-                f"{self.checkpoint_json} is not a checkpoint description; restore it from a "
-                "copy, or start the run again in a new --out"
-            )
-        return meta
+        return check_checkpoint_meta(meta, self.checkpoint_json)
 
     @property
     def state(self) -> str:
@@ -111,20 +112,34 @@ class RunDir:
             REPORT, PLOTS, LOCK, CELL_LOG, CELL_ERROR, *ATTACK_FILES,
         }  # fmt: skip
 
-    def is_foreign(self) -> bool:
-        """A folder holding files that no firmad run writes: never written into."""
+    def foreign_files(self) -> list[str]:
+        """Names in the folder that firmad did not write there: it is never written into.
+
+        Besides names no run uses, that is a run's own file names (config.yaml, metrics.jsonl,
+        ...) in a folder without the lock file, which a run creates before writing anything:
+        the user's own config.yaml is not a run's."""
         if not self.path.exists():
-            return False
+            return []
         if not self.path.is_dir():
-            return True
-        own = self.own_names()
-        return any(p.name not in own and not p.name.startswith(".") for p in self.path.iterdir())
+            return [self.path.name]
+        names = sorted(p.name for p in self.path.iterdir() if not p.name.startswith("."))
+        foreign = [n for n in names if n not in self.own_names()]
+        if not foreign and not (self.path / LOCK).exists():
+            foreign = [n for n in names if n in (*RUN_FILES, PLOTS)]
+        return foreign
+
+    def is_foreign(self) -> bool:
+        return bool(self.foreign_files())
 
     def check_writable_new(self) -> None:
-        if self.is_foreign():
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"{self.path} is a file, not a folder; choose another --out")
+        foreign = self.foreign_files()
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
             raise ConfigError(
-                f"{self.path} is not empty and holds no firmad run; choose a new or empty --out "
-                "so none of your files are overwritten"
+                f"{self.path} holds files that no firmad run wrote there ({shown}); choose a new "
+                "or empty --out so none of your files are overwritten"
             )
 
     # --- config and model ---------------------------------------------------------------------
@@ -161,9 +176,11 @@ class RunDir:
         try:
             model.load_state_dict(prefixed(tensors, "model"))
         except RuntimeError as err:
+            from firmad.training.model import weights_mismatch
+
             raise CheckpointError(
-                f"{self.checkpoint_weights}: weights do not fit {self.config} ({err}); was the "
-                "config edited? Restore it"
+                f"{self.checkpoint_weights}: the weights do not fit {self.config} "
+                f"({weights_mismatch(err)}); was the config edited? Restore it"
             ) from None
         return model.to(resolve_device(device)).eval()
 
@@ -174,8 +191,18 @@ class RunDir:
         A second writer gets a ConfigError naming the holder."""
         import fcntl
 
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        from firmad.io import storage_advice
+
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"{self.path} is a file, not a run directory; choose another --out")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            advice = storage_advice(err)
+            if advice is None:
+                raise
+            raise StorageError(f"cannot write in {self.path}: {advice}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -185,10 +212,27 @@ class RunDir:
                 f"{self.path} is in use by {holder}; wait for it to finish or stop it, or "
                 "choose another --out"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
+        try:  # who holds it, for a second writer's message
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}".encode())
+        except OSError:
+            pass  # a full disk: the lock holds all the same
         self._lock_fd = fd
+        self._tidy()
         return self
+
+    def _tidy(self) -> None:
+        """Under the lock: finish a checkpoint save cut between its renames by a crash, and
+        remove the temporary files a killed process left behind."""
+        from firmad.io import recover_checkpoint, remove_temp_files
+
+        try:
+            recover_checkpoint(self.path, CHECKPOINT)
+            remove_temp_files(self.path, RUN_FILES)
+            if self.plots.is_dir():
+                remove_temp_files(self.plots, ["*"])
+        except OSError:
+            pass  # a read-only run can still be read; writing it will say why it cannot
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

@@ -7,6 +7,7 @@ samples from the pool; nothing here runs per step.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -22,10 +23,20 @@ def load_split(cfg) -> OneClassSplit:
     d = cfg.data
     common = dict(root=d.root, download=d.download, max_train=d.max_train, max_test=d.max_test)
     if d.outlier_dataset:
-        return dataset_vs_dataset(d.dataset, d.outlier_dataset, seed=cfg.train.seed, **common)
-    if isinstance(d.normal_class, list):
-        return multi_class_normal(d.dataset, d.normal_class, seed=cfg.train.seed, **common)
-    return one_vs_rest(d.dataset, d.normal_class, seed=cfg.train.seed, **common)
+        split = dataset_vs_dataset(d.dataset, d.outlier_dataset, seed=cfg.train.seed, **common)
+    elif isinstance(d.normal_class, list):
+        split = multi_class_normal(d.dataset, d.normal_class, seed=cfg.train.seed, **common)
+    else:
+        split = one_vs_rest(d.dataset, d.normal_class, seed=cfg.train.seed, **common)
+    if d.channels == 1 and split.train_images.shape[1] != 1:
+        # A grayscale model of a colour source: convert once here, so that training, the
+        # learning curve and evaluation all see the images the encoder expects.
+        split = dataclasses.replace(
+            split,
+            train_images=match_channels(split.train_images, 1),
+            test_images=match_channels(split.test_images, 1),
+        )
+    return split
 
 
 def prepare_images(images: torch.Tensor, size: int) -> torch.Tensor:

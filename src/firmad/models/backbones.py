@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from firmad.errors import ConfigError, InputError
@@ -234,6 +233,8 @@ def _no_width(name: str, width: float) -> None:
 
 
 def _mobilenetv3_small(in_channels: int, width: float) -> tuple[nn.Module, int]:
+    import torchvision  # imported when used: it takes seconds to import
+
     _no_width("mobilenetv3_small", width)
     tv = torchvision.models.mobilenet_v3_small(weights=None)
     features = tv.features
@@ -242,6 +243,8 @@ def _mobilenetv3_small(in_channels: int, width: float) -> tuple[nn.Module, int]:
 
 
 def _shufflenetv2_x0_5(in_channels: int, width: float) -> tuple[nn.Module, int]:
+    import torchvision
+
     _no_width("shufflenetv2_x0_5", width)
     tv = torchvision.models.shufflenet_v2_x0_5(weights=None)
     tv.conv1[0] = _new_stem_conv(tv.conv1[0], in_channels)

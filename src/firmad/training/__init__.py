@@ -8,7 +8,7 @@ from firmad.training.callbacks import (
     ProgressBar,
 )
 from firmad.training.model import OneClassModel, build_model, resolve_device
-from firmad.training.trainer import Trainer, TrainingDiverged
+from firmad.training.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
 __all__ = [
     "Callback",
@@ -19,6 +19,7 @@ __all__ = [
     "ProgressBar",
     "Trainer",
     "TrainingDiverged",
+    "TrainingInterrupted",
     "build_model",
     "resolve_device",
 ]

@@ -57,3 +57,10 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
     return device
+
+
+def weights_mismatch(err: RuntimeError) -> str:
+    """The first line naming a tensor of PyTorch's load_state_dict error, not all of them."""
+    lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+    more = f", and {len(lines) - 1} more" if len(lines) > 1 else ""
+    return (lines[0].rstrip(".") + more) if lines else str(err).splitlines()[0]

@@ -28,13 +28,21 @@ from firmad.io import join_state, prefixed, split_state
 from firmad.methods import get_method
 from firmad.outliers import apply_kinds, parse_outliers
 from firmad.robustness.attacks import ascent_step, project, random_delta
-from firmad.training.model import build_model, resolve_device
+from firmad.training.model import build_model, resolve_device, weights_mismatch
 
 CHECKPOINT_FORMAT = "firmad-checkpoint-1"
 
 
 class TrainingDiverged(FirmadError):
     """The loss became NaN or infinite; the weights are no longer usable."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM stopped the loop after a complete step; the checkpoint was saved."""
+
+    def __init__(self, signal_name: str, step: int) -> None:
+        super().__init__(f"stopped by {signal_name} after step {step}")
+        self.signal_name, self.step = signal_name, step
 
 
 class Trainer:
@@ -118,6 +126,11 @@ class Trainer:
         self.perm: torch.Tensor | None = None
         self.history: list[dict[str, Any]] = []  # learning-curve points (diagnostic)
         self.elapsed = 0.0
+        # (sum, count) of the losses of the current epoch's steps so far: checkpointed, so
+        # that a run resumed mid-epoch logs the same epoch loss as an uninterrupted one.
+        self.epoch_loss: tuple[float, int] = (0.0, 0)
+        # Steps between finiteness checks (a check syncs a GPU); always checked before a save.
+        self.finite_check_every = 1 if self.device.type == "cpu" else 10
         self.paused = 0.0  # seconds callbacks spent on evaluation inside the current epoch
         # Compile the encoder itself: attributes of a compiled parent module (compiled.encoder)
         # are the plain, uncompiled submodules.
@@ -252,6 +265,7 @@ class Trainer:
             "total_steps": self.total_steps,
             "finished": self.finished,
             "elapsed_s": self.elapsed,
+            "epoch_loss": list(self.epoch_loss),
             "optimizer": optim_meta,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -269,7 +283,13 @@ class Trainer:
                 f"the checkpoint was made for {meta['total_steps']} steps but this configuration "
                 f"trains {self.total_steps}; resume with the run's own config.yaml"
             )
-        self.model.load_state_dict(prefixed(tensors, "model"))
+        try:
+            self.model.load_state_dict(prefixed(tensors, "model"))
+        except RuntimeError as err:
+            raise CheckpointError(
+                f"the checkpoint's weights do not fit this configuration "
+                f"({weights_mismatch(err)}); resume with the run's own config.yaml"
+            ) from None
         optim_state = join_state(meta["optimizer"], tensors)
         optim_state["state"] = {int(k): v for k, v in optim_state["state"].items()}
         self.optimizer.load_state_dict(optim_state)
@@ -289,6 +309,8 @@ class Trainer:
         self.global_step = meta["global_step"]
         self.history = list(meta.get("history", []))
         self.elapsed = meta.get("elapsed_s", 0.0)
+        loss_sum, loss_n = meta.get("epoch_loss") or (0.0, 0)
+        self.epoch_loss = (float(loss_sum), int(loss_n))
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -298,7 +320,8 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to the end; returns a summary. Ctrl-C / SIGTERM: the step in flight finishes,
-        callbacks see ``on_interrupt`` (the checkpoint is saved there), KeyboardInterrupt."""
+        callbacks see ``on_interrupt`` (the checkpoint is saved there), then
+        `TrainingInterrupted` (a KeyboardInterrupt)."""
         if self.global_step == 0:
             normals = self.pool.images[: self.pool.n_normal]
             self.method.on_train_start(
@@ -306,9 +329,9 @@ class Trainer:
             )
         self.model.train()
         views_per_step = self.cfg.train.batch_size * self.n_views
-        check_every = 1 if self.device.type == "cpu" else 10  # a finiteness check syncs a GPU
         self._emit("on_train_start")
-        loss_sum, loss_n = torch.zeros((), device=self.device), 0
+        loss_sum = torch.tensor(self.epoch_loss[0], device=self.device)
+        loss_n, steps_run = self.epoch_loss[1], 0  # steps_run: this session's, for the speed
         self.attack_start_loss.zero_()
         epoch_start = time.perf_counter()
         self.paused = 0.0
@@ -317,23 +340,22 @@ class Trainer:
                 loss = self.train_step()
                 loss_sum += loss
                 loss_n += 1
-                if self.global_step % check_every == 0 and not torch.isfinite(loss_sum):
-                    self._emit("on_diverged")
-                    raise TrainingDiverged(
-                        f"the loss became {float(loss)} at step {self.global_step} (epoch "
-                        f"{self.epoch}); lower train.lr or check the data. The last "
-                        "checkpoint (if any) was kept; the diverged weights were not saved."
-                    )
+                steps_run += 1
+                # Checked every few steps, and always before the callbacks may save.
+                check = self.global_step % self.finite_check_every == 0
+                if check or self.step_in_epoch == 0 or stop.requested or self.finished:
+                    self._check_finite(loss_sum, loss)
                 self._emit("on_step_end")
                 if self.step_in_epoch == 0:  # an epoch just ended
                     seconds = time.perf_counter() - epoch_start
                     self.elapsed += seconds
+                    busy = max(seconds - self.paused, 1e-9)
                     record = {
                         "epoch": self.epoch,
                         "step": self.global_step,
                         "loss": float(loss_sum) / max(loss_n, 1),
                         "lr": self.scheduler.get_last_lr()[0],
-                        "views_per_s": loss_n * views_per_step / max(seconds - self.paused, 1e-9),
+                        "views_per_s": steps_run * views_per_step / busy,
                         "time_s": round(self.elapsed, 3),
                         "curve_time_s": round(self.paused, 3),
                     }
@@ -341,15 +363,29 @@ class Trainer:
                         # "loss" is on the attacked views; this is at the attack's start point
                         record["attack_start_loss"] = float(self.attack_start_loss) / max(loss_n, 1)
                         self.attack_start_loss.zero_()
+                    self.epoch_loss = (0.0, 0)
                     self._emit("on_epoch_end", record)
-                    loss_sum, loss_n = torch.zeros((), device=self.device), 0
+                    loss_sum, loss_n, steps_run = torch.zeros((), device=self.device), 0, 0
                     epoch_start, self.paused = time.perf_counter(), 0.0
-                if stop.requested:
+                if stop.requested and not self.finished:
                     self.elapsed += time.perf_counter() - epoch_start if self.step_in_epoch else 0
+                    self.epoch_loss = (float(loss_sum), loss_n)
                     self._emit("on_interrupt")
-                    raise KeyboardInterrupt(f"stopped by {stop.requested}")
-        self._emit("on_train_end")
+                    raise TrainingInterrupted(stop.requested, self.global_step)
+            # The final save, still with signals deferred: it is never cut in half.
+            self._emit("on_train_end")
+            if stop.requested:  # during the last step: training is complete and saved
+                raise TrainingInterrupted(stop.requested, self.global_step)
         return {"epochs": self.epoch, "steps": self.global_step, "train_time_s": self.elapsed}
+
+    def _check_finite(self, loss_sum: torch.Tensor, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss_sum):
+            self._emit("on_diverged")
+            raise TrainingDiverged(
+                f"the loss became {float(loss)} at step {self.global_step} (epoch "
+                f"{self.epoch}); lower train.lr or check the data. The last checkpoint (if "
+                "any) was kept; the diverged weights were not saved."
+            )
 
 
 class _StopFlag:
