@@ -53,3 +53,14 @@ def isolated_data(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "CACHE_DIR", tmp_path / "cache")
     monkeypatch.chdir(tmp_path)
     sources._read_builtin.cache_clear()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread is as fast, and far faster on a busy machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

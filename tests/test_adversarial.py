@@ -22,16 +22,9 @@ from firmad.robustness.attacks import project, random_delta
 from firmad.training import CheckpointSaver, MetricsLog, Trainer
 from tests.conftest import DSVDD_TINY, FIXTURE_FMNIST, TINY
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: 1 thread is faster
+
 ADV = ["adversarial.enabled=true", "adversarial.eps=0.0314"]  # L∞ 8/255, one step, random start
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _trainer(tmp_path, overrides, name="run"):

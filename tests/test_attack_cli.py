@@ -19,17 +19,10 @@ from firmad.robustness import robust_auroc_sweep
 from tests.conftest import FIXTURE_FMNIST, TINY
 from tests.test_detector import TRAIN
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: 1 thread is faster
+
 PNG = b"\x89PNG\r\n\x1a\n"
 QUICK = ["--steps", "3", "--subset", "60"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast, and far faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

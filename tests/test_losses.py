@@ -10,11 +10,9 @@ import torch.nn.functional as F
 
 from firmad.errors import ConfigError, InputError
 from firmad.losses import (
-    LOSSES,
     FIRMLoss,
     NTXentLoss,
     SupConLoss,
-    build_loss,
     positive_mask,
 )
 
@@ -275,14 +273,3 @@ def test_input_validation():
         FIRMLoss()(z1, z2[:3], torch.tensor([0, 0, -1, -1]))
     with pytest.raises(InputError, match="integer"):
         SupConLoss()(z1, z2, torch.tensor([0.0, 0.0, 1.0, 1.0]))
-
-
-def test_registry_and_build_loss():
-    assert set(LOSSES) == {"firm", "ntxent", "supcon"}
-    loss = build_loss("firm", tau=0.5, mode="concat")
-    assert isinstance(loss, FIRMLoss) and loss.tau == 0.5 and loss.mode == "concat"
-    assert isinstance(build_loss("ntxent", symmetric=True), NTXentLoss)
-    with pytest.raises(ConfigError, match="supcon"):
-        build_loss("triplet")
-    with pytest.raises(ConfigError, match="firm"):
-        build_loss("firm", temperature=0.1)

@@ -22,8 +22,6 @@ log-probabilities come from ``logsumexp`` — so fp16/bf16 inputs give finite lo
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
@@ -31,11 +29,9 @@ from firmad.errors import ConfigError, InputError
 
 __all__ = [
     "LAYOUTS",
-    "LOSSES",
     "FIRMLoss",
     "NTXentLoss",
     "SupConLoss",
-    "build_loss",
     "contrastive_loss",
     "positive_mask",
     "similarity_logits",
@@ -210,20 +206,3 @@ class SupConLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"tau={self.tau}"
-
-
-LOSSES: dict[str, Callable[..., nn.Module]] = {
-    "firm": FIRMLoss,
-    "ntxent": NTXentLoss,
-    "supcon": SupConLoss,
-}
-
-
-def build_loss(name: str, **kwargs) -> nn.Module:
-    """Build a loss from the ``LOSSES`` registry, e.g. ``build_loss("firm", mode="concat")``."""
-    if name not in LOSSES:
-        raise ConfigError(f"unknown loss {name!r}; use one of {', '.join(sorted(LOSSES))}")
-    try:
-        return LOSSES[name](**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"invalid options for loss {name!r}: {exc}") from exc
