@@ -17,8 +17,8 @@ from firmad.data import one_vs_rest
 from firmad.data.pool import prepare_images
 from firmad.detector import OneClassDetector
 from firmad.errors import ConfigError
+from firmad.perturb import project, random_delta
 from firmad.robustness import robust_auroc_sweep
-from firmad.robustness.attacks import project, random_delta
 from firmad.training import CheckpointSaver, MetricsLog, Trainer
 from tests.conftest import DSVDD_TINY, FIXTURE_FMNIST, TINY
 

@@ -27,7 +27,7 @@ from firmad.errors import CheckpointError, ConfigError, FirmadError
 from firmad.io import join_state, prefixed, split_state
 from firmad.methods import get_method
 from firmad.outliers import apply_kinds, parse_outliers
-from firmad.robustness.attacks import ascent_step, project, random_delta
+from firmad.perturb import ascent_step, project, random_delta
 from firmad.training.model import build_model, resolve_device, weights_mismatch
 
 CHECKPOINT_FORMAT = "firmad-checkpoint-1"
