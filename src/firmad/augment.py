@@ -437,10 +437,19 @@ class ViewAugment(nn.Module):
             out = _blur(out, params[:, i : i + self.blur_kernel])
         return out
 
-    def forward(self, x: Tensor, gen: torch.Generator) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        gen: torch.Generator,
+        rows: Tensor | None = None,
+        n_draw: int | None = None,
+    ) -> Tensor:
         """Augment a float batch (B, C, H, W) in [0, 1] -> (B, C, size, size) in [0, 1].
 
         Parameters are drawn from ``gen`` (a CPU generator is fastest, also for CUDA inputs).
+        With ``rows`` (B indices) and ``n_draw``, the parameters of a batch of ``n_draw`` images
+        are drawn and ``x`` gets those of ``rows``: a slice of a larger batch (one rank of a
+        distributed step) gets exactly the views it would get as part of the whole.
         On CUDA the image work is replayed from a CUDA graph captured once per input shape and
         colour-op order (set ``self.cuda_graphs = False`` to run eagerly): a small batch is
         otherwise bound by the launch cost of its ~40 tiny kernels.
@@ -450,7 +459,13 @@ class ViewAugment(nn.Module):
             raise InputError("ViewAugment needs a torch.Generator (gen) to draw its parameters")
         if x.shape[1] not in (1, 3):
             raise InputError(f"ViewAugment expects 1 or 3 channels, got {x.shape[1]}")
-        params, order = self.sample_params(tuple(x.shape), gen, x.dtype)
+        if rows is None:
+            params, order = self.sample_params(tuple(x.shape), gen, x.dtype)
+        else:
+            if n_draw is None or rows.shape != (x.shape[0],):
+                raise InputError("rows needs n_draw and one index per image of x")
+            params, order = self.sample_params((n_draw, *x.shape[1:]), gen, x.dtype)
+            params = params[rows.cpu()]
         if x.is_cuda:
             # Pinned (cached by PyTorch's host allocator) so the copy is asynchronous: a copy
             # from pageable memory would wait for all queued GPU work, stalling the step.

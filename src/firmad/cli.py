@@ -62,7 +62,8 @@ def _main(
     epilog="Examples:\n\n"
     "  firmad train --config fmnist-cpu --normal-class 3\n\n"
     "  firmad train --config configs/cifar10-firm.yaml --set train.epochs=100 --device cuda\n\n"
-    "  firmad train --out runs/my-run --resume"
+    "  firmad train --out runs/my-run --resume\n\n"
+    "  torchrun --nproc_per_node=2 -m firmad train --config fmnist-cpu  (one model, 2 processes)"
 )
 def train(
     config: str | None = typer.Option(
@@ -96,7 +97,10 @@ def train(
             "give a recipe with --config (e.g. --config fmnist-cpu), or --resume --out DIR"
         )
     cfg = _resume_config(out_dir, config, overrides) if resume else _config(config, overrides)
-    with _interruptible():
+    from firmad.training.distributed import process_group
+
+    # Started by torchrun: one process of a DistributedDataParallel run (a no-op otherwise).
+    with _interruptible(), process_group(cfg.train.device):
         summary = train_run(
             cfg, out_dir=out_dir, resume=resume, evaluate=not no_eval, quiet=state["quiet"]
         )

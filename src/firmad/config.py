@@ -129,7 +129,8 @@ class AugmentConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: Int = Field(2000, ge=1)
-    batch_size: Int = Field(32, ge=2)  # samples per step; each gives two views
+    # samples per step (each gives two views); with several processes the global batch
+    batch_size: Int = Field(32, ge=2)
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -147,6 +148,9 @@ class TrainConfig(_Section):
     # epochs between learning-curve points (0.25 = 4 an epoch); 0 = none
     eval_every: float = Field(0, ge=0)
     threads: Int | None = Field(None, ge=1)  # None = torch's default
+    # Several processes (torchrun): BatchNorm with the global batch's statistics, so N processes
+    # train as one with the same (global) batch_size. Ignored by a single process.
+    sync_bn: bool = True
 
     @field_validator("device")
     @classmethod

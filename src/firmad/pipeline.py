@@ -18,12 +18,19 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from firmad.config import RunConfig, config_from_dict, parse_scorer
 from firmad.data import OneClassSplit
 from firmad.data.pool import load_split, prepare_images
-from firmad.errors import CheckpointError, ConfigError
+from firmad.errors import CheckpointError, ConfigError, FirmadError
 from firmad.metrics import evaluate_scores
 from firmad.report import write_plots, write_report_md, write_results
 from firmad.run import RunDir, safe_component
 from firmad.scoring import FeatureExtractor, build_scorer
-from firmad.training import CheckpointSaver, LearningCurve, MetricsLog, ProgressBar, Trainer
+from firmad.training import (
+    CheckpointSaver,
+    LearningCurve,
+    MetricsLog,
+    ProgressBar,
+    Trainer,
+    distributed,
+)
 
 # Keys that may differ between a stored run and the options given to resume it.
 RESUMABLE_CHANGES = ("train.device", "train.threads")
@@ -88,31 +95,27 @@ def train_run(
 
     Resuming compares ``cfg`` with the run's stored config and refuses any change but where to
     run (device, threads). Returns ``{"run_dir", "results"}``.
+
+    Inside a process group (torchrun), rank 0 owns the run directory (lock, config, log,
+    checkpoints, evaluation) and tells the other ranks whether to train; they train with it and
+    return ``results`` None.
     """
     if not isinstance(cfg, RunConfig):
         raise ConfigError("train_run takes a RunConfig; build one with firmad.config.load_config")
     run = RunDir(out_dir or default_run_dir(cfg))
+    world = distributed.world()
+    if not world.is_main:
+        return _follow_rank0(cfg, run, resume)
     start = time.perf_counter()
     with run:
-        state = run.state
-        if resume:
-            if state == "new":
-                raise ConfigError(f"{run.path} holds no run to resume; start it without --resume")
-            stored = run.read_config()
-            refuse_changes(config_changes(stored, cfg), str(run.config))
-            meta = run.checkpoint_meta()
-            if meta and isinstance(meta.get("config"), dict):
-                # config.yaml edited after the checkpoint was written: the weights do not match
-                saved = _config_or_error(meta["config"], run.checkpoint_json)
-                refuse_changes(config_changes(saved, stored), f"the checkpoint in {run.path}")
-        elif state in ("partial", "finished", "evaluated"):
-            raise ConfigError(
-                f"{run.path} already holds a run; continue it with --resume --out {run.path}, "
-                "or choose another --out"
-            )
-        else:
-            run.check_writable_new()  # "started" (no checkpoint yet) may simply start again
-        if resume and state == "evaluated" and evaluate:
+        try:
+            state = _check_run(run, cfg, resume)
+        except BaseException:
+            _tell_followers(world, _FAILED)
+            raise
+        done = resume and state == "evaluated" and evaluate
+        _tell_followers(world, _SKIP if done else _TRAIN)
+        if done:
             return {"run_dir": run.path, "results": json.loads(run.results.read_text())}
         split = load_split(cfg)
         trainer = _trainer(cfg, run, split, restore=resume)
@@ -124,6 +127,53 @@ def train_run(
         return _evaluate(
             run, cfg, split=split, model=trainer.model, train_wall_s=time.perf_counter() - start
         )
+
+
+# What rank 0 tells the other ranks once it has checked the run directory.
+_FAILED, _TRAIN, _SKIP = 0, 1, 2
+
+
+def _tell_followers(world, code: int) -> None:
+    if world.distributed:
+        distributed.broadcast_int(code)
+
+
+def _follow_rank0(cfg: RunConfig, run: RunDir, resume: bool) -> dict[str, Any]:
+    """A rank other than 0: train with rank 0 (reading, never writing, the run directory)."""
+    code = distributed.broadcast_int(_FAILED)
+    if code == _FAILED:
+        raise FirmadError("rank 0 stopped before training (its message says why)")
+    if code == _SKIP:
+        return {"run_dir": run.path, "results": None}
+    saver = CheckpointSaver(run.path, every=cfg.train.checkpoint_every)  # writes on rank 0 only
+    trainer = Trainer(cfg, split=load_split(cfg), callbacks=[saver])
+    if resume:
+        saver.restore(trainer)
+    _fit(trainer, quiet=True)
+    return {"run_dir": run.path, "results": None}
+
+
+def _check_run(run: RunDir, cfg: RunConfig, resume: bool) -> str:
+    """The run directory's state, after refusing what cannot be done there."""
+    state = run.state
+    if resume:
+        if state == "new":
+            raise ConfigError(f"{run.path} holds no run to resume; start it without --resume")
+        stored = run.read_config()
+        refuse_changes(config_changes(stored, cfg), str(run.config))
+        meta = run.checkpoint_meta()
+        if meta and isinstance(meta.get("config"), dict):
+            # config.yaml edited after the checkpoint was written: the weights do not match
+            saved = _config_or_error(meta["config"], run.checkpoint_json)
+            refuse_changes(config_changes(saved, stored), f"the checkpoint in {run.path}")
+    elif state in ("partial", "finished", "evaluated"):
+        raise ConfigError(
+            f"{run.path} already holds a run; continue it with --resume --out {run.path}, "
+            "or choose another --out"
+        )
+    else:
+        run.check_writable_new()  # "started" (no checkpoint yet) may simply start again
+    return state
 
 
 def _config_or_error(data: dict, where: Path) -> RunConfig:

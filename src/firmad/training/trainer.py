@@ -27,6 +27,7 @@ from firmad.errors import CheckpointError, ConfigError, FirmadError
 from firmad.io import join_state, prefixed, split_state
 from firmad.methods import get_method
 from firmad.outliers import apply_kinds, parse_outliers
+from firmad.training import distributed
 from firmad.training.model import build_model, resolve_device
 
 CHECKPOINT_FORMAT = "firmad-checkpoint-1"
@@ -37,7 +38,12 @@ class TrainingDiverged(FirmadError):
 
 
 class Trainer:
-    """Builds the pool, model, optimiser and schedule from a RunConfig and runs the loop."""
+    """Builds the pool, model, optimiser and schedule from a RunConfig and runs the loop.
+
+    Inside a torch.distributed process group (``torchrun``) it trains one model across the
+    processes with DistributedDataParallel; ``train.batch_size`` is then the global batch, and
+    the run computes what one process with that batch computes (`firmad.training.distributed`).
+    """
 
     def __init__(self, cfg, split: OneClassSplit | None = None, callbacks=(), normalisation=None):
         self.cfg = cfg
@@ -45,7 +51,17 @@ class Trainer:
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
+        self.world = distributed.world()
         self.device = resolve_device(t.device)
+        if self.world.distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.world.local_rank)  # one GPU per process
+        if t.batch_size % self.world.size:
+            raise ConfigError(
+                f"train.batch_size: {t.batch_size} is the global batch of all {self.world.size} "
+                "processes and must be divisible by their number; choose a multiple of "
+                f"{self.world.size}"
+            )
+        self.local_batch = t.batch_size // self.world.size
         self.split = split if split is not None else load_split(cfg)
         self.method = get_method(cfg)
         normals = prepare_images(self.split.train_images, cfg.data.size)
@@ -62,6 +78,8 @@ class Trainer:
         self.channels_last = t.channels_last in ("on", "auto")
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if self.world.distributed and t.sync_bn:
+            self.model = distributed.convert_sync_bn(self.model, self.device)
         amp = t.amp if t.amp != "auto" else ("bf16" if self.use_cuda else "none")
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16" and self.use_cuda)
@@ -119,6 +137,13 @@ class Trainer:
         # Compile the encoder itself: attributes of a compiled parent module (compiled.encoder)
         # are the plain, uncompiled submodules.
         self.train_encoder = torch.compile(self.model.encoder) if t.compile else self.model.encoder
+        # The training forward (encoder -> the method's embeddings): what DDP wraps.
+        self.net: nn.Module = distributed.EmbeddingNet(self.model, self.method, self.train_encoder)
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.net, device_ids=ids)
 
     def _build_scheduler(self):
         t = self.cfg.train
@@ -143,28 +168,34 @@ class Trainer:
     # --- one step ---------------------------------------------------------------------------
 
     def sample_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Float images in [0, 1] (B, C, S, S) with their class ids and outlier kind ids."""
+        """Float images in [0, 1] (B, C, S, S) with their class ids and outlier kind ids.
+
+        With several processes, B is this rank's slice of the global batch: every rank draws
+        the whole global batch's random numbers and keeps rows ``rank*B .. (rank+1)*B``."""
         b = self.cfg.train.batch_size
         if self.perm is None:
             self.perm = torch.randperm(
                 self.samples_per_epoch, generator=self.gen, device=self.device
             )
         idx = self.perm[self.step_in_epoch * b : (self.step_in_epoch + 1) * b]
+        mine = slice(self.world.rank * self.local_batch, (self.world.rank + 1) * self.local_batch)
         if self.fresh_kinds:
             # Slot i of the virtual pool: normal i % N, outlier kind i // N (0 = none).
+            # The whole global batch's outliers, so the generator advances as in one process.
             n = self.pool.n_normal
             kind_ids = idx // n
             x = to_float(self.pool.images[idx % n], channels=self.cfg.data.channels)
             x = apply_kinds(x, kind_ids, self.fresh_kinds, self.gen)
             class_ids = torch.where(kind_ids > 0, -1, self.pool.class_ids[idx % n])
-            return x, class_ids, kind_ids
+            return x[mine], class_ids[mine], kind_ids[mine]
+        idx = idx[mine]
         x = to_float(self.pool.images[idx], channels=self.cfg.data.channels)
         return x, self.pool.class_ids[idx], self.pool.kind_ids[idx]
 
     def compute_loss(self, x: torch.Tensor, class_ids: torch.Tensor, kind_ids: torch.Tensor):
         views = torch.cat([x] * self.n_views) if self.n_views > 1 else x
         if self.augment is not None:
-            views = self.augment(views, self.gen)
+            views = self.augment_views(views)
         if self.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
         labels = self.method.labels(class_ids, kind_ids)
@@ -173,8 +204,24 @@ class Trainer:
             dtype=self.amp_dtype or torch.float32,
             enabled=self.amp_dtype is not None,
         ):
-            feats = self.train_encoder(views)
-            return self.method.loss(self.model, feats, labels)
+            return self.embedding_loss(self.net(views), labels)
+
+    def augment_views(self, views: torch.Tensor) -> torch.Tensor:
+        """The method's views of this rank's samples, as in a single process's global batch."""
+        if not self.world.distributed:
+            return self.augment(views, self.gen)
+        b, g = self.local_batch, self.cfg.train.batch_size
+        i = torch.arange(views.shape[0])
+        rows = (i // b) * g + self.world.rank * b + i % b  # view-major rows of the global batch
+        return self.augment(views, self.gen, rows=rows, n_draw=self.n_views * g)
+
+    def embedding_loss(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The method's loss of the global batch: several processes gather every rank's
+        embeddings (with gradients) and labels first."""
+        if self.world.distributed:
+            z = distributed.gather_rows(z, self.n_views)
+            labels = distributed.gather_labels(labels)
+        return self.method.embedding_loss(z, labels)
 
     def train_step(self) -> torch.Tensor:
         x, class_ids, kind_ids = self.sample_batch()
@@ -201,6 +248,9 @@ class Trainer:
             tensors[f"model.{k}"] = v
         optim_meta = split_state(self.optimizer.state_dict(), "optim", tensors)
         tensors["rng.train"] = self.gen.get_state()
+        if self.world.distributed:  # a collective: every rank calls state()
+            for r, rng in enumerate(distributed.gather_states(self.gen.get_state(), self.device)):
+                tensors[f"rng.train.rank{r}"] = rng
         if self.perm is not None:
             tensors["epoch_perm"] = self.perm
         meta = {
@@ -209,6 +259,7 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "total_steps": self.total_steps,
+            "world_size": self.world.size,
             "finished": self.finished,
             "elapsed_s": self.elapsed,
             "optimizer": optim_meta,
@@ -228,6 +279,12 @@ class Trainer:
                 f"the checkpoint was made for {meta['total_steps']} steps but this configuration "
                 f"trains {self.total_steps}; resume with the run's own config.yaml"
             )
+        saved_world = meta.get("world_size", 1)
+        if saved_world != self.world.size:
+            raise CheckpointError(
+                f"the checkpoint was made by {saved_world} process(es) but this run has "
+                f"{self.world.size}; resume with the same number (torchrun --nproc_per_node)"
+            )
         self.model.load_state_dict(prefixed(tensors, "model"))
         optim_state = join_state(meta["optimizer"], tensors)
         optim_state["state"] = {int(k): v for k, v in optim_state["state"].items()}
@@ -241,7 +298,8 @@ class Trainer:
         self.scheduler.load_state_dict(meta["scheduler"])
         if meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
-        self.gen.set_state(tensors["rng.train"])
+        rng_key = f"rng.train.rank{self.world.rank}" if self.world.distributed else "rng.train"
+        self.gen.set_state(tensors[rng_key])
         self.perm = tensors["epoch_perm"].to(self.device) if "epoch_perm" in tensors else None
         self.epoch = meta["epoch"]
         self.step_in_epoch = meta["step_in_epoch"]
@@ -298,12 +356,18 @@ class Trainer:
                     self._emit("on_epoch_end", record)
                     loss_sum, loss_n = torch.zeros((), device=self.device), 0
                     epoch_start, self.paused = time.perf_counter(), 0.0
-                if stop.requested:
+                if self._stop_requested(stop):
                     self.elapsed += time.perf_counter() - epoch_start if self.step_in_epoch else 0
                     self._emit("on_interrupt")
-                    raise KeyboardInterrupt(f"stopped by {stop.requested}")
+                    raise KeyboardInterrupt(f"stopped by {stop.requested or 'another process'}")
         self._emit("on_train_end")
         return {"epochs": self.epoch, "steps": self.global_step, "train_time_s": self.elapsed}
+
+    def _stop_requested(self, stop) -> bool:
+        """Several processes stop after the same step: a signal to any rank stops them all."""
+        if self.world.distributed:
+            return distributed.any_rank(stop.requested is not None, self.device)
+        return stop.requested is not None
 
 
 class _StopFlag:
