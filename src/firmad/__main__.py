@@ -2,6 +2,10 @@
 
 import sys
 
-from firmad.cli import main
+if __name__ == "__main__":
+    from firmad.cellproc import die_with_parent
 
-sys.exit(main())
+    die_with_parent()  # a benchmark cell: end with the grid that started it
+    from firmad.cli import main
+
+    sys.exit(main())

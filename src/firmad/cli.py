@@ -184,22 +184,53 @@ def _print_summary(summary: dict) -> None:
 @app.command(
     epilog="Examples:\n\n"
     "  firmad bench --config benchmarks/fmnist-cpu-grid.yaml --out runs/bench\n\n"
-    "  firmad bench --config GRID.yaml --workers 2"
+    "  firmad bench --config GRID.yaml --workers 2\n\n"
+    "  firmad bench --config GRID.yaml --devices 0,1,2,3  (one cell per GPU)\n\n"
+    "  firmad bench --config GRID.yaml --executor ray --address auto --cell-gpus 1 "
+    "--out /shared/runs/grid"
 )
 def bench(
     config: Path = typer.Option(..., "--config", "-c", help="Grid YAML."),
     out_dir: Path | None = typer.Option(None, "--out", help="Output folder of the grid."),
-    workers: int = typer.Option(1, "--workers", help="Cells run at the same time."),
+    workers: int = typer.Option(1, "--workers", help="Cells run at the same time (local)."),
     set_: list[str] = typer.Option([], "--set", help="Override for every cell: section.key=value."),
+    executor: str = typer.Option("local", "--executor", help="local (subprocesses) or ray."),
+    devices: str | None = typer.Option(
+        None, "--devices", help="GPU ids, e.g. 0,1: one cell per GPU at a time (local)."
+    ),
+    address: str | None = typer.Option(
+        None, "--address", help="Ray cluster address (auto, HOST:PORT); default: a local Ray."
+    ),
+    cell_cpus: float = typer.Option(1.0, "--cell-cpus", help="CPUs a Ray task asks for."),
+    cell_gpus: float = typer.Option(0.0, "--cell-gpus", help="GPUs a Ray task asks for."),
 ) -> None:
-    """Run a grid of datasets x classes x methods x seeds; resumable, one run directory a cell."""
+    """Run a grid of datasets x classes x methods x seeds; resumable, one run directory a cell.
+
+    Ctrl-C stops it at once (running cells keep a checkpoint); the same command continues it.
+    Exits with status 1 when every cell failed."""
     from firmad.bench import run_grid
 
-    result = run_grid(
-        config, out_dir=out_dir, workers=workers, quiet=state["quiet"], overrides=list(set_)
-    )
+    with _interruptible(
+        "grid stopped; finished cells are kept and interrupted ones keep a checkpoint: run the "
+        "same command again to continue"
+    ):
+        result = run_grid(
+            config, out_dir=out_dir, workers=workers, quiet=state["quiet"],
+            overrides=list(set_), executor=executor, devices=devices, address=address,
+            cell_cpus=cell_cpus, cell_gpus=cell_gpus,
+        )  # fmt: skip
     out.print(result["markdown"], highlight=False)
     out.print(f"Tables: {result['csv']} and {result['md']}", highlight=False)
+    failed = [r for r in result["rows"] if r["status"] == "failed"]
+    for r in failed:
+        console.print(
+            f"failed: {r['recipe']} {r['dataset']} class {r['normal_class']} seed {r['seed']}: "
+            f"{r['error']}",
+            highlight=False,
+        )
+    if failed and len(failed) == len(result["rows"]):
+        console.print("[bold red]error:[/] every cell of the grid failed (see above)")
+        raise typer.Exit(1)
 
 
 # --- data ----------------------------------------------------------------------------------------
