@@ -26,6 +26,7 @@ from pydantic import (
     ValidationError,
     create_model,
     field_validator,
+    model_validator,
 )
 
 from firmad.errors import ConfigError
@@ -151,6 +152,9 @@ class TrainConfig(_Section):
     # Several processes (torchrun): BatchNorm with the global batch's statistics, so N processes
     # train as one with the same (global) batch_size. Ignored by a single process.
     sync_bn: bool = True
+    # Replay the training step from a CUDA graph (no host synchronisation in the step): CUDA,
+    # SGD, frozen outliers, one process. Same numbers as the eager step, to float tolerance.
+    cuda_graph: bool = False
 
     @field_validator("device")
     @classmethod
@@ -158,6 +162,15 @@ class TrainConfig(_Section):
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
             raise ValueError(f"{v!r} is not a device; choose from {DEVICES}")
         return v
+
+    @model_validator(mode="after")
+    def _cuda_graph_needs_cuda(self):
+        if self.cuda_graph and self.device in ("cpu", "mps"):
+            raise ValueError(
+                f"cuda_graph: CUDA graphs need a CUDA device, not train.device={self.device}; "
+                "set train.cuda_graph=false or train.device=cuda"
+            )
+        return self
 
 
 class EvalConfig(_Section):

@@ -15,6 +15,7 @@ import contextlib
 import signal
 import threading
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -144,6 +145,15 @@ class Trainer:
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DistributedDataParallel(self.net, device_ids=ids)
+        self.sync_free = False  # the step without host synchronisation (enable_sync_free)
+        self._graph = None
+        if t.cuda_graph:
+            if self.device.type != "cuda":
+                raise ConfigError(
+                    f"train.cuda_graph: CUDA graphs need a CUDA device, but training runs on "
+                    f"{self.device}; set train.cuda_graph=false (or train.device=cuda)"
+                )
+            self.enable_sync_free()
 
     def _build_scheduler(self):
         t = self.cfg.train
@@ -203,11 +213,14 @@ class Trainer:
             self.device.type,
             dtype=self.amp_dtype or torch.float32,
             enabled=self.amp_dtype is not None,
+            cache_enabled=not self.sync_free,  # CUDA graphs: no autocast weight cache
         ):
             return self.embedding_loss(self.net(views), labels)
 
     def augment_views(self, views: torch.Tensor) -> torch.Tensor:
         """The method's views of this rank's samples, as in a single process's global batch."""
+        if self.sync_free:
+            return self.augment.forward_device(views, self.gen)
         if not self.world.distributed:
             return self.augment(views, self.gen)
         b, g = self.local_batch, self.cfg.train.batch_size
@@ -224,13 +237,21 @@ class Trainer:
         return self.method.embedding_loss(z, labels)
 
     def train_step(self) -> torch.Tensor:
-        x, class_ids, kind_ids = self.sample_batch()
-        loss = self.compute_loss(x, class_ids, kind_ids)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        if self.sync_free:
+            loss = self._sync_free_step()
+        else:
+            x, class_ids, kind_ids = self.sample_batch()
+            loss = self.compute_loss(x, class_ids, kind_ids)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        if self.sync_free:  # SGD's update ran without optimizer.step(): that is expected
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Detected call of .lr_scheduler")
+                self.scheduler.step()
+        else:
+            self.scheduler.step()
         self.step_in_epoch += 1
         self.global_step += 1
         if self.step_in_epoch == self.steps_per_epoch:
@@ -238,6 +259,119 @@ class Trainer:
             self.step_in_epoch = 0
             self.perm = None
         return loss.detach()
+
+    # --- the sync-free step: nothing waits for the device; capturable as a CUDA graph -------
+
+    def enable_sync_free(self) -> None:
+        """Train with the step that never synchronises with the device (``train.cuda_graph``
+        replays it from a CUDA graph; on any device it can run as it is).
+
+        What differs from the eager step, for the same numbers: the batch indices come from
+        the epoch's permutation by a step counter on the device; the view parameters are
+        computed on the device (`ViewAugment.forward_device`); SGD runs as foreach ops with the
+        learning rate and momentum as device tensors, filled from the host scheduler before
+        each step (a kernel launch, not a synchronisation), so the schedule, the checkpoint
+        format and resuming stay those of the eager step. Needs SGD, frozen outliers, one
+        process, no fp16 loss scaling and no torch.compile.
+        """
+        t, need = self.cfg.train, []
+        if t.optimizer != "sgd":
+            need.append("train.optimizer=sgd")
+        if self.fresh_kinds:
+            need.append("outliers.mode=frozen (fresh outliers are drawn on the host)")
+        if self.world.distributed:
+            need.append("a single process")
+        if self.amp_dtype is torch.float16:
+            need.append("train.amp none or bf16 (fp16 loss scaling syncs)")
+        if t.compile:
+            need.append("train.compile=false")
+        if need:
+            raise ConfigError("train.cuda_graph (the sync-free step) needs " + "; ".join(need))
+        self.sync_free = True
+        self._sf: dict[str, Any] | None = None
+
+    def _sync_free_setup(self) -> dict[str, Any]:
+        """Static tensors of the sync-free step (after any checkpoint was loaded)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            state = self.optimizer.state[p]
+            if state.get("momentum_buffer") is None:  # buf = m * 0 + g: SGD's first step
+                state["momentum_buffer"] = torch.zeros_like(p)
+        dev = self.device
+        return {
+            "params": params,
+            "bufs": [self.optimizer.state[p]["momentum_buffer"] for p in params],
+            "lr": torch.zeros((), device=dev),
+            "momentum": torch.zeros((), device=dev),
+            "step": torch.zeros((), dtype=torch.int64, device=dev),  # step in the epoch
+            "arange": torch.arange(self.local_batch, device=dev),
+            "perm": torch.zeros(self.samples_per_epoch, dtype=torch.int64, device=dev),
+            "perm_of": None,  # the permutation the buffer holds
+        }
+
+    def _sync_free_step(self) -> torch.Tensor:
+        if self._sf is None:
+            self._sf = self._sync_free_setup()
+        sf = self._sf
+        if self.perm is None:
+            self.perm = torch.randperm(
+                self.samples_per_epoch, generator=self.gen, device=self.device
+            )
+        if sf["perm_of"] is not self.perm:  # a new epoch, or a loaded checkpoint
+            sf["perm"].copy_(self.perm)
+            sf["step"].fill_(self.step_in_epoch)
+            sf["perm_of"] = self.perm
+        group = self.optimizer.param_groups[0]
+        sf["lr"].fill_(group["lr"])
+        sf["momentum"].fill_(group.get("momentum", 0.0))
+        if not self.cfg.train.cuda_graph:
+            return self._sync_free_body()
+        return self._graph_step()
+
+    def _sync_free_body(self) -> torch.Tensor:
+        """One step, every value on the device: what a CUDA graph captures."""
+        sf = self._sf
+        idx = sf["perm"].index_select(0, sf["step"] * self.local_batch + sf["arange"])
+        x = to_float(self.pool.images[idx], channels=self.cfg.data.channels)
+        for p in sf["params"]:
+            p.grad = None
+        loss = self.compute_loss(x, self.pool.class_ids[idx], self.pool.kind_ids[idx])
+        loss.backward()
+        # torch.optim.SGD (dampening 0, no Nesterov) with tensor lr and momentum.
+        with torch.no_grad():
+            params = sf["params"]
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            wd = self.cfg.train.weight_decay
+            if wd:
+                grads = torch._foreach_add(grads, params, alpha=wd)
+            torch._foreach_mul_(sf["bufs"], sf["momentum"])
+            torch._foreach_add_(sf["bufs"], grads)
+            torch._foreach_sub_(params, torch._foreach_mul(sf["bufs"], sf["lr"]))
+            sf["step"].add_(1)
+        return loss.detach()
+
+    def _graph_step(self) -> torch.Tensor:
+        """Warm up on a side stream (real steps), capture one step, then replay it."""
+        sf = self._sf
+        if self._graph is None:
+            if sf.setdefault("warmup", 0) < 3:
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    loss = self._sync_free_body()
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                sf["warmup"] += 1
+                return loss
+            graph = torch.cuda.CUDAGraph()
+            if hasattr(graph, "register_generator_state"):  # views drawn in the graph
+                graph.register_generator_state(self.gen)
+            for p in sf["params"]:
+                p.grad = None
+            with torch.cuda.graph(graph):
+                sf["loss"] = self._sync_free_body()
+            self._graph = graph
+        self._graph.replay()
+        return sf["loss"].clone()  # the next replay overwrites it
 
     # --- state: everything needed to continue bit for bit ---------------------------------
 
@@ -295,6 +429,8 @@ class Trainer:
             state = self.optimizer.state.get(param, {})
             if state.get("momentum_buffer") is not None:
                 state["momentum_buffer"] = torch.empty_like(param).copy_(state["momentum_buffer"])
+        if self.sync_free:  # static tensors point at the replaced buffers: rebuild them
+            self._sf, self._graph = None, None
         self.scheduler.load_state_dict(meta["scheduler"])
         if meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
