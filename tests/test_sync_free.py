@@ -80,3 +80,37 @@ def test_cuda_graph_step_equals_the_eager_sync_free_step(tiny):
         torch.testing.assert_close(graphed.train_step(), eager.train_step(), rtol=1e-4, atol=1e-5)
     for a, b in zip(graphed.model.parameters(), eager.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_two_models_trained_together_equal_each_trained_alone(tiny):
+    from firmad.training import fit_together
+
+    torch.set_num_threads(1)
+    cfgs = [load_config("fmnist-cpu", tiny + [f"data.normal_class={c}"]) for c in (0, 1)]
+    together = [Trainer(c) for c in cfgs]
+    summaries = fit_together(together)
+    assert [s["steps"] for s in summaries] == [8, 8]
+    for cfg, mixed in zip(cfgs, together, strict=True):
+        alone = Trainer(cfg)
+        alone.fit()
+        for (name, a), b in zip(
+            alone.model.state_dict().items(), mixed.model.state_dict().values(), strict=True
+        ):
+            assert torch.equal(a, b), name
+
+
+def test_cli_trains_several_classes_in_one_process(tmp_path, tiny):
+    import json
+
+    from firmad.cli import main
+
+    sets = [a for s in tiny + ["train.epochs=1"] for a in ("--set", s)]
+    out = tmp_path / "runs"
+    args = ["-q", "train", "--config", "fmnist-cpu", "--classes", "0,Trouser", "--out", str(out)]
+    assert main([*args, "--no-eval", *sets]) == 0
+    for name, cls in (("c0", 0), ("cTrouser", 1)):
+        meta = json.loads((out / name / "checkpoint.json").read_text())
+        assert meta["finished"] and meta["config"]["data"]["normal_class"] in (cls, "Trouser")
+    # Resuming finished runs evaluates them.
+    assert main(["-q", "train", "--resume", "--out", str(out), "--classes", "0,Trouser"]) == 0
+    assert (out / "c0" / "results.json").exists() and (out / "cTrouser" / "results.json").exists()

@@ -64,6 +64,7 @@ def _main(
     "  firmad train --config configs/cifar10-firm.yaml --set train.epochs=100 --device cuda\n\n"
     "  firmad train --out runs/my-run --resume\n\n"
     "  torchrun --nproc_per_node=2 -m firmad train --config fmnist-cpu  (one model, 2 processes)"
+    "\n\n  firmad train --config fmnist-cpu --classes 0,1,2,3 --out runs/four  (4 models)"
 )
 def train(
     config: str | None = typer.Option(
@@ -77,10 +78,21 @@ def train(
     epochs: int | None = typer.Option(None, "--epochs"),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the evaluation at the end."),
+    classes: str | None = typer.Option(
+        None,
+        "--classes",
+        help="Several one-class runs in one process (e.g. 0,1,2): one model per normal class, "
+        "trained in turn on one device, each in --out/c<CLASS>.",
+    ),
 ) -> None:
     """Train a detector on normal images (and synthetic outliers), then evaluate it."""
     from firmad.pipeline import train_run
 
+    if classes is not None:
+        if normal_class is not None:
+            raise FirmadError("give either --normal-class or --classes, not both")
+        _train_classes(classes, config, set_, out_dir, resume, seed, epochs, device, no_eval)
+        return
     overrides = list(set_)
     if normal_class is not None:
         value = normal_class if not normal_class.lstrip("-").isdigit() else int(normal_class)
@@ -106,6 +118,42 @@ def train(
         )
     if summary["results"] is not None:
         _print_summary(summary)
+
+
+def _train_classes(classes, config, set_, out_dir, resume, seed, epochs, device, no_eval):
+    """`firmad train --classes 0,1,...`: one run per class, trained together in one process."""
+    from firmad.pipeline import default_run_dir, train_runs
+
+    names = [c.strip() for c in classes.split(",") if c.strip()]
+    if not names or len(set(names)) != len(names):
+        raise FirmadError(f"--classes: expected distinct class ids or names, got {classes!r}")
+    common = list(set_)
+    for key, value in (("train.seed", seed), ("train.epochs", epochs), ("train.device", device)):
+        if value is not None:
+            common.append(f"{key}={value}")
+    cfgs, dirs = [], []
+    for name in names:
+        value = int(name) if name.lstrip("-").isdigit() else repr(name)
+        own = [*common, f"data.normal_class={value}"]
+        run_dir = out_dir / f"c{name}" if out_dir is not None else None
+        if resume:
+            if run_dir is None:
+                raise FirmadError("--resume with --classes needs --out (the folder of the runs)")
+            cfgs.append(_resume_config(run_dir, config, own))
+        else:
+            if config is None:
+                raise FirmadError("give a recipe with --config (e.g. --config fmnist-cpu)")
+            cfgs.append(_config(config, own))
+        dirs.append(run_dir or default_run_dir(cfgs[-1]))
+    with _interruptible():
+        summaries = train_runs(
+            cfgs, dirs, resume=resume, evaluate=not no_eval, quiet=state["quiet"]
+        )
+    for summary in summaries:
+        if summary["results"] is not None:
+            _print_summary(summary)
+        else:
+            out.print(f"Trained: {summary['run_dir']}", highlight=False)
 
 
 def _config(recipe: str | None, overrides: list[str]):

@@ -7,6 +7,7 @@ locked for the whole run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -127,6 +128,66 @@ def train_run(
         return _evaluate(
             run, cfg, split=split, model=trainer.model, train_wall_s=time.perf_counter() - start
         )
+
+
+def train_runs(
+    cfgs: list[RunConfig],
+    out_dirs: list[Path | None] | None = None,
+    resume: bool = False,
+    evaluate: bool = True,
+    quiet: bool = False,
+) -> list[dict[str, Any]]:
+    """Train several runs in one process, one step of each in turn (`fit_together`), then
+    evaluate each: several one-class models (e.g. every class of a dataset) share one device.
+
+    Each run is exactly the run `train_run` would train alone, in its own run directory (all
+    are locked and checked before any trains). Returns one ``{"run_dir", "results"}`` a run.
+    """
+    from firmad.training import fit_together
+
+    if distributed.world().distributed:
+        raise ConfigError("several runs in one process cannot also use torchrun; train one run")
+    out_dirs = list(out_dirs or [None] * len(cfgs))
+    if len(out_dirs) != len(cfgs):
+        raise ConfigError("train_runs: one output directory per config")
+    runs = [RunDir(d or default_run_dir(c)) for c, d in zip(cfgs, out_dirs, strict=True)]
+    if len({r.path.resolve() for r in runs}) != len(runs):
+        raise ConfigError("train_runs: two runs would share a run directory; give each its own")
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        for run in runs:
+            stack.enter_context(run)
+        states = [_check_run(run, cfg, resume) for run, cfg in zip(runs, cfgs, strict=True)]
+        todo = [
+            i
+            for i, state in enumerate(states)
+            if not (resume and state == "evaluated" and evaluate)
+        ]
+        splits = {i: load_split(cfgs[i]) for i in todo}
+        trainers = {i: _trainer(cfgs[i], runs[i], splits[i], restore=resume) for i in todo}
+        for i in todo:
+            if states[i] in ("new", "started"):
+                runs[i].write_config(cfgs[i])
+        active = [t for t in trainers.values() if not t.finished]
+        if quiet or not active:
+            fit_together(active)
+        else:
+            progress = progress_bar()
+            for t in active:
+                t.callbacks.insert(0, ProgressBar(progress))
+            with progress:
+                fit_together(active)
+        wall = time.perf_counter() - start
+        out = []
+        for i, run in enumerate(runs):
+            if i not in trainers:
+                out.append({"run_dir": run.path, "results": json.loads(run.results.read_text())})
+            elif not evaluate:
+                out.append({"run_dir": run.path, "results": None})
+            else:
+                model = trainers[i].model
+                out.append(_evaluate(run, cfgs[i], split=splits[i], model=model, train_wall_s=wall))
+        return out
 
 
 # What rank 0 tells the other ranks once it has checked the run directory.
@@ -345,4 +406,5 @@ __all__ = [
     "evaluate_run",
     "load_run_config",
     "train_run",
+    "train_runs",
 ]

@@ -8,7 +8,7 @@ from firmad.training.callbacks import (
     ProgressBar,
 )
 from firmad.training.model import OneClassModel, build_model, resolve_device
-from firmad.training.trainer import Trainer, TrainingDiverged
+from firmad.training.trainer import Trainer, TrainingDiverged, fit_together
 
 __all__ = [
     "Callback",
@@ -20,5 +20,6 @@ __all__ = [
     "Trainer",
     "TrainingDiverged",
     "build_model",
+    "fit_together",
     "resolve_device",
 ]

@@ -452,50 +452,65 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the end; returns a summary. Ctrl-C / SIGTERM: the step in flight finishes,
         callbacks see ``on_interrupt`` (the checkpoint is saved there), KeyboardInterrupt."""
+        self._fit_begin()
+        with _deferred_signals() as stop:
+            while not self.finished:
+                self._fit_step()
+                if self._stop_requested(stop):
+                    self._fit_interrupt()
+                    raise KeyboardInterrupt(f"stopped by {stop.requested or 'another process'}")
+        return self._fit_end()
+
+    # The loop in pieces, so that several trainers can take turns (fit_together).
+
+    def _fit_begin(self) -> None:
         if self.global_step == 0:
             normals = self.pool.images[: self.pool.n_normal]
             self.method.on_train_start(
                 self.model, to_float(normals, channels=self.cfg.data.channels)
             )
         self.model.train()
-        views_per_step = self.cfg.train.batch_size * self.n_views
-        check_every = 1 if self.device.type == "cpu" else 10  # a finiteness check syncs a GPU
         self._emit("on_train_start")
-        loss_sum, loss_n = torch.zeros((), device=self.device), 0
-        epoch_start = time.perf_counter()
+        self._loss_sum, self._loss_n = torch.zeros((), device=self.device), 0
+        self._epoch_start = time.perf_counter()
         self.paused = 0.0
-        with _deferred_signals() as stop:
-            while not self.finished:
-                loss = self.train_step()
-                loss_sum += loss
-                loss_n += 1
-                if self.global_step % check_every == 0 and not torch.isfinite(loss_sum):
-                    self._emit("on_diverged")
-                    raise TrainingDiverged(
-                        f"the loss became {float(loss)} at step {self.global_step} (epoch "
-                        f"{self.epoch}); lower train.lr or check the data. The last "
-                        "checkpoint (if any) was kept; the diverged weights were not saved."
-                    )
-                self._emit("on_step_end")
-                if self.step_in_epoch == 0:  # an epoch just ended
-                    seconds = time.perf_counter() - epoch_start
-                    self.elapsed += seconds
-                    record = {
-                        "epoch": self.epoch,
-                        "step": self.global_step,
-                        "loss": float(loss_sum) / max(loss_n, 1),
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "views_per_s": loss_n * views_per_step / max(seconds - self.paused, 1e-9),
-                        "time_s": round(self.elapsed, 3),
-                        "curve_time_s": round(self.paused, 3),
-                    }
-                    self._emit("on_epoch_end", record)
-                    loss_sum, loss_n = torch.zeros((), device=self.device), 0
-                    epoch_start, self.paused = time.perf_counter(), 0.0
-                if self._stop_requested(stop):
-                    self.elapsed += time.perf_counter() - epoch_start if self.step_in_epoch else 0
-                    self._emit("on_interrupt")
-                    raise KeyboardInterrupt(f"stopped by {stop.requested or 'another process'}")
+
+    def _fit_step(self) -> None:
+        """One step and what follows it: the finiteness check, callbacks, the epoch record."""
+        check_every = 1 if self.device.type == "cpu" else 10  # a finiteness check syncs a GPU
+        loss = self.train_step()
+        self._loss_sum += loss
+        self._loss_n += 1
+        if self.global_step % check_every == 0 and not torch.isfinite(self._loss_sum):
+            self._emit("on_diverged")
+            raise TrainingDiverged(
+                f"the loss became {float(loss)} at step {self.global_step} (epoch "
+                f"{self.epoch}); lower train.lr or check the data. The last "
+                "checkpoint (if any) was kept; the diverged weights were not saved."
+            )
+        self._emit("on_step_end")
+        if self.step_in_epoch == 0:  # an epoch just ended
+            seconds = time.perf_counter() - self._epoch_start
+            self.elapsed += seconds
+            views = self._loss_n * self.cfg.train.batch_size * self.n_views
+            record = {
+                "epoch": self.epoch,
+                "step": self.global_step,
+                "loss": float(self._loss_sum) / max(self._loss_n, 1),
+                "lr": self.scheduler.get_last_lr()[0],
+                "views_per_s": views / max(seconds - self.paused, 1e-9),
+                "time_s": round(self.elapsed, 3),
+                "curve_time_s": round(self.paused, 3),
+            }
+            self._emit("on_epoch_end", record)
+            self._loss_sum, self._loss_n = torch.zeros((), device=self.device), 0
+            self._epoch_start, self.paused = time.perf_counter(), 0.0
+
+    def _fit_interrupt(self) -> None:
+        self.elapsed += time.perf_counter() - self._epoch_start if self.step_in_epoch else 0
+        self._emit("on_interrupt")
+
+    def _fit_end(self) -> dict[str, Any]:
         self._emit("on_train_end")
         return {"epochs": self.epoch, "steps": self.global_step, "train_time_s": self.elapsed}
 
@@ -504,6 +519,48 @@ class Trainer:
         if self.world.distributed:
             return distributed.any_rank(stop.requested is not None, self.device)
         return stop.requested is not None
+
+
+def fit_together(trainers: list[Trainer]) -> list[dict[str, Any]]:
+    """Train several models in one process, one step of each in turn; their summaries.
+
+    Each model's numbers are those of its own ``fit()``: the trainers share nothing (each has
+    its own generator, pool, model and optimiser). On CUDA each trainer queues its work on a
+    stream of its own, so several small models keep one GPU busy where one alone leaves it
+    waiting on kernel launches (with ``train.cuda_graph`` each replays its own graph). An
+    epoch's ``views_per_s`` is then the model's share. Ctrl-C / SIGTERM: every unfinished
+    trainer saves (``on_interrupt``), then KeyboardInterrupt. One process only.
+    """
+    if any(t.world.distributed for t in trainers):
+        raise ConfigError("training several models together runs in one process, not torchrun")
+    streams = [_own_stream(t) for t in trainers]
+    for t, stream in zip(trainers, streams, strict=True):
+        with _on_stream(stream):
+            t._fit_begin()
+    with _deferred_signals() as stop:
+        while not all(t.finished for t in trainers):
+            for t, stream in zip(trainers, streams, strict=True):
+                if not t.finished:
+                    with _on_stream(stream):
+                        t._fit_step()
+            if stop.requested:
+                for t in trainers:
+                    if not t.finished:
+                        t._fit_interrupt()
+                raise KeyboardInterrupt(f"stopped by {stop.requested}")
+    return [t._fit_end() for t in trainers]
+
+
+def _own_stream(trainer: Trainer):
+    if trainer.device.type != "cuda":
+        return None
+    stream = torch.cuda.Stream(trainer.device)
+    stream.wait_stream(torch.cuda.current_stream(trainer.device))  # the pool and weights
+    return stream
+
+
+def _on_stream(stream):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 class _StopFlag:
