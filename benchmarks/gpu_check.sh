@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
-# Training throughput on one NVIDIA GPU: benchmarks/throughput.py for the paper's model
-# (resnet18_cifar, width 1, head depth 8) with bf16 autocast and channels_last, without and with
-# torch.compile, and for the CPU recipe's resnet_small. Runs in well under 8 minutes on an H200.
+# Training throughput on one NVIDIA GPU, in one short run (< 5 minutes on an H200):
+# benchmarks/throughput.py for the paper's model (resnet18_cifar, width 1, head depth 8, batch
+# 32 = 64 views, bf16 autocast, channels_last) as
+#   - eager:    firmad's step, the eager limit, the papers' DataLoader pipeline, 4 models in turn;
+#   - graphed:  train.cuda_graph (the sync-free step replayed from a CUDA graph) against the bare
+#               compute limit (the limit step replayed from a CUDA graph), and 4 one-class models
+#               in one process (as firmad train --classes trains them), each replaying its own
+#               graph on its own stream;
+#   - compiled: torch.compile on the encoder;
+# after the tests that need CUDA (the graphed step equals the eager sync-free step).
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root or anywhere
 #
@@ -9,10 +16,10 @@
 # packages; torch==2.14.1 / torchvision==0.29.1 and the package are pip-installed into it when
 # an index is reachable. Without one (offline GPU machines) the system's torch is used and
 # firmad is imported from src/ (also with FIRMAD_GPU_NO_INSTALL=1).
-# Targets: firmad/limit >= 0.9 and >= 20000 views/s.
-# Each section has a timeout, the whole script GPU_CHECK_SECONDS (450); a failing section
-# does not stop the others.
-# With $OUT set, everything printed also goes to "$OUT/gpu_check.log".
+# Targets: graphed firmad / bare compute limit >= 0.9; 4 models together above one model.
+# Each section has a timeout, the whole script GPU_CHECK_SECONDS (290); a failing section
+# does not stop the others. With $OUT set, everything printed also goes to "$OUT/gpu_check.log"
+# and each measurement's JSON to "$OUT/<section>.json"; a summary table ends the log.
 
 set -u
 cd "$(dirname "$0")/.." || exit 1
@@ -22,7 +29,7 @@ if [ -n "${OUT:-}" ]; then
 fi
 export PYTHONUNBUFFERED=1
 START=$(date +%s)
-DEADLINE=$((START + ${GPU_CHECK_SECONDS:-450}))  # whole script, installs included
+DEADLINE=$((START + ${GPU_CHECK_SECONDS:-290}))  # whole script, installs included
 FAILED=()
 
 section() { echo; echo "=== $* (t+$(($(date +%s) - START)) s, $(date -u +%H:%M:%SZ))"; }
@@ -98,17 +105,34 @@ if "$PY" -c "from firmad.data import one_vs_rest; one_vs_rest('fashion-mnist', 0
 then DATA=fashion-mnist; fi
 echo "data: $DATA"
 
+JSON_DIR=${OUT:-$(mktemp -d)}
+mkdir -p "$JSON_DIR"
 BENCH=("$PY" benchmarks/throughput.py --device cuda --data "$DATA" --amp bf16 --channels-last)
 PAPER=(--backbone resnet18_cifar --width 1.0 --head-depth 8)
 
+# measure NAME SECONDS ARGS...: a throughput section; its JSON goes to $JSON_DIR/NAME.json.
+measure() {
+    local name=$1 limit=$2
+    shift 2
+    run "$name" "$limit" bash -c '"$@" > "$0"' "$JSON_DIR/$name.json" \
+        "${BENCH[@]}" "${PAPER[@]}" "$@"
+    if [ -s "$JSON_DIR/$name.json" ]; then cat "$JSON_DIR/$name.json"; fi
+}
+
+if "$PY" -c "import pytest" 2>/dev/null; then
+    run "tests that need CUDA (graphed step == eager sync-free step)" 90 \
+        "$PY" -m pytest -q -p no:cacheprovider tests/test_sync_free.py tests/test_augment.py -k cuda
+else
+    section "tests that need CUDA: skipped (no pytest here)"
+fi
 # The reference pipeline (PIL + DataLoader, 2 workers) is CPU-bound: a few steps suffice.
-run "resnet18_cifar (paper model), bf16, channels_last" 180 \
-    "${BENCH[@]}" "${PAPER[@]}" --steps 50 --repeats 5 --ref-steps 10 --profile 10
-run "resnet_small (CPU recipe), bf16, channels_last" 120 \
-    "${BENCH[@]}" --backbone resnet_small --steps 50 --repeats 5 --ref-steps 10
+measure eager 75 --steps 30 --repeats 3 --ref-steps 10 --models 4
+measure graphed 75 --cuda-graph --steps 50 --repeats 3 --models 4 --no-reference
 # Compilation of forward and backward takes a minute or two; skipped if it does not fit.
-run "resnet18_cifar (paper model), bf16, channels_last, torch.compile" 200 \
-    "${BENCH[@]}" "${PAPER[@]}" --compile --steps 50 --repeats 5 --no-reference
+measure compiled 120 --compile --steps 50 --repeats 3 --no-reference
+
+section "summary (views/s; a model step is batch 32 = 64 views)"
+"$PY" benchmarks/throughput.py --summary "$JSON_DIR" eager graphed compiled
 
 section "done"
 if [ "${#FAILED[@]}" -gt 0 ]; then

@@ -11,6 +11,13 @@ Three pipelines, one process, one backbone, one device, one batch (32 samples = 
   (normals + frozen rotated copies), torchvision transforms per image, two views per sample,
   a DataLoader with 2 workers, then the same model step.
 
+Options for the fast paths: ``--sync-free`` (the trainer's step without host synchronisation),
+``--cuda-graph`` (that step replayed from a CUDA graph, ``train.cuda_graph``; it also times
+``limit_graphed``: the bare compute limit, the limit step replayed from a CUDA graph, free of
+launch overhead) and ``--models K`` (``firmad_models``: K one-class models in one process, one
+step of each in turn on a CUDA stream each, as ``firmad train --classes`` trains them; views/s
+of all K together).
+
 The pipelines are timed side by side, interleaved, in ``--repeats`` segments of ``--steps``
 steps each after a warm-up. The result is in views per second: 64 views over the median step
 time (on the CPU the median over single steps, robust to a shared machine's bursts; on CUDA the
@@ -32,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -236,6 +244,80 @@ def timed(fn: Callable[[], Any], steps: int, device: torch.device) -> list[float
     return times
 
 
+class GraphedLimit:
+    """The limit step (same model, loss and SGD as ``ModelStep``) captured once in a CUDA graph
+    and replayed: forward + backward + SGD with nothing but the kernels -- the bare compute
+    limit of a step on this device. SGD runs as foreach ops (the trainer's sync-free update)."""
+
+    def __init__(self, step: ModelStep, views: torch.Tensor, labels: torch.Tensor):
+        self.step, self.views, self.labels = step, views, labels
+        self.params = [p for p in step.model.parameters() if p.requires_grad]
+        self.bufs = [torch.zeros_like(p) for p in self.params]
+        self.graph = None
+
+    def body(self) -> torch.Tensor:
+        s = self.step
+        views = self.views
+        if s.channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
+        for p in self.params:
+            p.grad = None
+        with torch.autocast(
+            s.device.type,
+            dtype=s.amp_dtype or torch.float32,
+            enabled=s.amp_dtype is not None,
+            cache_enabled=False,
+        ):
+            z = s.model.head(s.encoder(views)).float()
+            z1, z2 = z.chunk(2)
+            loss = s.loss_fn(z1, z2, self.labels)
+        loss.backward()
+        with torch.no_grad():
+            grads = torch._foreach_add([p.grad for p in self.params], self.params, alpha=3e-4)
+            torch._foreach_mul_(self.bufs, 0.9)
+            torch._foreach_add_(self.bufs, grads)
+            torch._foreach_add_(self.params, self.bufs, alpha=-0.01)
+        return loss.detach()
+
+    def __call__(self) -> torch.Tensor:
+        if self.graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self.body()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.loss = self.body()
+        self.graph.replay()
+        return self.loss
+
+
+class Together:
+    """One step of each of K trainers, each queued on a CUDA stream of its own (on the CPU one
+    after the other): `firmad.training.fit_together`'s loop without its bookkeeping."""
+
+    def __init__(self, trainers: list[Trainer]):
+        self.trainers = trainers
+        cuda = trainers[0].device.type == "cuda"
+        self.streams = [torch.cuda.Stream() if cuda else None for _ in trainers]
+        for stream in self.streams:
+            if stream is not None:
+                stream.wait_stream(torch.cuda.current_stream())
+
+    def __call__(self) -> None:
+        for trainer, stream in zip(self.trainers, self.streams, strict=True):
+            if stream is None:
+                trainer.train_step()
+            else:
+                with torch.cuda.stream(stream):
+                    trainer.train_step()
+        for stream in self.streams:
+            if stream is not None:
+                torch.cuda.current_stream().wait_stream(stream)
+
+
 def build_trainer(args, split: OneClassSplit, run_dir: str) -> Trainer:
     overrides = [
         f"model.backbone={args.backbone}",
@@ -254,8 +336,13 @@ def build_trainer(args, split: OneClassSplit, run_dir: str) -> Trainer:
         overrides.append(f"model.head_hidden={args.head_hidden}")
     if args.threads:
         overrides.append(f"train.threads={args.threads}")
+    if args.cuda_graph:
+        overrides.append("train.cuda_graph=true")
     cfg = load_config(RECIPE, overrides)
-    return Trainer(cfg, split=split)
+    trainer = Trainer(cfg, split=split)
+    if args.sync_free and not trainer.sync_free:
+        trainer.enable_sync_free()
+    return trainer
 
 
 def scoring_time(trainer: Trainer, split: OneClassSplit) -> dict[str, float]:
@@ -300,7 +387,38 @@ def profile_firmad(trainer: Trainer, steps: int, rows: int = 15) -> None:
         log(prof.key_averages().table(sort_by=key, row_limit=rows))
 
 
+def summary(folder: str, names: list[str]) -> list[str]:
+    """One line per measurement JSON (``folder/NAME.json``, as gpu_check.sh writes them)."""
+    lines = []
+    for name in names:
+        try:
+            r = json.loads(Path(folder, f"{name}.json").read_text())
+        except (OSError, ValueError):
+            lines.append(f"{name:9s} no result")
+            continue
+        line = f"{name:9s} firmad {r['firmad']:7.0f} = x{r['firmad_over_limit']} of the limit"
+        line += f" ({r['limit']:.0f})"
+        if r.get("limit_graphed"):
+            line += (
+                f", x{r['firmad_over_limit_graphed']} of the bare compute limit "
+                f"({r['limit_graphed']:.0f})"
+            )
+        if r.get("firmad_models"):
+            line += (
+                f"; {r['models']} models together {r['firmad_models']:.0f} "
+                f"(x{r['firmad_models_over_firmad']} of one)"
+            )
+        if r.get("reference"):
+            line += f"; papers' pipeline {r['reference']:.0f}"
+        lines.append(line)
+    return lines
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--summary"]:  # --summary DIR NAME...: the table that ends gpu_check.sh
+        print("\n".join(summary(argv[1], argv[2:])))
+        return {}
     try:
         return _main(argv)
     except FirmadError as exc:
@@ -329,6 +447,15 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--head-hidden", type=int, default=None, help="head width (recipe: 256)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--no-reference", action="store_true", help="skip the papers' pipeline")
+    p.add_argument("--sync-free", action="store_true", help="the step without host syncs")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay firmad's step from a CUDA graph (train.cuda_graph); also time limit_graphed",
+    )
+    p.add_argument(
+        "--models", type=int, default=1, help="also time K models trained in turn (K > 1)"
+    )
     p.add_argument("--scoring", action="store_true", help="also time features + kNN scoring")
     p.add_argument(
         "--profile",
@@ -341,6 +468,8 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.head_depth is not None and args.head_hidden is None and args.head_depth == 8:
         args.head_hidden = 1024  # the paper's head
     cuda = args.device == "cuda"
+    if args.cuda_graph and not cuda:
+        raise SystemExit("error: --cuda-graph needs --device cuda")
     steps = args.steps or (50 if cuda else 20)
     ref_steps = args.ref_steps or (min(steps, 20) if cuda else steps)
     warmup = (
@@ -370,6 +499,16 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
         ("firmad", trainer.train_step, steps),
     ]
     ref = None
+    views_of = {name: views_per_step for name, _, _ in pipelines}
+    if args.cuda_graph:
+        graphed = GraphedLimit(ModelStep(trainer, compile_encoder=False), views, labels)
+        pipelines.insert(1, ("limit_graphed", graphed, steps))
+        views_of["limit_graphed"] = views_per_step
+    if args.models > 1:
+        with tempfile.TemporaryDirectory() as run_dir:
+            others = [build_trainer(args, split, run_dir) for _ in range(args.models - 1)]
+        pipelines.append(("firmad_models", Together([trainer, *others]), steps))
+        views_of["firmad_models"] = views_per_step * args.models
     if not args.no_reference:
         log("building the reference dataset (PIL images) ...")
         loader = reference_loader(
@@ -377,6 +516,7 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         ref = ReferenceStep(loader, ModelStep(trainer, args.compile, normalise=False))
         pipelines.append(("reference", ref, ref_steps))
+        views_of["reference"] = views_per_step
 
     for name, fn, _ in pipelines:
         log(f"warm-up {name} ({warmup} steps)")
@@ -393,7 +533,7 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
                     ref.next_batch()
             times = timed(fn, n, device)
             step_times[name] += times
-            segments[name].append(views_per_step / statistics.fmean(times))
+            segments[name].append(views_of[name] / statistics.fmean(times))
             if name == "reference":
                 # Let the workers refill their queue now rather than during the next pipeline.
                 time.sleep(min(5.0, 4 * statistics.fmean(times)))
@@ -403,7 +543,7 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
             + " views/s"
         )
 
-    med = {name: views_per_step / statistics.median(v) for name, v in step_times.items()}
+    med = {name: views_of[name] / statistics.median(v) for name, v in step_times.items()}
     out: dict[str, Any] = {
         "backbone": args.backbone,
         "device": str(device),
@@ -414,6 +554,15 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
         "firmad_over_limit": round(med["firmad"] / med["limit"], 3),
         "firmad_over_reference": (
             round(med["firmad"] / med["reference"], 3) if "reference" in med else None
+        ),
+        "limit_graphed": round(med["limit_graphed"], 1) if "limit_graphed" in med else None,
+        "firmad_over_limit_graphed": (
+            round(med["firmad"] / med["limit_graphed"], 3) if "limit_graphed" in med else None
+        ),
+        "models": args.models,
+        "firmad_models": round(med["firmad_models"], 1) if "firmad_models" in med else None,
+        "firmad_models_over_firmad": (
+            round(med["firmad_models"] / med["firmad"], 3) if "firmad_models" in med else None
         ),
         "units": "views/s: 64 views / median step time (cpu: over single steps; cuda: over "
         "the mean step times of the segments)",
@@ -436,6 +585,8 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
             "amp": args.amp,
             "channels_last": bool(trainer.channels_last),
             "compile": bool(args.compile),
+            "sync_free": bool(trainer.sync_free),
+            "cuda_graph": bool(args.cuda_graph),
             "params": sum(p.numel() for p in trainer.model.parameters()),
         },
     }

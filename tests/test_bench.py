@@ -57,17 +57,24 @@ def test_grid_runs_resumes_and_records_failures(tmp_path):
     assert json.loads((cell / "results.json").read_text())["normal_classes"] == [1]
 
 
-def test_failed_cell_is_recorded_and_grid_goes_on(tmp_path):
+def test_failed_cell_is_recorded_and_a_grid_of_failures_exits_non_zero(tmp_path, capsys):
     # data.max_train=2 (8 samples with outliers) with batch 16 fails at start, with a clear message.
+    from firmad.cli import main
+
     out = tmp_path / "out"
     path = _grid(tmp_path, recipes=["fmnist-cpu"], classes=[0])
     grid = yaml.safe_load(path.read_text())
     grid["set"] += ["data.max_train=2"]
     path.write_text(yaml.safe_dump(grid))
-    result = run_grid(path, out_dir=out, quiet=True)
-    assert result["statuses"][0]["status"] == "failed"
-    assert "batch_size" in result["statuses"][0]["error"]
+    assert main(["-q", "bench", "--config", str(path), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "every cell of the grid failed" in err and "failed: fmnist-cpu" in err
+    assert "batch_size" in err
+    error = json.loads((out / "fmnist-cpu" / "fashion-mnist-c0-s0" / "error.json").read_text())
+    assert "batch_size" in error["error"]
     assert "Failed cells" in (out / "bench.md").read_text()
+    rows = list(csv.DictReader((out / "bench.csv").open()))
+    assert [r["status"] for r in rows] == ["failed"]
 
 
 def test_bad_grid_is_rejected_before_work(tmp_path):
@@ -77,3 +84,35 @@ def test_bad_grid_is_rejected_before_work(tmp_path):
     path.write_text("recipes: [fmnist-cpu]\nbogus: 1\n")
     with pytest.raises(ConfigError, match="bogus"):
         read_grid(path)
+
+
+def _cells(tmp_path, n=5):
+    from firmad.bench import Cell
+
+    return [Cell("fmnist-cpu", "fashion-mnist", c, 0, tmp_path / f"c{c}") for c in range(n)]
+
+
+def test_every_state_of_a_cell_has_its_own_status(tmp_path):
+    from firmad.bench import collect_rows
+
+    cells = _cells(tmp_path)
+    for cell in cells:
+        cell.run_dir.mkdir()
+    result = {"method": "firm", "normal_class_names": ["t"], "results": [{"auroc": 0.9}]}
+    (cells[0].run_dir / "results.json").write_text(json.dumps(result))
+    (cells[1].run_dir / "error.json").write_text(json.dumps({"error": "boom"}))
+    (cells[2].run_dir / "checkpoint.json").write_text(json.dumps({"finished": False}))
+    (cells[3].run_dir / "config.yaml").write_text("name: x\n")  # started, never checkpointed
+    rows = collect_rows(cells, running={cells[4].key})
+    assert [r["status"] for r in rows] == ["done", "failed", "interrupted", "pending", "running"]
+    assert rows[1]["error"] == "boom" and rows[0]["auroc"] == 0.9
+    assert [r["status"] for r in collect_rows(cells)][4] == "pending"
+
+
+def test_bad_executor_options_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="executor"):
+        run_grid(_grid(tmp_path), out_dir=tmp_path / "o", executor="dask", quiet=True)
+    with pytest.raises(ConfigError, match="devices"):
+        run_grid(_grid(tmp_path), out_dir=tmp_path / "o", devices="0,x", quiet=True)
+    with pytest.raises(ConfigError, match="executor local"):
+        run_grid(_grid(tmp_path), out_dir=tmp_path / "o", executor="ray", devices="0", quiet=True)

@@ -33,6 +33,9 @@ def test_throughput_script_prints_complete_json() -> None:
         "cpu",
         "--threads",
         "1",
+        "--sync-free",
+        "--models",
+        "2",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -51,3 +54,7 @@ def test_throughput_script_prints_complete_json() -> None:
     assert s["amp"] == "none" and s["channels_last"] is False and s["compile"] is False
     assert isinstance(s["torch"], str) and s["torch"]
     assert all(len(v) == 1 and v[0] > 0 for v in out["segments"].values())
+    # The sync-free step and two models in turn (views/s of both together).
+    assert s["sync_free"] is True and s["cuda_graph"] is False
+    assert out["models"] == 2 and out["firmad_models"] > 0
+    assert out["limit_graphed"] is None  # CUDA only

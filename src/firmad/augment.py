@@ -256,6 +256,63 @@ def _crop_resize(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None
     return _sample_grid(x, g[:, :size], g[:, size:])
 
 
+def _rrc_boxes_t(
+    u: Tensor, H: int, W: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> Tensor:
+    """:func:`_rrc_boxes` in torch (float64, on u's device): the same boxes, no host."""
+    area = float(H * W)
+    lr = (math.log(ratio[0]), math.log(ratio[1]))
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[:, 0:20:2])
+    aspect = torch.exp(lr[0] + (lr[1] - lr[0]) * u[:, 1:20:2])
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)  # first fitting attempt
+    any_ok = ok.any(dim=1)
+    w = torch.gather(w, 1, first)[:, 0]
+    h = torch.gather(h, 1, first)[:, 0]
+    in_ratio = W / H
+    if in_ratio < min(ratio):
+        fw, fh = W, int(round(W / min(ratio)))
+    elif in_ratio > max(ratio):
+        fw, fh = int(round(H * max(ratio))), H
+    else:
+        fw, fh = W, H
+    w = torch.where(any_ok, w, float(fw))
+    h = torch.where(any_ok, h, float(fh))
+    top = torch.minimum(torch.floor(u[:, 20] * (H - h + 1)), H - h)
+    left = torch.minimum(torch.floor(u[:, 21] * (W - w + 1)), W - w)
+    top = torch.where(any_ok, top, torch.round((H - h) / 2))
+    left = torch.where(any_ok, left, torch.round((W - w) / 2))
+    return torch.stack((top, left, h, w), dim=1)
+
+
+def _crop_coords_t(
+    boxes: Tensor, H: int, W: int, size: int, flip: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """:func:`_crop_coords` in torch (float64, on the boxes' device)."""
+    top, left, h, w = (boxes[:, i : i + 1] for i in range(4))
+    sx = w / W
+    if flip is not None:
+        sx = torch.where(flip[:, None], -sx, sx)
+    base = (2.0 * torch.arange(size, dtype=torch.float64, device=boxes.device) + 1.0) / size - 1.0
+    gx = sx * base + ((2 * left + w) / W - 1.0)
+    gy = (h / H) * base + ((2 * top + h) / H - 1.0)
+    gx = torch.clamp(gx, (2 * left + 1) / W - 1.0, (2 * (left + w) - 1) / W - 1.0)
+    gy = torch.clamp(gy, (2 * top + 1) / H - 1.0, (2 * (top + h) - 1) / H - 1.0)
+    return gx, gy
+
+
+def _blur_kernels_t(sigma: Tensor, kernel_size: int) -> Tensor:
+    """:func:`_blur_kernels` in torch (float64, on sigma's device)."""
+    half = (kernel_size - 1) / 2
+    t = torch.arange(kernel_size, dtype=torch.float64, device=sigma.device) - half
+    sig = sigma.double().reshape(-1, 1)
+    k1 = torch.exp(-0.5 * (t / torch.clamp(sig, min=1e-6)) ** 2)
+    k1 = torch.where(sig > 0, k1, (t == 0).double())
+    return k1 / k1.sum(dim=1, keepdim=True)
+
+
 def _is_number(v: object) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
@@ -437,10 +494,19 @@ class ViewAugment(nn.Module):
             out = _blur(out, params[:, i : i + self.blur_kernel])
         return out
 
-    def forward(self, x: Tensor, gen: torch.Generator) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        gen: torch.Generator,
+        rows: Tensor | None = None,
+        n_draw: int | None = None,
+    ) -> Tensor:
         """Augment a float batch (B, C, H, W) in [0, 1] -> (B, C, size, size) in [0, 1].
 
         Parameters are drawn from ``gen`` (a CPU generator is fastest, also for CUDA inputs).
+        With ``rows`` (B indices) and ``n_draw``, the parameters of a batch of ``n_draw`` images
+        are drawn and ``x`` gets those of ``rows``: a slice of a larger batch (one rank of a
+        distributed step) gets exactly the views it would get as part of the whole.
         On CUDA the image work is replayed from a CUDA graph captured once per input shape and
         colour-op order (set ``self.cuda_graphs = False`` to run eagerly): a small batch is
         otherwise bound by the launch cost of its ~40 tiny kernels.
@@ -450,7 +516,13 @@ class ViewAugment(nn.Module):
             raise InputError("ViewAugment needs a torch.Generator (gen) to draw its parameters")
         if x.shape[1] not in (1, 3):
             raise InputError(f"ViewAugment expects 1 or 3 channels, got {x.shape[1]}")
-        params, order = self.sample_params(tuple(x.shape), gen, x.dtype)
+        if rows is None:
+            params, order = self.sample_params(tuple(x.shape), gen, x.dtype)
+        else:
+            if n_draw is None or rows.shape != (x.shape[0],):
+                raise InputError("rows needs n_draw and one index per image of x")
+            params, order = self.sample_params((n_draw, *x.shape[1:]), gen, x.dtype)
+            params = params[rows.cpu()]
         if x.is_cuda:
             # Pinned (cached by PyTorch's host allocator) so the copy is asynchronous: a copy
             # from pageable memory would wait for all queued GPU work, stalling the step.
@@ -464,6 +536,88 @@ class ViewAugment(nn.Module):
         ):
             return self._replay(x, params, order)
         return self.apply_params(x, params, order)
+
+    # --- the sync-free path: a training step that can be captured in a CUDA graph ----------
+
+    def sample_params_device(
+        self, x_shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype = torch.float32
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`sample_params` without the host: the same random numbers and the same maths in
+        torch (float64) on the generator's device, so nothing waits for the device.
+
+        Returns ``(params, slots)``: the packed (B, P) parameters of :meth:`sample_params`, and
+        the colour-op order as a (4,) device tensor (op index per slot) instead of a tuple.
+        """
+        B, C, H, W = x_shape
+        u = torch.rand((B, 35), generator=gen, device=gen.device).double()
+        flip = u[:, 22] < self.hflip_p if self.hflip_p > 0 else None
+        boxes = _rrc_boxes_t(u[:, :22], H, W, self.scale, self.ratio)
+        parts = list(_crop_coords_t(boxes, H, W, self.size, flip))
+        do_jitter, do_gray, do_blur = self._stages(C)
+        slots = torch.argsort(u[0, 31:35])
+        if do_jitter:
+            b, c, s, h = self.jitter if C == 3 else (*self.jitter[:2], 0.0, 0.0)
+            lo = (max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h)
+            hi = (1 + b, 1 + c, 1 + s, h)
+            lo_t = _const(lo, u.device, torch.float64)
+            span = _const(hi, u.device, torch.float64) - lo_t
+            factors = lo_t + span * u[:, 23:27]
+            if self.jitter_p < 1:
+                keep = (u[:, 27] < self.jitter_p)[:, None]
+                factors = torch.where(keep, factors, _const((1.0, 1.0, 1.0, 0.0), u.device,
+                                                            torch.float64))  # fmt: skip
+            parts.append(factors)
+        if do_gray:
+            parts.append((u[:, 28:29] < self.grayscale_p).double())
+        if do_blur:
+            lo_s, hi_s = self.blur_sigma
+            sigma = torch.where(u[:, 30] < self.blur_p, lo_s + (hi_s - lo_s) * u[:, 29], 0.0)
+            parts.append(_blur_kernels_t(sigma, self.blur_kernel))
+        return torch.cat(parts, dim=1).to(dtype), slots
+
+    def apply_params_slots(self, x: Tensor, params: Tensor, slots: Tensor) -> Tensor:
+        """:meth:`apply_params` with the colour-op order as a device tensor: every slot
+        computes each active op and keeps the one its order names (torch.where), so one fixed
+        sequence of kernels serves every order -- capturable once in a CUDA graph. The colour
+        ops cost 4x as much; the result is the same as with the order as a tuple."""
+        S = self.size
+        do_jitter, do_gray, do_blur = self._stages(x.shape[1])
+        out = _sample_grid(x, params[:, :S], params[:, S : 2 * S])
+        i = 2 * S
+        if do_jitter:
+            factors = params[:, i : i + 4]
+            b, c, s, h = self.jitter if x.shape[1] == 3 else (*self.jitter[:2], 0.0, 0.0)
+            active = [k for k, r in enumerate((b, c, s, h)) if r > 0]
+            for slot in range(4):
+                before = out
+                for k in active:
+                    op = _COLOR_OPS[k](before, factors[:, k])
+                    out = torch.where(slots[slot] == k, op, out)
+            i += 4
+        if do_gray:
+            flag = params[:, i].view(-1, 1, 1, 1)
+            out = torch.lerp(out, grayscale(out).expand_as(out), flag)
+            i += 1
+        if do_blur:
+            out = _blur(out, params[:, i : i + self.blur_kernel])
+        return out
+
+    def forward_device(
+        self,
+        x: Tensor,
+        gen: torch.Generator,
+        rows: Tensor | None = None,
+        n_draw: int | None = None,
+    ) -> Tensor:
+        """:meth:`forward` without host synchronisation (the parameters are computed on the
+        generator's device, which should be x's): the same views as :meth:`forward` for the
+        same generator state, to float tolerance."""
+        _check_images(x)
+        shape = tuple(x.shape) if rows is None else (n_draw, *x.shape[1:])
+        params, slots = self.sample_params_device(shape, gen, x.dtype)
+        if rows is not None:
+            params = params[rows.to(params.device)]
+        return self.apply_params_slots(x, params.to(x.device), slots.to(x.device))
 
     def _replay(self, x: Tensor, params: Tensor, order: tuple[int, ...]) -> Tensor:
         key = (tuple(x.shape), x.dtype, x.device, order)

@@ -62,7 +62,9 @@ def _main(
     epilog="Examples:\n\n"
     "  firmad train --config fmnist-cpu --normal-class 3\n\n"
     "  firmad train --config configs/cifar10-firm.yaml --set train.epochs=100 --device cuda\n\n"
-    "  firmad train --out runs/my-run --resume"
+    "  firmad train --out runs/my-run --resume\n\n"
+    "  torchrun --nproc_per_node=2 -m firmad train --config fmnist-cpu  (one model, 2 processes)"
+    "\n\n  firmad train --config fmnist-cpu --classes 0,1,2,3 --out runs/four  (4 models)"
 )
 def train(
     config: str | None = typer.Option(
@@ -76,8 +78,19 @@ def train(
     epochs: int | None = typer.Option(None, "--epochs"),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the evaluation at the end."),
+    classes: str | None = typer.Option(
+        None,
+        "--classes",
+        help="Several one-class runs in one process (e.g. 0,1,2): one model per normal class, "
+        "trained in turn on one device, each in --out/c<CLASS>.",
+    ),
 ) -> None:
     """Train a detector on normal images (and synthetic outliers), then evaluate it."""
+    if classes is not None:
+        if normal_class is not None:
+            raise FirmadError("give either --normal-class or --classes, not both")
+        _train_classes(classes, config, set_, out_dir, resume, seed, epochs, device, no_eval)
+        return
     overrides = list(set_)
     if normal_class is not None:
         value = normal_class if not normal_class.lstrip("-").isdigit() else int(normal_class)
@@ -95,15 +108,54 @@ def train(
         )
     with _interruptible() as where:  # from here on: importing torch takes seconds
         from firmad.pipeline import default_run_dir, train_run
+        from firmad.training.distributed import process_group
 
         cfg = _resume_config(out_dir, config, overrides) if resume else _config(config, overrides)
         run = out_dir or default_run_dir(cfg)
         where.update(run=run, again=f"firmad train --resume --out {run}")
-        summary = train_run(
-            cfg, out_dir=out_dir, resume=resume, evaluate=not no_eval, quiet=state["quiet"]
-        )
+        # Started by torchrun: one process of a DistributedDataParallel run (a no-op otherwise).
+        with process_group(cfg.train.device):
+            summary = train_run(
+                cfg, out_dir=out_dir, resume=resume, evaluate=not no_eval, quiet=state["quiet"]
+            )
     if summary["results"] is not None:
         _print_summary(summary)
+
+
+def _train_classes(classes, config, set_, out_dir, resume, seed, epochs, device, no_eval):
+    """`firmad train --classes 0,1,...`: one run per class, trained together in one process."""
+    from firmad.pipeline import default_run_dir, train_runs
+
+    names = [c.strip() for c in classes.split(",") if c.strip()]
+    if not names or len(set(names)) != len(names):
+        raise FirmadError(f"--classes: expected distinct class ids or names, got {classes!r}")
+    common = list(set_)
+    for key, value in (("train.seed", seed), ("train.epochs", epochs), ("train.device", device)):
+        if value is not None:
+            common.append(f"{key}={value}")
+    cfgs, dirs = [], []
+    for name in names:
+        value = int(name) if name.lstrip("-").isdigit() else repr(name)
+        own = [*common, f"data.normal_class={value}"]
+        run_dir = out_dir / f"c{name}" if out_dir is not None else None
+        if resume:
+            if run_dir is None:
+                raise FirmadError("--resume with --classes needs --out (the folder of the runs)")
+            cfgs.append(_resume_config(run_dir, config, own))
+        else:
+            if config is None:
+                raise FirmadError("give a recipe with --config (e.g. --config fmnist-cpu)")
+            cfgs.append(_config(config, own))
+        dirs.append(run_dir or default_run_dir(cfgs[-1]))
+    with _interruptible():
+        summaries = train_runs(
+            cfgs, dirs, resume=resume, evaluate=not no_eval, quiet=state["quiet"]
+        )
+    for summary in summaries:
+        if summary["results"] is not None:
+            _print_summary(summary)
+        else:
+            out.print(f"Trained: {summary['run_dir']}", highlight=False)
 
 
 def _config(recipe: str | None, overrides: list[str]):
@@ -197,22 +249,53 @@ def _print_summary(summary: dict) -> None:
 @app.command(
     epilog="Examples:\n\n"
     "  firmad bench --config benchmarks/fmnist-cpu-grid.yaml --out runs/bench\n\n"
-    "  firmad bench --config GRID.yaml --workers 2"
+    "  firmad bench --config GRID.yaml --workers 2\n\n"
+    "  firmad bench --config GRID.yaml --devices 0,1,2,3  (one cell per GPU)\n\n"
+    "  firmad bench --config GRID.yaml --executor ray --address auto --cell-gpus 1 "
+    "--out /shared/runs/grid"
 )
 def bench(
     config: Path = typer.Option(..., "--config", "-c", help="Grid YAML."),
     out_dir: Path | None = typer.Option(None, "--out", help="Output folder of the grid."),
-    workers: int = typer.Option(1, "--workers", help="Cells run at the same time."),
+    workers: int = typer.Option(1, "--workers", help="Cells run at the same time (local)."),
     set_: list[str] = typer.Option([], "--set", help="Override for every cell: section.key=value."),
+    executor: str = typer.Option("local", "--executor", help="local (subprocesses) or ray."),
+    devices: str | None = typer.Option(
+        None, "--devices", help="GPU ids, e.g. 0,1: one cell per GPU at a time (local)."
+    ),
+    address: str | None = typer.Option(
+        None, "--address", help="Ray cluster address (auto, HOST:PORT); default: a local Ray."
+    ),
+    cell_cpus: float = typer.Option(1.0, "--cell-cpus", help="CPUs a Ray task asks for."),
+    cell_gpus: float = typer.Option(0.0, "--cell-gpus", help="GPUs a Ray task asks for."),
 ) -> None:
-    """Run a grid of datasets x classes x methods x seeds; resumable, one run directory a cell."""
+    """Run a grid of datasets x classes x methods x seeds; resumable, one run directory a cell.
+
+    Ctrl-C stops it at once (running cells keep a checkpoint); the same command continues it.
+    Exits with status 1 when every cell failed."""
     from firmad.bench import run_grid
 
-    result = run_grid(
-        config, out_dir=out_dir, workers=workers, quiet=state["quiet"], overrides=list(set_)
-    )
+    with _interruptible(
+        "grid stopped; finished cells are kept and interrupted ones keep a checkpoint: run the "
+        "same command again to continue"
+    ):
+        result = run_grid(
+            config, out_dir=out_dir, workers=workers, quiet=state["quiet"],
+            overrides=list(set_), executor=executor, devices=devices, address=address,
+            cell_cpus=cell_cpus, cell_gpus=cell_gpus,
+        )  # fmt: skip
     out.print(result["markdown"], highlight=False)
     out.print(f"Tables: {result['csv']} and {result['md']}", highlight=False)
+    failed = [r for r in result["rows"] if r["status"] == "failed"]
+    for r in failed:
+        console.print(
+            f"failed: {r['recipe']} {r['dataset']} class {r['normal_class']} seed {r['seed']}: "
+            f"{r['error']}",
+            highlight=False,
+        )
+    if failed and len(failed) == len(result["rows"]):
+        console.print("[bold red]error:[/] every cell of the grid failed (see above)")
+        raise typer.Exit(1)
 
 
 # --- data ----------------------------------------------------------------------------------------

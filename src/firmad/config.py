@@ -26,6 +26,7 @@ from pydantic import (
     ValidationError,
     create_model,
     field_validator,
+    model_validator,
 )
 
 from firmad.errors import ConfigError
@@ -129,7 +130,8 @@ class AugmentConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: Int = Field(2000, ge=1)
-    batch_size: Int = Field(32, ge=2)  # samples per step; each gives two views
+    # samples per step (each gives two views); with several processes the global batch
+    batch_size: Int = Field(32, ge=2)
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -147,6 +149,12 @@ class TrainConfig(_Section):
     # epochs between learning-curve points (0.25 = 4 an epoch); 0 = none
     eval_every: float = Field(0, ge=0)
     threads: Int | None = Field(None, ge=1)  # None = torch's default
+    # Several processes (torchrun): BatchNorm with the global batch's statistics, so N processes
+    # train as one with the same (global) batch_size. Ignored by a single process.
+    sync_bn: bool = True
+    # Replay the training step from a CUDA graph (no host synchronisation in the step): CUDA,
+    # SGD, frozen outliers, one process. Same numbers as the eager step, to float tolerance.
+    cuda_graph: bool = False
 
     @field_validator("device")
     @classmethod
@@ -154,6 +162,15 @@ class TrainConfig(_Section):
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
             raise ValueError(f"{v!r} is not a device; choose from {DEVICES}")
         return v
+
+    @model_validator(mode="after")
+    def _cuda_graph_needs_cuda(self):
+        if self.cuda_graph and self.device in ("cpu", "mps"):
+            raise ValueError(
+                f"cuda_graph: CUDA graphs need a CUDA device, not train.device={self.device}; "
+                "set train.cuda_graph=false or train.device=cuda"
+            )
+        return self
 
 
 class EvalConfig(_Section):

@@ -7,6 +7,7 @@ locked for the whole run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -18,13 +19,20 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from firmad.config import RunConfig, check_scorer, config_from_dict, parse_scorer
 from firmad.data import OneClassSplit
 from firmad.data.pool import load_split, prepare_images
-from firmad.errors import CheckpointError, ConfigError
+from firmad.errors import CheckpointError, ConfigError, FirmadError
 from firmad.metrics import evaluate_scores
 from firmad.report import write_plots, write_report_md, write_results
 from firmad.robustness.audit import robustness_for_run
 from firmad.run import RunDir, safe_component
 from firmad.scoring import FeatureExtractor, build_scorer
-from firmad.training import CheckpointSaver, LearningCurve, MetricsLog, ProgressBar, Trainer
+from firmad.training import (
+    CheckpointSaver,
+    LearningCurve,
+    MetricsLog,
+    ProgressBar,
+    Trainer,
+    distributed,
+)
 
 # Keys that may differ between a stored run and the options given to resume it.
 RESUMABLE_CHANGES = ("train.device", "train.threads")
@@ -93,31 +101,30 @@ def train_run(
 
     Resuming compares ``cfg`` with the run's stored config and refuses any change but where to
     run (device, threads). Returns ``{"run_dir", "results"}``.
+
+    Inside a process group (torchrun), rank 0 owns the run directory (lock, config, log,
+    checkpoints, evaluation) and tells the other ranks whether to train; they train with it and
+    return ``results`` None.
     """
     if not isinstance(cfg, RunConfig):
         raise ConfigError("train_run takes a RunConfig; build one with firmad.config.load_config")
     run = RunDir(out_dir or default_run_dir(cfg))
+    world = distributed.world()
+    if not world.is_main:
+        return _follow_rank0(cfg, run, resume)
     start = time.perf_counter()
     # Checked again under the lock; first here, as taking the lock creates the folder and its
     # lock file, which must not happen in a folder of the user's or for a run that is not there.
     _check_target(run, resume)
     with run:
-        state = run.state
-        _check_target(run, resume)
-        if resume:
-            stored = run.read_config()
-            refuse_changes(config_changes(stored, cfg), str(run.config))
-            meta = run.checkpoint_meta()
-            if meta and isinstance(meta.get("config"), dict):
-                # config.yaml edited after the checkpoint was written: the weights do not match
-                saved = _config_or_error(meta["config"], run.checkpoint_json)
-                refuse_changes(config_changes(saved, stored), f"the checkpoint in {run.path}")
-        elif state in ("partial", "finished", "evaluated"):
-            raise ConfigError(
-                f"{run.path} already holds a run; continue it with --resume --out {run.path}, "
-                "or choose another --out"
-            )
-        if resume and state == "evaluated" and evaluate:
+        try:
+            state = _check_run(run, cfg, resume)
+        except BaseException:
+            _tell_followers(world, _FAILED)
+            raise
+        done = resume and state == "evaluated" and evaluate
+        _tell_followers(world, _SKIP if done else _TRAIN)
+        if done:
             return {"run_dir": run.path, "results": json.loads(run.results.read_text())}
         split = load_split(cfg)
         trainer = _trainer(cfg, run, split, restore=resume)
@@ -137,6 +144,110 @@ def _check_target(run: RunDir, resume: bool) -> None:
         raise ConfigError(f"{run.path} holds no run to resume; start it without --resume")
     if state in ("new", "started"):
         run.check_writable_new()  # "started" (no checkpoint yet) may simply start again
+
+
+def train_runs(
+    cfgs: list[RunConfig],
+    out_dirs: list[Path | None] | None = None,
+    resume: bool = False,
+    evaluate: bool = True,
+    quiet: bool = False,
+) -> list[dict[str, Any]]:
+    """Train several runs in one process, one step of each in turn (`fit_together`), then
+    evaluate each: several one-class models (e.g. every class of a dataset) share one device.
+
+    Each run is exactly the run `train_run` would train alone, in its own run directory (all
+    are locked and checked before any trains). Returns one ``{"run_dir", "results"}`` a run.
+    """
+    from firmad.training import fit_together
+
+    if distributed.world().distributed:
+        raise ConfigError("several runs in one process cannot also use torchrun; train one run")
+    out_dirs = list(out_dirs or [None] * len(cfgs))
+    if len(out_dirs) != len(cfgs):
+        raise ConfigError("train_runs: one output directory per config")
+    runs = [RunDir(d or default_run_dir(c)) for c, d in zip(cfgs, out_dirs, strict=True)]
+    if len({r.path.resolve() for r in runs}) != len(runs):
+        raise ConfigError("train_runs: two runs would share a run directory; give each its own")
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        for run in runs:
+            stack.enter_context(run)
+        states = [_check_run(run, cfg, resume) for run, cfg in zip(runs, cfgs, strict=True)]
+        todo = [
+            i
+            for i, state in enumerate(states)
+            if not (resume and state == "evaluated" and evaluate)
+        ]
+        splits = {i: load_split(cfgs[i]) for i in todo}
+        trainers = {i: _trainer(cfgs[i], runs[i], splits[i], restore=resume) for i in todo}
+        for i in todo:
+            if states[i] in ("new", "started"):
+                runs[i].write_config(cfgs[i])
+        active = [t for t in trainers.values() if not t.finished]
+        if quiet or not active:
+            fit_together(active)
+        else:
+            progress = progress_bar()
+            for t in active:
+                t.callbacks.insert(0, ProgressBar(progress))
+            with progress:
+                fit_together(active)
+        wall = time.perf_counter() - start
+        out = []
+        for i, run in enumerate(runs):
+            if i not in trainers:
+                out.append({"run_dir": run.path, "results": json.loads(run.results.read_text())})
+            elif not evaluate:
+                out.append({"run_dir": run.path, "results": None})
+            else:
+                model = trainers[i].model
+                out.append(_evaluate(run, cfgs[i], split=splits[i], model=model, train_wall_s=wall))
+        return out
+
+
+# What rank 0 tells the other ranks once it has checked the run directory.
+_FAILED, _TRAIN, _SKIP = 0, 1, 2
+
+
+def _tell_followers(world, code: int) -> None:
+    if world.distributed:
+        distributed.broadcast_int(code)
+
+
+def _follow_rank0(cfg: RunConfig, run: RunDir, resume: bool) -> dict[str, Any]:
+    """A rank other than 0: train with rank 0 (reading, never writing, the run directory)."""
+    code = distributed.broadcast_int(_FAILED)
+    if code == _FAILED:
+        raise FirmadError("rank 0 stopped before training (its message says why)")
+    if code == _SKIP:
+        return {"run_dir": run.path, "results": None}
+    saver = CheckpointSaver(run.path, every=cfg.train.checkpoint_every)  # writes on rank 0 only
+    trainer = Trainer(cfg, split=load_split(cfg), callbacks=[saver])
+    if resume:
+        saver.restore(trainer)
+    _fit(trainer, quiet=True)
+    return {"run_dir": run.path, "results": None}
+
+
+def _check_run(run: RunDir, cfg: RunConfig, resume: bool) -> str:
+    """The run directory's state, after refusing what cannot be done there."""
+    _check_target(run, resume)
+    state = run.state
+    if resume:
+        stored = run.read_config()
+        refuse_changes(config_changes(stored, cfg), str(run.config))
+        meta = run.checkpoint_meta()
+        if meta and isinstance(meta.get("config"), dict):
+            # config.yaml edited after the checkpoint was written: the weights do not match
+            saved = _config_or_error(meta["config"], run.checkpoint_json)
+            refuse_changes(config_changes(saved, stored), f"the checkpoint in {run.path}")
+    elif state in ("partial", "finished", "evaluated"):
+        raise ConfigError(
+            f"{run.path} already holds a run; continue it with --resume --out {run.path}, "
+            "or choose another --out"
+        )
+    return state
 
 
 def _config_or_error(data: dict, where: Path) -> RunConfig:
@@ -324,4 +435,5 @@ __all__ = [
     "evaluate_run",
     "load_run_config",
     "train_run",
+    "train_runs",
 ]

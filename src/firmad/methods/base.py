@@ -31,8 +31,19 @@ class Method:
         """The labels the objective sees (DESIGN: inliers >= 0 (class id), outliers -1)."""
         return class_ids
 
-    def loss(self, model: nn.Module, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def embed(self, model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+        """What the objective needs of each view row, float32 with the rows of ``feats``
+        (``n_views * B`` rows, view-major). The training forward (the module that
+        DistributedDataParallel wraps) is encoder -> ``embed``; several processes gather these
+        rows into the global batch before :meth:`embedding_loss`."""
+        return feats.float()
+
+    def embedding_loss(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The loss of the whole batch from its embeddings (``n_views * B`` rows) and labels (B)."""
         raise NotImplementedError
+
+    def loss(self, model: nn.Module, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.embedding_loss(self.embed(model, feats), labels)
 
     def on_train_start(self, model: nn.Module, normals_float: torch.Tensor) -> None:
         """Called once before the first step of a new run (not on resume)."""

@@ -19,9 +19,11 @@ class BinaryClassifier(Method):
     def labels(self, class_ids: torch.Tensor, kind_ids: torch.Tensor) -> torch.Tensor:
         return (kind_ids > 0).long()  # 1 = outlier, so the logit scores "anomalous"
 
-    def loss(self, model: nn.Module, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.score_features(model, feats).float()
-        return F.binary_cross_entropy_with_logits(logits, labels.float())
+    def embed(self, model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+        return self.score_features(model, feats).float()
+
+    def embedding_loss(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(z, labels.float())
 
     def own_scorer_params(self, model: nn.Module) -> dict:
         layer = model.classifier

@@ -20,10 +20,12 @@ class _Contrastive(Method):
     def make_loss(self) -> nn.Module:
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def embed(self, model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+        return model.head(feats).float()
+
+    def embedding_loss(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if not hasattr(self, "_loss"):
             self._loss = self.make_loss()
-        z = model.head(feats).float()
         z1, z2 = z.chunk(2)  # views 1 and 2 of the same samples, in the same order
         return self._loss(z1, z2, labels)
 

@@ -13,8 +13,11 @@ class DeepSVDD(Method):
     uses_outliers = False
     own_scorer = "svdd"
 
-    def loss(self, model: nn.Module, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.score_features(model, feats.float()).mean()
+    def embed(self, model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
+        return self.score_features(model, feats.float())
+
+    def embedding_loss(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return z.mean()
 
     @torch.no_grad()
     def on_train_start(self, model: nn.Module, normals_float: torch.Tensor, eps: float = 0.1):

@@ -8,7 +8,7 @@ from firmad.training.callbacks import (
     ProgressBar,
 )
 from firmad.training.model import OneClassModel, build_model, resolve_device
-from firmad.training.trainer import Trainer, TrainingDiverged, TrainingInterrupted
+from firmad.training.trainer import Trainer, TrainingDiverged, TrainingInterrupted, fit_together
 
 __all__ = [
     "Callback",
@@ -21,5 +21,6 @@ __all__ = [
     "TrainingDiverged",
     "TrainingInterrupted",
     "build_model",
+    "fit_together",
     "resolve_device",
 ]

@@ -29,8 +29,14 @@ class CheckpointSaver(Callback):
         self.directory, self.name, self.every = Path(directory), name, every
 
     def save(self, trainer, reason: str) -> None:
-        tensors, meta = trainer.state()
-        save_checkpoint(self.directory, self.name, tensors, {**meta, "reason": reason})
+        tensors, meta = trainer.state()  # on every rank: the state gathers their generators
+        world = getattr(trainer, "world", None)
+        if world is None or world.is_main:
+            save_checkpoint(self.directory, self.name, tensors, {**meta, "reason": reason})
+        if world is not None and world.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()  # the checkpoint is complete when save returns on any rank
 
     def restore(self, trainer) -> bool:
         """Load the saved state into ``trainer``; False when there is no checkpoint yet."""

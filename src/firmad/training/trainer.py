@@ -15,6 +15,7 @@ import contextlib
 import signal
 import threading
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from firmad.io import join_state, prefixed, split_state
 from firmad.methods import get_method
 from firmad.outliers import apply_kinds, parse_outliers
 from firmad.perturb import ascent_step, project, random_delta
+from firmad.training import distributed
 from firmad.training.model import build_model, resolve_device, weights_mismatch
 
 CHECKPOINT_FORMAT = "firmad-checkpoint-1"
@@ -46,7 +48,12 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class Trainer:
-    """Builds the pool, model, optimiser and schedule from a RunConfig and runs the loop."""
+    """Builds the pool, model, optimiser and schedule from a RunConfig and runs the loop.
+
+    Inside a torch.distributed process group (``torchrun``) it trains one model across the
+    processes with DistributedDataParallel; ``train.batch_size`` is then the global batch, and
+    the run computes what one process with that batch computes (`firmad.training.distributed`).
+    """
 
     def __init__(self, cfg, split: OneClassSplit | None = None, callbacks=(), normalisation=None):
         self.cfg = cfg
@@ -54,7 +61,17 @@ class Trainer:
         t = cfg.train
         if t.threads:
             torch.set_num_threads(t.threads)
+        self.world = distributed.world()
         self.device = resolve_device(t.device)
+        if self.world.distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.world.local_rank)  # one GPU per process
+        if t.batch_size % self.world.size:
+            raise ConfigError(
+                f"train.batch_size: {t.batch_size} is the global batch of all {self.world.size} "
+                "processes and must be divisible by their number; choose a multiple of "
+                f"{self.world.size}"
+            )
+        self.local_batch = t.batch_size // self.world.size
         self.split = split if split is not None else load_split(cfg)
         self.method = get_method(cfg)
         normals = prepare_images(self.split.train_images, cfg.data.size)
@@ -71,6 +88,8 @@ class Trainer:
         self.channels_last = t.channels_last in ("on", "auto")
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if self.world.distributed and t.sync_bn:
+            self.model = distributed.convert_sync_bn(self.model, self.device)
         amp = t.amp if t.amp != "auto" else ("bf16" if self.use_cuda else "none")
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16" and self.use_cuda)
@@ -135,6 +154,22 @@ class Trainer:
         # Compile the encoder itself: attributes of a compiled parent module (compiled.encoder)
         # are the plain, uncompiled submodules.
         self.train_encoder = torch.compile(self.model.encoder) if t.compile else self.model.encoder
+        # The training forward (encoder -> the method's embeddings): what DDP wraps.
+        self.net: nn.Module = distributed.EmbeddingNet(self.model, self.method, self.train_encoder)
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = DistributedDataParallel(self.net, device_ids=ids)
+        self.sync_free = False  # the step without host synchronisation (enable_sync_free)
+        self._graph = None
+        if t.cuda_graph:
+            if self.device.type != "cuda":
+                raise ConfigError(
+                    f"train.cuda_graph: CUDA graphs need a CUDA device, but training runs on "
+                    f"{self.device}; set train.cuda_graph=false (or train.device=cuda)"
+                )
+            self.enable_sync_free()
 
     def _build_scheduler(self):
         t = self.cfg.train
@@ -163,28 +198,34 @@ class Trainer:
     # --- one step ---------------------------------------------------------------------------
 
     def sample_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Float images in [0, 1] (B, C, S, S) with their class ids and outlier kind ids."""
+        """Float images in [0, 1] (B, C, S, S) with their class ids and outlier kind ids.
+
+        With several processes, B is this rank's slice of the global batch: every rank draws
+        the whole global batch's random numbers and keeps rows ``rank*B .. (rank+1)*B``."""
         b = self.cfg.train.batch_size
         if self.perm is None:
             self.perm = torch.randperm(
                 self.samples_per_epoch, generator=self.gen, device=self.device
             )
         idx = self.perm[self.step_in_epoch * b : (self.step_in_epoch + 1) * b]
+        mine = slice(self.world.rank * self.local_batch, (self.world.rank + 1) * self.local_batch)
         if self.fresh_kinds:
             # Slot i of the virtual pool: normal i % N, outlier kind i // N (0 = none).
+            # The whole global batch's outliers, so the generator advances as in one process.
             n = self.pool.n_normal
             kind_ids = idx // n
             x = to_float(self.pool.images[idx % n], channels=self.cfg.data.channels)
             x = apply_kinds(x, kind_ids, self.fresh_kinds, self.gen)
             class_ids = torch.where(kind_ids > 0, -1, self.pool.class_ids[idx % n])
-            return x, class_ids, kind_ids
+            return x[mine], class_ids[mine], kind_ids[mine]
+        idx = idx[mine]
         x = to_float(self.pool.images[idx], channels=self.cfg.data.channels)
         return x, self.pool.class_ids[idx], self.pool.kind_ids[idx]
 
     def compute_loss(self, x: torch.Tensor, class_ids: torch.Tensor, kind_ids: torch.Tensor):
         views = torch.cat([x] * self.n_views) if self.n_views > 1 else x
         if self.augment is not None:
-            views = self.augment(views, self.gen)
+            views = self.augment_views(views)
         if self.channels_last:
             views = views.contiguous(memory_format=torch.channels_last)
         labels = self.method.labels(class_ids, kind_ids)
@@ -194,9 +235,28 @@ class Trainer:
             self.device.type,
             dtype=self.amp_dtype or torch.float32,
             enabled=self.amp_dtype is not None,
+            cache_enabled=not self.sync_free,  # CUDA graphs: no autocast weight cache
         ):
-            feats = self.train_encoder(views)
-            return self.method.loss(self.model, feats, labels)
+            return self.embedding_loss(self.net(views), labels)
+
+    def augment_views(self, views: torch.Tensor) -> torch.Tensor:
+        """The method's views of this rank's samples, as in a single process's global batch."""
+        if self.sync_free:
+            return self.augment.forward_device(views, self.gen)
+        if not self.world.distributed:
+            return self.augment(views, self.gen)
+        b, g = self.local_batch, self.cfg.train.batch_size
+        i = torch.arange(views.shape[0])
+        rows = (i // b) * g + self.world.rank * b + i % b  # view-major rows of the global batch
+        return self.augment(views, self.gen, rows=rows, n_draw=self.n_views * g)
+
+    def embedding_loss(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The method's loss of the global batch: several processes gather every rank's
+        embeddings (with gradients) and labels first."""
+        if self.world.distributed:
+            z = distributed.gather_rows(z, self.n_views)
+            labels = distributed.gather_labels(labels)
+        return self.method.embedding_loss(z, labels)
 
     def perturb(self, views: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Adversarial training's inner maximisation: PGD on the method's own loss.
@@ -231,13 +291,21 @@ class Trainer:
         return x_adv
 
     def train_step(self) -> torch.Tensor:
-        x, class_ids, kind_ids = self.sample_batch()
-        loss = self.compute_loss(x, class_ids, kind_ids)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        if self.sync_free:
+            loss = self._sync_free_step()
+        else:
+            x, class_ids, kind_ids = self.sample_batch()
+            loss = self.compute_loss(x, class_ids, kind_ids)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        if self.sync_free:  # SGD's update ran without optimizer.step(): that is expected
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Detected call of .lr_scheduler")
+                self.scheduler.step()
+        else:
+            self.scheduler.step()
         self.step_in_epoch += 1
         self.global_step += 1
         if self.step_in_epoch == self.steps_per_epoch:
@@ -245,6 +313,119 @@ class Trainer:
             self.step_in_epoch = 0
             self.perm = None
         return loss.detach()
+
+    # --- the sync-free step: nothing waits for the device; capturable as a CUDA graph -------
+
+    def enable_sync_free(self) -> None:
+        """Train with the step that never synchronises with the device (``train.cuda_graph``
+        replays it from a CUDA graph; on any device it can run as it is).
+
+        What differs from the eager step, for the same numbers: the batch indices come from
+        the epoch's permutation by a step counter on the device; the view parameters are
+        computed on the device (`ViewAugment.forward_device`); SGD runs as foreach ops with the
+        learning rate and momentum as device tensors, filled from the host scheduler before
+        each step (a kernel launch, not a synchronisation), so the schedule, the checkpoint
+        format and resuming stay those of the eager step. Needs SGD, frozen outliers, one
+        process, no fp16 loss scaling and no torch.compile.
+        """
+        t, need = self.cfg.train, []
+        if t.optimizer != "sgd":
+            need.append("train.optimizer=sgd")
+        if self.fresh_kinds:
+            need.append("outliers.mode=frozen (fresh outliers are drawn on the host)")
+        if self.world.distributed:
+            need.append("a single process")
+        if self.amp_dtype is torch.float16:
+            need.append("train.amp none or bf16 (fp16 loss scaling syncs)")
+        if t.compile:
+            need.append("train.compile=false")
+        if need:
+            raise ConfigError("train.cuda_graph (the sync-free step) needs " + "; ".join(need))
+        self.sync_free = True
+        self._sf: dict[str, Any] | None = None
+
+    def _sync_free_setup(self) -> dict[str, Any]:
+        """Static tensors of the sync-free step (after any checkpoint was loaded)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            state = self.optimizer.state[p]
+            if state.get("momentum_buffer") is None:  # buf = m * 0 + g: SGD's first step
+                state["momentum_buffer"] = torch.zeros_like(p)
+        dev = self.device
+        return {
+            "params": params,
+            "bufs": [self.optimizer.state[p]["momentum_buffer"] for p in params],
+            "lr": torch.zeros((), device=dev),
+            "momentum": torch.zeros((), device=dev),
+            "step": torch.zeros((), dtype=torch.int64, device=dev),  # step in the epoch
+            "arange": torch.arange(self.local_batch, device=dev),
+            "perm": torch.zeros(self.samples_per_epoch, dtype=torch.int64, device=dev),
+            "perm_of": None,  # the permutation the buffer holds
+        }
+
+    def _sync_free_step(self) -> torch.Tensor:
+        if self._sf is None:
+            self._sf = self._sync_free_setup()
+        sf = self._sf
+        if self.perm is None:
+            self.perm = torch.randperm(
+                self.samples_per_epoch, generator=self.gen, device=self.device
+            )
+        if sf["perm_of"] is not self.perm:  # a new epoch, or a loaded checkpoint
+            sf["perm"].copy_(self.perm)
+            sf["step"].fill_(self.step_in_epoch)
+            sf["perm_of"] = self.perm
+        group = self.optimizer.param_groups[0]
+        sf["lr"].fill_(group["lr"])
+        sf["momentum"].fill_(group.get("momentum", 0.0))
+        if not self.cfg.train.cuda_graph:
+            return self._sync_free_body()
+        return self._graph_step()
+
+    def _sync_free_body(self) -> torch.Tensor:
+        """One step, every value on the device: what a CUDA graph captures."""
+        sf = self._sf
+        idx = sf["perm"].index_select(0, sf["step"] * self.local_batch + sf["arange"])
+        x = to_float(self.pool.images[idx], channels=self.cfg.data.channels)
+        for p in sf["params"]:
+            p.grad = None
+        loss = self.compute_loss(x, self.pool.class_ids[idx], self.pool.kind_ids[idx])
+        loss.backward()
+        # torch.optim.SGD (dampening 0, no Nesterov) with tensor lr and momentum.
+        with torch.no_grad():
+            params = sf["params"]
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            wd = self.cfg.train.weight_decay
+            if wd:
+                grads = torch._foreach_add(grads, params, alpha=wd)
+            torch._foreach_mul_(sf["bufs"], sf["momentum"])
+            torch._foreach_add_(sf["bufs"], grads)
+            torch._foreach_sub_(params, torch._foreach_mul(sf["bufs"], sf["lr"]))
+            sf["step"].add_(1)
+        return loss.detach()
+
+    def _graph_step(self) -> torch.Tensor:
+        """Warm up on a side stream (real steps), capture one step, then replay it."""
+        sf = self._sf
+        if self._graph is None:
+            if sf.setdefault("warmup", 0) < 3:
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    loss = self._sync_free_body()
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                sf["warmup"] += 1
+                return loss
+            graph = torch.cuda.CUDAGraph()
+            if hasattr(graph, "register_generator_state"):  # views drawn in the graph
+                graph.register_generator_state(self.gen)
+            for p in sf["params"]:
+                p.grad = None
+            with torch.cuda.graph(graph):
+                sf["loss"] = self._sync_free_body()
+            self._graph = graph
+        self._graph.replay()
+        return sf["loss"].clone()  # the next replay overwrites it
 
     # --- state: everything needed to continue bit for bit ---------------------------------
 
@@ -255,6 +436,9 @@ class Trainer:
             tensors[f"model.{k}"] = v
         optim_meta = split_state(self.optimizer.state_dict(), "optim", tensors)
         tensors["rng.train"] = self.gen.get_state()
+        if self.world.distributed:  # a collective: every rank calls state()
+            for r, rng in enumerate(distributed.gather_states(self.gen.get_state(), self.device)):
+                tensors[f"rng.train.rank{r}"] = rng
         if self.perm is not None:
             tensors["epoch_perm"] = self.perm
         meta = {
@@ -263,6 +447,7 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "global_step": self.global_step,
             "total_steps": self.total_steps,
+            "world_size": self.world.size,
             "finished": self.finished,
             "elapsed_s": self.elapsed,
             "epoch_loss": list(self.epoch_loss),
@@ -283,6 +468,12 @@ class Trainer:
                 f"the checkpoint was made for {meta['total_steps']} steps but this configuration "
                 f"trains {self.total_steps}; resume with the run's own config.yaml"
             )
+        saved_world = meta.get("world_size", 1)
+        if saved_world != self.world.size:
+            raise CheckpointError(
+                f"the checkpoint was made by {saved_world} process(es) but this run has "
+                f"{self.world.size}; resume with the same number (torchrun --nproc_per_node)"
+            )
         try:
             self.model.load_state_dict(prefixed(tensors, "model"))
         except RuntimeError as err:
@@ -299,10 +490,13 @@ class Trainer:
             state = self.optimizer.state.get(param, {})
             if state.get("momentum_buffer") is not None:
                 state["momentum_buffer"] = torch.empty_like(param).copy_(state["momentum_buffer"])
+        if self.sync_free:  # static tensors point at the replaced buffers: rebuild them
+            self._sf, self._graph = None, None
         self.scheduler.load_state_dict(meta["scheduler"])
         if meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
-        self.gen.set_state(tensors["rng.train"])
+        rng_key = f"rng.train.rank{self.world.rank}" if self.world.distributed else "rng.train"
+        self.gen.set_state(tensors[rng_key])
         self.perm = tensors["epoch_perm"].to(self.device) if "epoch_perm" in tensors else None
         self.epoch = meta["epoch"]
         self.step_in_epoch = meta["step_in_epoch"]
@@ -321,61 +515,77 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the end; returns a summary. Ctrl-C / SIGTERM: the step in flight finishes,
         callbacks see ``on_interrupt`` (the checkpoint is saved there), then
-        `TrainingInterrupted` (a KeyboardInterrupt)."""
+        `TrainingInterrupted` (a KeyboardInterrupt). The final save also runs with signals
+        deferred, so it is never cut in half."""
+        self._fit_begin()
+        with _deferred_signals() as stop:
+            while not self.finished:
+                self._fit_step(stop.requested is not None)
+                if self._stop_requested(stop) and not self.finished:
+                    self._fit_interrupt()
+                    raise TrainingInterrupted(stop.requested or "another process", self.global_step)
+            summary = self._fit_end()
+            if stop.requested:  # during the last step: training is complete and saved
+                raise TrainingInterrupted(stop.requested, self.global_step)
+        return summary
+
+    # The loop in pieces, so that several trainers can take turns (fit_together).
+
+    def _fit_begin(self) -> None:
         if self.global_step == 0:
             normals = self.pool.images[: self.pool.n_normal]
             self.method.on_train_start(
                 self.model, to_float(normals, channels=self.cfg.data.channels)
             )
         self.model.train()
-        views_per_step = self.cfg.train.batch_size * self.n_views
         self._emit("on_train_start")
-        loss_sum = torch.tensor(self.epoch_loss[0], device=self.device)
-        loss_n, steps_run = self.epoch_loss[1], 0  # steps_run: this session's, for the speed
+        self._loss_sum = torch.tensor(self.epoch_loss[0], device=self.device)
+        self._loss_n, self._steps_run = self.epoch_loss[1], 0  # steps_run: for the speed
         self.attack_start_loss.zero_()
-        epoch_start = time.perf_counter()
+        self._epoch_start = time.perf_counter()
         self.paused = 0.0
-        with _deferred_signals() as stop:
-            while not self.finished:
-                loss = self.train_step()
-                loss_sum += loss
-                loss_n += 1
-                steps_run += 1
-                # Checked every few steps, and always before the callbacks may save.
-                check = self.global_step % self.finite_check_every == 0
-                if check or self.step_in_epoch == 0 or stop.requested or self.finished:
-                    self._check_finite(loss_sum, loss)
-                self._emit("on_step_end")
-                if self.step_in_epoch == 0:  # an epoch just ended
-                    seconds = time.perf_counter() - epoch_start
-                    self.elapsed += seconds
-                    busy = max(seconds - self.paused, 1e-9)
-                    record = {
-                        "epoch": self.epoch,
-                        "step": self.global_step,
-                        "loss": float(loss_sum) / max(loss_n, 1),
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "views_per_s": steps_run * views_per_step / busy,
-                        "time_s": round(self.elapsed, 3),
-                        "curve_time_s": round(self.paused, 3),
-                    }
-                    if self.adversarial is not None:
-                        # "loss" is on the attacked views; this is at the attack's start point
-                        record["attack_start_loss"] = float(self.attack_start_loss) / max(loss_n, 1)
-                        self.attack_start_loss.zero_()
-                    self.epoch_loss = (0.0, 0)
-                    self._emit("on_epoch_end", record)
-                    loss_sum, loss_n, steps_run = torch.zeros((), device=self.device), 0, 0
-                    epoch_start, self.paused = time.perf_counter(), 0.0
-                if stop.requested and not self.finished:
-                    self.elapsed += time.perf_counter() - epoch_start if self.step_in_epoch else 0
-                    self.epoch_loss = (float(loss_sum), loss_n)
-                    self._emit("on_interrupt")
-                    raise TrainingInterrupted(stop.requested, self.global_step)
-            # The final save, still with signals deferred: it is never cut in half.
-            self._emit("on_train_end")
-            if stop.requested:  # during the last step: training is complete and saved
-                raise TrainingInterrupted(stop.requested, self.global_step)
+
+    def _fit_step(self, stopping: bool = False) -> None:
+        """One step and what follows it: the finiteness check, callbacks, the epoch record."""
+        loss = self.train_step()
+        self._loss_sum += loss
+        self._loss_n += 1
+        self._steps_run += 1
+        # Checked every few steps (a check syncs a GPU), and always before callbacks may save.
+        check = self.global_step % self.finite_check_every == 0
+        if check or self.step_in_epoch == 0 or stopping or self.finished:
+            self._check_finite(self._loss_sum, loss)
+        self._emit("on_step_end")
+        if self.step_in_epoch == 0:  # an epoch just ended
+            seconds = time.perf_counter() - self._epoch_start
+            self.elapsed += seconds
+            views = self._steps_run * self.cfg.train.batch_size * self.n_views
+            record = {
+                "epoch": self.epoch,
+                "step": self.global_step,
+                "loss": float(self._loss_sum) / max(self._loss_n, 1),
+                "lr": self.scheduler.get_last_lr()[0],
+                "views_per_s": views / max(seconds - self.paused, 1e-9),
+                "time_s": round(self.elapsed, 3),
+                "curve_time_s": round(self.paused, 3),
+            }
+            if self.adversarial is not None:
+                # "loss" is on the attacked views; this is at the attack's start point
+                record["attack_start_loss"] = float(self.attack_start_loss) / max(self._loss_n, 1)
+                self.attack_start_loss.zero_()
+            self.epoch_loss = (0.0, 0)
+            self._emit("on_epoch_end", record)
+            self._loss_sum, self._loss_n = torch.zeros((), device=self.device), 0
+            self._steps_run = 0
+            self._epoch_start, self.paused = time.perf_counter(), 0.0
+
+    def _fit_interrupt(self) -> None:
+        self.elapsed += time.perf_counter() - self._epoch_start if self.step_in_epoch else 0
+        self.epoch_loss = (float(self._loss_sum), self._loss_n)
+        self._emit("on_interrupt")
+
+    def _fit_end(self) -> dict[str, Any]:
+        self._emit("on_train_end")
         return {"epochs": self.epoch, "steps": self.global_step, "train_time_s": self.elapsed}
 
     def _check_finite(self, loss_sum: torch.Tensor, loss: torch.Tensor) -> None:
@@ -386,6 +596,54 @@ class Trainer:
                 f"{self.epoch}); lower train.lr or check the data. The last checkpoint (if "
                 "any) was kept; the diverged weights were not saved."
             )
+
+    def _stop_requested(self, stop) -> bool:
+        """Several processes stop after the same step: a signal to any rank stops them all."""
+        if self.world.distributed:
+            return distributed.any_rank(stop.requested is not None, self.device)
+        return stop.requested is not None
+
+
+def fit_together(trainers: list[Trainer]) -> list[dict[str, Any]]:
+    """Train several models in one process, one step of each in turn; their summaries.
+
+    Each model's numbers are those of its own ``fit()``: the trainers share nothing (each has
+    its own generator, pool, model and optimiser). On CUDA each trainer queues its work on a
+    stream of its own, so several small models keep one GPU busy where one alone leaves it
+    waiting on kernel launches (with ``train.cuda_graph`` each replays its own graph). An
+    epoch's ``views_per_s`` is then the model's share. Ctrl-C / SIGTERM: every unfinished
+    trainer saves (``on_interrupt``), then `TrainingInterrupted`. One process only.
+    """
+    if any(t.world.distributed for t in trainers):
+        raise ConfigError("training several models together runs in one process, not torchrun")
+    streams = [_own_stream(t) for t in trainers]
+    for t, stream in zip(trainers, streams, strict=True):
+        with _on_stream(stream):
+            t._fit_begin()
+    with _deferred_signals() as stop:
+        while not all(t.finished for t in trainers):
+            for t, stream in zip(trainers, streams, strict=True):
+                if not t.finished:
+                    with _on_stream(stream):
+                        t._fit_step()
+            if stop.requested:
+                for t in trainers:
+                    if not t.finished:
+                        t._fit_interrupt()
+                raise TrainingInterrupted(stop.requested, max(t.global_step for t in trainers))
+        return [t._fit_end() for t in trainers]  # final saves, with signals still deferred
+
+
+def _own_stream(trainer: Trainer):
+    if trainer.device.type != "cuda":
+        return None
+    stream = torch.cuda.Stream(trainer.device)
+    stream.wait_stream(torch.cuda.current_stream(trainer.device))  # the pool and weights
+    return stream
+
+
+def _on_stream(stream):
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 class _StopFlag:

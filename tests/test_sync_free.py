@@ -1,0 +1,116 @@
+"""The sync-free training step (what `train.cuda_graph` captures) computes what the eager step
+computes; several one-class models trained together equal each trained alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from firmad.augment import ViewAugment
+from firmad.config import load_config
+from firmad.errors import ConfigError
+from firmad.training import Trainer
+
+# Two epochs of 3 steps: an epoch boundary (a new permutation) and the OneCycle warm-up, with
+# jitter, blur and flips all on. A small learning rate: at 0.01 this tiny net amplifies rounding
+# differences (another summation order) to 5e-4 within 3 steps.
+STEPS = [
+    "train.lr=0.001",
+    "train.epochs=2",
+    "train.steps_per_epoch=3",
+    "train.threads=1",
+    "augment.blur_p=0.75",
+    "augment.hflip_p=0.5",
+    "augment.jitter_p=0.8",
+]
+
+
+@pytest.mark.parametrize("C", [1, 3])
+def test_device_view_parameters_equal_the_host_ones(C):
+    aug = ViewAugment(size=16, hflip_p=0.5, grayscale_p=0.3, jitter_p=0.7, ratio=(0.75, 1.33))
+    x = torch.rand(9, C, 20, 20)
+    g_host, g_dev = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for _ in range(3):
+        params, order = aug.sample_params(tuple(x.shape), g_host)
+        params_dev, slots = aug.sample_params_device(tuple(x.shape), g_dev)
+        assert torch.equal(params, params_dev)
+        assert torch.equal(
+            aug.apply_params(x, params, order), aug.apply_params_slots(x, params, slots)
+        )
+
+
+def test_sync_free_step_gives_the_eager_weights(tiny):
+    torch.set_num_threads(1)
+    cfg = load_config("fmnist-cpu", tiny + STEPS)
+    eager, sync_free = Trainer(cfg), Trainer(cfg)
+    sync_free.enable_sync_free()
+    losses = [(float(eager.train_step()), float(sync_free.train_step())) for _ in range(6)]
+    assert [a for a, _ in losses] == pytest.approx([b for _, b in losses], rel=1e-4)
+    for (name, a), b in zip(
+        eager.model.state_dict().items(), sync_free.model.state_dict().values(), strict=True
+    ):
+        if a.is_floating_point():
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+    # The optimiser state is SGD's, so checkpoints and resuming are the eager step's.
+    m_eager = eager.optimizer.state_dict()["state"][0]["momentum_buffer"]
+    m_free = sync_free.optimizer.state_dict()["state"][0]["momentum_buffer"]
+    torch.testing.assert_close(m_free, m_eager, rtol=1e-3, atol=1e-4)
+
+
+def test_cuda_graph_is_a_clear_error_without_cuda(tiny):
+    with pytest.raises(ConfigError, match="CUDA"):
+        load_config("fmnist-cpu", tiny + ["train.cuda_graph=true"])  # device=cpu
+    if not torch.cuda.is_available():
+        cfg = load_config("fmnist-cpu", [*tiny, "train.device=auto", "train.cuda_graph=true"])
+        with pytest.raises(ConfigError, match="CUDA device"):
+            Trainer(cfg)
+    trainer = Trainer(load_config("fmnist-cpu", tiny + ["outliers.mode=fresh"]))
+    with pytest.raises(ConfigError, match="frozen"):
+        trainer.enable_sync_free()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_step_equals_the_eager_sync_free_step(tiny):
+    over = [s for s in tiny + STEPS if not s.startswith("train.device")] + ["train.device=cuda"]
+    cfg_graph = load_config("fmnist-cpu", over + ["train.cuda_graph=true", "train.epochs=4"])
+    cfg = load_config("fmnist-cpu", over + ["train.epochs=4"])
+    graphed, eager = Trainer(cfg_graph), Trainer(cfg)
+    eager.enable_sync_free()
+    for _ in range(12):  # 3 warm-up steps, the capture, replays across epochs
+        torch.testing.assert_close(graphed.train_step(), eager.train_step(), rtol=1e-4, atol=1e-5)
+    for a, b in zip(graphed.model.parameters(), eager.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_two_models_trained_together_equal_each_trained_alone(tiny):
+    from firmad.training import fit_together
+
+    torch.set_num_threads(1)
+    cfgs = [load_config("fmnist-cpu", tiny + [f"data.normal_class={c}"]) for c in (0, 1)]
+    together = [Trainer(c) for c in cfgs]
+    summaries = fit_together(together)
+    assert [s["steps"] for s in summaries] == [8, 8]
+    for cfg, mixed in zip(cfgs, together, strict=True):
+        alone = Trainer(cfg)
+        alone.fit()
+        for (name, a), b in zip(
+            alone.model.state_dict().items(), mixed.model.state_dict().values(), strict=True
+        ):
+            assert torch.equal(a, b), name
+
+
+def test_cli_trains_several_classes_in_one_process(tmp_path, tiny):
+    import json
+
+    from firmad.cli import main
+
+    sets = [a for s in tiny + ["train.epochs=1"] for a in ("--set", s)]
+    out = tmp_path / "runs"
+    args = ["-q", "train", "--config", "fmnist-cpu", "--classes", "0,Trouser", "--out", str(out)]
+    assert main([*args, "--no-eval", *sets]) == 0
+    for name, cls in (("c0", 0), ("cTrouser", 1)):
+        meta = json.loads((out / name / "checkpoint.json").read_text())
+        assert meta["finished"] and meta["config"]["data"]["normal_class"] in (cls, "Trouser")
+    # Resuming finished runs evaluates them.
+    assert main(["-q", "train", "--resume", "--out", str(out), "--classes", "0,Trouser"]) == 0
+    assert (out / "c0" / "results.json").exists() and (out / "cTrouser" / "results.json").exists()
