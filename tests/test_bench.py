@@ -101,12 +101,17 @@ def test_every_state_of_a_cell_has_its_own_status(tmp_path):
     result = {"method": "firm", "normal_class_names": ["t"], "results": [{"auroc": 0.9}]}
     (cells[0].run_dir / "results.json").write_text(json.dumps(result))
     (cells[1].run_dir / "error.json").write_text(json.dumps({"error": "boom"}))
-    (cells[2].run_dir / "checkpoint.json").write_text(json.dumps({"finished": False}))
+    meta = {"format": "firmad-checkpoint-1", "epoch": 1, "global_step": 3, "finished": False}
+    (cells[2].run_dir / "checkpoint.json").write_text(json.dumps(meta))
     (cells[3].run_dir / "config.yaml").write_text("name: x\n")  # started, never checkpointed
     rows = collect_rows(cells, running={cells[4].key})
     assert [r["status"] for r in rows] == ["done", "failed", "interrupted", "pending", "running"]
     assert rows[1]["error"] == "boom" and rows[0]["auroc"] == 0.9
     assert [r["status"] for r in collect_rows(cells)][4] == "pending"
+    # A damaged checkpoint cannot be resumed: the cell is failed, with the reason.
+    (cells[2].run_dir / "checkpoint.json").write_text(json.dumps({"finished": False}))
+    row = collect_rows(cells)[2]
+    assert row["status"] == "failed" and "damaged" in row["error"]
 
 
 def test_bad_executor_options_are_refused(tmp_path):
