@@ -31,7 +31,10 @@ def main(root: Path) -> str:
             cells.append("–" if r is None else f"{100 * r['auroc']:.1f} [{100 * r['ci_low']:.1f}, "
                          f"{100 * r['ci_high']:.1f}]")  # fmt: skip
         failed = [v["name"] for v in result["verdicts"] if not v["passed"]]
-        checks = "passed" if not failed else "failed: " + ", ".join(failed)
+        if not result["verdicts"]:
+            checks = "not run"
+        else:
+            checks = "passed" if not failed else "failed: " + ", ".join(failed)
         lines.append(
             f"| {cell.parent.name} | {d.get('method')} {d.get('backbone')} {d.get('scorer')} | "
             f"{d.get('params', 0):,} | {d.get('flops', 0) / 1e6:.0f} | "
