@@ -326,7 +326,7 @@ class Trainer:
         learning rate and momentum as device tensors, filled from the host scheduler before
         each step (a kernel launch, not a synchronisation), so the schedule, the checkpoint
         format and resuming stay those of the eager step. Needs SGD, frozen outliers, one
-        process, no fp16 loss scaling and no torch.compile.
+        process, no fp16 loss scaling, no torch.compile and no adversarial training.
         """
         t, need = self.cfg.train, []
         if t.optimizer != "sgd":
@@ -339,6 +339,8 @@ class Trainer:
             need.append("train.amp none or bf16 (fp16 loss scaling syncs)")
         if t.compile:
             need.append("train.compile=false")
+        if self.adversarial is not None:
+            need.append("adversarial.enabled=false (not checked for host syncs)")
         if need:
             raise ConfigError("train.cuda_graph (the sync-free step) needs " + "; ".join(need))
         self.sync_free = True
@@ -627,11 +629,20 @@ def fit_together(trainers: list[Trainer]) -> list[dict[str, Any]]:
                     with _on_stream(stream):
                         t._fit_step()
             if stop.requested:
+                _join(trainers, streams)  # saves read the weights on the default stream
                 for t in trainers:
                     if not t.finished:
                         t._fit_interrupt()
                 raise TrainingInterrupted(stop.requested, max(t.global_step for t in trainers))
+        _join(trainers, streams)  # the final saves and the caller's evaluation come after
         return [t._fit_end() for t in trainers]  # final saves, with signals still deferred
+
+
+def _join(trainers: list[Trainer], streams: list) -> None:
+    """The default stream waits for each trainer's stream (CUDA)."""
+    for t, stream in zip(trainers, streams, strict=True):
+        if stream is not None:
+            torch.cuda.current_stream(t.device).wait_stream(stream)
 
 
 def _own_stream(trainer: Trainer):
