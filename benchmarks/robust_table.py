@@ -39,9 +39,7 @@ def main(root: Path) -> str:
             f"| {cell.parent.name} | {d.get('method')} {d.get('backbone')} {d.get('scorer')} | "
             f"{d.get('params', 0):,} | {d.get('flops', 0) / 1e6:.0f} | "
             f"{'yes' if d.get('adversarial_training') else 'no'} | "
-            f"{100 * result['clean']['auroc']:.1f} | "
-            + " | ".join(cells)
-            + f" | {checks} |"
+            f"{100 * result['clean']['auroc']:.1f} | " + " | ".join(cells) + f" | {checks} |"
         )
     return "\n".join(lines)
 
