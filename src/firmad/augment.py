@@ -486,6 +486,12 @@ class ViewAugment(nn.Module):
         if do_jitter:
             out = color_jitter(out, params[:, i : i + 4], order)
             i += 4
+        return self._gray_and_blur(out, params, i, do_gray, do_blur)
+
+    def _gray_and_blur(
+        self, out: Tensor, params: Tensor, i: int, do_gray: bool, do_blur: bool
+    ) -> Tensor:
+        """The last two stages, from the parameter columns starting at ``i``."""
         if do_gray:
             flag = params[:, i].view(-1, 1, 1, 1)
             out = torch.lerp(out, grayscale(out).expand_as(out), flag)
@@ -594,13 +600,7 @@ class ViewAugment(nn.Module):
                     op = _COLOR_OPS[k](before, factors[:, k])
                     out = torch.where(slots[slot] == k, op, out)
             i += 4
-        if do_gray:
-            flag = params[:, i].view(-1, 1, 1, 1)
-            out = torch.lerp(out, grayscale(out).expand_as(out), flag)
-            i += 1
-        if do_blur:
-            out = _blur(out, params[:, i : i + self.blur_kernel])
-        return out
+        return self._gray_and_blur(out, params, i, do_gray, do_blur)
 
     def forward_device(
         self,
