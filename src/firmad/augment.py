@@ -203,13 +203,7 @@ def _rrc_boxes(
     w = np.take_along_axis(w, first, 1)[:, 0]
     h = np.take_along_axis(h, first, 1)[:, 0]
     # Fallback: the whole image cut to the closest allowed aspect ratio, centred.
-    in_ratio = W / H
-    if in_ratio < min(ratio):
-        fw, fh = W, int(round(W / min(ratio)))
-    elif in_ratio > max(ratio):
-        fw, fh = int(round(H * max(ratio))), H
-    else:
-        fw, fh = W, H
+    fw, fh = _fallback_size(H, W, ratio)
     w = np.where(any_ok, w, fw)
     h = np.where(any_ok, h, fh)
     top = np.minimum(np.floor(u[:, 20] * (H - h + 1)), H - h)
@@ -217,6 +211,17 @@ def _rrc_boxes(
     top = np.where(any_ok, top, np.round((H - h) / 2))
     left = np.where(any_ok, left, np.round((W - w) / 2))
     return np.stack((top, left, h, w), axis=1)
+
+
+def _fallback_size(H: int, W: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    """(w, h) of the whole image cut to the closest allowed aspect ratio (torchvision's
+    fallback when no random box fits)."""
+    in_ratio = W / H
+    if in_ratio < min(ratio):
+        return W, int(round(W / min(ratio)))
+    if in_ratio > max(ratio):
+        return int(round(H * max(ratio))), H
+    return W, H
 
 
 def _crop_coords(
@@ -271,13 +276,7 @@ def _rrc_boxes_t(
     any_ok = ok.any(dim=1)
     w = torch.gather(w, 1, first)[:, 0]
     h = torch.gather(h, 1, first)[:, 0]
-    in_ratio = W / H
-    if in_ratio < min(ratio):
-        fw, fh = W, int(round(W / min(ratio)))
-    elif in_ratio > max(ratio):
-        fw, fh = int(round(H * max(ratio))), H
-    else:
-        fw, fh = W, H
+    fw, fh = _fallback_size(H, W, ratio)
     w = torch.where(any_ok, w, float(fw))
     h = torch.where(any_ok, h, float(fh))
     top = torch.minimum(torch.floor(u[:, 20] * (H - h + 1)), H - h)
