@@ -625,7 +625,7 @@ def _train_only_split(images: torch.Tensor, dataset: str) -> OneClassSplit:
 
 
 def _progress():
-    from firmad.pipeline import progress_bar
+    from firmad.training.callbacks import progress_bar
 
     return progress_bar()
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from firmad.config import RunConfig, check_scorer, config_from_dict, parse_scorer
 from firmad.data import OneClassSplit
@@ -33,6 +32,7 @@ from firmad.training import (
     Trainer,
     distributed,
 )
+from firmad.training.callbacks import progress_bar
 
 # Keys that may differ between a stored run and the options given to resume it.
 RESUMABLE_CHANGES = ("train.device", "train.threads")
@@ -45,17 +45,6 @@ def default_run_dir(cfg: RunConfig) -> Path:
     tag = "-".join(map(str, classes)) if isinstance(classes, list) else str(classes)
     name = f"{cfg.data.dataset}-c{tag}-{cfg.method.name}-s{cfg.train.seed}"
     return Path("runs") / safe_component(cfg.name) / safe_component(name)
-
-
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} steps"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-    )
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
@@ -424,16 +413,10 @@ def _merge_results(path: Path, new: list[dict], step: int | None) -> list[dict]:
     return [r for r in old.get("results", []) if key(r) not in fresh] + new
 
 
-def load_run_config(run_dir: Path) -> RunConfig:
-    return RunDir(run_dir).read_config()
-
-
 __all__ = [
     "config_changes",
-    "config_from_dict",
     "default_run_dir",
     "evaluate_run",
-    "load_run_config",
     "train_run",
     "train_runs",
 ]

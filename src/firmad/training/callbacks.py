@@ -134,6 +134,26 @@ class LearningCurve(Callback):
         trainer.paused += time.perf_counter() - tic
 
 
+def progress_bar():
+    """The rich progress bar of a training run: steps, elapsed and remaining time, info."""
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )  # fmt: skip
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
+
+
 class ProgressBar(Callback):
     """Updates a rich Progress task with the step count, loss, learning rate and speed."""
 
