@@ -24,6 +24,8 @@ def test_study_runs_every_stage_and_resumes(tmp_path, capsys):
         "construct_n": 8,
         "inversion_steps": 3,
         "nonrobust_steps": 2,
+        "binary_recipe": "fmnist-cpu-binary",
+        "binary_steps": 2,
         "attack_eps": [0.0, 0.03],
         "attack_steps": 2,
         "attack_subset": 40,
@@ -47,8 +49,20 @@ def test_study_runs_every_stage_and_resumes(tmp_path, capsys):
     for row in entry["sets"].values():
         assert 0.0 <= row["clean_auroc"] <= 1.0
     assert any("held out" in k for k in entry["drift"]["standard"][0])
-    # constructed sets are npz datasets with their settings beside them
+    assert set(entry["binary"]) == {"D", "D_det", "D_rand"} and "D_det" in printed
+    # D_det: every normal and every outlier relabelled with the other label; the outlier part
+    # is the npz that trained the fresh classifier's outlier side
     sets = out / "resnet_small@0.25" / "sets"
+    d_det = load_dataset(f"npz:{sets / 'D_det.npz'}", split="train")
+    assert len(d_det) == 16 and int(d_det.labels.sum()) == 8
+    assert json.loads((sets / "D_det.json").read_text())["share_relabelled"] == 1.0
+    assert len(load_dataset(f"npz:{sets / 'D_det-outliers.npz'}", split="train")) == 8
+    rand = json.loads((sets / "D_rand.json").read_text())
+    assert 0.0 < rand["share_relabelled"] < 1.0
+    det_cfg = json.loads((out / "resnet_small@0.25" / "detectors" / "binary-on_D_det" /
+                          "detector.json").read_text())
+    assert "D_det-outliers.npz" in json.dumps(det_cfg)
+    # constructed sets are npz datasets with their settings beside them
     d_r = load_dataset(f"npz:{sets / 'D_R.npz'}", split="train")
     assert len(d_r) == 8 and d_r.images.dtype.is_floating_point is False
     meta = json.loads((sets / "D_R.json").read_text())

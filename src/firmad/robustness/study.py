@@ -50,6 +50,7 @@ from firmad.robustness.evaluate import robust_auroc_sweep, stratified_subset
 from firmad.robustness.probes import texture_probe
 
 SETS = ("D", "D_R", "D_NR", "D_NRonly")
+BINARY_SETS = ("D_det", "D_rand")
 
 
 class StudyConfig(BaseModel):
@@ -72,6 +73,14 @@ class StudyConfig(BaseModel):
     nonrobust_eps: float = Field(0.5, gt=0)  # L2
     nonrobust_steps: int = Field(100, ge=1)
     nonrobust_step_size: float = Field(0.1, gt=0)
+    # The binary detector's non-robust-only sets (Ilyas et al.'s D_det / D_rand): normals and
+    # their synthetic outliers, each pushed by targeted L2 PGD to the other label (D_det) or to
+    # a random one (D_rand) under a binary classifier trained with this recipe, then relabelled
+    # with the target. None: skip them.
+    binary_recipe: str | None = None
+    binary_eps: float = Field(0.5, gt=0)  # L2
+    binary_steps: int = Field(100, ge=1)
+    binary_step_size: float = Field(0.1, gt=0)
     attack_norm: Literal["linf", "l2"] = "linf"
     attack_eps: list[float] = Field(default_factory=lambda: [0.0, 2 / 255, 4 / 255, 8 / 255])
     attack_steps: int = Field(100, ge=1)
@@ -145,6 +154,80 @@ class Study:
         det.calibration_ = {"train_s": round(time.perf_counter() - tic, 1)}
         det.save(path)
         return det
+
+    def binary_detector(
+        self, backbone: str, kind: str, images: torch.Tensor | None = None, exposure=None
+    ):
+        """Train (or load) a binary classifier (normal vs outliers): kind "standard" (the
+        recipe's synthetic outliers) or "on_<set>" (the set's images labelled outlier, given
+        as an npz outlier-exposure source)."""
+        from firmad.detector import OneClassDetector
+
+        path = self.out / backbone / "detectors" / f"binary-{kind}"
+        if (path / "detector.json").exists():
+            return OneClassDetector.load(path)
+        extra = [] if exposure is None else [f"outliers.exposure=npz:{exposure}"]
+        det = OneClassDetector(
+            recipe=self.cfg.binary_recipe,
+            scorer="own",
+            k=None,
+            overrides=[*self.cfg.set, *_backbone_overrides(backbone), *extra],
+        )
+        self.log(f"[{backbone}] training the binary {kind} detector")
+        tic = time.perf_counter()
+        det.fit(self.train_u8 if images is None else images)
+        det.calibration_ = {"train_s": round(time.perf_counter() - tic, 1)}
+        det.save(path)
+        return det
+
+    def binary_constructed(self, backbone: str, name: str, det_bin) -> tuple[torch.Tensor, Path]:
+        """D_det / D_rand: the normal images of the set and the npz of its outlier images."""
+        path = self.out / backbone / "sets" / f"{name}.npz"
+        outliers_path = path.with_name(f"{name}-outliers.npz")
+        if not (path.with_suffix(".json").exists() and outliers_path.with_suffix(".json").exists()):
+            self._build_binary_set(backbone, name, det_bin, path, outliers_path)
+        data = load_dataset(f"npz:{path}", split="train")
+        return data.images[data.labels == 0], outliers_path
+
+    def _build_binary_set(self, backbone, name, det_bin, path: Path, outliers_path: Path) -> None:
+        from firmad.outliers import apply_kinds, parse_outliers
+
+        c = self.cfg
+        normals = self.train_u8[self.construct_idx].float() / 255
+        gen = torch.Generator().manual_seed(c.seed + (11 if name == "D_det" else 13))
+        bin_cfg = det_bin.config_
+        kinds = parse_outliers(bin_cfg.outliers.kinds or ["rot90", "rot180", "rot270"])
+        kind_ids = torch.randint(1, len(kinds) + 1, (len(normals),), generator=gen)
+        source = torch.cat([normals, apply_kinds(normals, kind_ids, kinds, gen)])
+        label = torch.cat([torch.zeros(len(normals)), torch.ones(len(normals))]).long()
+        if name == "D_det":
+            target = 1 - label
+        else:
+            target = torch.randint(0, 2, (len(source),), generator=gen)
+        self.log(f"[{backbone}] building {name}: {len(source)} images pushed to their target")
+        tic = time.perf_counter()
+        # pgd raises the score of label 0 and lowers that of label 1: to reach target t, give
+        # label 1 - t (target "outlier" = a higher logit).
+        images = pgd(
+            det_bin, source, 1 - target, eps=c.binary_eps, norm="l2", steps=c.binary_steps,
+            step_size=c.binary_step_size, targets="both", seed=c.seed, batch_size=c.batch_size,
+        )  # fmt: skip
+        after = score(det_bin, images, c.batch_size)
+        reached = ((after > 0).long() == target).float()
+        meta = {
+            "set": name, "backbone": backbone, "n": len(source),
+            "share_target_reached": float(reached.mean()),
+            "share_relabelled": float((target != label).float().mean()),
+            "seconds": round(time.perf_counter() - tic, 1), "settings": c.model_dump(),
+        }  # fmt: skip
+        save_constructed(outliers_path, images[target == 1], target[target == 1], meta)
+        save_constructed(path, images, target, meta, classes=["normal", "outlier"])
+        show = torch.cat([torch.arange(4), len(normals) + torch.arange(4)])
+        sample_grid_png(
+            path.with_suffix(".png"),
+            {"original": source[show], name: images[show],
+             "perturbation": centre_perturbation(images[show] - source[show])},
+        )  # fmt: skip
 
     def constructed(self, backbone: str, name: str, det_std, det_rob) -> torch.Tensor:
         """The images of a constructed set (built once, then read from its npz)."""
@@ -271,6 +354,16 @@ class Study:
                 images = self.constructed(backbone, name, std, rob)
                 det = self.detector(backbone, f"on_{name}", images)
                 entry["sets"][name] = _summary(det, self.evaluate(det, backbone, f"on_{name}"))
+            if self.cfg.binary_recipe:
+                det_bin = self.binary_detector(backbone, "standard")
+                entry["binary"] = {
+                    "D": _summary(det_bin, self.evaluate(det_bin, backbone, "binary-standard"))
+                }
+                for name in BINARY_SETS:
+                    normals, outliers = self.binary_constructed(backbone, name, det_bin)
+                    det = self.binary_detector(backbone, f"on_{name}", normals, outliers)
+                    sweep = self.evaluate(det, backbone, f"binary-on_{name}")
+                    entry["binary"][name] = _summary(det, sweep)
             results["backbones"][backbone] = entry
         results["wall_time_s"] = round(time.perf_counter() - tic, 1)
         atomic_write_json(self.out / "study.json", results)
@@ -319,6 +412,20 @@ def study_markdown(results: dict[str, Any]) -> str:
         ]:
             cells = " | ".join(f"{100 * row['robust'][str(e)][0]:.1f}" for e in eps)
             lines.append(f"| {backbone} | {name} | {100 * row['clean_auroc']:.1f} | {cells} |")
+    binary = [(b, e["binary"]) for b, e in results["backbones"].items() if "binary" in e]
+    if binary:
+        lines += [
+            "",
+            f"## Binary classifiers ({s['binary_recipe']}) trained on D, D_det and D_rand, "
+            "tested on the original test set (AUROC %)",
+            "",
+            f"| backbone | training set | clean | {head} |",
+            "|---|---|---:|" + "---:|" * len(eps),
+        ]
+        for backbone, sets in binary:
+            for name, row in sets.items():
+                cells = " | ".join(f"{100 * row['robust'][str(e)][0]:.1f}" for e in eps)
+                lines.append(f"| {backbone} | {name} | {100 * row['clean_auroc']:.1f} | {cells} |")
     lines += ["", "## Texture probe (AUROC %)", ""]
     for backbone, entry in results["backbones"].items():
         std, rob = entry["probe"]["standard"], entry["probe"]["robust"]
