@@ -59,8 +59,9 @@ def test_study_runs_every_stage_and_resumes(tmp_path, capsys):
     assert len(load_dataset(f"npz:{sets / 'D_det-outliers.npz'}", split="train")) == 8
     rand = json.loads((sets / "D_rand.json").read_text())
     assert 0.0 < rand["share_relabelled"] < 1.0
-    det_cfg = json.loads((out / "resnet_small@0.25" / "detectors" / "binary-on_D_det" /
-                          "detector.json").read_text())
+    det_cfg = json.loads(
+        (out / "resnet_small@0.25" / "detectors" / "binary-on_D_det" / "detector.json").read_text()
+    )
     assert "D_det-outliers.npz" in json.dumps(det_cfg)
     # constructed sets are npz datasets with their settings beside them
     d_r = load_dataset(f"npz:{sets / 'D_R.npz'}", split="train")
