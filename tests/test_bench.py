@@ -86,6 +86,24 @@ def test_bad_grid_is_rejected_before_work(tmp_path):
         read_grid(path)
 
 
+def test_backbones_axis_crosses_every_recipe(tmp_path):
+    from firmad.bench import cell_command, plan_cells
+
+    grid = read_grid(_grid(tmp_path, backbones=["lenet", "resnet_small@0.25"], classes=[0]))
+    cells = plan_cells(grid, tmp_path / "o")
+    assert [c.key for c in cells] == [
+        "fmnist-cpu+lenet/fashion-mnist-c0-s0",
+        "fmnist-cpu+resnet_small-0.25/fashion-mnist-c0-s0",
+        "fmnist-cpu-ntxent+lenet/fashion-mnist-c0-s0",
+        "fmnist-cpu-ntxent+resnet_small-0.25/fashion-mnist-c0-s0",
+    ]
+    assert len({c.run_dir for c in cells}) == 4
+    cmd = " ".join(cell_command(cells[1], grid, "new"))
+    assert "model.backbone=resnet_small" in cmd and "model.width=0.25" in cmd
+    with pytest.raises(ConfigError, match="backbone"):
+        plan_cells(read_grid(_grid(tmp_path, backbones=["no_such_net"])), tmp_path / "p")
+
+
 def _cells(tmp_path, n=5):
     from firmad.bench import Cell
 

@@ -44,6 +44,8 @@ class GridConfig:
     datasets: list[str] | None = None  # None: each recipe's own dataset
     classes: list[int | str] | str = "all"
     seeds: list[int] = field(default_factory=lambda: [0])
+    # Backbones to cross with every recipe ("name" or "name@width"); None: each recipe's own.
+    backbones: list[str] | None = None
     set: list[str] = field(default_factory=list)  # overrides applied to every cell
     headline: str = "knn_cos:k=5"  # the scorer of the main table
     curve_reference: str | None = None  # learning-curve target; default: the NT-Xent recipe
@@ -58,10 +60,22 @@ class Cell:
     normal_class: int
     seed: int
     run_dir: Path
+    backbone: str | None = None  # from the grid's `backbones` axis
+
+    @property
+    def label(self) -> str:
+        """The row name in tables: the recipe, plus the backbone where the grid crosses them."""
+        return _slug(self.recipe) + (f"+{safe_component(self.backbone)}" if self.backbone else "")
 
     @property
     def key(self) -> str:
-        return f"{self.recipe}/{self.dataset}-c{self.normal_class}-s{self.seed}"
+        return f"{self.label}/{self.dataset}-c{self.normal_class}-s{self.seed}"
+
+    def backbone_overrides(self) -> list[str]:
+        if not self.backbone:
+            return []
+        name, _, width = self.backbone.partition("@")
+        return [f"model.backbone={name}"] + ([f"model.width={width}"] if width else [])
 
 
 def read_grid(path: Path) -> GridConfig:
@@ -81,9 +95,10 @@ def read_grid(path: Path) -> GridConfig:
 def plan_cells(grid: GridConfig, out_dir: Path) -> list[Cell]:
     """All cells, validated up front: a bad recipe or class fails before any training starts."""
     cells = []
-    for recipe in grid.recipes:
+    for recipe, backbone in [(r, b) for r in grid.recipes for b in grid.backbones or [None]]:
         extra = [f"data.root={grid.root}"] if grid.root else []
-        cfg = load_config(recipe, grid.set + extra)
+        probe = Cell(recipe, "", 0, 0, out_dir, backbone)
+        cfg = load_config(recipe, grid.set + extra + probe.backbone_overrides())
         for dataset in grid.datasets or [cfg.data.dataset]:
             info = describe(dataset, grid.root)
             names = [r["name"].lower() for r in info]
@@ -96,8 +111,8 @@ def plan_cells(grid: GridConfig, out_dir: Path) -> list[Cell]:
             for c in classes:
                 for seed in grid.seeds:
                     cell_name = safe_component(f"{dataset}-c{c}-s{seed}")
-                    run_dir = out_dir / _slug(recipe) / cell_name
-                    cells.append(Cell(recipe, dataset, c, seed, run_dir))
+                    run_dir = out_dir / probe.label / cell_name
+                    cells.append(Cell(recipe, dataset, c, seed, run_dir, backbone))
     return cells
 
 
@@ -128,7 +143,7 @@ def cell_command(cell: Cell, grid: GridConfig, state: str) -> list[str]:
     if state == "partial":
         return firmad + ["train", "--out", str(cell.run_dir), "--resume"]
     # New, or started but never checkpointed: `firmad train` starts it (again).
-    overrides = grid.set + [
+    overrides = grid.set + cell.backbone_overrides() + [
         f"data.dataset={cell.dataset}",
         f"data.normal_class={cell.normal_class}",
         f"train.seed={cell.seed}",
@@ -436,7 +451,7 @@ def collect_rows(cells: list[Cell], running: set[str] | frozenset = frozenset())
     rows = []
     for cell in cells:
         base = {
-            "recipe": _slug(cell.recipe),
+            "recipe": cell.label,
             "dataset": cell.dataset,
             "normal_class": cell.normal_class,
             "seed": cell.seed,
@@ -524,7 +539,7 @@ def _mean_std(values: list[float]) -> str:
 
 def bench_markdown(grid: GridConfig, cells: list[Cell], rows: list[dict[str, Any]]) -> str:
     done = [r for r in rows if r["status"] == "done"]
-    recipes = list(dict.fromkeys(_slug(c.recipe) for c in cells))
+    recipes = list(dict.fromkeys(c.label for c in cells))
     lines = [f"# Benchmark grid: {grid.name}", ""]
     n_done = len({(r["recipe"], r["dataset"], r["normal_class"], r["seed"]) for r in done})
     failed = [r for r in rows if r["status"] == "failed"]
@@ -655,7 +670,7 @@ def plot_bench(out_dir: Path, grid: GridConfig, cells: list[Cell], rows: list[di
     ]
     if not head:
         return
-    recipes = list(dict.fromkeys(_slug(c.recipe) for c in cells))
+    recipes = list(dict.fromkeys(c.label for c in cells))
     classes = list(dict.fromkeys((c.dataset, c.normal_class) for c in cells))
     fig, ax = plt.subplots(figsize=(max(6, len(classes) * 0.9), 4))
     width = 0.8 / len(recipes)
@@ -691,7 +706,7 @@ def learning_curves(cells: list[Cell]) -> dict[str, tuple[list[float], list[floa
         if not path.exists():
             continue
         for point in json.loads(path.read_text()).get("learning_curve", []):
-            per_epoch = points.setdefault(_slug(cell.recipe), {})
+            per_epoch = points.setdefault(cell.label, {})
             per_epoch.setdefault(point["epoch"], []).append(point["auroc"])
     return {
         rec: (sorted(pts), [float(np.mean(pts[e])) for e in sorted(pts)])
