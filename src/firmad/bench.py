@@ -143,11 +143,15 @@ def cell_command(cell: Cell, grid: GridConfig, state: str) -> list[str]:
     if state == "partial":
         return firmad + ["train", "--out", str(cell.run_dir), "--resume"]
     # New, or started but never checkpointed: `firmad train` starts it (again).
-    overrides = grid.set + cell.backbone_overrides() + [
-        f"data.dataset={cell.dataset}",
-        f"data.normal_class={cell.normal_class}",
-        f"train.seed={cell.seed}",
-    ]
+    overrides = (
+        grid.set
+        + cell.backbone_overrides()
+        + [
+            f"data.dataset={cell.dataset}",
+            f"data.normal_class={cell.normal_class}",
+            f"train.seed={cell.seed}",
+        ]
+    )
     if grid.root:
         overrides.append(f"data.root={grid.root}")
     cmd = firmad + ["train", "--out", str(cell.run_dir), "--config", cell.recipe]
