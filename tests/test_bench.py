@@ -100,8 +100,11 @@ def test_backbones_axis_crosses_every_recipe(tmp_path):
     assert len({c.run_dir for c in cells}) == 4
     cmd = " ".join(cell_command(cells[1], grid, "new"))
     assert "model.backbone=resnet_small" in cmd and "model.width=0.25" in cmd
+    assert "model.width=1.0" in " ".join(cell_command(cells[0], grid, "new"))  # lenet
     with pytest.raises(ConfigError, match="backbone"):
         plan_cells(read_grid(_grid(tmp_path, backbones=["no_such_net"])), tmp_path / "p")
+    with pytest.raises(ConfigError, match="fixed width"):  # refused before any cell runs
+        plan_cells(read_grid(_grid(tmp_path, backbones=["lenet@0.5"])), tmp_path / "q")
 
 
 def _cells(tmp_path, n=5):

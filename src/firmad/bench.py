@@ -44,7 +44,8 @@ class GridConfig:
     datasets: list[str] | None = None  # None: each recipe's own dataset
     classes: list[int | str] | str = "all"
     seeds: list[int] = field(default_factory=lambda: [0])
-    # Backbones to cross with every recipe ("name" or "name@width"); None: each recipe's own.
+    # Backbones to cross with every recipe ("name" or "name@width"; without a width a ResNet
+    # keeps the recipe's, the fixed-width nets take 1.0); None: each recipe's own.
     backbones: list[str] | None = None
     set: list[str] = field(default_factory=list)  # overrides applied to every cell
     headline: str = "knn_cos:k=5"  # the scorer of the main table
@@ -74,7 +75,11 @@ class Cell:
     def backbone_overrides(self) -> list[str]:
         if not self.backbone:
             return []
+        from firmad.models import WIDTH_SCALABLE
+
         name, _, width = self.backbone.partition("@")
+        if not width and name not in WIDTH_SCALABLE:
+            width = "1.0"  # a fixed-width net in a grid whose recipes narrow the ResNets
         return [f"model.backbone={name}"] + ([f"model.width={width}"] if width else [])
 
 

@@ -488,7 +488,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
 def _check_values(cfg: RunConfig) -> None:
     """Names from registries and module settings, checked before any work starts."""
     from firmad.augment import check_view_settings
-    from firmad.models import BACKBONES
+    from firmad.models import BACKBONES, check_width
     from firmad.models.heads import check_head_settings
     from firmad.outliers import parse_outliers
 
@@ -497,6 +497,7 @@ def _check_values(cfg: RunConfig) -> None:
         raise ConfigError(
             f"model.backbone: unknown backbone {m.backbone!r}; choose from {', '.join(BACKBONES)}"
         )
+    check_width(m.backbone, m.width)
     check_head_settings(hidden=m.head_hidden, out_dim=m.head_out, depth=m.head_depth)
     o = cfg.outliers
     if o.kinds:

@@ -3,9 +3,11 @@
 from firmad.models.backbones import (
     BACKBONES,
     NORMALISATION,
+    WIDTH_SCALABLE,
     Encoder,
     Normalize,
     build_backbone,
+    check_width,
     normalisation_for,
     set_bn_momentum,
 )
@@ -14,12 +16,14 @@ from firmad.models.heads import ProjectionHead, build_head
 
 __all__ = [
     "BACKBONES",
+    "WIDTH_SCALABLE",
     "NORMALISATION",
     "Encoder",
     "Normalize",
     "ProjectionHead",
     "build_backbone",
     "build_head",
+    "check_width",
     "complexity",
     "normalisation_for",
     "set_bn_momentum",

@@ -224,18 +224,19 @@ class _PooledFeatures(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1)
 
 
-def _no_width(name: str, width: float) -> None:
-    if width != 1.0:
+def check_width(name: str, width: float) -> None:
+    """Only the CIFAR ResNets scale their channels; the others take width 1.0."""
+    if width != 1.0 and name not in WIDTH_SCALABLE:
         raise ConfigError(
             f"backbone {name!r} has a fixed width; width={width} is only supported by "
-            "resnet18_cifar and resnet_small"
+            f"{' and '.join(WIDTH_SCALABLE)}: set model.width=1.0"
         )
 
 
 def _mobilenetv3_small(in_channels: int, width: float) -> tuple[nn.Module, int]:
     import torchvision  # imported when used: it takes seconds to import
 
-    _no_width("mobilenetv3_small", width)
+    check_width("mobilenetv3_small", width)
     tv = torchvision.models.mobilenet_v3_small(weights=None)
     features = tv.features
     features[0][0] = _new_stem_conv(features[0][0], in_channels)
@@ -245,7 +246,7 @@ def _mobilenetv3_small(in_channels: int, width: float) -> tuple[nn.Module, int]:
 def _shufflenetv2_x0_5(in_channels: int, width: float) -> tuple[nn.Module, int]:
     import torchvision
 
-    _no_width("shufflenetv2_x0_5", width)
+    check_width("shufflenetv2_x0_5", width)
     tv = torchvision.models.shufflenet_v2_x0_5(weights=None)
     tv.conv1[0] = _new_stem_conv(tv.conv1[0], in_channels)
     # No max-pool: at 32 px the stem plus three stride-2 stages already give 4x4 maps.
@@ -285,7 +286,7 @@ class LeNetSVDD(nn.Module):
 
 
 def _lenet(in_channels: int, width: float) -> tuple[nn.Module, int]:
-    _no_width("lenet", width)
+    check_width("lenet", width)
     return LeNetSVDD(in_channels), 128
 
 
@@ -299,6 +300,7 @@ BACKBONES: dict[str, Callable[[int, float], tuple[nn.Module, int]]] = {
     "shufflenetv2_x0_5": _shufflenetv2_x0_5,
     "lenet": _lenet,
 }
+WIDTH_SCALABLE = ("resnet18_cifar", "resnet_small")
 
 
 def set_bn_momentum(module: nn.Module, momentum: float) -> None:
