@@ -25,7 +25,9 @@ from firmad.scoring.scorers import build_scorer
 
 
 def pixel_auroc(dataset: str, normal_class: int, k: int = 5) -> float:
-    cfg = load_config("fmnist-cpu", [f"data.dataset={dataset}", f"data.normal_class={normal_class}"])
+    cfg = load_config(
+        "fmnist-cpu", [f"data.dataset={dataset}", f"data.normal_class={normal_class}"]
+    )
     split = load_split(cfg)
     bank = split.train_images.flatten(1).float() / 255
     scorer = build_scorer("knn_cos", k=k).fit(bank)
