@@ -1,6 +1,7 @@
 """One Markdown table from the attack.json files of a robustness grid (one row per cell).
 
 python benchmarks/robust_table.py runs/bench/robust-fmnist-c0-cpu
+python benchmarks/robust_table.py --by-class runs/bench/robust-fmnist-10-cpu   (class x recipe)
 """
 
 from __future__ import annotations
@@ -44,5 +45,41 @@ def main(root: Path) -> str:
     return "\n".join(lines)
 
 
+def by_class(root: Path) -> str:
+    """Clean / robust (both sides, the largest ε) AUROC per class and recipe, with the mean."""
+    table: dict[str, dict[int, tuple[float, float]]] = {}
+    eps_max = None
+    for path in sorted(root.glob("*/*/attack.json")):
+        result = json.loads(path.read_text())
+        both = {r["eps"]: r for r in result["rows"] if r["target"] == "both"}
+        eps_max = max(both)
+        normal_class = int(path.parent.name.split("-c")[-1].split("-s")[0])
+        table.setdefault(path.parent.parent.name, {})[normal_class] = (
+            result["clean"]["auroc"],
+            both[eps_max]["auroc"],
+        )
+    recipes = list(table)
+    classes = sorted({c for per in table.values() for c in per})
+    eps_txt = f"{eps_max * 255:.0f}/255"
+    head = " | ".join(f"{r} clean | {r} ε={eps_txt}" for r in recipes)
+    lines = [f"| class | {head} |", "|---|" + "---:|" * (2 * len(recipes))]
+    for c in classes:
+        vals = []
+        for r in recipes:
+            clean, robust = table[r].get(c, (float("nan"), float("nan")))
+            vals += [f"{100 * clean:.1f}", f"{100 * robust:.1f}"]
+        lines.append(f"| {c} | " + " | ".join(vals) + " |")
+    means = []
+    for r in recipes:
+        got = list(table[r].values())
+        means += [f"**{100 * sum(v[0] for v in got) / len(got):.1f}**",
+                  f"**{100 * sum(v[1] for v in got) / len(got):.1f}**"]  # fmt: skip
+    lines.append(f"| mean ({len(classes)} classes) | " + " | ".join(means) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    print(main(Path(sys.argv[1])))
+    if sys.argv[1] == "--by-class":
+        print(by_class(Path(sys.argv[2])))
+    else:
+        print(main(Path(sys.argv[1])))
