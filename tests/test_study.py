@@ -49,6 +49,7 @@ def test_study_runs_every_stage_and_resumes(tmp_path, capsys):
     for row in entry["sets"].values():
         assert 0.0 <= row["clean_auroc"] <= 1.0
     assert any("held out" in k for k in entry["drift"]["standard"][0])
+    assert (out / "drift.png").stat().st_size > 0
     assert set(entry["binary"]) == {"D", "D_det", "D_rand"} and "D_det" in printed
     # D_det: every normal and every outlier relabelled with the other label; the outlier part
     # is the npz that trained the fresh classifier's outlier side

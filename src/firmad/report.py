@@ -436,3 +436,24 @@ def write_plots(
     if features is not None:
         written.append(plot_projection(out_dir / "projection.png", features, y))
     return written
+
+
+def plot_drift(path: str | Path, drift: Mapping[str, list[dict]], unit: float = 255.0) -> Path:
+    """Adversarial drift curves: mean score shift (in clean-normal score std units) against ε,
+    one panel per detector (``drift``: label -> rows {eps, normal, class ...}), a line per
+    group; held-out classes dashed."""
+    fig = _figure((5.0 * len(drift), 4.0))
+    axes = [fig.add_subplot(1, len(drift), i + 1) for i in range(len(drift))]
+    for ax, (label, rows) in zip(axes, drift.items(), strict=True):
+        eps = [r["eps"] * unit for r in rows]
+        for key in list(rows[0])[1:]:
+            style = "--" if "held out" in key else "-"
+            width = 2.5 if key == "normal" else 1.2
+            ax.plot(eps, [r[key] for r in rows], style, lw=width, marker="o", ms=3, label=key)
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("ε (1/255)" if unit == 255.0 else "ε")
+        ax.set_ylabel("score shift (clean-normal std)")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=6, ncol=2)
+    return _save(fig, path)

@@ -366,6 +366,12 @@ class Study:
                     entry["binary"][name] = _summary(det, sweep)
             results["backbones"][backbone] = entry
         results["wall_time_s"] = round(time.perf_counter() - tic, 1)
+        from firmad.report import plot_drift
+
+        unit = 255.0 if self.cfg.attack_norm == "linf" else 1.0
+        drift = {f"{b}, {label}": rows for b, e in results["backbones"].items()
+                 for label, rows in e["drift"].items()}  # fmt: skip
+        plot_drift(self.out / "drift.png", drift, unit)
         atomic_write_json(self.out / "study.json", results)
         atomic_write_text(self.out / "study.md", study_markdown(results))
         return results
@@ -434,7 +440,8 @@ def study_markdown(results: dict[str, Any]) -> str:
             name = a["transform"] + ("" if a["param"] is None else f" {a['param']}")
             lines.append(f"| {name} | {100 * a['auroc']:.1f} | {100 * b['auroc']:.1f} |")
         lines.append("")
-    lines += ["## Adversarial drift (mean score shift, in clean-normal score std units)", ""]
+    lines += ["## Adversarial drift (mean score shift, in clean-normal score std units)", "",
+              "![drift curves](drift.png)", ""]  # fmt: skip
     for backbone, entry in results["backbones"].items():
         for label, rows in entry["drift"].items():
             keys = list(rows[0])[1:]
