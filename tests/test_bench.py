@@ -89,17 +89,23 @@ def test_bad_grid_is_rejected_before_work(tmp_path):
 def test_backbones_axis_crosses_every_recipe(tmp_path):
     from firmad.bench import cell_command, plan_cells
 
-    grid = read_grid(_grid(tmp_path, backbones=["lenet", "resnet_small@0.25"], classes=[0]))
+    grid = read_grid(_grid(tmp_path, backbones=["lenet", "resnet_small@0.25"], classes=[1, 0]))
     cells = plan_cells(grid, tmp_path / "o")
+    # class-major: every recipe x backbone of class 1 (listed first), then class 0
     assert [c.key for c in cells] == [
-        "fmnist-cpu+lenet/fashion-mnist-c0-s0",
-        "fmnist-cpu+resnet_small-0.25/fashion-mnist-c0-s0",
-        "fmnist-cpu-ntxent+lenet/fashion-mnist-c0-s0",
-        "fmnist-cpu-ntxent+resnet_small-0.25/fashion-mnist-c0-s0",
+        f"{label}/fashion-mnist-c{c}-s0"
+        for c in (1, 0)
+        for label in (
+            "fmnist-cpu+lenet",
+            "fmnist-cpu+resnet_small-0.25",
+            "fmnist-cpu-ntxent+lenet",
+            "fmnist-cpu-ntxent+resnet_small-0.25",
+        )
     ]
-    assert len({c.run_dir for c in cells}) == 4
+    assert len({c.run_dir for c in cells}) == 8
     cmd = " ".join(cell_command(cells[1], grid, "new"))
     assert "model.backbone=resnet_small" in cmd and "model.width=0.25" in cmd
+    assert "data.normal_class=1" in cmd
     assert "model.width=1.0" in " ".join(cell_command(cells[0], grid, "new"))  # lenet
     with pytest.raises(ConfigError, match="backbone"):
         plan_cells(read_grid(_grid(tmp_path, backbones=["no_such_net"])), tmp_path / "p")

@@ -98,7 +98,10 @@ def read_grid(path: Path) -> GridConfig:
 
 
 def plan_cells(grid: GridConfig, out_dir: Path) -> list[Cell]:
-    """All cells, validated up front: a bad recipe or class fails before any training starts."""
+    """All cells, validated up front: a bad recipe or class fails before any training starts.
+
+    Run order is seed-, then class-major (every recipe of a class before the next class), so a
+    grid stopped half-way has whole rows to compare rather than whole recipes."""
     cells = []
     for recipe, backbone in [(r, b) for r in grid.recipes for b in grid.backbones or [None]]:
         extra = [f"data.root={grid.root}"] if grid.root else []
@@ -118,7 +121,10 @@ def plan_cells(grid: GridConfig, out_dir: Path) -> list[Cell]:
                     cell_name = safe_component(f"{dataset}-c{c}-s{seed}")
                     run_dir = out_dir / probe.label / cell_name
                     cells.append(Cell(recipe, dataset, c, seed, run_dir, backbone))
-    return cells
+    first = {}  # position of each (dataset, class) as first planned; the sort below is stable
+    for cell in cells:
+        first.setdefault((cell.dataset, cell.normal_class), len(first))
+    return sorted(cells, key=lambda c: (grid.seeds.index(c.seed), first[c.dataset, c.normal_class]))
 
 
 def _class_id(value: int | str, names: list[str], dataset: str) -> int:
