@@ -43,6 +43,7 @@ def test_study_runs_every_stage_and_resumes(tmp_path, capsys):
     assert main(["-q", "features", "--config", str(path), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "D_R" in printed and "Texture probe" in printed and "toy scale" in printed
+    assert "ε=7.6/255" in printed  # 0.03 written in 1/255 units
     result = json.loads((out / "study.json").read_text())
     entry = result["backbones"]["resnet_small@0.25"]
     assert set(entry["sets"]) == {"D", "D_R", "D_NR", "D_NRonly"}
@@ -76,4 +77,6 @@ def test_study_runs_every_stage_and_resumes(tmp_path, capsys):
     }
     assert main(["-q", "features", "--config", str(path), "--out", str(out)]) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    again = json.loads((out / "study.json").read_text())
+    assert again["wall_time_s"] >= result["wall_time_s"]  # the total over both invocations
     assert str(FIXTURE_FMNIST) in " ".join(result["settings"]["set"])

@@ -365,7 +365,15 @@ class Study:
                     sweep = self.evaluate(det, backbone, f"binary-on_{name}")
                     entry["binary"][name] = _summary(det, sweep)
             results["backbones"][backbone] = entry
-        results["wall_time_s"] = round(time.perf_counter() - tic, 1)
+        # Wall time over every invocation that completed the study (a resumed or re-rendered
+        # study adds its own time to the recorded total instead of replacing it).
+        previous = 0.0
+        if (self.out / "study.json").exists():
+            try:
+                previous = float(json.loads((self.out / "study.json").read_text())["wall_time_s"])
+            except (OSError, ValueError, KeyError, TypeError):
+                previous = 0.0
+        results["wall_time_s"] = round(previous + time.perf_counter() - tic, 1)
         from firmad.report import plot_drift
 
         unit = 255.0 if self.cfg.attack_norm == "linf" else 1.0
@@ -390,11 +398,16 @@ def _summary(det, sweep: dict) -> dict[str, Any]:
     }
 
 
+def _eps_text(eps: float, unit: int) -> str:
+    """L∞ radii in 1/255 units, rounded as people write them (0.0314 -> 8/255); L2 as is."""
+    return f"{eps * 255:.2g}/255" if unit == 255 else f"{eps:g}"
+
+
 def study_markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     eps = [e for e in s["attack_eps"] if e > 0]
     unit = 255 if s["attack_norm"] == "linf" else 1
-    head = " | ".join(f"ε={e * unit:g}{'/255' if unit == 255 else ''}" for e in eps)
+    head = " | ".join(f"ε={_eps_text(e, unit)}" for e in eps)
     lines = [
         f"# Robust / non-robust feature study: {s['name']}",
         "",
@@ -449,7 +462,9 @@ def study_markdown(results: dict[str, Any]) -> str:
                       "|---|" + "---:|" * len(keys)]  # fmt: skip
             for r in rows:
                 lines.append(
-                    f"| {r['eps'] * unit:g} | " + " | ".join(f"{r[k]:+.2f}" for k in keys) + " |"
+                    f"| {_eps_text(r['eps'], unit)} | "
+                    + " | ".join(f"{r[k]:+.2f}" for k in keys)
+                    + " |"
                 )
             lines.append("")
     return "\n".join(lines)
