@@ -658,10 +658,14 @@ def _resize(x: Tensor, size: int | tuple[int, int]) -> Tensor:
 def to_float(x: Tensor, size: int | None = None, channels: int = 3) -> Tensor:
     """uint8 images (B, C, H, W) -> float32 in [0, 1], resized (bilinear, antialias) to
     ``size`` x ``size`` if given and different, and a single channel repeated to 3 channels
-    when ``channels == 3``."""
+    when ``channels == 3``. Float64 input stays float64 (gradient checks); other floats become
+    float32."""
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise InputError("to_float expects a (B, C, H, W) tensor of uint8 images")
-    out = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    if x.dtype == torch.uint8:
+        out = x.float().div_(255.0)
+    else:
+        out = x if x.dtype == torch.float64 else x.float()
     if size is not None:
         # not in place: at the target size _resize returns the caller's (maybe leaf) tensor
         out = _resize(out, int(size)).clamp(0.0, 1.0)

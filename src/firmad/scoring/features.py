@@ -77,14 +77,22 @@ class FeatureExtractor(nn.Module):
         crops: int | None = None,
         gen: torch.Generator | None = None,
     ) -> torch.Tensor:
-        x = self.preprocess(x, angle, crops, gen)
+        x = self.preprocess(x, angle, crops, gen).to(self.dtype)
         if x.device.type == "cpu" and not tracing():
             # oneDNN convolutions run markedly faster on channels-last input (same numbers)
             x = x.contiguous(memory_format=torch.channels_last)
         out = self.encoder(x)
         if isinstance(out, tuple | list):  # encoders returning (features, extras)
             out = out[0]
-        return out.reshape(out.shape[0], -1).float()
+        out = out.reshape(out.shape[0], -1)
+        return out if out.dtype == torch.float64 else out.float()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The encoder's parameter dtype (float32 unless converted, e.g. ``.double()``)."""
+        for t in self.encoder.parameters():
+            return t.dtype
+        return torch.float32
 
     @property
     def device(self) -> torch.device:
