@@ -134,46 +134,35 @@ class Study:
 
     # --- stages -------------------------------------------------------------------------------
 
-    def detector(self, backbone: str, kind: str, images: torch.Tensor | None = None):
-        """Train (or load) a detector: kind "standard", "robust", or "on_<set>"."""
-        from firmad.detector import OneClassDetector
-
-        path = self.out / backbone / "detectors" / kind
-        if (path / "detector.json").exists():
-            return OneClassDetector.load(path)
-        extra = self.cfg.robust_set if kind == "robust" else []
-        det = OneClassDetector(
-            recipe=self.cfg.recipe,
-            scorer=self.cfg.scorer,
-            k=None,
-            overrides=[*self.cfg.set, *_backbone_overrides(backbone), *extra],
-        )
-        self.log(f"[{backbone}] training the {kind} detector")
-        tic = time.perf_counter()
-        det.fit(self.train_u8 if images is None else images)
-        det.calibration_ = {"train_s": round(time.perf_counter() - tic, 1)}
-        det.save(path)
-        return det
-
-    def binary_detector(
-        self, backbone: str, kind: str, images: torch.Tensor | None = None, exposure=None
+    def detector(
+        self,
+        backbone: str,
+        kind: str,
+        images: torch.Tensor | None = None,
+        *,
+        binary: bool = False,
+        exposure: Path | None = None,
     ):
-        """Train (or load) a binary classifier (normal vs outliers): kind "standard" (the
-        recipe's synthetic outliers) or "on_<set>" (the set's images labelled outlier, given
-        as an npz outlier-exposure source)."""
+        """Train (or load) a detector: kind "standard", "robust", or "on_<set>". ``binary``: the
+        binary classifier of ``binary_recipe`` (normal vs outliers, its logit the score), with
+        ``exposure`` an npz of the images it is to learn as outliers (else the recipe's
+        synthetic outliers)."""
         from firmad.detector import OneClassDetector
 
-        path = self.out / backbone / "detectors" / f"binary-{kind}"
+        name = f"binary-{kind}" if binary else kind
+        path = self.out / backbone / "detectors" / name
         if (path / "detector.json").exists():
             return OneClassDetector.load(path)
-        extra = [] if exposure is None else [f"outliers.exposure=npz:{exposure}"]
+        extra = list(self.cfg.robust_set) if kind == "robust" else []
+        if exposure is not None:
+            extra.append(f"outliers.exposure=npz:{exposure}")
         det = OneClassDetector(
-            recipe=self.cfg.binary_recipe,
-            scorer="own",
+            recipe=self.cfg.binary_recipe if binary else self.cfg.recipe,
+            scorer="own" if binary else self.cfg.scorer,
             k=None,
             overrides=[*self.cfg.set, *_backbone_overrides(backbone), *extra],
         )
-        self.log(f"[{backbone}] training the binary {kind} detector")
+        self.log(f"[{backbone}] training the {name} detector")
         tic = time.perf_counter()
         det.fit(self.train_u8 if images is None else images)
         det.calibration_ = {"train_s": round(time.perf_counter() - tic, 1)}
@@ -355,13 +344,15 @@ class Study:
                 det = self.detector(backbone, f"on_{name}", images)
                 entry["sets"][name] = _summary(det, self.evaluate(det, backbone, f"on_{name}"))
             if self.cfg.binary_recipe:
-                det_bin = self.binary_detector(backbone, "standard")
+                det_bin = self.detector(backbone, "standard", binary=True)
                 entry["binary"] = {
                     "D": _summary(det_bin, self.evaluate(det_bin, backbone, "binary-standard"))
                 }
                 for name in BINARY_SETS:
                     normals, outliers = self.binary_constructed(backbone, name, det_bin)
-                    det = self.binary_detector(backbone, f"on_{name}", normals, outliers)
+                    det = self.detector(
+                        backbone, f"on_{name}", normals, binary=True, exposure=outliers
+                    )
                     sweep = self.evaluate(det, backbone, f"binary-on_{name}")
                     entry["binary"][name] = _summary(det, sweep)
             results["backbones"][backbone] = entry
