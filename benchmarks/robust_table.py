@@ -59,7 +59,8 @@ def by_class(root: Path) -> str:
             both[eps_max]["auroc"],
         )
     recipes = list(table)
-    classes = sorted({c for per in table.values() for c in per})
+    # only classes every recipe has finished, so the means compare like with like
+    classes = sorted(set.intersection(*(set(per) for per in table.values())))
     eps_txt = f"{eps_max * 255:.0f}/255"
     head = " | ".join(f"{r} clean | {r} ε={eps_txt}" for r in recipes)
     lines = [f"| class | {head} |", "|---|" + "---:|" * (2 * len(recipes))]
@@ -71,7 +72,7 @@ def by_class(root: Path) -> str:
         lines.append(f"| {c} | " + " | ".join(vals) + " |")
     means = []
     for r in recipes:
-        got = list(table[r].values())
+        got = [table[r][c] for c in classes]
         means += [f"**{100 * sum(v[0] for v in got) / len(got):.1f}**",
                   f"**{100 * sum(v[1] for v in got) / len(got):.1f}**"]  # fmt: skip
     lines.append(f"| mean ({len(classes)} classes) | " + " | ".join(means) + " |")
