@@ -64,3 +64,79 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def sigint_at_call(step, n: int):
+    """Wrap a training step (bound method or ``Trainer.train_step`` itself) so that its n-th
+    call sends this process a real SIGINT before running."""
+    import os
+    import signal
+
+    calls = {"n": 0}
+
+    def wrapped(*args):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(*args)
+
+    return wrapped
+
+
+# A read-only folder holds only for a process that cannot bypass file modes: as root it keeps
+# uid 0 (Python may live under /root) but drops the capabilities that ignore them.
+_PR_CAPBSET_DROP, _CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 24, 1, 2
+
+_READ_ONLY_PRELUDE = """
+import json, sys
+from pathlib import Path
+folder = Path(sys.argv[1])
+try:
+    (folder / "probe").write_text("x")
+except PermissionError:
+    pass
+else:
+    print(json.dumps({"skip": "this user can write into a folder of mode 0555"}))
+    sys.exit(0)
+"""
+
+
+def _drop_permission_override() -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH):
+        libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)  # fails harmlessly when not privileged
+
+
+def run_in_read_only_folder(folder: Path, body: str, *args: str, timeout: int = 120):
+    """Make ``folder`` mode 0555 and run ``body`` (Python, with ``folder`` defined and the
+    extra ``args`` in sys.argv[2:]) in a subprocess that cannot bypass file modes; restore the
+    mode. Skips the test where the folder stays writable. Returns (process, the JSON object
+    the body printed last)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    import firmad
+
+    src = Path(firmad.__file__).resolve().parents[1]  # the firmad the tests imported
+    folder.chmod(0o555)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _READ_ONLY_PRELUDE + textwrap.dedent(body), str(folder), *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(src)},
+            preexec_fn=_drop_permission_override,
+            timeout=timeout,
+        )
+    finally:
+        folder.chmod(0o755)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in result:
+        pytest.skip(result["skip"])
+    return proc, result

@@ -5,8 +5,6 @@ detector keeps a higher AUROC under PGD than an undefended one."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import pytest
 import torch
@@ -20,7 +18,7 @@ from firmad.errors import ConfigError
 from firmad.perturb import project, random_delta
 from firmad.robustness import robust_auroc_sweep
 from firmad.training import CheckpointSaver, MetricsLog, Trainer
-from tests.conftest import DSVDD_TINY, FIXTURE_FMNIST, TINY
+from tests.conftest import DSVDD_TINY, FIXTURE_FMNIST, TINY, sigint_at_call
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: 1 thread is faster
 
@@ -131,16 +129,7 @@ def test_resume_of_adversarial_training_is_exact(tmp_path):
     full.fit()
 
     part = _trainer(tmp_path, overrides, "part")
-    calls = {"n": 0}
-    original = part.train_step
-
-    def interrupted_step():
-        calls["n"] += 1
-        if calls["n"] == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original()
-
-    part.train_step = interrupted_step
+    part.train_step = sigint_at_call(part.train_step, 4)
     with pytest.raises(KeyboardInterrupt):
         part.fit()
     resumed = _trainer(tmp_path, overrides, "part")

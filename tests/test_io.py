@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
 import stat
-import subprocess
 import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import firmad
 from firmad.errors import CheckpointError, FirmadError
 from firmad.io import atomic_write_text, load_checkpoint, save_checkpoint
+from tests.conftest import run_in_read_only_folder
 
 META = {"format": "firmad-checkpoint-1", "epoch": 3, "global_step": 30, "finished": True}
 
@@ -147,37 +143,15 @@ def test_full_disk_during_checkpoint_keeps_the_previous_pair(tmp_path, monkeypat
     assert meta["epoch"] == 3
 
 
-# The read-only case runs in a subprocess that cannot bypass permissions. As root, it keeps
-# uid 0 (Python may live under /root) but drops the capabilities that ignore file modes.
-_PR_CAPBSET_DROP, _CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 24, 1, 2
-
-_READ_ONLY_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    from pathlib import Path
-    folder = Path(sys.argv[1])
-    try:
-        (folder / "probe").write_text("x")
-    except PermissionError:
-        pass
-    else:
-        print(json.dumps({"skip": "this user can write into a folder of mode 0555"}))
-        sys.exit(0)
-    from firmad.io import atomic_write_text
-    try:
-        atomic_write_text(folder / "config.yaml", "new")
-    except Exception as err:
-        print(json.dumps({"type": type(err).__name__, "msg": str(err)}))
-    else:
-        print(json.dumps({"type": None}))
-    """
-)
-
-
-def _drop_permission_override() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    for cap in (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH):
-        libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0)  # fails harmlessly when not privileged
+_WRITE_CONFIG = """
+from firmad.io import atomic_write_text
+try:
+    atomic_write_text(folder / "config.yaml", "new")
+except Exception as err:
+    print(json.dumps({"type": type(err).__name__, "msg": str(err)}))
+else:
+    print(json.dumps({"type": None}))
+"""
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="uses Linux capabilities and file modes")
@@ -185,24 +159,7 @@ def test_read_only_folder_is_a_storage_error(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "config.yaml").write_text("old")
-    folder.chmod(0o555)
-    src = Path(firmad.__file__).resolve().parents[1]  # the firmad this test imported
-    env = {**os.environ, "PYTHONPATH": str(src)}
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", _READ_ONLY_SCRIPT, str(folder)],
-            capture_output=True,
-            text=True,
-            env=env,
-            preexec_fn=_drop_permission_override,
-            timeout=120,
-        )
-    finally:
-        folder.chmod(0o755)
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    if "skip" in out:
-        pytest.skip(out["skip"])
+    _, out = run_in_read_only_folder(folder, _WRITE_CONFIG)
     assert out["type"] == "StorageError", out
     assert str(folder / "config.yaml") in out["msg"] and "read-only" in out["msg"]
     assert (folder / "config.yaml").read_text() == "old"

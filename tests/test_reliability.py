@@ -71,7 +71,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -87,7 +86,7 @@ from firmad.errors import CheckpointError
 from firmad.io import load_checkpoint, save_checkpoint
 from firmad.run import RunDir
 from firmad.training import Trainer
-from tests.conftest import TINY
+from tests.conftest import TINY, run_in_read_only_folder, sigint_at_call
 
 SRC = Path(firmad.__file__).resolve().parents[1]  # the firmad these tests imported
 # One recipe for every run here: 6 epochs of 4 steps, a checkpoint every epoch, one thread
@@ -117,20 +116,6 @@ def _run_main(args: list[str]) -> int:
         return main(args)
     finally:
         torch.set_num_threads(threads)
-
-
-def _sigint_at_step(n: int):
-    """A Trainer.train_step that sends this process a real SIGINT during its n-th call."""
-    original = Trainer.train_step
-    calls = {"n": 0}
-
-    def train_step(self):
-        calls["n"] += 1
-        if calls["n"] == n:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original(self)
-
-    return train_step
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -184,7 +169,7 @@ def partial(tmp_path_factory) -> Path:
     """REF stopped by SIGINT during step 6 (epoch 2, two steps in)."""
     out = tmp_path_factory.mktemp("partial") / "run"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Trainer, "train_step", _sigint_at_step(6))
+        mp.setattr(Trainer, "train_step", sigint_at_call(Trainer.train_step, 6))
         assert _run_main(_train_args(out, evaluate=False)) == 130
     meta = json.loads((out / "checkpoint.json").read_text())
     assert (meta["global_step"], meta["reason"]) == (6, "interrupted")
@@ -387,7 +372,7 @@ def test_demo_twice_and_after_an_interrupt(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(firmad.config, "load_config", lambda r, o: real(r, [*o, *TINY]))
     out = tmp_path / "demo"
     with monkeypatch.context() as mp:
-        mp.setattr(Trainer, "train_step", _sigint_at_step(3))
+        mp.setattr(Trainer, "train_step", sigint_at_call(Trainer.train_step, 3))
         assert _run_main(["-q", "demo", "--out", str(out)]) == 130
     assert f"continue with `firmad demo --out {out}`" in capsys.readouterr().err
     assert json.loads((out / "checkpoint.json").read_text())["reason"] == "interrupted"
@@ -650,50 +635,22 @@ def test_broken_run_config_yaml(tmp_path, partial, capsys, content):
     assert _files(run) == before
 
 
-# The read-only case runs in a subprocess that cannot bypass file modes (see tests/test_io.py).
-_READ_ONLY_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    from pathlib import Path
-    folder = Path(sys.argv[1])
-    try:
-        (folder / "probe").write_text("x")
-    except PermissionError:
-        pass
-    else:
-        print(json.dumps({"skip": "this user can write into a folder of mode 0555"}))
-        sys.exit(0)
-    from firmad.cli import main
-    tiny = [a for item in json.loads(sys.argv[2]) for a in ("--set", item)]
-    codes = [main(["-q", "train", "--config", "fmnist-cpu", "--out", str(out), *tiny])
-             for out in (folder, folder / "sub")]
-    print(json.dumps({"codes": codes}))
-    """
-)
+_TRAIN_INTO_FOLDER = """
+from firmad.cli import main
+tiny = [a for item in json.loads(sys.argv[2]) for a in ("--set", item)]
+codes = [main(["-q", "train", "--config", "fmnist-cpu", "--out", str(out), *tiny])
+         for out in (folder, folder / "sub")]
+print(json.dumps({"codes": codes}))
+"""
 
 
 @pytest.mark.skipif(not LINUX, reason="uses Linux capabilities and file modes")
 def test_read_only_out_is_a_storage_error(tmp_path):
-    from tests.test_io import _drop_permission_override
-
     folder = tmp_path / "ro"
     folder.mkdir()
-    folder.chmod(0o555)
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", _READ_ONLY_SCRIPT, str(folder), json.dumps(TINY)],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(SRC)},
-            preexec_fn=_drop_permission_override,
-            timeout=300,
-        )
-    finally:
-        folder.chmod(0o755)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    if "skip" in result:
-        pytest.skip(result["skip"])
+    proc, result = run_in_read_only_folder(
+        folder, _TRAIN_INTO_FOLDER, json.dumps(TINY), timeout=300
+    )
     assert result["codes"] == [2, 2], proc.stderr
     assert proc.stderr.count("read-only") == 2 and "Traceback" not in proc.stderr
     assert list(folder.iterdir()) == []

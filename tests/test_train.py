@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ import torch
 from firmad.config import load_config
 from firmad.methods import get_method
 from firmad.training import CheckpointSaver, MetricsLog, Trainer
-from tests.conftest import DSVDD_TINY
+from tests.conftest import DSVDD_TINY, sigint_at_call
 
 
 def _trainer(tmp_path, overrides, name="run"):
@@ -110,16 +108,7 @@ def test_resume_is_identical_to_an_uninterrupted_run(tmp_path, tiny):
 
     # A real SIGINT during step 4 (inside epoch 2): the step finishes, then the run stops.
     part = _trainer(tmp_path, overrides, "part")
-    calls = {"n": 0}
-    original = part.train_step
-
-    def interrupted_step():
-        calls["n"] += 1
-        if calls["n"] == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original()
-
-    part.train_step = interrupted_step
+    part.train_step = sigint_at_call(part.train_step, 4)
     with pytest.raises(KeyboardInterrupt):
         part.fit()
     meta = json.loads((tmp_path / "part" / "checkpoint.json").read_text())
