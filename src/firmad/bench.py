@@ -29,7 +29,7 @@ import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from firmad.cellproc import STOP_GRACE_S, CellProcesses, run_process
-from firmad.config import _build, load_config, parse_scorer, parse_yaml
+from firmad.config import _build, backbone_overrides, load_config, parse_scorer, parse_yaml
 from firmad.data import describe
 from firmad.errors import ConfigError, FirmadError
 from firmad.io import atomic_write_json, atomic_write_text
@@ -65,22 +65,11 @@ class Cell:
 
     @property
     def label(self) -> str:
-        """The row name in tables: the recipe, plus the backbone where the grid crosses them."""
-        return _slug(self.recipe) + (f"+{safe_component(self.backbone)}" if self.backbone else "")
+        return _label(self.recipe, self.backbone)
 
     @property
     def key(self) -> str:
         return f"{self.label}/{self.dataset}-c{self.normal_class}-s{self.seed}"
-
-    def backbone_overrides(self) -> list[str]:
-        if not self.backbone:
-            return []
-        from firmad.models import WIDTH_SCALABLE
-
-        name, _, width = self.backbone.partition("@")
-        if not width and name not in WIDTH_SCALABLE:
-            width = "1.0"  # a fixed-width net in a grid whose recipes narrow the ResNets
-        return [f"model.backbone={name}"] + ([f"model.width={width}"] if width else [])
 
 
 def read_grid(path: Path) -> GridConfig:
@@ -105,8 +94,7 @@ def plan_cells(grid: GridConfig, out_dir: Path) -> list[Cell]:
     cells = []
     for recipe, backbone in [(r, b) for r in grid.recipes for b in grid.backbones or [None]]:
         extra = [f"data.root={grid.root}"] if grid.root else []
-        probe = Cell(recipe, "", 0, 0, out_dir, backbone)
-        cfg = load_config(recipe, grid.set + extra + probe.backbone_overrides())
+        cfg = load_config(recipe, grid.set + extra + backbone_overrides(backbone))
         for dataset in grid.datasets or [cfg.data.dataset]:
             info = describe(dataset, grid.root)
             names = [r["name"].lower() for r in info]
@@ -119,7 +107,7 @@ def plan_cells(grid: GridConfig, out_dir: Path) -> list[Cell]:
             for c in classes:
                 for seed in grid.seeds:
                     cell_name = safe_component(f"{dataset}-c{c}-s{seed}")
-                    run_dir = out_dir / probe.label / cell_name
+                    run_dir = out_dir / _label(recipe, backbone) / cell_name
                     cells.append(Cell(recipe, dataset, c, seed, run_dir, backbone))
     first = {}  # position of each (dataset, class) as first planned; the sort below is stable
     for cell in cells:
@@ -141,6 +129,11 @@ def _slug(recipe: str) -> str:
     return safe_component(Path(recipe).stem)
 
 
+def _label(recipe: str, backbone: str | None) -> str:
+    """A cell's row name in tables: the recipe, plus the backbone where the grid crosses them."""
+    return _slug(recipe) + (f"+{safe_component(backbone)}" if backbone else "")
+
+
 # --- running cells -------------------------------------------------------------------------------
 
 EXECUTORS = ("local", "ray")
@@ -156,7 +149,7 @@ def cell_command(cell: Cell, grid: GridConfig, state: str) -> list[str]:
     # New, or started but never checkpointed: `firmad train` starts it (again).
     overrides = (
         grid.set
-        + cell.backbone_overrides()
+        + backbone_overrides(cell.backbone)
         + [
             f"data.dataset={cell.dataset}",
             f"data.normal_class={cell.normal_class}",

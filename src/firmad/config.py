@@ -690,6 +690,20 @@ def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> None:
             base[key] = value
 
 
+def backbone_overrides(entry: str | None) -> list[str]:
+    """The overrides for a backbone written ``name`` or ``name@width`` (grids, studies); none
+    for None. Without a width a CIFAR ResNet keeps the recipe's and a fixed-width net takes 1.0
+    (recipes that narrow the ResNets would otherwise give it a width it refuses)."""
+    if not entry:
+        return []
+    from firmad.models import WIDTH_SCALABLE
+
+    name, _, width = entry.partition("@")
+    if not width and name not in WIDTH_SCALABLE:
+        width = "1.0"
+    return [f"model.backbone={name}"] + ([f"model.width={width}"] if width else [])
+
+
 def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     data = read_recipe(recipe) if recipe else {}
     apply_overrides(data, overrides or [])

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from firmad.config import backbone_overrides
 from firmad.data import load_dataset
 from firmad.data.pool import load_split, prepare_images
 from firmad.errors import ConfigError
@@ -103,11 +104,6 @@ def read_study(path: str | Path) -> StudyConfig:
     return _build(StudyConfig, read_recipe(str(path)), "")
 
 
-def _backbone_overrides(entry: str) -> list[str]:
-    name, _, width = entry.partition("@")
-    return [f"model.backbone={name}"] + ([f"model.width={width}"] if width else [])
-
-
 class Study:
     """Runs the study stage by stage in ``out_dir`` (resumable)."""
 
@@ -160,7 +156,7 @@ class Study:
             recipe=self.cfg.binary_recipe if binary else self.cfg.recipe,
             scorer="own" if binary else self.cfg.scorer,
             k=None,
-            overrides=[*self.cfg.set, *_backbone_overrides(backbone), *extra],
+            overrides=[*self.cfg.set, *backbone_overrides(backbone), *extra],
         )
         self.log(f"[{backbone}] training the {name} detector")
         tic = time.perf_counter()
