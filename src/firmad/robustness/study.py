@@ -175,15 +175,10 @@ class Study:
         return data.images[data.labels == 0], outliers_path
 
     def _build_binary_set(self, backbone, name, det_bin, path: Path, outliers_path: Path) -> None:
-        from firmad.outliers import apply_kinds, parse_outliers
-
         c = self.cfg
         normals = self.train_u8[self.construct_idx].float() / 255
         gen = torch.Generator().manual_seed(c.seed + (11 if name == "D_det" else 13))
-        bin_cfg = det_bin.config_
-        kinds = parse_outliers(bin_cfg.outliers.kinds or ["rot90", "rot180", "rot270"])
-        kind_ids = torch.randint(1, len(kinds) + 1, (len(normals),), generator=gen)
-        source = torch.cat([normals, apply_kinds(normals, kind_ids, kinds, gen)])
+        source = torch.cat([normals, _synthetic_outliers(normals, det_bin.config_, gen)])
         label = torch.cat([torch.zeros(len(normals)), torch.ones(len(normals))]).long()
         if name == "D_det":
             target = 1 - label
@@ -234,11 +229,7 @@ class Study:
             meta = {"feature_distance_final_mean": float(final.mean()),
                     "feature_distance_initial_mean": float(initial.mean())}  # fmt: skip
         else:
-            from firmad.outliers import apply_kinds, parse_outliers
-
-            kinds = parse_outliers(self.run_cfg.outliers.kinds or ["rot90", "rot180", "rot270"])
-            kind_ids = torch.randint(1, len(kinds) + 1, (len(targets),), generator=gen)
-            outliers = apply_kinds(targets, kind_ids, kinds, gen)
+            outliers = _synthetic_outliers(targets, self.run_cfg, gen)
             self.log(f"[{backbone}] building {name}: {len(targets)} outliers made to look normal")
             images = pgd(
                 det_std, outliers, torch.ones(len(outliers), dtype=torch.long),
@@ -370,6 +361,15 @@ class Study:
         atomic_write_json(self.out / "study.json", results)
         atomic_write_text(self.out / "study.md", study_markdown(results))
         return results
+
+
+def _synthetic_outliers(images: torch.Tensor, cfg, gen: torch.Generator) -> torch.Tensor:
+    """One of the recipe's synthetic outlier kinds (rotations if it has none) per image."""
+    from firmad.outliers import apply_kinds, parse_outliers
+
+    kinds = parse_outliers(cfg.outliers.kinds or ["rot90", "rot180", "rot270"])
+    kind_ids = torch.randint(1, len(kinds) + 1, (len(images),), generator=gen)
+    return apply_kinds(images, kind_ids, kinds, gen)
 
 
 def _summary(det, sweep: dict) -> dict[str, Any]:
