@@ -11,13 +11,16 @@ import sys
 from pathlib import Path
 
 
-def main(root: Path) -> str:
-    rows, eps_all = [], set()
+def _attacks(root: Path):
+    """(cell directory, attack.json, its both-sides rows by ε) for every cell of a grid."""
     for path in sorted(root.glob("*/*/attack.json")):
         result = json.loads(path.read_text())
-        both = {r["eps"]: r for r in result["rows"] if r["target"] == "both"}
-        eps_all |= {e for e in both if e > 0}
-        rows.append((path.parent, result, both))
+        yield path.parent, result, {r["eps"]: r for r in result["rows"] if r["target"] == "both"}
+
+
+def main(root: Path) -> str:
+    rows = list(_attacks(root))
+    eps_all = {e for _, _, both in rows for e in both if e > 0}
     eps = sorted(eps_all)
     head = " | ".join(f"both ε={e * 255:.0f}/255" for e in eps)
     lines = [
@@ -49,12 +52,10 @@ def by_class(root: Path) -> str:
     """Clean / robust (both sides, the largest ε) AUROC per class and recipe, with the mean."""
     table: dict[str, dict[int, tuple[float, float]]] = {}
     eps_max = None
-    for path in sorted(root.glob("*/*/attack.json")):
-        result = json.loads(path.read_text())
-        both = {r["eps"]: r for r in result["rows"] if r["target"] == "both"}
+    for cell, result, both in _attacks(root):
         eps_max = max(both)
-        normal_class = int(path.parent.name.split("-c")[-1].split("-s")[0])
-        table.setdefault(path.parent.parent.name, {})[normal_class] = (
+        normal_class = int(cell.name.split("-c")[-1].split("-s")[0])
+        table.setdefault(cell.parent.name, {})[normal_class] = (
             result["clean"]["auroc"],
             both[eps_max]["auroc"],
         )
