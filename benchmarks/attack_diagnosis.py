@@ -1,14 +1,15 @@
 """Is the attack weak, or is the detector hard to move? Diagnostics for one trained run.
 
 On a stratified test subset of the run's headline kNN detector (L∞):
-1. the library's attack (`attack_detector`: exact kNN + KDE + centre surrogates), both sides;
+1. the library's attack (`attack_detector`: exact kNN + KDE + centre surrogates), both sides,
+   with the fixed step and with APGD's schedule (``schedule="apgd"``);
 2. hand-written PGD variants on the exact score: no random start, step-size decay, momentum,
    and a feature-matching objective (each anomaly pulled towards its nearest training normal);
 3. anomalies only at large ε (32, 64 /255): a working attack should reach AUROC near 0;
 4. how far the encoder's features move at all: untargeted PGD minimising cos(f(x'), f(x)),
    against the typical cosine between two different test images.
 
-    python benchmarks/attack_diagnosis.py RUN_DIR [--n 100] [--out FILE.json]
+    python benchmarks/attack_diagnosis.py RUN_DIR [--n 100] [--out FILE.json] [--library-only]
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--library-only", action="store_true", help="only step 1 (the library's attacks)"
+    )
     args = parser.parse_args()
     tic = time.perf_counter()
     det = OneClassDetector.from_run(args.run)
@@ -77,8 +81,13 @@ def main() -> None:
         mask = {"both": torch.ones_like(y, dtype=torch.bool), "anomaly": y == 1, "normal": y == 0}
         return float(roc_auc_score(y, torch.where(mask[side], adv, clean)))
 
-    r = attack_detector(det, x, y, eps=EPS, steps=100, targets="both", batch_size=256)
-    out["library both"] = auroc(r.scores, "both")
+    for schedule in ("fixed", "apgd"):
+        r = attack_detector(
+            det, x, y, eps=EPS, steps=100, targets="both", batch_size=256, schedule=schedule
+        )
+        out["library both" + ("" if schedule == "fixed" else " (apgd)")] = auroc(r.scores, "both")
+    if args.library_only:
+        return _finish(out, tic, args.out)
     sign = (1 - 2 * y).float()
 
     def exact(xi):  # higher = attack succeeds: normals up, anomalies down
@@ -123,12 +132,16 @@ def main() -> None:
         adv = pgd_variant(away, away, x, e / 255)
         with torch.no_grad():
             out[f"cos(f(x'), f(x)) after untargeted PGD eps={e}/255"] = float(-away(adv).mean())
+    _finish(out, tic, args.out)
+
+
+def _finish(out: dict, tic: float, path: Path | None) -> None:
     out["seconds"] = round(time.perf_counter() - tic, 1)
     for k, v in out.items():
         print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2))
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

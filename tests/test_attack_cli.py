@@ -68,6 +68,18 @@ def test_attack_on_a_run_writes_its_four_files(run_dir, capsys):
     assert not RunDir(run_dir).is_foreign() and RunDir(run_dir).state == "evaluated"
 
 
+def test_attack_with_the_apgd_schedule(run_dir, tmp_path):
+    out = tmp_path / "apgd"
+    args = ["-q", "attack", str(run_dir), "--eps", "0,8", "--schedule", "apgd", "--no-checks"]
+    assert main([*args, *QUICK, "--out", str(out)]) == 0
+    data = json.loads((out / "attack.json").read_text())
+    assert data["settings"]["schedule"] == "apgd"
+    assert data["settings"]["step_size"] == "2*eps, halved"
+    both = {r["eps"]: r["auroc"] for r in data["rows"] if r["target"] == "both"}
+    assert both[max(both)] < both[0]
+    assert "APGD-3" in (out / "attack.md").read_text()
+
+
 def test_attack_on_a_detector_needs_a_test_set(tmp_path, capsys):
     split = one_vs_rest("fashion-mnist", 0, root=str(FIXTURE_FMNIST))
     det = OneClassDetector(overrides=TRAIN, scorer="knn_cos", k=5).fit(split.train_images)
@@ -99,6 +111,7 @@ def test_attack_on_a_detector_needs_a_test_set(tmp_path, capsys):
         (["{run}", "--eps", "0,-1"], ">= 0"),
         (["{run}", "--norm", "l3"], "linf or l2"),
         (["{run}", "--targets", "both,all"], "--targets"),
+        (["{run}", "--schedule", "cosine"], "fixed or apgd"),
         (["{run}", "--data", "fashion-mnist"], "run directory"),
         (["{run}", "--scorer", "nope"], "unknown scorer"),
     ],
@@ -118,12 +131,14 @@ def test_attack_recipe_key_adds_robustness_to_results(tmp_path):
         "attack.steps=2",
         "attack.subset=40",
         "attack.checks=false",
+        "attack.schedule=apgd",
     ]
     cfg = load_config("fmnist-cpu", [*TINY, "method.name=binary", "train.epochs=1", *attack])
     results = train_run(cfg, out_dir=run, quiet=True)["results"]
     rob = results["robustness"]
     assert rob["detector"]["scorer"] == "logit"  # the binary classifier's own score
     assert rob["norm"] == "linf" and rob["n"] == 40 and rob["file"] == "attack.json"
+    assert rob["schedule"] == "apgd" and "APGD-2" in (run / "report.md").read_text()
     assert {(r["eps_255"], r["target"]) for r in rob["rows"]} == {
         (e, t) for e in (0, 8.007) for t in ("normal", "anomaly", "both")
     }

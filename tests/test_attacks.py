@@ -29,7 +29,7 @@ from firmad.robustness import (
     score,
     stratified_subset,
 )
-from firmad.robustness.attacks import _project
+from firmad.robustness.attacks import _project, apgd_checkpoints
 
 # --------------------------------------------------------------------------- toy detectors
 
@@ -137,8 +137,11 @@ def test_property_projection_stays_in_ball_and_box(norm, eps, scale, seed) -> No
     big_step=st.booleans(),
     restarts=st.integers(1, 2),
     seed=st.integers(0, 10_000),
+    schedule=st.sampled_from(["fixed", "apgd"]),
 )
-def test_property_pgd_output_in_ball_and_box(norm, eps, steps, big_step, restarts, seed) -> None:
+def test_property_pgd_output_in_ball_and_box(
+    norm, eps, steps, big_step, restarts, seed, schedule
+) -> None:
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(6, 1, 3, 4, generator=gen)
     y = torch.tensor([0, 1, 0, 1, 0, 1])
@@ -153,6 +156,7 @@ def test_property_pgd_output_in_ball_and_box(norm, eps, steps, big_step, restart
         step_size=step,
         restarts=restarts,
         seed=seed,
+        schedule=schedule,
     )
     d = (adv - x).flatten(1)
     assert adv.min() >= 0 and adv.max() <= 1
@@ -165,11 +169,12 @@ def test_property_pgd_output_in_ball_and_box(norm, eps, steps, big_step, restart
 # --------------------------------------------------------------------------- attack behaviour
 
 
+@pytest.mark.parametrize("schedule", ["fixed", "apgd"])
 @pytest.mark.parametrize("norm, eps", [("linf", 8 / 255), ("l2", 0.5)])
-def test_attack_drives_auroc_far_below_clean(toy, data, norm, eps) -> None:
+def test_attack_drives_auroc_far_below_clean(toy, data, norm, eps, schedule) -> None:
     _, x, y = data
     clean = _auroc(toy, x, y)
-    adv = pgd(toy, x, y, eps=eps, norm=norm, steps=20)
+    adv = pgd(toy, x, y, eps=eps, norm=norm, steps=20, schedule=schedule)
     assert clean > 0.95
     assert _auroc(toy, adv, y) < 0.3
 
@@ -186,6 +191,28 @@ def test_targets_move_only_their_group(toy, data, targets) -> None:
         assert (moved >= 0).all() and moved.mean() > 0  # false alarms: scores go up
     else:
         assert (moved <= 0).all() and moved.mean() < 0  # evasion: scores go down
+
+
+def test_apgd_checkpoints_follow_the_paper() -> None:
+    # p: 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99 (Croce & Hein 2020, section 3.2)
+    assert apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert apgd_checkpoints(10) == [3, 5, 6, 7, 8, 9]
+
+
+def test_apgd_halves_its_step_where_a_fixed_step_oscillates() -> None:
+    """A narrow peak at mean 0.52 from 0.5 inside ε = 0.1: a fixed step of 0.05 keeps
+    jumping over it; APGD's halving lands close to it with the same number of steps."""
+
+    def peaked(x):
+        return -((x.mean(dim=(1, 2, 3)) - 0.52) ** 2)
+
+    x = torch.full((1, 1, 2, 2), 0.5)
+    y = torch.tensor([0])
+    args = dict(eps=0.1, steps=20, step_size=0.05, random_start=False)
+    fixed = peaked(pgd(peaked, x, y, **args))
+    adaptive = peaked(pgd(peaked, x, y, schedule="apgd", **args))
+    assert fixed < -1e-4  # 0.5 or 0.55: at least 0.02 from the peak
+    assert adaptive > -1e-5  # within about 0.003 of it
 
 
 def test_best_iterate_is_kept() -> None:
@@ -297,6 +324,7 @@ def test_attack_detector_keeps_the_strongest_per_sample(toy, data) -> None:
         {"eot": 0},
         {"step_size": -1.0},
         {"batch_size": 0},
+        {"schedule": "cosine"},
     ],
 )
 def test_bad_settings_raise_config_error(kwargs) -> None:

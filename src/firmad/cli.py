@@ -568,6 +568,12 @@ def attack(
     ),
     steps: int = typer.Option(100, "--steps", help="PGD steps (step size 2.5 eps / steps)."),
     restarts: int = typer.Option(1, "--restarts", help="Random restarts per attack."),
+    schedule: str = typer.Option(
+        "fixed",
+        "--schedule",
+        help="Step sizes: fixed (2.5 eps / steps) or apgd (APGD: 2 eps, halved where the "
+        "attack stalls; usually stronger at the same number of steps).",
+    ),
     targets: str = typer.Option(
         "normal,anomaly,both", "--targets", help="Attacked groups: normal, anomaly, both."
     ),
@@ -609,6 +615,8 @@ def attack(
     bad = [t for t in target_list if t not in ("normal", "anomaly", "both")]
     if bad or not target_list:
         raise FirmadError(f"--targets {targets!r}: use some of normal, anomaly, both")
+    if schedule not in ("fixed", "apgd"):
+        raise FirmadError(f"--schedule {schedule!r}: use fixed or apgd")
     if steps < 1 or restarts < 1 or subset < 0:
         raise FirmadError("--steps and --restarts must be >= 1, --subset >= 0")
     klass = None
@@ -632,8 +640,8 @@ def attack(
         result, folder = audit_path(
             target, data=data, normal_class=klass, root=root, scorer=scorer, variant=variant,
             device=device, out_dir=out_dir, eps_list=eps_list, norm=norm, steps=steps,
-            restarts=restarts, targets=target_list, subset=subset or None, seed=seed,
-            batch_size=batch_size, checks=not no_checks, progress=advance,
+            restarts=restarts, schedule=schedule, targets=target_list, subset=subset or None,
+            seed=seed, batch_size=batch_size, checks=not no_checks, progress=advance,
         )  # fmt: skip
     from firmad.robustness.audit import attack_markdown
 

@@ -241,6 +241,8 @@ class AttackConfig(_Section):
     eps: list[float] = Field(default_factory=lambda: [0.0, 2 / 255, 4 / 255, 8 / 255])
     steps: Int = Field(100, ge=1)
     restarts: Int = Field(1, ge=1)
+    # fixed: step 2.5·ε/steps (the usual PGD); apgd: APGD's step size, halved where it stalls
+    schedule: Literal["fixed", "apgd"] = "fixed"
     subset: Int | None = Field(1000, ge=2)  # stratified seeded test subset; None = all
     targets: list[Literal["normal", "anomaly", "both"]] = Field(
         default_factory=lambda: ["normal", "anomaly", "both"]

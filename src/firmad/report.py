@@ -268,7 +268,8 @@ def _robustness_md(rob: Mapping[str, Any]) -> str:
     checks = "passed" if rob.get("passed") else "NOT all passed"
     lines = [
         f"AUROC % [95 % CI] of {result_name(det.get('scorer', '?'), k)} ({det.get('variant')}) "
-        f"under {rob['norm']} PGD-{rob['steps']} x {rob['restarts']} on n = {rob['n']} test "
+        f"under {rob['norm']} {'APGD' if rob.get('schedule') == 'apgd' else 'PGD'}-"
+        f"{rob['steps']} x {rob['restarts']} on n = {rob['n']} test "
         f"images; strength checks {checks}. Details: {rob.get('file', 'attack.json')}, "
         "attack.md.",
         "",

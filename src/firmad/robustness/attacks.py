@@ -11,6 +11,10 @@ Conventions:
 - Steps: L∞ ``x + α·sign(g)``, L2 ``x + α·g/‖g‖₂``; after every step δ is projected onto the
   ε-ball (L∞: clamp to ±ε, L2: rescale to ‖δ‖₂ ≤ ε) and ``x + δ`` is clamped to [0, 1].
   Default step size α = 2.5·ε/steps.
+- ``schedule="apgd"`` replaces the fixed step by the step-size rule of APGD (Croce & Hein 2020,
+  "Reliable evaluation of adversarial robustness..."): start at η = 2ε, a momentum of 0.75 on
+  the iterates, and at checkpoints (22 %, 41 %, 57 %, 70 %... of the steps) η is halved and the
+  attack restarts from its best point wherever progress stalled. Same gradient budget.
 - The best iterate per sample (by the true score, in the attack direction) over every step and
   restart is returned; the clean image is a candidate too, so the result is never weaker
   than no attack.
@@ -45,6 +49,7 @@ __all__ = [
     "pgd",
     "project",
     "random_delta",
+    "default_step",
     "score",
     "score_fn_of",
 ]
@@ -52,6 +57,7 @@ __all__ = [
 ScoreFn = Callable[[Tensor], Tensor]
 NORMS = ("linf", "l2")
 TARGETS = ("both", "normal", "anomaly")
+SCHEDULES = ("fixed", "apgd")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -188,8 +194,12 @@ def _check_int(name: str, value, low: int = 1) -> int:
     return value
 
 
-def _check_settings(norm, eps, steps, step_size, restarts, targets, eot, random_start, batch_size):
+def _check_settings(
+    norm, eps, steps, step_size, restarts, targets, eot, random_start, batch_size, schedule="fixed"
+):
     norm = str(norm).lower()
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
     if norm not in NORMS:
         raise ConfigError(f"norm must be one of {NORMS}, got {norm!r}.")
     if isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps):
@@ -222,6 +232,11 @@ def _check_settings(norm, eps, steps, step_size, restarts, targets, eot, random_
 
 
 _project = project  # the name the tests and older callers use
+
+
+def default_step(eps: float, steps: int, schedule: str = "fixed") -> float:
+    """The default step: 2.5·ε/steps for the fixed schedule, APGD's first η = 2·ε."""
+    return 2.0 * eps if schedule == "apgd" else 2.5 * eps / steps
 
 
 def _random_start(x: Tensor, norm: str, eps: float, gen: torch.Generator) -> Tensor:
@@ -301,6 +316,87 @@ def _run_pgd(
     return best_x, best_obj
 
 
+APGD_MOMENTUM = 0.75  # weight of the new step against the previous direction (Croce & Hein)
+APGD_RHO = 0.75  # at a checkpoint, halve η if fewer than this share of steps made progress
+
+
+def apgd_checkpoints(steps: int) -> list[int]:
+    """The iterations at which APGD may halve its step: p0 = 0, p1 = 0.22,
+    p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06), times ``steps``."""
+    p = [0.0, 0.22]
+    while p[-1] + max(p[-1] - p[-2] - 0.03, 0.06) <= 1:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    return sorted({math.ceil(round(q * steps, 9)) for q in p[1:]} - {0, steps})
+
+
+def _run_apgd(
+    score_fn: ScoreFn,
+    grad_fn: ScoreFn | None,
+    x: Tensor,
+    sign: Tensor,
+    cfg: dict,
+    gen: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """``_run_pgd`` with APGD's step-size schedule and momentum (per image): η starts at
+    ``cfg["alpha"]``; at each checkpoint an image whose objective rose in fewer than 75 % of
+    the steps since the last one, or whose η and best objective did not change, halves η and
+    jumps back to its best point. Candidates and selection as in ``_run_pgd``."""
+    norm, eps, steps, eot = cfg["norm"], cfg["eps"], cfg["steps"], cfg["eot"]
+    checkpoints = set(apgd_checkpoints(steps))
+    chunks = _batches(x.shape[0], cfg["batch_size"])
+    best_x = x.clone()
+    best_obj = torch.cat([_objective(score_fn, x[b], sign[b], eot) for b in chunks])
+
+    def ascend(xb: Tensor, b: slice) -> tuple[Tensor, Tensor]:
+        grad, obj = _gradient(grad_fn or score_fn, xb, sign[b], eot)
+        if grad_fn is not None:
+            obj = _objective(score_fn, xb, sign[b], eot)
+        return grad, obj
+
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    for _ in range(cfg["restarts"]):
+        start = _random_start(x, norm, eps, gen) if cfg["random_start"] else x
+        for b in chunks:
+            x0 = x[b]
+            cur = start[b].clone()
+            grad, obj = ascend(cur, b)
+            run_x, run_obj, run_grad = cur.clone(), obj.clone(), grad.clone()  # this run's best
+            eta = torch.full((cur.shape[0],), cfg["alpha"], dtype=cur.dtype, device=cur.device)
+            prev = cur
+            rises = torch.zeros_like(obj)
+            last_check, eta_at_check, best_at_check = 0, eta.clone(), run_obj.clone()
+            for k in range(steps):
+                z = project(ascent_step(cur, grad, norm, eta.view(shape)), x0, norm, eps)
+                a = 1.0 if k == 0 else APGD_MOMENTUM
+                nxt = project(cur + a * (z - cur) + (1 - a) * (cur - prev), x0, norm, eps)
+                prev, cur = cur, nxt
+                if k + 1 < steps:
+                    grad, new_obj = ascend(cur, b)
+                else:
+                    new_obj = _objective(score_fn, cur, sign[b], eot)
+                rises += (new_obj > obj).double()
+                obj = new_obj
+                better = obj > run_obj
+                run_x[better], run_obj[better] = cur[better], obj[better]
+                if k + 1 < steps:
+                    run_grad[better] = grad[better]
+                if k + 1 in checkpoints:
+                    stalled = (rises < APGD_RHO * (k + 1 - last_check)) | (
+                        (eta == eta_at_check) & (run_obj == best_at_check)
+                    )
+                    eta_at_check, best_at_check = eta.clone(), run_obj.clone()
+                    eta = torch.where(stalled, eta / 2, eta)
+                    cur, prev, grad = cur.clone(), prev.clone(), grad.clone()
+                    cur[stalled], prev[stalled] = run_x[stalled], run_x[stalled]
+                    grad[stalled], obj[stalled] = run_grad[stalled], run_obj[stalled]
+                    rises.zero_()
+                    last_check = k + 1
+            better = run_obj > best_obj[b]  # NaN never wins
+            best_x[b][better] = run_x[better]
+            best_obj[b] = torch.where(better, run_obj, best_obj[b])
+    return best_x, best_obj
+
+
 @dataclass
 class AttackResult:
     """Outcome of ``attack_detector``.
@@ -335,11 +431,12 @@ def _attack(
     random_start,
     seed,
     batch_size,
+    schedule="fixed",
 ) -> AttackResult:
     """Shared core of ``pgd`` and ``attack_detector``: one PGD run per gradient source
     (None = the detector's own score, seed + i for the i-th), best per image by the score."""
     norm = _check_settings(
-        norm, eps, steps, step_size, restarts, targets, eot, random_start, batch_size
+        norm, eps, steps, step_size, restarts, targets, eot, random_start, batch_size, schedule
     )
     x = _check_images(x)
     y = _check_labels(y, x.shape[0], x.device)
@@ -356,7 +453,7 @@ def _attack(
         steps=steps,
         restarts=restarts,
         eot=eot,
-        alpha=2.5 * eps / steps if step_size is None else float(step_size),
+        alpha=float(step_size) if step_size is not None else default_step(eps, steps, schedule),
         random_start=random_start,
         batch_size=batch_size,
     )
@@ -371,7 +468,8 @@ def _attack(
             best_x, best_obj, best_i = None, None, torch.zeros_like(idx)
             for i, source in enumerate(sources):
                 gen = torch.Generator().manual_seed(int(seed) + i)
-                adv, obj = _run_pgd(score_fn, source, x[idx], sign, cfg, gen)
+                run = _run_apgd if schedule == "apgd" else _run_pgd
+                adv, obj = run(score_fn, source, x[idx], sign, cfg, gen)
                 if best_x is None:
                     best_x, best_obj = adv, obj
                     continue
@@ -405,6 +503,7 @@ def pgd(
     seed: int = 0,
     grad_fn: ScoreFn | None = None,
     batch_size: int | None = None,
+    schedule: str = "fixed",
 ) -> Tensor:
     """Projected gradient attack on an anomaly score; returns the perturbed images.
 
@@ -416,7 +515,7 @@ def pgd(
         eps: radius of the perturbation in [0, 1] pixel space (L∞ or L2); 0 = no attack.
         norm: ``"linf"`` or ``"l2"``.
         steps: gradient steps per restart.
-        step_size: α; default 2.5·eps/steps.
+        step_size: α (the first η with ``schedule="apgd"``); default 2.5·eps/steps (APGD: 2·eps).
         restarts: independent random starts; the best iterate over all of them is kept.
         targets: ``"both"``, ``"normal"`` (false alarms only) or ``"anomaly"`` (evasion only);
             images not targeted are returned unchanged.
@@ -427,6 +526,8 @@ def pgd(
             direction) that provides the gradients; the true score still selects the best
             iterate.
         batch_size: images per forward/backward pass; None = all at once.
+        schedule: ``"fixed"`` (step α throughout) or ``"apgd"`` (APGD's halving step size
+            with momentum; see the module docstring).
     """
     source = {"exact" if grad_fn is None else "grad_fn": grad_fn}
     return _attack(
@@ -444,6 +545,7 @@ def pgd(
         random_start=random_start,
         seed=seed,
         batch_size=batch_size,
+        schedule=schedule,
     ).images
 
 
@@ -513,6 +615,7 @@ def attack_detector(
     seed: int = 0,
     batch_size: int | None = None,
     surrogates: bool | Mapping[str, ScoreFn] = True,
+    schedule: str = "fixed",
 ) -> AttackResult:
     """The exact attack plus one attack per surrogate score; keeps the strongest per image.
 
@@ -540,4 +643,5 @@ def attack_detector(
         random_start=random_start,
         seed=seed,
         batch_size=batch_size,
+        schedule=schedule,
     )

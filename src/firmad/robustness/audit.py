@@ -22,7 +22,7 @@ import torch
 from firmad.errors import CheckpointError, ConfigError, InputError
 from firmad.io import atomic_write_json, atomic_write_text
 from firmad.robustness.attacks import attack_detector
-from firmad.robustness.evaluate import format_markdown, robust_auroc_sweep
+from firmad.robustness.evaluate import _attack_name, format_markdown, robust_auroc_sweep
 
 __all__ = [
     "ATTACK_FILES",
@@ -91,6 +91,7 @@ def audit(
     norm: str = "linf",
     steps: int = 100,
     restarts: int = 1,
+    schedule: str = "fixed",
     targets: Sequence[str] = ("normal", "anomaly", "both"),
     subset: int | None = 1000,
     seed: int = 0,
@@ -114,6 +115,7 @@ def audit(
         norm=norm,
         steps=steps,
         restarts=restarts,
+        schedule=schedule,
         targets_list=tuple(targets),
         seed=seed,
         batch_size=batch_size,
@@ -149,10 +151,12 @@ def _examples(det, x, y, result, n: int, batch_size):
     pick = torch.cat([idx[ys == 0][:n], idx[ys == 1][:n]])
     xe, ye = x[pick.to(x.device)], y[pick]
     eps = max(st["eps_list"])
+    schedule = st.get("schedule", "fixed")
     res = attack_detector(
         det, xe, ye, eps=eps, norm=st["norm"], steps=st["steps"],
-        step_size=2.5 * eps / st["steps"] if eps > 0 else None, restarts=st["restarts"],
-        targets="both", seed=st["seed"], batch_size=batch_size,
+        step_size=2.5 * eps / st["steps"] if eps > 0 and schedule == "fixed" else None,
+        restarts=st["restarts"], targets="both", seed=st["seed"], batch_size=batch_size,
+        schedule=schedule,
     )  # fmt: skip
     from firmad.robustness.attacks import score
 
@@ -220,7 +224,9 @@ def plot_attack_auroc(path: str | Path, result: dict[str, Any]) -> Path:
     unit = "ε (x 1/255, L∞)" if norm == "linf" else "ε (L2, pixel space [0, 1])"
     sub = result["subset"]
     ax.set(xlabel=unit, ylabel="AUROC %", ylim=(0, 100))
-    ax.set_title(f"PGD-{st['steps']} on the anomaly score (n = {sub['n']})", fontsize=10)
+    ax.set_title(
+        f"{_attack_name(st)}-{st['steps']} on the anomaly score (n = {sub['n']})", fontsize=10
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -365,6 +371,7 @@ def robustness_summary(result: dict[str, Any], cfg=None, step: int | None = None
         "norm": st["norm"],
         "steps": st["steps"],
         "restarts": st["restarts"],
+        "schedule": st.get("schedule", "fixed"),
         "n": result["subset"]["n"],
         "passed": result["passed"],
         "verdicts": {v["name"]: v["passed"] for v in result["verdicts"]},
@@ -387,7 +394,8 @@ def robustness_for_run(run, cfg, model, split, step: int | None) -> dict | None:
         if (
             isinstance(old, dict)
             and old.get("checkpoint_step") == step
-            and old.get("attack") == cfg.attack.model_dump()
+            # results written before the schedule key existed used the fixed schedule
+            and {"schedule": "fixed", **(old.get("attack") or {})} == cfg.attack.model_dump()
             and (run.path / ATTACK_JSON).exists()
         ):
             return old
@@ -399,7 +407,8 @@ def robustness_for_run(run, cfg, model, split, step: int | None) -> dict | None:
     x = _test_images(split.test_images, cfg.data.size)
     result = audit(
         det, x, split.test_labels, run.path, eps_list=a.eps, norm=a.norm, steps=a.steps,
-        restarts=a.restarts, targets=a.targets, subset=a.subset, seed=cfg.train.seed,
+        restarts=a.restarts, schedule=a.schedule, targets=a.targets, subset=a.subset,
+        seed=cfg.train.seed,
         batch_size=cfg.eval.batch_size, checks=a.checks, source=run.path,
     )  # fmt: skip
     return robustness_summary(result, cfg, step)

@@ -156,6 +156,7 @@ def robust_auroc_sweep(
     restarts: int = 1,
     targets_list: Sequence[str] = ("normal", "anomaly", "both"),
     step_factor: float = 2.5,
+    schedule: str = "fixed",
     eot: int = 1,
     random_start: bool = True,
     seed: int = 0,
@@ -177,6 +178,8 @@ def robust_auroc_sweep(
         eps_list: radii in [0, 1] pixel space; 0 gives the clean AUROC.
         norm, steps, restarts, eot, random_start, batch_size, surrogates: as in
             ``attack_detector``; step size = ``step_factor``·ε/steps.
+        schedule: ``"fixed"`` steps, or ``"apgd"`` (first step 2·ε, halved where progress
+            stalls; ``step_factor`` is then unused).
         targets_list: rows to report among "normal", "anomaly", "both".
         seed: seeds the attacks, the subset and the bootstrap.
         subset: evaluate on a stratified seeded subset of this size (None = all images).
@@ -194,7 +197,9 @@ def robust_auroc_sweep(
         ``verdicts``, ``checks_skipped`` and ``passed`` (all verdicts passed).
     """
     norm, eps_sorted, modes = _check_sweep(norm, eps_list, targets_list, n_bootstrap)
-    _check_settings(norm, 0.0, steps, None, restarts, "both", eot, random_start, batch_size)
+    _check_settings(
+        norm, 0.0, steps, None, restarts, "both", eot, random_start, batch_size, schedule
+    )
     for name, value in [
         ("step_factor", step_factor),
         ("check_eps", check_eps),
@@ -225,6 +230,7 @@ def robust_auroc_sweep(
         random_start=random_start,
         batch_size=batch_size,
         surrogates=surrogates,
+        schedule=schedule,
     )
 
     nonzero = [e for e in eps_sorted if e > 0]
@@ -246,7 +252,8 @@ def robust_auroc_sweep(
             progress(done[0], total, f"eps={eps:.4g}" + (f" ({what})" if what else ""))
         done[0] += 1
         kw = {**settings, **override}
-        step_size = step_factor * eps / kw["steps"] if eps > 0 else None
+        fixed = eps > 0 and kw["schedule"] == "fixed"
+        step_size = step_factor * eps / kw["steps"] if fixed else None
         return attack_detector(
             det, x, y, eps=eps, step_size=step_size, targets=targets, seed=seed, **kw
         )
@@ -333,7 +340,8 @@ def robust_auroc_sweep(
             "eps_list": eps_sorted,
             "steps": steps,
             "restarts": restarts,
-            "step_size": f"{step_factor}*eps/steps",
+            "step_size": f"{step_factor}*eps/steps" if schedule == "fixed" else "2*eps, halved",
+            "schedule": schedule,
             "targets_list": modes,
             "attack_targets": attack_targets,
             "eot": eot,
@@ -438,13 +446,19 @@ def _eps_text(eps: float, norm: str) -> str:
     return f"{eps:.4g}"
 
 
+def _attack_name(settings: dict) -> str:
+    """PGD or APGD (settings written before the schedule existed are PGD)."""
+    return "APGD" if settings.get("schedule") == "apgd" else "PGD"
+
+
 def format_markdown(result: dict) -> str:
     """A Markdown table (rows: ε, columns: target modes; AUROC % [95 % CI]) and the verdicts."""
     st = result["settings"]
     modes = st["targets_list"]
     sub = result["subset"]
     lines = [
-        f"Robust AUROC, {st['norm']} PGD-{st['steps']} x {st['restarts']} restart(s), "
+        f"Robust AUROC, {st['norm']} {_attack_name(st)}-{st['steps']} x {st['restarts']} "
+        "restart(s), "
         f"step {st['step_size']}, eot {st['eot']}, n = {sub['n']} "
         f"({sub['n_normal']} normal / {sub['n_anomaly']} anomalous), seed {st['seed']}.",
         "",
