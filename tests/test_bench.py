@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -148,3 +149,18 @@ def test_bad_executor_options_are_refused(tmp_path):
         run_grid(_grid(tmp_path), out_dir=tmp_path / "o", devices="0,x", quiet=True)
     with pytest.raises(ConfigError, match="executor local"):
         run_grid(_grid(tmp_path), out_dir=tmp_path / "o", executor="ray", devices="0", quiet=True)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*-grid.yaml"))
+)
+def test_every_benchmark_grid_plans_valid_cells(path, tmp_path):
+    """The grids in benchmarks/ stay runnable: each parses, and each cell's config validates."""
+    from firmad.bench import plan_cells
+    from firmad.config import backbone_overrides, load_config
+
+    grid = read_grid(path)
+    cells = plan_cells(grid, tmp_path)
+    assert cells
+    for cell in {(c.recipe, c.backbone): c for c in cells}.values():
+        load_config(cell.recipe, [*grid.set, *backbone_overrides(cell.backbone)])

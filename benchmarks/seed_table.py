@@ -1,0 +1,164 @@
+"""Seed, variant and paired-test tables from a quality grid's bench.csv.
+
+    python benchmarks/seed_table.py runs/bench/fmnist-cpu-seeds/bench.csv \
+        [--headline knn_cos:k=5] [--variant plain] [--reference fmnist-cpu] \
+        [--floor benchmarks/results/pixel-floor/fmnist.json]
+
+1. Per class and recipe: mean ± standard deviation of AUROC over the seeds, for the headline
+   scorer and variant (fixed before the run), with the raw-pixel floor as a column and each
+   recipe's margin over it; the overall row is the mean over classes, ± the standard deviation
+   over seeds of the per-seed class means.
+2. Paired tests of the reference recipe against each other recipe over the (class, seed)
+   pairs both finished: mean difference, the Wilcoxon signed-rank test and the paired t-test
+   (two-sided). A claim "A ahead of B" needs p < 0.05 here.
+3. Every scorer x variant the grid evaluated: mean AUROC per recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean, stdev
+
+from scipy import stats
+
+
+def _scorer_name(row: dict) -> str:
+    return f"{row['scorer']}:k={row['k']}" if row["k"] else row["scorer"]
+
+
+def read(path: Path) -> list[dict]:
+    """The finished rows of a bench.csv, AUROC as a float."""
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["status"] == "done" and r["auroc"]]
+    for r in rows:
+        r["auroc"] = float(r["auroc"])
+        r["normal_class"] = int(r["normal_class"])
+        r["seed"] = int(r["seed"])
+        r["name"] = _scorer_name(r)
+    return rows
+
+
+def _mean_sd(values: list[float]) -> str:
+    """'mean ± sd' in %, or the mean alone for a single value."""
+    if len(values) < 2:
+        return f"{100 * mean(values):.1f}"
+    return f"{100 * mean(values):.1f} ± {100 * stdev(values):.1f}"
+
+
+def seed_table(rows: list[dict], headline: str, variant: str, floor: dict | None) -> str:
+    # recipe -> class -> seed -> AUROC
+    auroc: dict[str, dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    names: dict[int, str] = {}
+    for r in rows:
+        if r["name"] == headline and r["variant"] == variant:
+            auroc[r["recipe"]][r["normal_class"]][r["seed"]] = r["auroc"]
+            names[r["normal_class"]] = r["class_name"]
+    recipes = list(auroc)
+    classes = sorted(names)
+    pixel = (floor or {}).get("auroc", {})
+    head = " | ".join(recipes)
+    lines = [
+        f"| class | {head} | pixels | " + " | ".join(f"{r} - pixels" for r in recipes) + " |",
+        "|---|" + "---:|" * (2 * len(recipes) + 1),
+    ]
+    for c in classes:
+        cells, margins = [], []
+        for r in recipes:
+            v = list(auroc[r][c].values())
+            cells.append(f"{_mean_sd(v)} (n={len(v)})" if v else "–")
+            p = pixel.get(names[c])
+            margins.append(f"{100 * (mean(v) - p):+.1f}" if v and p is not None else "–")
+        p = pixel.get(names[c])
+        lines.append(
+            f"| {c} {names[c]} | " + " | ".join(cells) + " | "
+            + ("–" if p is None else f"{100 * p:.1f}") + " | " + " | ".join(margins) + " |"
+        )  # fmt: skip
+    overall = []
+    for r in recipes:
+        seeds = sorted({s for c in classes for s in auroc[r][c]})
+        # per seed, the class mean over the classes that seed finished for every class
+        per_seed = [
+            mean(auroc[r][c][s] for c in classes)
+            for s in seeds
+            if all(s in auroc[r][c] for c in classes)
+        ]
+        overall.append(f"**{_mean_sd(per_seed)}** (seeds: {len(per_seed)})" if per_seed else "–")
+    floor_mean = (floor or {}).get("mean")
+    lines.append(
+        f"| mean ({len(classes)} classes) | " + " | ".join(overall) + " | "
+        + ("–" if floor_mean is None else f"{100 * floor_mean:.1f}") + " |"
+        + " |" * len(recipes)
+    )  # fmt: skip
+    return "\n".join(lines)
+
+
+def paired_tests(rows: list[dict], headline: str, variant: str, reference: str) -> str:
+    pairs: dict[str, dict[tuple[int, int], float]] = defaultdict(dict)
+    for r in rows:
+        if r["name"] == headline and r["variant"] == variant:
+            pairs[r["recipe"]][(r["normal_class"], r["seed"])] = r["auroc"]
+    if reference not in pairs:
+        raise SystemExit(f"no rows of the reference recipe {reference!r} for {headline} {variant}")
+    lines = [
+        f"| {reference} vs | pairs (class x seed) | mean difference | wins | Wilcoxon p | "
+        "paired t p |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for other in pairs:
+        if other == reference:
+            continue
+        keys = sorted(set(pairs[reference]) & set(pairs[other]))
+        diff = [pairs[reference][k] - pairs[other][k] for k in keys]
+        if len(diff) < 2:
+            lines.append(f"| {other} | {len(diff)} | – | – | – | – |")
+            continue
+        wilcoxon = stats.wilcoxon(diff).pvalue if any(diff) else 1.0
+        t = stats.ttest_1samp(diff, 0.0).pvalue
+        wins = sum(d > 0 for d in diff)
+        lines.append(
+            f"| {other} | {len(diff)} | {100 * mean(diff):+.2f} | {wins}/{len(diff)} | "
+            f"{wilcoxon:.3g} | {t:.3g} |"
+        )
+    return "\n".join(lines)
+
+
+def variant_table(rows: list[dict]) -> str:
+    """Mean AUROC over every (class, seed) cell per recipe, scorer and variant."""
+    cells: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        cells[(r["name"], r["variant"])][r["recipe"]].append(r["auroc"])
+    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
+    lines = [
+        "| scorer | variant | " + " | ".join(recipes) + " |",
+        "|---|---|" + "---:|" * len(recipes),
+    ]
+    for (name, variant), per in sorted(cells.items()):
+        vals = [f"{100 * mean(per[r]):.1f} (n={len(per[r])})" if per[r] else "–" for r in recipes]
+        lines.append(f"| {name} | {variant} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("csv", type=Path)
+    parser.add_argument("--headline", default="knn_cos:k=5")
+    parser.add_argument("--variant", default="plain")
+    parser.add_argument("--reference", default="fmnist-cpu")
+    parser.add_argument("--floor", type=Path, default=None, help="pixel_floor.py's JSON")
+    args = parser.parse_args()
+    rows = read(args.csv)
+    floor = json.loads(args.floor.read_text()) if args.floor else None
+    print(f"Headline: {args.headline}, variant {args.variant} (AUROC %, mean ± sd over seeds)\n")
+    print(seed_table(rows, args.headline, args.variant, floor))
+    print(f"\nPaired tests, {args.reference} against each recipe (two-sided)\n")
+    print(paired_tests(rows, args.headline, args.variant, args.reference))
+    print("\nEvery scorer and variant (mean AUROC % over class x seed)\n")
+    print(variant_table(rows))
+
+
+if __name__ == "__main__":
+    main()

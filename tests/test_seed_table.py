@@ -1,0 +1,64 @@
+"""benchmarks/seed_table.py on a made-up bench.csv: means and standard deviations over seeds, the
+paired tests over (class, seed) and the pixel floor's margin."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from scipy import stats
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "seed_table.py"
+FIELDS = ["recipe", "normal_class", "class_name", "seed", "scorer", "k", "variant", "auroc"]
+
+
+@pytest.fixture(scope="module")
+def seed_table():
+    spec = importlib.util.spec_from_file_location("seed_table", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _csv(path: Path, firm: dict, base: dict) -> Path:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, [*FIELDS, "status"])
+        w.writeheader()
+        for recipe, values in (("firm", firm), ("base", base)):
+            for (c, s), auroc in values.items():
+                values_ = [recipe, c, f"class{c}", s, "knn_cos", 5, "plain", auroc]
+                row = dict(zip(FIELDS, values_, strict=True))
+                w.writerow({**row, "status": "done"})
+            # a failed cell and another variant must not enter the headline numbers
+            w.writerow({**row, "variant": "angled", "auroc": 0.1, "status": "done"})
+            w.writerow({**row, "seed": 9, "auroc": "", "status": "failed"})
+    return path
+
+
+def test_seed_table_and_paired_tests(seed_table, tmp_path):
+    firm = {(c, s): 0.90 + 0.01 * c + 0.002 * s for c in range(3) for s in range(3)}
+    base = {(c, s): v - 0.01 - 0.001 * ((c + s) % 3) for (c, s), v in firm.items()}
+    rows = seed_table.read(_csv(tmp_path / "bench.csv", firm, base))
+    floor = {"auroc": {"class0": 0.85}, "mean": 0.8}
+    table = seed_table.seed_table(rows, "knn_cos:k=5", "plain", floor)
+    assert "| 0 class0 | 90.2 ± 0.2 (n=3) |" in table  # 0.900, 0.902, 0.904
+    assert "| +5.2 |" in table  # class 0 over the pixels
+    # overall: the class means per seed are 0.910, 0.912, 0.914
+    assert "**91.2 ± 0.2** (seeds: 3)" in table
+    tests = seed_table.paired_tests(rows, "knn_cos:k=5", "plain", "firm")
+    diff = [firm[k] - base[k] for k in sorted(firm)]
+    expected_p = stats.wilcoxon(diff).pvalue
+    assert "| base | 9 | +1.10 | 9/9 |" in tests  # 1 + 0.1 on average
+    assert f"{expected_p:.3g}" in tests and expected_p < 0.05
+    variants = seed_table.variant_table(rows)
+    assert "| knn_cos:k=5 | angled | 10.0 (n=1) | 10.0 (n=1) |" in variants
+
+
+def test_missing_reference_is_a_clear_error(seed_table, tmp_path):
+    rows = seed_table.read(_csv(tmp_path / "bench.csv", {(0, 0): 0.9}, {(0, 0): 0.8}))
+    with pytest.raises(SystemExit, match="no rows of the reference recipe 'nope'"):
+        seed_table.paired_tests(rows, "knn_cos:k=5", "plain", "nope")
+    assert json.dumps(seed_table.variant_table(rows))  # plain text, no NaN objects
