@@ -564,8 +564,14 @@ def test_ctrl_c_between_renames_waits_for_the_pair(tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right after the weights' rename
 
     monkeypatch.setattr(os, "replace", replace)
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint(tmp_path, "ck", {"w": torch.ones(3)}, {**meta, "epoch": 2})
+    # Python's own Ctrl-C handler, also where the suite was started with SIGINT ignored (a
+    # background job of a non-interactive shell)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(tmp_path, "ck", {"w": torch.ones(3)}, {**meta, "epoch": 2})
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.undo()
     tensors, got = load_checkpoint(tmp_path, "ck")  # a matching pair: the new one
     assert got["epoch"] == 2 and torch.equal(tensors["w"], torch.ones(3))
