@@ -262,14 +262,16 @@ def write_report_md(run_dir: str | Path, results_json: dict[str, Any]) -> Path:
 
 def _robustness_md(rob: Mapping[str, Any]) -> str:
     """The results.json ``robustness`` entry as a table: ε rows, attacked-group columns."""
+    from firmad.robustness.evaluate import attack_name
+
     det = rob.get("detector", {})
     k = det.get("scorer_params", {}).get("k")
     modes = list(dict.fromkeys(r["target"] for r in rob["rows"]))
     checks = "passed" if rob.get("passed") else "NOT all passed"
     lines = [
         f"AUROC % [95 % CI] of {result_name(det.get('scorer', '?'), k)} ({det.get('variant')}) "
-        f"under {rob['norm']} {'APGD' if rob.get('schedule') == 'apgd' else 'PGD'}-"
-        f"{rob['steps']} x {rob['restarts']} on n = {rob['n']} test "
+        f"under {rob['norm']} {attack_name(rob)}-{rob['steps']} x {rob['restarts']} on "
+        f"n = {rob['n']} test "
         f"images; strength checks {checks}. Details: {rob.get('file', 'attack.json')}, "
         "attack.md.",
         "",

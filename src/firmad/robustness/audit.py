@@ -22,7 +22,7 @@ import torch
 from firmad.errors import CheckpointError, ConfigError, InputError
 from firmad.io import atomic_write_json, atomic_write_text
 from firmad.robustness.attacks import attack_detector
-from firmad.robustness.evaluate import _attack_name, format_markdown, robust_auroc_sweep
+from firmad.robustness.evaluate import attack_name, format_markdown, robust_auroc_sweep
 
 __all__ = [
     "ATTACK_FILES",
@@ -225,7 +225,7 @@ def plot_attack_auroc(path: str | Path, result: dict[str, Any]) -> Path:
     sub = result["subset"]
     ax.set(xlabel=unit, ylabel="AUROC %", ylim=(0, 100))
     ax.set_title(
-        f"{_attack_name(st)}-{st['steps']} on the anomaly score (n = {sub['n']})", fontsize=10
+        f"{attack_name(st)}-{st['steps']} on the anomaly score (n = {sub['n']})", fontsize=10
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -446,7 +446,7 @@ def _eps_text(eps: float, norm: str) -> str:
     return f"{eps:.4g}"
 
 
-def _attack_name(settings: dict) -> str:
+def attack_name(settings: dict) -> str:
     """PGD or APGD (settings written before the schedule existed are PGD)."""
     return "APGD" if settings.get("schedule") == "apgd" else "PGD"
 
@@ -457,7 +457,7 @@ def format_markdown(result: dict) -> str:
     modes = st["targets_list"]
     sub = result["subset"]
     lines = [
-        f"Robust AUROC, {st['norm']} {_attack_name(st)}-{st['steps']} x {st['restarts']} "
+        f"Robust AUROC, {st['norm']} {attack_name(st)}-{st['steps']} x {st['restarts']} "
         "restart(s), "
         f"step {st['step_size']}, eot {st['eot']}, n = {sub['n']} "
         f"({sub['n_normal']} normal / {sub['n_anomaly']} anomalous), seed {st['seed']}.",
