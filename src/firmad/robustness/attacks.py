@@ -279,41 +279,31 @@ def _gradient(fn: ScoreFn, x: Tensor, sign: Tensor, eot: int) -> tuple[Tensor, T
     return grad / eot, obj / eot
 
 
-def _run_pgd(
-    score_fn: ScoreFn,
-    grad_fn: ScoreFn | None,
-    x: Tensor,
-    sign: Tensor,
-    cfg: dict,
-    gen: torch.Generator,
-) -> tuple[Tensor, Tensor]:
-    """Attack every row of ``x``; return the best images and their objective sign·score.
+def _ascent(score_fn: ScoreFn, grad_fn: ScoreFn | None, x: Tensor, sign: Tensor, eot: int):
+    """The gradient at ``x`` (from ``grad_fn`` or the score) and the objective that selects
+    iterates, always the true score's: taken from the same forward pass as the gradient when
+    no separate ``grad_fn`` is given."""
+    grad, obj = _gradient(grad_fn or score_fn, x, sign, eot)
+    if grad_fn is not None:
+        obj = _objective(score_fn, x, sign, eot)
+    return grad, obj
 
-    Candidates: the clean image, then iterates 0..steps of every restart (iterate 0 is the
-    random start). Gradients come from ``grad_fn`` or the score; selection always uses the
-    score, whose value at an iterate is taken from the same forward pass as its gradient
-    when no separate ``grad_fn`` is given.
-    """
+
+def _walk_fixed(score_fn, grad_fn, x0: Tensor, start: Tensor, sign: Tensor, cfg: dict):
+    """Fixed-step PGD from ``start``: the best of iterates 0..steps and its objective."""
     norm, eps, steps, alpha, eot = cfg["norm"], cfg["eps"], cfg["steps"], cfg["alpha"], cfg["eot"]
-    chunks = _batches(x.shape[0], cfg["batch_size"])
-    best_x = x.clone()
-    best_obj = torch.cat([_objective(score_fn, x[b], sign[b], eot) for b in chunks])
-    for _ in range(cfg["restarts"]):
-        # One draw for all images per restart, so results do not depend on batch_size.
-        start = _random_start(x, norm, eps, gen) if cfg["random_start"] else x
-        for b in chunks:
-            x_adv = start[b].clone()
-            for k in range(steps + 1):
-                if k < steps:
-                    grad, obj = _gradient(grad_fn or score_fn, x_adv, sign[b], eot)
-                if k == steps or grad_fn is not None:
-                    obj = _objective(score_fn, x_adv, sign[b], eot)
-                better = obj > best_obj[b]  # NaN never wins
-                best_x[b][better] = x_adv[better]
-                best_obj[b] = torch.where(better, obj, best_obj[b])
-                if k < steps:
-                    x_adv = project(ascent_step(x_adv, grad, norm, alpha), x[b], norm, eps)
-    return best_x, best_obj
+    cur = start
+    run_x, run_obj = start.clone(), torch.full_like(sign, -math.inf, dtype=torch.float64)
+    for k in range(steps + 1):
+        if k < steps:
+            grad, obj = _ascent(score_fn, grad_fn, cur, sign, eot)
+        else:
+            obj = _objective(score_fn, cur, sign, eot)
+        better = obj > run_obj  # NaN never wins
+        run_x[better], run_obj[better] = cur[better], obj[better]
+        if k < steps:
+            cur = project(ascent_step(cur, grad, norm, alpha), x0, norm, eps)
+    return run_x, run_obj
 
 
 APGD_MOMENTUM = 0.75  # weight of the new step against the previous direction (Croce & Hein)
@@ -329,7 +319,55 @@ def apgd_checkpoints(steps: int) -> list[int]:
     return sorted({math.ceil(round(q * steps, 9)) for q in p[1:]} - {0, steps})
 
 
-def _run_apgd(
+def _walk_apgd(score_fn, grad_fn, x0: Tensor, start: Tensor, sign: Tensor, cfg: dict):
+    """APGD from ``start`` (per image): η starts at ``cfg["alpha"]`` and the iterates move with
+    momentum; at each checkpoint an image whose objective rose in fewer than 75 % of the steps
+    since the last one, or whose η and best objective did not change, halves η and jumps back
+    to its best point. Returns the best iterate and its objective, as ``_walk_fixed``."""
+    norm, eps, steps, eot = cfg["norm"], cfg["eps"], cfg["steps"], cfg["eot"]
+    checkpoints = set(apgd_checkpoints(steps))
+    shape = (-1,) + (1,) * (start.ndim - 1)
+    cur = prev = start
+    grad, obj = _ascent(score_fn, grad_fn, cur, sign, eot)
+    run_x, run_obj, run_grad = cur.clone(), torch.full_like(obj, -math.inf), grad.clone()
+    better = obj > run_obj  # NaN never wins
+    run_obj[better] = obj[better]
+    eta = torch.full((cur.shape[0],), cfg["alpha"], dtype=cur.dtype, device=cur.device)
+    rises = torch.zeros_like(obj)
+    last_check, eta_at_check, best_at_check = 0, eta.clone(), run_obj.clone()
+    for k in range(steps):
+        z = project(ascent_step(cur, grad, norm, eta.view(shape)), x0, norm, eps)
+        a = 1.0 if k == 0 else APGD_MOMENTUM
+        prev, cur = cur, project(cur + a * (z - cur) + (1 - a) * (cur - prev), x0, norm, eps)
+        last = k + 1 == steps
+        if last:
+            new_obj = _objective(score_fn, cur, sign, eot)
+        else:
+            grad, new_obj = _ascent(score_fn, grad_fn, cur, sign, eot)
+        rises += (new_obj > obj).double()
+        obj = new_obj
+        better = obj > run_obj
+        run_x[better], run_obj[better] = cur[better], obj[better]
+        if not last:
+            run_grad[better] = grad[better]
+        if k + 1 in checkpoints:
+            stalled = (rises < APGD_RHO * (k + 1 - last_check)) | (
+                (eta == eta_at_check) & (run_obj == best_at_check)
+            )
+            eta_at_check, best_at_check = eta.clone(), run_obj.clone()
+            eta = torch.where(stalled, eta / 2, eta)
+            cur, prev, grad = cur.clone(), prev.clone(), grad.clone()
+            cur[stalled], prev[stalled] = run_x[stalled], run_x[stalled]
+            grad[stalled], obj[stalled] = run_grad[stalled], run_obj[stalled]
+            rises.zero_()
+            last_check = k + 1
+    return run_x, run_obj
+
+
+WALKS = {"fixed": _walk_fixed, "apgd": _walk_apgd}
+
+
+def _run_pgd(
     score_fn: ScoreFn,
     grad_fn: ScoreFn | None,
     x: Tensor,
@@ -337,61 +375,22 @@ def _run_apgd(
     cfg: dict,
     gen: torch.Generator,
 ) -> tuple[Tensor, Tensor]:
-    """``_run_pgd`` with APGD's step-size schedule and momentum (per image): η starts at
-    ``cfg["alpha"]``; at each checkpoint an image whose objective rose in fewer than 75 % of
-    the steps since the last one, or whose η and best objective did not change, halves η and
-    jumps back to its best point. Candidates and selection as in ``_run_pgd``."""
-    norm, eps, steps, eot = cfg["norm"], cfg["eps"], cfg["steps"], cfg["eot"]
-    checkpoints = set(apgd_checkpoints(steps))
+    """Attack every row of ``x``; return the best images and their objective sign·score.
+
+    Candidates: the clean image, then the iterates of every restart (iterate 0 is the random
+    start), walked by ``cfg["schedule"]`` (``_walk_fixed`` or ``_walk_apgd``). Gradients come
+    from ``grad_fn`` or the score; selection always uses the score.
+    """
+    walk = WALKS[cfg["schedule"]]
     chunks = _batches(x.shape[0], cfg["batch_size"])
     best_x = x.clone()
-    best_obj = torch.cat([_objective(score_fn, x[b], sign[b], eot) for b in chunks])
-
-    def ascend(xb: Tensor, b: slice) -> tuple[Tensor, Tensor]:
-        grad, obj = _gradient(grad_fn or score_fn, xb, sign[b], eot)
-        if grad_fn is not None:
-            obj = _objective(score_fn, xb, sign[b], eot)
-        return grad, obj
-
-    shape = (-1,) + (1,) * (x.ndim - 1)
+    best_obj = torch.cat([_objective(score_fn, x[b], sign[b], cfg["eot"]) for b in chunks])
     for _ in range(cfg["restarts"]):
-        start = _random_start(x, norm, eps, gen) if cfg["random_start"] else x
+        # One draw for all images per restart, so results do not depend on batch_size.
+        start = _random_start(x, cfg["norm"], cfg["eps"], gen) if cfg["random_start"] else x
         for b in chunks:
-            x0 = x[b]
-            cur = start[b].clone()
-            grad, obj = ascend(cur, b)
-            run_x, run_obj, run_grad = cur.clone(), obj.clone(), grad.clone()  # this run's best
-            eta = torch.full((cur.shape[0],), cfg["alpha"], dtype=cur.dtype, device=cur.device)
-            prev = cur
-            rises = torch.zeros_like(obj)
-            last_check, eta_at_check, best_at_check = 0, eta.clone(), run_obj.clone()
-            for k in range(steps):
-                z = project(ascent_step(cur, grad, norm, eta.view(shape)), x0, norm, eps)
-                a = 1.0 if k == 0 else APGD_MOMENTUM
-                nxt = project(cur + a * (z - cur) + (1 - a) * (cur - prev), x0, norm, eps)
-                prev, cur = cur, nxt
-                if k + 1 < steps:
-                    grad, new_obj = ascend(cur, b)
-                else:
-                    new_obj = _objective(score_fn, cur, sign[b], eot)
-                rises += (new_obj > obj).double()
-                obj = new_obj
-                better = obj > run_obj
-                run_x[better], run_obj[better] = cur[better], obj[better]
-                if k + 1 < steps:
-                    run_grad[better] = grad[better]
-                if k + 1 in checkpoints:
-                    stalled = (rises < APGD_RHO * (k + 1 - last_check)) | (
-                        (eta == eta_at_check) & (run_obj == best_at_check)
-                    )
-                    eta_at_check, best_at_check = eta.clone(), run_obj.clone()
-                    eta = torch.where(stalled, eta / 2, eta)
-                    cur, prev, grad = cur.clone(), prev.clone(), grad.clone()
-                    cur[stalled], prev[stalled] = run_x[stalled], run_x[stalled]
-                    grad[stalled], obj[stalled] = run_grad[stalled], run_obj[stalled]
-                    rises.zero_()
-                    last_check = k + 1
-            better = run_obj > best_obj[b]  # NaN never wins
+            run_x, run_obj = walk(score_fn, grad_fn, x[b], start[b].clone(), sign[b], cfg)
+            better = run_obj > best_obj[b]  # ties keep the earlier candidate
             best_x[b][better] = run_x[better]
             best_obj[b] = torch.where(better, run_obj, best_obj[b])
     return best_x, best_obj
@@ -456,6 +455,7 @@ def _attack(
         alpha=float(step_size) if step_size is not None else default_step(eps, steps, schedule),
         random_start=random_start,
         batch_size=batch_size,
+        schedule=schedule,
     )
 
     images = x.clone()
@@ -468,8 +468,7 @@ def _attack(
             best_x, best_obj, best_i = None, None, torch.zeros_like(idx)
             for i, source in enumerate(sources):
                 gen = torch.Generator().manual_seed(int(seed) + i)
-                run = _run_apgd if schedule == "apgd" else _run_pgd
-                adv, obj = run(score_fn, source, x[idx], sign, cfg, gen)
+                adv, obj = _run_pgd(score_fn, source, x[idx], sign, cfg, gen)
                 if best_x is None:
                     best_x, best_obj = adv, obj
                     continue
