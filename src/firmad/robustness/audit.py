@@ -151,12 +151,10 @@ def _examples(det, x, y, result, n: int, batch_size):
     pick = torch.cat([idx[ys == 0][:n], idx[ys == 1][:n]])
     xe, ye = x[pick.to(x.device)], y[pick]
     eps = max(st["eps_list"])
-    schedule = st.get("schedule", "fixed")
-    res = attack_detector(
-        det, xe, ye, eps=eps, norm=st["norm"], steps=st["steps"],
-        step_size=2.5 * eps / st["steps"] if eps > 0 and schedule == "fixed" else None,
-        restarts=st["restarts"], targets="both", seed=st["seed"], batch_size=batch_size,
-        schedule=schedule,
+    res = attack_detector(  # the default step of the schedule, as in the sweep
+        det, xe, ye, eps=eps, norm=st["norm"], steps=st["steps"], restarts=st["restarts"],
+        targets="both", seed=st["seed"], batch_size=batch_size,
+        schedule=st.get("schedule", "fixed"),
     )  # fmt: skip
     from firmad.robustness.attacks import score
 
