@@ -1,8 +1,12 @@
 """Seed, variant and paired-test tables from a quality grid's bench.csv.
 
-    python benchmarks/seed_table.py runs/bench/fmnist-cpu-seeds/bench.csv \
+    python benchmarks/seed_table.py runs/bench/fmnist-cpu-seeds/bench.csv [more bench.csv ...] \
         [--headline knn_cos:k=5] [--variant plain] [--reference fmnist-cpu] \
+        [--recipes fmnist-cpu fmnist-cpu-ntxent ...] \
         [--floor benchmarks/results/pixel-floor/fmnist.json]
+
+Several bench.csv files are read as one grid (e.g. seed 0 from an earlier grid, seeds 1 and 2
+from a later one); a (recipe, class, seed, scorer, variant) row found twice keeps the first.
 
 1. Per class and recipe: mean ± standard deviation of AUROC over the seeds, for the headline
    scorer and variant (fixed before the run), with the raw-pixel floor as a column and each
@@ -39,6 +43,26 @@ def read(path: Path) -> list[dict]:
         r["normal_class"] = int(r["normal_class"])
         r["seed"] = int(r["seed"])
         r["name"] = _scorer_name(r)
+    return rows
+
+
+def read_all(paths: list[Path], recipes: list[str] | None = None) -> list[dict]:
+    """The finished rows of several bench.csv files, the first of duplicate cells kept."""
+    seen, rows = set(), []
+    for path in paths:
+        for r in read(path):
+            key = (
+                r["recipe"],
+                r.get("dataset"),
+                r["normal_class"],
+                r["seed"],
+                r["name"],
+                r["variant"],
+            )
+            if key in seen or (recipes and r["recipe"] not in recipes):
+                continue
+            seen.add(key)
+            rows.append(r)
     return rows
 
 
@@ -144,13 +168,14 @@ def variant_table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("csv", type=Path)
+    parser.add_argument("csv", type=Path, nargs="+")
     parser.add_argument("--headline", default="knn_cos:k=5")
     parser.add_argument("--variant", default="plain")
     parser.add_argument("--reference", default="fmnist-cpu")
+    parser.add_argument("--recipes", nargs="*", default=None, help="only these recipes")
     parser.add_argument("--floor", type=Path, default=None, help="pixel_floor.py's JSON")
     args = parser.parse_args()
-    rows = read(args.csv)
+    rows = read_all(args.csv, args.recipes)
     floor = json.loads(args.floor.read_text()) if args.floor else None
     print(f"Headline: {args.headline}, variant {args.variant} (AUROC %, mean ± sd over seeds)\n")
     print(seed_table(rows, args.headline, args.variant, floor))

@@ -62,3 +62,18 @@ def test_missing_reference_is_a_clear_error(seed_table, tmp_path):
     with pytest.raises(SystemExit, match="no rows of the reference recipe 'nope'"):
         seed_table.paired_tests(rows, "knn_cos:k=5", "plain", "nope")
     assert json.dumps(seed_table.variant_table(rows))  # plain text, no NaN objects
+
+
+def test_several_csvs_read_as_one_grid_first_duplicate_kept(seed_table, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = _csv(tmp_path / "a" / "bench.csv", {(0, 0): 0.9}, {(0, 0): 0.8})
+    # the same (recipe, class, seed) cell again with another value, and a new seed
+    second = _csv(tmp_path / "b" / "bench.csv", {(0, 0): 0.5, (0, 1): 0.7}, {(0, 1): 0.6})
+    rows = seed_table.read_all([first, second])
+    firm = {
+        r["seed"]: r["auroc"] for r in rows if r["recipe"] == "firm" and r["variant"] == "plain"
+    }
+    assert firm == {0: 0.9, 1: 0.7}
+    only = seed_table.read_all([first, second], recipes=["base"])
+    assert {r["recipe"] for r in only} == {"base"}

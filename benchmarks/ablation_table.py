@@ -1,0 +1,91 @@
+"""One-factor-at-a-time ablation table from one or more grids' bench.csv.
+
+    python benchmarks/ablation_table.py runs/bench/fmnist-cpu-ablation/bench.csv \
+        [more bench.csv ...] [--reference fmnist-cpu] [--headline knn_cos:k=5] \
+        [--variant plain] [--budget 600] [--also mahalanobis]
+
+One row per recipe (setting): the headline AUROC per class, their mean, the difference to the
+reference recipe on the same classes, and the wall time of its cells (training + evaluation as
+the grid ran them). A setting whose slowest cell is over --budget seconds is marked out of
+budget however good its AUROC. --also adds the class mean of other scorers.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+
+from seed_table import read_all
+
+
+def ablation_table(
+    rows: list[dict],
+    reference: str,
+    headline: str,
+    variant: str,
+    budget: float,
+    also: list[str],
+) -> str:
+    auroc: dict[str, dict[int, float]] = defaultdict(dict)  # recipe -> class -> headline AUROC
+    other: dict[tuple[str, str], list[float]] = defaultdict(list)  # (recipe, scorer) -> AUROCs
+    wall: dict[str, dict[int, float]] = defaultdict(dict)
+    names: dict[int, str] = {}
+    for r in rows:
+        if r["variant"] != variant:
+            continue
+        if r["name"] == headline:
+            auroc[r["recipe"]][r["normal_class"]] = r["auroc"]
+            wall[r["recipe"]][r["normal_class"]] = float(r["wall_time_s"])
+            names[r["normal_class"]] = r["class_name"]
+        if r["name"] in also:
+            other[(r["recipe"], r["name"])].append(r["auroc"])
+    if reference not in auroc:
+        raise SystemExit(f"no {headline} {variant} rows of the reference recipe {reference!r}")
+    classes = sorted(names)
+    head = " | ".join(f"{c} {names[c]}" for c in classes)
+    extra = "".join(f" | {s} mean" for s in also)
+    lines = [
+        f"| setting | {head} | mean | vs {reference} | wall time per cell (s) | "
+        f"within {budget:.0f} s{extra} |",
+        "|---|" + "---:|" * (len(classes) + 3) + "---|" + "---:|" * len(also),
+    ]
+    ref = auroc[reference]
+    for recipe in auroc:
+        per = auroc[recipe]
+        cells = [f"{100 * per[c]:.1f}" if c in per else "–" for c in classes]
+        shared = [c for c in per if c in ref]
+        delta = mean(per[c] - ref[c] for c in shared) if shared else None
+        times = list(wall[recipe].values())
+        complete = len(per) == len(classes)
+        within = "yes" if max(times) <= budget else "**no**"
+        extra_cells = "".join(
+            f" | {100 * mean(other[(recipe, s)]):.1f}" if other[(recipe, s)] else " | –"
+            for s in also
+        )
+        lines.append(
+            f"| {recipe} | " + " | ".join(cells)
+            + f" | {100 * mean(per.values()):.1f}{'' if complete else ' (partial)'}"
+            + (" | –" if recipe == reference or delta is None else f" | {100 * delta:+.1f}")
+            + f" | {mean(times):.0f} (max {max(times):.0f}) | {within}{extra_cells} |"
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("csv", type=Path, nargs="+")
+    parser.add_argument("--reference", default="fmnist-cpu")
+    parser.add_argument("--headline", default="knn_cos:k=5")
+    parser.add_argument("--variant", default="plain")
+    parser.add_argument("--budget", type=float, default=600.0, help="seconds per cell")
+    parser.add_argument("--also", nargs="*", default=[], help="other scorers' class means")
+    args = parser.parse_args()
+    rows = read_all(args.csv)
+    print(f"Headline: {args.headline}, variant {args.variant} (AUROC %)\n")
+    print(ablation_table(rows, args.reference, args.headline, args.variant, args.budget, args.also))
+
+
+if __name__ == "__main__":
+    main()
