@@ -126,3 +126,16 @@ def test_methods_own_scores_are_reported(tmp_path, tiny, method, own):
     summary = train_run(load_config("fmnist-cpu", tiny + extra), out_dir=tmp_path / "r", quiet=True)
     scorers = [r["scorer"] for r in summary["results"]["results"]]
     assert scorers[0] == own and "knn_cos" in scorers
+
+
+def test_wall_time_of_a_resumed_run_counts_the_earlier_training(tmp_path, tiny):
+    run = tmp_path / "run"
+    cfg = load_config("fmnist-cpu", tiny + ["train.epochs=1"])
+    train_run(cfg, out_dir=run, quiet=True, evaluate=False)
+    # as if the first invocation had trained for 1000 s before it stopped
+    meta_path = run / "checkpoint.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "elapsed_s": 1000.0}))
+    data = train_run(cfg, out_dir=run, quiet=True, resume=True)["results"]
+    assert data["train_time_s"] == 1000.0
+    assert data["wall_time_s"] >= 1000.0 + data["eval_time_s"] - 0.01

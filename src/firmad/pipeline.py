@@ -117,14 +117,14 @@ def train_run(
             return {"run_dir": run.path, "results": json.loads(run.results.read_text())}
         split = load_split(cfg)
         trainer = _trainer(cfg, run, split, restore=resume)
+        earlier_s = trainer.elapsed  # training time of earlier invocations of a resumed run
         if state in ("new", "started"):
             run.write_config(cfg)
         _fit(trainer, quiet)
         if not evaluate:
             return {"run_dir": run.path, "results": None}
-        return _evaluate(
-            run, cfg, split=split, model=trainer.model, train_wall_s=time.perf_counter() - start
-        )
+        wall = earlier_s + time.perf_counter() - start
+        return _evaluate(run, cfg, split=split, model=trainer.model, train_wall_s=wall)
 
 
 def _check_target(run: RunDir, resume: bool) -> None:
@@ -170,6 +170,7 @@ def train_runs(
         ]
         splits = {i: load_split(cfgs[i]) for i in todo}
         trainers = {i: _trainer(cfgs[i], runs[i], splits[i], restore=resume) for i in todo}
+        earlier_s = {i: t.elapsed for i, t in trainers.items()}  # of a resumed run
         for i in todo:
             if states[i] in ("new", "started"):
                 runs[i].write_config(cfgs[i])
@@ -190,8 +191,9 @@ def train_runs(
             elif not evaluate:
                 out.append({"run_dir": run.path, "results": None})
             else:
-                model = trainers[i].model
-                out.append(_evaluate(run, cfgs[i], split=splits[i], model=model, train_wall_s=wall))
+                model, wall_i = trainers[i].model, earlier_s[i] + wall
+                result = _evaluate(run, cfgs[i], split=splits[i], model=model, train_wall_s=wall_i)
+                out.append(result)
         return out
 
 
