@@ -57,17 +57,17 @@ def test_ablation_rows_differences_and_budget(ablation_table, tmp_path):
         ("base", 6): (0.80, 0.82, 520.0),
         ("tau", 7): (0.98, 0.97, 510.0),
         ("tau", 6): (0.84, 0.83, 530.0),
-        ("wide", 7): (0.995, 0.99, 900.0),  # only one class finished, over budget
+        ("wide", 7): (0.995, 0.99, 1300.0),  # only one class finished, over budget
     }
     rows = ablation_table.read_all([_bench_csv(tmp_path / "bench.csv", cells)])
     table = ablation_table.ablation_table(rows, "base", "knn_cos:k=5", "plain", 600.0,
                                           ["mahalanobis"])  # fmt: skip
     lines = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()}
-    assert "| 80.0 | 99.0 | 89.5 | – | 510 (max 520) | yes | 90.0 |" in lines["base"]
+    assert "| 80.0 | 99.0 | 89.5 | – | 510 (max 520) | 260 | yes | 90.0 |" in lines["base"]
     # tau: +1.5 on average over the two classes both finished (-1.0 and +4.0)
-    assert "| 84.0 | 98.0 | 91.0 | +1.5 | 520 (max 530) | yes | 90.0 |" in lines["tau"]
+    assert "| 84.0 | 98.0 | 91.0 | +1.5 | 520 (max 530) | 265 | yes | 90.0 |" in lines["tau"]
     # wide: compared on class 7 only, and out of budget however good
-    assert "| – | 99.5 | 99.5 (partial) | +0.5 | 900 (max 900) | **no** |" in lines["wide"]
+    assert "| – | 99.5 | 99.5 (partial) | +0.5 | 1300 (max 1300) | 650 | **no** |" in lines["wide"]
     with pytest.raises(SystemExit, match="reference recipe 'nope'"):
         ablation_table.ablation_table(rows, "nope", "knn_cos:k=5", "plain", 600.0, [])
 
