@@ -91,10 +91,10 @@ def test_convergence_steps_to_share_of_final(convergence_table, tmp_path):
     curves = convergence_table.read_curves(tmp_path)
     assert sorted(curves) == ["firm", "ntxent", "rot"] and list(curves["rot"]) == ["c7-s1"]
     table = convergence_table.convergence_table(curves, 0.95)
-    assert "| firm | c7-s1 | 90.0 | 200 | 200 | 400 |" in table
-    assert "| ntxent | c7-s1 | 90.0 | 200 | 400 | 400 |" in table
-    assert "| rot | c7-s1 | 90.0 | <= 100 | <= 100 | 400 |" in table
-    assert "| ntxent | 1 | 90.0 | 200 | 400 |" in table  # the per-recipe summary
+    assert "| firm | c7-s1 | 80.0 (100) | 90.0 | 200 | 200 | 400 |" in table
+    assert "| ntxent | c7-s1 | 70.0 (100) | 90.0 | 200 | 400 | 400 |" in table
+    assert "| rot | c7-s1 | 90.0 (100) | 90.0 | <= 100 | <= 100 | 400 |" in table
+    assert "| ntxent | 1 | 70.0 | 90.0 | 200 | 400 |" in table  # the per-recipe summary
 
 
 def test_convergence_without_curves_is_a_clear_error(convergence_table, tmp_path, monkeypatch):
