@@ -15,7 +15,8 @@ from a later one); a (recipe, class, seed, scorer, variant) row found twice keep
 2. Paired tests of the reference recipe against each other recipe over the (class, seed)
    pairs both finished: mean difference, the Wilcoxon signed-rank test and the paired t-test
    (two-sided). A claim "A ahead of B" needs p < 0.05 here.
-3. Every scorer x variant the grid evaluated: mean AUROC per recipe.
+3. Every scorer x variant the grid evaluated: mean AUROC per recipe, over the (class, seed)
+   cells that have every variant.
 """
 
 from __future__ import annotations
@@ -151,11 +152,18 @@ def paired_tests(rows: list[dict], headline: str, variant: str, reference: str) 
 
 
 def variant_table(rows: list[dict]) -> str:
-    """Mean AUROC over every (class, seed) cell per recipe, scorer and variant."""
+    """Mean AUROC per recipe, scorer and variant over the (class, seed) cells that have every
+    variant the grid scored, so that variants are compared on the same cells."""
+    variants = sorted({r["variant"] for r in rows})
+    have: dict[tuple[str, str], set] = defaultdict(set)  # (recipe, variant) -> (class, seed)
+    for r in rows:
+        have[(r["recipe"], r["variant"])].add((r["normal_class"], r["seed"]))
+    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
+    common = {rec: set.intersection(*(have[(rec, v)] for v in variants)) for rec in recipes}
     cells: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        cells[(r["name"], r["variant"])][r["recipe"]].append(r["auroc"])
-    recipes = list(dict.fromkeys(r["recipe"] for r in rows))
+        if (r["normal_class"], r["seed"]) in common[r["recipe"]]:
+            cells[(r["name"], r["variant"])][r["recipe"]].append(r["auroc"])
     lines = [
         "| scorer | variant | " + " | ".join(recipes) + " |",
         "|---|---|" + "---:|" * len(recipes),
@@ -181,7 +189,9 @@ def main() -> None:
     print(seed_table(rows, args.headline, args.variant, floor))
     print(f"\nPaired tests, {args.reference} against each recipe (two-sided)\n")
     print(paired_tests(rows, args.headline, args.variant, args.reference))
-    print("\nEvery scorer and variant (mean AUROC % over class x seed)\n")
+    print(
+        "\nEvery scorer and variant (mean AUROC % over the class x seed cells with every variant)\n"
+    )
     print(variant_table(rows))
 
 

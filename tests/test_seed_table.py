@@ -55,6 +55,8 @@ def test_seed_table_and_paired_tests(seed_table, tmp_path):
     assert f"{expected_p:.3g}" in tests and expected_p < 0.05
     variants = seed_table.variant_table(rows)
     assert "| knn_cos:k=5 | angled | 10.0 (n=1) | 10.0 (n=1) |" in variants
+    # plain on the same single cell (class 2, seed 2) that has both variants, not on all nine
+    assert "| knn_cos:k=5 | plain | 92.4 (n=1) | 91.3 (n=1) |" in variants
 
 
 def test_missing_reference_is_a_clear_error(seed_table, tmp_path):
