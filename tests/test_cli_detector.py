@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import firmad
 from firmad.cli import main
 from firmad.data import one_vs_rest
 from tests.conftest import FIXTURE_FMNIST
@@ -83,4 +85,7 @@ def test_onnx_export_reproduces_scores(detector_dir, tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"images": images.numpy()})
     np.testing.assert_allclose(got, det.score_images(images), atol=1e-4)
+    # the exporter's stack traces (absolute source paths of this machine) are not shipped
+    source_dir = str(Path(firmad.__file__).resolve().parent).encode()
+    assert source_dir not in path.read_bytes() and b"stack_trace" not in path.read_bytes()
     assert main(["-q", "export", str(detector_dir), "--format", "tflite", "--out", "x"]) == 2

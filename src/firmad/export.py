@@ -62,5 +62,28 @@ def export_onnx(detector, path: str | Path, opset: int = 18) -> Path:
             "pip install 'firmad[export]'"
         ) from None
     path = Path(path)
-    atomic_write_bytes(path, program.model_proto.SerializeToString())
+    atomic_write_bytes(path, strip_stack_traces(program.model_proto).SerializeToString())
     return path
+
+
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
+
+def strip_stack_traces(model):
+    """Drop the exporter's per-node Python stack traces from an ONNX ModelProto (in place;
+    returned): they name absolute source paths of the exporting machine and nothing at run time
+    reads them."""
+
+    def clean(nodes) -> None:
+        for node in nodes:
+            kept = [p for p in node.metadata_props if p.key != STACK_TRACE]
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+            for attr in node.attribute:  # control flow keeps its bodies as subgraphs
+                for sub in [attr.g, *attr.graphs]:
+                    clean(sub.node)
+
+    clean(model.graph.node)
+    for function in model.functions:
+        clean(function.node)
+    return model
