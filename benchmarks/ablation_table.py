@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 from collections import defaultdict
-from pathlib import Path
 from statistics import mean
 
-from seed_table import read_all
+from seed_table import read_all, table_arguments
 
 
 def ablation_table(
@@ -80,10 +79,7 @@ def ablation_table(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("csv", type=Path, nargs="+")
-    parser.add_argument("--reference", default="fmnist-cpu")
-    parser.add_argument("--headline", default="knn_cos:k=5")
-    parser.add_argument("--variant", default="plain")
+    table_arguments(parser)
     parser.add_argument("--budget", type=float, default=600.0, help="seconds per class")
     parser.add_argument("--sharing", type=int, default=2, help="cells the grid ran at once")
     parser.add_argument("--also", nargs="*", default=[], help="other scorers' class means")

@@ -174,12 +174,17 @@ def variant_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def table_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every quality-table script shares: its bench.csv files and what to compare."""
     parser.add_argument("csv", type=Path, nargs="+")
     parser.add_argument("--headline", default="knn_cos:k=5")
     parser.add_argument("--variant", default="plain")
     parser.add_argument("--reference", default="fmnist-cpu")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    table_arguments(parser)
     parser.add_argument("--recipes", nargs="*", default=None, help="only these recipes")
     parser.add_argument("--floor", type=Path, default=None, help="pixel_floor.py's JSON")
     args = parser.parse_args()
