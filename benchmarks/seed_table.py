@@ -7,6 +7,8 @@
 
 Several bench.csv files are read as one grid (e.g. seed 0 from an earlier grid, seeds 1 and 2
 from a later one); a (recipe, class, seed, scorer, variant) row found twice keeps the first.
+A grid that changed its recipes with `set:` (say 8 epochs) names them as the recipe did; give its
+file as `bench.csv#-8ep` to read its recipes as fmnist-cpu-8ep etc.
 
 1. Per class and recipe: mean ± standard deviation of AUROC over the seeds, for the headline
    scorer and variant (fixed before the run), with the raw-pixel floor as a column and each
@@ -48,10 +50,13 @@ def read(path: Path) -> list[dict]:
 
 
 def read_all(paths: list[Path], recipes: list[str] | None = None) -> list[dict]:
-    """The finished rows of several bench.csv files, the first of duplicate cells kept."""
+    """The finished rows of several bench.csv files, the first of duplicate cells kept; a path
+    written `bench.csv#SUFFIX` has SUFFIX appended to its recipe names."""
     seen, rows = set(), []
     for path in paths:
-        for r in read(path):
+        path, _, suffix = str(path).partition("#")
+        for r in read(Path(path)):
+            r["recipe"] += suffix
             key = (
                 r["recipe"],
                 r.get("dataset"),
