@@ -2,20 +2,24 @@
 
     python benchmarks/ablation_table.py runs/bench/fmnist-cpu-ablation/bench.csv \
         [more bench.csv ...] [--reference fmnist-cpu] [--headline knn_cos:k=5] \
-        [--variant plain] [--budget 600] [--sharing 2] [--also mahalanobis]
+        [--variant plain] [--budget 600] [--sharing 2] [--also mahalanobis] \
+        [--floor benchmarks/results/pixel-floor/fmnist.json] [--classes 7 2 6]
 
 One row per recipe (setting): the headline AUROC per class, their mean, the difference to the
 reference recipe on the same classes, and the wall time of its cells (training + evaluation as
 the grid ran them, --sharing cells at a time on the machine). The time a class costs on the
 whole machine is the cell's wall time divided by --sharing (the grid's throughput); a setting
 whose slowest class costs more than --budget seconds is marked out of budget however good its
-AUROC. --also adds the class mean of other scorers.
+AUROC. --also adds the class mean of other scorers; --floor adds kNN on raw pixels as the last
+row, the floor a learned setting must clear on each class.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections import defaultdict
+from pathlib import Path
 from statistics import mean
 
 from seed_table import read_all, table_arguments
@@ -29,6 +33,7 @@ def ablation_table(
     budget: float,
     also: list[str],
     sharing: int = 2,
+    floor: dict | None = None,
 ) -> str:
     auroc: dict[str, dict[int, float]] = defaultdict(dict)  # recipe -> class -> headline AUROC
     other: dict[tuple[str, str], list[float]] = defaultdict(list)  # (recipe, scorer) -> AUROCs
@@ -74,6 +79,16 @@ def ablation_table(
             + f" | {mean(times):.0f} (max {max(times):.0f}) | {per_class:.0f} | {within}"
             + f"{extra_cells} |"
         )  # fmt: skip
+    if floor:
+        pixels = {c: floor["auroc"][names[c]] for c in classes}
+        delta = mean(pixels[c] - ref[c] for c in classes if c in ref)
+        lines.append(
+            f"| pixels ({floor['scorer']}) | "
+            + " | ".join(f"{100 * pixels[c]:.1f}" for c in classes)
+            + f" | {100 * mean(pixels.values()):.1f} | {100 * delta:+.1f} | – | – | –"
+            + " | –" * len(also)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -83,11 +98,23 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=600.0, help="seconds per class")
     parser.add_argument("--sharing", type=int, default=2, help="cells the grid ran at once")
     parser.add_argument("--also", nargs="*", default=[], help="other scorers' class means")
+    parser.add_argument("--floor", type=Path, default=None, help="pixel_floor.py's JSON")
+    parser.add_argument("--classes", type=int, nargs="*", default=None, help="only these classes")
     args = parser.parse_args()
     rows = read_all(args.csv)
+    if args.classes is not None:
+        rows = [r for r in rows if r["normal_class"] in args.classes]
+    floor = json.loads(args.floor.read_text()) if args.floor else None
     print(f"Headline: {args.headline}, variant {args.variant} (AUROC %)\n")
     table = ablation_table(
-        rows, args.reference, args.headline, args.variant, args.budget, args.also, args.sharing
+        rows,
+        args.reference,
+        args.headline,
+        args.variant,
+        args.budget,
+        args.also,
+        args.sharing,
+        floor,
     )
     print(table)
 

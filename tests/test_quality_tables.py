@@ -70,6 +70,11 @@ def test_ablation_rows_differences_and_budget(ablation_table, tmp_path):
     assert "| – | 99.5 | 99.5 (partial) | +0.5 | 1300 (max 1300) | 650 | **no** |" in lines["wide"]
     with pytest.raises(SystemExit, match="reference recipe 'nope'"):
         ablation_table.ablation_table(rows, "nope", "knn_cos:k=5", "plain", 600.0, [])
+    # the raw-pixel floor as the last row, its distance to the reference on the same classes
+    floor = {"scorer": "raw", "auroc": {"class6": 0.78, "class7": 0.96, "class0": 0.5}}
+    table = ablation_table.ablation_table(rows, "base", "knn_cos:k=5", "plain", 600.0,
+                                          ["mahalanobis"], floor=floor)  # fmt: skip
+    assert table.splitlines()[-1] == "| pixels (raw) | 78.0 | 96.0 | 87.0 | -2.5 | – | – | – | – |"
 
 
 def _run(root: Path, recipe: str, cell: str, aurocs: list[float], every: int = 100) -> None:

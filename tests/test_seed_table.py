@@ -87,7 +87,5 @@ def test_a_suffix_names_the_recipes_of_a_grid_that_changed_them(seed_table, tmp_
     four = _csv(tmp_path / "a" / "bench.csv", {(0, 0): 0.9}, {(0, 0): 0.8})
     eight = _csv(tmp_path / "b" / "bench.csv", {(0, 0): 0.95}, {(0, 0): 0.85})
     rows = seed_table.read_all([four, Path(f"{eight}#-8ep")])
-    firm = {
-        r["recipe"]: r["auroc"] for r in rows if r["variant"] == "plain" and r["seed"] == 0
-    }
+    firm = {r["recipe"]: r["auroc"] for r in rows if r["variant"] == "plain" and r["seed"] == 0}
     assert firm == {"firm": 0.9, "base": 0.8, "firm-8ep": 0.95, "base-8ep": 0.85}
