@@ -99,11 +99,8 @@ def main() -> None:
     parser.add_argument("--sharing", type=int, default=2, help="cells the grid ran at once")
     parser.add_argument("--also", nargs="*", default=[], help="other scorers' class means")
     parser.add_argument("--floor", type=Path, default=None, help="pixel_floor.py's JSON")
-    parser.add_argument("--classes", type=int, nargs="*", default=None, help="only these classes")
     args = parser.parse_args()
-    rows = read_all(args.csv)
-    if args.classes is not None:
-        rows = [r for r in rows if r["normal_class"] in args.classes]
+    rows = read_all(args.csv, classes=args.classes)
     floor = json.loads(args.floor.read_text()) if args.floor else None
     print(f"Headline: {args.headline}, variant {args.variant} (AUROC %)\n")
     table = ablation_table(

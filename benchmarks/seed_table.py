@@ -2,7 +2,7 @@
 
     python benchmarks/seed_table.py runs/bench/fmnist-cpu-seeds/bench.csv [more bench.csv ...] \
         [--headline knn_cos:k=5] [--variant plain] [--reference fmnist-cpu] \
-        [--recipes fmnist-cpu fmnist-cpu-ntxent ...] \
+        [--recipes fmnist-cpu fmnist-cpu-ntxent ...] [--classes 7 2 6] \
         [--floor benchmarks/results/pixel-floor/fmnist.json]
 
 Several bench.csv files are read as one grid (e.g. seed 0 from an earlier grid, seeds 1 and 2
@@ -49,9 +49,12 @@ def read(path: Path) -> list[dict]:
     return rows
 
 
-def read_all(paths: list[Path], recipes: list[str] | None = None) -> list[dict]:
-    """The finished rows of several bench.csv files, the first of duplicate cells kept; a path
-    written `bench.csv#SUFFIX` has SUFFIX appended to its recipe names."""
+def read_all(
+    paths: list[Path], recipes: list[str] | None = None, classes: list[int] | None = None
+) -> list[dict]:
+    """The finished rows of several bench.csv files (only the given recipes and classes, when
+    given), the first of duplicate cells kept; a path written `bench.csv#SUFFIX` has SUFFIX
+    appended to its recipe names."""
     seen, rows = set(), []
     for path in paths:
         path, _, suffix = str(path).partition("#")
@@ -66,6 +69,8 @@ def read_all(paths: list[Path], recipes: list[str] | None = None) -> list[dict]:
                 r["variant"],
             )
             if key in seen or (recipes and r["recipe"] not in recipes):
+                continue
+            if classes is not None and r["normal_class"] not in classes:
                 continue
             seen.add(key)
             rows.append(r)
@@ -185,6 +190,7 @@ def table_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--headline", default="knn_cos:k=5")
     parser.add_argument("--variant", default="plain")
     parser.add_argument("--reference", default="fmnist-cpu")
+    parser.add_argument("--classes", type=int, nargs="*", default=None, help="only these classes")
 
 
 def main() -> None:
@@ -193,7 +199,7 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", default=None, help="only these recipes")
     parser.add_argument("--floor", type=Path, default=None, help="pixel_floor.py's JSON")
     args = parser.parse_args()
-    rows = read_all(args.csv, args.recipes)
+    rows = read_all(args.csv, args.recipes, args.classes)
     floor = json.loads(args.floor.read_text()) if args.floor else None
     print(f"Headline: {args.headline}, variant {args.variant} (AUROC %, mean ± sd over seeds)\n")
     print(seed_table(rows, args.headline, args.variant, floor))

@@ -79,6 +79,7 @@ def test_several_csvs_read_as_one_grid_first_duplicate_kept(seed_table, tmp_path
     assert firm == {0: 0.9, 1: 0.7}
     only = seed_table.read_all([first, second], recipes=["base"])
     assert {r["recipe"] for r in only} == {"base"}
+    assert {r["normal_class"] for r in seed_table.read_all([first], classes=[1])} == set()
 
 
 def test_a_suffix_names_the_recipes_of_a_grid_that_changed_them(seed_table, tmp_path):
