@@ -122,7 +122,9 @@ def seed_table(rows: list[dict], headline: str, variant: str, floor: dict | None
             if all(s in auroc[r][c] for c in classes)
         ]
         overall.append(f"**{_mean_sd(per_seed)}** (seeds: {len(per_seed)})" if per_seed else "–")
-    floor_mean = (floor or {}).get("mean")
+    # the floor's mean over the classes of this table, not the whole dataset's
+    shown = [pixel[names[c]] for c in classes if names[c] in pixel]
+    floor_mean = mean(shown) if len(shown) == len(classes) else None
     lines.append(
         f"| mean ({len(classes)} classes) | " + " | ".join(overall) + " | "
         + ("–" if floor_mean is None else f"{100 * floor_mean:.1f}") + " |"

@@ -48,6 +48,11 @@ def test_seed_table_and_paired_tests(seed_table, tmp_path):
     assert "| +5.2 |" in table  # class 0 over the pixels
     # overall: the class means per seed are 0.910, 0.912, 0.914
     assert "**91.2 ± 0.2** (seeds: 3)" in table
+    # the floor has one of the three classes: no floor mean rather than the whole dataset's
+    assert table.splitlines()[-1].endswith("(seeds: 3) | – | | |")
+    floor = {"auroc": {"class0": 0.85, "class1": 0.8, "class2": 0.6}, "mean": 0.5}
+    table = seed_table.seed_table(rows, "knn_cos:k=5", "plain", floor)
+    assert "(seeds: 3) | 75.0 |" in table.splitlines()[-1]  # the 3 classes' mean, not 0.5
     tests = seed_table.paired_tests(rows, "knn_cos:k=5", "plain", "firm")
     diff = [firm[k] - base[k] for k in sorted(firm)]
     expected_p = stats.wilcoxon(diff).pvalue
