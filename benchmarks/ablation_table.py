@@ -17,9 +17,7 @@ row, the floor a learned setting must clear on each class.
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
-from pathlib import Path
 from statistics import mean
 
 from seed_table import read_all, table_arguments
@@ -98,10 +96,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=600.0, help="seconds per class")
     parser.add_argument("--sharing", type=int, default=2, help="cells the grid ran at once")
     parser.add_argument("--also", nargs="*", default=[], help="other scorers' class means")
-    parser.add_argument("--floor", type=Path, default=None, help="pixel_floor.py's JSON")
     args = parser.parse_args()
     rows = read_all(args.csv, classes=args.classes)
-    floor = json.loads(args.floor.read_text()) if args.floor else None
     print(f"Headline: {args.headline}, variant {args.variant} (AUROC %)\n")
     table = ablation_table(
         rows,
@@ -111,7 +107,7 @@ def main() -> None:
         args.budget,
         args.also,
         args.sharing,
-        floor,
+        args.floor,
     )
     print(table)
 

@@ -68,9 +68,10 @@ def read_all(
                 r["name"],
                 r["variant"],
             )
-            if key in seen or (recipes and r["recipe"] not in recipes):
-                continue
-            if classes is not None and r["normal_class"] not in classes:
+            unwanted = (recipes and r["recipe"] not in recipes) or (
+                classes is not None and r["normal_class"] not in classes
+            )
+            if key in seen or unwanted:
                 continue
             seen.add(key)
             rows.append(r)
@@ -193,18 +194,22 @@ def table_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variant", default="plain")
     parser.add_argument("--reference", default="fmnist-cpu")
     parser.add_argument("--classes", type=int, nargs="*", default=None, help="only these classes")
+    parser.add_argument("--floor", type=read_floor, default=None, help="pixel_floor.py's JSON")
+
+
+def read_floor(path: str) -> dict:
+    """pixel_floor.py's JSON: kNN on raw pixels, AUROC per class name."""
+    return json.loads(Path(path).read_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     table_arguments(parser)
     parser.add_argument("--recipes", nargs="*", default=None, help="only these recipes")
-    parser.add_argument("--floor", type=Path, default=None, help="pixel_floor.py's JSON")
     args = parser.parse_args()
     rows = read_all(args.csv, args.recipes, args.classes)
-    floor = json.loads(args.floor.read_text()) if args.floor else None
     print(f"Headline: {args.headline}, variant {args.variant} (AUROC %, mean ± sd over seeds)\n")
-    print(seed_table(rows, args.headline, args.variant, floor))
+    print(seed_table(rows, args.headline, args.variant, args.floor))
     print(f"\nPaired tests, {args.reference} against each recipe (two-sided)\n")
     print(paired_tests(rows, args.headline, args.variant, args.reference))
     print(
