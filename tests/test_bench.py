@@ -78,6 +78,28 @@ def test_failed_cell_is_recorded_and_a_grid_of_failures_exits_non_zero(tmp_path,
     assert [r["status"] for r in rows] == ["failed"]
 
 
+def test_classes_and_seeds_run_a_part_and_the_tables_list_the_whole_grid(tmp_path, capsys):
+    from firmad.cli import main
+
+    out = tmp_path / "out"
+    path = _grid(tmp_path, recipes=["fmnist-cpu"], seeds=[0, 1])
+    args = ["-q", "bench", "--config", str(path), "--out", str(out)]
+    assert main(args + ["--classes", "trouser", "--seeds", "1"]) == 0
+    rows = csv.DictReader((out / "bench.csv").open())
+    status = {(r["normal_class"], r["seed"]): r["status"] for r in rows}
+    assert status == {("0", "0"): "pending", ("0", "1"): "pending", ("1", "0"): "pending",
+                      ("1", "1"): "done"}  # fmt: skip
+    assert not (out / "fmnist-cpu" / "fashion-mnist-c0-s1").exists()
+    # Values the grid does not have are refused before any work, with what it does have.
+    for option, value, said in (("--classes", "5", "its classes: [0, 1]"),
+                                ("--classes", "nope", "not a class"),
+                                ("--seeds", "2", "not in the grid's seeds [0, 1]"),
+                                ("--seeds", "one", "integers")):  # fmt: skip
+        assert main(args + [option, value]) == 2
+        assert said in capsys.readouterr().err
+    assert not (out / "fmnist-cpu" / "fashion-mnist-c0-s0").exists()
+
+
 def test_bad_grid_is_rejected_before_work(tmp_path):
     with pytest.raises(ConfigError, match="not a class"):
         run_grid(_grid(tmp_path, classes=[42]), out_dir=tmp_path / "o", quiet=True)

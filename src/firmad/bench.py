@@ -115,6 +115,33 @@ def plan_cells(grid: GridConfig, out_dir: Path) -> list[Cell]:
     return sorted(cells, key=lambda c: (grid.seeds.index(c.seed), first[c.dataset, c.normal_class]))
 
 
+def select_cells(
+    cells: list[Cell], grid: GridConfig, classes: list[str] | None, seeds: list[int] | None
+) -> list[Cell]:
+    """The cells of a planned grid that ``classes`` (ids or names) and ``seeds`` pick, in run
+    order; None picks all. A value the grid does not have is an error, not an empty selection."""
+    if seeds is not None:
+        missing = sorted(set(seeds) - set(grid.seeds))
+        if missing:
+            raise ConfigError(f"--seeds: {missing} not in the grid's seeds {grid.seeds}")
+        cells = [c for c in cells if c.seed in seeds]
+    if classes is not None:
+        wanted = set()
+        for dataset in dict.fromkeys(c.dataset for c in cells):
+            names = [r["name"].lower() for r in describe(dataset, grid.root)]
+            planned = {c.normal_class for c in cells if c.dataset == dataset}
+            for value in classes:
+                cid = _class_id(int(value) if str(value).isdigit() else value, names, dataset)
+                if cid not in planned:
+                    raise ConfigError(
+                        f"--classes: class {value} of {dataset} is not in the grid "
+                        f"(its classes: {sorted(planned)})"
+                    )
+                wanted.add((dataset, cid))
+        cells = [c for c in cells if (c.dataset, c.normal_class) in wanted]
+    return cells
+
+
 def _class_id(value: int | str, names: list[str], dataset: str) -> int:
     if isinstance(value, int):
         if not 0 <= value < len(names):
@@ -255,8 +282,13 @@ def run_grid(
     address: str | None = None,
     cell_cpus: float = 1.0,
     cell_gpus: float = 0.0,
+    classes: list[str] | None = None,
+    seeds: list[int] | None = None,
 ) -> dict[str, Any]:
     """Run every cell of a grid not yet evaluated, and write the tables.
+
+    ``classes`` / ``seeds`` run only those cells of the grid (a part of a long grid now, the
+    rest later); the tables still cover the whole grid, the cells not run shown as they are.
 
     ``executor``: ``local`` runs ``workers`` cells at once as subprocesses of this process
     (``devices``: GPU ids, one cell per GPU at a time, pinned with CUDA_VISIBLE_DEVICES);
@@ -284,6 +316,7 @@ def run_grid(
     if executor == "ray":
         out_dir = out_dir.resolve()  # Ray workers may run elsewhere: no relative paths
     cells = plan_cells(grid, out_dir)
+    to_run = select_cells(cells, grid, classes, seeds)
     out_dir.mkdir(parents=True, exist_ok=True)
     statuses: dict[str, dict[str, Any]] = {}
     lock = threading.Lock()
@@ -298,7 +331,7 @@ def run_grid(
             TextColumn("{task.fields[info]}"),
         )
     )
-    task = progress.add_task("grid", total=len(cells), info="") if progress else None
+    task = progress.add_task("grid", total=len(to_run), info="") if progress else None
 
     def record(status: dict[str, Any], running: set[str]) -> None:
         # Tables are rewritten after every cell, so a stopped grid still has them.
@@ -313,9 +346,9 @@ def run_grid(
     try:
         with _stop_signals():
             if executor == "local":
-                _run_local(cells, grid, workers, devices, record)
+                _run_local(to_run, grid, workers, devices, record)
             else:
-                _run_ray(cells, grid, address, cell_cpus, cell_gpus, record)
+                _run_ray(to_run, grid, address, cell_cpus, cell_gpus, record)
     finally:
         if progress:
             progress.stop()
