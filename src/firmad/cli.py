@@ -126,9 +126,7 @@ def _train_classes(classes, config, set_, out_dir, resume, seed, epochs, device,
     """`firmad train --classes 0,1,...`: one run per class, trained together in one process."""
     from firmad.pipeline import default_run_dir, train_runs
 
-    names = [c.strip() for c in classes.split(",") if c.strip()]
-    if not names or len(set(names)) != len(names):
-        raise FirmadError(f"--classes: expected distinct class ids or names, got {classes!r}")
+    names = _comma_list(classes, "--classes", "class ids or names")
     common = list(set_)
     for key, value in (("train.seed", seed), ("train.epochs", epochs), ("train.device", device)):
         if value is not None:
@@ -225,13 +223,15 @@ def _interruptible(what: str | None = None):
         raise typer.Exit(130) from None
 
 
-def _comma_list(text: str | None, option: str) -> list[str] | None:
+def _comma_list(
+    text: str | None, option: str, what: str = "comma-separated values"
+) -> list[str] | None:
     """'0, bag' -> ['0', 'bag']; None stays None; empty or repeated items are an error."""
     if text is None:
         return None
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items or len(set(items)) != len(items):
-        raise FirmadError(f"{option}: expected distinct comma-separated values, got {text!r}")
+        raise FirmadError(f"{option}: expected distinct {what}, got {text!r}")
     return items
 
 
