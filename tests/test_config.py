@@ -57,6 +57,7 @@ def test_paper_recipe_values():
         ({"augment": {"scale": [0.9, 0.1]}}, "augment.scale"),
         ({"eval": {"scorers": ["knn_l2"]}}, "knn_cos"),
         ({"train": {"lr": True}}, "train.lr"),
+        ({"eval": {"ensemble_bank": "edges"}}, "eval.ensemble_bank"),
     ],
 )
 def test_bad_values_name_the_key(data, fragment):

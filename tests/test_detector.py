@@ -102,6 +102,25 @@ def test_angled_variant_and_surrogates(fitted, split):
         assert g.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("bank", ["centre", "crops"])
+def test_ensemble_detector_scores_as_the_benchmark(fitted, split, bank):
+    """The ensemble detector draws the benchmark's crops and fits the bank it says (with
+    ``eval.ensemble_bank=crops``, n_crops crops of every image): same scores both ways."""
+    cfg = fitted.config_.model_copy(deep=True)
+    cfg.eval.n_crops, cfg.eval.ensemble_bank = 2, bank
+    det = OneClassDetector.from_model(fitted.model_, cfg, variant="ensemble")
+    det.fit_bank(split.train_images)
+    n_bank = det.scorer_.per_angle[0].bank_.shape[0]
+    assert n_bank == (2 if bank == "crops" else 1) * len(split.train_images)
+    test = prepare_images(split.test_images, cfg.data.size)  # as the benchmark resizes them
+    _, details = det.evaluate(
+        split.train_images, test, split.test_labels, ["knn_cos:k=5"], ["ensemble"]
+    )
+    np.testing.assert_allclose(
+        det.decision_function(test), details["scores"]["knn_cos k=5 (ensemble)"], rtol=1e-5
+    )
+
+
 @pytest.mark.parametrize(("method", "own"), [("dsvdd", "svdd"), ("binary", "logit")])
 def test_own_scores_are_differentiable(split, method, own):
     extra = DSVDD_TINY if method == "dsvdd" else [f"method.name={method}"]

@@ -12,9 +12,13 @@ from torch import nn
 from firmad import augment
 from firmad.errors import ConfigError, InputError
 from firmad.scoring import (
+    ANGLES,
     DEFAULT_SCORERS,
     SCORERS,
+    FeatureExtractor,
+    VariantScorer,
     build_scorer,
+    extract_banks,
     extract_features,
     knn_similarities,
     score_run,
@@ -311,6 +315,36 @@ def test_score_run_plain_matches_manual_and_bank_subset() -> None:
     a = score_run(enc, train, test, labels, bank_size=10, seed=4, **kw)
     b = score_run(enc, train, test, labels, bank_size=10, seed=4, **kw)
     assert a == b
+
+
+def test_ensemble_bank_of_crops() -> None:
+    """ensemble_bank="crops": the ensemble is fitted on n_crops crops of every bank image (drawn
+    apart from the test crops, which stay the same); plain and angled do not change."""
+    enc = _tiny_conv(in_ch=3)
+    train, test = _images(12, seed=1), _images(10, seed=2)
+    labels = torch.tensor([0, 1] * 5)
+    kw = dict(
+        scorers=[("knn_cos", {"k": 2, "knn_backend": "torch"})],
+        variants=("plain", "angled", "ensemble"), size=8, n_crops=3, seed=5,
+        return_details=True,
+    )  # fmt: skip
+    _, centre = score_run(enc, train, test, labels, **kw)
+    _, crops = score_run(enc, train, test, labels, ensemble_bank="crops", **kw)
+    for variant in ("plain", "angled"):
+        name = f"knn_cos k=2 ({variant})"
+        np.testing.assert_array_equal(crops["scores"][name], centre["scores"][name])
+    ens = "knn_cos k=2 (ensemble)"
+    assert not np.allclose(crops["scores"][ens], centre["scores"][ens])
+    # by hand: test crops from seed + 1 (angle by angle), bank crops from seed + 2
+    extractor = FeatureExtractor(enc, 8, 1.125, 3)
+    banks = extract_banks(extractor, train, ANGLES, seed=5, crops=3)
+    assert all(b.shape[0] == 3 * 12 for b in banks.values())
+    gen = torch.Generator().manual_seed(6)
+    feats = {a: extractor.extract(test, angle=a, crops=3, gen=gen) for a in ANGLES}
+    vs = VariantScorer("knn_cos", {"k": 2, "knn_backend": "torch"}, "ensemble", 3).fit(banks)
+    np.testing.assert_allclose(crops["scores"][ens], vs.combine(feats).numpy(), rtol=1e-6)
+    with pytest.raises(ConfigError, match="ensemble_bank"):
+        score_run(enc, train, test, labels, ensemble_bank="edges", **kw)
 
 
 def test_score_run_errors() -> None:

@@ -195,6 +195,9 @@ class EvalConfig(_Section):
     bank_size: Int | None = Field(None, ge=1)  # random subset of the normal training images
     bank_centroids: Int | None = Field(None, ge=1)  # or k-means centroids of the bank's features
     n_crops: Int = Field(10, ge=1)
+    # the crop ensemble's bank: centre crops of the training images (the paper's script) or
+    # the same n_crops random crops of each, so the bank sees what the test crops see
+    ensemble_bank: Literal["centre", "crops"] = "centre"
     # test subsample for learning-curve points (diagnostic only)
     curve_max_test: Int = Field(2000, ge=2)
 

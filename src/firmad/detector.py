@@ -205,11 +205,12 @@ class OneClassDetector:
         """Fit the scorer on the features of the normal training images (uint8, prepared)."""
         name, params = self._scorer_spec(self.model_)
         vs = VariantScorer(name, params, self.variant, self.config_.eval.n_crops)
-        bank = bank_subset(train_images, self.bank_size, self.config_.train.seed)
+        e, seed = self.config_.eval, self.config_.train.seed
+        bank = bank_subset(train_images, self.bank_size, seed)
+        crops = e.n_crops if self.variant == "ensemble" and e.ensemble_bank == "crops" else None
         banks = extract_banks(
-            self.extractor_, bank, vs.angles, self.config_.eval.batch_size,
-            self.config_.eval.bank_centroids, self.config_.train.seed,
-        )  # fmt: skip
+            self.extractor_, bank, vs.angles, e.batch_size, e.bank_centroids, seed, crops=crops
+        )
         self.scorer_ = vs.fit(banks).to(self.extractor_.device)
         self.n_bank_ = int(bank.shape[0])
 
@@ -258,6 +259,7 @@ class OneClassDetector:
             bank_size=e.bank_size,
             bank_centroids=e.bank_centroids,
             extra_scorers=own,
+            ensemble_bank=e.ensemble_bank,
             return_details=True,
             **kw,
         )

@@ -34,6 +34,7 @@ from firmad.scoring.scorers import (
 )
 
 VARIANTS = ("plain", "angled", "ensemble")
+ENSEMBLE_BANKS = ("centre", "crops")
 
 
 def angles_for(variant: str) -> tuple[int, ...]:
@@ -138,11 +139,19 @@ def extract_banks(
     batch_size: int = 512,
     bank_centroids: int | None = None,
     seed: int = 0,
+    crops: int | None = None,
 ) -> dict[int, torch.Tensor]:
-    """Normal training features per rotation (optionally replaced by k-means centroids)."""
+    """Normal training features per rotation (optionally replaced by k-means centroids).
+
+    With ``crops``, each image gives that many random crops (as the ensemble's test images do),
+    all in the bank: (crops * N, D) per rotation, drawn with seed + 2 (the ensemble's test crops
+    use seed + 1).
+    """
     banks = {}
+    gen = torch.Generator().manual_seed(seed + 2) if crops else None
     for angle in angles:
-        bank = extractor.extract(train_images, batch_size, angle=angle)
+        bank = extractor.extract(train_images, batch_size, angle=angle, crops=crops, gen=gen)
+        bank = bank.reshape(-1, bank.shape[-1])
         if bank_centroids is not None and bank_centroids < bank.shape[0]:
             bank = kmeans_centroids(bank, bank_centroids, seed)
         banks[angle] = bank
@@ -179,13 +188,16 @@ def score_run(
     return_details: bool = False,
     bank_centroids: int | None = None,
     extra_scorers: Sequence[VariantScorer] = (),
+    ensemble_bank: str = "centre",
 ):
     """Score the test images with every scorer x variant and evaluate the metrics.
 
     Features are extracted once per rotation (and once for the crops) and shared by all
     scorers. ``bank_size`` draws a seeded subset of the training images as the bank;
     ``bank_centroids`` replaces the bank by that many k-means centroids. ``extra_scorers``:
-    fitted `VariantScorer`s (a method's own score) reported first.
+    fitted `VariantScorer`s (a method's own score) reported first. ``ensemble_bank="crops"``
+    fits the ensemble variant on ``n_crops`` random crops of each bank image instead of its
+    centre crop (the paper's script uses the centre crop; the other variants always do).
 
     Returns:
         list of dicts ``{"scorer", "k", "variant", "auroc", "aupr_anomaly", "aupr_normal",
@@ -194,6 +206,10 @@ def score_run(
         ``"test_features"`` (plain test features, float32 tensor (N, D)).
     """
     variants = check_variants(variants)
+    if ensemble_bank not in ENSEMBLE_BANKS:
+        raise ConfigError(
+            f"ensemble_bank must be one of {', '.join(ENSEMBLE_BANKS)}, got {ensemble_bank!r}."
+        )
     specs = scorer_specs(scorers)
     if not specs:
         raise ConfigError("no scorers given; pass e.g. [('knn_cos', {'k': 5})].")
@@ -220,10 +236,13 @@ def score_run(
         raise InputError(f"the encoder lives on {extractor.device} but device={device} was given.")
 
     angles = (0,) if variants == ("plain",) else ANGLES
-    banks = extract_banks(
-        extractor, bank_subset(train_images, bank_size, seed), angles, batch_size,
-        bank_centroids, seed,
-    )  # fmt: skip
+    bank_images = bank_subset(train_images, bank_size, seed)
+    banks = extract_banks(extractor, bank_images, angles, batch_size, bank_centroids, seed)
+    crop_banks = banks
+    if "ensemble" in variants and ensemble_bank == "crops":
+        crop_banks = extract_banks(
+            extractor, bank_images, angles, batch_size, bank_centroids, seed, crops=n_crops
+        )
     crop_gen = torch.Generator().manual_seed(seed + 1)
     test = {a: extractor.extract(test_images, batch_size, angle=a) for a in angles}
     crops = {}
@@ -233,11 +252,12 @@ def score_run(
                 test_images, batch_size, angle=a, crops=n_crops, gen=crop_gen
             )
 
-    results, all_scores, fitted = [], {}, {}
+    results, all_scores, fitted, fitted_on_crops = [], {}, {}, {}
     with torch.no_grad():
         for vs in [*extra_scorers, *scorers_]:
             if vs not in extra_scorers:
-                vs.fit(banks, cache=fitted)
+                on_crops = vs.variant == "ensemble" and crop_banks is not banks
+                vs.fit(crop_banks if on_crops else banks, fitted_on_crops if on_crops else fitted)
             feats = crops if vs.variant == "ensemble" else test
             scores = vs.combine(feats).double().cpu().numpy()
             all_scores[result_name(vs.name, vs.k, vs.variant)] = scores
