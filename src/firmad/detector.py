@@ -33,7 +33,13 @@ from firmad.data.pool import load_split, prepare_images
 from firmad.errors import CheckpointError, ConfigError, InputError
 from firmad.io import atomic_save_tensors, atomic_write_json, prefixed
 from firmad.methods import get_method
-from firmad.scoring import FeatureExtractor, VariantScorer, bank_subset, extract_banks
+from firmad.scoring import (
+    FeatureExtractor,
+    VariantScorer,
+    bank_crops,
+    bank_subset,
+    extract_banks,
+)
 from firmad.scoring.features import eval_mode
 
 FORMAT = "firmad-detector-1"
@@ -207,7 +213,7 @@ class OneClassDetector:
         vs = VariantScorer(name, params, self.variant, self.config_.eval.n_crops)
         e, seed = self.config_.eval, self.config_.train.seed
         bank = bank_subset(train_images, self.bank_size, seed)
-        crops = e.n_crops if self.variant == "ensemble" and e.ensemble_bank == "crops" else None
+        crops = bank_crops(self.variant, e.ensemble_bank, e.n_crops)
         banks = extract_banks(
             self.extractor_, bank, vs.angles, e.batch_size, e.bank_centroids, seed, crops=crops
         )

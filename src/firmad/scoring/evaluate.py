@@ -42,6 +42,16 @@ def angles_for(variant: str) -> tuple[int, ...]:
     return (0,) if variant == "plain" else ANGLES
 
 
+def bank_crops(variant: str, ensemble_bank: str, n_crops: int) -> int | None:
+    """Random crops per bank image for a variant's bank: ``n_crops`` for the ensemble with
+    ``ensemble_bank="crops"``, else None (the centre crop)."""
+    if ensemble_bank not in ENSEMBLE_BANKS:
+        raise ConfigError(
+            f"ensemble_bank must be one of {', '.join(ENSEMBLE_BANKS)}, got {ensemble_bank!r}."
+        )
+    return n_crops if variant == "ensemble" and ensemble_bank == "crops" else None
+
+
 def check_variants(variants: Sequence[str]) -> tuple[str, ...]:
     variants = tuple(variants)
     bad = [v for v in variants if v not in VARIANTS]
@@ -206,10 +216,7 @@ def score_run(
         ``"test_features"`` (plain test features, float32 tensor (N, D)).
     """
     variants = check_variants(variants)
-    if ensemble_bank not in ENSEMBLE_BANKS:
-        raise ConfigError(
-            f"ensemble_bank must be one of {', '.join(ENSEMBLE_BANKS)}, got {ensemble_bank!r}."
-        )
+    crops_of = {v: bank_crops(v, ensemble_bank, n_crops) for v in variants}
     specs = scorer_specs(scorers)
     if not specs:
         raise ConfigError("no scorers given; pass e.g. [('knn_cos', {'k': 5})].")
@@ -237,12 +244,10 @@ def score_run(
 
     angles = (0,) if variants == ("plain",) else ANGLES
     bank_images = bank_subset(train_images, bank_size, seed)
-    banks = extract_banks(extractor, bank_images, angles, batch_size, bank_centroids, seed)
-    crop_banks = banks
-    if "ensemble" in variants and ensemble_bank == "crops":
-        crop_banks = extract_banks(
-            extractor, bank_images, angles, batch_size, bank_centroids, seed, crops=n_crops
-        )
+    banks = {  # keyed by crops per image (None: centre crops); only the kinds some variant uses
+        c: extract_banks(extractor, bank_images, angles, batch_size, bank_centroids, seed, c)
+        for c in dict.fromkeys(crops_of.values())
+    }
     crop_gen = torch.Generator().manual_seed(seed + 1)
     test = {a: extractor.extract(test_images, batch_size, angle=a) for a in angles}
     crops = {}
@@ -252,12 +257,12 @@ def score_run(
                 test_images, batch_size, angle=a, crops=n_crops, gen=crop_gen
             )
 
-    results, all_scores, fitted, fitted_on_crops = [], {}, {}, {}
+    results, all_scores, fitted = [], {}, {c: {} for c in banks}
     with torch.no_grad():
         for vs in [*extra_scorers, *scorers_]:
             if vs not in extra_scorers:
-                on_crops = vs.variant == "ensemble" and crop_banks is not banks
-                vs.fit(crop_banks if on_crops else banks, fitted_on_crops if on_crops else fitted)
+                c = crops_of[vs.variant]
+                vs.fit(banks[c], cache=fitted[c])
             feats = crops if vs.variant == "ensemble" else test
             scores = vs.combine(feats).double().cpu().numpy()
             all_scores[result_name(vs.name, vs.k, vs.variant)] = scores
