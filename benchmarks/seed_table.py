@@ -19,6 +19,8 @@ file as `bench.csv#-8ep` to read its recipes as fmnist-cpu-8ep etc.
    (two-sided). A claim "A ahead of B" needs p < 0.05 here.
 3. Every scorer x variant the grid evaluated: mean AUROC per recipe, over the (class, seed)
    cells that have every variant.
+4. Paired tests of each variant against `plain`, per recipe and scorer, over the (class, seed)
+   cells scored both ways (the same checkpoints): "variant A beats plain" needs p < 0.05 too.
 """
 
 from __future__ import annotations
@@ -151,16 +153,7 @@ def paired_tests(rows: list[dict], headline: str, variant: str, reference: str) 
             continue
         keys = sorted(set(pairs[reference]) & set(pairs[other]))
         diff = [pairs[reference][k] - pairs[other][k] for k in keys]
-        if len(diff) < 2:
-            lines.append(f"| {other} | {len(diff)} | – | – | – | – |")
-            continue
-        wilcoxon = stats.wilcoxon(diff).pvalue if any(diff) else 1.0
-        t = stats.ttest_1samp(diff, 0.0).pvalue
-        wins = sum(d > 0 for d in diff)
-        lines.append(
-            f"| {other} | {len(diff)} | {100 * mean(diff):+.2f} | {wins}/{len(diff)} | "
-            f"{wilcoxon:.3g} | {t:.3g} |"
-        )
+        lines.append(_wilcoxon_row(other, diff))
     return "\n".join(lines)
 
 
@@ -184,6 +177,40 @@ def variant_table(rows: list[dict]) -> str:
     for (name, variant), per in sorted(cells.items()):
         vals = [f"{100 * mean(per[r]):.1f} (n={len(per[r])})" if per[r] else "–" for r in recipes]
         lines.append(f"| {name} | {variant} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def _wilcoxon_row(label: str, diff: list[float]) -> str:
+    """A paired-test row: pairs, mean difference, wins, Wilcoxon and paired t p (two-sided)."""
+    if len(diff) < 2:
+        return f"| {label} | {len(diff)} | – | – | – | – |"
+    wilcoxon = stats.wilcoxon(diff).pvalue if any(diff) else 1.0
+    t = stats.ttest_1samp(diff, 0.0).pvalue
+    wins = sum(d > 0 for d in diff)
+    return (
+        f"| {label} | {len(diff)} | {100 * mean(diff):+.2f} | {wins}/{len(diff)} | "
+        f"{wilcoxon:.3g} | {t:.3g} |"
+    )
+
+
+def variant_tests(rows: list[dict], baseline: str = "plain") -> str:
+    """Each variant against ``baseline`` on the same (class, seed) cells, per recipe and scorer."""
+    # (recipe, scorer, variant) -> (class, seed) -> AUROC
+    auroc: dict[tuple[str, str, str], dict[tuple[int, int], float]] = defaultdict(dict)
+    for r in rows:
+        auroc[(r["recipe"], r["name"], r["variant"])][(r["normal_class"], r["seed"])] = r["auroc"]
+    lines = [
+        f"| recipe, scorer, variant - {baseline} | pairs (class x seed) | mean difference | wins | "
+        "Wilcoxon p | paired t p |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for (recipe, name, variant), cells in auroc.items():
+        base = auroc.get((recipe, name, baseline))
+        if variant == baseline or not base:
+            continue
+        keys = sorted(set(cells) & set(base))
+        diff = [cells[k] - base[k] for k in keys]
+        lines.append(_wilcoxon_row(f"{recipe}, {name}, {variant}", diff))
     return "\n".join(lines)
 
 
@@ -216,6 +243,8 @@ def main() -> None:
         "\nEvery scorer and variant (mean AUROC % over the class x seed cells with every variant)\n"
     )
     print(variant_table(rows))
+    print("\nEach variant against plain on the same cells (two-sided)\n")
+    print(variant_tests(rows))
 
 
 if __name__ == "__main__":

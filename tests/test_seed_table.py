@@ -95,3 +95,24 @@ def test_a_suffix_names_the_recipes_of_a_grid_that_changed_them(seed_table, tmp_
     rows = seed_table.read_all([four, Path(f"{eight}#-8ep")])
     firm = {r["recipe"]: r["auroc"] for r in rows if r["variant"] == "plain" and r["seed"] == 0}
     assert firm == {"firm": 0.9, "base": 0.8, "firm-8ep": 0.95, "base-8ep": 0.85}
+
+
+def test_variant_tests_pair_each_variant_with_plain_on_the_same_cells(seed_table, tmp_path):
+    path = tmp_path / "bench.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, [*FIELDS, "status"])
+        w.writeheader()
+        for c in range(4):
+            plain = 0.90 + 0.01 * c
+            for variant, auroc in (("plain", plain), ("ensemble", plain - 0.02 - 0.001 * c)):
+                values = ["firm", c, f"class{c}", 0, "knn_cos", 5, variant, auroc]
+                w.writerow({**dict(zip(FIELDS, values, strict=True)), "status": "done"})
+        # an ensemble cell without its plain cell is not paired
+        values = ["firm", 5, "class5", 0, "knn_cos", 5, "ensemble", 0.1]
+        w.writerow({**dict(zip(FIELDS, values, strict=True)), "status": "done"})
+    table = seed_table.variant_tests(seed_table.read(path))
+    diff = [-0.02 - 0.001 * c for c in range(4)]
+    p = stats.wilcoxon(diff).pvalue
+    assert f"| firm, knn_cos:k=5, ensemble | 4 | -2.15 | 0/4 | {p:.3g} |" in table
+    assert "plain |" not in table.splitlines()[-1]  # plain is not tested against itself
+    assert len(table.splitlines()) == 3
