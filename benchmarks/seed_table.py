@@ -6,7 +6,9 @@
         [--floor benchmarks/results/pixel-floor/fmnist.json]
 
 Several bench.csv files are read as one grid (e.g. seed 0 from an earlier grid, seeds 1 and 2
-from a later one); a (recipe, class, seed, scorer, variant) row found twice keeps the first.
+from a later one); a (recipe, class, seed) cell found in several files is taken whole from the
+first that has it, so that its variants and scorers all come from one training run (a cell trained
+again is another draw, and a later file's ensemble must not be paired with an earlier plain).
 A grid that changed its recipes with `set:` (say 8 epochs) names them as the recipe did; give its
 file as `bench.csv#-8ep` to read its recipes as fmnist-cpu-8ep etc.
 
@@ -55,28 +57,25 @@ def read_all(
     paths: list[Path], recipes: list[str] | None = None, classes: list[int] | None = None
 ) -> list[dict]:
     """The finished rows of several bench.csv files (only the given recipes and classes, when
-    given), the first of duplicate cells kept; a path written `bench.csv#SUFFIX` has SUFFIX
-    appended to its recipe names."""
+    given), each (recipe, class, seed) cell whole from the first file that has it; a path
+    written `bench.csv#SUFFIX` has SUFFIX appended to its recipe names."""
+    source: dict[tuple, int] = {}  # cell -> the index of the file it is read from
     seen, rows = set(), []
-    for path in paths:
+    for i, path in enumerate(paths):
         path, _, suffix = str(path).partition("#")
         for r in read(Path(path)):
             r["recipe"] += suffix
-            key = (
-                r["recipe"],
-                r.get("dataset"),
-                r["normal_class"],
-                r["seed"],
-                r["name"],
-                r["variant"],
-            )
+            cell = (r["recipe"], r.get("dataset"), r["normal_class"], r["seed"])
+            key = (*cell, r["name"], r["variant"])
             unwanted = (recipes and r["recipe"] not in recipes) or (
                 classes is not None and r["normal_class"] not in classes
             )
-            if key in seen or unwanted:
+            if unwanted or key in seen or source.setdefault(cell, i) != i:
                 continue
             seen.add(key)
             rows.append(r)
+    if recipes:  # tables show the recipes in the order asked for
+        rows.sort(key=lambda r: recipes.index(r["recipe"]))
     return rows
 
 

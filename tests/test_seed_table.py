@@ -116,3 +116,22 @@ def test_variant_tests_pair_each_variant_with_plain_on_the_same_cells(seed_table
     assert f"| firm, knn_cos:k=5, ensemble | 4 | -2.15 | 0/4 | {p:.3g} |" in table
     assert "plain |" not in table.splitlines()[-1]  # plain is not tested against itself
     assert len(table.splitlines()) == 3
+
+
+def test_a_cell_is_read_whole_from_the_first_file_that_has_it(seed_table, tmp_path):
+    """A cell trained again elsewhere is another draw: its later ensemble row must not be paired
+    with the first file's plain row."""
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old = _csv(tmp_path / "old" / "bench.csv", {(0, 0): 0.9}, {(0, 0): 0.8})  # plain + angled
+    new = tmp_path / "new" / "bench.csv"
+    with new.open("w", newline="") as f:
+        w = csv.DictWriter(f, [*FIELDS, "status"])
+        w.writeheader()
+        for variant, auroc in (("plain", 0.7), ("ensemble", 0.6)):
+            values = ["firm", 0, "class0", 0, "knn_cos", 5, variant, auroc]
+            w.writerow({**dict(zip(FIELDS, values, strict=True)), "status": "done"})
+    old_first = seed_table.read_all([old, new], recipes=["firm"])
+    assert {r["variant"]: r["auroc"] for r in old_first} == {"plain": 0.9, "angled": 0.1}
+    new_first = seed_table.read_all([new, old], recipes=["firm"])
+    assert {r["variant"]: r["auroc"] for r in new_first} == {"plain": 0.7, "ensemble": 0.6}
