@@ -38,6 +38,17 @@ def _csv(path: Path, firm: dict, base: dict) -> Path:
     return path
 
 
+def _firm_csv(path: Path, cells: list[tuple[int, str, float]]) -> Path:
+    """A bench.csv of FIRM's kNN k=5 rows on seed 0: (class, variant, AUROC) each."""
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, [*FIELDS, "status"])
+        w.writeheader()
+        for c, variant, auroc in cells:
+            values = ["firm", c, f"class{c}", 0, "knn_cos", 5, variant, auroc]
+            w.writerow({**dict(zip(FIELDS, values, strict=True)), "status": "done"})
+    return path
+
+
 def test_seed_table_and_paired_tests(seed_table, tmp_path):
     firm = {(c, s): 0.90 + 0.01 * c + 0.002 * s for c in range(3) for s in range(3)}
     base = {(c, s): v - 0.01 - 0.001 * ((c + s) % 3) for (c, s), v in firm.items()}
@@ -98,19 +109,10 @@ def test_a_suffix_names_the_recipes_of_a_grid_that_changed_them(seed_table, tmp_
 
 
 def test_variant_tests_pair_each_variant_with_plain_on_the_same_cells(seed_table, tmp_path):
-    path = tmp_path / "bench.csv"
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, [*FIELDS, "status"])
-        w.writeheader()
-        for c in range(4):
-            plain = 0.90 + 0.01 * c
-            for variant, auroc in (("plain", plain), ("ensemble", plain - 0.02 - 0.001 * c)):
-                values = ["firm", c, f"class{c}", 0, "knn_cos", 5, variant, auroc]
-                w.writerow({**dict(zip(FIELDS, values, strict=True)), "status": "done"})
-        # an ensemble cell without its plain cell is not paired
-        values = ["firm", 5, "class5", 0, "knn_cos", 5, "ensemble", 0.1]
-        w.writerow({**dict(zip(FIELDS, values, strict=True)), "status": "done"})
-    table = seed_table.variant_tests(seed_table.read(path))
+    cells = [(c, "plain", 0.90 + 0.01 * c) for c in range(4)]
+    cells += [(c, "ensemble", 0.90 + 0.01 * c - 0.02 - 0.001 * c) for c in range(4)]
+    cells.append((5, "ensemble", 0.1))  # an ensemble cell without its plain cell is not paired
+    table = seed_table.variant_tests(seed_table.read(_firm_csv(tmp_path / "bench.csv", cells)))
     diff = [-0.02 - 0.001 * c for c in range(4)]
     p = stats.wilcoxon(diff).pvalue
     assert f"| firm, knn_cos:k=5, ensemble | 4 | -2.15 | 0/4 | {p:.3g} |" in table
@@ -124,13 +126,7 @@ def test_a_cell_is_read_whole_from_the_first_file_that_has_it(seed_table, tmp_pa
     (tmp_path / "old").mkdir()
     (tmp_path / "new").mkdir()
     old = _csv(tmp_path / "old" / "bench.csv", {(0, 0): 0.9}, {(0, 0): 0.8})  # plain + angled
-    new = tmp_path / "new" / "bench.csv"
-    with new.open("w", newline="") as f:
-        w = csv.DictWriter(f, [*FIELDS, "status"])
-        w.writeheader()
-        for variant, auroc in (("plain", 0.7), ("ensemble", 0.6)):
-            values = ["firm", 0, "class0", 0, "knn_cos", 5, variant, auroc]
-            w.writerow({**dict(zip(FIELDS, values, strict=True)), "status": "done"})
+    new = _firm_csv(tmp_path / "new" / "bench.csv", [(0, "plain", 0.7), (0, "ensemble", 0.6)])
     old_first = seed_table.read_all([old, new], recipes=["firm"])
     assert {r["variant"]: r["auroc"] for r in old_first} == {"plain": 0.9, "angled": 0.1}
     new_first = seed_table.read_all([new, old], recipes=["firm"])
