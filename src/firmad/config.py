@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import os
 import re
+import stat
 import types
 import typing
 from pathlib import Path
@@ -48,7 +50,8 @@ Int = Annotated[int, BeforeValidator(_whole_number)]
 
 class _Section(BaseModel):
     # strict: no bool for numbers, no "3" for 3; forbid: a misspelt key is an error, not ignored.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # allow_inf_nan=False: no setting is meant to be infinite (tau=.inf trains a constant loss).
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -109,6 +112,7 @@ class ModelConfig(_Section):
     # the paper's code effectively used 0.9 (PyTorch convention)
     bn_momentum: float = Field(0.1, ge=0, le=1)
     # Checked by firmad.models.heads.check_head_settings (one source of truth).
+    # Upper bounds (here, so a typo fails before any work): far above the paper's 8 / 1024 / 128.
     head_depth: Int = 8
     head_hidden: Int = 1024
     head_out: Int = 128
@@ -160,7 +164,7 @@ class TrainConfig(_Section):
     @classmethod
     def _device(cls, v: str) -> str:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
-            raise ValueError(f"{v!r} is not a device; choose from {DEVICES}")
+            raise ValueError(f"{shorten(v)} is not a device; choose from {DEVICES}")
         return v
 
     @model_validator(mode="after")
@@ -304,8 +308,57 @@ class RunConfig(_Section):
 # --- YAML: numbers in scientific notation -----------------------------------------------------
 
 
+MAX_YAML_DEPTH = 32  # nested lists / mappings in a recipe or a --set value
+MAX_RECIPE_BYTES = 1 << 20  # a recipe, grid or run config is a small text file
+MAX_BASE_CHAIN = 16  # recipes extending recipes
+MAX_SHOWN = 120  # characters of a value echoed in an error message
+
+
+def shorten(value: Any, limit: int = MAX_SHOWN) -> str:
+    """repr(value), cut to `limit` characters: messages never echo a huge value in full."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
+
+
 class _Loader(yaml.SafeLoader):
-    """PyYAML follows YAML 1.1, where 1e-3 and 1.0e9 are strings; read them as numbers."""
+    """PyYAML follows YAML 1.1, where 1e-3 and 1.0e9 are strings; read them as numbers.
+
+    Also refused, since a recipe may come from anywhere: aliases (``*name``, which let a small
+    file expand into gigabytes), nesting deeper than MAX_YAML_DEPTH (a RecursionError
+    otherwise) and keys given twice (YAML would keep the last one silently)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(
+                f"line {mark.line + 1}: YAML aliases (*name) are not allowed in recipes; "
+                "write the value out in full"
+            )
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(
+                    f"line {mark.line + 1}: nested more than {MAX_YAML_DEPTH} levels deep; "
+                    "a recipe needs only a few levels"
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.YAMLError(
+                    f"line {line}: key {shorten(key)} is given twice (first on line "
+                    f"{seen[key]}); keep one of them"
+                )
+            if isinstance(key, typing.Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -316,14 +369,16 @@ _Loader.add_implicit_resolver(
 
 
 def parse_yaml(text: str) -> Any:
-    """yaml.safe_load, but 1e-3 is a number (as in YAML 1.2 and JSON)."""
+    """yaml.safe_load, but 1e-3 is a number (as in YAML 1.2 and JSON); no aliases, no
+    duplicate keys, at most MAX_YAML_DEPTH levels."""
     return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no objects
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
     """The short reason of a YAML error, without PyYAML's multi-line context."""
     problem = getattr(err, "problem", None) or getattr(err, "context", None)
-    return str(problem or err).strip()
+    text = str(problem or err).strip()
+    return text if len(text) <= 4 * MAX_SHOWN else text[: 4 * MAX_SHOWN] + "..."
 
 
 # --- building from dicts, with key paths in every error ---------------------------------------
@@ -432,20 +487,25 @@ def _config_error(
         # A union's errors come from the members tried: show the value the user wrote.
         value = _value_at(data, e["loc"][:used], e["input"])
         if e["type"] in ("model_type", "dataclass_type", "dict_type"):
-            msg = f"expected a mapping of keys, got {value!r}"
+            msg = f"expected a mapping of keys, got {shorten(value)}"
         elif e["type"] == "literal_error":
-            msg = f"{value!r} is not allowed; use {_expected(tp)}"
+            msg = f"{shorten(value)} is not allowed; use {_expected(tp)}"
         elif e["type"] in _BOUND_ERRORS:
-            msg = f"must be {_bounds(info, tp)}, got {value!r}"
+            msg = f"must be {_bounds(info, tp)}, got {shorten(value)}"
+        elif e["type"] == "finite_number":
+            msg = f"must be a finite number, got {shorten(value)}"
         elif e["type"] == "value_error":
             msg = str(e["ctx"]["error"])
         else:
-            msg = f"expected {_expected(tp)}, got {value!r}"
+            msg = f"expected {_expected(tp)}, got {shorten(value)}"
         lines.setdefault(where, f"{where}: {msg}")
     for where, (keys, tp) in unknown.items():
         allowed = ", ".join(_fields(tp) or [])
-        lines.setdefault(where, f"{where}: unknown key(s) {keys}; allowed keys: {allowed}")
-    return ConfigError("\n".join(lines.values()))
+        lines.setdefault(where, f"{where}: unknown key(s) {shorten(keys)}; allowed keys: {allowed}")
+    shown = list(lines.values())
+    if len(shown) > 20:  # thousands of wrong keys: the first ones say enough
+        shown = [*shown[:20], f"... and {len(shown) - 20} more"]
+    return ConfigError("\n".join(shown))
 
 
 @functools.cache
@@ -461,12 +521,14 @@ def _model_of(cls: type) -> type[BaseModel]:
     return create_model(cls.__name__, __base__=_Section, **spec)
 
 
-def _plain(data: Any) -> Any:
+def _plain(data: Any, depth: int = 0) -> Any:
     """Tuples to lists: Python callers may pass (0.25, 1.0) where YAML gives a list."""
+    if depth > 2 * MAX_YAML_DEPTH and isinstance(data, dict | list | tuple):
+        raise ConfigError(f"nested more than {2 * MAX_YAML_DEPTH} levels deep; not a recipe")
     if isinstance(data, dict):
-        return {k: _plain(v) for k, v in data.items()}
+        return {k: _plain(v, depth + 1) for k, v in data.items()}
     if isinstance(data, list | tuple):
-        return [_plain(v) for v in data]
+        return [_plain(v, depth + 1) for v in data]
     return data
 
 
@@ -475,7 +537,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'recipe'}: expected a mapping of keys, got {data!r}")
+        raise ConfigError(f"{path or 'recipe'}: expected a mapping of keys, got {shorten(data)}")
     model = cls if issubclass(cls, BaseModel) else _model_of(cls)
     data = _plain(data)
     try:
@@ -500,7 +562,7 @@ def _check_values(cfg: RunConfig) -> None:
     m = cfg.model
     if m.backbone not in BACKBONES:
         raise ConfigError(
-            f"model.backbone: unknown backbone {m.backbone!r}; choose from {', '.join(BACKBONES)}"
+            f"model.backbone: unknown backbone {shorten(m.backbone)}; choose from {', '.join(BACKBONES)}"
         )
     check_width(m.backbone, m.width)
     check_head_settings(hidden=m.head_hidden, out_dim=m.head_out, depth=m.head_depth)
@@ -511,7 +573,7 @@ def _check_values(cfg: RunConfig) -> None:
         except ConfigError as err:
             raise ConfigError(f"outliers.kinds: {err}") from None
     if cfg.method.name in ("rotsupcon", "supcon-binary", "binary") and not (o.kinds or o.exposure):
-        raise ConfigError(f"outliers.kinds: method {cfg.method.name!r} needs outliers")
+        raise ConfigError(f"outliers.kinds: method {shorten(cfg.method.name)} needs outliers")
     a = cfg.augment
     check_view_settings(
         scale=a.scale,
@@ -536,15 +598,15 @@ def check_scorer(spec: str) -> None:
     from firmad.scoring import SCORERS, build_scorer
 
     name, params = parse_scorer(spec)
-    where = f"eval.scorers: {spec!r}"
+    where = f"eval.scorers: {shorten(spec)}"
     if name not in SCORERS:
-        raise ConfigError(f"{where}: unknown scorer {name!r}; choose from {', '.join(SCORERS)}")
+        raise ConfigError(f"{where}: unknown scorer {shorten(name)}; choose from {', '.join(SCORERS)}")
     signature = inspect.signature(SCORERS[name].__init__)
     allowed = [p for p in signature.parameters if p != "self"]
     for key, value in params.items():
         if key not in allowed:
             hint = f"allowed: {', '.join(allowed)}" if allowed else f"{name} takes no parameters"
-            raise ConfigError(f"{where}: unknown parameter {key!r}; {hint}")
+            raise ConfigError(f"{where}: unknown parameter {shorten(key)}; {hint}")
         # The default's type is the parameter's type; int(True) or float("nan") must not pass.
         kind = type(signature.parameters[key].default)
         ok = {
@@ -556,7 +618,7 @@ def check_scorer(spec: str) -> None:
         if kind is int and isinstance(value, float) and value.is_integer():
             ok = True  # 1e3
         if not ok:
-            raise ConfigError(f"{where}: {key} expects {_PARAM_TYPES[kind]}, got {value!r}")
+            raise ConfigError(f"{where}: {key} expects {_PARAM_TYPES[kind]}, got {shorten(value)}")
     try:
         build_scorer(name, **params)
     except (ConfigError, TypeError, ValueError) as err:
@@ -570,25 +632,62 @@ def parse_scorer(spec: str) -> tuple[str, dict[str, Any]]:
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"eval.scorers: {spec!r}: parameters are written name:key=value")
+            raise ConfigError(f"eval.scorers: {shorten(spec)}: parameters are written name:key=value")
         try:
             params[key.strip()] = parse_yaml(value)
         except yaml.YAMLError as err:
             raise ConfigError(
-                f"eval.scorers: {spec!r}: the value of {key.strip()} ({value!r}) is not valid "
+                f"eval.scorers: {shorten(spec)}: the value of {key.strip()} ({shorten(value)}) is not valid "
                 f"YAML ({_yaml_problem(err)}); write e.g. knn_cos:k=5"
             ) from None
     return name.strip(), params
 
 
+# Upper bounds of sizes and counts, far above any real use: a typo (1e9, an extra zero) fails
+# before the first step instead of exhausting memory or time after training.
+LIMITS = {
+    "model.width": 16,
+    "model.head_depth": 64,
+    "model.head_hidden": 16384,
+    "model.head_out": 16384,
+    "train.epochs": 1_000_000,
+    "train.batch_size": 65536,
+    "train.steps_per_epoch": 10_000_000,
+    "train.checkpoint_every": 1_000_000,
+    "train.threads": 1024,
+    "train.seed": 2**32 - 1,
+    "eval.batch_size": 65536,
+    "eval.resize_ratio": 4,
+    "eval.n_crops": 1000,
+    "eval.bank_centroids": 1_000_000,
+    "adversarial.steps": 1000,
+    "attack.steps": 100_000,
+    "attack.restarts": 1000,
+}
+
+
+def _check_limits(cfg: RunConfig) -> None:
+    for key, limit in LIMITS.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and value > limit:
+            raise ConfigError(
+                f"{key}: {shorten(value)} is above the limit {limit}; is it a typo? Use a "
+                f"value up to {limit}"
+            )
+
+
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
     cfg = _build(RunConfig, data, "")
+    _check_limits(cfg)
     _check_values(cfg)
     return cfg
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
+    if len(keys) > MAX_YAML_DEPTH:
+        raise ConfigError(f"--set {shorten(dotted)}: a key path has a few parts, e.g. train.lr")
     node = data
     for key in keys[:-1]:
         node = node.setdefault(key, {})
@@ -602,12 +701,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set {item!r}: write it as section.key=value")
+            raise ConfigError(f"--set {shorten(item)}: write it as section.key=value")
         try:
             parsed = parse_yaml(value)
         except yaml.YAMLError as err:
             raise ConfigError(
-                f"--set {item!r}: the value is not valid YAML ({_yaml_problem(err)}); close "
+                f"--set {shorten(item)}: the value is not valid YAML ({_yaml_problem(err)}); close "
                 "brackets and quotes, e.g. outliers.kinds=[rot90, rot180]"
             ) from None
         _set_path(data, key.strip(), parsed)
@@ -623,35 +722,86 @@ def available_recipes() -> list[str]:
     return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
 
 
-def _read_yaml_file(path: Path) -> Any:
+def read_text_file(path: Path, what: str = "recipe", limit: int = MAX_RECIPE_BYTES) -> str:
+    """The text of a small regular file. Devices (/dev/zero), FIFOs and folders are refused
+    before any read (opened non-blocking, so a FIFO cannot hang), and so is a file over
+    `limit` bytes: a recipe is read whole into memory."""
+    path = Path(path)
     try:
-        return parse_yaml(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file; a recipe is UTF-8 YAML") from None
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as err:
         raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise ConfigError(f"{path}: {kind}; a {what} is a YAML text file")
+        data = f.read(limit + 1)  # the size may change after fstat: read no more than the cap
+    if len(data) > limit:
+        raise ConfigError(
+            f"{path}: larger than {limit // 1024} KiB; a {what} is a small YAML file "
+            "(is it the right file?)"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file; a {what} is UTF-8 YAML") from None
 
 
-def read_recipe(name_or_path: str) -> dict[str, Any]:
-    """A recipe file path, or the name of a shipped recipe (`fmnist-cpu`)."""
-    path = Path(name_or_path)
+def read_yaml_file(path: Path, what: str = "recipe") -> Any:
+    """A small YAML file (see `read_text_file`), parsed with `parse_yaml`."""
+    text = read_text_file(path, what)
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
+
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def looks_like_path(text: str) -> bool:
+    """A recipe argument names a file only when it looks like one (./x, x.yaml, dir/x): a
+    file or folder that happens to be called like a shipped recipe never replaces it."""
+    return "/" in text or os.sep in text or text.startswith(".") or text.endswith(YAML_SUFFIXES)
+
+
+def recipe_path(name_or_path: str, relative_to: Path | None = None) -> Path:
+    """The file of a recipe argument: a shipped recipe's name, or a path (relative ones from
+    `relative_to`, the folder of the recipe whose ``base:`` this is, else the current one)."""
+    text = str(name_or_path)
+    if not looks_like_path(text):
+        if text in available_recipes():
+            return recipes_dir() / f"{text}.yaml"
+        raise ConfigError(
+            f"recipe {shorten(text)} not found: give one of {', '.join(available_recipes())}, "
+            f"or a YAML file path (./{shorten(text)[1:-1]}.yaml, dir/NAME)"
+        )
+    path = Path(text).expanduser()
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path
     if not path.exists():
-        candidate = recipes_dir() / f"{name_or_path}.yaml"
-        if not candidate.exists():
-            raise ConfigError(
-                f"recipe {name_or_path!r} not found: give a YAML file path or one of "
-                f"{', '.join(available_recipes())}"
-            )
-        path = candidate
-    data = _read_yaml_file(path) or {}
+        raise ConfigError(f"recipe file {path} not found; check the path")
+    return path
+
+
+def read_recipe(name_or_path: str, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A recipe file path, or the name of a shipped recipe (`fmnist-cpu`); ``base:`` is read
+    first (a relative one from this recipe's folder) and this recipe's keys override it."""
+    path = recipe_path(name_or_path, _chain[-1].parent if _chain else None)
+    if path.resolve() in [p.resolve() for p in _chain]:
+        cycle = " -> ".join(str(p) for p in (*_chain, path))
+        raise ConfigError(f"base: recipes extend each other in a cycle ({cycle}); remove one base")
+    if len(_chain) >= MAX_BASE_CHAIN:
+        raise ConfigError(f"{path}: more than {MAX_BASE_CHAIN} recipes extend each other")
+    data = read_yaml_file(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections (data, method, train, ...)")
     base = data.pop("base", None)
     if base is not None:
-        # A recipe may extend another one; its keys override the base's.
-        merged = read_recipe(str(base))
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{path}: base: expected a recipe name or path, got {shorten(base)}")
+        merged = read_recipe(base, (*_chain, path))
         _deep_update(merged, data)
         data = merged
     return data
@@ -671,7 +821,7 @@ def read_run_config_file(path: str | Path) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: no such file; a run directory holds its config.yaml. {fix}")
     try:
-        data = _read_yaml_file(path)
+        data = read_yaml_file(path, "run config")
     except ConfigError as err:
         raise ConfigError(f"{err}. {fix}") from None
     if data is None:
