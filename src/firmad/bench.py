@@ -11,6 +11,7 @@ keep a checkpoint; running the same command again continues it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import io
 import json
@@ -25,11 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from firmad.cellproc import STOP_GRACE_S, CellProcesses, run_process
-from firmad.config import _build, backbone_overrides, load_config, parse_scorer, parse_yaml
+from firmad.config import (
+    _build,
+    apply_overrides,
+    backbone_overrides,
+    config_from_dict,
+    parse_scorer,
+    read_recipe,
+    read_yaml_file,
+    shorten,
+)
 from firmad.data import describe
 from firmad.errors import ConfigError, FirmadError
 from firmad.io import atomic_write_json, atomic_write_text
@@ -52,6 +61,10 @@ class GridConfig:
     curve_reference: str | None = None  # learning-curve target; default: the NT-Xent recipe
     variant: str = "plain"
     root: str | None = None
+    # CPU threads of each cell, whichever executor runs it (float sums depend on the thread
+    # count, so the same cell with other threads gives slightly other numbers). None: the
+    # machine's cores shared by the local workers, or --cell-cpus with Ray.
+    threads: int | None = None
 
 
 @dataclass
@@ -76,14 +89,41 @@ def read_grid(path: Path) -> GridConfig:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"grid file {path} not found")
-    try:
-        data = parse_yaml(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    grid = _build(GridConfig, data, "")
+    grid = _build(GridConfig, read_yaml_file(path, "grid") or {}, "")
     if not grid.recipes or not grid.seeds:
         raise ConfigError(f"{path}: recipes and seeds must not be empty")
+    check_grid(grid, path)
     return grid
+
+
+def check_grid(grid: GridConfig, path: Path | str = "grid") -> None:
+    """What needs no dataset: a name that is one folder, no value listed twice, threads >= 1."""
+    name = grid.name
+    if not name or name != safe_component(name) or name in (".", ".."):
+        raise ConfigError(
+            f"{path}: name: {shorten(name)} must be one plain folder name (letters, digits, "
+            f"- _ . + =; no / or ..), e.g. {safe_component(Path(name).name)!r}; the grid's folder is "
+            "runs/bench/NAME unless --out says otherwise"
+        )
+    axes = {"recipes": grid.recipes, "datasets": grid.datasets, "seeds": grid.seeds}
+    axes["backbones"] = grid.backbones
+    if isinstance(grid.classes, list):
+        axes["classes"] = grid.classes
+    for axis, values in axes.items():
+        twice = [v for i, v in enumerate(values or []) if v in values[:i]]
+        if twice:
+            raise ConfigError(
+                f"{path}: {axis}: {shorten(twice[0])} is listed twice; list each value once "
+                "(a repeated value would run the same cell again)"
+            )
+    labels = [_label(r, b) for r in grid.recipes for b in grid.backbones or [None]]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(
+            f"{path}: recipes: two recipes have the same file name ({shorten(labels)}); their "
+            "cells would share folders. Rename one of them"
+        )
+    if grid.threads is not None and not 1 <= grid.threads <= 1024:
+        raise ConfigError(f"{path}: threads: must be in 1..1024, got {grid.threads}")
 
 
 def plan_cells(grid: GridConfig, out_dir: Path) -> list[Cell]:
@@ -93,8 +133,11 @@ def plan_cells(grid: GridConfig, out_dir: Path) -> list[Cell]:
     grid stopped half-way has whole rows to compare rather than whole recipes."""
     cells = []
     for recipe, backbone in [(r, b) for r in grid.recipes for b in grid.backbones or [None]]:
+        base = read_recipe(recipe)
         extra = [f"data.root={grid.root}"] if grid.root else []
-        cfg = load_config(recipe, grid.set + extra + backbone_overrides(backbone))
+        cfg = config_from_dict(
+            apply_overrides(copy.deepcopy(base), grid.set + extra + backbone_overrides(backbone))
+        )
         for dataset in grid.datasets or [cfg.data.dataset]:
             info = describe(dataset, grid.root)
             names = [r["name"].lower() for r in info]
@@ -102,13 +145,16 @@ def plan_cells(grid: GridConfig, out_dir: Path) -> list[Cell]:
                 classes = list(range(len(info)))
             elif isinstance(grid.classes, list):
                 classes = [_class_id(c, names, dataset) for c in grid.classes]
+                _check_distinct_classes(grid.classes, classes, dataset)
             else:
                 raise ConfigError("classes: a list of class ids/names, or 'all'")
             for c in classes:
                 for seed in grid.seeds:
                     cell_name = safe_component(f"{dataset}-c{c}-s{seed}")
                     run_dir = out_dir / _label(recipe, backbone) / cell_name
-                    cells.append(Cell(recipe, dataset, c, seed, run_dir, backbone))
+                    cell = Cell(recipe, dataset, c, seed, run_dir, backbone)
+                    _check_cell(cell, grid, base)
+                    cells.append(cell)
     first = {}  # position of each (dataset, class) as first planned; the sort below is stable
     for cell in cells:
         first.setdefault((cell.dataset, cell.normal_class), len(first))
@@ -140,6 +186,27 @@ def select_cells(
                 wanted.add((dataset, cid))
         cells = [c for c in cells if (c.dataset, c.normal_class) in wanted]
     return cells
+
+
+def _check_distinct_classes(given: list, ids: list[int], dataset: str) -> None:
+    for i, cid in enumerate(ids):
+        if cid in ids[:i]:
+            first = given[ids.index(cid)]
+            raise ConfigError(
+                f"classes: {shorten(first)} and {shorten(given[i])} are the same class ({cid}) "
+                f"of {dataset}; list each class once"
+            )
+
+
+def _check_cell(cell: Cell, grid: GridConfig, base: dict) -> None:
+    """A cell's whole config, as its process will build it: a bad seed or class fails at
+    planning, before any cell runs."""
+    try:
+        config_from_dict(apply_overrides(copy.deepcopy(base), cell_overrides(cell, grid)))
+    except ConfigError as err:
+        raise ConfigError(
+            f"grid cell {cell.key} (recipe {cell.recipe}, seed {cell.seed}): {err}"
+        ) from None
 
 
 def _class_id(value: int | str, names: list[str], dataset: str) -> int:
@@ -174,6 +241,12 @@ def cell_command(cell: Cell, grid: GridConfig, state: str) -> list[str]:
     if state == "partial":
         return firmad + ["train", "--out", str(cell.run_dir), "--resume"]
     # New, or started but never checkpointed: `firmad train` starts it (again).
+    cmd = firmad + ["train", "--out", str(cell.run_dir), "--config", cell.recipe]
+    return cmd + [a for o in cell_overrides(cell, grid) for a in ("--set", o)]
+
+
+def cell_overrides(cell: Cell, grid: GridConfig) -> list[str]:
+    """The --set options of a new cell's `firmad train`."""
     overrides = (
         grid.set
         + backbone_overrides(cell.backbone)
@@ -185,8 +258,7 @@ def cell_command(cell: Cell, grid: GridConfig, state: str) -> list[str]:
     )
     if grid.root:
         overrides.append(f"data.root={grid.root}")
-    cmd = firmad + ["train", "--out", str(cell.run_dir), "--config", cell.recipe]
-    return cmd + [a for o in overrides for a in ("--set", o)]
+    return overrides
 
 
 def _cell_job(cell: Cell, grid: GridConfig) -> dict[str, Any] | None:
@@ -284,6 +356,7 @@ def run_grid(
     cell_gpus: float = 0.0,
     classes: list[str] | None = None,
     seeds: list[int] | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Run every cell of a grid not yet evaluated, and write the tables.
 
@@ -294,7 +367,8 @@ def run_grid(
     (``devices``: GPU ids, one cell per GPU at a time, pinned with CUDA_VISIBLE_DEVICES);
     ``ray`` runs each cell as a Ray task (``cell_cpus`` CPUs and ``cell_gpus`` GPUs) on the
     cluster at ``address``, or on a local Ray runtime (or the one this process already joined).
-    With Ray, ``out_dir`` and the data must be on a filesystem every node sees.
+    With Ray, ``out_dir`` and the data must be on a filesystem every node sees. ``threads``
+    (or the grid's ``threads:``) fixes each cell's CPU threads whichever executor runs it.
 
     Ctrl-C or SIGTERM stops the grid at once: no new cell starts, running cells save a
     checkpoint and stop, the tables are written (unfinished cells ``interrupted`` or
@@ -312,6 +386,9 @@ def run_grid(
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     grid = read_grid(config)
     grid.set = grid.set + list(overrides or [])
+    if threads is not None:
+        grid.threads = threads
+        check_grid(grid, "--threads")
     out_dir = Path(out_dir or Path("runs") / "bench" / grid.name)
     if executor == "ray":
         out_dir = out_dir.resolve()  # Ray workers may run elsewhere: no relative paths
@@ -360,7 +437,7 @@ def run_grid(
 
 def _run_local(cells, grid, workers, devices, record) -> None:
     workers = len(devices) if devices else workers
-    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+    threads = grid.threads or (max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None)
     free: queue.Queue[str] = queue.Queue()
     for d in devices:
         free.put(d)
@@ -431,7 +508,7 @@ def _run_ray(cells, grid, address, cell_cpus, cell_gpus, record) -> None:
             num_cpus=cell_cpus, num_gpus=cell_gpus, max_retries=0
         )
         env = {k: v for k, v in os.environ.items() if k.startswith("FIRMAD_")}
-        env["OMP_NUM_THREADS"] = str(max(1, int(cell_cpus)))
+        env["OMP_NUM_THREADS"] = str(grid.threads or max(1, int(cell_cpus)))
         refs = {}
         for cell in cells:
             job = _cell_job(cell, grid)

@@ -295,6 +295,12 @@ def bench(
     seeds: str | None = typer.Option(
         None, "--seeds", help="Run only these of the grid's seeds (e.g. 1,2)."
     ),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        help="CPU threads of each cell, whichever executor runs it (the grid's threads:); "
+        "default: the cores shared by --workers, or --cell-cpus with Ray.",
+    ),
 ) -> None:
     """Run a grid of datasets x classes x methods x seeds; resumable, one run directory a cell.
 
@@ -313,6 +319,7 @@ def bench(
             overrides=list(set_), executor=executor, devices=devices, address=address,
             cell_cpus=cell_cpus, cell_gpus=cell_gpus,
             classes=_comma_list(classes, "--classes"), seeds=_int_list(seeds, "--seeds"),
+            threads=threads,
         )  # fmt: skip
     out.print(result["markdown"], highlight=False)
     out.print(f"Tables: {result['csv']} and {result['md']}", highlight=False)

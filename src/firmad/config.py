@@ -331,7 +331,7 @@ class _Loader(yaml.SafeLoader):
         if self.check_event(yaml.events.AliasEvent):
             mark = self.peek_event().start_mark
             raise yaml.YAMLError(
-                f"line {mark.line + 1}: YAML aliases (*name) are not allowed in recipes; "
+                f"line {mark.line + 1}: YAML aliases (*name) are not allowed in recipes and grids; "
                 "write the value out in full"
             )
         self._depth = getattr(self, "_depth", 0) + 1
