@@ -18,9 +18,11 @@ Nothing is written to disk except downloads.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import functools
 import gzip
 import io
+import math
 import os
 import pickle
 import tarfile
@@ -123,29 +125,73 @@ def _read_bytes(path: Path) -> bytes:
         ) from e
 
 
+# The largest IDX file read: a header declaring more (or a .gz expanding to more) is refused
+# before its data is decompressed. MNIST's largest file holds 47 MB.
+MAX_IDX_BYTES = 1 << 30
+
+
+def _damaged(path: Path, e: Exception) -> DataError:
+    return DataError(
+        f"{path}: cannot read the file ({e}); it is probably truncated or corrupt. "
+        "Delete it and download it again."
+    )
+
+
+@contextlib.contextmanager
+def _opened(path: Path):
+    """The file (gunzipped as it is read when the name ends in .gz); errors as DataError."""
+    try:
+        if not path.is_file():
+            kind = "not a regular file" if path.exists() else "file not found"
+            raise DataError(f"{path}: {kind}. Check the path or re-download the data.")
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            yield f
+    except OSError as e:
+        # Permission denied is not damage: do not advise deleting a good file.
+        raise (_unreadable(path, e) or _damaged(path, e)) from e
+    except (EOFError, zlib.error) as e:
+        raise _damaged(path, e) from e
+
+
 def read_idx(path: str | Path, expect_magic: int) -> np.ndarray:
-    """Read one IDX file (raw or .gz) of unsigned bytes; check magic number, dims and size."""
+    """Read one IDX file (raw or .gz) of unsigned bytes; check magic number, dims and size.
+
+    The header is checked first and the data read as a stream, no more than the header
+    declares (at most MAX_IDX_BYTES): a small .gz that expands to gigabytes is refused
+    after reading one byte past the declared size."""
     path = Path(path)
-    raw = _read_bytes(path)
     kind = "images" if expect_magic == IDX_IMAGES_MAGIC else "labels"
     ndim = expect_magic - 2048
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: only {len(raw)} bytes, too short for an IDX {kind} file header.")
-    magic = int.from_bytes(raw[:4], "big")
-    if magic != expect_magic:
+    with _opened(path) as f:
+        head = f.read(header)
+        if len(head) < header:
+            raise DataError(
+                f"{path}: only {len(head)} bytes, too short for an IDX {kind} file header."
+            )
+        magic = int.from_bytes(head[:4], "big")
+        if magic != expect_magic:
+            raise DataError(
+                f"{path}: wrong IDX magic number {magic}, expected {expect_magic} for {kind}. "
+                "Is it the right file (images vs labels), and not damaged? Re-download it."
+            )
+        dims = [int.from_bytes(head[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+        size = math.prod(dims)
+        if size > MAX_IDX_BYTES:
+            raise DataError(
+                f"{path}: its header declares {dims} = {size} bytes, more than the "
+                f"{MAX_IDX_BYTES >> 20} MiB an IDX file may hold here; the file is damaged or "
+                "not a dataset file. Re-download it."
+            )
+        data = f.read(size)
+        extra = len(f.read(1))  # one byte past the declared end: more data is damage too
+    if len(data) != size or extra:
+        held = f"{header + len(data)} bytes" if not extra else "more bytes"
         raise DataError(
-            f"{path}: wrong IDX magic number {magic}, expected {expect_magic} for {kind}. "
-            "Is it the right file (images vs labels), and not damaged? Re-download it."
-        )
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    expected = header + int(np.prod(dims))
-    if len(raw) != expected:
-        raise DataError(
-            f"{path}: holds {len(raw)} bytes but its header {dims} needs {expected}; "
+            f"{path}: holds {held} but its header {dims} needs {header + size}; "
             "the file is truncated or corrupt. Delete it and download it again."
         )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:
