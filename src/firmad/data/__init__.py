@@ -6,26 +6,12 @@ one-class protocols; `locate`, `searched_places`, `prepare` and `describe` back 
 ``firmad data`` commands.
 """
 
-from firmad.data.protocol import (
-    OneClassSplit,
-    class_index,
-    dataset_vs_dataset,
-    describe,
-    match_images,
-    multi_class_normal,
-    one_vs_rest,
-)
-from firmad.data.sources import (
-    DATASETS,
-    IMAGE_EXTENSIONS,
-    ImageDataset,
-    load_dataset,
-    locate,
-    prepare,
-    read_idx,
-    searched_places,
-    write_idx,
-)
+# Names are imported on first use: `firmad data list` must not wait for torch.
+_PROTOCOL = {
+    "OneClassSplit", "class_index", "dataset_vs_dataset", "match_images",
+    "multi_class_normal", "one_vs_rest",
+}  # fmt: skip
+
 
 __all__ = [
     "DATASETS",
@@ -45,3 +31,12 @@ __all__ = [
     "searched_places",
     "write_idx",
 ]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        import importlib
+
+        module = "protocol" if name in _PROTOCOL else "sources"
+        return getattr(importlib.import_module(f"firmad.data.{module}"), name)
+    raise AttributeError(f"module 'firmad.data' has no attribute {name!r}")

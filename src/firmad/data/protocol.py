@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from firmad.data.sources import ImageDataset, load_dataset
+from firmad.data.sources import ImageDataset, describe, load_dataset  # noqa: F401 (re-export)
 from firmad.errors import DataError, InputError
 
 
@@ -225,26 +225,3 @@ def dataset_vs_dataset(
     return _build(
         dataset, train, test_images, test_classes, normal_ids, classes, max_train, max_test, seed
     )
-
-
-def describe(name: str, root: str | Path | None = None, download: bool = False) -> list[dict]:
-    """Per class: class_id, name, n_train_normal, n_test, n_test_normal, n_test_anomalies.
-
-    The counts are those of `one_vs_rest` with that class as the normal one.
-    """
-    train = load_dataset(name, "train", root, download)
-    test = load_dataset(name, "test", root, download)
-    n_classes = len(train.classes)
-    train_counts = torch.bincount(train.labels, minlength=n_classes)
-    test_counts = torch.bincount(test.labels, minlength=n_classes)
-    return [
-        {
-            "class_id": i,
-            "name": c,
-            "n_train_normal": int(train_counts[i]),
-            "n_test": len(test),
-            "n_test_normal": int(test_counts[i]),
-            "n_test_anomalies": len(test) - int(test_counts[i]),
-        }
-        for i, c in enumerate(train.classes)
-    ]

@@ -30,11 +30,14 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from firmad.errors import DataError, DataNotFoundError, InputError
+
+if TYPE_CHECKING:  # torch is imported where images are made: `firmad data list` needs none
+    import torch
 
 DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10", "cifar100", "cifar100-coarse")
 SPLITS = ("train", "test")
@@ -529,6 +532,8 @@ def read_image_folder(path: Path, split: str, size: int = 32, channels: int = 3)
             f"{path}: has both loose images and class sub-folders; move the loose images "
             "into a class sub-folder."
         )
+    import torch
+
     images, labels = [], []
     for label, folder in groups:
         files = _image_files(folder) if folder.is_dir() else []
@@ -577,6 +582,8 @@ def read_npz(path: Path, split: str) -> ImageDataset:
     Without train_/test_ keys the same arrays serve both splits. Without labels every image gets
     label 0. Images may be NHWC or NCHW, detected by which axis has 1 or 3 channels.
     """
+    import torch
+
     if not path.is_file():
         raise DataNotFoundError(f"{path}: npz file not found. Give an existing file: npz:PATH.")
     try:
@@ -769,6 +776,8 @@ def load_dataset(
     download: fetch a builtin dataset that is not found. size, channels: output size and
     channel count (1 or 3) for image folders only; other sources keep their own images.
     """
+    import torch
+
     if split not in SPLITS:
         raise InputError(f"split must be 'train' or 'test', got {split!r}")
     if name.startswith("folder:"):
@@ -777,9 +786,7 @@ def load_dataset(
         return read_npz(Path(name[4:]).expanduser(), split)
     _check_builtin(name)
     found = prepare(name, root, download=download)
-    # Any change to the files (or the folder) gives a new cache key.
-    stamp = max(p.stat().st_mtime_ns for p in [found, *(found.iterdir() if found.is_dir() else [])])
-    images, labels, classes, source = _read_builtin(name, split, str(found.resolve()), stamp)
+    images, labels, classes, source = _read_builtin(name, split, *_cache_key(found))
     # Copies, so callers may modify their tensors without touching the cache.
     return ImageDataset(
         images=torch.from_numpy(images.copy()),
@@ -788,3 +795,78 @@ def load_dataset(
         name=name,
         source=source,
     )
+
+
+def _cache_key(found: Path) -> tuple[str, int]:
+    """The resolved path and newest modification time: any change to the files (or the
+    folder) gives a new key of the reader's cache."""
+    stamp = max(p.stat().st_mtime_ns for p in [found, *(found.iterdir() if found.is_dir() else [])])
+    return str(found.resolve()), stamp
+
+
+def _idx_labels(folder: Path, split: str, n_classes: int) -> np.ndarray:
+    """The labels of an IDX split without decoding its images: only the images file's header
+    is read, to check that it holds as many images as there are labels."""
+    prefix = "train" if split == "train" else "t10k"
+    paths = {kind: _idx_file(folder, prefix, kind) for kind in ("images", "labels")}
+    for kind, path in paths.items():
+        if path is None:
+            raise DataError(
+                f"{folder}: no {prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte(.gz) file "
+                f"for the {split} split. Put all four IDX files in this folder."
+            )
+    labels = read_idx(paths["labels"], IDX_LABELS_MAGIC)
+    with _opened(paths["images"]) as f:
+        head = f.read(16)
+    n_images = int.from_bytes(head[4:8], "big") if len(head) == 16 else -1
+    if int.from_bytes(head[:4], "big") != IDX_IMAGES_MAGIC or n_images != len(labels):
+        raise DataError(
+            f"{paths['images']} does not hold {len(labels)} images as {paths['labels']} has "
+            "labels; the files do not belong together or are damaged. Re-download both."
+        )
+    if len(labels) and int(labels.max()) >= n_classes:
+        raise DataError(
+            f"{paths['labels']}: label {int(labels.max())} is out of range: this dataset has "
+            f"{n_classes} classes (labels 0..{n_classes - 1}). The file is damaged or belongs "
+            "to another dataset; re-download it."
+        )
+    return labels.astype(np.int64)
+
+
+def split_labels(
+    name: str, split: str, root: str | Path | None = None, download: bool = False
+) -> tuple[np.ndarray, list[str]]:
+    """The labels (N,) and class names of one split; for IDX datasets only the labels file is
+    decoded (what `firmad data show` needs, in a fraction of a second)."""
+    if split not in SPLITS:
+        raise InputError(f"split must be 'train' or 'test', got {split!r}")
+    storage = _storage_name(name) if name in DATASETS else None
+    if storage in ("fashion-mnist", "mnist"):
+        classes = FASHION_MNIST_CLASSES if storage == "fashion-mnist" else MNIST_CLASSES
+        found = prepare(name, root, download=download)
+        return _idx_labels(found, split, len(classes)), list(classes)
+    data = load_dataset(name, split, root, download)
+    return data.labels.numpy(), list(data.classes)
+
+
+def describe(name: str, root: str | Path | None = None, download: bool = False) -> list[dict]:
+    """Per class: class_id, name, n_train_normal, n_test, n_test_normal, n_test_anomalies.
+
+    The counts are those of `one_vs_rest` with that class as the normal one.
+    """
+    train, classes = split_labels(name, "train", root, download)
+    test, test_classes = split_labels(name, "test", root, download)
+    n_classes = len(classes)
+    train_counts = np.bincount(train, minlength=n_classes)
+    test_counts = np.bincount(test, minlength=n_classes)
+    return [
+        {
+            "class_id": i,
+            "name": c,
+            "n_train_normal": int(train_counts[i]),
+            "n_test": len(test),
+            "n_test_normal": int(test_counts[i]),
+            "n_test_anomalies": len(test) - int(test_counts[i]),
+        }
+        for i, c in enumerate(classes)
+    ]
