@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+from rich.table import Column
 
 from firmad.cellproc import STOP_GRACE_S, CellProcesses, run_process
 from firmad.config import (
@@ -44,6 +45,7 @@ from firmad.errors import ConfigError, FirmadError
 from firmad.io import atomic_write_json, atomic_write_text
 from firmad.run import CELL_ERROR, CELL_LOG, RunDir, safe_component
 from firmad.scoring.scorers import result_name
+from firmad.training.callbacks import live_progress
 
 
 @dataclass
@@ -400,12 +402,14 @@ def run_grid(
     progress = (
         None
         if quiet
-        else Progress(
+        else live_progress(
             TextColumn("[bold]grid"),
-            BarColumn(),
+            BarColumn(bar_width=20),
             TextColumn("{task.completed}/{task.total} cells"),
-            TimeElapsedColumn(),
-            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(table_column=Column(min_width=7, no_wrap=True)),
+            TextColumn("{task.fields[info]}", table_column=Column(overflow="ellipsis", ratio=1)),
+            expand=True,
+            unit="cells",
         )
     )
     task = progress.add_task("grid", total=len(to_run), info="") if progress else None

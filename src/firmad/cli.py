@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -74,8 +75,10 @@ def train(
     out_dir: Path | None = typer.Option(None, "--out", help="Run directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
     normal_class: str | None = typer.Option(None, "--normal-class", help="Id or name."),
-    seed: int | None = typer.Option(None, "--seed"),
-    epochs: int | None = typer.Option(None, "--epochs"),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Seed of the weights, data order and augmentations (train.seed)."
+    ),
+    epochs: int | None = typer.Option(None, "--epochs", help="Training epochs (train.epochs)."),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the evaluation at the end."),
     classes: str | None = typer.Option(
@@ -184,7 +187,9 @@ def evaluate(
     run_dir: Path = typer.Argument(..., help="A run directory written by `firmad train`."),
     scorers: str | None = typer.Option(None, help="Comma-separated, e.g. knn_cos:k=5,kde."),
     variants: str | None = typer.Option(None, help="Comma-separated: plain,angled,ensemble."),
-    device: str | None = typer.Option(None, "--device"),
+    device: str | None = typer.Option(
+        None, "--device", help="auto, cpu, cuda, cuda:N (default: the run's train.device)."
+    ),
 ) -> None:
     """(Re)score a trained run from its checkpoint and rewrite its report."""
     with _interruptible("files are written whole or not at all; run the command again"):
@@ -340,7 +345,11 @@ def bench(
 
 
 @data_app.command("list", epilog="Example:\n\n  firmad data list --root ~/datasets")
-def data_list(root: Path | None = typer.Option(None, "--root")) -> None:
+def data_list(
+    root: Path | None = typer.Option(
+        None, "--root", help="Look only in this folder (and ROOT/NAME), not the usual places."
+    ),
+) -> None:
     """Which built-in datasets are found, and where."""
     from firmad.data import DATASETS, locate
 
@@ -709,9 +718,38 @@ def _parse_eps(text: str, norm: str) -> list[float]:
 # --- entry point ---------------------------------------------------------------------------------
 
 
+# One line per command in `firmad --help`: click would cut the docstrings' first lines ("…").
+SHORT_HELP = {
+    "train": "Train and evaluate a model on one class of a dataset.",
+    "evaluate": "Score a trained run again and rewrite its report.",
+    "bench": "Run a grid of recipes x datasets x classes x seeds.",
+    "demo": "What `make demo` runs: FIRM on Fashion-MNIST T-shirts.",
+    "fit": "Train a detector on a folder of normal images.",
+    "score": "Score images with a detector (CSV out).",
+    "export": "Export a detector as one ONNX graph.",
+    "features": "Robust / non-robust feature study for one class.",
+    "attack": "Robust AUROC of a run or detector under PGD.",
+    "data": "Find, inspect and prepare datasets.",
+    "data prepare": "Find a dataset, or download its official files.",
+}
+
+
+def _short_help(command, prefix: str = "") -> None:
+    """Set the one-line summaries; a command without one gets the first clause of its help
+    when that fits on a line."""
+    for name, sub in getattr(command, "commands", {}).items():
+        first = re.split(r"(?<=[.;:])\s|\n", (sub.help or "").strip())[0].rstrip(";:")
+        if prefix + name in SHORT_HELP:
+            sub.short_help = SHORT_HELP[prefix + name]
+        elif not sub.short_help and first and len(first) <= 60:
+            sub.short_help = first
+        _short_help(sub, prefix + name + " ")
+
+
 def main(argv: list[str] | None = None) -> int:
     # Click (inside typer) handles usage errors itself (status 2); our own errors are caught here.
     command = typer.main.get_command(app)
+    _short_help(command)
     try:
         command.main(args=argv, prog_name="firmad", standalone_mode=True)
     except SystemExit as exc:

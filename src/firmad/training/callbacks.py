@@ -134,23 +134,93 @@ class LearningCurve(Callback):
         trainer.paused += time.perf_counter() - tic
 
 
+PLAIN_EVERY_S = 15.0  # seconds between two progress lines where output is not a terminal
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "-:--:--"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def live_progress(*columns, unit: str = "", **kwargs):
+    """A rich Progress on a terminal; where output goes to a file or a pipe, a plain line at
+    the start, every PLAIN_EVERY_S seconds and at the end (rich alone would print the bar
+    once, at the end)."""
+    from rich.progress import Progress
+
+    class _Progress(Progress):
+        def __init__(self) -> None:
+            super().__init__(*columns, **kwargs)
+            self.plain = not self.disable and not self.console.is_terminal
+            self.disable = self.disable or self.plain  # no live display in a file
+            self._last: dict = {}
+
+        def update(self, task_id, **changes) -> None:
+            super().update(task_id, **changes)
+            self._line(task_id)
+
+        def advance(self, task_id, advance: float = 1) -> None:
+            super().advance(task_id, advance)
+            self._line(task_id)
+
+        def _line(self, task_id, force: bool = False) -> None:
+            if not self.plain:
+                return
+            task = self._tasks[task_id]
+            now = time.monotonic()
+            last = self._last.get(task_id)
+            if not force and last is not None and now - last < PLAIN_EVERY_S:
+                return
+            if force and last is None and not task.completed:
+                return
+            self._last[task_id] = now
+            total = f"/{task.total:g}" if task.total is not None else ""
+            total += f" {unit}" if unit else ""
+            info = task.fields.get("info", "")
+            left = f", {_clock(task.time_remaining)} left" if task.total else ""
+            self.console.print(
+                f"{task.description}: {task.completed:g}{total}, {_clock(task.elapsed)} "
+                f"elapsed{left}" + (f", {info}" if info else ""),
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
+
+        def stop(self) -> None:
+            for task_id in list(self._tasks):
+                self._line(task_id, force=True)
+            super().stop()
+
+    return _Progress()
+
+
 def progress_bar():
-    """The rich progress bar of a training run: steps, elapsed and remaining time, info."""
+    """The progress bar of a training run: steps, elapsed and remaining time, info. In 80
+    columns the info text is cut (…), never the times."""
     from rich.progress import (
         BarColumn,
-        Progress,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
     )  # fmt: skip
+    from rich.table import Column
 
-    return Progress(
+    times = {"table_column": Column(min_width=7, no_wrap=True)}  # h:mm:ss, never cut
+    return live_progress(
         TextColumn("[bold]{task.description}"),
-        BarColumn(),
+        BarColumn(bar_width=20),
         TextColumn("{task.completed}/{task.total} steps"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(**times),
+        TimeRemainingColumn(**times),
+        # The info takes the width that is left (expand + ratio) and is cut there.
+        TextColumn(
+            "{task.fields[info]}",
+            table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1, min_width=0),
+        ),
+        expand=True,
+        unit="steps",
     )
 
 
