@@ -585,6 +585,7 @@ def features(
     """Are non-robust features useful for one class? Constructed sets, probes and drift."""
     from firmad.robustness.study import run_study
 
+    config = config.absolute()  # a file, even one named like a shipped recipe
     log = (lambda *a: None) if state["quiet"] else (lambda msg: console.print(msg, highlight=False))
     with _interruptible("finished stages are kept; run the same command again to continue"):
         result = run_study(config, out_dir, log=log)

@@ -731,11 +731,12 @@ def read_text_file(path: Path, what: str = "recipe", limit: int = MAX_RECIPE_BYT
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as err:
         raise ConfigError(f"cannot read {path}: {err.strerror or err}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ConfigError(f"{path}: {kind}; a {what} is a YAML text file")
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
-            raise ConfigError(f"{path}: {kind}; a {what} is a YAML text file")
         data = f.read(limit + 1)  # the size may change after fstat: read no more than the cap
     if len(data) > limit:
         raise ConfigError(
