@@ -646,7 +646,7 @@ def parse_scorer(spec: str) -> tuple[str, dict[str, Any]]:
 # Upper bounds of sizes and counts, far above any real use: a typo (1e9, an extra zero) fails
 # before the first step instead of exhausting memory or time after training.
 LIMITS = {
-    "model.width": 16,
+    "model.width": 8,
     "model.head_depth": 64,
     "model.head_hidden": 16384,
     "model.head_out": 16384,
@@ -657,7 +657,8 @@ LIMITS = {
     "train.threads": 1024,
     "train.seed": 2**32 - 1,
     "eval.batch_size": 65536,
-    "eval.resize_ratio": 4,
+    "eval.resize_ratio": 2,
+    "augment.blur_kernel": 255,
     "eval.n_crops": 1000,
     "eval.bank_centroids": 1_000_000,
     "adversarial.steps": 1000,
