@@ -42,7 +42,9 @@ def test_every_option_has_help(command, option):
     text = _help(*command)
     line = next(line for line in text.splitlines() if line.strip().startswith(option))
     # "--seed <int>" alone would be an option without help
-    assert re.search(rf"{option}\s+<\w+>\s+\S", line) or re.search(rf"{option}\s+\S+\s{{2,}}\S", line)
+    assert re.search(rf"{option}\s+<\w+>\s+\S", line) or re.search(
+        rf"{option}\s+\S+\s{{2,}}\S", line
+    )
 
 
 def _render(progress, width: int = 80) -> str:

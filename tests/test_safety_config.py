@@ -14,7 +14,7 @@ from firmad.config import MAX_RECIPE_BYTES, available_recipes, load_config, read
 from firmad.errors import ConfigError
 
 LAUGHS = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
-    f"{b}: &{b} [{', '.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi")
+    f"{b}: &{b} [{', '.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi", strict=True)
 )
 
 
@@ -42,7 +42,9 @@ BAD_RECIPES = [
 ]
 
 
-@pytest.mark.parametrize(("name", "text", "fragments"), BAD_RECIPES, ids=[c[0] for c in BAD_RECIPES])
+@pytest.mark.parametrize(
+    ("name", "text", "fragments"), BAD_RECIPES, ids=[c[0] for c in BAD_RECIPES]
+)
 def test_bad_recipe_files_are_refused_with_a_short_message(tmp_path, name, text, fragments):
     _write(tmp_path, "b.yaml", "base: a.yaml\n")
     (tmp_path / "sub").mkdir()
@@ -141,7 +143,7 @@ def test_a_local_file_named_like_a_shipped_recipe_does_not_shadow_it(tmp_path, m
 def test_a_bare_name_that_is_no_shipped_recipe_says_how_to_give_a_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "myrecipe").write_text("train: {epochs: 1}\n")
-    with pytest.raises(ConfigError, match=r"\./myrecipe"):
+    with pytest.raises(ConfigError, match=r"\./NAME"):
         load_config("myrecipe")
 
 

@@ -104,8 +104,8 @@ def check_grid(grid: GridConfig, path: Path | str = "grid") -> None:
     if not name or name != safe_component(name) or name in (".", ".."):
         raise ConfigError(
             f"{path}: name: {shorten(name)} must be one plain folder name (letters, digits, "
-            f"- _ . + =; no / or ..), e.g. {safe_component(Path(name).name)!r}; the grid's folder is "
-            "runs/bench/NAME unless --out says otherwise"
+            f"- _ . + =; no / or ..), e.g. {safe_component(Path(name).name)!r}; the grid's "
+            "folder is runs/bench/NAME unless --out says otherwise"
         )
     axes = {"recipes": grid.recipes, "datasets": grid.datasets, "seeds": grid.seeds}
     axes["backbones"] = grid.backbones

@@ -562,7 +562,8 @@ def _check_values(cfg: RunConfig) -> None:
     m = cfg.model
     if m.backbone not in BACKBONES:
         raise ConfigError(
-            f"model.backbone: unknown backbone {shorten(m.backbone)}; choose from {', '.join(BACKBONES)}"
+            f"model.backbone: unknown backbone {shorten(m.backbone)}; choose from "
+            f"{', '.join(BACKBONES)}"
         )
     check_width(m.backbone, m.width)
     check_head_settings(hidden=m.head_hidden, out_dim=m.head_out, depth=m.head_depth)
@@ -600,7 +601,9 @@ def check_scorer(spec: str) -> None:
     name, params = parse_scorer(spec)
     where = f"eval.scorers: {shorten(spec)}"
     if name not in SCORERS:
-        raise ConfigError(f"{where}: unknown scorer {shorten(name)}; choose from {', '.join(SCORERS)}")
+        raise ConfigError(
+            f"{where}: unknown scorer {shorten(name)}; choose from {', '.join(SCORERS)}"
+        )
     signature = inspect.signature(SCORERS[name].__init__)
     allowed = [p for p in signature.parameters if p != "self"]
     for key, value in params.items():
@@ -632,13 +635,15 @@ def parse_scorer(spec: str) -> tuple[str, dict[str, Any]]:
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"eval.scorers: {shorten(spec)}: parameters are written name:key=value")
+            raise ConfigError(
+                f"eval.scorers: {shorten(spec)}: parameters are written name:key=value"
+            )
         try:
             params[key.strip()] = parse_yaml(value)
         except yaml.YAMLError as err:
             raise ConfigError(
-                f"eval.scorers: {shorten(spec)}: the value of {key.strip()} ({shorten(value)}) is not valid "
-                f"YAML ({_yaml_problem(err)}); write e.g. knn_cos:k=5"
+                f"eval.scorers: {shorten(spec)}: the value of {key.strip()} ({shorten(value)}) "
+                f"is not valid YAML ({_yaml_problem(err)}); write e.g. knn_cos:k=5"
             ) from None
     return name.strip(), params
 
@@ -777,7 +782,7 @@ def recipe_path(name_or_path: str, relative_to: Path | None = None) -> Path:
             return recipes_dir() / f"{text}.yaml"
         raise ConfigError(
             f"recipe {shorten(text)} not found: give one of {', '.join(available_recipes())}, "
-            f"or a YAML file path (./{shorten(text)[1:-1]}.yaml, dir/NAME)"
+            "or a file as a path (./NAME, NAME.yaml or DIR/NAME)"
         )
     path = Path(text).expanduser()
     if relative_to is not None and not path.is_absolute():
