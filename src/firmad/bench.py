@@ -104,7 +104,7 @@ def check_grid(grid: GridConfig, path: Path | str = "grid") -> None:
     if not name or name != safe_component(name) or name in (".", ".."):
         raise ConfigError(
             f"{path}: name: {shorten(name)} must be one plain folder name (letters, digits, "
-            f"- _ . + =; no / or ..), e.g. {safe_component(Path(name).name)!r}; the grid's "
+            f"- _ . + =; no / or ..), e.g. {shorten(safe_component(Path(name).name))}; the grid's "
             "folder is runs/bench/NAME unless --out says otherwise"
         )
     axes = {"recipes": grid.recipes, "datasets": grid.datasets, "seeds": grid.seeds}
@@ -217,7 +217,9 @@ def _class_id(value: int | str, names: list[str], dataset: str) -> int:
             raise ConfigError(f"classes: {value} is not a class of {dataset} (0..{len(names) - 1})")
         return value
     if value.lower() not in names:
-        raise ConfigError(f"classes: {value!r} is not a class of {dataset}; choose from {names}")
+        raise ConfigError(
+            f"classes: {shorten(value)} is not a class of {dataset}; choose from {names}"
+        )
     return names.index(value.lower())
 
 
@@ -339,9 +341,9 @@ def parse_devices(text: str | None) -> list[str]:
         return []
     devices = [d.strip() for d in str(text).split(",") if d.strip()]
     if not devices or not all(d.isdigit() for d in devices):
-        raise ConfigError(f"--devices: expected GPU ids like 0,1,2; got {text!r}")
+        raise ConfigError(f"--devices: expected GPU ids like 0,1,2; got {shorten(text)}")
     if len(set(devices)) != len(devices):
-        raise ConfigError(f"--devices: {text!r} names a device twice")
+        raise ConfigError(f"--devices: {shorten(text)} names a device twice")
     return devices
 
 
@@ -378,7 +380,7 @@ def run_grid(
     per cell that ran or was looked at.
     """
     if executor not in EXECUTORS:
-        raise ConfigError(f"--executor: {executor!r} is not one of {', '.join(EXECUTORS)}")
+        raise ConfigError(f"--executor: {shorten(executor)} is not one of {', '.join(EXECUTORS)}")
     devices = parse_devices(devices) if isinstance(devices, str) else list(devices or [])
     if devices and executor != "local":
         raise ConfigError(

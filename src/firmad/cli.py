@@ -236,8 +236,14 @@ def _comma_list(
         return None
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items or len(set(items)) != len(items):
-        raise FirmadError(f"{option}: expected distinct {what}, got {text!r}")
+        raise FirmadError(f"{option}: expected distinct {what}, got {_short(text)}")
     return items
+
+
+def _short(value) -> str:
+    from firmad.config import shorten
+
+    return shorten(value)
 
 
 def _int_list(text: str | None, option: str) -> list[int] | None:
@@ -247,7 +253,7 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
     try:
         return [int(t) for t in items]
     except ValueError:
-        raise FirmadError(f"{option}: expected integers such as 1,2, got {text!r}") from None
+        raise FirmadError(f"{option}: expected integers such as 1,2, got {_short(text)}") from None
 
 
 def _split_scorers(text: str) -> list[str]:
