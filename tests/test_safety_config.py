@@ -184,3 +184,11 @@ def test_the_cli_refuses_with_status_2_and_writes_nothing(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert "error:" in err and "Traceback" not in err and len(err) < 1000
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_fit_and_demo_defaults_ignore_a_local_folder_named_like_the_recipe(tmp_path, monkeypatch):
+    from firmad.detector import OneClassDetector
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fmnist-cpu").mkdir()
+    assert OneClassDetector().make_config().train.epochs == load_config("fmnist-cpu").train.epochs
