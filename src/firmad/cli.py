@@ -465,6 +465,11 @@ def fit(
     det.save(out_dir)
     threshold = f"threshold {det.threshold_:.4g}" if n_held else "no threshold (no held-out images)"
     out.print(f"Detector: {out_dir} ({threshold})", highlight=False)
+    # --- report: the score scale in words, held-out scores vs threshold, a gallery
+    from firmad.report import write_fit_report
+
+    report = write_fit_report(det, out_dir, heldout_images=held if n_held else None)
+    out.print(f"Report: {report}", highlight=False)
 
 
 @app.command(
@@ -477,6 +482,9 @@ def score(
     out_csv: Path | None = typer.Option(None, "--out", help="CSV to write (default: stdout)."),
     threshold: float | None = typer.Option(None, "--threshold", help="Override the threshold."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
+    report_dir: Path | None = typer.Option(
+        None, "--report", help="Folder for report.md and plots (default: beside --out CSV)."
+    ),
 ) -> None:
     """Score images: one row per image (path, score, decision); unreadable files are skipped."""
     import csv
@@ -527,6 +535,16 @@ def score(
         print(buf.getvalue(), end="")
     for f, why in skipped:
         console.print(f"skipped {f}: {why}", highlight=False)
+    # --- report: scores vs held-out normals and threshold, a gallery, the scale in words
+    report_dir = report_dir or (out_csv.with_name(f"{out_csv.stem}-report") if out_csv else None)
+    if rows and report_dir is not None:
+        from firmad.report import write_score_report
+
+        names, values, decisions = zip(*rows, strict=True)
+        report = write_score_report(
+            det, names, [float(v) for v in values], decisions, names, report_dir, thr, skipped
+        )
+        console.print(f"Report: {report}", highlight=False)
     console.print(
         f"{len(rows)} scored, {len(skipped)} skipped"
         + ("" if thr is not None else "; no threshold, so no decisions (use --threshold)")
