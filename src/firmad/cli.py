@@ -563,7 +563,7 @@ def export(
 ) -> None:
     """Export a detector as one graph: uint8 images in, anomaly scores out."""
     from firmad.detector import OneClassDetector
-    from firmad.export import export_onnx
+    from firmad.export import export_onnx, sidecar_path
 
     if fmt != "onnx":
         raise FirmadError(f"--format {fmt!r} is not supported; use onnx")
@@ -571,6 +571,7 @@ def export(
     export_onnx(det, out_file)
     c, h, w = det.input_shape_
     out.print(f"{out_file}: input images uint8 (N, {c}, {h}, {w}), output scores (N,)")
+    out.print(f"{sidecar_path(out_file)}: how to feed it (examples/onnx_score.py)", highlight=False)
 
 
 # --- the robust / non-robust feature study -------------------------------------------------------
