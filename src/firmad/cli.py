@@ -574,6 +574,31 @@ def export(
     out.print(f"{sidecar_path(out_file)}: how to feed it (examples/onnx_score.py)", highlight=False)
 
 
+@app.command(
+    epilog="Examples:\n\n  firmad serve det/\n\n"
+    "  firmad serve det/ --port 8000 --report runs/fmnist-cpu/fashion-mnist-c0-firm-s0 "
+    "--report scores-report"
+)
+def serve(
+    detector: Path = typer.Argument(..., help="A detector directory (firmad fit)."),
+    port: int = typer.Option(8765, "--port", help="Port to listen on (0 picks a free one)."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to listen on; the default keeps it on this computer."
+    ),
+    reports: list[Path] = typer.Option(
+        [], "--report", help="A run, attack or score-report folder to browse too (repeatable)."
+    ),
+    open_browser: bool = typer.Option(False, "--open", help="Open the page in a web browser."),
+) -> None:
+    """A local web page: drop images to score them; browse the detector's and other reports."""
+    from firmad.serve import serve as serve_page
+
+    def say(message: str) -> None:
+        console.print(message, highlight=False)
+
+    serve_page(detector, host=host, port=port, reports=reports, open_browser=open_browser, say=say)
+
+
 # --- the robust / non-robust feature study -------------------------------------------------------
 
 

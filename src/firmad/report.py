@@ -686,6 +686,12 @@ def _short(name: str, width: int = 16) -> str:
 def _as_nchw(images, layout: str | None = None) -> np.ndarray:
     """uint8 (N, C, H, W) numpy images for the gallery (from arrays, tensors, float in [0, 1])."""
     x = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+    if x.ndim not in (3, 4):
+        from firmad.errors import InputError
+
+        raise InputError(
+            f"images for a report must be an array or tensor (N, C, H, W), got {type(images)}"
+        )
     if x.ndim == 3:
         x = x[:, None]
     if layout == "NHWC" or (layout is None and x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3)):
@@ -732,7 +738,8 @@ def write_fit_report(det, directory: str | Path, heldout_images=None) -> Path:
     scale in words, the held-out normal scores against the threshold, and a gallery of the
     most anomalous and most normal held-out images. Held-out scores come from
     ``det.heldout_scores_`` when it matches ``heldout_images`` (else they are scored here);
-    without either, the report says so. Returns the report's path."""
+    without either, the report says so. ``heldout_images``: uint8 (or [0, 1] float) images,
+    an array or tensor of shape (N, C, H, W) or (N, H, W, C). Returns the report's path."""
     directory = Path(directory)
     threshold = getattr(det, "threshold_", None)
     scores = getattr(det, "heldout_scores_", None)
