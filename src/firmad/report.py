@@ -678,7 +678,7 @@ def plot_gallery(path: str | Path, rows: Sequence[tuple[str, Any, Sequence[str]]
     return _save(fig, path, tight=False)
 
 
-def _short(name: str, width: int = 16) -> str:
+def _short(name: str, width: int = 18) -> str:
     name = Path(str(name)).name
     return name if len(name) <= width else "…" + name[-(width - 1) :]
 
