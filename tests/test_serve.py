@@ -78,6 +78,15 @@ def test_page_and_detector_info(site):
     assert info["threshold"] == pytest.approx(site["det"].threshold_)
     assert info["scorer"] == "knn_cos k=5 (plain)" and "cosine similarity" in info["scale"]
     assert [r["name"] for r in info["reports"]] == ["detector", "audit"]
+    assert info["heldout"] is None or info["heldout"] == len(site["det"].heldout_scores_)
+
+
+def test_held_out_scores_reach_the_page(site, monkeypatch):
+    monkeypatch.setattr(site["det"], "heldout_scores_", np.linspace(-1, -0.5, 30), raising=False)
+    status, _, body = request(site, "GET", "/api/detector")
+    assert json.loads(body)["heldout"] == 30
+    status, kind, png = request(site, "POST", "/api/histogram", b'{"scores": [-0.7]}')
+    assert status == 200 and png.startswith(PNG)
 
 
 def test_upload_scores_as_the_detector_does(site, tmp_path):

@@ -374,12 +374,12 @@ def serve(detector_dir, host="127.0.0.1", port=8765, reports=(), open_browser=Fa
     url = url_of(server)
     if host not in LOOPBACK:
         say(f"warning: listening on {host}: anyone who can reach this computer can use the page")
-    say(f"Scoring page for {detector_dir}: {url}  (Ctrl-C stops it)")
-    if open_browser:
-        import webbrowser
-
-        webbrowser.open(url)
     try:
+        say(f"Scoring page for {detector_dir}: {url}  (Ctrl-C stops it)")
+        if open_browser:
+            import webbrowser
+
+            webbrowser.open(url)
         server.serve_forever()
     except KeyboardInterrupt:
         say("stopped")
