@@ -105,6 +105,14 @@ def test_fit_report_reads_the_detectors_held_out_scores(fitted, split, tmp_path)
     assert _table_row(text)[1] == -0.5 and _table_row(text)[-1] == 0.5
     assert _table_row(only_scores)[1] == -0.5  # a histogram without images: no gallery
     assert not (tmp_path / "s" / "plots" / "heldout_gallery.png").exists()
+    # scores of another held-out set (e.g. cross-fitted): the histogram is theirs, the gallery
+    # scores these images
+    fitted.heldout_scores_ = np.linspace(-0.5, 0.5, 30)
+    try:
+        text = write_fit_report(fitted, tmp_path / "x", heldout_images=held[:6]).read_text()
+    finally:
+        del fitted.heldout_scores_
+    assert _table_row(text)[0] == 30 and (tmp_path / "x/plots/heldout_gallery.png").exists()
 
 
 def test_fit_report_without_held_out_images_or_threshold(fitted, tmp_path):

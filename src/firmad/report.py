@@ -736,19 +736,21 @@ def _header(det, threshold: float | None) -> list[str]:
 def write_fit_report(det, directory: str | Path, heldout_images=None) -> Path:
     """``directory/report.md`` and ``directory/plots/*.png`` for a fitted detector: its score
     scale in words, the held-out normal scores against the threshold, and a gallery of the
-    most anomalous and most normal held-out images. Held-out scores come from
-    ``det.heldout_scores_`` when it matches ``heldout_images`` (else they are scored here);
-    without either, the report says so. ``heldout_images``: uint8 (or [0, 1] float) images,
-    an array or tensor of shape (N, C, H, W) or (N, H, W, C). Returns the report's path."""
+    most anomalous and most normal held-out images. The histogram shows
+    ``det.heldout_scores_`` (the scores the threshold was set on) when the detector has them,
+    else the scores of ``heldout_images``; the gallery shows ``heldout_images`` with their
+    scores. Without either, the report says so. ``heldout_images``: uint8 (or [0, 1] float)
+    images, an array or tensor of shape (N, C, H, W) or (N, H, W, C). Returns its path."""
     directory = Path(directory)
     threshold = getattr(det, "threshold_", None)
     scores = getattr(det, "heldout_scores_", None)
-    images = None
+    scores = None if scores is None else np.asarray(scores, dtype=np.float64).reshape(-1)
+    images = image_scores = None
     if heldout_images is not None and len(heldout_images):
         images = _as_nchw(heldout_images, getattr(det, "input_layout_", None))
-        if scores is None or len(scores) != len(images):
-            scores = det.decision_function(heldout_images)
-    scores = None if scores is None else np.asarray(scores, dtype=np.float64).reshape(-1)
+        same = scores is not None and len(scores) == len(images)
+        image_scores = scores if same else det.decision_function(heldout_images)
+        scores = image_scores if scores is None else scores
     out = ["# firmad detector report", "", *_header(det, threshold), ""]
     out += ["## What the scores mean", "", score_scale(det), ""]
     out += [_threshold_words(scores, threshold), ""]
@@ -759,9 +761,9 @@ def write_fit_report(det, directory: str | Path, heldout_images=None) -> Path:
         plot_threshold_hist(directory / PLOTS_DIR / "heldout_hist.png", scores, threshold)
         out += [*_summary_rows(scores), ""]
         out += [f"![Scores and threshold]({PLOTS_DIR}/heldout_hist.png)", ""]
-    if images is not None and scores is not None:
+    if images is not None:
         names = [f"held-out {i}" for i in range(len(images))]
-        rows = _gallery_rows(scores, lambda i: images[i], names, "held-out normals")
+        rows = _gallery_rows(image_scores, lambda i: images[i], names, "held-out normals")
         plot_gallery(directory / PLOTS_DIR / "heldout_gallery.png", rows)
         out += [
             "## Gallery",
