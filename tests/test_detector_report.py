@@ -13,6 +13,7 @@ import torch
 from firmad.cli import main
 from firmad.data import one_vs_rest
 from firmad.detector import OneClassDetector
+from firmad.errors import InputError
 from firmad.report import (
     SCORE_SCALES,
     gallery_order,
@@ -124,6 +125,12 @@ def test_fit_report_without_held_out_images_or_threshold(fitted, tmp_path):
         fitted.threshold_ = saved
     assert "No images were held out" in text and "There is no threshold" in text
     assert not (tmp_path / "plots").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="does not hold a firmad report"):
+        write_fit_report(fitted, mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
 def test_score_report_from_files(fitted, split, tmp_path):
@@ -158,7 +165,7 @@ def test_score_report_from_arrays(fitted, split, tmp_path):
     assert score_scale(fitted).endswith("Higher = more anomalous.")
 
 
-def test_fit_and_score_commands_write_reports(split, tmp_path):
+def test_fit_and_score_commands_write_reports(split, tmp_path, capsys):
     from PIL import Image
 
     normal, new = tmp_path / "normal", tmp_path / "new"
@@ -184,3 +191,11 @@ def test_fit_and_score_commands_write_reports(split, tmp_path):
     assert "6 images scored" in text and f"| {top['path']} | {top['score']} |" in text
     assert main(["-q", "score", str(det_dir), str(new), "--report", str(tmp_path / "r2")]) == 0
     assert (tmp_path / "r2" / "plots" / "gallery.png").exists()
+    # again: a score report is replaced; a folder of the user's is never written into
+    assert main(["-q", "score", str(det_dir), str(new), "--report", str(tmp_path / "r2")]) == 0
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("# my notes\n")
+    assert main(["-q", "score", str(det_dir), str(new), "--report", str(mine)]) == 0
+    assert (mine / "report.md").read_text() == "# my notes\n" and not (mine / "plots").exists()
+    assert "report not written" in capsys.readouterr().err

@@ -541,10 +541,13 @@ def score(
         from firmad.report import write_score_report
 
         names, values, decisions = zip(*rows, strict=True)
-        report = write_score_report(
-            det, names, [float(v) for v in values], decisions, names, report_dir, thr, skipped
-        )
-        console.print(f"Report: {report}", highlight=False)
+        try:
+            report = write_score_report(
+                det, names, [float(v) for v in values], decisions, names, report_dir, thr, skipped
+            )
+            console.print(f"Report: {report}", highlight=False)
+        except FirmadError as err:  # the scores are written; only the report is not
+            console.print(f"report not written: {err}", highlight=False)
     console.print(
         f"{len(rows)} scored, {len(skipped)} skipped"
         + ("" if thr is not None else "; no threshold, so no decisions (use --threshold)")

@@ -466,6 +466,8 @@ def plot_drift(path: str | Path, drift: Mapping[str, list[dict]], unit: float = 
 # --------------------------------------------------------------------------- detector reports
 
 GALLERY_N = 8  # images per gallery row
+FIT_REPORT_TITLE = "# firmad detector report"
+SCORE_REPORT_TITLE = "# firmad score report"
 
 
 def _scale_knn_cos(s, n_bank) -> str:
@@ -742,6 +744,7 @@ def write_fit_report(det, directory: str | Path, heldout_images=None) -> Path:
     scores. Without either, the report says so. ``heldout_images``: uint8 (or [0, 1] float)
     images, an array or tensor of shape (N, C, H, W) or (N, H, W, C). Returns its path."""
     directory = Path(directory)
+    _check_own_folder(directory, FIT_REPORT_TITLE, marker="detector.json")
     threshold = getattr(det, "threshold_", None)
     scores = getattr(det, "heldout_scores_", None)
     scores = None if scores is None else np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -751,7 +754,7 @@ def write_fit_report(det, directory: str | Path, heldout_images=None) -> Path:
         same = scores is not None and len(scores) == len(images)
         image_scores = scores if same else det.decision_function(heldout_images)
         scores = image_scores if scores is None else scores
-    out = ["# firmad detector report", "", *_header(det, threshold), ""]
+    out = [FIT_REPORT_TITLE, "", *_header(det, threshold), ""]
     out += ["## What the scores mean", "", score_scale(det), ""]
     out += [_threshold_words(scores, threshold), ""]
     out += ["## Held-out normal scores", ""]
@@ -796,12 +799,13 @@ def write_score_report(
     the gallery's are read) or uint8 images (N, C, H, W). ``threshold`` defaults to the
     detector's. Returns the report's path."""
     out_dir = Path(out_path)
+    _check_own_folder(out_dir, SCORE_REPORT_TITLE)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     threshold = threshold if threshold is not None else getattr(det, "threshold_", None)
     heldout = getattr(det, "heldout_scores_", None)
     flagged = sum(1 for d in decisions if str(d) == "1")
     image = _image_getter(det, images_or_paths)
-    out = ["# firmad score report", "", *_header(det, threshold), ""]
+    out = [SCORE_REPORT_TITLE, "", *_header(det, threshold), ""]
     decided = "no threshold, so no decisions" if threshold is None else f"{flagged} flagged"
     out += [f"{len(s)} images scored ({decided}); {len(skipped)} skipped.", ""]
     out += ["## What the scores mean", "", score_scale(det), "", _threshold_words(None, threshold)]
@@ -822,6 +826,28 @@ def write_score_report(
     path = out_dir / "report.md"
     atomic_write_text(path, "\n".join(out).rstrip() + "\n")
     return path
+
+
+def _check_own_folder(folder: Path, title: str, marker: str | None = None) -> None:
+    """Write a report only into a new or empty folder, a folder holding ``marker`` (a detector
+    directory's detector.json), or over a report of the same kind: a folder of the user's is
+    never written into."""
+    from firmad.errors import InputError
+
+    if not folder.exists():
+        return
+    report = folder / "report.md"
+    if folder.is_dir() and (not any(folder.iterdir()) or (marker and (folder / marker).is_file())):
+        return
+    try:
+        ours = folder.is_dir() and report.read_text(encoding="utf-8").startswith(title + "\n")
+    except (OSError, UnicodeDecodeError):
+        ours = False
+    if not ours:
+        raise InputError(
+            f"{folder} exists and does not hold a firmad report; choose a new folder for the "
+            "report (--report DIR) so nothing of yours is overwritten"
+        )
 
 
 def _image_getter(det, images_or_paths):
