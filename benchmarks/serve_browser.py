@@ -6,9 +6,9 @@ Not part of `make test` (it needs a browser): run it by hand where Chromium is i
     python benchmarks/serve_browser.py DET_DIR IMAGE_FOLDER [--report DIR] [--out DIR]
 
 It serves DET_DIR on 127.0.0.1, picks every file of IMAGE_FOLDER with the page's file input,
-then drops two of them on the drop zone, reads the page's table back and compares each score
-and decision with the detector's own `decision_function` on the file; an unreadable file must
-show its error in the page. Screenshots of the page and of the reports, and check.json with
+drops two of them on the drop zone, picks the folder with the folder picker, then reads the
+page's table back and compares each score and decision with the detector's own
+`decision_function` on the file; an unreadable file must show its error in the page. Screenshots of the page and of the reports, and check.json with
 every row, go to --out (default benchmarks/results/serve). Exit status 1 if a check fails.
 """
 
@@ -80,9 +80,10 @@ def check_rows(got: list[dict], det, folder: Path) -> list[str]:
     problems = []
     threshold = getattr(det, "threshold_", None)
     for row in got:
-        path = folder / row["name"]
+        name = row["name"].removeprefix(f"{folder.resolve().name}/")  # from the folder picker
+        path = folder / name
         if row["score"] == "":  # unreadable: the error must name the file
-            if not row["decision"].startswith(f"{row['name']}:"):
+            if not row["decision"].startswith(f"{row['name']}:"):  # the name as the page has it
                 problems.append(f"{row['name']}: no clear error shown ({row['decision']!r})")
             continue
         with tempfile.TemporaryDirectory() as tmp:  # the file alone, read as `firmad score` does
@@ -126,6 +127,9 @@ def main() -> int:
         source.send_keys("\n".join(str(f.resolve()) for f in dropped))
         driver.execute_script(DISPATCH_JS)
         wait_for_rows(driver, len(files) + len(dropped))
+        # the folder picker: the whole folder again (names relative to its parent)
+        driver.find_element(By.ID, "folder").send_keys(str(args.images.resolve()))
+        wait_for_rows(driver, 2 * len(files) + len(dropped))
         report["seconds"] = round(time.time() - start, 1)
         got = rows(driver)
         report["rows"] = got
