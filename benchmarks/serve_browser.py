@@ -8,8 +8,9 @@ Not part of `make test` (it needs a browser): run it by hand where Chromium is i
 It serves DET_DIR on 127.0.0.1, picks every file of IMAGE_FOLDER with the page's file input,
 drops two of them on the drop zone, picks the folder with the folder picker, then reads the
 page's table back and compares each score and decision with the detector's own
-`decision_function` on the file; an unreadable file must show its error in the page. Screenshots of the page and of the reports, and check.json with
-every row, go to --out (default benchmarks/results/serve). Exit status 1 if a check fails.
+`decision_function` on the file; an unreadable file must show its error in the page.
+Screenshots of the page and of the reports, and check.json with every row, go to --out
+(default benchmarks/results/serve). Exit status 1 if a check fails.
 """
 
 from __future__ import annotations
