@@ -487,6 +487,11 @@ def fit(
     det.save(out_dir)
     threshold = f"threshold {det.threshold_:.4g}" if n_held else "no threshold (no held-out images)"
     out.print(f"Detector: {out_dir} ({threshold})", highlight=False)
+    # --- report: the score scale in words, held-out scores vs threshold, a gallery
+    from firmad.report import write_fit_report
+
+    report = write_fit_report(det, out_dir, heldout_images=held if n_held else None)
+    out.print(f"Report: {report}", highlight=False)
 
 
 @app.command(
@@ -499,6 +504,9 @@ def score(
     out_csv: Path | None = typer.Option(None, "--out", help="CSV to write (default: stdout)."),
     threshold: float | None = typer.Option(None, "--threshold", help="Override the threshold."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
+    report_dir: Path | None = typer.Option(
+        None, "--report", help="Folder for report.md and plots (default: beside --out CSV)."
+    ),
 ) -> None:
     """Score images: one row per image (path, score, decision); unreadable files are skipped."""
     import csv
@@ -549,6 +557,19 @@ def score(
         print(buf.getvalue(), end="")
     for f, why in skipped:
         console.print(f"skipped {f}: {why}", highlight=False)
+    # --- report: scores vs held-out normals and threshold, a gallery, the scale in words
+    report_dir = report_dir or (out_csv.with_name(f"{out_csv.stem}-report") if out_csv else None)
+    if rows and report_dir is not None:
+        from firmad.report import write_score_report
+
+        names, values, decisions = zip(*rows, strict=True)
+        try:
+            report = write_score_report(
+                det, names, [float(v) for v in values], decisions, names, report_dir, thr, skipped
+            )
+            console.print(f"Report: {report}", highlight=False)
+        except FirmadError as err:  # the scores are written; only the report is not
+            console.print(f"report not written: {err}", highlight=False)
     console.print(
         f"{len(rows)} scored, {len(skipped)} skipped"
         + ("" if thr is not None else "; no threshold, so no decisions (use --threshold)")
@@ -567,7 +588,7 @@ def export(
 ) -> None:
     """Export a detector as one graph: uint8 images in, anomaly scores out."""
     from firmad.detector import OneClassDetector
-    from firmad.export import export_onnx
+    from firmad.export import export_onnx, sidecar_path
 
     if fmt != "onnx":
         raise FirmadError(f"--format {fmt!r} is not supported; use onnx")
@@ -575,6 +596,32 @@ def export(
     export_onnx(det, out_file)
     c, h, w = det.input_shape_
     out.print(f"{out_file}: input images uint8 (N, {c}, {h}, {w}), output scores (N,)")
+    out.print(f"{sidecar_path(out_file)}: how to feed it (examples/onnx_score.py)", highlight=False)
+
+
+@app.command(
+    epilog="Examples:\n\n  firmad serve det/\n\n"
+    "  firmad serve det/ --port 8000 --report runs/fmnist-cpu/fashion-mnist-c0-firm-s0 "
+    "--report scores-report"
+)
+def serve(
+    detector: Path = typer.Argument(..., help="A detector directory (firmad fit)."),
+    port: int = typer.Option(8765, "--port", help="Port to listen on (0 picks a free one)."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to listen on; the default keeps it on this computer."
+    ),
+    reports: list[Path] = typer.Option(
+        [], "--report", help="A run, attack or score-report folder to browse too (repeatable)."
+    ),
+    open_browser: bool = typer.Option(False, "--open", help="Open the page in a web browser."),
+) -> None:
+    """A local web page: drop images to score them; browse the detector's and other reports."""
+    from firmad.serve import serve as serve_page
+
+    def say(message: str) -> None:
+        console.print(message, highlight=False)
+
+    serve_page(detector, host=host, port=port, reports=reports, open_browser=open_browser, say=say)
 
 
 # --- the robust / non-robust feature study -------------------------------------------------------
