@@ -139,7 +139,7 @@ def test_save_load_round_trip(fitted, split, tmp_path):
     fitted.calibrate(split.test_images[split.test_labels == 0], target_fpr=0.05)
     fitted.save(tmp_path / "det")
     meta = json.loads((tmp_path / "det" / "detector.json").read_text())
-    assert meta["format"] == "firmad-detector-1" and "versions" in meta
+    assert meta["format"] == "firmad-detector-2" and "versions" in meta
     loaded = OneClassDetector.load(tmp_path / "det")
     np.testing.assert_array_equal(
         loaded.decision_function(split.test_images), fitted.decision_function(split.test_images)
