@@ -64,7 +64,7 @@ def _single_image_layout(shape: tuple[int, ...]) -> str:
 
 
 def batch_layout(shape: tuple[int, ...], layout: str | None = None) -> str:
-    """"NCHW" or "NHWC" of a 4-d batch, from its channel dimension (``layout`` forces one)."""
+    """ "NCHW" or "NHWC" of a 4-d batch, from its channel dimension (``layout`` forces one)."""
     if layout is not None:
         if layout not in ("NCHW", "NHWC"):
             raise InputError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
@@ -303,8 +303,7 @@ def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], Skipped]:
 
 def _not_image_name(path: Path) -> str:
     return (
-        f"not an image file name ({', '.join(sorted(IMAGE_SUFFIXES))}); rename it if it is an "
-        "image"
+        f"not an image file name ({', '.join(sorted(IMAGE_SUFFIXES))}); rename it if it is an image"
     )
 
 
