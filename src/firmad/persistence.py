@@ -233,7 +233,8 @@ def check_sections(meta: dict[str, Any], cfg, path: Path) -> dict[str, Any]:
     for key in ("mean", "std"):
         values = norm[key]
         if not isinstance(values, list) or len(values) not in (1, cfg.data.channels):
-            raise _fail(path, f"normalisation.{key} must be a list of 1 or {cfg.data.channels}")
+            sizes = " or ".join(map(str, sorted({1, cfg.data.channels})))
+            raise _fail(path, f"normalisation.{key} must be a list of {sizes} numbers")
         stats[key] = [_number(v, f"normalisation.{key}", path, key == "std") for v in values]
     if len(stats["mean"]) != len(stats["std"]):
         raise _fail(path, "normalisation.mean and .std differ in length")
