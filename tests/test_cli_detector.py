@@ -50,6 +50,11 @@ def test_fit_writes_a_calibrated_detector(detector_dir):
     det = OneClassDetector.load(detector_dir)
     # auto: max(10 %, 10 / 0.05 images), at most half of the 80
     assert det.threshold_ is not None and det.calibration_["n"] == 40
+    # the CLI's detector carries the real parameters of its recipe, not None
+    params = det.get_params()
+    assert params["recipe"] == "fmnist-cpu" and params["method"] == "firm"
+    assert params["epochs"] == 1 and params["k"] == 5 and params["size"] == 16
+    assert params["target_fpr"] == 0.05 and params["holdout"] == "auto"
 
 
 def test_score_skips_broken_files(detector_dir, folders, tmp_path, capsys):
