@@ -130,6 +130,10 @@ CASES = {
         ),
         "checksum",
     ),
+    "size 32 -> 8 re-signed": (
+        _edit(lambda m: m["config"]["data"].update(size=8)),
+        "differs from config data.size",
+    ),
     "input.layout XYZ": (_set("input", "layout", "XYZ"), "layout"),
     "input.shape huge": (_set("input", "shape", [3, 100000, 100000]), "input.shape"),
     "input.shape abc": (_set("input", "shape", "abc"), "input.shape"),
@@ -211,3 +215,25 @@ def test_export_never_overwrites_the_detector(saved, tmp_path, target, capsys):
     assert "folder" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()} == before
     OneClassDetector.load(path)
+
+
+def test_fit_refuses_a_read_only_out_before_training(tmp_path, monkeypatch, capsys):
+    """(Simulated: file modes do not stop root, so the lock file's creation fails as on a
+    read-only file system.)"""
+    import errno
+
+    from firmad.training import Trainer
+
+    monkeypatch.setattr(Trainer, "fit", lambda self: pytest.fail("training started"))
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    out = tmp_path / "out"
+    assert main(["-q", "fit", str(tmp_path), "--out", str(out)]) == 2
+    assert "read-only" in capsys.readouterr().err
+    assert not out.exists()

@@ -548,6 +548,7 @@ def _fit_locked(det, folder: Path, out_dir: Path) -> None:
         if created and not saved:  # leave nothing behind but what was there
             with contextlib.suppress(OSError):
                 (out_dir / ".lock").unlink()
+            with contextlib.suppress(OSError):
                 out_dir.rmdir()
 
 

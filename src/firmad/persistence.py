@@ -216,7 +216,12 @@ def check_sections(meta: dict[str, Any], cfg, path: Path) -> dict[str, Any]:
     returns them parsed: layout, shape, mean, std, threshold, heldout scores."""
     from firmad.scoring import VARIANTS
 
-    inp = _dict(meta, "input", path, ("layout", "shape"))
+    inp = _dict(meta, "input", path, ("layout", "shape", "size"))
+    if inp["size"] != cfg.data.size or isinstance(inp["size"], bool):
+        raise _fail(
+            path,
+            f"input.size {str(inp['size'])[:20]} differs from config data.size {cfg.data.size}",
+        )
     if inp["layout"] not in ("NCHW", "NHWC"):
         raise _fail(path, f"input.layout must be NCHW or NHWC, got {str(inp['layout'])[:40]!r}")
     shape = inp["shape"]
@@ -283,7 +288,7 @@ def check_manifest(tensors: dict[str, torch.Tensor], manifest: Any, path: Path) 
     if not isinstance(manifest, dict) or not all(
         isinstance(v, list) and len(v) == 2 and isinstance(v[1], list) for v in manifest.values()
     ):
-        raise _fail(path, "the tensor manifest must map names to [dtype, shape]")
+        raise _fail(path, "the tensor manifest must map each name to a (dtype, shape) pair")
     missing = sorted(set(manifest) - set(tensors))
     extra = sorted(set(tensors) - set(manifest))
     if missing or extra:
@@ -350,7 +355,11 @@ def save_detector(det, directory: str | Path) -> Path:
             "mean": det.model_.encoder.normalize.mean.flatten().tolist(),
             "std": det.model_.encoder.normalize.std.flatten().tolist(),
         },
-        "input": {"layout": det.input_layout_, "shape": list(det.input_shape_)},
+        "input": {  # size: what images are squashed to (data.size), kept twice on purpose
+            "layout": det.input_layout_,
+            "shape": list(det.input_shape_),
+            "size": det.config_.data.size,
+        },
         "scorer": {
             "name": det.scorer_.name,
             "params": _jsonable(det.scorer_.per_angle[0].get_params()),
