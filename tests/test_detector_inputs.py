@@ -123,7 +123,7 @@ def test_files_found_are_sorted_and_given_files_keep_their_order(tmp_path):
         ({"contamination": 0.0}, "contamination"),
         ({"holdout": 1.0}, "holdout"),
         ({"overrides": [*TRAIN, "method.tau=.inf"]}, "method.tau"),
-        ({"overrides": [*TRAIN, "train.batch_size=200"]}, "at least 200 normal images"),
+        ({"overrides": [*TRAIN, "train.batch_size=4096"]}, "do not fill one batch"),
     ],
 )
 def test_fit_checks_everything_before_training(split, monkeypatch, params, message):  # noqa: F811
@@ -148,7 +148,7 @@ def test_cli_fit_refuses_before_training(tmp_path, capsys, grey, monkeypatch):
     out = tmp_path / "out"
     assert main(["-q", "fit", str(one), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "1 image(s) for training" in err and "give at least" in err
+    assert "1 image(s) for training" in err and "do not fill one batch" in err
     assert not out.exists()  # nothing left behind
     (tmp_path / "empty").write_bytes(b"")
     assert main(["-q", "fit", str(one), "--out", str(tmp_path / "empty")]) == 2
@@ -174,3 +174,17 @@ def test_single_image_tensor_layout_in_fit_params(det):
         det.score_tensor(x.permute(0, 3, 1, 2)).detach().numpy(),
         atol=1e-6,
     )
+
+
+def test_fit_says_the_size_and_warns_about_far_from_square_images(tmp_path, capsys):
+    from firmad.cli import _far_from_square, _fit_images
+
+    for i, size in enumerate([(28, 28), (60, 20), (20, 29), (10, 40)]):
+        Image.new("L", size, 30 * i).save(tmp_path / f"{i}.png")
+    files = sorted(tmp_path.glob("*.png"))
+    assert _far_from_square(files) == 2  # 3:1 and 1:4; 20 x 29 is within 3:2
+    images = _fit_images(tmp_path, OneClassDetector(size=16))
+    assert tuple(images.shape) == (4, 3, 16, 16)
+    captured = capsys.readouterr()
+    assert "squashed to 16 x 16 pixels" in captured.out
+    assert "2 image(s) have an aspect ratio beyond 3:2" in captured.err

@@ -290,8 +290,7 @@ class OneClassDetector(OutlierMixin, BaseEstimator):
         images, layout = as_uint8_images(X, size=cfg.data.size, channels=cfg.data.channels)
         cfg = _with_channels(cfg, images.shape[1])
         held, train = self._split(images)
-        self._check_sizes(len(train), len(held))
-        self._train(train, layout)
+        self._train(train, layout, len(held))
         self.input_shape_ = tuple(images.shape[1:])
         self._fit_scorer(prepare_images(train, cfg.data.size))
         self.decision_scores_ = self.score_images(images)
@@ -299,7 +298,7 @@ class OneClassDetector(OutlierMixin, BaseEstimator):
         self._set_threshold()
         return self
 
-    def _train(self, train: torch.Tensor, layout: str) -> None:
+    def _train(self, train: torch.Tensor, layout: str, n_held: int) -> None:
         from firmad.training import ProgressBar, Trainer
 
         cfg = self.config_
@@ -308,7 +307,20 @@ class OneClassDetector(OutlierMixin, BaseEstimator):
         progress = _progress() if self.verbose else None
         if progress is not None:
             callbacks.append(ProgressBar(progress))
-        trainer = Trainer(cfg, split=split, callbacks=callbacks, normalisation=_stats(train))
+        try:
+            trainer = Trainer(cfg, split=split, callbacks=callbacks, normalisation=_stats(train))
+        except ConfigError as err:
+            if "train.batch_size" not in str(err):
+                raise
+            held = f" ({n_held} more held out for the threshold)" if n_held else ""
+            raise InputError(
+                f"{len(train)} image(s) for training{held} do not fill one batch "
+                f"(train.batch_size {cfg.train.batch_size}, synthetic outliers included): give "
+                "more normal images (hundreds are better), or lower the batch with "
+                "--set train.batch_size=N"
+            ) from None
+        self._check_sizes(len(train))
+        _warn_tiny(trainer, len(train))
         if progress is not None:
             with progress:
                 trainer.fit()
@@ -336,16 +348,8 @@ class OneClassDetector(OutlierMixin, BaseEstimator):
         held = order[:n_held].sort().values
         return held, images[order[n_held:].sort().values]
 
-    def _check_sizes(self, n_train: int, n_held: int) -> None:
-        """Enough images for one batch and for k neighbours; warn about a tiny training."""
-        t = self.config_.train
-        held = f" ({n_held} more held out for the threshold)" if n_held else ""
-        if n_train < t.batch_size:
-            raise InputError(
-                f"{n_train} image(s) for training{held}, fewer than one batch "
-                f"(train.batch_size {t.batch_size}): give at least {t.batch_size} normal images "
-                "(hundreds are better), or lower the batch with --set train.batch_size=N"
-            )
+    def _check_sizes(self, n_train: int) -> None:
+        """Enough images for k neighbours (one batch is checked by the Trainer)."""
         name, params = self._scorer_spec()
         n_bank = min(n_train, self.bank_size or n_train)
         k = params.get("k")
@@ -353,15 +357,6 @@ class OneClassDetector(OutlierMixin, BaseEstimator):
             raise ConfigError(
                 f"scorer {name} with k={k} needs at least {k} training images in its bank; "
                 f"there are {n_bank}: lower k or give more images"
-            )
-        steps = n_train // t.batch_size * t.epochs
-        if steps < MIN_STEPS:
-            warnings.warn(
-                f"{n_train} training images give only {steps} training step(s) "
-                f"(batch {t.batch_size}, {t.epochs} epoch(s)): the encoder barely learns; give "
-                "more images or epochs",
-                UserWarning,
-                stacklevel=3,
             )
 
     def _set_model(self, model, layout: str) -> None:
@@ -706,6 +701,17 @@ def _non_finite(data, where: str = "") -> list[tuple[str, float]]:
     if isinstance(data, float) and not math.isfinite(data):
         return [(where.rstrip("."), data)]
     return []
+
+
+def _warn_tiny(trainer, n_train: int) -> None:
+    if trainer.total_steps < MIN_STEPS:
+        warnings.warn(
+            f"{n_train} training images give only {trainer.total_steps} training step(s) "
+            f"(batch {trainer.cfg.train.batch_size}): the encoder barely learns; give more "
+            "images or epochs",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _check_features(banks) -> None:
