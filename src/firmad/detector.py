@@ -546,11 +546,11 @@ class OneClassDetector(OutlierMixin, BaseEstimator):
         else:
             rate, target, contamination = self.contamination, None, self.contamination
         self._apply_threshold(scores, rate, target, contamination, scores is not held)
-        if getattr(self, "decision_scores_", None) is not None:
-            self.labels_ = (self.decision_scores_ > self.threshold_).astype(np.int64)
 
     def _apply_threshold(self, scores, rate, target, contamination, on_training=False) -> None:
         self.threshold_ = threshold_at(scores, rate)
+        if getattr(self, "decision_scores_", None) is not None:  # PyOD: labels_ follow it
+            self.labels_ = (self.decision_scores_ > self.threshold_).astype(np.int64)
         above = int((np.asarray(scores) > self.threshold_).sum())
         n = len(scores)
         self.calibration_ = {

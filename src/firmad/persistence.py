@@ -325,7 +325,6 @@ def save_detector(det, directory: str | Path) -> Path:
     """Write a fitted detector to a folder (created if needed): both files as one atomic unit,
     under the folder lock, so two writers never leave a mixed pair."""
     from firmad.io import _tensor_bytes, atomic_write_files, storage_advice
-    from firmad.report import versions
 
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
@@ -337,14 +336,38 @@ def save_detector(det, directory: str | Path) -> Path:
                 f"{directory} is a non-empty folder that is not a firmad detector; choose a new "
                 "or empty folder so nothing of yours is overwritten"
             )
+    tensors = _tensors_of(det)
+    weights = _tensor_bytes(tensors)
+    try:
+        meta_data = meta_bytes(_meta_of(det, tensors, sha256_bytes(weights)))
+    except ValueError as err:
+        raise InputError(f"the detector holds a non-finite number ({err}); fit it again") from None
+    try:
+        with folder_lock(directory):
+            atomic_write_files([(directory / WEIGHTS, weights), (directory / META, meta_data)])
+    except OSError as err:
+        advice = storage_advice(err)
+        if advice is None:
+            raise
+        from firmad.errors import StorageError
+
+        raise StorageError(f"cannot write {directory}: {advice}") from None
+    return directory
+
+
+def _tensors_of(det) -> dict[str, torch.Tensor]:
     tensors = {f"model.{k}": v for k, v in det.model_.state_dict().items()}
     for i, scorer in enumerate(det.scorer_.per_angle):
         for key, value in scorer.fitted_state().items():
             tensors[f"scorer.{i}.{key}"] = value
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    weights = _tensor_bytes(tensors)
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def _meta_of(det, tensors: dict[str, torch.Tensor], weights_sha256: str) -> dict[str, Any]:
+    from firmad.report import versions
+
     threshold = getattr(det, "threshold_", None)
-    meta = {
+    return {
         "format": FORMAT,
         "versions": versions(),
         "params": {
@@ -372,23 +395,8 @@ def save_detector(det, directory: str | Path) -> Path:
         "tensors": {
             k: [str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in tensors.items()
         },  # fmt: skip
-        "weights_sha256": sha256_bytes(weights),
+        "weights_sha256": weights_sha256,
     }
-    try:
-        meta_data = meta_bytes(meta)
-    except ValueError as err:
-        raise InputError(f"the detector holds a non-finite number ({err}); fit it again") from None
-    try:
-        with folder_lock(directory):
-            atomic_write_files([(directory / WEIGHTS, weights), (directory / META, meta_data)])
-    except OSError as err:
-        advice = storage_advice(err)
-        if advice is None:
-            raise
-        from firmad.errors import StorageError
-
-        raise StorageError(f"cannot write {directory}: {advice}") from None
-    return directory
 
 
 def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
@@ -401,9 +409,6 @@ def load_detector(cls, directory: str | Path, device: str | None = None):
 
     from firmad.config import config_from_dict
     from firmad.errors import ConfigError
-    from firmad.io import prefixed
-    from firmad.scoring import VariantScorer
-    from firmad.training import build_model, resolve_device
 
     directory = Path(directory)
     meta_path, weights_path = directory / META, directory / WEIGHTS
@@ -436,6 +441,16 @@ def load_detector(cls, directory: str | Path, device: str | None = None):
     parts = check_sections(meta, cfg, meta_path)
     if device is not None:
         cfg.train.device = device
+    return _restore(cls, meta, tensors, cfg, parts, meta_path, weights_path)
+
+
+def _restore(cls, meta, tensors, cfg, parts, meta_path: Path, weights_path: Path):
+    """The detector object from checked parts."""
+    from firmad.errors import ConfigError
+    from firmad.io import prefixed
+    from firmad.scoring import VariantScorer
+    from firmad.training import build_model, resolve_device
+
     det = cls()
     try:
         det.set_params(**{k: v for k, v in meta["params"].items() if k in cls._PARAMS})
