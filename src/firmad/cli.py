@@ -537,11 +537,12 @@ def _fit_locked(det, folder: Path, out_dir: Path) -> None:
                 f"{len(images) - n_held} images for training, {n_held} held out for the threshold",
                 highlight=False,
             )
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings():  # the library's warnings, as CLI lines, at once
                 warnings.simplefilter("always")
+                warnings.showwarning = lambda message, *args, **kw: console.print(
+                    f"warning: {message}", highlight=False
+                )
                 det.fit(images)
-            for w in caught:  # the library's warnings, as CLI lines
-                console.print(f"warning: {w.message}", highlight=False)
             det.save(out_dir)
             saved = True
     finally:

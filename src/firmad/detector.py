@@ -568,7 +568,7 @@ class OneClassDetector(OutlierMixin, BaseEstimator):
                 f"the threshold rests on {n} held-out "
                 f"images, {above} of them above it: too few for a rate of {rate:g} (at least "
                 f"{math.ceil(MIN_ABOVE / rate)} are needed for {MIN_ABOVE} above it); the "
-                "actual rate on new images may differ a lot. Give more images or holdout",
+                "actual rate on new images may differ a lot. Give more images or a larger holdout",
                 UserWarning,
                 stacklevel=4,
             )
