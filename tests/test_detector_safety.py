@@ -202,6 +202,11 @@ def test_score_changes_nothing_when_nothing_was_scored(saved, tmp_path):
     assert main(["-q", "score", str(saved), str(tmp_path / "EMPTY"), "--out", str(csv)]) == 2
     assert csv.read_text() == "keep\n"
     assert main(["-q", "score", str(saved), str(tmp_path / "EMPTY"), "--out", str(tmp_path)]) == 2
+    # nor a detector's own file, even when something can be scored
+    meta = (saved / "detector.json").read_bytes()
+    out = str(saved / "detector.json")
+    assert main(["-q", "score", str(saved), str(saved / "weights.safetensors"), "--out", out]) == 2
+    assert (saved / "detector.json").read_bytes() == meta
 
 
 @pytest.mark.parametrize("target", ["weights.safetensors", "detector.json", "."])

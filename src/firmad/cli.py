@@ -619,8 +619,8 @@ def score(
 
     if threshold is not None:
         threshold = check_threshold(threshold, "--threshold")
-    if out_csv is not None and out_csv.is_dir():
-        raise FirmadError(f"--out {out_csv} is a folder; give a file name such as scores.csv")
+    if out_csv is not None:
+        _check_out_file(out_csv, "scores.csv")
     det = OneClassDetector.load(detector)
     thr = threshold if threshold is not None else getattr(det, "threshold_", None)
     with Progress(console=console, disable=state["quiet"]) as progress:
@@ -666,21 +666,21 @@ def export(
 
     if fmt != "onnx":
         raise FirmadError(f"--format {fmt!r} is not supported; use onnx")
-    _check_export_out(out_file)
+    _check_out_file(out_file, "det.onnx")
     det = OneClassDetector.load(detector)
     export_onnx(det, out_file)
     c, h, w = det.input_shape_
     out.print(f"{out_file}: input images uint8 (N, {c}, {h}, {w}), output scores (N,)")
 
 
-def _check_export_out(out_file: Path) -> None:
+def _check_out_file(out_file: Path, example: str) -> None:
     """--out is a new file or one of ours to replace: never a folder, never a detector's or a
     run's own file (that would destroy it)."""
     from firmad.persistence import LOCK, META, WEIGHTS
     from firmad.run import RunDir
 
     if out_file.is_dir():
-        raise FirmadError(f"--out {out_file} is a folder; give a file name such as det.onnx")
+        raise FirmadError(f"--out {out_file} is a folder; give a file name such as {example}")
     target = out_file.resolve()
     folder = target.parent
     own = {META, WEIGHTS, LOCK}
@@ -690,7 +690,7 @@ def _check_export_out(out_file: Path) -> None:
     if ours and target.name in own:
         raise FirmadError(
             f"--out {out_file} is a file of the detector or run in {folder}; writing it "
-            "would destroy that folder — choose another name, e.g. det.onnx"
+            f"would destroy that folder — choose another name, e.g. {example}"
         )
 
 
