@@ -40,6 +40,7 @@ def test_one_image_is_one_score(det, grey):
     assert det.decision_function(grey[None]).shape == (1,)  # 1 x H x W
     with pytest.raises(InputError, match="ambiguous"):
         det.decision_function(rgb)  # one RGB image or three grey ones?
+    assert det.decision_function(np.stack([grey] * 4)).shape == (4,)  # four grey images
     with pytest.raises(InputError, match="alpha"):
         det.decision_function(np.zeros((28, 28, 4), dtype=np.uint8))
 

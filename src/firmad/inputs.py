@@ -43,7 +43,7 @@ def _channel_axes(shape: Sequence[int]) -> tuple[bool, bool]:
 def _single_image_layout(shape: tuple[int, ...]) -> str:
     """A 3-d array: "CHW" or "HWC" (one image) or "NHW" (grey images); refuse the ambiguous."""
     first, last = _channel_axes(shape)
-    if shape[-1] == 4 or (shape[0] == 4 and not last):
+    if shape[-1] == 4 and not first:  # (4, H, W) are four grey images, as any (N, H, W)
         raise InputError(
             f"an image of shape {shape} has 4 channels; drop the alpha channel first "
             "(e.g. x[..., :3] or PIL's .convert('RGB'))"
