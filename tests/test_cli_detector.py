@@ -48,7 +48,13 @@ def test_fit_writes_a_calibrated_detector(detector_dir):
     from firmad.detector import OneClassDetector
 
     det = OneClassDetector.load(detector_dir)
-    assert det.threshold_ is not None and det.calibration_["n"] == 8  # 10 % of 80 held out
+    # auto: max(10 %, 10 / 0.05 images), at most half of the 80
+    assert det.threshold_ is not None and det.calibration_["n"] == 40
+    # the CLI's detector carries the real parameters of its recipe, not None
+    params = det.get_params()
+    assert params["recipe"] == "fmnist-cpu" and params["method"] == "firm"
+    assert params["epochs"] == 1 and params["k"] == 5 and params["size"] == 16
+    assert params["target_fpr"] == 0.05 and params["holdout"] == "auto"
 
 
 def test_score_skips_broken_files(detector_dir, folders, tmp_path, capsys):
@@ -57,7 +63,11 @@ def test_score_skips_broken_files(detector_dir, folders, tmp_path, capsys):
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 12 and all(r["anomaly"] in ("0", "1") for r in rows)
     err = capsys.readouterr().err
-    assert "broken.png" in err and "12 scored, 1 skipped" in err
+    # every file found is scored or listed with its reason, the path said once
+    assert "broken.png" in err and "notes.txt: not an image file name" in err
+    assert "12 scored, 2 skipped" in err
+    line = next(x for x in err.splitlines() if "broken.png" in x)
+    assert line.count("broken.png") == 1 and "cannot decode" in line
     # nothing readable at all: exit 2 with a message
     assert main(["-q", "score", str(detector_dir), str(folders / "new" / "broken.png")]) == 2
 

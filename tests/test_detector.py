@@ -15,6 +15,7 @@ from firmad.data.pool import prepare_images
 from firmad.detector import NotFittedError, OneClassDetector
 from firmad.errors import CheckpointError, ConfigError
 from firmad.metrics import evaluate_scores
+from firmad.persistence import meta_bytes
 from firmad.pipeline import train_run
 from tests.conftest import DSVDD_TINY, FIXTURE_FMNIST, TINY
 
@@ -139,7 +140,7 @@ def test_save_load_round_trip(fitted, split, tmp_path):
     fitted.calibrate(split.test_images[split.test_labels == 0], target_fpr=0.05)
     fitted.save(tmp_path / "det")
     meta = json.loads((tmp_path / "det" / "detector.json").read_text())
-    assert meta["format"] == "firmad-detector-1" and "versions" in meta
+    assert meta["format"] == "firmad-detector-2" and "versions" in meta
     loaded = OneClassDetector.load(tmp_path / "det")
     np.testing.assert_array_equal(
         loaded.decision_function(split.test_images), fitted.decision_function(split.test_images)
@@ -187,10 +188,13 @@ def test_load_refuses_tampered_manifest(fitted, tmp_path):
     key = next(iter(meta["tensors"]))
     meta["tensors"][key][1] = [1, 2, 3]  # a shape the file does not have
     meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="checksum"):  # an edit by hand
+        OneClassDetector.load(path)
+    meta_path.write_bytes(meta_bytes(meta))  # a forger who recomputes the checksum
     with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
         OneClassDetector.load(path)
     meta["tensors"].pop(key)  # a tensor the description does not know
-    meta_path.write_text(json.dumps(meta))
+    meta_path.write_bytes(meta_bytes(meta))
     with pytest.raises(CheckpointError, match="unexpected"):
         OneClassDetector.load(path)
 

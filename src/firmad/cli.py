@@ -10,6 +10,7 @@ import logging
 import re
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import typer
@@ -440,58 +441,184 @@ def demo(
 @app.command(
     epilog="Examples:\n\n"
     "  firmad fit photos/good_parts --out det/\n\n"
-    "  firmad fit photos/drones --out det/ --config fmnist-cpu --set train.epochs=8 "
-    "--scorer knn_cos:k=1"
+    "  firmad fit photos/drones --out det/ --config fmnist-cpu --epochs 8 --scorer knn_cos:k=1"
+    "\n\n  firmad fit photos/good_parts --out det/ --target-fpr 0.01 --seed 1 --device cuda"
 )
 def fit(
     folder: Path = typer.Argument(..., help="A folder of normal images (searched recursively)."),
-    out_dir: Path = typer.Option(..., "--out", help="Detector directory to write."),
+    out_dir: Path = typer.Option(..., "--out", help="Detector directory to write (new or empty)."),
     config: str | None = typer.Option(
         None, "--config", "-c", help="Recipe (default fmnist-cpu: FIRM, narrow ResNet-10)."
     ),
     set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value."),
     scorer: str = typer.Option("knn_cos:k=5", "--scorer", help="Scorer spec, e.g. kde."),
     variant: str = typer.Option("plain", "--variant", help="plain, angled or ensemble."),
-    holdout: float = typer.Option(
-        0.1, "--holdout", help="Share of the images kept out of training to set the threshold."
+    holdout: str = typer.Option(
+        "auto",
+        "--holdout",
+        help="Share of the images kept out of training to set the threshold on; auto = "
+        "max(10 %, 10 / target-fpr images), at most half.",
     ),
     target_fpr: float = typer.Option(
-        0.05, "--target-fpr", help="Share of held-out normals the threshold flags."
+        0.05,
+        "--target-fpr",
+        help="At most this share of the held-out normals scores above the threshold.",
+    ),
+    epochs: int | None = typer.Option(None, "--epochs", help="Training epochs (train.epochs)."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N."),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Seeds training and the held-out draw (train.seed)."
     ),
 ) -> None:
     """Train a detector on a folder of normal images; set its threshold on held-out ones."""
-    import torch
-
-    from firmad.detector import OneClassDetector, load_folder_images
-
-    det = OneClassDetector(
-        recipe=config, scorer=scorer, k=None, variant=variant, overrides=list(set_),
-        verbose=not state["quiet"],
-    )  # fmt: skip
-    cfg = det.make_config()
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FirmadError(f"{out_dir} exists and is not empty; choose a new --out")
-    images = load_folder_images(folder, cfg.data.size, cfg.data.channels)
-    if not 0.0 <= holdout < 1.0:
-        raise FirmadError(f"--holdout must be in [0, 1), got {holdout}")
-    n_held = int(round(holdout * len(images)))
-    if n_held and len(images) - n_held < 2 * cfg.train.batch_size:
-        n_held = 0  # too few images to spare any
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    held, train = images[order[:n_held]], images[order[n_held:]]
-    out.print(f"{len(train)} images for training, {n_held} held out", highlight=False)
     with _interruptible("nothing was saved; run the command again"):
-        det.fit(train)
-    if n_held:
-        det.calibrate(held, target_fpr=target_fpr)
-    det.save(out_dir)
-    threshold = f"threshold {det.threshold_:.4g}" if n_held else "no threshold (no held-out images)"
-    out.print(f"Detector: {out_dir} ({threshold})", highlight=False)
-    # --- report: the score scale in words, held-out scores vs threshold, a gallery
+        det = _fit_detector(
+            config, set_, scorer, variant, holdout, target_fpr, epochs, device, seed
+        )
+        _check_fit_out(out_dir)
+        _fit_locked(det, folder, out_dir)
+    cal = det.calibration_
+    ci = cal.get("interval")
+    interval = f", 95 % interval {ci[0]:.3f}-{ci[1]:.3f}" if ci else ""
+    out.print(
+        f"Detector: {out_dir} (threshold {det.threshold_:.4g}: {cal['n_above']} of {cal['n']} "
+        f"{cal['source']} images above it, FPR {cal['achieved_fpr']:.3f}{interval})",
+        highlight=False,
+    )
+
+
+def _fit_detector(config, set_, scorer, variant, holdout, target_fpr, epochs, device, seed):
+    """The detector `fit` trains, every option checked (before any image is read) and its
+    parameters the real values of the recipe."""
+    import math
+
+    from firmad.config import parse_scorer
+    from firmad.detector import OneClassDetector
+
+    if not math.isfinite(target_fpr) or not 0.0 < target_fpr < 1.0:
+        raise FirmadError(f"--target-fpr must be a number in (0, 1), e.g. 0.05; got {target_fpr}")
+    if holdout != "auto":
+        try:
+            holdout = float(holdout)
+        except ValueError:
+            raise FirmadError(
+                f"--holdout must be auto or a share such as 0.2, got {holdout!r}"
+            ) from None
+        if not 0.0 <= holdout < 1.0:
+            raise FirmadError(f"--holdout must be auto or a share in [0, 1), got {holdout}")
+    overrides = list(set_)
+    for key, value in (("train.epochs", epochs), ("train.device", device), ("train.seed", seed)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    probe = OneClassDetector(
+        recipe=config,
+        scorer=scorer,
+        k=None,
+        variant=variant,
+        overrides=overrides,
+        holdout=holdout,
+        target_fpr=target_fpr,
+    )
+    probe._check_params()
+    cfg = probe.make_config()
+    probe.config_ = cfg
+    probe._scorer_spec()  # an unknown scorer or parameter, before the images are read
+    k = parse_scorer(scorer)[1].get("k")
+    return OneClassDetector(
+        recipe=config or "fmnist-cpu", method=cfg.method.name, backbone=cfg.model.backbone,
+        epochs=cfg.train.epochs, seed=cfg.train.seed, size=cfg.data.size,
+        device=cfg.train.device, overrides=list(set_), scorer=scorer, k=k, variant=variant,
+        verbose=not state["quiet"], holdout=holdout, target_fpr=target_fpr,
+    )  # fmt: skip
+
+
+def _check_fit_out(out_dir: Path) -> None:
+    from firmad.persistence import LOCK
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FirmadError(
+            f"--out {out_dir} is a file, not a folder; give a new or empty folder for the detector"
+        )
+    if out_dir.is_dir() and any(p.name != LOCK for p in out_dir.iterdir()):
+        raise FirmadError(f"--out {out_dir} is a folder that is not empty; choose a new --out")
+
+
+def _fit_locked(det, folder: Path, out_dir: Path) -> None:
+    """Hold the folder lock from the first check to the save: a second `fit` with the same
+    --out is refused, and cannot replace this one's files."""
+    from firmad.persistence import folder_lock
     from firmad.report import write_fit_report
 
-    report = write_fit_report(det, out_dir, heldout_images=held if n_held else None)
-    out.print(f"Report: {report}", highlight=False)
+    created = not out_dir.exists()
+    saved = False
+    try:
+        with folder_lock(out_dir):
+            _check_fit_out(out_dir)  # another fit may have finished meanwhile
+            images = _fit_images(folder, det)
+            n_held = det.holdout_size(len(images))
+            out.print(
+                f"{len(images) - n_held} images for training, {n_held} held out for the threshold",
+                highlight=False,
+            )
+            with warnings.catch_warnings():  # the library's warnings, as CLI lines, at once
+                warnings.simplefilter("always")
+                warnings.showwarning = lambda message, *args, **kw: console.print(
+                    f"warning: {message}", highlight=False
+                )
+                det.fit(images)
+            det.save(out_dir)
+            saved = True
+            # the score scale in words, held-out scores vs the threshold, a gallery
+            held = images[det.heldout_indices_] if det.heldout_indices_ is not None else None
+            report = write_fit_report(det, out_dir, heldout_images=held)
+            out.print(f"Report: {report}", highlight=False)
+    finally:
+        if created and not saved:  # leave nothing behind but what was there
+            with contextlib.suppress(OSError):
+                (out_dir / ".lock").unlink()
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+
+
+def _fit_images(folder: Path, det):
+    """The images under the folder, each skipped path listed; the size they are squashed to
+    said, and a warning when their aspect ratios are far from square."""
+    from firmad.inputs import find_images, load_files
+
+    files, skipped = find_images([folder])
+    for path, why in skipped:
+        console.print(f"skipped {path}: {why}", highlight=False)
+    missing = [str(p) for p, why in skipped if why == "no such file or folder"]
+    if missing:
+        raise FirmadError(f"{', '.join(missing)}: no such file or folder; check the path")
+    if not files:
+        raise FirmadError(f"{folder}: no image files found, recursively; point to your images")
+    size = det.size
+    far = _far_from_square(files)
+    note = f"; {far} of them far from square (squashed without cropping)" if far else ""
+    out.print(f"{len(files)} images, squashed to {size} x {size} pixels{note}", highlight=False)
+    if far:
+        console.print(
+            f"warning: {far} image(s) have an aspect ratio beyond 3:2; squashing distorts their "
+            "shapes — crop them to a square first if shape matters",
+            highlight=False,
+        )
+    return load_files(files, size, det.make_config().data.channels)
+
+
+def _far_from_square(files: list[Path], limit: int = 2000) -> int:
+    """How many of (the first `limit`) images have sides more than 3:2 apart (header only)."""
+    from PIL import Image
+
+    far = 0
+    for f in files[:limit]:
+        try:
+            with Image.open(f) as img:
+                w, h = img.size
+        except Exception:  # an undecodable file is reported when it is read
+            continue
+        far += max(w, h) > 1.5 * max(min(w, h), 1)
+    return far
 
 
 @app.command(
@@ -508,76 +635,66 @@ def score(
         None, "--report", help="Folder for report.md and plots (default: beside --out CSV)."
     ),
 ) -> None:
-    """Score images: one row per image (path, score, decision); unreadable files are skipped."""
+    """Score images: a CSV with columns path, score (higher = more anomalous) and anomaly (1
+    above the threshold, 0 not, empty without a threshold). Every file not scored is listed
+    with its reason; nothing is written when no image could be scored."""
     import csv
     import io
 
-    import numpy as np
-    import torch
     from rich.progress import Progress
 
-    from firmad.data.sources import load_image
-    from firmad.detector import OneClassDetector, image_files
-    from firmad.errors import DataError
+    from firmad.detector import OneClassDetector
     from firmad.io import atomic_write_text
+    from firmad.persistence import check_threshold
 
+    if threshold is not None:
+        threshold = check_threshold(threshold, "--threshold")
+    if out_csv is not None:
+        _check_out_file(out_csv, "scores.csv")
     det = OneClassDetector.load(detector)
-    files: list[Path] = []
-    for path in paths:
-        found = image_files(path)
-        if not found:
-            console.print(f"skipped {path}: no image files", highlight=False)
-        files.extend(found)
     thr = threshold if threshold is not None else getattr(det, "threshold_", None)
-    size, channels = det.config_.data.size, det.config_.data.channels
-    rows, skipped = [], []
     with Progress(console=console, disable=state["quiet"]) as progress:
-        task = progress.add_task("score", total=len(files))
-        for start in range(0, len(files), batch_size):
-            batch, names = [], []
-            for f in files[start : start + batch_size]:
-                try:
-                    batch.append(load_image(f, size, channels))
-                    names.append(f)
-                except DataError as err:
-                    skipped.append((f, str(err)))
-            if batch:
-                scores = det.score_images(torch.from_numpy(np.stack(batch)))
-                for f, s in zip(names, scores, strict=True):
-                    decision = "" if thr is None else int(s > thr)
-                    rows.append((str(f), f"{s:.6g}", decision))
-            progress.advance(task, len(files[start : start + batch_size]))
+        task = progress.add_task("score", total=None)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        names, scores, skipped = det.score_paths(paths, batch_size, advance)
+    for f, why in skipped:
+        console.print(f"skipped {f}: {why}", highlight=False)
+    if not names:
+        raise FirmadError(
+            "no image could be scored; check the paths and files above"
+            + (f" ({out_csv} was left as it was)" if out_csv is not None else "")
+        )
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["path", "score", "anomaly"])
-    writer.writerows(rows)
+    for name, s in zip(names, scores, strict=True):
+        writer.writerow((name, f"{s:.6g}", "" if thr is None else int(s > thr)))
     if out_csv is not None:
-        atomic_write_text(out_csv, buf.getvalue())
+        atomic_write_text(out_csv, buf.getvalue())  # only now: a failed run changes nothing
     else:
         print(buf.getvalue(), end="")
-    for f, why in skipped:
-        console.print(f"skipped {f}: {why}", highlight=False)
     # --- report: scores vs held-out normals and threshold, a gallery, the scale in words
     report_dir = report_dir or (out_csv.with_name(f"{out_csv.stem}-report") if out_csv else None)
-    if rows and report_dir is not None:
+    if report_dir is not None:
         from firmad.report import write_score_report
 
-        names, values, decisions = zip(*rows, strict=True)
+        decisions = ["" if thr is None else int(s > thr) for s in scores]
         try:
             report = write_score_report(
-                det, names, [float(v) for v in values], decisions, names, report_dir, thr, skipped
+                det, names, [float(s) for s in scores], decisions, names, report_dir, thr, skipped
             )
             console.print(f"Report: {report}", highlight=False)
         except FirmadError as err:  # the scores are written; only the report is not
             console.print(f"report not written: {err}", highlight=False)
     console.print(
-        f"{len(rows)} scored, {len(skipped)} skipped"
+        f"{len(names)} scored, {len(skipped)} skipped"
         + ("" if thr is not None else "; no threshold, so no decisions (use --threshold)")
         + (f"; written to {out_csv}" if out_csv else ""),
         highlight=False,
     )
-    if not rows:
-        raise FirmadError("no image could be scored; check the paths and files above")
 
 
 @app.command(epilog="Example:\n\n  firmad export det/ --format onnx --out det.onnx")
@@ -592,6 +709,7 @@ def export(
 
     if fmt != "onnx":
         raise FirmadError(f"--format {fmt!r} is not supported; use onnx")
+    _check_out_file(out_file, "det.onnx")
     det = OneClassDetector.load(detector)
     export_onnx(det, out_file)
     c, h, w = det.input_shape_
@@ -622,6 +740,27 @@ def serve(
         console.print(message, highlight=False)
 
     serve_page(detector, host=host, port=port, reports=reports, open_browser=open_browser, say=say)
+
+
+def _check_out_file(out_file: Path, example: str) -> None:
+    """--out is a new file or one of ours to replace: never a folder, never a detector's or a
+    run's own file (that would destroy it)."""
+    from firmad.persistence import LOCK, META, WEIGHTS
+    from firmad.run import RunDir
+
+    if out_file.is_dir():
+        raise FirmadError(f"--out {out_file} is a folder; give a file name such as {example}")
+    target = out_file.resolve()
+    folder = target.parent
+    own = {META, WEIGHTS, LOCK}
+    if (folder / "config.yaml").is_file() or (folder / LOCK).exists():
+        own |= RunDir(folder).own_names()
+    ours = (folder / META).exists() or (folder / "config.yaml").is_file()
+    if ours and target.name in own:
+        raise FirmadError(
+            f"--out {out_file} is a file of the detector or run in {folder}; writing it "
+            f"would destroy that folder — choose another name, e.g. {example}"
+        )
 
 
 # --- the robust / non-robust feature study -------------------------------------------------------

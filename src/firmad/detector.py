@@ -2,37 +2,59 @@
 
 One object for research and deployment, in the habits users know: scikit-learn's estimator API
 (``__init__`` only stores parameters, ``fit`` returns self, fitted attributes end in ``_``,
-``score_samples`` higher = more normal) and PyOD's (``decision_function`` higher = more
-anomalous, ``predict`` 1 = anomaly by ``threshold_``).
+``score_samples`` higher = more normal, ``__sklearn_tags__`` so ``check_is_fitted`` and
+``is_outlier_detector`` work) and PyOD's ``BaseDetector`` attribute set (``decision_function``
+higher = more anomalous, ``contamination``, ``threshold_``, ``decision_scores_``, ``labels_``,
+``predict`` 1 = anomaly, ``fit_predict``, ``predict_proba``).
 
     det = OneClassDetector(method="firm", backbone="resnet_small", epochs=4, scorer="knn_cos", k=5)
-    det.fit(images)                      # uint8 N x C x H x W / N x H x W x C, PIL list, folder
-    det.calibrate(held_out_normals, target_fpr=0.05)
-    det.predict(new_images)              # 1 = anomaly
+    det.fit(images)                      # arrays, PIL images, files or folders
+    det.predict(new_images)              # 1 = anomaly, by threshold_ (set by fit)
+    det.score_paths(["incoming/"])       # names, scores, skipped files with their reason
     det.score_tensor(x01)                # the same scores, differentiable w.r.t. the pixels
     det.save("det/"); OneClassDetector.load("det/")
 
-A detector directory holds ``weights.safetensors`` (encoder, method modules, fitted scorer) and
-``detector.json`` (config, preprocessing, scorer, threshold, versions, tensor manifest and the
-weights' SHA-256). Nothing is pickled, and a pickle is never loaded.
+The threshold: ``threshold_at`` puts it so that at most floor(rate x n) of n scores lie strictly
+above it. ``fit`` applies it to the held-out images (``holdout``) at ``target_fpr`` (or at
+``contamination`` when no target is given), or, without a held-out share, to the training images'
+own scores at ``contamination`` (as PyOD does; those are optimistic, a kNN bank holds them).
+Saving and loading live in `firmad.persistence`, input handling in `firmad.inputs`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
+from sklearn.base import BaseEstimator, OutlierMixin
 
 from firmad.data import OneClassSplit
 from firmad.data.pool import load_split, prepare_images
-from firmad.errors import CheckpointError, ConfigError, InputError
-from firmad.io import atomic_save_tensors, atomic_write_json, prefixed
+from firmad.errors import ConfigError, InputError
+from firmad.inputs import (  # noqa: F401  (public names kept importable from here)
+    as_uint8_images,
+    check_unit_range,
+    find_images,
+    load_files,
+    score_paths,
+    to_batch,
+    warn_skipped,
+)
 from firmad.methods import get_method
+from firmad.persistence import (  # noqa: F401
+    FORMAT,
+    META,
+    WEIGHTS,
+    check_threshold,
+    load_detector,
+    refuse_pickles,
+    save_detector,
+    sha256_file,
+)
 from firmad.scoring import (
     FeatureExtractor,
     VariantScorer,
@@ -42,17 +64,20 @@ from firmad.scoring import (
 )
 from firmad.scoring.features import eval_mode
 
-FORMAT = "firmad-detector-1"
-WEIGHTS = "weights.safetensors"
-META = "detector.json"
 CHUNK = 256  # images per forward pass when scoring
+# The held-out share must put at least this many normals above the threshold: the 95 %
+# interval of the achieved FPR is then about +-60 % of the target (1.96 / sqrt(10)); with 5 it
+# would be +-90 %, with 20 +-45 % at twice the images taken from training.
+MIN_ABOVE = 10
+MIN_HOLDOUT_SHARE = 0.1
+MIN_STEPS = 10  # fewer training steps than this barely move the encoder from its start
 
 
 class NotFittedError(InputError):
-    """The detector was used before `fit` (or `calibrate`, for `predict`)."""
+    """The detector was used before `fit` (or before a threshold exists, for `predict`)."""
 
 
-class OneClassDetector:
+class OneClassDetector(OutlierMixin, BaseEstimator):
     """A one-class anomaly detector: an encoder trained by a firmad method plus a scorer.
 
     Parameters (stored as given; nothing happens until `fit`):
@@ -60,7 +85,8 @@ class OneClassDetector:
             (default ``fmnist-cpu``: FIRM, a narrow ResNet-10, 4 epochs; minutes on a CPU).
         method, backbone, epochs, seed, size, device: shortcuts for the recipe keys
             ``method.name``, ``model.backbone``, ``train.epochs``, ``train.seed``, ``data.size``,
-            ``train.device``; None keeps the recipe's value.
+            ``train.device``; None keeps the recipe's value. The seed also draws the held-out
+            split.
         overrides: more ``section.key=value`` settings, as with ``--set``.
         scorer: a scorer name (``knn_cos``, ``kde``, ``mahalanobis``, ``svdd``, ...) or a spec
             ``"knn_cos:k=1"``; ``"own"`` is the method's own score (Deep SVDD distance,
@@ -69,6 +95,12 @@ class OneClassDetector:
             (random crops x rotations; stochastic in `score_tensor`).
         bank_size: score against a seeded subset of this many normal training images.
         verbose: show a progress bar while training.
+        contamination: share of anomalies expected among the images (PyOD's meaning), in
+            (0, 0.5]; sets ``threshold_`` when no ``target_fpr`` is given.
+        holdout: share of the images kept out of training to set the threshold on
+            (0 = none: the training images' scores are used), or ``"auto"``: max(10 %,
+            MIN_ABOVE / rate images), at most half of them.
+        target_fpr: share of held-out normals the threshold flags (the images are all normal).
     """
 
     def __init__(
@@ -86,6 +118,9 @@ class OneClassDetector:
         overrides: tuple[str, ...] | list[str] = (),
         bank_size: int | None = None,
         verbose: bool = False,
+        contamination: float = 0.1,
+        holdout: float | str = 0.0,
+        target_fpr: float | None = None,
     ) -> None:
         self.recipe = recipe
         self.method = method
@@ -100,31 +135,66 @@ class OneClassDetector:
         self.overrides = overrides
         self.bank_size = bank_size
         self.verbose = verbose
+        self.contamination = contamination
+        self.holdout = holdout
+        self.target_fpr = target_fpr
 
     # --- scikit-learn conventions -------------------------------------------------------------
 
     _PARAMS = (
         "recipe", "method", "backbone", "epochs", "scorer", "k", "variant", "seed", "size",
-        "device", "overrides", "bank_size", "verbose",
+        "device", "overrides", "bank_size", "verbose", "contamination", "holdout", "target_fpr",
     )  # fmt: skip
+    _THRESHOLD_PARAMS = ("contamination", "target_fpr")  # applied to a fitted detector at once
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._PARAMS}
 
     def set_params(self, **params: Any) -> OneClassDetector:
+        """Set parameters. On a fitted detector, ``contamination`` / ``target_fpr`` move the
+        threshold at once; any other parameter takes effect at the next `fit` (a warning says
+        so: the fitted encoder and scorer are not changed)."""
         bad = sorted(set(params) - set(self._PARAMS))
         if bad:
             raise ConfigError(f"unknown parameter(s) {bad}; allowed: {', '.join(self._PARAMS)}")
         for name, value in params.items():
             setattr(self, name, value)
+        if self.__sklearn_is_fitted__():
+            refit = sorted(set(params) - {*self._THRESHOLD_PARAMS, "verbose"})
+            if refit:
+                warnings.warn(
+                    f"set_params({', '.join(refit)}) on a fitted detector: the fitted encoder "
+                    "and scorer keep their settings, so scores do not change until you call "
+                    "fit(X) again",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            if set(params) & set(self._THRESHOLD_PARAMS):
+                self._check_rates()
+                self._set_threshold()
         return self
 
-    def __repr__(self) -> str:
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "scorer_")
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False  # images: (N, C, H, W), PIL images, paths
+        tags.input_tags.three_d_array = True
+        tags.non_deterministic = True  # training on a GPU is not bit-reproducible
+        return tags
+
+    def __repr__(self, N_CHAR_MAX: int = 700) -> str:
         changed = {k: v for k, v in self.get_params().items() if v != _DEFAULTS.get(k)}
-        return f"OneClassDetector({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+        text = f"OneClassDetector({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+        if not self.__sklearn_is_fitted__():
+            return text
+        t = getattr(self, "threshold_", None)
+        thr = "no threshold" if t is None else f"threshold_={t:.4g}"
+        return f"{text} [fitted: {self.scorer_.name} on {self.n_bank_} images, {thr}]"
 
     def _check_fitted(self) -> None:
-        if not hasattr(self, "scorer_"):
+        if not self.__sklearn_is_fitted__():
             raise NotFittedError(
                 "this OneClassDetector is not fitted yet; call fit(normal_images) first, or "
                 "load one with OneClassDetector.load(DIR) / .from_run(RUN_DIR)"
@@ -133,7 +203,8 @@ class OneClassDetector:
     # --- configuration ------------------------------------------------------------------------
 
     def make_config(self, dataset: str = "custom"):
-        """The RunConfig this detector trains with (recipe + shortcuts + overrides)."""
+        """The RunConfig this detector trains with (recipe + shortcuts + overrides); every
+        number in it must be finite (an infinite temperature trains a constant loss)."""
         from firmad.config import load_config
 
         sets = [f"data.dataset={dataset}"] if dataset else []
@@ -147,10 +218,43 @@ class OneClassDetector:
         ):
             if value is not None:
                 sets.append(f"{key}={value}")
-        return load_config(self.recipe or "fmnist-cpu", sets + list(self.overrides))
+        if isinstance(self.overrides, str):
+            raise ConfigError("overrides must be a list of 'section.key=value' strings")
+        cfg = load_config(self.recipe or "fmnist-cpu", sets + list(self.overrides))
+        bad = _non_finite(cfg.to_dict())
+        if bad:
+            raise ConfigError(
+                f"{bad[0][0]} = {bad[0][1]} is not a finite number; give a finite value"
+            )
+        return cfg
+
+    def _check_rates(self) -> None:
+        c, t = self.contamination, self.target_fpr
+        if not _is_real(c) or not 0.0 < c <= 0.5:
+            raise ConfigError(f"contamination must be a number in (0, 0.5], got {c!r}")
+        if t is not None and (not _is_real(t) or not 0.0 < t < 1.0):
+            raise ConfigError(f"target_fpr must be a number in (0, 1), got {t!r}")
+
+    def _check_params(self) -> None:
+        """Every parameter checked before any work (a typo must not cost a training run)."""
+        from firmad.scoring import VARIANTS
+
+        self._check_rates()
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
+        h = self.holdout
+        if h != "auto" and (not _is_real(h) or not 0.0 <= h < 1.0):
+            raise ConfigError(f"holdout must be 'auto' or a share in [0, 1), got {h!r}")
+        for name in ("k", "bank_size"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{name} must be a positive integer or None, got {v!r}")
+        if not isinstance(self.scorer, str):
+            raise ConfigError(f"scorer must be a spec such as 'knn_cos:k=5', got {self.scorer!r}")
 
     def _scorer_spec(self, model=None) -> tuple[str, dict[str, Any]]:
         from firmad.config import parse_scorer
+        from firmad.scoring.scorers import build_scorer
 
         name, params = parse_scorer(self.scorer)
         method = get_method(self.config_)
@@ -165,38 +269,96 @@ class OneClassDetector:
             params.setdefault("k", self.k)
         if name == method.own_scorer and model is not None:
             params.update(method.own_scorer_params(model))
+        build_scorer(name, **params)  # unknown names and parameters are refused here
         return name, params
 
     # --- fit ----------------------------------------------------------------------------------
 
     def fit(self, X, y=None) -> OneClassDetector:
-        """Train on normal images only and fit the scorer on their features; returns self.
+        """Train on normal images only, fit the scorer on their features and set the threshold;
+        returns self.
 
-        X: uint8 images (N, C, H, W) or (N, H, W, C) or (N, H, W) as a numpy array or tensor,
-        a list of PIL images, or a folder of image files (searched recursively). ``y`` is
-        ignored (scikit-learn compatibility).
+        X: uint8 images (N, C, H, W), (N, H, W, C) or (N, H, W) as a numpy array or tensor, a
+        list of PIL images, files or folders (searched recursively; non-image names are
+        skipped with a warning). ``y`` is ignored (scikit-learn compatibility). Parameters,
+        the recipe and the image count are all checked before training starts.
         """
-        from firmad.training import ProgressBar, Trainer
-
+        self._check_params()
         cfg = self.make_config("custom")
+        self.config_ = cfg
+        self._scorer_spec()
         images, layout = as_uint8_images(X, size=cfg.data.size, channels=cfg.data.channels)
         cfg = _with_channels(cfg, images.shape[1])
-        self.config_ = cfg
-        split = _train_only_split(images, cfg.data.dataset)
+        held, train = self._split(images)
+        self._train(train, layout, len(held))
+        self.input_shape_ = tuple(images.shape[1:])
+        self._fit_scorer(prepare_images(train, cfg.data.size))
+        self.decision_scores_ = self.score_images(images)
+        self.heldout_indices_ = held.numpy() if len(held) else None  # rows of X held out
+        self.heldout_scores_ = self.decision_scores_[held.numpy()] if len(held) else None
+        self._set_threshold()
+        return self
+
+    def _train(self, train: torch.Tensor, layout: str, n_held: int) -> None:
+        from firmad.training import ProgressBar, Trainer
+
+        cfg = self.config_
+        split = _train_only_split(train, cfg.data.dataset)
         callbacks = []
         progress = _progress() if self.verbose else None
         if progress is not None:
             callbacks.append(ProgressBar(progress))
-        trainer = Trainer(cfg, split=split, callbacks=callbacks, normalisation=_stats(images))
+        try:
+            trainer = Trainer(cfg, split=split, callbacks=callbacks, normalisation=_stats(train))
+        except ConfigError as err:
+            if "train.batch_size" not in str(err):
+                raise
+            held = f" ({n_held} more held out for the threshold)" if n_held else ""
+            raise InputError(
+                f"{len(train)} image(s) for training{held} do not fill one batch "
+                f"(train.batch_size {cfg.train.batch_size}, synthetic outliers included): give "
+                "more normal images (hundreds are better), or lower the batch with "
+                "--set train.batch_size=N"
+            ) from None
+        self._check_sizes(len(train))
+        _warn_tiny(trainer, len(train))
         if progress is not None:
             with progress:
                 trainer.fit()
         else:
             trainer.fit()
         self._set_model(trainer.model.to(memory_format=torch.contiguous_format), layout)
-        self.input_shape_ = tuple(images.shape[1:])
-        self._fit_scorer(prepare_images(images, cfg.data.size))
-        return self
+
+    def holdout_size(self, n: int) -> int:
+        """How many of n images `fit` keeps out of training for the threshold."""
+        h = self.holdout
+        if h == "auto":
+            rate = self.target_fpr if self.target_fpr is not None else self.contamination
+            want = max(math.ceil(MIN_HOLDOUT_SHARE * n), math.ceil(MIN_ABOVE / rate))
+            return min(want, n // 2)
+        return int(round(float(h) * n))
+
+    def _split(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(held-out indices, training images): a seeded draw (train.seed)."""
+        n = len(images)
+        n_held = self.holdout_size(n)
+        if not n_held:
+            return torch.zeros(0, dtype=torch.int64), images
+        gen = torch.Generator().manual_seed(self.config_.train.seed)
+        order = torch.randperm(n, generator=gen)
+        held = order[:n_held].sort().values
+        return held, images[order[n_held:].sort().values]
+
+    def _check_sizes(self, n_train: int) -> None:
+        """Enough images for k neighbours (one batch is checked by the Trainer)."""
+        name, params = self._scorer_spec()
+        n_bank = min(n_train, self.bank_size or n_train)
+        k = params.get("k")
+        if k is not None and k > n_bank:
+            raise ConfigError(
+                f"scorer {name} with k={k} needs at least {k} training images in its bank; "
+                f"there are {n_bank}: lower k or give more images"
+            )
 
     def _set_model(self, model, layout: str) -> None:
         # A fitted detector is frozen: gradients of its scores reach the pixels only.
@@ -217,6 +379,7 @@ class OneClassDetector:
         banks = extract_banks(
             self.extractor_, bank, vs.angles, e.batch_size, e.bank_centroids, seed, crops=crops
         )
+        _check_features(banks)
         self.scorer_ = vs.fit(banks).to(self.extractor_.device)
         self.n_bank_ = int(bank.shape[0])
 
@@ -292,9 +455,9 @@ class OneClassDetector:
     def score_tensor(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
         """Anomaly scores (N,) as a differentiable function of the pixels.
 
-        x: float images in [0, 1] in the layout given to `fit` (N, C, H, W) or (N, H, W, C);
-        any size (resized inside). Resizing, channel repeat, the test transform and
-        normalisation all happen inside, so gradients reach the input pixels. Runs in eval
+        x: float images in [0, 1], (N, C, H, W) or (N, H, W, C) (read by the channel axis, as
+        everywhere); any size (resized inside). Resizing, channel repeat, the test transform
+        and normalisation all happen inside, so gradients reach the input pixels. Runs in eval
         mode; parameters get no gradient unless they require one.
         """
         self._check_fitted()
@@ -303,8 +466,8 @@ class OneClassDetector:
                 "score_tensor expects a float tensor of 4 dimensions with values in [0, 1]; "
                 "convert uint8 images with x.float() / 255"
             )
-        if self.input_layout_ == "NHWC":
-            x = x.permute(0, 3, 1, 2)
+        check_unit_range(x)
+        x, _ = to_batch(x)
         x = x.to(self.extractor_.device)
         with eval_mode(self.extractor_):
             return self.scorer_(self.extractor_, x, gen=gen)
@@ -312,11 +475,32 @@ class OneClassDetector:
     __call__ = score_tensor
 
     def decision_function(self, X) -> np.ndarray:
-        """Anomaly scores, higher = more anomalous (PyOD's convention), float64 (N,)."""
+        """Anomaly scores, higher = more anomalous (PyOD's convention), float64 (N,).
+
+        X: images as `fit` takes them, one image, a PIL image, or paths. Paths are scored as
+        `score_paths` does: files that cannot be read are skipped with a warning listing them,
+        and the scores come in its order (given files as given, each folder's files sorted by
+        path); use `score_paths` to get the names with the scores."""
+        self._check_fitted()
+        if isinstance(X, str | Path) or (
+            isinstance(X, list | tuple) and X and all(isinstance(x, str | Path) for x in X)
+        ):
+            names, scores, skipped = self.score_paths(X)
+            warn_skipped(skipped, names)
+            return scores
+        c = self.config_.data
+        images, _ = as_uint8_images(X, None, c.size, c.channels)
+        return self.score_images(images)
+
+    def score_paths(
+        self, paths, batch_size: int = 64, progress=None
+    ) -> tuple[list[str], np.ndarray, list[tuple[Path, str]]]:
+        """Score files and folders (recursive): ``(names, scores, skipped)``, where skipped
+        lists (path, reason) for every path given or found that was not scored (hidden, not
+        an image name, not a regular file, undecodable...). The `firmad score` command."""
         self._check_fitted()
         c = self.config_.data
-        images, _ = as_uint8_images(X, self.input_layout_, c.size, c.channels)
-        return self.score_images(images)
+        return score_paths(self.score_images, paths, c.size, c.channels, batch_size, progress)
 
     def score_images(self, images: torch.Tensor) -> np.ndarray:
         """`decision_function` for uint8 images already in (N, C, H, W) layout."""
@@ -333,36 +517,98 @@ class OneClassDetector:
         """Normality scores, higher = more normal (scikit-learn's convention)."""
         return -self.decision_function(X)
 
+    # --- threshold ----------------------------------------------------------------------------
+
     def calibrate(
         self, X, target_fpr: float | None = None, contamination: float | None = None
     ) -> OneClassDetector:
-        """Set ``threshold_`` from images not used in `fit`.
+        """Set ``threshold_`` from images not used in `fit` (see `threshold_at`).
 
-        ``target_fpr``: X are normal images; the threshold flags that share of them.
-        ``contamination``: X is an unlabelled mix with that share of anomalies.
-        """
+        ``target_fpr``: X are normal images; at most floor(target_fpr x n) of them score
+        above the threshold. ``contamination``: X is an unlabelled mix with that share of
+        anomalies. Their scores become ``heldout_scores_``."""
         if (target_fpr is None) == (contamination is None):
             raise InputError("calibrate: give exactly one of target_fpr= or contamination=")
         rate = target_fpr if target_fpr is not None else contamination
-        if not 0.0 < float(rate) < 1.0:
-            raise InputError(f"calibrate: the rate must be in (0, 1), got {rate}")
-        scores = self.decision_function(X)
-        self.threshold_ = float(np.quantile(scores, 1.0 - float(rate), method="higher"))
-        self.calibration_ = {
-            "n": int(len(scores)),
-            "target_fpr": target_fpr,
-            "contamination": contamination,
-        }
+        if not _is_real(rate) or not 0.0 < float(rate) < 1.0:
+            raise InputError(f"calibrate: the rate must be a number in (0, 1), got {rate!r}")
+        self.heldout_scores_ = self.decision_function(X)
+        self._apply_threshold(self.heldout_scores_, float(rate), target_fpr, contamination)
         return self
+
+    def _set_threshold(self) -> None:
+        """The threshold from the held-out scores, else from the training images' scores."""
+        held = getattr(self, "heldout_scores_", None)
+        scores = held if held is not None and len(held) else getattr(self, "decision_scores_", None)
+        if scores is None:
+            return
+        if self.target_fpr is not None:
+            rate, target, contamination = self.target_fpr, self.target_fpr, None
+        else:
+            rate, target, contamination = self.contamination, None, self.contamination
+        self._apply_threshold(scores, rate, target, contamination, scores is not held)
+
+    def _apply_threshold(self, scores, rate, target, contamination, on_training=False) -> None:
+        self.threshold_ = threshold_at(scores, rate)
+        if getattr(self, "decision_scores_", None) is not None:  # PyOD: labels_ follow it
+            self.labels_ = (self.decision_scores_ > self.threshold_).astype(np.int64)
+        above = int((np.asarray(scores) > self.threshold_).sum())
+        n = len(scores)
+        self.calibration_ = {
+            "source": "training" if on_training else "held-out",
+            "n": n,
+            "target_fpr": target,
+            "contamination": contamination,
+            "n_above": above,
+            "achieved_fpr": above / n,
+            "interval": clopper_pearson(above, n),
+            "scores": [float(s) for s in scores] if not on_training else None,
+        }
+        if rate * n < MIN_ABOVE and not on_training:
+            warnings.warn(
+                f"the threshold rests on {n} held-out "
+                f"images, {above} of them above it: too few for a rate of {rate:g} (at least "
+                f"{math.ceil(MIN_ABOVE / rate)} are needed for {MIN_ABOVE} above it); the "
+                "actual rate on new images may differ a lot. Give more images or a larger holdout",
+                UserWarning,
+                stacklevel=4,
+            )
 
     def predict(self, X) -> np.ndarray:
         """1 = anomaly (score above ``threshold_``), 0 = normal."""
         if getattr(self, "threshold_", None) is None:
             raise NotFittedError(
-                "no threshold yet: call calibrate(held_out_normals, target_fpr=0.05) (or "
-                "contamination=...) before predict, or set threshold_ yourself"
+                "no threshold yet: fit the detector (fit sets one), or call "
+                "calibrate(held_out_normals, target_fpr=0.05) before predict"
             )
         return (self.decision_function(X) > self.threshold_).astype(np.int64)
+
+    def fit_predict(self, X, y=None) -> np.ndarray:
+        """`fit` then the labels of X (``labels_``: 1 = anomaly)."""
+        return self.fit(X).labels_
+
+    def predict_proba(self, X, method: str = "linear") -> np.ndarray:
+        """(N, 2): probabilities of normal and anomaly, PyOD's way, from the scores of the
+        images given to `fit` (``decision_scores_``): ``linear`` min-max scales a score to
+        [0, 1] between their smallest and largest; ``unify`` is erf of the score standardised
+        by their mean and std, clipped at 0. A ranking device, not a calibrated probability."""
+        ref = getattr(self, "decision_scores_", None)
+        if ref is None:  # a loaded detector keeps its held-out scores only
+            ref = getattr(self, "heldout_scores_", None)
+        if ref is None:
+            raise NotFittedError("predict_proba needs the detector fitted with fit()")
+        s = self.decision_function(X)
+        if method == "linear":
+            lo, hi = float(ref.min()), float(ref.max())
+            p = (s - lo) / (hi - lo) if hi > lo else np.zeros_like(s)
+        elif method == "unify":
+            from scipy.special import erf
+
+            p = erf((s - ref.mean()) / (max(ref.std(), 1e-12) * np.sqrt(2)))
+        else:
+            raise InputError(f"predict_proba: method must be 'linear' or 'unify', got {method!r}")
+        p = np.clip(p, 0.0, 1.0)
+        return np.stack([1.0 - p, p], axis=1)
 
     def surrogate_scores(self) -> dict[str, Any]:
         """Smooth score functions of the same detector, for attacks: a kNN score passes gradient
@@ -391,113 +637,15 @@ class OneClassDetector:
     # --- save / load --------------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> Path:
-        """Write the detector to a directory (created if needed); returns its path."""
+        """Write the detector to a directory (created if needed): `firmad.persistence`."""
         self._check_fitted()
-        directory = Path(directory)
-        if directory.exists() and not directory.is_dir():
-            raise InputError(f"{directory} exists and is not a directory; choose another path")
-        if directory.is_dir() and any(directory.iterdir()) and not (directory / META).exists():
-            raise InputError(
-                f"{directory} is a non-empty folder that is not a firmad detector; choose a new "
-                "or empty folder so nothing of yours is overwritten"
-            )
-        tensors = {f"model.{k}": v for k, v in self.model_.state_dict().items()}
-        for i, scorer in enumerate(self.scorer_.per_angle):
-            for key, value in scorer.fitted_state().items():
-                tensors[f"scorer.{i}.{key}"] = value
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-        atomic_save_tensors(directory / WEIGHTS, tensors)
-        from firmad.report import versions
-
-        meta = {
-            "format": FORMAT,
-            "versions": versions(),
-            "params": {
-                k: v if not isinstance(v, tuple) else list(v) for k, v in self.get_params().items()
-            },  # fmt: skip
-            "config": self.config_.to_dict(),
-            "normalisation": {
-                "mean": self.model_.encoder.normalize.mean.flatten().tolist(),
-                "std": self.model_.encoder.normalize.std.flatten().tolist(),
-            },
-            "input": {"layout": self.input_layout_, "shape": list(self.input_shape_)},
-            "scorer": {
-                "name": self.scorer_.name,
-                "params": _jsonable(self.scorer_.per_angle[0].get_params()),
-                "variant": self.scorer_.variant,
-                "n_crops": self.scorer_.n_crops,
-                "n_bank": self.n_bank_,
-            },
-            "threshold": getattr(self, "threshold_", None),
-            "calibration": getattr(self, "calibration_", None),
-            "tensors": {
-                k: [str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in tensors.items()
-            },  # fmt: skip
-            "weights_sha256": sha256_file(directory / WEIGHTS),
-        }
-        atomic_write_json(directory / META, meta)
-        return directory
+        return save_detector(self, directory)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | None = None) -> OneClassDetector:
-        """Load a detector directory written by `save`, checking it before use: format version,
-        no pickles, the weights' checksum, and every tensor's name, shape and dtype."""
-        from firmad.config import config_from_dict
-        from firmad.training import build_model
-
-        directory = Path(directory)
-        meta_path, weights_path = directory / META, directory / WEIGHTS
-        if not directory.is_dir() or not meta_path.exists():
-            raise CheckpointError(
-                f"{directory} is not a firmad detector (no {META}); make one with "
-                "`firmad fit` or OneClassDetector.save"
-            )
-        refuse_pickles(directory)
-        meta = _read_meta(meta_path)
-        if not weights_path.exists():
-            raise CheckpointError(f"{weights_path} is missing; save the detector again")
-        if sha256_file(weights_path) != meta["weights_sha256"]:
-            raise CheckpointError(
-                f"{weights_path} does not match the checksum in {META}: the file is damaged or "
-                "was changed; restore it from a copy or save the detector again"
-            )
-        try:
-            tensors = load_file(str(weights_path))
-        except Exception as err:  # safetensors raises several types for damaged files
-            raise CheckpointError(
-                f"{weights_path} is not a readable safetensors file ({err}); save it again"
-            ) from None
-        _check_manifest(tensors, meta["tensors"], weights_path)
-        try:
-            cfg = config_from_dict(meta["config"])
-        except ConfigError as err:
-            raise CheckpointError(f"{meta_path}: the stored config is invalid ({err})") from None
-        if device is not None:
-            cfg.train.device = device
-        params = {k: v for k, v in meta["params"].items() if k in cls._PARAMS}
-        det = cls(**params)
-        det.config_ = cfg
-        from firmad.training import resolve_device
-
-        norm = meta["normalisation"]
-        model = build_model(cfg, cfg.data.dataset, normalisation=(norm["mean"], norm["std"]))
-        try:
-            model.load_state_dict(prefixed(tensors, "model"))
-        except RuntimeError as err:
-            raise CheckpointError(
-                f"{weights_path}: weights do not fit the stored config ({err})"
-            ) from None
-        det._set_model(model.to(resolve_device(cfg.train.device)), meta["input"]["layout"])
-        det.input_shape_ = tuple(meta["input"]["shape"])
-        s = meta["scorer"]
-        vs = VariantScorer(s["name"], s["params"], s["variant"], s["n_crops"])
-        for i, scorer in enumerate(vs.per_angle):
-            scorer.load_fitted(prefixed(tensors, f"scorer.{i}"), where=str(weights_path))
-        det.scorer_ = vs.to(det.extractor_.device)
-        det.n_bank_ = s["n_bank"]
-        det.threshold_ = meta.get("threshold")
-        det.calibration_ = meta.get("calibration")
-        return det
+        """Load a detector directory written by `save`, checking everything in it first
+        (`firmad.persistence`): an untrusted folder cannot hang, exhaust memory or mislead."""
+        return load_detector(cls, directory, device)
 
 
 _DEFAULTS = OneClassDetector().get_params()
@@ -510,97 +658,91 @@ class _BoundScore:
         self.det, self.scorer = det, scorer
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        if self.det.input_layout_ == "NHWC":
-            x = x.permute(0, 3, 1, 2)
+        x, _ = to_batch(x)
         with eval_mode(self.det.extractor_):
             return self.scorer(self.det.extractor_, x.to(self.det.extractor_.device), gen=gen)
 
 
-# --- inputs ------------------------------------------------------------------------------------
+def threshold_at(scores, rate: float) -> float:
+    """The threshold with at most floor(rate x n) of the n scores strictly above it: the
+    (n - m)-th smallest score, m = floor(rate x n) (the largest when m = 0). Ties at the
+    threshold can leave fewer above it, never more."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    n = len(s)
+    if n == 0:
+        raise InputError("no scores to set a threshold on")
+    if not np.isfinite(s).all():
+        raise InputError("some scores are not finite; the detector is broken — fit it again")
+    m = math.floor(rate * n + 1e-9)  # 0.05 x 100 is 5, not 4.999...
+    return float(s[n - m - 1]) if m < n else float(s[0])
 
 
-def as_uint8_images(
-    X, layout: str | None = None, size: int = 32, channels: int = 3
-) -> tuple[torch.Tensor, str]:
-    """Images as uint8 (N, C, H, W) and the layout they came in ("NCHW" or "NHWC").
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> list[float] | None:
+    """Exact (Clopper-Pearson) interval of a rate k / n; None without scipy."""
+    try:
+        from scipy.stats import beta
+    except ImportError:
+        return None
+    a = (1 - level) / 2
+    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
+    return [lo, hi]
 
-    Accepts numpy arrays or tensors (uint8, or float in [0, 1]) of shape (N, C, H, W),
-    (N, H, W, C) or (N, H, W); a list of PIL images; a folder path (recursive). ``layout``
-    forces the layout of 4-d arrays (the detector passes the one it was fitted with); image
-    files are read at ``size`` x ``size`` with ``channels`` channels.
-    """
-    if isinstance(X, str | Path):
-        return load_folder_images(Path(X), size, channels), "NCHW"
-    if isinstance(X, list | tuple) and X and hasattr(X[0], "convert"):
-        return _pil_images(X), "NCHW"
-    if isinstance(X, np.ndarray):
-        X = torch.from_numpy(np.ascontiguousarray(X))
-    if not isinstance(X, torch.Tensor):
-        raise InputError(
-            f"images must be a numpy array, a torch tensor, a list of PIL images or a folder "
-            f"path; got {type(X).__name__}"
+
+def _is_real(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, int | float) and math.isfinite(x)
+
+
+def _non_finite(data, where: str = "") -> list[tuple[str, float]]:
+    """(key, value) of every non-finite float in a nested config dict."""
+    if isinstance(data, dict):
+        return [b for k, v in data.items() for b in _non_finite(v, f"{where}{k}.")]
+    if isinstance(data, list):
+        return [b for i, v in enumerate(data) for b in _non_finite(v, f"{where}{i}.")]
+    if isinstance(data, float) and not math.isfinite(data):
+        return [(where.rstrip("."), data)]
+    return []
+
+
+def _warn_tiny(trainer, n_train: int) -> None:
+    if trainer.total_steps < MIN_STEPS:
+        warnings.warn(
+            f"{n_train} training images give only {trainer.total_steps} training step(s) "
+            f"(batch {trainer.cfg.train.batch_size}): the encoder barely learns; give more "
+            "images or epochs",
+            UserWarning,
+            stacklevel=4,
         )
-    if X.dim() == 3:
-        X = X[:, None]
-        layout = "NCHW"
-    if X.dim() != 4 or X.shape[0] == 0:
-        raise InputError(
-            f"images must have shape (N, C, H, W) or (N, H, W, C); got {tuple(X.shape)}"
-        )
-    if layout is None:
-        layout = "NHWC" if X.shape[1] not in (1, 3) and X.shape[-1] in (1, 3) else "NCHW"
-    if layout == "NHWC":
-        X = X.permute(0, 3, 1, 2)
-    if X.shape[1] not in (1, 3):
-        raise InputError(
-            f"images must have 1 (grey) or 3 (RGB) channels; got {X.shape[1]} (shape "
-            f"{tuple(X.shape)} read as {layout}); drop an alpha channel first"
-        )
-    if X.dtype != torch.uint8:
-        if not X.is_floating_point():
-            raise InputError(f"images must be uint8, or float in [0, 1]; got {X.dtype}")
-        if X.numel() and (X.min() < 0 or X.max() > 1 or not torch.isfinite(X).all()):
-            raise InputError("float images must lie in [0, 1]; scale uint8 images by 1/255")
-        X = (X * 255).round().to(torch.uint8)
-    return X.contiguous(), layout
+
+
+def _check_features(banks) -> None:
+    """The trained encoder must give finite, distinct features (a collapsed encoder, e.g.
+    after a diverged or constant loss, maps every image to the same point)."""
+    from firmad.persistence import _degenerate
+
+    for feats in banks.values():
+        if feats is None:
+            continue
+        f = feats.reshape(-1, feats.shape[-1]).float()
+        if not torch.isfinite(f).all() or (len(f) >= 2 and _degenerate(f)):
+            raise InputError(
+                "training gave a useless encoder: its features are not finite, or the same for "
+                "every image (a constant or diverged loss). Check the settings (e.g. "
+                "method.tau, train.lr) and the images, then fit again"
+            )
+
+
+def load_folder_images(folder: Path, size: int, channels: int) -> torch.Tensor:
+    """Every image under a folder (or the file), squashed to size x size; any unreadable file
+    is an error that names it (use `score_paths` / `firmad score` to skip broken files)."""
+    files, skipped = find_images([folder])
+    warn_skipped(skipped, files)
+    return load_files(files, size, channels)
 
 
 def image_files(path: Path) -> list[Path]:
     """Image files of a folder (recursive, sorted, hidden ones skipped), or the file itself."""
-    from firmad.data.sources import IMAGE_EXTENSIONS, _image_files
-    from firmad.errors import DataNotFoundError
-
-    if path.is_file():
-        return [path] if path.suffix.lower() in IMAGE_EXTENSIONS else []
-    if not path.is_dir():
-        raise DataNotFoundError(f"{path}: no such file or folder")
-    return _image_files(path)
-
-
-def load_folder_images(folder: Path, size: int, channels: int) -> torch.Tensor:
-    """Every image under a folder, squashed to size x size; any unreadable file is an error
-    that names it (use `firmad score` to skip broken files instead)."""
-    from firmad.data.sources import IMAGE_EXTENSIONS, load_image
-
-    files = image_files(folder)
-    if not files:
-        raise InputError(
-            f"{folder}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) found, "
-            "recursively; point to the folder that holds your normal images"
-        )
-    return torch.from_numpy(np.stack([load_image(f, size, channels) for f in files]))
-
-
-def _pil_images(images) -> torch.Tensor:
-    arrays = []
-    first_size = images[0].size
-    grey = all(img.mode in ("L", "1", "I;16", "I") for img in images)
-    for img in images:
-        if img.size != first_size:
-            img = img.resize(first_size)
-        arr = np.asarray(img.convert("L" if grey else "RGB"), dtype=np.uint8)
-        arrays.append(arr[None] if grey else arr.transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(arrays))
+    return find_images([path])[0]
 
 
 def _stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -636,75 +778,3 @@ def _progress():
     from firmad.training.callbacks import progress_bar
 
     return progress_bar()
-
-
-def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in params.items()}
-
-
-# --- files -------------------------------------------------------------------------------------
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
-
-
-def refuse_pickles(directory: Path) -> None:
-    """A detector directory never holds a pickle (nor a torch.save zip); refuse one that does."""
-    for path in sorted(directory.iterdir()):
-        if not path.is_file():
-            continue
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if path.suffix in (".pkl", ".pickle", ".pt", ".pth", ".bin") or head.startswith(
-            _PICKLE_MAGIC
-        ):
-            raise CheckpointError(
-                f"{path} looks like a pickle; firmad never loads pickles (they can run code). "
-                "Remove it, or re-create the detector with `firmad fit`/OneClassDetector.save"
-            )
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(
-            f"{path} is not valid JSON ({err}); save the detector again"
-        ) from None
-    if not isinstance(meta, dict):
-        raise CheckpointError(f"{path} is not a detector description; save the detector again")
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path}: format {meta.get('format')!r} is not {FORMAT!r}; this firmad reads "
-            f"{FORMAT} only — re-create the detector with this version"
-        )
-    required = ("config", "params", "normalisation", "input", "scorer", "tensors", "weights_sha256")
-    missing = [k for k in required if k not in meta]
-    if missing:
-        raise CheckpointError(f"{path} lacks {missing}; save the detector again")
-    return meta
-
-
-def _check_manifest(tensors: dict[str, torch.Tensor], manifest: dict, path: Path) -> None:
-    missing = sorted(set(manifest) - set(tensors))
-    extra = sorted(set(tensors) - set(manifest))
-    if missing or extra:
-        raise CheckpointError(
-            f"{path}: tensors missing {missing[:5]} / unexpected {extra[:5]}; the file does not "
-            "belong to this detector — save it again"
-        )
-    for key, (dtype, shape) in manifest.items():
-        t = tensors[key]
-        if str(t.dtype).removeprefix("torch.") != dtype or list(t.shape) != list(shape):
-            raise CheckpointError(
-                f"{path}: tensor {key!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} "
-                f"{tuple(shape)}; the file was changed — save the detector again"
-            )
