@@ -10,10 +10,10 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from firmad import augment
+from firmad.config import EvalConfig
 from firmad.errors import ConfigError, InputError
 from firmad.scoring import (
     ANGLES,
-    DEFAULT_SCORERS,
     SCORERS,
     FeatureExtractor,
     VariantScorer,
@@ -22,6 +22,7 @@ from firmad.scoring import (
     extract_features,
     knn_similarities,
     score_run,
+    scorer_specs,
 )
 from firmad.scoring import scorers as scoring
 
@@ -174,9 +175,13 @@ def test_svdd_and_logit() -> None:
         build_scorer("logit").score(torch.zeros(3, 2))
 
 
+# The default scorers of a recipe (the one list of them, in the config).
+DEFAULT_SCORERS = scorer_specs(EvalConfig().scorers)
+
+
 def test_registry_and_errors(blobs) -> None:
     bank = blobs[0]
-    assert {n for n, _ in DEFAULT_SCORERS} <= set(SCORERS)
+    assert {n for n, _ in DEFAULT_SCORERS} <= set(SCORERS)  # the recipe default
     with pytest.raises(ConfigError, match="knn_cos.*mahalanobis"):
         build_scorer("nearest")
     with pytest.raises(ConfigError, match="invalid parameters"):

@@ -10,7 +10,7 @@ from firmad.methods.base import Method
 
 class DeepSVDD(Method):
     name = "dsvdd"
-    uses_outliers = False
+    requires_outliers = False
     own_scorer = "svdd"
 
     def embed(self, model: nn.Module, feats: torch.Tensor) -> torch.Tensor:

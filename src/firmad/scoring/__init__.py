@@ -13,12 +13,12 @@ from firmad.scoring.evaluate import (
     bank_crops,
     bank_subset,
     extract_banks,
+    result_identity,
     score_run,
     scorer_specs,
 )
 from firmad.scoring.features import ANGLES, FeatureExtractor, check_uint8, extract_features
 from firmad.scoring.scorers import (
-    DEFAULT_SCORERS,
     SCORERS,
     CentreScorer,
     KdeScorer,
@@ -33,12 +33,14 @@ from firmad.scoring.scorers import (
     build_scorer,
     kmeans_centroids,
     knn_similarities,
+    result_keys_of,
     result_name,
+    row_name,
 )
+from firmad.scoring.specs import parse_scorer
 
 __all__ = [
     "ANGLES",
-    "DEFAULT_SCORERS",
     "SCORERS",
     "VARIANTS",
     "CentreScorer",
@@ -62,7 +64,11 @@ __all__ = [
     "extract_features",
     "kmeans_centroids",
     "knn_similarities",
+    "parse_scorer",
+    "result_identity",
+    "result_keys_of",
     "result_name",
+    "row_name",
     "score_run",
     "scorer_specs",
 ]

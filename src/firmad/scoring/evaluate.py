@@ -14,6 +14,7 @@ tables share one path.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,13 +26,13 @@ from firmad.errors import ConfigError, InputError
 from firmad.metrics import evaluate_scores
 from firmad.scoring.features import ANGLES, FeatureExtractor, check_uint8
 from firmad.scoring.scorers import (
-    DEFAULT_SCORERS,
-    KnnCosScorer,
-    Scorer,
+    SCORERS,
     build_scorer,
     kmeans_centroids,
+    result_keys_of,
     result_name,
 )
+from firmad.scoring.specs import parse_scorer
 
 VARIANTS = ("plain", "angled", "ensemble")
 ENSEMBLE_BANKS = ("centre", "crops")
@@ -76,9 +77,22 @@ class VariantScorer(nn.Module):
         self.per_angle = nn.ModuleList(build_scorer(name, **self.params) for _ in self.angles)
 
     @property
-    def k(self) -> int | None:
-        k = getattr(self.per_angle[0], "k", None)
-        return k if isinstance(self.per_angle[0], KnnCosScorer) else None
+    def result_params(self) -> dict[str, Any]:
+        """The values of the scorer's result keys (``{"k": 5}`` for kNN; ``{}`` for most)."""
+        scorer = self.per_angle[0]
+        return {key: getattr(scorer, key) for key in scorer.result_keys}
+
+    @property
+    def label(self) -> str:
+        """The result label, e.g. ``"knn_cos k=5 (plain)"``."""
+        params = dict(self.result_params)
+        return result_name(self.name, params.pop("k", None), self.variant, **params)
+
+    def result_row(self, metrics: Mapping[str, float]) -> dict[str, Any]:
+        """A result row: scorer, ``k`` (None unless a result key), the other result keys,
+        variant, then the metrics."""
+        return {"scorer": self.name, "k": None, **self.result_params, "variant": self.variant,
+                **metrics}  # fmt: skip
 
     @property
     def differentiable(self) -> bool:
@@ -97,9 +111,6 @@ class VariantScorer(nn.Module):
             if cache is not None:
                 cache[key] = self.per_angle[i]
         return self
-
-    def scorer_at(self, angle: int) -> Scorer:
-        return self.per_angle[self.angles.index(angle)]
 
     def combine(self, feats: Mapping[int, torch.Tensor]) -> torch.Tensor:
         """Scores from test features: ``feats[angle]`` is (N, D), or (n_crops, N, D) for the
@@ -130,8 +141,6 @@ class VariantScorer(nn.Module):
 
 def scorer_specs(scorers) -> list[tuple[str, dict[str, Any]]]:
     """Scorers as (name, params): names, (name, params) pairs or "name:key=value" strings."""
-    from firmad.config import parse_scorer
-
     specs = []
     for spec in scorers:
         if isinstance(spec, str):
@@ -179,12 +188,18 @@ def bank_subset(train_images: torch.Tensor, bank_size: int | None, seed: int) ->
     return train_images[idx]
 
 
+def result_identity(row: Mapping[str, Any]) -> tuple:
+    """What tells result rows apart: scorer, variant and the scorer's result keys."""
+    keys = ("k", *result_keys_of(row["scorer"]))
+    return (row["scorer"], row["variant"], tuple((key, row.get(key)) for key in keys))
+
+
 def score_run(
     encoder: nn.Module | FeatureExtractor,
     train_images: torch.Tensor,
     test_images: torch.Tensor,
     test_labels,
-    scorers: Iterable[tuple[str, dict[str, Any]] | str] = DEFAULT_SCORERS,
+    scorers: Iterable[tuple[str, dict[str, Any]] | str],
     variants: Sequence[str] = ("plain",),
     device: str | torch.device | None = None,
     batch_size: int = 512,
@@ -210,30 +225,17 @@ def score_run(
     centre crop (the paper's script uses the centre crop; the other variants always do).
 
     Returns:
-        list of dicts ``{"scorer", "k", "variant", "auroc", "aupr_anomaly", "aupr_normal",
-        "fpr95"}``; with ``return_details=True`` a tuple ``(results, details)`` where details
-        holds ``"scores"`` (result_name -> np.ndarray), ``"labels"`` (np.ndarray) and
-        ``"test_features"`` (plain test features, float32 tensor (N, D)).
+        list of dicts ``{"scorer", "k", (other result keys), "variant", "auroc",
+        "aupr_anomaly", "aupr_normal", "fpr95"}``; with ``return_details=True`` a tuple
+        ``(results, details)`` where details holds ``"scores"`` (result label ->
+        np.ndarray), ``"labels"`` (np.ndarray) and ``"test_features"`` (plain test features,
+        float32 tensor (N, D)).
     """
     variants = check_variants(variants)
     crops_of = {v: bank_crops(v, ensemble_bank, n_crops) for v in variants}
-    specs = scorer_specs(scorers)
-    if not specs:
-        raise ConfigError("no scorers given; pass e.g. [('knn_cos', {'k': 5})].")
-    for name, params in specs:
-        if name in ("knn_cos", "knn_cos_norm"):
-            params.setdefault("knn_backend", knn_backend)
-    scorers_ = [VariantScorer(n, p, v, n_crops) for n, p in specs for v in variants]
-    train_images = check_uint8(train_images)
-    test_images = check_uint8(test_images)
-    labels = np.asarray(
-        test_labels.detach().cpu().numpy() if hasattr(test_labels, "detach") else test_labels
-    ).reshape(-1)
-    if labels.shape[0] != test_images.shape[0]:
-        raise InputError(
-            f"{test_images.shape[0]} test images but {labels.shape[0]} test labels; "
-            "pass one label (1 = anomaly) per test image."
-        )
+    scorers_ = _variant_scorers(scorers, variants, n_crops, knn_backend)
+    train_images, test_images = check_uint8(train_images), check_uint8(test_images)
+    labels = _labels(test_labels, test_images.shape[0])
     extractor = (
         encoder
         if isinstance(encoder, FeatureExtractor)
@@ -265,11 +267,33 @@ def score_run(
                 vs.fit(banks[c], cache=fitted[c])
             feats = crops if vs.variant == "ensemble" else test
             scores = vs.combine(feats).double().cpu().numpy()
-            all_scores[result_name(vs.name, vs.k, vs.variant)] = scores
-            results.append(
-                {"scorer": vs.name, "k": vs.k, "variant": vs.variant,
-                 **evaluate_scores(labels, scores)}
-            )  # fmt: skip
+            all_scores[vs.label] = scores
+            results.append(vs.result_row(evaluate_scores(labels, scores)))
     if return_details:
         return results, {"scores": all_scores, "labels": labels, "test_features": test[0]}
     return results
+
+
+def _variant_scorers(scorers, variants, n_crops: int, knn_backend: str) -> list[VariantScorer]:
+    """One unfitted `VariantScorer` per scorer x variant; scorers that choose a kNN backend
+    get ``knn_backend`` unless their spec sets one."""
+    specs = scorer_specs(scorers)
+    if not specs:
+        raise ConfigError("no scorers given; pass e.g. [('knn_cos', {'k': 5})].")
+    for name, params in specs:
+        if name in SCORERS and "knn_backend" in inspect.signature(SCORERS[name]).parameters:
+            params.setdefault("knn_backend", knn_backend)
+    return [VariantScorer(n, p, v, n_crops) for n, p in specs for v in variants]
+
+
+def _labels(test_labels, n_test: int) -> np.ndarray:
+    """Test labels (1 = anomaly) as a flat numpy array, one per test image."""
+    labels = np.asarray(
+        test_labels.detach().cpu().numpy() if hasattr(test_labels, "detach") else test_labels
+    ).reshape(-1)
+    if labels.shape[0] != n_test:
+        raise InputError(
+            f"{n_test} test images but {labels.shape[0]} test labels; "
+            "pass one label (1 = anomaly) per test image."
+        )
+    return labels

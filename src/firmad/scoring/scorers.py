@@ -110,6 +110,9 @@ class Scorer(nn.Module):
     name = "scorer"
     fitted: tuple[str, ...] = ()
     differentiable = True
+    # The parameters that tell two results of this scorer apart (e.g. kNN's k): they go into
+    # every result row and label.
+    result_keys: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -182,6 +185,7 @@ class KnnCosScorer(Scorer):
 
     name = "knn_cos"
     fitted = ("bank_",)
+    result_keys = ("k",)
 
     def __init__(self, k: int = 5, knn_backend: str = "auto") -> None:
         super().__init__()
@@ -462,18 +466,6 @@ SCORERS: dict[str, type[Scorer]] = {
     )
 }
 
-DEFAULT_SCORERS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("knn_cos", {"k": 1}),
-    ("knn_cos", {"k": 5}),
-    ("knn_cos_norm", {"k": 5}),
-    ("kde", {}),
-    ("centre", {}),
-    ("mahalanobis", {}),
-    ("ocsvm_rbf", {}),
-    ("ocsvm_linear", {}),
-)
-
-
 def build_scorer(name: str, **params: Any) -> Scorer:
     """Build a scorer by registry name, e.g. ``build_scorer("knn_cos", k=5)``."""
     if name not in SCORERS:
@@ -484,11 +476,25 @@ def build_scorer(name: str, **params: Any) -> Scorer:
         raise ConfigError(f"invalid parameters {params} for scorer {name!r}: {exc}") from exc
 
 
-def result_name(scorer: str, k: int | None = None, variant: str | None = None) -> str:
+def result_name(scorer: str, k: int | None = None, variant: str | None = None, **keys) -> str:
     """The one label of a result row, e.g. ``"knn_cos k=5 (plain)"`` (``"knn_cos k=5"``
-    without a variant); used by the reports, the grids and the score dictionaries."""
-    name = f"{scorer}{'' if k in (None, '') else f' k={k}'}"
+    without a variant): the scorer, its result keys (`Scorer.result_keys`) that are set, and
+    the variant; used by the reports, the grids and the score dictionaries."""
+    values = {"k": k, **keys}
+    name = " ".join([scorer, *(f"{key}={v}" for key, v in values.items() if v not in (None, ""))])
     return name if variant is None else f"{name} ({variant})"
+
+
+def result_keys_of(scorer: str) -> tuple[str, ...]:
+    """The result keys of a registered scorer (``("k",)`` for one that is not registered)."""
+    return SCORERS[scorer].result_keys if scorer in SCORERS else ("k",)
+
+
+def row_name(row: dict[str, Any], variant: bool = False) -> str:
+    """The label of a result row (``{"scorer", "k", ..., "variant", metrics}``)."""
+    keys = {key: row.get(key) for key in result_keys_of(row["scorer"])}
+    k = keys.pop("k", None)
+    return result_name(row["scorer"], k, row.get("variant") if variant else None, **keys)
 
 
 def kmeans_centroids(features: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:

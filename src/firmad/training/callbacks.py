@@ -171,7 +171,7 @@ class ProgressBar(Callback):
 
     def on_epoch_end(self, trainer, record: dict) -> None:
         info = (
-            f"epoch {trainer.epoch}/{trainer.cfg.train.epochs} loss {record['loss']:.3f} "
+            f"epoch {trainer.epoch}/{trainer.settings.epochs} loss {record['loss']:.3f} "
             f"lr {record['lr']:.2e} {record['views_per_s']:.0f} views/s"
         )
         self.progress.update(self.task, info=info)
