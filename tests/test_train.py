@@ -32,7 +32,7 @@ def loss_labels(method, class_ids, kind_ids):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_each_objective_trains_two_epochs(tmp_path, tiny, method):
     extra = [f"method.name={method}"]
-    if not METHODS[method].requires_outliers:  # Deep SVDD: its own recipe, normals only
+    if not METHODS[method].uses_outliers:  # Deep SVDD: its own recipe, normals only
         extra = [*DSVDD_TINY, f"method.name={method}", "train.optimizer=adam", "train.lr=0.001"]
     trainer = _trainer(tmp_path, tiny + extra)
     summary = trainer.fit()

@@ -98,7 +98,7 @@ def build_training_pool(
     normals = prepare_images(split.train_images, d.size)
     multi = isinstance(d.normal_class, list) and not d.outlier_dataset
     ids = normal_class_ids(split, len(normals), multi)
-    frozen = o.kinds and o.mode == "frozen" and method.requires_outliers
+    frozen = o.kinds and o.mode == "frozen" and method.uses_outliers
     return build_pool(
         normals,
         ids,
@@ -114,7 +114,7 @@ def build_training_pool(
 def fresh_outliers(cfg: RunConfig, method: Method) -> tuple:
     """The outlier kinds drawn anew every step (``outliers.mode=fresh``), else ()."""
     o = cfg.outliers
-    fresh = o.mode == "fresh" and o.kinds and not o.exposure and method.requires_outliers
+    fresh = o.mode == "fresh" and o.kinds and not o.exposure and method.uses_outliers
     return tuple(parse_outliers(o.kinds)) if fresh else ()
 
 

@@ -12,15 +12,18 @@ class Method:
     """One training objective. Subclasses set the class attributes and override what differs;
     their settings are the keyword arguments of ``__init__`` (see :meth:`parameters`).
 
-    - ``requires_outliers``: the pool holds synthetic (or real) outliers next to the normals;
-      a run of such a method without any outlier kind is refused by the config.
+    - ``uses_outliers``: the pool holds the run's synthetic (or real) outliers next to the
+      normals (Deep SVDD trains on normals only, whatever ``outliers`` says).
+    - ``requires_outliers``: the objective is meaningless without outliers, so the config
+      refuses a run of it without any outlier kind (instead of silently training without).
     - ``n_views``: augmented views per sample in a step (2 for contrastive objectives).
     - ``own_scorer``: name of the method's own anomaly score (``None`` if it has none); the
       score itself is :meth:`score_features`.
     """
 
     name = "method"
-    requires_outliers = True
+    uses_outliers = True
+    requires_outliers = False
     n_views = 1
     own_scorer: str | None = None
 

@@ -56,6 +56,7 @@ class RotSupCon(_Contrastive):
     """SupCon with labels 0 = inlier, 1..K = each outlier kind its own class."""
 
     name = "rotsupcon"
+    requires_outliers = True
 
     def __init__(self, tau: float = 0.2, head: HeadSettings = HeadSettings()) -> None:
         super().__init__(SupConLoss(tau=tau), head)

@@ -10,7 +10,7 @@ from firmad.methods.base import Method
 
 class DeepSVDD(Method):
     name = "dsvdd"
-    requires_outliers = False
+    uses_outliers = False
     own_scorer = "svdd"
 
     def embed(self, model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
