@@ -26,17 +26,9 @@ from firmad.scoring import (
 )
 from firmad.scoring import scorers as scoring
 
-FEATURE_SCORERS = [
-    ("knn_cos", {"k": 1}),
-    ("knn_cos", {"k": 5}),
-    ("knn_cos_norm", {"k": 5}),
-    ("kde", {}),
-    ("centre", {}),
-    ("mahalanobis", {}),
-    ("ocsvm_rbf", {}),
-    ("ocsvm_linear", {}),
-    ("svdd", {}),
-]
+# Every registered scorer at its defaults (and kNN with k = 1), except the logit scorer,
+# which scores a classifier's logits rather than features (tested on its own below).
+FEATURE_SCORERS = [("knn_cos", {"k": 1})] + [(n, {}) for n in SCORERS if n != "logit"]
 
 
 def _blob(rng: np.random.Generator, n: int, centre: np.ndarray, spread: float = 1.0):
