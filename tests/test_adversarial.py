@@ -15,9 +15,9 @@ from firmad.data import one_vs_rest
 from firmad.data.pool import prepare_images
 from firmad.detector import OneClassDetector
 from firmad.errors import ConfigError
+from firmad.factory import build_trainer
 from firmad.perturb import project, random_delta
 from firmad.robustness import robust_auroc_sweep
-from firmad.factory import build_trainer
 from firmad.training import CheckpointSaver, MetricsLog
 from tests.conftest import DSVDD_TINY, FIXTURE_FMNIST, TINY, sigint_at_call
 

@@ -238,4 +238,3 @@ __all__ = [
     "train_settings",
     "view_settings",
 ]
-

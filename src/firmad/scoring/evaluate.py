@@ -217,25 +217,53 @@ def score_run(
 ):
     """Score the test images with every scorer x variant and evaluate the metrics.
 
-    Features are extracted once per rotation (and once for the crops) and shared by all
-    scorers. ``bank_size`` draws a seeded subset of the training images as the bank;
-    ``bank_centroids`` replaces the bank by that many k-means centroids. ``extra_scorers``:
-    fitted `VariantScorer`s (a method's own score) reported first. ``ensemble_bank="crops"``
-    fits the ensemble variant on ``n_crops`` random crops of each bank image instead of its
-    centre crop (the paper's script uses the centre crop; the other variants always do).
+    Features are extracted once per rotation (and once for the crops), shared by all scorers.
+    ``bank_size``: a seeded subset of the training images as the bank; ``bank_centroids``:
+    that many k-means centroids instead; ``extra_scorers``: fitted `VariantScorer`s (a
+    method's own score) reported first; ``ensemble_bank="crops"``: the ensemble's bank is
+    ``n_crops`` random crops of each bank image (the paper's script: the centre crop).
 
-    Returns:
-        list of dicts ``{"scorer", "k", (other result keys), "variant", "auroc",
-        "aupr_anomaly", "aupr_normal", "fpr95"}``; with ``return_details=True`` a tuple
-        ``(results, details)`` where details holds ``"scores"`` (result label ->
-        np.ndarray), ``"labels"`` (np.ndarray) and ``"test_features"`` (plain test features,
-        float32 tensor (N, D)).
+    Returns rows (`VariantScorer.result_row`); with ``return_details`` ``(rows, details)``:
+    ``"scores"`` (label -> np.ndarray), ``"labels"``, ``"test_features"`` (plain, (N, D)).
     """
     variants = check_variants(variants)
     crops_of = {v: bank_crops(v, ensemble_bank, n_crops) for v in variants}
     scorers_ = _variant_scorers(scorers, variants, n_crops, knn_backend)
     train_images, test_images = check_uint8(train_images), check_uint8(test_images)
     labels = _labels(test_labels, test_images.shape[0])
+    extractor = _extractor(encoder, size, resize_ratio, channels, device)
+    angles = (0,) if variants == ("plain",) else ANGLES
+    bank_images = bank_subset(train_images, bank_size, seed)
+    banks = {  # keyed by crops per image (None: centre crops); only the kinds some variant uses
+        c: extract_banks(extractor, bank_images, angles, batch_size, bank_centroids, seed, c)
+        for c in dict.fromkeys(crops_of.values())
+    }  # fmt: skip
+    test = {a: extractor.extract(test_images, batch_size, angle=a) for a in angles}
+    crops, fitted = {}, {}
+    if "ensemble" in variants:
+        crops = _test_crops(extractor, test_images, angles, n_crops, batch_size, seed)
+
+    with torch.no_grad():
+        for vs in scorers_:  # a scorer is fitted once per bank, shared by the variants
+            vs.fit(banks[crops_of[vs.variant]], cache=fitted.setdefault(crops_of[vs.variant], {}))
+        results, all_scores = _score_all([*extra_scorers, *scorers_], test, crops, labels)
+    if return_details:
+        return results, {"scores": all_scores, "labels": labels, "test_features": test[0]}
+    return results
+
+
+def _score_all(scorers: list[VariantScorer], test, crops, labels: np.ndarray):
+    """(result rows, scores by result label) of fitted scorers on the test features."""
+    results, all_scores = [], {}
+    for vs in scorers:
+        scores = vs.combine(crops if vs.variant == "ensemble" else test).double().cpu().numpy()
+        all_scores[vs.label] = scores
+        results.append(vs.result_row(evaluate_scores(labels, scores)))
+    return results, all_scores
+
+
+def _extractor(encoder, size: int, resize_ratio: float, channels: int, device):
+    """The encoder with its test-time preprocessing (a `FeatureExtractor` as it is)."""
     extractor = (
         encoder
         if isinstance(encoder, FeatureExtractor)
@@ -243,35 +271,17 @@ def score_run(
     )
     if device is not None and extractor.device.type != torch.device(device).type:
         raise InputError(f"the encoder lives on {extractor.device} but device={device} was given.")
+    return extractor
 
-    angles = (0,) if variants == ("plain",) else ANGLES
-    bank_images = bank_subset(train_images, bank_size, seed)
-    banks = {  # keyed by crops per image (None: centre crops); only the kinds some variant uses
-        c: extract_banks(extractor, bank_images, angles, batch_size, bank_centroids, seed, c)
-        for c in dict.fromkeys(crops_of.values())
+
+def _test_crops(extractor, test_images, angles, n_crops: int, batch_size: int, seed: int):
+    """The ensemble's ``n_crops`` random crops of every test image, per rotation, drawn in
+    angle order from seed + 1 (the crops drawn are part of the result)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    return {
+        a: extractor.extract(test_images, batch_size, angle=a, crops=n_crops, gen=gen)
+        for a in angles
     }
-    crop_gen = torch.Generator().manual_seed(seed + 1)
-    test = {a: extractor.extract(test_images, batch_size, angle=a) for a in angles}
-    crops = {}
-    if "ensemble" in variants:
-        for a in angles:  # in angle order: the crops drawn are part of the result
-            crops[a] = extractor.extract(
-                test_images, batch_size, angle=a, crops=n_crops, gen=crop_gen
-            )
-
-    results, all_scores, fitted = [], {}, {c: {} for c in banks}
-    with torch.no_grad():
-        for vs in [*extra_scorers, *scorers_]:
-            if vs not in extra_scorers:
-                c = crops_of[vs.variant]
-                vs.fit(banks[c], cache=fitted[c])
-            feats = crops if vs.variant == "ensemble" else test
-            scores = vs.combine(feats).double().cpu().numpy()
-            all_scores[vs.label] = scores
-            results.append(vs.result_row(evaluate_scores(labels, scores)))
-    if return_details:
-        return results, {"scores": all_scores, "labels": labels, "test_features": test[0]}
-    return results
 
 
 def _variant_scorers(scorers, variants, n_crops: int, knn_backend: str) -> list[VariantScorer]:

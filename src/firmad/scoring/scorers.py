@@ -466,6 +466,7 @@ SCORERS: dict[str, type[Scorer]] = {
     )
 }
 
+
 def build_scorer(name: str, **params: Any) -> Scorer:
     """Build a scorer by registry name, e.g. ``build_scorer("knn_cos", k=5)``."""
     if name not in SCORERS:

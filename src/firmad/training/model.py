@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
-
-from collections.abc import Mapping
 
 from firmad.errors import ConfigError
 

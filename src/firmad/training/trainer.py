@@ -136,16 +136,12 @@ class Trainer:
         self.fresh_kinds = list(settings.fresh_outliers)
         self.n_views = method.n_views
         self.adversarial = settings.adversarial
-        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[
-            settings.amp
-        ]
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[settings.amp]
         fp16_cuda = settings.amp == "fp16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16_cuda)
         self.channels_last = settings.channels_last
         self.attack_start_loss = torch.zeros((), device=self.device)  # summed over an epoch
-        self.samples_per_epoch, self.steps_per_epoch, self.total_steps = plan_epochs(
-            pool, settings
-        )
+        self.samples_per_epoch, self.steps_per_epoch, self.total_steps = plan_epochs(pool, settings)
         self.gen = torch.Generator(self.device).manual_seed(settings.seed)
         self._reset_progress()
         self.train_encoder, self.net = self._training_forward()
