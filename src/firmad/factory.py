@@ -26,7 +26,8 @@ from firmad.models import HeadSettings, build_backbone, normalisation_for
 from firmad.outliers import parse_outliers
 from firmad.training import distributed
 from firmad.training.model import OneClassModel, resolve_device
-from firmad.training.trainer import AdversarialSettings, Trainer, TrainSettings, plan_epochs
+from firmad.training.settings import AdversarialSettings, TrainSettings, plan_epochs
+from firmad.training.trainer import Trainer
 
 # --- components ---------------------------------------------------------------------------------
 

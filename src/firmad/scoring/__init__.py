@@ -6,13 +6,11 @@ more anomalous). Every scorer is a differentiable torch module (OC-SVMs are fitt
 scikit-learn and evaluated in torch from their support vectors).
 """
 
+from firmad.scoring.banks import bank_crops, bank_subset, extract_banks, kmeans_centroids
 from firmad.scoring.evaluate import (
     VARIANTS,
     VariantScorer,
     angles_for,
-    bank_crops,
-    bank_subset,
-    extract_banks,
     result_identity,
     score_run,
     scorer_specs,
@@ -31,7 +29,6 @@ from firmad.scoring.scorers import (
     Scorer,
     SvddScorer,
     build_scorer,
-    kmeans_centroids,
     knn_similarities,
     result_keys_of,
     result_name,

@@ -24,33 +24,17 @@ from torch import nn
 
 from firmad.errors import ConfigError, InputError
 from firmad.metrics import evaluate_scores
+from firmad.scoring.banks import bank_crops, bank_subset, extract_banks
 from firmad.scoring.features import ANGLES, FeatureExtractor, check_uint8
-from firmad.scoring.scorers import (
-    SCORERS,
-    build_scorer,
-    kmeans_centroids,
-    result_keys_of,
-    result_name,
-)
+from firmad.scoring.scorers import SCORERS, build_scorer, result_keys_of, result_name
 from firmad.scoring.specs import parse_scorer
 
 VARIANTS = ("plain", "angled", "ensemble")
-ENSEMBLE_BANKS = ("centre", "crops")
 
 
 def angles_for(variant: str) -> tuple[int, ...]:
     check_variants([variant])
     return (0,) if variant == "plain" else ANGLES
-
-
-def bank_crops(variant: str, ensemble_bank: str, n_crops: int) -> int | None:
-    """Random crops per bank image for a variant's bank: ``n_crops`` for the ensemble with
-    ``ensemble_bank="crops"``, else None (the centre crop)."""
-    if ensemble_bank not in ENSEMBLE_BANKS:
-        raise ConfigError(
-            f"ensemble_bank must be one of {', '.join(ENSEMBLE_BANKS)}, got {ensemble_bank!r}."
-        )
-    return n_crops if variant == "ensemble" and ensemble_bank == "crops" else None
 
 
 def check_variants(variants: Sequence[str]) -> tuple[str, ...]:
@@ -149,43 +133,6 @@ def scorer_specs(scorers) -> list[tuple[str, dict[str, Any]]]:
             name, params = spec
             specs.append((name, dict(params or {})))
     return specs
-
-
-def extract_banks(
-    extractor: FeatureExtractor,
-    train_images: torch.Tensor,
-    angles: Iterable[int],
-    batch_size: int = 512,
-    bank_centroids: int | None = None,
-    seed: int = 0,
-    crops: int | None = None,
-) -> dict[int, torch.Tensor]:
-    """Normal training features per rotation (optionally replaced by k-means centroids).
-
-    With ``crops``, each image gives that many random crops (as the ensemble's test images do),
-    all in the bank: (crops * N, D) per rotation, drawn with seed + 2 (the ensemble's test crops
-    use seed + 1).
-    """
-    banks = {}
-    gen = torch.Generator().manual_seed(seed + 2) if crops else None
-    for angle in angles:
-        bank = extractor.extract(train_images, batch_size, angle=angle, crops=crops, gen=gen)
-        bank = bank.reshape(-1, bank.shape[-1])
-        if bank_centroids is not None and bank_centroids < bank.shape[0]:
-            bank = kmeans_centroids(bank, bank_centroids, seed)
-        banks[angle] = bank
-    return banks
-
-
-def bank_subset(train_images: torch.Tensor, bank_size: int | None, seed: int) -> torch.Tensor:
-    """A seeded random subset of the normal training images as the bank (None: all)."""
-    if bank_size is None or bank_size >= train_images.shape[0]:
-        return train_images
-    if bank_size < 1:
-        raise InputError(f"bank_size must be >= 1 or None, got {bank_size}.")
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(train_images.shape[0], generator=g)[:bank_size].sort().values
-    return train_images[idx]
 
 
 def result_identity(row: Mapping[str, Any]) -> tuple:

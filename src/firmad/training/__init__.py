@@ -8,14 +8,9 @@ from firmad.training.callbacks import (
     ProgressBar,
 )
 from firmad.training.model import OneClassModel, resolve_device
-from firmad.training.trainer import (
-    AdversarialSettings,
-    Trainer,
-    TrainingDiverged,
-    TrainingInterrupted,
-    TrainSettings,
-    fit_together,
-)
+from firmad.training.settings import AdversarialSettings, TrainSettings, plan_epochs
+from firmad.training.together import fit_together
+from firmad.training.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
 
 def __getattr__(name: str):
@@ -41,5 +36,6 @@ __all__ = [
     "TrainingDiverged",
     "TrainingInterrupted",
     "fit_together",
+    "plan_epochs",
     "resolve_device",
 ]

@@ -16,8 +16,6 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,10 +27,12 @@ from firmad.data.pool import Pool
 from firmad.errors import CheckpointError, ConfigError, FirmadError
 from firmad.io import join_state, prefixed, split_state
 from firmad.methods import Method
-from firmad.outliers import OutlierKind, apply_kinds
+from firmad.outliers import apply_kinds
 from firmad.perturb import ascent_step, project, random_delta
 from firmad.training import distributed
 from firmad.training.model import weights_mismatch
+from firmad.training.settings import TrainSettings, plan_epochs
+from firmad.training.sync_free import SyncFreeStep
 
 CHECKPOINT_FORMAT = "firmad-checkpoint-1"
 
@@ -49,57 +49,7 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signal_name, self.step = signal_name, step
 
 
-@dataclass(frozen=True)
-class AdversarialSettings:
-    """Adversarial training's inner PGD: norm, ε-ball, steps, step size, random start."""
-
-    norm: str
-    eps: float
-    steps: int
-    alpha: float
-    random_start: bool = True
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """What the loop needs besides its components (built once by `firmad.factory`).
-
-    ``batch_size`` is the global batch of all processes; ``steps_per_epoch`` caps an epoch
-    (0: the whole pool); ``amp`` is resolved (none, bf16 or fp16); ``fresh_outliers`` are the
-    outlier kinds drawn anew each step (empty: the pool's frozen ones); ``checkpoint_meta``
-    goes into every checkpoint's metadata (the dataset and the run config)."""
-
-    batch_size: int
-    epochs: int
-    seed: int
-    device: torch.device
-    channels: int = 3
-    steps_per_epoch: int = 0
-    amp: str = "none"
-    channels_last: bool = False
-    compile: bool = False
-    cuda_graph: bool = False
-    adversarial: AdversarialSettings | None = None
-    fresh_outliers: tuple[OutlierKind, ...] = ()
-    checkpoint_meta: Mapping[str, Any] = field(default_factory=dict)
-
-
-def plan_epochs(pool: Pool, settings: TrainSettings) -> tuple[int, int, int]:
-    """(samples per epoch, steps per epoch, total steps) of a pool under these settings."""
-    samples = len(pool.images)
-    if settings.fresh_outliers:  # same mix of inliers and outliers as the frozen pool
-        samples = pool.n_normal * (1 + len(settings.fresh_outliers))
-    full = samples // settings.batch_size
-    if full < 1:
-        raise ConfigError(
-            f"train.batch_size: {settings.batch_size} is larger than the {samples} "
-            "training samples; lower it"
-        )
-    per_epoch = min(full, settings.steps_per_epoch) if settings.steps_per_epoch else full
-    return samples, per_epoch, per_epoch * settings.epochs
-
-
-class Trainer:
+class Trainer(SyncFreeStep):
     """Runs the loop over a pool with a model, method, optimiser, schedule and augmentation
     (`firmad.factory.build_trainer` builds them from a RunConfig).
 
@@ -307,121 +257,6 @@ class Trainer:
             self.perm = None
         return loss.detach()
 
-    # --- the sync-free step: nothing waits for the device; capturable as a CUDA graph -------
-
-    def enable_sync_free(self) -> None:
-        """Train with the step that never synchronises with the device (``train.cuda_graph``
-        replays it from a CUDA graph; on any device it can run as it is).
-
-        What differs from the eager step, for the same numbers: the batch indices come from
-        the epoch's permutation by a step counter on the device; the view parameters are
-        computed on the device (`ViewAugment.forward_device`); SGD runs as foreach ops with the
-        learning rate and momentum as device tensors, filled from the host scheduler before
-        each step (a kernel launch, not a synchronisation), so the schedule, the checkpoint
-        format and resuming stay those of the eager step. Needs SGD, frozen outliers, one
-        process, no fp16 loss scaling, no torch.compile and no adversarial training.
-        """
-        need = []
-        if not isinstance(self.optimizer, torch.optim.SGD):
-            need.append("train.optimizer=sgd")
-        if self.fresh_kinds:
-            need.append("outliers.mode=frozen (fresh outliers are drawn on the host)")
-        if self.world.distributed:
-            need.append("a single process")
-        if self.amp_dtype is torch.float16:
-            need.append("train.amp none or bf16 (fp16 loss scaling syncs)")
-        if self.settings.compile:
-            need.append("train.compile=false")
-        if self.adversarial is not None:
-            need.append("adversarial.enabled=false (not checked for host syncs)")
-        if need:
-            raise ConfigError("train.cuda_graph (the sync-free step) needs " + "; ".join(need))
-        self.sync_free = True
-        self._sf: dict[str, Any] | None = None
-
-    def _sync_free_setup(self) -> dict[str, Any]:
-        """Static tensors of the sync-free step (after any checkpoint was loaded)."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in params:
-            state = self.optimizer.state[p]
-            if state.get("momentum_buffer") is None:  # buf = m * 0 + g: SGD's first step
-                state["momentum_buffer"] = torch.zeros_like(p)
-        dev = self.device
-        return {
-            "params": params,
-            "bufs": [self.optimizer.state[p]["momentum_buffer"] for p in params],
-            "lr": torch.zeros((), device=dev),
-            "momentum": torch.zeros((), device=dev),
-            "step": torch.zeros((), dtype=torch.int64, device=dev),  # step in the epoch
-            "arange": torch.arange(self.local_batch, device=dev),
-            "perm": torch.zeros(self.samples_per_epoch, dtype=torch.int64, device=dev),
-            "perm_of": None,  # the permutation the buffer holds
-        }
-
-    def _sync_free_step(self) -> torch.Tensor:
-        if self._sf is None:
-            self._sf = self._sync_free_setup()
-        sf = self._sf
-        if self.perm is None:
-            self.perm = torch.randperm(
-                self.samples_per_epoch, generator=self.gen, device=self.device
-            )
-        if sf["perm_of"] is not self.perm:  # a new epoch, or a loaded checkpoint
-            sf["perm"].copy_(self.perm)
-            sf["step"].fill_(self.step_in_epoch)
-            sf["perm_of"] = self.perm
-        group = self.optimizer.param_groups[0]
-        sf["lr"].fill_(group["lr"])
-        sf["momentum"].fill_(group.get("momentum", 0.0))
-        if not self.settings.cuda_graph:
-            return self._sync_free_body()
-        return self._graph_step()
-
-    def _sync_free_body(self) -> torch.Tensor:
-        """One step, every value on the device: what a CUDA graph captures."""
-        sf = self._sf
-        idx = sf["perm"].index_select(0, sf["step"] * self.local_batch + sf["arange"])
-        x = to_float(self.pool.images[idx], channels=self.settings.channels)
-        for p in sf["params"]:
-            p.grad = None
-        loss = self.compute_loss(x, self.pool.class_ids[idx], self.pool.kind_ids[idx])
-        loss.backward()
-        # torch.optim.SGD (dampening 0, no Nesterov) with tensor lr and momentum.
-        with torch.no_grad():
-            params = sf["params"]
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            wd = self.optimizer.param_groups[0]["weight_decay"]
-            if wd:
-                grads = torch._foreach_add(grads, params, alpha=wd)
-            torch._foreach_mul_(sf["bufs"], sf["momentum"])
-            torch._foreach_add_(sf["bufs"], grads)
-            torch._foreach_sub_(params, torch._foreach_mul(sf["bufs"], sf["lr"]))
-            sf["step"].add_(1)
-        return loss.detach()
-
-    def _graph_step(self) -> torch.Tensor:
-        """Warm up on a side stream (real steps), capture one step, then replay it."""
-        sf = self._sf
-        if self._graph is None:
-            if sf.setdefault("warmup", 0) < 3:
-                side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    loss = self._sync_free_body()
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                sf["warmup"] += 1
-                return loss
-            graph = torch.cuda.CUDAGraph()
-            if hasattr(graph, "register_generator_state"):  # views drawn in the graph
-                graph.register_generator_state(self.gen)
-            for p in sf["params"]:
-                p.grad = None
-            with torch.cuda.graph(graph):
-                sf["loss"] = self._sync_free_body()
-            self._graph = graph
-        self._graph.replay()
-        return sf["loss"].clone()  # the next replay overwrites it
-
     # --- state: everything needed to continue bit for bit ---------------------------------
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -512,7 +347,7 @@ class Trainer:
         `TrainingInterrupted` (a KeyboardInterrupt). The final save also runs with signals
         deferred, so it is never cut in half."""
         self._fit_begin()
-        with _deferred_signals() as stop:
+        with deferred_signals() as stop:
             while not self.finished:
                 self._fit_step(stop.requested is not None)
                 if self._stop_requested(stop) and not self.finished:
@@ -598,63 +433,12 @@ class Trainer:
         return stop.requested is not None
 
 
-def fit_together(trainers: list[Trainer]) -> list[dict[str, Any]]:
-    """Train several models in one process, one step of each in turn; their summaries.
-
-    Each model's numbers are those of its own ``fit()``: the trainers share nothing (each has
-    its own generator, pool, model and optimiser). On CUDA each trainer queues its work on a
-    stream of its own, so several small models keep one GPU busy where one alone leaves it
-    waiting on kernel launches (with ``train.cuda_graph`` each replays its own graph). An
-    epoch's ``views_per_s`` is then the model's share. Ctrl-C / SIGTERM: every unfinished
-    trainer saves (``on_interrupt``), then `TrainingInterrupted`. One process only.
-    """
-    if any(t.world.distributed for t in trainers):
-        raise ConfigError("training several models together runs in one process, not torchrun")
-    streams = [_own_stream(t) for t in trainers]
-    for t, stream in zip(trainers, streams, strict=True):
-        with _on_stream(stream):
-            t._fit_begin()
-    with _deferred_signals() as stop:
-        while not all(t.finished for t in trainers):
-            for t, stream in zip(trainers, streams, strict=True):
-                if not t.finished:
-                    with _on_stream(stream):
-                        t._fit_step()
-            if stop.requested:
-                _join(trainers, streams)  # saves read the weights on the default stream
-                for t in trainers:
-                    if not t.finished:
-                        t._fit_interrupt()
-                raise TrainingInterrupted(stop.requested, max(t.global_step for t in trainers))
-        _join(trainers, streams)  # the final saves and the caller's evaluation come after
-        return [t._fit_end() for t in trainers]  # final saves, with signals still deferred
-
-
-def _join(trainers: list[Trainer], streams: list) -> None:
-    """The default stream waits for each trainer's stream (CUDA)."""
-    for t, stream in zip(trainers, streams, strict=True):
-        if stream is not None:
-            torch.cuda.current_stream(t.device).wait_stream(stream)
-
-
-def _own_stream(trainer: Trainer):
-    if trainer.device.type != "cuda":
-        return None
-    stream = torch.cuda.Stream(trainer.device)
-    stream.wait_stream(torch.cuda.current_stream(trainer.device))  # the pool and weights
-    return stream
-
-
-def _on_stream(stream):
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-
-
 class _StopFlag:
     requested: str | None = None
 
 
 @contextlib.contextmanager
-def _deferred_signals():
+def deferred_signals():
     """SIGINT / SIGTERM set a flag that the loop reads between steps (main thread only)."""
     flag = _StopFlag()
     if threading.current_thread() is not threading.main_thread():
