@@ -18,7 +18,6 @@ import numbers
 from collections.abc import Sequence
 from functools import lru_cache
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -146,16 +145,6 @@ def color_jitter(x: Tensor, factors: Tensor, order: tuple[int, ...] = (0, 1, 2, 
 # ---------------------------------------------------------------------------------------------
 
 
-def _blur_kernels(sigma: np.ndarray, kernel_size: int) -> np.ndarray:
-    """1-D Gaussian kernels (B, k) for per-sample sigmas (B,); sigma <= 0 gives a delta."""
-    half = (kernel_size - 1) / 2
-    t = np.linspace(-half, half, kernel_size)
-    sig = np.asarray(sigma, dtype=np.float64).reshape(-1, 1)
-    k1 = np.exp(-0.5 * (t / np.maximum(sig, 1e-6)) ** 2)
-    k1 = np.where(sig > 0, k1, (t == 0).astype(np.float64))
-    return k1 / k1.sum(axis=1, keepdims=True)
-
-
 def _blur(x: Tensor, k1: Tensor) -> Tensor:
     """Separable blur with per-sample 1-D kernels (B, k): reflect padding, one grouped conv2d."""
     B, C, H, W = x.shape
@@ -171,46 +160,13 @@ def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int = 3) -> Tensor:
 
     A sigma of 0 (or below) leaves that sample unchanged (its kernel is a delta).
     """
-    k1 = _blur_kernels(sigma.detach().cpu().double().numpy(), kernel_size)
-    return _blur(x, torch.from_numpy(k1).to(device=x.device, dtype=x.dtype))
+    k1 = _blur_kernels(sigma.detach().cpu(), kernel_size)
+    return _blur(x, k1.to(device=x.device, dtype=x.dtype))
 
 
 # ---------------------------------------------------------------------------------------------
 # Crops
 # ---------------------------------------------------------------------------------------------
-
-
-def _rrc_boxes(
-    u: np.ndarray, H: int, W: int, scale: tuple[float, float], ratio: tuple[float, float]
-) -> np.ndarray:
-    """Integer crop boxes (B, 4) = (top, left, height, width) from uniforms ``u`` (B, 22).
-
-    torchvision's RandomResizedCrop.get_params, vectorised: 10 attempts per sample (columns
-    0..19), the first that fits is kept, else the fallback centre crop; columns 20, 21 place
-    the box. Parameter maths runs in NumPy on the host: a few dozen tiny torch ops would cost
-    more in dispatch than the image work they prepare.
-    """
-    u = np.asarray(u, dtype=np.float64)
-    area = float(H * W)
-    lr = (math.log(ratio[0]), math.log(ratio[1]))
-    target = area * (scale[0] + (scale[1] - scale[0]) * u[:, 0:20:2])
-    aspect = np.exp(lr[0] + (lr[1] - lr[0]) * u[:, 1:20:2])
-    w = np.round(np.sqrt(target * aspect))
-    h = np.round(np.sqrt(target / aspect))
-    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
-    first = np.argmax(ok, axis=1)[:, None]  # first fitting attempt
-    any_ok = ok.any(axis=1)
-    w = np.take_along_axis(w, first, 1)[:, 0]
-    h = np.take_along_axis(h, first, 1)[:, 0]
-    # Fallback: the whole image cut to the closest allowed aspect ratio, centred.
-    fw, fh = _fallback_size(H, W, ratio)
-    w = np.where(any_ok, w, fw)
-    h = np.where(any_ok, h, fh)
-    top = np.minimum(np.floor(u[:, 20] * (H - h + 1)), H - h)
-    left = np.minimum(np.floor(u[:, 21] * (W - w + 1)), W - w)
-    top = np.where(any_ok, top, np.round((H - h) / 2))
-    left = np.where(any_ok, left, np.round((W - w) / 2))
-    return np.stack((top, left, h, w), axis=1)
 
 
 def _fallback_size(H: int, W: int, ratio: tuple[float, float]) -> tuple[int, int]:
@@ -224,29 +180,6 @@ def _fallback_size(H: int, W: int, ratio: tuple[float, float]) -> tuple[int, int
     return W, H
 
 
-def _crop_coords(
-    boxes: np.ndarray, H: int, W: int, size: int, flip: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised sampling coordinates gx (B, size), gy (B, size) for crop boxes (B, 4) =
-    (top, left, h, w), mirrored where ``flip`` is true.
-
-    The crop is axis-aligned, so x depends on the output column only and y on the row: this
-    is affine_grid's map without its batched matmul over every output pixel.
-    """
-    top, left, h, w = (np.asarray(boxes, dtype=np.float64)[:, i : i + 1] for i in range(4))
-    sx = w / W
-    if flip is not None:
-        sx = np.where(flip[:, None], -sx, sx)
-    base = (2.0 * np.arange(size) + 1.0) / size - 1.0
-    gx = sx * base + ((2 * left + w) / W - 1.0)
-    gy = (h / H) * base + ((2 * top + h) / H - 1.0)
-    # Clamp to the crop's outer pixel centres: the crop's edge is replicated as torchvision's
-    # crop-then-resize does, instead of blending in pixels outside the crop.
-    gx = np.clip(gx, (2 * left + 1) / W - 1.0, (2 * (left + w) - 1) / W - 1.0)
-    gy = np.clip(gy, (2 * top + 1) / H - 1.0, (2 * (top + h) - 1) / H - 1.0)
-    return gx, gy
-
-
 def _sample_grid(x: Tensor, gx: Tensor, gy: Tensor) -> Tensor:
     """Bilinear resampling of every sample at its own separable grid -- one grid_sample."""
     B, S = gx.shape
@@ -256,15 +189,20 @@ def _sample_grid(x: Tensor, gx: Tensor, gy: Tensor) -> Tensor:
 
 def _crop_resize(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None) -> Tensor:
     """Crop each sample to its box (top, left, h, w) and resize to ``size`` (bilinear)."""
-    gx, gy = _crop_coords(np.asarray(boxes), x.shape[2], x.shape[3], size, flip)
-    g = torch.from_numpy(np.concatenate((gx, gy), axis=1)).to(device=x.device, dtype=x.dtype)
-    return _sample_grid(x, g[:, :size], g[:, size:])
+    gx, gy = _crop_coords(boxes.double(), x.shape[2], x.shape[3], size, flip)
+    return _sample_grid(x, gx.to(x.device, x.dtype), gy.to(x.device, x.dtype))
 
 
-def _rrc_boxes_t(
+def _rrc_boxes(
     u: Tensor, H: int, W: int, scale: tuple[float, float], ratio: tuple[float, float]
 ) -> Tensor:
-    """:func:`_rrc_boxes` in torch (float64, on u's device): the same boxes, no host."""
+    """Integer crop boxes (B, 4) = (top, left, height, width) from uniforms ``u`` (B, 22),
+    float64 on u's device.
+
+    torchvision's RandomResizedCrop.get_params, vectorised: 10 attempts per sample (columns
+    0..19), the first that fits is kept, else the fallback centre crop; columns 20, 21 place
+    the box.
+    """
     area = float(H * W)
     lr = (math.log(ratio[0]), math.log(ratio[1]))
     target = area * (scale[0] + (scale[1] - scale[0]) * u[:, 0:20:2])
@@ -276,6 +214,7 @@ def _rrc_boxes_t(
     any_ok = ok.any(dim=1)
     w = torch.gather(w, 1, first)[:, 0]
     h = torch.gather(h, 1, first)[:, 0]
+    # Fallback: the whole image cut to the closest allowed aspect ratio, centred.
     fw, fh = _fallback_size(H, W, ratio)
     w = torch.where(any_ok, w, float(fw))
     h = torch.where(any_ok, h, float(fh))
@@ -286,10 +225,15 @@ def _rrc_boxes_t(
     return torch.stack((top, left, h, w), dim=1)
 
 
-def _crop_coords_t(
+def _crop_coords(
     boxes: Tensor, H: int, W: int, size: int, flip: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """:func:`_crop_coords` in torch (float64, on the boxes' device)."""
+    """Normalised sampling coordinates gx (B, size), gy (B, size) for crop boxes (B, 4) =
+    (top, left, h, w) in float64, mirrored where ``flip`` is true.
+
+    The crop is axis-aligned, so x depends on the output column only and y on the row: this
+    is affine_grid's map without its batched matmul over every output pixel.
+    """
     top, left, h, w = (boxes[:, i : i + 1] for i in range(4))
     sx = w / W
     if flip is not None:
@@ -297,13 +241,16 @@ def _crop_coords_t(
     base = (2.0 * torch.arange(size, dtype=torch.float64, device=boxes.device) + 1.0) / size - 1.0
     gx = sx * base + ((2 * left + w) / W - 1.0)
     gy = (h / H) * base + ((2 * top + h) / H - 1.0)
+    # Clamp to the crop's outer pixel centres: the crop's edge is replicated as torchvision's
+    # crop-then-resize does, instead of blending in pixels outside the crop.
     gx = torch.clamp(gx, (2 * left + 1) / W - 1.0, (2 * (left + w) - 1) / W - 1.0)
     gy = torch.clamp(gy, (2 * top + 1) / H - 1.0, (2 * (top + h) - 1) / H - 1.0)
     return gx, gy
 
 
-def _blur_kernels_t(sigma: Tensor, kernel_size: int) -> Tensor:
-    """:func:`_blur_kernels` in torch (float64, on sigma's device)."""
+def _blur_kernels(sigma: Tensor, kernel_size: int) -> Tensor:
+    """1-D Gaussian kernels (B, k) for per-sample sigmas (B,), float64 on sigma's device;
+    sigma <= 0 gives a delta."""
     half = (kernel_size - 1) / 2
     t = torch.arange(kernel_size, dtype=torch.float64, device=sigma.device) - half
     sig = sigma.double().reshape(-1, 1)
@@ -439,39 +386,48 @@ class ViewAugment(nn.Module):
     ) -> tuple[Tensor, tuple[int, ...]]:
         """Draw every per-sample parameter from ``gen``, packed in one (B, P) CPU tensor: crop
         coordinates gx, gy (size each), jitter factors (4), grayscale flag (1), blur kernel
-        (blur_kernel) -- only the stages that run. Also returns the colour-op order.
-
-        The maths runs in NumPy on the host and one small tensor moves to the device: dozens of
-        tiny torch ops would cost more in dispatch (and kernel launches) than the image work.
+        (blur_kernel) -- only the stages that run. Also returns the colour-op order (a tuple).
         """
         B, C, H, W = x_shape
-        # All random numbers in one draw: 22 crop, 1 flip, 4 + 1 jitter, 1 gray, 2 blur, and the
-        # colour-op order from row 0's last 4 columns (one order per batch).
-        u = torch.rand((B, 35), generator=gen, device=gen.device).cpu().double().numpy()
+        u = torch.rand((B, 35), generator=gen, device=gen.device).cpu().double()
+        params, slots = self._params(u, C, H, W)
+        order: tuple[int, ...] = ()
+        if self._stages(C)[0]:  # ops with an empty range are skipped
+            active = self._active_ops(C)
+            order = tuple(i for i in slots.tolist() if i in active)
+        return params.to(dtype), order
+
+    def _active_ops(self, C: int) -> list[int]:
+        """The colour ops (0 brightness, 1 contrast, 2 saturation, 3 hue) with a range."""
+        b, c, s, h = self.jitter if C == 3 else (*self.jitter[:2], 0.0, 0.0)
+        return [k for k, r in enumerate((b, c, s, h)) if r > 0]
+
+    def _params(self, u: Tensor, C: int, H: int, W: int) -> tuple[Tensor, Tensor]:
+        """The packed float64 parameters and the colour-op slots (4,) from the uniforms ``u``
+        (B, 35) on their device: 22 crop, 1 flip, 4 + 1 jitter, 1 gray, 2 blur, and the
+        colour-op order from row 0's last 4 columns (one order per batch)."""
         flip = u[:, 22] < self.hflip_p if self.hflip_p > 0 else None
         boxes = _rrc_boxes(u[:, :22], H, W, self.scale, self.ratio)
         parts = list(_crop_coords(boxes, H, W, self.size, flip))
         do_jitter, do_gray, do_blur = self._stages(C)
-        order: tuple[int, ...] = ()
         if do_jitter:
             b, c, s, h = self.jitter if C == 3 else (*self.jitter[:2], 0.0, 0.0)
-            lo = np.array((max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h))
-            hi = np.array((1 + b, 1 + c, 1 + s, h))
-            factors = lo + (hi - lo) * u[:, 23:27]
+            lo = _const((max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h), u.device,
+                        torch.float64)  # fmt: skip
+            span = _const((1 + b, 1 + c, 1 + s, h), u.device, torch.float64) - lo
+            factors = lo + span * u[:, 23:27]
             if self.jitter_p < 1:
                 keep = (u[:, 27] < self.jitter_p)[:, None]
-                factors = np.where(keep, factors, np.array((1.0, 1.0, 1.0, 0.0)))
+                factors = torch.where(keep, factors, _const((1.0, 1.0, 1.0, 0.0), u.device,
+                                                            torch.float64))  # fmt: skip
             parts.append(factors)
-            # Ops with an empty range are skipped.
-            active = [i for i, r in enumerate((b, c, s, h)) if r > 0]
-            order = tuple(int(i) for i in np.argsort(u[0, 31:35]) if i in active)
         if do_gray:
-            parts.append((u[:, 28:29] < self.grayscale_p).astype(np.float64))
+            parts.append((u[:, 28:29] < self.grayscale_p).double())
         if do_blur:
             lo_s, hi_s = self.blur_sigma
-            sigma = np.where(u[:, 30] < self.blur_p, lo_s + (hi_s - lo_s) * u[:, 29], 0.0)
+            sigma = torch.where(u[:, 30] < self.blur_p, lo_s + (hi_s - lo_s) * u[:, 29], 0.0)
             parts.append(_blur_kernels(sigma, self.blur_kernel))
-        return torch.from_numpy(np.concatenate(parts, axis=1)).to(dtype), order
+        return torch.cat(parts, dim=1), torch.argsort(u[0, 31:35])
 
     def apply_params(self, x: Tensor, params: Tensor, order: tuple[int, ...]) -> Tensor:
         """The deterministic part: augment ``x`` with packed ``params`` (on x's device).
@@ -547,38 +503,16 @@ class ViewAugment(nn.Module):
     def sample_params_device(
         self, x_shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype = torch.float32
     ) -> tuple[Tensor, Tensor]:
-        """:meth:`sample_params` without the host: the same random numbers and the same maths in
-        torch (float64) on the generator's device, so nothing waits for the device.
+        """:meth:`sample_params` without the host: the same random numbers and the same maths
+        on the generator's device, so nothing waits for the device.
 
         Returns ``(params, slots)``: the packed (B, P) parameters of :meth:`sample_params`, and
         the colour-op order as a (4,) device tensor (op index per slot) instead of a tuple.
         """
         B, C, H, W = x_shape
         u = torch.rand((B, 35), generator=gen, device=gen.device).double()
-        flip = u[:, 22] < self.hflip_p if self.hflip_p > 0 else None
-        boxes = _rrc_boxes_t(u[:, :22], H, W, self.scale, self.ratio)
-        parts = list(_crop_coords_t(boxes, H, W, self.size, flip))
-        do_jitter, do_gray, do_blur = self._stages(C)
-        slots = torch.argsort(u[0, 31:35])
-        if do_jitter:
-            b, c, s, h = self.jitter if C == 3 else (*self.jitter[:2], 0.0, 0.0)
-            lo = (max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h)
-            hi = (1 + b, 1 + c, 1 + s, h)
-            lo_t = _const(lo, u.device, torch.float64)
-            span = _const(hi, u.device, torch.float64) - lo_t
-            factors = lo_t + span * u[:, 23:27]
-            if self.jitter_p < 1:
-                keep = (u[:, 27] < self.jitter_p)[:, None]
-                factors = torch.where(keep, factors, _const((1.0, 1.0, 1.0, 0.0), u.device,
-                                                            torch.float64))  # fmt: skip
-            parts.append(factors)
-        if do_gray:
-            parts.append((u[:, 28:29] < self.grayscale_p).double())
-        if do_blur:
-            lo_s, hi_s = self.blur_sigma
-            sigma = torch.where(u[:, 30] < self.blur_p, lo_s + (hi_s - lo_s) * u[:, 29], 0.0)
-            parts.append(_blur_kernels_t(sigma, self.blur_kernel))
-        return torch.cat(parts, dim=1).to(dtype), slots
+        params, slots = self._params(u, C, H, W)
+        return params.to(dtype), slots
 
     def apply_params_slots(self, x: Tensor, params: Tensor, slots: Tensor) -> Tensor:
         """:meth:`apply_params` with the colour-op order as a device tensor: every slot
@@ -591,8 +525,7 @@ class ViewAugment(nn.Module):
         i = 2 * S
         if do_jitter:
             factors = params[:, i : i + 4]
-            b, c, s, h = self.jitter if x.shape[1] == 3 else (*self.jitter[:2], 0.0, 0.0)
-            active = [k for k, r in enumerate((b, c, s, h)) if r > 0]
+            active = self._active_ops(x.shape[1])
             for slot in range(4):
                 before = out
                 for k in active:
@@ -706,7 +639,7 @@ def random_crops(
     if gen is None:
         gen = torch.Generator().manual_seed(0)
     B, C, H, W = x.shape
-    u = torch.rand((B, 22), generator=gen, device=gen.device).cpu().double().numpy()
+    u = torch.rand((B, 22), generator=gen, device=gen.device).cpu().double()
     boxes = _rrc_boxes(u, H, W, scale, (1.0, 1.0))
     return _crop_resize(x, boxes, size)
 
