@@ -24,6 +24,7 @@ from firmad.errors import ConfigError
 from firmad.methods import Method, method_class
 from firmad.models import HeadSettings, build_backbone, normalisation_for
 from firmad.outliers import parse_outliers
+from firmad.scoring import FeatureExtractor
 from firmad.training import distributed
 from firmad.training.model import OneClassModel, resolve_device
 from firmad.training.settings import AdversarialSettings, TrainSettings, plan_epochs
@@ -84,6 +85,11 @@ def build_augment(cfg: RunConfig) -> ViewAugment | None:
     if not cfg.augment.enabled:
         return None
     return ViewAugment(size=cfg.data.size, **view_settings(cfg))
+
+
+def build_extractor(cfg: RunConfig, encoder: nn.Module) -> FeatureExtractor:
+    """The encoder with the run's test-time preprocessing (size, channels, resize ratio)."""
+    return FeatureExtractor(encoder, cfg.data.size, cfg.eval.resize_ratio, cfg.data.channels)
 
 
 def build_split(cfg: RunConfig) -> OneClassSplit:
@@ -228,6 +234,7 @@ def _fused_kwargs(device: torch.device) -> dict[str, bool]:
 
 __all__ = [
     "build_augment",
+    "build_extractor",
     "build_method",
     "build_model",
     "build_optimizer",

@@ -20,12 +20,12 @@ from firmad.data import OneClassSplit
 from firmad.data.pool import prepare_images
 from firmad.detector import OneClassDetector
 from firmad.errors import CheckpointError, ConfigError, FirmadError
-from firmad.factory import build_split, build_trainer
+from firmad.factory import build_extractor, build_split, build_trainer
 from firmad.metrics import evaluate_scores
 from firmad.report import write_plots, write_report_md, write_results
 from firmad.robustness.audit import robustness_for_run
 from firmad.run import RunDir, safe_component
-from firmad.scoring import FeatureExtractor, build_scorer, result_identity
+from firmad.scoring import build_scorer, result_identity
 from firmad.training import (
     CheckpointSaver,
     LearningCurve,
@@ -272,7 +272,7 @@ def _curve_fn(cfg: RunConfig, split: OneClassSplit):
         return None
 
     def curve(model) -> float:
-        extractor = FeatureExtractor.from_config(model.encoder, cfg)
+        extractor = build_extractor(cfg, model.encoder)
         bank = extractor.extract(bank_images, cfg.eval.batch_size)
         feats = extractor.extract(test_images, cfg.eval.batch_size)
         scores = build_scorer("knn_cos", k=5).fit(bank).score(feats)

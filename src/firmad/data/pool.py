@@ -22,8 +22,8 @@ from firmad.outliers import OutlierKind, make_frozen_outliers
 def load_split(cfg) -> OneClassSplit:
     """The one-class split a run config describes (one-vs-rest, several normals, or two sets).
 
-    Reads ``cfg.data`` and the seed: the one place below the factory that takes a config, kept
-    while the api and apps call it (`firmad.factory.build_split` is the same)."""
+    Reads ``cfg.data`` and ``train.seed``. Deprecated outside `firmad.factory.build_split`:
+    kept while detector.py and robustness/ still call it."""
     d = cfg.data
     common = dict(root=d.root, download=d.download, max_train=d.max_train, max_test=d.max_test)
     if d.outlier_dataset:
