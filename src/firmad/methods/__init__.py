@@ -33,4 +33,15 @@ def get_method(cfg) -> Method:
     return build_method(cfg)
 
 
-__all__ = ["METHODS", "Method", "get_method", "method_class"]
+__all__ = [
+    "FIRM",
+    "METHODS",
+    "BinaryClassifier",
+    "DeepSVDD",
+    "Method",
+    "NTXent",
+    "RotSupCon",
+    "SupConBinary",
+    "get_method",
+    "method_class",
+]
