@@ -368,3 +368,14 @@ def test_kmeans_bank_keeps_the_answer():
     scores = build_scorer("knn_cos", k=1).fit(centroids).score(torch.cat([normal, far]))
     labels = np.r_[np.zeros(200), np.ones(200)]
     assert evaluate_scores(labels, scores)["auroc"] > 0.99
+
+
+def test_result_labels_from_result_keys() -> None:
+    from firmad.scoring import result_name, row_name
+
+    assert result_name("knn_cos", 5, "plain") == "knn_cos k=5 (plain)"
+    assert result_name("kde") == "kde" and result_name(None) == "None"  # a cell with no rows
+    assert row_name({"scorer": "knn_cos_norm", "k": 5, "variant": "angled"}) == "knn_cos_norm k=5"
+    assert row_name({"scorer": "centre", "k": None, "variant": "plain"}, variant=True) == (
+        "centre (plain)"
+    )

@@ -482,7 +482,7 @@ def result_name(scorer: str, k: int | None = None, variant: str | None = None, *
     without a variant): the scorer, its result keys (`Scorer.result_keys`) that are set, and
     the variant; used by the reports, the grids and the score dictionaries."""
     values = {"k": k, **keys}
-    name = " ".join([scorer, *(f"{key}={v}" for key, v in values.items() if v not in (None, ""))])
+    name = f"{scorer}" + "".join(f" {key}={v}" for key, v in values.items() if v not in (None, ""))
     return name if variant is None else f"{name} ({variant})"
 
 
