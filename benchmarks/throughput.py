@@ -36,7 +36,6 @@ import json
 import math
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,10 +44,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from firmad.config import load_config
+from firmad.config import RunConfig, load_config
 from firmad.data import OneClassSplit, one_vs_rest
 from firmad.errors import FirmadError
-from firmad.methods import get_method
+from firmad.factory import build_trainer
 from firmad.models import normalisation_for
 from firmad.training import Trainer
 
@@ -121,7 +120,7 @@ class ModelStep:
         self.encoder = torch.compile(self.model.encoder) if compile_encoder else self.model.encoder
         self.device = trainer.device
         self.optimizer = sgd(self.model, self.device)
-        self.loss_fn = get_method(trainer.cfg).make_loss()
+        self.loss_fn = trainer.method.embedding_loss  # the run's method (FIRM)
         self.amp_dtype = trainer.amp_dtype
         self.channels_last = trainer.channels_last
 
@@ -134,8 +133,7 @@ class ModelStep:
             enabled=self.amp_dtype is not None,
         ):
             z = self.model.head(self.encoder(views)).float()
-            z1, z2 = z.chunk(2)
-            loss = self.loss_fn(z1, z2, labels)
+            loss = self.loss_fn(z, labels)  # the two views' halves, as firmad's step
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -318,7 +316,7 @@ class Together:
                 torch.cuda.current_stream().wait_stream(stream)
 
 
-def build_trainer(args, split: OneClassSplit, run_dir: str) -> Trainer:
+def run_config(args) -> RunConfig:
     overrides = [
         f"model.backbone={args.backbone}",
         f"train.device={args.device}",
@@ -338,19 +336,22 @@ def build_trainer(args, split: OneClassSplit, run_dir: str) -> Trainer:
         overrides.append(f"train.threads={args.threads}")
     if args.cuda_graph:
         overrides.append("train.cuda_graph=true")
-    cfg = load_config(RECIPE, overrides)
-    trainer = Trainer(cfg, split=split)
+    return load_config(RECIPE, overrides)
+
+
+def make_trainer(args, cfg: RunConfig, split: OneClassSplit) -> Trainer:
+    trainer = build_trainer(cfg, split=split)
     if args.sync_free and not trainer.sync_free:
         trainer.enable_sync_free()
     return trainer
 
 
-def scoring_time(trainer: Trainer, split: OneClassSplit) -> dict[str, float]:
+def scoring_time(trainer: Trainer, cfg: RunConfig, split: OneClassSplit) -> dict[str, float]:
     """Features of bank and test set + kNN (k = 5, knn_cos): seconds, from the model as is."""
     from firmad.scoring import build_scorer, extract_features
 
-    enc, dev, channels = trainer.model.encoder, trainer.device, trainer.cfg.data.channels
-    size = trainer.cfg.data.size
+    enc, dev, channels = trainer.model.encoder, trainer.device, cfg.data.channels
+    size = cfg.data.size
     # Warm-up on a few images (first-call allocations, cuDNN autotuning).
     extract_features(enc, split.train_images[:256], device=dev, size=size, channels=channels)
     sync(dev)
@@ -477,8 +478,8 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     split, data = load_data(args.data)
-    with tempfile.TemporaryDirectory() as run_dir:
-        trainer = build_trainer(args, split, run_dir)
+    cfg = run_config(args)
+    trainer = make_trainer(args, cfg, split)
     trainer.model.train()
     device = trainer.device
     views_per_step = BATCH * 2
@@ -486,7 +487,7 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
     # Limit: ready-made views on the device with the label mix of the pool (1 in 4 inliers).
     limit_step = ModelStep(trainer, compile_encoder=args.compile)
     g = torch.Generator().manual_seed(1)
-    channels, size = trainer.cfg.data.channels, trainer.cfg.data.size
+    channels, size = cfg.data.channels, cfg.data.size
     views = torch.rand((views_per_step, channels, size, size), generator=g).to(device)
     labels = torch.where(torch.arange(BATCH) % 4 == 0, 0, -1).to(device)
 
@@ -505,15 +506,12 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
         pipelines.insert(1, ("limit_graphed", graphed, steps))
         views_of["limit_graphed"] = views_per_step
     if args.models > 1:
-        with tempfile.TemporaryDirectory() as run_dir:
-            others = [build_trainer(args, split, run_dir) for _ in range(args.models - 1)]
+        others = [make_trainer(args, cfg, split) for _ in range(args.models - 1)]
         pipelines.append(("firmad_models", Together([trainer, *others]), steps))
         views_of["firmad_models"] = views_per_step * args.models
     if not args.no_reference:
         log("building the reference dataset (PIL images) ...")
-        loader = reference_loader(
-            split.train_images, size, trainer.cfg.data.dataset, channels, seed=0
-        )
+        loader = reference_loader(split.train_images, size, cfg.data.dataset, channels, seed=0)
         ref = ReferenceStep(loader, ModelStep(trainer, args.compile, normalise=False))
         pipelines.append(("reference", ref, ref_steps))
         views_of["reference"] = views_per_step
@@ -572,9 +570,9 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
             "views_per_step": views_per_step,
             "size": size,
             "channels": channels,
-            "width": trainer.cfg.model.width,
-            "head_depth": trainer.cfg.model.head_depth,
-            "head_hidden": trainer.cfg.model.head_hidden,
+            "width": cfg.model.width,
+            "head_depth": cfg.model.head_depth,
+            "head_hidden": cfg.model.head_hidden,
             "data": data,
             "steps": steps,
             "ref_steps": ref_steps if ref is not None else None,
@@ -600,7 +598,7 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
         out.update(
             {
                 k: round(v, 3) if isinstance(v, float) else v
-                for k, v in scoring_time(trainer, split).items()
+                for k, v in scoring_time(trainer, cfg, split).items()
             }
         )
     for k, v in out.items():

@@ -15,9 +15,10 @@ from firmad.data import one_vs_rest
 from firmad.data.pool import prepare_images
 from firmad.detector import OneClassDetector
 from firmad.errors import ConfigError
+from firmad.factory import build_trainer
 from firmad.perturb import project, random_delta
 from firmad.robustness import robust_auroc_sweep
-from firmad.training import CheckpointSaver, MetricsLog, Trainer
+from firmad.training import CheckpointSaver, MetricsLog
 from tests.conftest import DSVDD_TINY, FIXTURE_FMNIST, TINY, sigint_at_call
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: 1 thread is faster
@@ -29,7 +30,7 @@ def _trainer(tmp_path, overrides, name="run"):
     cfg = load_config("fmnist-cpu", overrides)
     run = tmp_path / name
     saver = CheckpointSaver(run)
-    trainer = Trainer(cfg, callbacks=[MetricsLog(run / "metrics.jsonl"), saver])
+    trainer = build_trainer(cfg, callbacks=[MetricsLog(run / "metrics.jsonl"), saver])
     trainer.saver = saver
     return trainer
 

@@ -83,13 +83,13 @@ def test_view_hflip_only() -> None:
 
 
 def test_crop_matches_torchvision_resized_crop() -> None:
-    from firmad.augment import _crop_resize, _rrc_boxes
+    from firmad.imageops import crop_resize, rrc_boxes
 
     x = _images(6, h=32, w=32)
-    boxes = _rrc_boxes(torch.rand(6, 22, generator=_gen(1)), 32, 32, (0.25, 1.0), (1.0, 1.0))
+    boxes = rrc_boxes(torch.rand(6, 22, generator=_gen(1)), 32, 32, (0.25, 1.0), (1.0, 1.0))
     assert ((boxes[:, 2] >= 16) & (boxes[:, 2] == boxes[:, 3])).all()  # area >= 25 %, square
     assert (boxes[:, 0] + boxes[:, 2] <= 32).all() and (boxes[:, 1] + boxes[:, 3] <= 32).all()
-    out = _crop_resize(x, boxes, 32)
+    out = crop_resize(x, boxes, 32)
     ref = torch.stack(
         [TF.resized_crop(x[i], *[int(v) for v in boxes[i]], [32, 32]) for i in range(6)]
     )

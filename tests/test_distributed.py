@@ -18,7 +18,8 @@ import torch.multiprocessing as mp
 
 from firmad.config import load_config
 from firmad.errors import CheckpointError, ConfigError
-from firmad.training import CheckpointSaver, Trainer
+from firmad.factory import build_trainer
+from firmad.training import CheckpointSaver
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,19 +61,19 @@ def _worker(rank: int, world: int, port: int, out: str, overrides: list[str]) ->
     report: dict = {}
     try:
         cfg = load_config("fmnist-cpu", overrides)
-        trainer = Trainer(cfg)
+        trainer = build_trainer(cfg)
         report["init"] = _weights(trainer)
         report["losses"] = [float(trainer.train_step()) for _ in range(STEPS)]
         report["after"] = _weights(trainer)
 
         try:
-            Trainer(load_config("fmnist-cpu", [*overrides, "train.batch_size=15"]))
+            build_trainer(load_config("fmnist-cpu", [*overrides, "train.batch_size=15"]))
         except ConfigError as err:
             report["odd_batch_error"] = str(err)
 
         def run(name, interrupt_at=None, restore=False):
             saver = CheckpointSaver(out_dir / name)
-            t = Trainer(cfg, callbacks=[saver])
+            t = build_trainer(cfg, callbacks=[saver])
             if restore:
                 assert saver.restore(t)
                 report["resumed_at"] = t.global_step
@@ -111,7 +112,7 @@ def two_ranks(tmp_path_factory):
 
 def test_two_processes_equal_one_process_with_the_doubled_batch(two_ranks):
     _, report, overrides = two_ranks
-    single = Trainer(load_config("fmnist-cpu", overrides))
+    single = build_trainer(load_config("fmnist-cpu", overrides))
     torch.set_num_threads(1)
     for k, v in _weights(single).items():
         assert torch.equal(v, report["init"][k]), k  # same initialisation
@@ -145,7 +146,7 @@ def test_a_signal_to_one_rank_stops_both_and_resume_is_exact(two_ranks):
         assert torch.equal(v, report["resumed"][k]), k
     # The checkpoint keeps each rank's generator; one process may not resume it.
     with pytest.raises(CheckpointError, match="2 process"):
-        CheckpointSaver(out / "part").restore(Trainer(load_config("fmnist-cpu", overrides)))
+        CheckpointSaver(out / "part").restore(build_trainer(load_config("fmnist-cpu", overrides)))
 
 
 @pytest.mark.slow

@@ -308,7 +308,7 @@ def test_resume_refuses_changed_options(tmp_path, partial, capsys, monkeypatch):
     def no_work(cfg):
         raise AssertionError("data loaded before the options were checked")
 
-    monkeypatch.setattr("firmad.pipeline.load_split", no_work)
+    monkeypatch.setattr("firmad.pipeline.build_split", no_work)
     changed = ["method.tau=0.5", "model.width=0.5"]
     args = _train_args(run, changed, resume=True) + ["--epochs", "9"]
     assert _run_main(args) == 2
@@ -596,7 +596,7 @@ def test_bad_options_fail_before_any_work(tmp_path, capsys, monkeypatch, option,
     def no_work(cfg):
         raise AssertionError("data loaded with invalid options")
 
-    monkeypatch.setattr("firmad.pipeline.load_split", no_work)
+    monkeypatch.setattr("firmad.pipeline.build_split", no_work)
     out = tmp_path / "run"
     assert _run_main(_train_args(out) + option) == 2
     err = capsys.readouterr().err

@@ -10,10 +10,10 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from firmad import augment
+from firmad.config import EvalConfig
 from firmad.errors import ConfigError, InputError
 from firmad.scoring import (
     ANGLES,
-    DEFAULT_SCORERS,
     SCORERS,
     FeatureExtractor,
     VariantScorer,
@@ -22,20 +22,13 @@ from firmad.scoring import (
     extract_features,
     knn_similarities,
     score_run,
+    scorer_specs,
 )
 from firmad.scoring import scorers as scoring
 
-FEATURE_SCORERS = [
-    ("knn_cos", {"k": 1}),
-    ("knn_cos", {"k": 5}),
-    ("knn_cos_norm", {"k": 5}),
-    ("kde", {}),
-    ("centre", {}),
-    ("mahalanobis", {}),
-    ("ocsvm_rbf", {}),
-    ("ocsvm_linear", {}),
-    ("svdd", {}),
-]
+# Every registered scorer at its defaults (and kNN with k = 1), except the logit scorer,
+# which scores a classifier's logits rather than features (tested on its own below).
+FEATURE_SCORERS = [("knn_cos", {"k": 1})] + [(n, {}) for n in SCORERS if n != "logit"]
 
 
 def _blob(rng: np.random.Generator, n: int, centre: np.ndarray, spread: float = 1.0):
@@ -174,9 +167,13 @@ def test_svdd_and_logit() -> None:
         build_scorer("logit").score(torch.zeros(3, 2))
 
 
+# The default scorers of a recipe (the one list of them, in the config).
+DEFAULT_SCORERS = scorer_specs(EvalConfig().scorers)
+
+
 def test_registry_and_errors(blobs) -> None:
     bank = blobs[0]
-    assert {n for n, _ in DEFAULT_SCORERS} <= set(SCORERS)
+    assert {n for n, _ in DEFAULT_SCORERS} <= set(SCORERS)  # the recipe default
     with pytest.raises(ConfigError, match="knn_cos.*mahalanobis"):
         build_scorer("nearest")
     with pytest.raises(ConfigError, match="invalid parameters"):
@@ -371,3 +368,14 @@ def test_kmeans_bank_keeps_the_answer():
     scores = build_scorer("knn_cos", k=1).fit(centroids).score(torch.cat([normal, far]))
     labels = np.r_[np.zeros(200), np.ones(200)]
     assert evaluate_scores(labels, scores)["auroc"] > 0.99
+
+
+def test_result_labels_from_result_keys() -> None:
+    from firmad.scoring import result_name, row_name
+
+    assert result_name("knn_cos", 5, "plain") == "knn_cos k=5 (plain)"
+    assert result_name("kde") == "kde" and result_name(None) == "None"  # a cell with no rows
+    assert row_name({"scorer": "knn_cos_norm", "k": 5, "variant": "angled"}) == "knn_cos_norm k=5"
+    assert row_name({"scorer": "centre", "k": None, "variant": "plain"}, variant=True) == (
+        "centre (plain)"
+    )

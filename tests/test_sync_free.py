@@ -9,7 +9,7 @@ import torch
 from firmad.augment import ViewAugment
 from firmad.config import load_config
 from firmad.errors import ConfigError
-from firmad.training import Trainer
+from firmad.factory import build_trainer
 
 # Two epochs of 3 steps: an epoch boundary (a new permutation) and the OneCycle warm-up, with
 # jitter, blur and flips all on. A small learning rate: at 0.01 this tiny net amplifies rounding
@@ -42,7 +42,7 @@ def test_device_view_parameters_equal_the_host_ones(C):
 def test_sync_free_step_gives_the_eager_weights(tiny):
     torch.set_num_threads(1)
     cfg = load_config("fmnist-cpu", tiny + STEPS)
-    eager, sync_free = Trainer(cfg), Trainer(cfg)
+    eager, sync_free = build_trainer(cfg), build_trainer(cfg)
     sync_free.enable_sync_free()
     losses = [(float(eager.train_step()), float(sync_free.train_step())) for _ in range(6)]
     assert [a for a, _ in losses] == pytest.approx([b for _, b in losses], rel=1e-4)
@@ -63,8 +63,8 @@ def test_cuda_graph_is_a_clear_error_without_cuda(tiny):
     if not torch.cuda.is_available():
         cfg = load_config("fmnist-cpu", [*tiny, "train.device=auto", "train.cuda_graph=true"])
         with pytest.raises(ConfigError, match="CUDA device"):
-            Trainer(cfg)
-    trainer = Trainer(load_config("fmnist-cpu", tiny + ["outliers.mode=fresh"]))
+            build_trainer(cfg)
+    trainer = build_trainer(load_config("fmnist-cpu", tiny + ["outliers.mode=fresh"]))
     with pytest.raises(ConfigError, match="frozen"):
         trainer.enable_sync_free()
 
@@ -74,7 +74,7 @@ def test_cuda_graph_step_equals_the_eager_sync_free_step(tiny):
     over = [s for s in tiny + STEPS if not s.startswith("train.device")] + ["train.device=cuda"]
     cfg_graph = load_config("fmnist-cpu", over + ["train.cuda_graph=true", "train.epochs=4"])
     cfg = load_config("fmnist-cpu", over + ["train.epochs=4"])
-    graphed, eager = Trainer(cfg_graph), Trainer(cfg)
+    graphed, eager = build_trainer(cfg_graph), build_trainer(cfg)
     eager.enable_sync_free()
     for _ in range(12):  # 3 warm-up steps, the capture, replays across epochs
         torch.testing.assert_close(graphed.train_step(), eager.train_step(), rtol=1e-4, atol=1e-5)
@@ -87,11 +87,11 @@ def test_two_models_trained_together_equal_each_trained_alone(tiny):
 
     torch.set_num_threads(1)
     cfgs = [load_config("fmnist-cpu", tiny + [f"data.normal_class={c}"]) for c in (0, 1)]
-    together = [Trainer(c) for c in cfgs]
+    together = [build_trainer(c) for c in cfgs]
     summaries = fit_together(together)
     assert [s["steps"] for s in summaries] == [8, 8]
     for cfg, mixed in zip(cfgs, together, strict=True):
-        alone = Trainer(cfg)
+        alone = build_trainer(cfg)
         alone.fit()
         for (name, a), b in zip(
             alone.model.state_dict().items(), mixed.model.state_dict().values(), strict=True

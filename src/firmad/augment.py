@@ -13,17 +13,32 @@ crop (and flip), closed-form colour adjustments, and one grouped ``conv2d`` for 
 
 from __future__ import annotations
 
-import math
 import numbers
 from collections.abc import Sequence
-from functools import lru_cache
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from firmad.errors import ConfigError, InputError
+from firmad.imageops import (
+    COLOR_OPS,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    blur_kernels,
+    blur_with_kernels,
+    check_images,
+    color_jitter,
+    constant,
+    crop_coords,
+    crop_resize,
+    gaussian_blur,
+    grayscale,
+    rrc_boxes,
+    sample_grid,
+)
 
 __all__ = [
     "ViewAugment",
@@ -40,276 +55,6 @@ __all__ = [
     "test_transform",
     "to_float",
 ]
-
-# ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
-_LUMA = (0.2989, 0.587, 0.114)
-
-
-@lru_cache(maxsize=64)
-def _const(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-    """A small constant tensor, cached per device: no host-to-device copy per call (and none
-    while a CUDA graph is being captured)."""
-    return torch.tensor(values, dtype=dtype, device=device)
-
-
-def _check_images(x: Tensor, name: str = "x") -> None:
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-        raise InputError(f"{name} must be a (B, C, H, W) tensor, got {shape}")
-    if not x.is_floating_point():
-        raise InputError(f"{name} must be a float tensor in [0, 1], got {x.dtype}; use to_float()")
-
-
-# ---------------------------------------------------------------------------------------------
-# Colour ops with per-sample factors (torchvision semantics, batched)
-# ---------------------------------------------------------------------------------------------
-
-
-def _per_sample(f: Tensor | float, x: Tensor) -> Tensor:
-    f = torch.as_tensor(f, dtype=x.dtype, device=x.device)
-    return f.reshape(-1, 1, 1, 1) if f.dim() > 0 else f
-
-
-def grayscale(x: Tensor) -> Tensor:
-    """Luma of a (B, 3, H, W) batch as (B, 1, H, W); a 1-channel batch is returned unchanged."""
-    if x.shape[1] == 1:
-        return x
-    B, C, H, W = x.shape
-    w = _const(_LUMA, x.device, x.dtype)
-    # One matmul over the channel axis: ~2x faster than a weighted sum on CPU.
-    return torch.matmul(w, x.reshape(B, C, H * W)).reshape(B, 1, H, W)
-
-
-def adjust_brightness(x: Tensor, factor: Tensor | float) -> Tensor:
-    """Multiply by a per-sample factor (B,) and clamp to [0, 1]."""
-    return (x * _per_sample(factor, x)).clamp_(0.0, 1.0)
-
-
-def adjust_contrast(x: Tensor, factor: Tensor | float) -> Tensor:
-    """Blend each image with the mean of its grayscale version, per-sample factor (B,)."""
-    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
-    return torch.lerp(mean.expand_as(x), x, _per_sample(factor, x)).clamp_(0.0, 1.0)
-
-
-def adjust_saturation(x: Tensor, factor: Tensor | float) -> Tensor:
-    """Blend each image with its grayscale version, per-sample factor (B,). No-op for 1 channel."""
-    if x.shape[1] == 1:
-        return x
-    return torch.lerp(grayscale(x).expand_as(x), x, _per_sample(factor, x)).clamp_(0.0, 1.0)
-
-
-def adjust_hue(x: Tensor, shift: Tensor | float) -> Tensor:
-    """Rotate the hue by a per-sample shift (B,) in turns ([-0.5, 0.5]). No-op for 1 channel.
-
-    Batched RGB -> HSV -> RGB. With d = max - min (= v * s), the inverse is the closed form
-    ``c_n = v - d * clamp(min(k, 4 - k), 0, 1)``, ``k = (n + 6 h) mod 6``, n = 5, 3, 1.
-    Branches and wraps use mask arithmetic: torch.where, floor and remainder are several times
-    slower than plain arithmetic on CPU.
-    """
-    if x.shape[1] == 1:
-        return x
-    r, g, b = x.unbind(1)
-    v = x.amax(dim=1)
-    d = v - x.amin(dim=1)
-    # Where d == 0 all channels are equal, so the differences below are exactly 0 (hue 0).
-    inv = d.clamp_min(1e-12).reciprocal_()
-    # Hue in sextants; the branch follows the channel holding the maximum (r, then g, then b).
-    is_r = v == r
-    is_g = (v == g) & ~is_r
-    is_b = ~(is_r | is_g)
-    h6 = (g - b) * is_r + (b - r + 2.0 * d) * is_g + (r - g + 4.0 * d) * is_b
-    h6 = h6 * inv + 6.0 * _per_sample(shift, x).squeeze(1)  # in [-4, 8)
-    h6 = h6 + 6.0 * (h6 < 0) - 6.0 * (h6 >= 6.0)  # [0, 6)
-    n = _const((5.0, 3.0, 1.0), x.device, x.dtype).view(1, 3, 1, 1)
-    k = n + h6.unsqueeze(1)  # [1, 11)
-    k = k - 6.0 * (k >= 6.0)  # [0, 6)
-    w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return (v.unsqueeze(1) - d.unsqueeze(1) * w).clamp_(0.0, 1.0)
-
-
-_COLOR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-
-
-def color_jitter(x: Tensor, factors: Tensor, order: tuple[int, ...] = (0, 1, 2, 3)) -> Tensor:
-    """Apply brightness, contrast, saturation, hue with per-sample ``factors`` (B, 4).
-
-    ``order`` lists op indices (0 brightness, 1 contrast, 2 saturation, 3 hue) in the order
-    they are applied. Identity factors are (1, 1, 1, 0).
-    """
-    for i in order:
-        x = _COLOR_OPS[i](x, factors[:, i])
-    return x
-
-
-# ---------------------------------------------------------------------------------------------
-# Blur
-# ---------------------------------------------------------------------------------------------
-
-
-def _blur_kernels(sigma: np.ndarray, kernel_size: int) -> np.ndarray:
-    """1-D Gaussian kernels (B, k) for per-sample sigmas (B,); sigma <= 0 gives a delta."""
-    half = (kernel_size - 1) / 2
-    t = np.linspace(-half, half, kernel_size)
-    sig = np.asarray(sigma, dtype=np.float64).reshape(-1, 1)
-    k1 = np.exp(-0.5 * (t / np.maximum(sig, 1e-6)) ** 2)
-    k1 = np.where(sig > 0, k1, (t == 0).astype(np.float64))
-    return k1 / k1.sum(axis=1, keepdims=True)
-
-
-def _blur(x: Tensor, k1: Tensor) -> Tensor:
-    """Separable blur with per-sample 1-D kernels (B, k): reflect padding, one grouped conv2d."""
-    B, C, H, W = x.shape
-    k = k1.shape[1]
-    k2 = (k1.unsqueeze(2) * k1.unsqueeze(1)).repeat_interleave(C, dim=0)  # (B*C, k, k)
-    p = k // 2
-    xp = F.pad(x.reshape(1, B * C, H, W), (p, p, p, p), mode="reflect")
-    return F.conv2d(xp, k2.unsqueeze(1), groups=B * C).reshape(B, C, H, W)
-
-
-def gaussian_blur(x: Tensor, sigma: Tensor, kernel_size: int = 3) -> Tensor:
-    """Gaussian blur with a per-sample sigma (B,), reflect padding, as one grouped conv2d.
-
-    A sigma of 0 (or below) leaves that sample unchanged (its kernel is a delta).
-    """
-    k1 = _blur_kernels(sigma.detach().cpu().double().numpy(), kernel_size)
-    return _blur(x, torch.from_numpy(k1).to(device=x.device, dtype=x.dtype))
-
-
-# ---------------------------------------------------------------------------------------------
-# Crops
-# ---------------------------------------------------------------------------------------------
-
-
-def _rrc_boxes(
-    u: np.ndarray, H: int, W: int, scale: tuple[float, float], ratio: tuple[float, float]
-) -> np.ndarray:
-    """Integer crop boxes (B, 4) = (top, left, height, width) from uniforms ``u`` (B, 22).
-
-    torchvision's RandomResizedCrop.get_params, vectorised: 10 attempts per sample (columns
-    0..19), the first that fits is kept, else the fallback centre crop; columns 20, 21 place
-    the box. Parameter maths runs in NumPy on the host: a few dozen tiny torch ops would cost
-    more in dispatch than the image work they prepare.
-    """
-    u = np.asarray(u, dtype=np.float64)
-    area = float(H * W)
-    lr = (math.log(ratio[0]), math.log(ratio[1]))
-    target = area * (scale[0] + (scale[1] - scale[0]) * u[:, 0:20:2])
-    aspect = np.exp(lr[0] + (lr[1] - lr[0]) * u[:, 1:20:2])
-    w = np.round(np.sqrt(target * aspect))
-    h = np.round(np.sqrt(target / aspect))
-    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
-    first = np.argmax(ok, axis=1)[:, None]  # first fitting attempt
-    any_ok = ok.any(axis=1)
-    w = np.take_along_axis(w, first, 1)[:, 0]
-    h = np.take_along_axis(h, first, 1)[:, 0]
-    # Fallback: the whole image cut to the closest allowed aspect ratio, centred.
-    fw, fh = _fallback_size(H, W, ratio)
-    w = np.where(any_ok, w, fw)
-    h = np.where(any_ok, h, fh)
-    top = np.minimum(np.floor(u[:, 20] * (H - h + 1)), H - h)
-    left = np.minimum(np.floor(u[:, 21] * (W - w + 1)), W - w)
-    top = np.where(any_ok, top, np.round((H - h) / 2))
-    left = np.where(any_ok, left, np.round((W - w) / 2))
-    return np.stack((top, left, h, w), axis=1)
-
-
-def _fallback_size(H: int, W: int, ratio: tuple[float, float]) -> tuple[int, int]:
-    """(w, h) of the whole image cut to the closest allowed aspect ratio (torchvision's
-    fallback when no random box fits)."""
-    in_ratio = W / H
-    if in_ratio < min(ratio):
-        return W, int(round(W / min(ratio)))
-    if in_ratio > max(ratio):
-        return int(round(H * max(ratio))), H
-    return W, H
-
-
-def _crop_coords(
-    boxes: np.ndarray, H: int, W: int, size: int, flip: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Normalised sampling coordinates gx (B, size), gy (B, size) for crop boxes (B, 4) =
-    (top, left, h, w), mirrored where ``flip`` is true.
-
-    The crop is axis-aligned, so x depends on the output column only and y on the row: this
-    is affine_grid's map without its batched matmul over every output pixel.
-    """
-    top, left, h, w = (np.asarray(boxes, dtype=np.float64)[:, i : i + 1] for i in range(4))
-    sx = w / W
-    if flip is not None:
-        sx = np.where(flip[:, None], -sx, sx)
-    base = (2.0 * np.arange(size) + 1.0) / size - 1.0
-    gx = sx * base + ((2 * left + w) / W - 1.0)
-    gy = (h / H) * base + ((2 * top + h) / H - 1.0)
-    # Clamp to the crop's outer pixel centres: the crop's edge is replicated as torchvision's
-    # crop-then-resize does, instead of blending in pixels outside the crop.
-    gx = np.clip(gx, (2 * left + 1) / W - 1.0, (2 * (left + w) - 1) / W - 1.0)
-    gy = np.clip(gy, (2 * top + 1) / H - 1.0, (2 * (top + h) - 1) / H - 1.0)
-    return gx, gy
-
-
-def _sample_grid(x: Tensor, gx: Tensor, gy: Tensor) -> Tensor:
-    """Bilinear resampling of every sample at its own separable grid -- one grid_sample."""
-    B, S = gx.shape
-    grid = torch.stack((gx[:, None, :].expand(B, S, S), gy[:, :, None].expand(B, S, S)), dim=-1)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def _crop_resize(x: Tensor, boxes: Tensor, size: int, flip: Tensor | None = None) -> Tensor:
-    """Crop each sample to its box (top, left, h, w) and resize to ``size`` (bilinear)."""
-    gx, gy = _crop_coords(np.asarray(boxes), x.shape[2], x.shape[3], size, flip)
-    g = torch.from_numpy(np.concatenate((gx, gy), axis=1)).to(device=x.device, dtype=x.dtype)
-    return _sample_grid(x, g[:, :size], g[:, size:])
-
-
-def _rrc_boxes_t(
-    u: Tensor, H: int, W: int, scale: tuple[float, float], ratio: tuple[float, float]
-) -> Tensor:
-    """:func:`_rrc_boxes` in torch (float64, on u's device): the same boxes, no host."""
-    area = float(H * W)
-    lr = (math.log(ratio[0]), math.log(ratio[1]))
-    target = area * (scale[0] + (scale[1] - scale[0]) * u[:, 0:20:2])
-    aspect = torch.exp(lr[0] + (lr[1] - lr[0]) * u[:, 1:20:2])
-    w = torch.round(torch.sqrt(target * aspect))
-    h = torch.round(torch.sqrt(target / aspect))
-    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
-    first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)  # first fitting attempt
-    any_ok = ok.any(dim=1)
-    w = torch.gather(w, 1, first)[:, 0]
-    h = torch.gather(h, 1, first)[:, 0]
-    fw, fh = _fallback_size(H, W, ratio)
-    w = torch.where(any_ok, w, float(fw))
-    h = torch.where(any_ok, h, float(fh))
-    top = torch.minimum(torch.floor(u[:, 20] * (H - h + 1)), H - h)
-    left = torch.minimum(torch.floor(u[:, 21] * (W - w + 1)), W - w)
-    top = torch.where(any_ok, top, torch.round((H - h) / 2))
-    left = torch.where(any_ok, left, torch.round((W - w) / 2))
-    return torch.stack((top, left, h, w), dim=1)
-
-
-def _crop_coords_t(
-    boxes: Tensor, H: int, W: int, size: int, flip: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """:func:`_crop_coords` in torch (float64, on the boxes' device)."""
-    top, left, h, w = (boxes[:, i : i + 1] for i in range(4))
-    sx = w / W
-    if flip is not None:
-        sx = torch.where(flip[:, None], -sx, sx)
-    base = (2.0 * torch.arange(size, dtype=torch.float64, device=boxes.device) + 1.0) / size - 1.0
-    gx = sx * base + ((2 * left + w) / W - 1.0)
-    gy = (h / H) * base + ((2 * top + h) / H - 1.0)
-    gx = torch.clamp(gx, (2 * left + 1) / W - 1.0, (2 * (left + w) - 1) / W - 1.0)
-    gy = torch.clamp(gy, (2 * top + 1) / H - 1.0, (2 * (top + h) - 1) / H - 1.0)
-    return gx, gy
-
-
-def _blur_kernels_t(sigma: Tensor, kernel_size: int) -> Tensor:
-    """:func:`_blur_kernels` in torch (float64, on sigma's device)."""
-    half = (kernel_size - 1) / 2
-    t = torch.arange(kernel_size, dtype=torch.float64, device=sigma.device) - half
-    sig = sigma.double().reshape(-1, 1)
-    k1 = torch.exp(-0.5 * (t / torch.clamp(sig, min=1e-6)) ** 2)
-    k1 = torch.where(sig > 0, k1, (t == 0).double())
-    return k1 / k1.sum(dim=1, keepdim=True)
 
 
 def _is_number(v: object) -> bool:
@@ -439,39 +184,48 @@ class ViewAugment(nn.Module):
     ) -> tuple[Tensor, tuple[int, ...]]:
         """Draw every per-sample parameter from ``gen``, packed in one (B, P) CPU tensor: crop
         coordinates gx, gy (size each), jitter factors (4), grayscale flag (1), blur kernel
-        (blur_kernel) -- only the stages that run. Also returns the colour-op order.
-
-        The maths runs in NumPy on the host and one small tensor moves to the device: dozens of
-        tiny torch ops would cost more in dispatch (and kernel launches) than the image work.
+        (blur_kernel) -- only the stages that run. Also returns the colour-op order (a tuple).
         """
         B, C, H, W = x_shape
-        # All random numbers in one draw: 22 crop, 1 flip, 4 + 1 jitter, 1 gray, 2 blur, and the
-        # colour-op order from row 0's last 4 columns (one order per batch).
-        u = torch.rand((B, 35), generator=gen, device=gen.device).cpu().double().numpy()
-        flip = u[:, 22] < self.hflip_p if self.hflip_p > 0 else None
-        boxes = _rrc_boxes(u[:, :22], H, W, self.scale, self.ratio)
-        parts = list(_crop_coords(boxes, H, W, self.size, flip))
-        do_jitter, do_gray, do_blur = self._stages(C)
+        u = torch.rand((B, 35), generator=gen, device=gen.device).cpu().double()
+        params, slots = self._params(u, C, H, W)
         order: tuple[int, ...] = ()
+        if self._stages(C)[0]:  # ops with an empty range are skipped
+            active = self._active_ops(C)
+            order = tuple(i for i in slots.tolist() if i in active)
+        return params.to(dtype), order
+
+    def _active_ops(self, C: int) -> list[int]:
+        """The colour ops (0 brightness, 1 contrast, 2 saturation, 3 hue) with a range."""
+        b, c, s, h = self.jitter if C == 3 else (*self.jitter[:2], 0.0, 0.0)
+        return [k for k, r in enumerate((b, c, s, h)) if r > 0]
+
+    def _params(self, u: Tensor, C: int, H: int, W: int) -> tuple[Tensor, Tensor]:
+        """The packed float64 parameters and the colour-op slots (4,) from the uniforms ``u``
+        (B, 35) on their device: 22 crop, 1 flip, 4 + 1 jitter, 1 gray, 2 blur, and the
+        colour-op order from row 0's last 4 columns (one order per batch)."""
+        flip = u[:, 22] < self.hflip_p if self.hflip_p > 0 else None
+        boxes = rrc_boxes(u[:, :22], H, W, self.scale, self.ratio)
+        parts = list(crop_coords(boxes, H, W, self.size, flip))
+        do_jitter, do_gray, do_blur = self._stages(C)
         if do_jitter:
             b, c, s, h = self.jitter if C == 3 else (*self.jitter[:2], 0.0, 0.0)
-            lo = np.array((max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h))
-            hi = np.array((1 + b, 1 + c, 1 + s, h))
-            factors = lo + (hi - lo) * u[:, 23:27]
+            lo = constant((max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h), u.device,
+                        torch.float64)  # fmt: skip
+            span = constant((1 + b, 1 + c, 1 + s, h), u.device, torch.float64) - lo
+            factors = lo + span * u[:, 23:27]
             if self.jitter_p < 1:
                 keep = (u[:, 27] < self.jitter_p)[:, None]
-                factors = np.where(keep, factors, np.array((1.0, 1.0, 1.0, 0.0)))
+                factors = torch.where(keep, factors, constant((1.0, 1.0, 1.0, 0.0), u.device,
+                                                            torch.float64))  # fmt: skip
             parts.append(factors)
-            # Ops with an empty range are skipped.
-            active = [i for i, r in enumerate((b, c, s, h)) if r > 0]
-            order = tuple(int(i) for i in np.argsort(u[0, 31:35]) if i in active)
         if do_gray:
-            parts.append((u[:, 28:29] < self.grayscale_p).astype(np.float64))
+            parts.append((u[:, 28:29] < self.grayscale_p).double())
         if do_blur:
             lo_s, hi_s = self.blur_sigma
-            sigma = np.where(u[:, 30] < self.blur_p, lo_s + (hi_s - lo_s) * u[:, 29], 0.0)
-            parts.append(_blur_kernels(sigma, self.blur_kernel))
-        return torch.from_numpy(np.concatenate(parts, axis=1)).to(dtype), order
+            sigma = torch.where(u[:, 30] < self.blur_p, lo_s + (hi_s - lo_s) * u[:, 29], 0.0)
+            parts.append(blur_kernels(sigma, self.blur_kernel))
+        return torch.cat(parts, dim=1), torch.argsort(u[0, 31:35])
 
     def apply_params(self, x: Tensor, params: Tensor, order: tuple[int, ...]) -> Tensor:
         """The deterministic part: augment ``x`` with packed ``params`` (on x's device).
@@ -480,7 +234,7 @@ class ViewAugment(nn.Module):
         """
         S = self.size
         do_jitter, do_gray, do_blur = self._stages(x.shape[1])
-        out = _sample_grid(x, params[:, :S], params[:, S : 2 * S])
+        out = sample_grid(x, params[:, :S], params[:, S : 2 * S])
         i = 2 * S
         if do_jitter:
             out = color_jitter(out, params[:, i : i + 4], order)
@@ -496,7 +250,7 @@ class ViewAugment(nn.Module):
             out = torch.lerp(out, grayscale(out).expand_as(out), flag)
             i += 1
         if do_blur:
-            out = _blur(out, params[:, i : i + self.blur_kernel])
+            out = blur_with_kernels(out, params[:, i : i + self.blur_kernel])
         return out
 
     def forward(
@@ -516,7 +270,7 @@ class ViewAugment(nn.Module):
         colour-op order (set ``self.cuda_graphs = False`` to run eagerly): a small batch is
         otherwise bound by the launch cost of its ~40 tiny kernels.
         """
-        _check_images(x)
+        check_images(x)
         if not isinstance(gen, torch.Generator):
             raise InputError("ViewAugment needs a torch.Generator (gen) to draw its parameters")
         if x.shape[1] not in (1, 3):
@@ -547,38 +301,16 @@ class ViewAugment(nn.Module):
     def sample_params_device(
         self, x_shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype = torch.float32
     ) -> tuple[Tensor, Tensor]:
-        """:meth:`sample_params` without the host: the same random numbers and the same maths in
-        torch (float64) on the generator's device, so nothing waits for the device.
+        """:meth:`sample_params` without the host: the same random numbers and the same maths
+        on the generator's device, so nothing waits for the device.
 
         Returns ``(params, slots)``: the packed (B, P) parameters of :meth:`sample_params`, and
         the colour-op order as a (4,) device tensor (op index per slot) instead of a tuple.
         """
         B, C, H, W = x_shape
         u = torch.rand((B, 35), generator=gen, device=gen.device).double()
-        flip = u[:, 22] < self.hflip_p if self.hflip_p > 0 else None
-        boxes = _rrc_boxes_t(u[:, :22], H, W, self.scale, self.ratio)
-        parts = list(_crop_coords_t(boxes, H, W, self.size, flip))
-        do_jitter, do_gray, do_blur = self._stages(C)
-        slots = torch.argsort(u[0, 31:35])
-        if do_jitter:
-            b, c, s, h = self.jitter if C == 3 else (*self.jitter[:2], 0.0, 0.0)
-            lo = (max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h)
-            hi = (1 + b, 1 + c, 1 + s, h)
-            lo_t = _const(lo, u.device, torch.float64)
-            span = _const(hi, u.device, torch.float64) - lo_t
-            factors = lo_t + span * u[:, 23:27]
-            if self.jitter_p < 1:
-                keep = (u[:, 27] < self.jitter_p)[:, None]
-                factors = torch.where(keep, factors, _const((1.0, 1.0, 1.0, 0.0), u.device,
-                                                            torch.float64))  # fmt: skip
-            parts.append(factors)
-        if do_gray:
-            parts.append((u[:, 28:29] < self.grayscale_p).double())
-        if do_blur:
-            lo_s, hi_s = self.blur_sigma
-            sigma = torch.where(u[:, 30] < self.blur_p, lo_s + (hi_s - lo_s) * u[:, 29], 0.0)
-            parts.append(_blur_kernels_t(sigma, self.blur_kernel))
-        return torch.cat(parts, dim=1).to(dtype), slots
+        params, slots = self._params(u, C, H, W)
+        return params.to(dtype), slots
 
     def apply_params_slots(self, x: Tensor, params: Tensor, slots: Tensor) -> Tensor:
         """:meth:`apply_params` with the colour-op order as a device tensor: every slot
@@ -587,16 +319,15 @@ class ViewAugment(nn.Module):
         ops cost 4x as much; the result is the same as with the order as a tuple."""
         S = self.size
         do_jitter, do_gray, do_blur = self._stages(x.shape[1])
-        out = _sample_grid(x, params[:, :S], params[:, S : 2 * S])
+        out = sample_grid(x, params[:, :S], params[:, S : 2 * S])
         i = 2 * S
         if do_jitter:
             factors = params[:, i : i + 4]
-            b, c, s, h = self.jitter if x.shape[1] == 3 else (*self.jitter[:2], 0.0, 0.0)
-            active = [k for k, r in enumerate((b, c, s, h)) if r > 0]
+            active = self._active_ops(x.shape[1])
             for slot in range(4):
                 before = out
                 for k in active:
-                    op = _COLOR_OPS[k](before, factors[:, k])
+                    op = COLOR_OPS[k](before, factors[:, k])
                     out = torch.where(slots[slot] == k, op, out)
             i += 4
         return self._gray_and_blur(out, params, i, do_gray, do_blur)
@@ -611,7 +342,7 @@ class ViewAugment(nn.Module):
         """:meth:`forward` without host synchronisation (the parameters are computed on the
         generator's device, which should be x's): the same views as :meth:`forward` for the
         same generator state, to float tolerance."""
-        _check_images(x)
+        check_images(x)
         shape = tuple(x.shape) if rows is None else (n_draw, *x.shape[1:])
         params, slots = self.sample_params_device(shape, gen, x.dtype)
         if rows is not None:
@@ -686,7 +417,7 @@ def _center_crop(x: Tensor, size: int) -> Tensor:
 def test_transform(x: Tensor, size: int = 32, resize_ratio: float = 1.125) -> Tensor:
     """Resize to ``round(size * resize_ratio)`` (bilinear, antialias), then centre-crop ``size``
     (the paper's 36 -> 32)."""
-    _check_images(x)
+    check_images(x)
     resized = _resize(x, int(round(size * resize_ratio)))
     return _center_crop(resized, size).contiguous()
 
@@ -702,13 +433,13 @@ def random_crops(
     Used by the ensemble scoring variant (resize 36 -> centre-crop 32 -> this). Without a
     generator a fixed seed (0) is used, so results stay reproducible.
     """
-    _check_images(x)
+    check_images(x)
     if gen is None:
         gen = torch.Generator().manual_seed(0)
     B, C, H, W = x.shape
-    u = torch.rand((B, 22), generator=gen, device=gen.device).cpu().double().numpy()
-    boxes = _rrc_boxes(u, H, W, scale, (1.0, 1.0))
-    return _crop_resize(x, boxes, size)
+    u = torch.rand((B, 22), generator=gen, device=gen.device).cpu().double()
+    boxes = rrc_boxes(u, H, W, scale, (1.0, 1.0))
+    return crop_resize(x, boxes, size)
 
 
 def rotate90(x: Tensor, k: int) -> Tensor:

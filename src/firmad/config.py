@@ -92,7 +92,7 @@ class DataConfig(_Section):
 
 
 class MethodConfig(_Section):
-    name: Literal["firm", "ntxent", "rotsupcon", "supcon-binary", "dsvdd", "binary"] = "firm"
+    name: str = "firm"  # a name of firmad.methods.METHODS (checked in _check_values)
     tau: float = Field(0.2, gt=0)
     loss_mode: Literal["pairwise", "concat"] = "pairwise"
     symmetric: bool = False  # NT-Xent: the paper's one-directional form unless true
@@ -555,6 +555,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
 def _check_values(cfg: RunConfig) -> None:
     """Names from registries and module settings, checked before any work starts."""
     from firmad.augment import check_view_settings
+    from firmad.methods import method_class
     from firmad.models import BACKBONES, check_width
     from firmad.models.heads import check_head_settings
     from firmad.outliers import parse_outliers
@@ -573,7 +574,7 @@ def _check_values(cfg: RunConfig) -> None:
             parse_outliers(o.kinds)
         except ConfigError as err:
             raise ConfigError(f"outliers.kinds: {err}") from None
-    if cfg.method.name in ("rotsupcon", "supcon-binary", "binary") and not (o.kinds or o.exposure):
+    if method_class(cfg.method.name).requires_outliers and not (o.kinds or o.exposure):
         raise ConfigError(f"outliers.kinds: method {shorten(cfg.method.name)} needs outliers")
     a = cfg.augment
     check_view_settings(

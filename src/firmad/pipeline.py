@@ -17,13 +17,15 @@ import torch
 
 from firmad.config import RunConfig, check_scorer, config_from_dict, parse_scorer
 from firmad.data import OneClassSplit
-from firmad.data.pool import load_split, prepare_images
+from firmad.data.pool import prepare_images
+from firmad.detector import OneClassDetector
 from firmad.errors import CheckpointError, ConfigError, FirmadError
+from firmad.factory import build_extractor, build_split, build_trainer
 from firmad.metrics import evaluate_scores
 from firmad.report import write_plots, write_report_md, write_results
 from firmad.robustness.audit import robustness_for_run
 from firmad.run import RunDir, safe_component
-from firmad.scoring import FeatureExtractor, build_scorer
+from firmad.scoring import build_scorer, result_identity
 from firmad.training import (
     CheckpointSaver,
     LearningCurve,
@@ -31,6 +33,7 @@ from firmad.training import (
     ProgressBar,
     Trainer,
     distributed,
+    fit_together,
 )
 from firmad.training.callbacks import progress_bar
 
@@ -95,36 +98,7 @@ def train_run(
     checkpoints, evaluation) and tells the other ranks whether to train; they train with it and
     return ``results`` None.
     """
-    if not isinstance(cfg, RunConfig):
-        raise ConfigError("train_run takes a RunConfig; build one with firmad.config.load_config")
-    run = RunDir(out_dir or default_run_dir(cfg))
-    world = distributed.world()
-    if not world.is_main:
-        return _follow_rank0(cfg, run, resume)
-    start = time.perf_counter()
-    # Checked again under the lock; first here, as taking the lock creates the folder and its
-    # lock file, which must not happen in a folder of the user's or for a run that is not there.
-    _check_target(run, resume)
-    with run:
-        try:
-            state = _check_run(run, cfg, resume)
-        except BaseException:
-            _tell_followers(world, _FAILED)
-            raise
-        done = resume and state == "evaluated" and evaluate
-        _tell_followers(world, _SKIP if done else _TRAIN)
-        if done:
-            return {"run_dir": run.path, "results": json.loads(run.results.read_text())}
-        split = load_split(cfg)
-        trainer = _trainer(cfg, run, split, restore=resume)
-        earlier_s = trainer.elapsed  # training time of earlier invocations of a resumed run
-        if state in ("new", "started"):
-            run.write_config(cfg)
-        _fit(trainer, quiet)
-        if not evaluate:
-            return {"run_dir": run.path, "results": None}
-        wall = earlier_s + time.perf_counter() - start
-        return _evaluate(run, cfg, split=split, model=trainer.model, train_wall_s=wall)
+    return train_runs([cfg], [out_dir], resume=resume, evaluate=evaluate, quiet=quiet)[0]
 
 
 def _check_target(run: RunDir, resume: bool) -> None:
@@ -147,46 +121,39 @@ def train_runs(
 
     Each run is exactly the run `train_run` would train alone, in its own run directory (all
     are locked and checked before any trains). Returns one ``{"run_dir", "results"}`` a run.
+    Under torchrun only one run: rank 0 owns its directory, the other ranks follow it.
     """
-    from firmad.training import fit_together
-
-    if distributed.world().distributed:
-        raise ConfigError("several runs in one process cannot also use torchrun; train one run")
-    out_dirs = list(out_dirs or [None] * len(cfgs))
-    if len(out_dirs) != len(cfgs):
-        raise ConfigError("train_runs: one output directory per config")
-    runs = [RunDir(d or default_run_dir(c)) for c, d in zip(cfgs, out_dirs, strict=True)]
-    if len({r.path.resolve() for r in runs}) != len(runs):
-        raise ConfigError("train_runs: two runs would share a run directory; give each its own")
+    runs = _run_dirs(cfgs, out_dirs)
+    world = distributed.world()
+    if not world.is_main:
+        return [_follow_rank0(cfgs[0], runs[0], resume)]
     start = time.perf_counter()
+    # Checked again under the lock; first here, as taking the lock creates the folder and its
+    # lock file, which must not happen in a folder of the user's or for a run that is not there.
+    for run in runs:
+        _check_target(run, resume)
     with contextlib.ExitStack() as stack:
         for run in runs:
             stack.enter_context(run)
-        states = [_check_run(run, cfg, resume) for run, cfg in zip(runs, cfgs, strict=True)]
-        todo = [
-            i
-            for i, state in enumerate(states)
-            if not (resume and state == "evaluated" and evaluate)
-        ]
-        splits = {i: load_split(cfgs[i]) for i in todo}
+        try:
+            states = [_check_run(run, cfg, resume) for run, cfg in zip(runs, cfgs, strict=True)]
+        except BaseException:
+            _tell_followers(world, _FAILED)
+            raise
+        done = {i for i, state in enumerate(states) if resume and state == "evaluated" and evaluate}
+        _tell_followers(world, _SKIP if done else _TRAIN)
+        todo = [i for i in range(len(runs)) if i not in done]
+        splits = {i: build_split(cfgs[i]) for i in todo}
         trainers = {i: _trainer(cfgs[i], runs[i], splits[i], restore=resume) for i in todo}
         earlier_s = {i: t.elapsed for i, t in trainers.items()}  # of a resumed run
         for i in todo:
             if states[i] in ("new", "started"):
                 runs[i].write_config(cfgs[i])
-        active = [t for t in trainers.values() if not t.finished]
-        if quiet or not active:
-            fit_together(active)
-        else:
-            progress = progress_bar()
-            for t in active:
-                t.callbacks.insert(0, ProgressBar(progress))
-            with progress:
-                fit_together(active)
+        _fit([t for t in trainers.values() if not t.finished], quiet)
         wall = time.perf_counter() - start
         out = []
         for i, run in enumerate(runs):
-            if i not in trainers:
+            if i in done:
                 out.append({"run_dir": run.path, "results": json.loads(run.results.read_text())})
             elif not evaluate:
                 out.append({"run_dir": run.path, "results": None})
@@ -195,6 +162,21 @@ def train_runs(
                 result = _evaluate(run, cfgs[i], split=splits[i], model=model, train_wall_s=wall_i)
                 out.append(result)
         return out
+
+
+def _run_dirs(cfgs: list[RunConfig], out_dirs: list[Path | None] | None) -> list[RunDir]:
+    """One run directory a config (the default one where none is given), all distinct."""
+    if not all(isinstance(cfg, RunConfig) for cfg in cfgs):
+        raise ConfigError("train_run takes a RunConfig; build one with firmad.config.load_config")
+    if distributed.world().distributed and len(cfgs) > 1:
+        raise ConfigError("several runs in one process cannot also use torchrun; train one run")
+    out_dirs = list(out_dirs or [None] * len(cfgs))
+    if len(out_dirs) != len(cfgs):
+        raise ConfigError("train_runs: one output directory per config")
+    runs = [RunDir(d or default_run_dir(c)) for c, d in zip(cfgs, out_dirs, strict=True)]
+    if len({r.path.resolve() for r in runs}) != len(runs):
+        raise ConfigError("train_runs: two runs would share a run directory; give each its own")
+    return runs
 
 
 # What rank 0 tells the other ranks once it has checked the run directory.
@@ -214,10 +196,10 @@ def _follow_rank0(cfg: RunConfig, run: RunDir, resume: bool) -> dict[str, Any]:
     if code == _SKIP:
         return {"run_dir": run.path, "results": None}
     saver = CheckpointSaver(run.path, every=cfg.train.checkpoint_every)  # writes on rank 0 only
-    trainer = Trainer(cfg, split=load_split(cfg), callbacks=[saver])
+    trainer = build_trainer(cfg, split=build_split(cfg), callbacks=[saver])
     if resume:
         saver.restore(trainer)
-    _fit(trainer, quiet=True)
+    _fit([trainer] if not trainer.finished else [], quiet=True)
     return {"run_dir": run.path, "results": None}
 
 
@@ -256,22 +238,25 @@ def _trainer(cfg: RunConfig, run: RunDir, split: OneClassSplit, restore: bool) -
     if curve is not None:
         callbacks.append(LearningCurve(curve, cfg.train.eval_every, log))
     callbacks.append(saver)  # last: a checkpoint never describes more than the log
-    trainer = Trainer(cfg, split=split, callbacks=callbacks)
+    trainer = build_trainer(cfg, split=split, callbacks=callbacks)
     if restore:
         saver.restore(trainer)
     return trainer
 
 
-def _fit(trainer: Trainer, quiet: bool) -> None:
-    if trainer.finished:
+def _fit(trainers: list[Trainer], quiet: bool) -> None:
+    """Train to the end: one trainer alone (torchrun-aware), several taking turns."""
+    if not trainers:
         return
-    if quiet:
-        trainer.fit()
-        return
-    progress = progress_bar()
-    trainer.callbacks.insert(0, ProgressBar(progress))
-    with progress:
-        trainer.fit()
+    progress = None if quiet else progress_bar()
+    if progress is not None:
+        for t in trainers:
+            t.callbacks.insert(0, ProgressBar(progress))
+    with progress or contextlib.nullcontext():
+        if len(trainers) == 1:
+            trainers[0].fit()
+        else:
+            fit_together(trainers)
 
 
 def _curve_fn(cfg: RunConfig, split: OneClassSplit):
@@ -287,7 +272,7 @@ def _curve_fn(cfg: RunConfig, split: OneClassSplit):
         return None
 
     def curve(model) -> float:
-        extractor = FeatureExtractor.from_config(model.encoder, cfg)
+        extractor = build_extractor(cfg, model.encoder)
         bank = extractor.extract(bank_images, cfg.eval.batch_size)
         feats = extractor.extract(test_images, cfg.eval.batch_size)
         scores = build_scorer("knn_cos", k=5).fit(bank).score(feats)
@@ -335,8 +320,7 @@ def _evaluate(
     model=None,
     train_wall_s: float | None = None,
 ) -> dict[str, Any]:
-    from firmad.detector import OneClassDetector
-
+    """Score the run's model with every scorer x variant; write results, plots and report."""
     start = time.perf_counter()
     meta = run.checkpoint_meta()
     if meta is None:
@@ -348,24 +332,42 @@ def _evaluate(
     elif not meta.get("finished"):
         raise CheckpointError(f"{run.path}: training is not finished")
     if split is None:
-        split = load_split(cfg)
+        split = build_split(cfg)
     specs = [parse_scorer(s) for s in (scorers or cfg.eval.scorers)]
-    variants = list(variants or cfg.eval.variants)
-
     detector = OneClassDetector.from_model(model.eval(), cfg)
     results, details = detector.evaluate(
-        split.train_images, split.test_images, split.test_labels, specs, variants
+        split.train_images,
+        split.test_images,
+        split.test_labels,
+        specs,
+        list(variants or cfg.eval.variants),
     )
-    labels = details["labels"]
-    history = meta.get("history", [])
     eval_wall = time.perf_counter() - start
     prev_train = train_wall_s if train_wall_s is not None else meta.get("elapsed_s")
+    record = _record(cfg, split, meta, eval_wall, (prev_train or 0.0) + eval_wall)
+    record["results"] = _merge_results(run.results, results, meta.get("global_step"))
+    # The `attack` recipe key: robust AUROC of the headline detector (None when off).
+    robustness = robustness_for_run(run, cfg, model, split, meta.get("global_step"))
+    if robustness is not None:
+        record["robustness"] = robustness
+    written = json.loads(write_results(run.path, record, record["results"]).read_text())
+    history = meta.get("history", [])
+    curve = ([h["epoch"] for h in history], [h["auroc"] for h in history]) if history else None
+    test_feats = details["test_features"].cpu().numpy()
+    write_plots(run.path, details["labels"], details["scores"], test_feats, learning_curve=curve)
+    write_report_md(run.path, written)
+    return {"run_dir": run.path, "results": written}
+
+
+def _record(
+    cfg: RunConfig, split: OneClassSplit, meta: dict, eval_s: float, wall_s: float
+) -> dict[str, Any]:
+    """What results.json says of a run besides its result rows."""
+    classes = split.classes
     record = {
         "dataset": split.dataset,
         "normal_classes": list(split.normal_classes),
-        "normal_class_names": [split.classes[i] for i in split.normal_classes]
-        if split.classes
-        else [],
+        "normal_class_names": [classes[i] for i in split.normal_classes] if classes else [],
         "method": cfg.method.name,
         "backbone": cfg.model.backbone,
         "epochs": meta["epoch"],
@@ -374,11 +376,12 @@ def _evaluate(
         "checkpoint": "last",
         "checkpoint_step": meta.get("global_step"),
         "train_time_s": meta.get("elapsed_s"),
-        "eval_time_s": round(eval_wall, 3),
-        "wall_time_s": round((prev_train or 0.0) + eval_wall, 3),
+        "eval_time_s": round(eval_s, 3),
+        "wall_time_s": round(wall_s, 3),
         "recipe": cfg.name,
-        "results": results,
+        "results": [],
     }
+    history = meta.get("history", [])
     if history:
         record["learning_curve"] = history
         best = max(history, key=lambda h: h["auroc"])
@@ -388,19 +391,7 @@ def _evaluate(
             "best_curve_epoch": best["epoch"],
             "curve_scorer": "knn_cos k=5 on a test subsample",
         }
-    results = _merge_results(run.results, results, meta.get("global_step"))
-    record["results"] = results
-    # The `attack` recipe key: robust AUROC of the headline detector (None when off).
-    robustness = robustness_for_run(run, cfg, model, split, meta.get("global_step"))
-    if robustness is not None:
-        record["robustness"] = robustness
-    path = write_results(run.path, record, results)
-    written = json.loads(path.read_text())
-    curve = ([h["epoch"] for h in history], [h["auroc"] for h in history]) if history else None
-    test_feats = details["test_features"].cpu().numpy()
-    write_plots(run.path, labels, details["scores"], test_feats, learning_curve=curve)
-    write_report_md(run.path, written)
-    return {"run_dir": run.path, "results": written}
+    return record
 
 
 def _merge_results(path: Path, new: list[dict], step: int | None) -> list[dict]:
@@ -410,9 +401,8 @@ def _merge_results(path: Path, new: list[dict], step: int | None) -> list[dict]:
     old = json.loads(path.read_text())
     if old.get("checkpoint_step") not in (None, step):
         return new  # another checkpoint: old numbers no longer describe this model
-    key = lambda r: (r["scorer"], r.get("k"), r["variant"])  # noqa: E731
-    fresh = {key(r) for r in new}
-    return [r for r in old.get("results", []) if key(r) not in fresh] + new
+    fresh = {result_identity(r) for r in new}
+    return [r for r in old.get("results", []) if result_identity(r) not in fresh] + new
 
 
 __all__ = [

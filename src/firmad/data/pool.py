@@ -8,6 +8,7 @@ samples from the pool; nothing here runs per step.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,11 +16,14 @@ import torch
 from firmad.augment import to_float
 from firmad.data.protocol import OneClassSplit, dataset_vs_dataset, multi_class_normal, one_vs_rest
 from firmad.data.sources import load_dataset
-from firmad.outliers import make_frozen_outliers, parse_outliers
+from firmad.outliers import OutlierKind, make_frozen_outliers
 
 
 def load_split(cfg) -> OneClassSplit:
-    """The one-class split a run config describes (one-vs-rest, several normals, or two sets)."""
+    """The one-class split a run config describes (one-vs-rest, several normals, or two sets).
+
+    Reads ``cfg.data`` and ``train.seed``. Deprecated outside `firmad.factory.build_split`:
+    kept while detector.py and robustness/ still call it."""
     d = cfg.data
     common = dict(root=d.root, download=d.download, max_train=d.max_train, max_test=d.max_test)
     if d.outlier_dataset:
@@ -69,40 +73,40 @@ class Pool:
     n_normal: int
 
 
-def normal_class_ids(cfg, split: OneClassSplit, n: int) -> torch.Tensor:
+def normal_class_ids(split: OneClassSplit, n: int, multi_class: bool) -> torch.Tensor:
     """Multi-class normal keeps each class's id (multi-class FIRM positives); else all 0."""
-    d = cfg.data
-    if (
-        isinstance(d.normal_class, list)
-        and not d.outlier_dataset
-        and split.train_labels is not None
-    ):
+    if multi_class and split.train_labels is not None:
         return split.train_labels.long()
     return torch.zeros(n, dtype=torch.int64)
 
 
 def build_pool(
-    cfg,
     normals: torch.Tensor,
     normal_ids: torch.Tensor,
     device: torch.device,
-    uses_outliers: bool = True,
+    *,
+    seed: int,
+    frozen: Sequence[OutlierKind] = (),
+    exposure: str | None = None,
+    exposure_copies: int = 1,
+    download: bool = False,
 ) -> Pool:
-    """Frozen outliers are drawn once from the run's seed: a resumed run rebuilds the same pool."""
-    o = cfg.outliers
-    gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + 17)
+    """The normals, then their outliers: ``exposure`` (real images, ``exposure_copies`` per
+    normal) if given, else one copy of each normal per ``frozen`` kind. Drawn once from the
+    run's seed: a resumed run rebuilds the same pool."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + 17)
     images, class_ids, kind_ids = [normals], [normal_ids], [torch.zeros_like(normal_ids)]
-    if o.exposure:
+    if exposure:
         # Outlier exposure: real outlier images fill the outlier slots (one per kind per normal).
-        real = load_dataset(o.exposure, split="train", root=None, download=cfg.data.download).images
+        real = load_dataset(exposure, split="train", root=None, download=download).images
         real = match_channels(prepare_images(real, normals.shape[-1]), normals.shape[1])
-        n = len(normals) * max(1, len(o.kinds))
+        n = len(normals) * exposure_copies
         pick = torch.randint(len(real), (n,), generator=gen)
         images.append(real[pick])
         class_ids.append(torch.full((n,), -1))
         kind_ids.append(torch.ones(n, dtype=torch.int64))
-    elif o.kinds and o.mode == "frozen" and uses_outliers:
-        out, kinds = make_frozen_outliers(normals, parse_outliers(o.kinds), gen)
+    elif frozen:
+        out, kinds = make_frozen_outliers(normals, list(frozen), gen)
         images.append(out)
         class_ids.append(torch.full((len(out),), -1))
         kind_ids.append(kinds)

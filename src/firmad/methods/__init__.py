@@ -3,9 +3,12 @@
 A method says what it needs (synthetic outliers, how many views), turns pool labels into the
 labels its objective sees, builds the modules it trains on top of the encoder, computes its loss,
 and may own an anomaly score (Deep SVDD's distance, the classifier's logit). The trainer and the
-evaluation only talk to this interface.
+evaluation only talk to this interface. Adding a method: its module, and one line in `METHODS`.
 """
 
+from __future__ import annotations
+
+from firmad.errors import ConfigError
 from firmad.methods.base import Method
 from firmad.methods.classifier import BinaryClassifier
 from firmad.methods.contrastive import FIRM, NTXent, RotSupCon, SupConBinary
@@ -16,14 +19,29 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
-def get_method(cfg) -> Method:
-    """The method of a run config (``cfg.method.name``), built with the config's settings."""
-    from firmad.errors import ConfigError
-
-    name = cfg.method.name
+def method_class(name: str) -> type[Method]:
+    """The registered method of that name; an unknown name is a ConfigError listing them."""
     if name not in METHODS:
         raise ConfigError(f"method.name: unknown method {name!r}; choose from {', '.join(METHODS)}")
-    return METHODS[name](cfg)
+    return METHODS[name]
 
 
-__all__ = ["METHODS", "Method", "get_method"]
+def get_method(cfg) -> Method:
+    """Deprecated: `firmad.factory.build_method(cfg)`. Kept until the last callers switch."""
+    from firmad.factory import build_method  # the compatibility path only (engine -> core)
+
+    return build_method(cfg)
+
+
+__all__ = [
+    "FIRM",
+    "METHODS",
+    "BinaryClassifier",
+    "DeepSVDD",
+    "Method",
+    "NTXent",
+    "RotSupCon",
+    "SupConBinary",
+    "get_method",
+    "method_class",
+]

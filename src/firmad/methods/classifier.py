@@ -11,6 +11,7 @@ from firmad.methods.base import Method
 
 class BinaryClassifier(Method):
     name = "binary"
+    requires_outliers = True
     own_scorer = "logit"
 
     def build_modules(self, feature_dim: int) -> dict[str, nn.Module]:

@@ -7,25 +7,25 @@ from torch import nn
 
 from firmad.losses import FIRMLoss, NTXentLoss, SupConLoss
 from firmad.methods.base import Method
-from firmad.models import build_head
+from firmad.models.heads import HeadSettings, build_head
 
 
 class _Contrastive(Method):
+    """Two views per sample, a projection head of the given settings, a contrastive loss."""
+
     n_views = 2
 
-    def build_modules(self, feature_dim: int) -> dict[str, nn.Module]:
-        m = self.cfg.model
-        return {"head": build_head(feature_dim, m.head_hidden, m.head_out, m.head_depth)}
+    def __init__(self, loss: nn.Module, head: HeadSettings) -> None:
+        self.head, self._loss = head, loss
 
-    def make_loss(self) -> nn.Module:
-        raise NotImplementedError
+    def build_modules(self, feature_dim: int) -> dict[str, nn.Module]:
+        h = self.head
+        return {"head": build_head(feature_dim, h.hidden, h.out_dim, h.depth)}
 
     def embed(self, model: nn.Module, feats: torch.Tensor) -> torch.Tensor:
         return model.head(feats).float()
 
     def embedding_loss(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if not hasattr(self, "_loss"):
-            self._loss = self.make_loss()
         z1, z2 = z.chunk(2)  # views 1 and 2 of the same samples, in the same order
         return self._loss(z1, z2, labels)
 
@@ -35,26 +35,31 @@ class FIRM(_Contrastive):
 
     name = "firm"
 
-    def make_loss(self) -> nn.Module:
-        return FIRMLoss(tau=self.cfg.method.tau, mode=self.cfg.method.loss_mode)
+    def __init__(
+        self, tau: float = 0.2, mode: str = "pairwise", head: HeadSettings = HeadSettings()
+    ) -> None:
+        super().__init__(FIRMLoss(tau=tau, mode=mode), head)
 
 
 class NTXent(_Contrastive):
-    """SimCLR's NT-Xent (the paper's one-directional form unless ``method.symmetric``)."""
+    """SimCLR's NT-Xent (the paper's one-directional form unless ``symmetric``)."""
 
     name = "ntxent"
 
-    def make_loss(self) -> nn.Module:
-        return NTXentLoss(tau=self.cfg.method.tau, symmetric=self.cfg.method.symmetric)
+    def __init__(
+        self, tau: float = 0.2, symmetric: bool = False, head: HeadSettings = HeadSettings()
+    ) -> None:
+        super().__init__(NTXentLoss(tau=tau, symmetric=symmetric), head)
 
 
 class RotSupCon(_Contrastive):
     """SupCon with labels 0 = inlier, 1..K = each outlier kind its own class."""
 
     name = "rotsupcon"
+    requires_outliers = True
 
-    def make_loss(self) -> nn.Module:
-        return SupConLoss(tau=self.cfg.method.tau)
+    def __init__(self, tau: float = 0.2, head: HeadSettings = HeadSettings()) -> None:
+        super().__init__(SupConLoss(tau=tau), head)
 
     def labels(self, class_ids: torch.Tensor, kind_ids: torch.Tensor) -> torch.Tensor:
         return kind_ids

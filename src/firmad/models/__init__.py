@@ -12,13 +12,14 @@ from firmad.models.backbones import (
     set_bn_momentum,
 )
 from firmad.models.complexity import complexity
-from firmad.models.heads import ProjectionHead, build_head
+from firmad.models.heads import HeadSettings, ProjectionHead, build_head
 
 __all__ = [
     "BACKBONES",
     "WIDTH_SCALABLE",
     "NORMALISATION",
     "Encoder",
+    "HeadSettings",
     "Normalize",
     "ProjectionHead",
     "build_backbone",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,16 @@ from torch import nn
 
 from firmad.errors import ConfigError
 
-__all__ = ["ProjectionHead", "build_head", "check_head_settings"]
+__all__ = ["HeadSettings", "ProjectionHead", "build_head", "check_head_settings"]
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """The projection head's sizes (`build_head`): the paper's defaults."""
+
+    hidden: int = 1024
+    out_dim: int = 128
+    depth: int = 8
 
 
 class ProjectionHead(nn.Module):

@@ -6,19 +6,17 @@ more anomalous). Every scorer is a differentiable torch module (OC-SVMs are fitt
 scikit-learn and evaluated in torch from their support vectors).
 """
 
+from firmad.scoring.banks import bank_crops, bank_subset, extract_banks, kmeans_centroids
 from firmad.scoring.evaluate import (
     VARIANTS,
     VariantScorer,
     angles_for,
-    bank_crops,
-    bank_subset,
-    extract_banks,
+    result_identity,
     score_run,
     scorer_specs,
 )
 from firmad.scoring.features import ANGLES, FeatureExtractor, check_uint8, extract_features
 from firmad.scoring.scorers import (
-    DEFAULT_SCORERS,
     SCORERS,
     CentreScorer,
     KdeScorer,
@@ -31,14 +29,15 @@ from firmad.scoring.scorers import (
     Scorer,
     SvddScorer,
     build_scorer,
-    kmeans_centroids,
     knn_similarities,
+    result_keys_of,
     result_name,
+    row_name,
 )
+from firmad.scoring.specs import parse_scorer
 
 __all__ = [
     "ANGLES",
-    "DEFAULT_SCORERS",
     "SCORERS",
     "VARIANTS",
     "CentreScorer",
@@ -62,7 +61,11 @@ __all__ = [
     "extract_features",
     "kmeans_centroids",
     "knn_similarities",
+    "parse_scorer",
+    "result_identity",
+    "result_keys_of",
     "result_name",
+    "row_name",
     "score_run",
     "scorer_specs",
 ]

@@ -14,6 +14,7 @@ tables share one path.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -23,33 +24,17 @@ from torch import nn
 
 from firmad.errors import ConfigError, InputError
 from firmad.metrics import evaluate_scores
+from firmad.scoring.banks import bank_crops, bank_subset, extract_banks
 from firmad.scoring.features import ANGLES, FeatureExtractor, check_uint8
-from firmad.scoring.scorers import (
-    DEFAULT_SCORERS,
-    KnnCosScorer,
-    Scorer,
-    build_scorer,
-    kmeans_centroids,
-    result_name,
-)
+from firmad.scoring.scorers import SCORERS, build_scorer, result_keys_of, result_name
+from firmad.scoring.specs import parse_scorer
 
 VARIANTS = ("plain", "angled", "ensemble")
-ENSEMBLE_BANKS = ("centre", "crops")
 
 
 def angles_for(variant: str) -> tuple[int, ...]:
     check_variants([variant])
     return (0,) if variant == "plain" else ANGLES
-
-
-def bank_crops(variant: str, ensemble_bank: str, n_crops: int) -> int | None:
-    """Random crops per bank image for a variant's bank: ``n_crops`` for the ensemble with
-    ``ensemble_bank="crops"``, else None (the centre crop)."""
-    if ensemble_bank not in ENSEMBLE_BANKS:
-        raise ConfigError(
-            f"ensemble_bank must be one of {', '.join(ENSEMBLE_BANKS)}, got {ensemble_bank!r}."
-        )
-    return n_crops if variant == "ensemble" and ensemble_bank == "crops" else None
 
 
 def check_variants(variants: Sequence[str]) -> tuple[str, ...]:
@@ -76,9 +61,22 @@ class VariantScorer(nn.Module):
         self.per_angle = nn.ModuleList(build_scorer(name, **self.params) for _ in self.angles)
 
     @property
-    def k(self) -> int | None:
-        k = getattr(self.per_angle[0], "k", None)
-        return k if isinstance(self.per_angle[0], KnnCosScorer) else None
+    def result_params(self) -> dict[str, Any]:
+        """The values of the scorer's result keys (``{"k": 5}`` for kNN; ``{}`` for most)."""
+        scorer = self.per_angle[0]
+        return {key: getattr(scorer, key) for key in scorer.result_keys}
+
+    @property
+    def label(self) -> str:
+        """The result label, e.g. ``"knn_cos k=5 (plain)"``."""
+        params = dict(self.result_params)
+        return result_name(self.name, params.pop("k", None), self.variant, **params)
+
+    def result_row(self, metrics: Mapping[str, float]) -> dict[str, Any]:
+        """A result row: scorer, ``k`` (None unless a result key), the other result keys,
+        variant, then the metrics."""
+        return {"scorer": self.name, "k": None, **self.result_params, "variant": self.variant,
+                **metrics}  # fmt: skip
 
     @property
     def differentiable(self) -> bool:
@@ -97,9 +95,6 @@ class VariantScorer(nn.Module):
             if cache is not None:
                 cache[key] = self.per_angle[i]
         return self
-
-    def scorer_at(self, angle: int) -> Scorer:
-        return self.per_angle[self.angles.index(angle)]
 
     def combine(self, feats: Mapping[int, torch.Tensor]) -> torch.Tensor:
         """Scores from test features: ``feats[angle]`` is (N, D), or (n_crops, N, D) for the
@@ -130,8 +125,6 @@ class VariantScorer(nn.Module):
 
 def scorer_specs(scorers) -> list[tuple[str, dict[str, Any]]]:
     """Scorers as (name, params): names, (name, params) pairs or "name:key=value" strings."""
-    from firmad.config import parse_scorer
-
     specs = []
     for spec in scorers:
         if isinstance(spec, str):
@@ -142,41 +135,10 @@ def scorer_specs(scorers) -> list[tuple[str, dict[str, Any]]]:
     return specs
 
 
-def extract_banks(
-    extractor: FeatureExtractor,
-    train_images: torch.Tensor,
-    angles: Iterable[int],
-    batch_size: int = 512,
-    bank_centroids: int | None = None,
-    seed: int = 0,
-    crops: int | None = None,
-) -> dict[int, torch.Tensor]:
-    """Normal training features per rotation (optionally replaced by k-means centroids).
-
-    With ``crops``, each image gives that many random crops (as the ensemble's test images do),
-    all in the bank: (crops * N, D) per rotation, drawn with seed + 2 (the ensemble's test crops
-    use seed + 1).
-    """
-    banks = {}
-    gen = torch.Generator().manual_seed(seed + 2) if crops else None
-    for angle in angles:
-        bank = extractor.extract(train_images, batch_size, angle=angle, crops=crops, gen=gen)
-        bank = bank.reshape(-1, bank.shape[-1])
-        if bank_centroids is not None and bank_centroids < bank.shape[0]:
-            bank = kmeans_centroids(bank, bank_centroids, seed)
-        banks[angle] = bank
-    return banks
-
-
-def bank_subset(train_images: torch.Tensor, bank_size: int | None, seed: int) -> torch.Tensor:
-    """A seeded random subset of the normal training images as the bank (None: all)."""
-    if bank_size is None or bank_size >= train_images.shape[0]:
-        return train_images
-    if bank_size < 1:
-        raise InputError(f"bank_size must be >= 1 or None, got {bank_size}.")
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(train_images.shape[0], generator=g)[:bank_size].sort().values
-    return train_images[idx]
+def result_identity(row: Mapping[str, Any]) -> tuple:
+    """What tells result rows apart: scorer, variant and the scorer's result keys."""
+    keys = ("k", *result_keys_of(row["scorer"]))
+    return (row["scorer"], row["variant"], tuple((key, row.get(key)) for key in keys))
 
 
 def score_run(
@@ -184,7 +146,7 @@ def score_run(
     train_images: torch.Tensor,
     test_images: torch.Tensor,
     test_labels,
-    scorers: Iterable[tuple[str, dict[str, Any]] | str] = DEFAULT_SCORERS,
+    scorers: Iterable[tuple[str, dict[str, Any]] | str],
     variants: Sequence[str] = ("plain",),
     device: str | torch.device | None = None,
     batch_size: int = 512,
@@ -202,38 +164,53 @@ def score_run(
 ):
     """Score the test images with every scorer x variant and evaluate the metrics.
 
-    Features are extracted once per rotation (and once for the crops) and shared by all
-    scorers. ``bank_size`` draws a seeded subset of the training images as the bank;
-    ``bank_centroids`` replaces the bank by that many k-means centroids. ``extra_scorers``:
-    fitted `VariantScorer`s (a method's own score) reported first. ``ensemble_bank="crops"``
-    fits the ensemble variant on ``n_crops`` random crops of each bank image instead of its
-    centre crop (the paper's script uses the centre crop; the other variants always do).
+    Features are extracted once per rotation (and once for the crops), shared by all scorers.
+    ``bank_size``: a seeded subset of the training images as the bank; ``bank_centroids``:
+    that many k-means centroids instead; ``extra_scorers``: fitted `VariantScorer`s (a
+    method's own score) reported first; ``ensemble_bank="crops"``: the ensemble's bank is
+    ``n_crops`` random crops of each bank image (the paper's script: the centre crop).
 
-    Returns:
-        list of dicts ``{"scorer", "k", "variant", "auroc", "aupr_anomaly", "aupr_normal",
-        "fpr95"}``; with ``return_details=True`` a tuple ``(results, details)`` where details
-        holds ``"scores"`` (result_name -> np.ndarray), ``"labels"`` (np.ndarray) and
-        ``"test_features"`` (plain test features, float32 tensor (N, D)).
+    Returns rows (`VariantScorer.result_row`); with ``return_details`` ``(rows, details)``:
+    ``"scores"`` (label -> np.ndarray), ``"labels"``, ``"test_features"`` (plain, (N, D)).
     """
     variants = check_variants(variants)
     crops_of = {v: bank_crops(v, ensemble_bank, n_crops) for v in variants}
-    specs = scorer_specs(scorers)
-    if not specs:
-        raise ConfigError("no scorers given; pass e.g. [('knn_cos', {'k': 5})].")
-    for name, params in specs:
-        if name in ("knn_cos", "knn_cos_norm"):
-            params.setdefault("knn_backend", knn_backend)
-    scorers_ = [VariantScorer(n, p, v, n_crops) for n, p in specs for v in variants]
-    train_images = check_uint8(train_images)
-    test_images = check_uint8(test_images)
-    labels = np.asarray(
-        test_labels.detach().cpu().numpy() if hasattr(test_labels, "detach") else test_labels
-    ).reshape(-1)
-    if labels.shape[0] != test_images.shape[0]:
-        raise InputError(
-            f"{test_images.shape[0]} test images but {labels.shape[0]} test labels; "
-            "pass one label (1 = anomaly) per test image."
-        )
+    scorers_ = _variant_scorers(scorers, variants, n_crops, knn_backend)
+    train_images, test_images = check_uint8(train_images), check_uint8(test_images)
+    labels = _labels(test_labels, test_images.shape[0])
+    extractor = _extractor(encoder, size, resize_ratio, channels, device)
+    angles = (0,) if variants == ("plain",) else ANGLES
+    bank_images = bank_subset(train_images, bank_size, seed)
+    banks = {  # keyed by crops per image (None: centre crops); only the kinds some variant uses
+        c: extract_banks(extractor, bank_images, angles, batch_size, bank_centroids, seed, c)
+        for c in dict.fromkeys(crops_of.values())
+    }  # fmt: skip
+    test = {a: extractor.extract(test_images, batch_size, angle=a) for a in angles}
+    crops, fitted = {}, {}
+    if "ensemble" in variants:
+        crops = _test_crops(extractor, test_images, angles, n_crops, batch_size, seed)
+
+    with torch.no_grad():
+        for vs in scorers_:  # a scorer is fitted once per bank, shared by the variants
+            vs.fit(banks[crops_of[vs.variant]], cache=fitted.setdefault(crops_of[vs.variant], {}))
+        results, all_scores = _score_all([*extra_scorers, *scorers_], test, crops, labels)
+    if return_details:
+        return results, {"scores": all_scores, "labels": labels, "test_features": test[0]}
+    return results
+
+
+def _score_all(scorers: list[VariantScorer], test, crops, labels: np.ndarray):
+    """(result rows, scores by result label) of fitted scorers on the test features."""
+    results, all_scores = [], {}
+    for vs in scorers:
+        scores = vs.combine(crops if vs.variant == "ensemble" else test).double().cpu().numpy()
+        all_scores[vs.label] = scores
+        results.append(vs.result_row(evaluate_scores(labels, scores)))
+    return results, all_scores
+
+
+def _extractor(encoder, size: int, resize_ratio: float, channels: int, device):
+    """The encoder with its test-time preprocessing (a `FeatureExtractor` as it is)."""
     extractor = (
         encoder
         if isinstance(encoder, FeatureExtractor)
@@ -241,35 +218,39 @@ def score_run(
     )
     if device is not None and extractor.device.type != torch.device(device).type:
         raise InputError(f"the encoder lives on {extractor.device} but device={device} was given.")
+    return extractor
 
-    angles = (0,) if variants == ("plain",) else ANGLES
-    bank_images = bank_subset(train_images, bank_size, seed)
-    banks = {  # keyed by crops per image (None: centre crops); only the kinds some variant uses
-        c: extract_banks(extractor, bank_images, angles, batch_size, bank_centroids, seed, c)
-        for c in dict.fromkeys(crops_of.values())
+
+def _test_crops(extractor, test_images, angles, n_crops: int, batch_size: int, seed: int):
+    """The ensemble's ``n_crops`` random crops of every test image, per rotation, drawn in
+    angle order from seed + 1 (the crops drawn are part of the result)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    return {
+        a: extractor.extract(test_images, batch_size, angle=a, crops=n_crops, gen=gen)
+        for a in angles
     }
-    crop_gen = torch.Generator().manual_seed(seed + 1)
-    test = {a: extractor.extract(test_images, batch_size, angle=a) for a in angles}
-    crops = {}
-    if "ensemble" in variants:
-        for a in angles:  # in angle order: the crops drawn are part of the result
-            crops[a] = extractor.extract(
-                test_images, batch_size, angle=a, crops=n_crops, gen=crop_gen
-            )
 
-    results, all_scores, fitted = [], {}, {c: {} for c in banks}
-    with torch.no_grad():
-        for vs in [*extra_scorers, *scorers_]:
-            if vs not in extra_scorers:
-                c = crops_of[vs.variant]
-                vs.fit(banks[c], cache=fitted[c])
-            feats = crops if vs.variant == "ensemble" else test
-            scores = vs.combine(feats).double().cpu().numpy()
-            all_scores[result_name(vs.name, vs.k, vs.variant)] = scores
-            results.append(
-                {"scorer": vs.name, "k": vs.k, "variant": vs.variant,
-                 **evaluate_scores(labels, scores)}
-            )  # fmt: skip
-    if return_details:
-        return results, {"scores": all_scores, "labels": labels, "test_features": test[0]}
-    return results
+
+def _variant_scorers(scorers, variants, n_crops: int, knn_backend: str) -> list[VariantScorer]:
+    """One unfitted `VariantScorer` per scorer x variant; scorers that choose a kNN backend
+    get ``knn_backend`` unless their spec sets one."""
+    specs = scorer_specs(scorers)
+    if not specs:
+        raise ConfigError("no scorers given; pass e.g. [('knn_cos', {'k': 5})].")
+    for name, params in specs:
+        if name in SCORERS and "knn_backend" in inspect.signature(SCORERS[name]).parameters:
+            params.setdefault("knn_backend", knn_backend)
+    return [VariantScorer(n, p, v, n_crops) for n, p in specs for v in variants]
+
+
+def _labels(test_labels, n_test: int) -> np.ndarray:
+    """Test labels (1 = anomaly) as a flat numpy array, one per test image."""
+    labels = np.asarray(
+        test_labels.detach().cpu().numpy() if hasattr(test_labels, "detach") else test_labels
+    ).reshape(-1)
+    if labels.shape[0] != n_test:
+        raise InputError(
+            f"{n_test} test images but {labels.shape[0]} test labels; "
+            "pass one label (1 = anomaly) per test image."
+        )
+    return labels

@@ -40,8 +40,8 @@ class FeatureExtractor(nn.Module):
 
     @classmethod
     def from_config(cls, encoder: nn.Module, cfg) -> FeatureExtractor:
-        """The run's test-time preprocessing: ``data.size``, ``data.channels``,
-        ``eval.resize_ratio``."""
+        """Deprecated: `firmad.factory.build_extractor(cfg, encoder)` (kept while detector.py
+        calls it)."""
         return cls(encoder, cfg.data.size, cfg.eval.resize_ratio, cfg.data.channels)
 
     def preprocess(

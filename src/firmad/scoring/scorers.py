@@ -46,7 +46,7 @@ def as_features(x, what: str = "features") -> torch.Tensor:
     return x
 
 
-def _normalise(x: torch.Tensor) -> torch.Tensor:
+def l2_normalise(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=1, eps=1e-12)
 
 
@@ -67,7 +67,7 @@ def _row_chunks(x: torch.Tensor, bank_rows: int) -> list[torch.Tensor]:
     return list(x.split(max(1, _MAX_CHUNK_ELEMENTS // max(1, bank_rows))))
 
 
-def _faiss():
+def faiss_or_none():
     try:
         import faiss
     except ImportError:
@@ -90,7 +90,7 @@ def knn_similarities(
             f"k={k} nearest neighbours requested but the bank has {bank_n.shape[0]} features; "
             "use a smaller k or a larger bank."
         )
-    faiss = _faiss() if backend in ("auto", "faiss") else None
+    faiss = faiss_or_none() if backend in ("auto", "faiss") else None
     if backend == "faiss" and faiss is None:
         raise ConfigError("knn_backend='faiss' but faiss is not installed; pip install faiss-cpu.")
     needs_grad = torch.is_grad_enabled() and queries_n.requires_grad
@@ -110,6 +110,9 @@ class Scorer(nn.Module):
     name = "scorer"
     fitted: tuple[str, ...] = ()
     differentiable = True
+    # The parameters that tell two results of this scorer apart (e.g. kNN's k): they go into
+    # every result row and label.
+    result_keys: tuple[str, ...] = ()
 
     def __init__(self) -> None:
         super().__init__()
@@ -182,6 +185,7 @@ class KnnCosScorer(Scorer):
 
     name = "knn_cos"
     fitted = ("bank_",)
+    result_keys = ("k",)
 
     def __init__(self, k: int = 5, knn_backend: str = "auto") -> None:
         super().__init__()
@@ -195,12 +199,12 @@ class KnnCosScorer(Scorer):
         self.knn_backend = knn_backend
 
     def fit(self, bank) -> KnnCosScorer:
-        self.bank_ = _normalise(as_features(bank, "bank features").detach().double())
+        self.bank_ = l2_normalise(as_features(bank, "bank features").detach().double())
         return self
 
     def mean_topk(self, x: torch.Tensor) -> torch.Tensor:
         self._check_dim(x, self.bank_.shape[1])
-        sims = knn_similarities(self.bank_, _normalise(x), self.k, self.knn_backend)
+        sims = knn_similarities(self.bank_, l2_normalise(x), self.k, self.knn_backend)
         return sims.to(x.dtype).mean(dim=1)
 
     def forward(self, features) -> torch.Tensor:
@@ -232,13 +236,13 @@ class KdeScorer(Scorer):
         self.scale = float(scale)
 
     def fit(self, bank) -> KdeScorer:
-        self.bank_ = _normalise(as_features(bank, "bank features").detach().double())
+        self.bank_ = l2_normalise(as_features(bank, "bank features").detach().double())
         d = self.bank_.shape[1]
         self.gamma_ = torch.tensor(self.scale / (_bank_variance(self.bank_) * d), dtype=self.dtype)
         return self
 
     def forward(self, features) -> torch.Tensor:
-        x = _normalise(self.prepare(features))
+        x = l2_normalise(self.prepare(features))
         self._check_dim(x, self.bank_.shape[1])
         chunks = _row_chunks(x, self.bank_.shape[0])
         out = [torch.logsumexp((q @ self.bank_.T) * self.gamma_, dim=1) for q in chunks]
@@ -252,12 +256,12 @@ class CentreScorer(Scorer):
     fitted = ("centre_",)
 
     def fit(self, bank) -> CentreScorer:
-        bank_n = _normalise(as_features(bank, "bank features").detach().double())
-        self.centre_ = _normalise(bank_n.mean(dim=0, keepdim=True))[0]
+        bank_n = l2_normalise(as_features(bank, "bank features").detach().double())
+        self.centre_ = l2_normalise(bank_n.mean(dim=0, keepdim=True))[0]
         return self
 
     def forward(self, features) -> torch.Tensor:
-        x = _normalise(self.prepare(features))
+        x = l2_normalise(self.prepare(features))
         self._check_dim(x, self.centre_.shape[0])
         return -(x @ self.centre_)
 
@@ -278,7 +282,7 @@ class MahalanobisScorer(Scorer):
         self.normalize = bool(normalize)
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
-        return _normalise(x) if self.normalize else x
+        return l2_normalise(x) if self.normalize else x
 
     def fit(self, bank) -> MahalanobisScorer:
         from sklearn.covariance import LedoitWolf
@@ -326,7 +330,7 @@ class _OcsvmScorer(Scorer):
     def fit(self, bank) -> _OcsvmScorer:
         from sklearn.svm import OneClassSVM
 
-        bank_n = _normalise(as_features(bank, "bank features").detach().double().cpu())
+        bank_n = l2_normalise(as_features(bank, "bank features").detach().double().cpu())
         if bank_n.shape[0] > self.max_bank:
             g = torch.Generator().manual_seed(self.seed)
             idx = torch.randperm(bank_n.shape[0], generator=g)[: self.max_bank]
@@ -347,7 +351,7 @@ class _OcsvmScorer(Scorer):
         raise NotImplementedError
 
     def forward(self, features) -> torch.Tensor:
-        x = _normalise(self.prepare(features))
+        x = l2_normalise(self.prepare(features))
         self._check_dim(x, self.support_.shape[1])
         return -(self.kernel_matrix(x) @ self.dual_coef_ + self.intercept_)
 
@@ -462,17 +466,6 @@ SCORERS: dict[str, type[Scorer]] = {
     )
 }
 
-DEFAULT_SCORERS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("knn_cos", {"k": 1}),
-    ("knn_cos", {"k": 5}),
-    ("knn_cos_norm", {"k": 5}),
-    ("kde", {}),
-    ("centre", {}),
-    ("mahalanobis", {}),
-    ("ocsvm_rbf", {}),
-    ("ocsvm_linear", {}),
-)
-
 
 def build_scorer(name: str, **params: Any) -> Scorer:
     """Build a scorer by registry name, e.g. ``build_scorer("knn_cos", k=5)``."""
@@ -484,27 +477,22 @@ def build_scorer(name: str, **params: Any) -> Scorer:
         raise ConfigError(f"invalid parameters {params} for scorer {name!r}: {exc}") from exc
 
 
-def result_name(scorer: str, k: int | None = None, variant: str | None = None) -> str:
+def result_name(scorer: str, k: int | None = None, variant: str | None = None, **keys) -> str:
     """The one label of a result row, e.g. ``"knn_cos k=5 (plain)"`` (``"knn_cos k=5"``
-    without a variant); used by the reports, the grids and the score dictionaries."""
-    name = f"{scorer}{'' if k in (None, '') else f' k={k}'}"
+    without a variant): the scorer, its result keys (`Scorer.result_keys`) that are set, and
+    the variant; used by the reports, the grids and the score dictionaries."""
+    values = {"k": k, **keys}
+    name = f"{scorer}" + "".join(f" {key}={v}" for key, v in values.items() if v not in (None, ""))
     return name if variant is None else f"{name} ({variant})"
 
 
-def kmeans_centroids(features: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
-    """k spherical k-means centroids of the features, scaled to the features' mean norm (so the
-    norm-based scorers still see typical norms). faiss when installed, else scikit-learn."""
-    if k < 1:
-        raise InputError(f"bank_centroids must be >= 1, got {k}.")
-    x = _normalise(features.float()).numpy().astype(np.float32)
-    faiss = _faiss()
-    if faiss is not None:
-        km = faiss.Kmeans(x.shape[1], k, niter=25, seed=seed, spherical=True, verbose=False)
-        km.train(x)
-        centroids = torch.from_numpy(km.centroids.copy())
-    else:
-        from sklearn.cluster import KMeans
+def result_keys_of(scorer: str) -> tuple[str, ...]:
+    """The result keys of a registered scorer (``("k",)`` for one that is not registered)."""
+    return SCORERS[scorer].result_keys if scorer in SCORERS else ("k",)
 
-        km = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(x)
-        centroids = torch.from_numpy(km.cluster_centers_.astype(np.float32))
-    return _normalise(centroids) * features.norm(dim=1).mean()
+
+def row_name(row: dict[str, Any], variant: bool = False) -> str:
+    """The label of a result row (``{"scorer", "k", ..., "variant", metrics}``)."""
+    keys = {key: row.get(key) for key in result_keys_of(row["scorer"])}
+    k = keys.pop("k", None)
+    return result_name(row["scorer"], k, row.get("variant") if variant else None, **keys)

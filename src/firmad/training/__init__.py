@@ -7,20 +7,35 @@ from firmad.training.callbacks import (
     MetricsLog,
     ProgressBar,
 )
-from firmad.training.model import OneClassModel, build_model, resolve_device
-from firmad.training.trainer import Trainer, TrainingDiverged, TrainingInterrupted, fit_together
+from firmad.training.model import OneClassModel, resolve_device
+from firmad.training.settings import AdversarialSettings, TrainSettings, plan_epochs
+from firmad.training.together import fit_together
+from firmad.training.trainer import Trainer, TrainingDiverged, TrainingInterrupted
+
+
+def __getattr__(name: str):
+    # Deprecated: `firmad.factory.build_model(cfg, dataset, normalisation)`; kept until the last
+    # callers (run.py, detector.py) import it from there.
+    if name == "build_model":
+        from firmad.factory import build_model
+
+        return build_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
+    "AdversarialSettings",
     "Callback",
     "CheckpointSaver",
     "LearningCurve",
     "MetricsLog",
     "OneClassModel",
     "ProgressBar",
+    "TrainSettings",
     "Trainer",
     "TrainingDiverged",
     "TrainingInterrupted",
-    "build_model",
     "fit_together",
+    "plan_epochs",
     "resolve_device",
 ]

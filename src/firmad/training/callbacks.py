@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from firmad.io import REQUIRED_META, load_checkpoint, save_checkpoint
+from firmad.io import REQUIRED_META, atomic_write_text, load_checkpoint, save_checkpoint
 
 
 class Callback:
@@ -87,8 +87,6 @@ class MetricsLog(Callback):
                 step = entry.get("step", entry.get("curve", {}).get("step", 0))
                 if step is not None and step <= trainer.global_step:
                     kept.append(line)
-            from firmad.io import atomic_write_text
-
             atomic_write_text(self.path, "".join(k + "\n" for k in kept))
         self.file = open(self.path, "a")  # noqa: SIM115 - closed in on_train_end / on_interrupt
 
@@ -241,7 +239,7 @@ class ProgressBar(Callback):
 
     def on_epoch_end(self, trainer, record: dict) -> None:
         info = (
-            f"epoch {trainer.epoch}/{trainer.cfg.train.epochs} loss {record['loss']:.3f} "
+            f"epoch {trainer.epoch}/{trainer.settings.epochs} loss {record['loss']:.3f} "
             f"lr {record['lr']:.2e} {record['views_per_s']:.0f} views/s"
         )
         self.progress.update(self.task, info=info)

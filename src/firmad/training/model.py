@@ -2,42 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
 from firmad.errors import ConfigError
-from firmad.methods import get_method
-from firmad.models import build_backbone, normalisation_for
 
 
 class OneClassModel(nn.Module):
-    """``encoder`` maps images in [0, 1] to features; ``head`` (contrastive methods) or
-    ``classifier`` (binary) sit on top; ``centre`` is Deep SVDD's fixed centre (a buffer, so it is
-    saved with the weights; zeros for the other methods)."""
+    """``encoder`` maps images in [0, 1] to features (``encoder.feature_dim`` of them);
+    ``modules`` are the method's modules on top, by attribute name: ``head`` (contrastive
+    methods) or ``classifier`` (binary); ``centre`` is Deep SVDD's fixed centre (a buffer, so
+    it is saved with the weights; zeros for the other methods)."""
 
-    def __init__(self, cfg, dataset: str, normalisation=None):
+    def __init__(self, encoder: nn.Module, modules: Mapping[str, nn.Module] | None = None):
         super().__init__()
-        m, channels = cfg.model, cfg.data.channels
-        # The dataset's known statistics, or (mean, std) measured on the user's own images.
-        mean, std = normalisation or normalisation_for(dataset, channels)
-        self.encoder = build_backbone(
-            m.backbone,
-            in_channels=channels,
-            width=m.width,
-            bn_momentum=m.bn_momentum,
-            mean=mean,
-            std=std,
-        )
-        dim = self.encoder.feature_dim
+        self.encoder = encoder
         self.head = None
         self.classifier = None
-        for name, module in get_method(cfg).build_modules(dim).items():
+        for name, module in (modules or {}).items():
             setattr(self, name, module)
-        self.register_buffer("centre", torch.zeros(dim))
-
-
-def build_model(cfg, dataset: str, normalisation=None) -> OneClassModel:
-    return OneClassModel(cfg, dataset, normalisation)
+        self.register_buffer("centre", torch.zeros(encoder.feature_dim))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -20,17 +20,19 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from firmad.augment import ViewAugment, to_float
-from firmad.data import OneClassSplit
-from firmad.data.pool import build_pool, load_split, normal_class_ids, prepare_images
+from firmad.data.pool import Pool
 from firmad.errors import CheckpointError, ConfigError, FirmadError
 from firmad.io import join_state, prefixed, split_state
-from firmad.methods import get_method
-from firmad.outliers import apply_kinds, parse_outliers
+from firmad.methods import Method
+from firmad.outliers import apply_kinds
 from firmad.perturb import ascent_step, project, random_delta
 from firmad.training import distributed
-from firmad.training.model import build_model, resolve_device, weights_mismatch
+from firmad.training.model import weights_mismatch
+from firmad.training.settings import TrainSettings, plan_epochs
+from firmad.training.sync_free import SyncFreeStep
 
 CHECKPOINT_FORMAT = "firmad-checkpoint-1"
 
@@ -47,98 +49,64 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signal_name, self.step = signal_name, step
 
 
-class Trainer:
-    """Builds the pool, model, optimiser and schedule from a RunConfig and runs the loop.
+class Trainer(SyncFreeStep):
+    """Runs the loop over a pool with a model, method, optimiser, schedule and augmentation
+    (`firmad.factory.build_trainer` builds them from a RunConfig).
 
     Inside a torch.distributed process group (``torchrun``) it trains one model across the
-    processes with DistributedDataParallel; ``train.batch_size`` is then the global batch, and
-    the run computes what one process with that batch computes (`firmad.training.distributed`).
+    processes with DistributedDataParallel; ``settings.batch_size`` is then the global batch,
+    and the run computes what one process with that batch computes
+    (`firmad.training.distributed`).
     """
 
-    def __init__(self, cfg, split: OneClassSplit | None = None, callbacks=(), normalisation=None):
-        self.cfg = cfg
+    def __init__(
+        self,
+        model: nn.Module,
+        method: Method | None = None,
+        pool: Pool | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler=None,
+        augment: ViewAugment | None = None,
+        callbacks=(),
+        settings: TrainSettings | None = None,
+        **legacy,
+    ):
+        if settings is None:  # Trainer(cfg, split=..., callbacks=..., normalisation=...)
+            # Deprecated: kept until the last callers use firmad.factory.build_trainer.
+            from firmad.factory import build_trainer
+
+            vars(self).update(vars(build_trainer(model, callbacks=callbacks, **legacy)))
+            return
+        self.model, self.method, self.pool, self.augment = model, method, pool, augment
+        self.optimizer, self.scheduler, self.settings = optimizer, scheduler, settings
         self.callbacks = list(callbacks)
-        t = cfg.train
-        if t.threads:
-            torch.set_num_threads(t.threads)
         self.world = distributed.world()
-        self.device = resolve_device(t.device)
-        if self.world.distributed and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.world.local_rank)  # one GPU per process
-        if t.batch_size % self.world.size:
-            raise ConfigError(
-                f"train.batch_size: {t.batch_size} is the global batch of all {self.world.size} "
-                "processes and must be divisible by their number; choose a multiple of "
-                f"{self.world.size}"
-            )
-        self.local_batch = t.batch_size // self.world.size
-        self.split = split if split is not None else load_split(cfg)
-        self.method = get_method(cfg)
-        normals = prepare_images(self.split.train_images, cfg.data.size)
-        ids = normal_class_ids(cfg, self.split, len(normals))
-        self.pool = build_pool(cfg, normals, ids, self.device, self.method.uses_outliers)
-        o = cfg.outliers
-        fresh = o.mode == "fresh" and o.kinds and not o.exposure and self.method.uses_outliers
-        self.fresh_kinds = parse_outliers(o.kinds) if fresh else []
-
-        torch.manual_seed(t.seed)  # model initialisation
-        self.model = build_model(cfg, cfg.data.dataset, normalisation).to(self.device)
-        self.use_cuda = self.device.type == "cuda"
-        # channels_last: faster convolutions on CPU (mkldnn) and GPU alike.
-        self.channels_last = t.channels_last in ("on", "auto")
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        if self.world.distributed and t.sync_bn:
-            self.model = distributed.convert_sync_bn(self.model, self.device)
-        amp = t.amp if t.amp != "auto" else ("bf16" if self.use_cuda else "none")
-        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16" and self.use_cuda)
-        a = cfg.augment
-        self.augment = (
-            ViewAugment(
-                size=cfg.data.size,
-                scale=tuple(a.scale),
-                ratio=tuple(a.ratio),
-                jitter=tuple(a.jitter),
-                jitter_p=a.jitter_p,
-                blur_kernel=a.blur_kernel,
-                blur_sigma=tuple(a.blur_sigma),
-                blur_p=a.blur_p,
-                hflip_p=a.hflip_p,
-                grayscale_p=a.grayscale_p,
-            )
-            if a.enabled
-            else None
-        )
-        self.n_views = self.method.n_views
-        self.adversarial = cfg.adversarial if cfg.adversarial.enabled else None
+        self.device = settings.device
+        self.local_batch = settings.batch_size // self.world.size
+        self.fresh_kinds = list(settings.fresh_outliers)
+        self.n_views = method.n_views
+        self.adversarial = settings.adversarial
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[settings.amp]
+        fp16_cuda = settings.amp == "fp16" and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16_cuda)
+        self.channels_last = settings.channels_last
         self.attack_start_loss = torch.zeros((), device=self.device)  # summed over an epoch
+        self.samples_per_epoch, self.steps_per_epoch, self.total_steps = plan_epochs(pool, settings)
+        self.gen = torch.Generator(self.device).manual_seed(settings.seed)
+        self._reset_progress()
+        self.train_encoder, self.net = self._training_forward()
+        self.sync_free = False  # the step without host synchronisation (enable_sync_free)
+        self._graph = None
+        if settings.cuda_graph:
+            if self.device.type != "cuda":
+                raise ConfigError(
+                    f"train.cuda_graph: CUDA graphs need a CUDA device, but training runs on "
+                    f"{self.device}; set train.cuda_graph=false (or train.device=cuda)"
+                )
+            self.enable_sync_free()
 
-        self.samples_per_epoch = len(self.pool.images)
-        if self.fresh_kinds:  # same mix of inliers and outliers as the frozen pool
-            self.samples_per_epoch = self.pool.n_normal * (1 + len(self.fresh_kinds))
-        full = self.samples_per_epoch // t.batch_size
-        if full < 1:
-            raise ConfigError(
-                f"train.batch_size: {t.batch_size} is larger than the {self.samples_per_epoch} "
-                "training samples; lower it"
-            )
-        self.steps_per_epoch = min(full, t.steps_per_epoch) if t.steps_per_epoch else full
-        self.total_steps = self.steps_per_epoch * t.epochs
-
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if t.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(
-                params,
-                lr=t.lr,
-                momentum=t.momentum,
-                weight_decay=t.weight_decay,
-                **_fused_kwargs(self.device),
-            )
-        else:
-            self.optimizer = torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-        self.scheduler = self._build_scheduler()
-        self.gen = torch.Generator(self.device).manual_seed(t.seed)
+    def _reset_progress(self) -> None:
+        """The counters of a run that has not started (`load_state` sets those of a resumed one)."""
         self.epoch = 0
         self.step_in_epoch = 0
         self.global_step = 0
@@ -151,45 +119,20 @@ class Trainer:
         # Steps between finiteness checks (a check syncs a GPU); always checked before a save.
         self.finite_check_every = 1 if self.device.type == "cpu" else 10
         self.paused = 0.0  # seconds callbacks spent on evaluation inside the current epoch
-        # Compile the encoder itself: attributes of a compiled parent module (compiled.encoder)
-        # are the plain, uncompiled submodules.
-        self.train_encoder = torch.compile(self.model.encoder) if t.compile else self.model.encoder
-        # The training forward (encoder -> the method's embeddings): what DDP wraps.
-        self.net: nn.Module = distributed.EmbeddingNet(self.model, self.method, self.train_encoder)
+
+    def _training_forward(self) -> tuple[nn.Module, nn.Module]:
+        """(the encoder the step runs, the encoder -> embeddings module that DDP wraps).
+
+        The encoder itself is compiled: attributes of a compiled parent module
+        (compiled.encoder) are the plain, uncompiled submodules."""
+        encoder = self.model.encoder
+        if self.settings.compile:
+            encoder = torch.compile(encoder)
+        net: nn.Module = distributed.EmbeddingNet(self.model, self.method, encoder)
         if self.world.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.net = DistributedDataParallel(self.net, device_ids=ids)
-        self.sync_free = False  # the step without host synchronisation (enable_sync_free)
-        self._graph = None
-        if t.cuda_graph:
-            if self.device.type != "cuda":
-                raise ConfigError(
-                    f"train.cuda_graph: CUDA graphs need a CUDA device, but training runs on "
-                    f"{self.device}; set train.cuda_graph=false (or train.device=cuda)"
-                )
-            self.enable_sync_free()
-
-    def _build_scheduler(self):
-        t = self.cfg.train
-        if t.schedule == "onecycle" and self.total_steps < 3:
-            # OneCycle needs room for a warm-up and an annealing step; a run of one or two steps
-            # (tiny data) keeps the peak learning rate instead of failing.
-            return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
-        if t.schedule == "onecycle":
-            # PyTorch divides by zero when pct_start * total_steps <= 1 (tiny runs): widen it.
-            pct = min(0.5, max(t.pct_start, 2.0 / self.total_steps))
-            return torch.optim.lr_scheduler.OneCycleLR(
-                self.optimizer,
-                max_lr=t.lr,
-                total_steps=self.total_steps,
-                pct_start=pct,
-                anneal_strategy="cos",
-            )
-        if t.schedule == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, self.total_steps)
-        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+            net = DistributedDataParallel(net, device_ids=ids)
+        return encoder, net
 
     @property
     def finished(self) -> bool:
@@ -202,7 +145,7 @@ class Trainer:
 
         With several processes, B is this rank's slice of the global batch: every rank draws
         the whole global batch's random numbers and keeps rows ``rank*B .. (rank+1)*B``."""
-        b = self.cfg.train.batch_size
+        b = self.settings.batch_size
         if self.perm is None:
             self.perm = torch.randperm(
                 self.samples_per_epoch, generator=self.gen, device=self.device
@@ -214,12 +157,12 @@ class Trainer:
             # The whole global batch's outliers, so the generator advances as in one process.
             n = self.pool.n_normal
             kind_ids = idx // n
-            x = to_float(self.pool.images[idx % n], channels=self.cfg.data.channels)
+            x = to_float(self.pool.images[idx % n], channels=self.settings.channels)
             x = apply_kinds(x, kind_ids, self.fresh_kinds, self.gen)
             class_ids = torch.where(kind_ids > 0, -1, self.pool.class_ids[idx % n])
             return x[mine], class_ids[mine], kind_ids[mine]
         idx = idx[mine]
-        x = to_float(self.pool.images[idx], channels=self.cfg.data.channels)
+        x = to_float(self.pool.images[idx], channels=self.settings.channels)
         return x, self.pool.class_ids[idx], self.pool.kind_ids[idx]
 
     def compute_loss(self, x: torch.Tensor, class_ids: torch.Tensor, kind_ids: torch.Tensor):
@@ -245,7 +188,7 @@ class Trainer:
             return self.augment.forward_device(views, self.gen)
         if not self.world.distributed:
             return self.augment(views, self.gen)
-        b, g = self.local_batch, self.cfg.train.batch_size
+        b, g = self.local_batch, self.settings.batch_size
         i = torch.arange(views.shape[0])
         rows = (i // b) * g + self.world.rank * b + i % b  # view-major rows of the global batch
         return self.augment(views, self.gen, rows=rows, n_draw=self.n_views * g)
@@ -270,7 +213,7 @@ class Trainer:
         the trainer's generator, so a resumed run continues bit for bit.
         """
         a = self.adversarial
-        alpha = a.alpha()
+        alpha = a.alpha
         x = views.detach()
         x_adv = x
         if a.random_start:
@@ -314,121 +257,6 @@ class Trainer:
             self.perm = None
         return loss.detach()
 
-    # --- the sync-free step: nothing waits for the device; capturable as a CUDA graph -------
-
-    def enable_sync_free(self) -> None:
-        """Train with the step that never synchronises with the device (``train.cuda_graph``
-        replays it from a CUDA graph; on any device it can run as it is).
-
-        What differs from the eager step, for the same numbers: the batch indices come from
-        the epoch's permutation by a step counter on the device; the view parameters are
-        computed on the device (`ViewAugment.forward_device`); SGD runs as foreach ops with the
-        learning rate and momentum as device tensors, filled from the host scheduler before
-        each step (a kernel launch, not a synchronisation), so the schedule, the checkpoint
-        format and resuming stay those of the eager step. Needs SGD, frozen outliers, one
-        process, no fp16 loss scaling, no torch.compile and no adversarial training.
-        """
-        t, need = self.cfg.train, []
-        if t.optimizer != "sgd":
-            need.append("train.optimizer=sgd")
-        if self.fresh_kinds:
-            need.append("outliers.mode=frozen (fresh outliers are drawn on the host)")
-        if self.world.distributed:
-            need.append("a single process")
-        if self.amp_dtype is torch.float16:
-            need.append("train.amp none or bf16 (fp16 loss scaling syncs)")
-        if t.compile:
-            need.append("train.compile=false")
-        if self.adversarial is not None:
-            need.append("adversarial.enabled=false (not checked for host syncs)")
-        if need:
-            raise ConfigError("train.cuda_graph (the sync-free step) needs " + "; ".join(need))
-        self.sync_free = True
-        self._sf: dict[str, Any] | None = None
-
-    def _sync_free_setup(self) -> dict[str, Any]:
-        """Static tensors of the sync-free step (after any checkpoint was loaded)."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in params:
-            state = self.optimizer.state[p]
-            if state.get("momentum_buffer") is None:  # buf = m * 0 + g: SGD's first step
-                state["momentum_buffer"] = torch.zeros_like(p)
-        dev = self.device
-        return {
-            "params": params,
-            "bufs": [self.optimizer.state[p]["momentum_buffer"] for p in params],
-            "lr": torch.zeros((), device=dev),
-            "momentum": torch.zeros((), device=dev),
-            "step": torch.zeros((), dtype=torch.int64, device=dev),  # step in the epoch
-            "arange": torch.arange(self.local_batch, device=dev),
-            "perm": torch.zeros(self.samples_per_epoch, dtype=torch.int64, device=dev),
-            "perm_of": None,  # the permutation the buffer holds
-        }
-
-    def _sync_free_step(self) -> torch.Tensor:
-        if self._sf is None:
-            self._sf = self._sync_free_setup()
-        sf = self._sf
-        if self.perm is None:
-            self.perm = torch.randperm(
-                self.samples_per_epoch, generator=self.gen, device=self.device
-            )
-        if sf["perm_of"] is not self.perm:  # a new epoch, or a loaded checkpoint
-            sf["perm"].copy_(self.perm)
-            sf["step"].fill_(self.step_in_epoch)
-            sf["perm_of"] = self.perm
-        group = self.optimizer.param_groups[0]
-        sf["lr"].fill_(group["lr"])
-        sf["momentum"].fill_(group.get("momentum", 0.0))
-        if not self.cfg.train.cuda_graph:
-            return self._sync_free_body()
-        return self._graph_step()
-
-    def _sync_free_body(self) -> torch.Tensor:
-        """One step, every value on the device: what a CUDA graph captures."""
-        sf = self._sf
-        idx = sf["perm"].index_select(0, sf["step"] * self.local_batch + sf["arange"])
-        x = to_float(self.pool.images[idx], channels=self.cfg.data.channels)
-        for p in sf["params"]:
-            p.grad = None
-        loss = self.compute_loss(x, self.pool.class_ids[idx], self.pool.kind_ids[idx])
-        loss.backward()
-        # torch.optim.SGD (dampening 0, no Nesterov) with tensor lr and momentum.
-        with torch.no_grad():
-            params = sf["params"]
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            wd = self.cfg.train.weight_decay
-            if wd:
-                grads = torch._foreach_add(grads, params, alpha=wd)
-            torch._foreach_mul_(sf["bufs"], sf["momentum"])
-            torch._foreach_add_(sf["bufs"], grads)
-            torch._foreach_sub_(params, torch._foreach_mul(sf["bufs"], sf["lr"]))
-            sf["step"].add_(1)
-        return loss.detach()
-
-    def _graph_step(self) -> torch.Tensor:
-        """Warm up on a side stream (real steps), capture one step, then replay it."""
-        sf = self._sf
-        if self._graph is None:
-            if sf.setdefault("warmup", 0) < 3:
-                side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    loss = self._sync_free_body()
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                sf["warmup"] += 1
-                return loss
-            graph = torch.cuda.CUDAGraph()
-            if hasattr(graph, "register_generator_state"):  # views drawn in the graph
-                graph.register_generator_state(self.gen)
-            for p in sf["params"]:
-                p.grad = None
-            with torch.cuda.graph(graph):
-                sf["loss"] = self._sync_free_body()
-            self._graph = graph
-        self._graph.replay()
-        return sf["loss"].clone()  # the next replay overwrites it
-
     # --- state: everything needed to continue bit for bit ---------------------------------
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -457,8 +285,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "history": self.history,
-            "dataset": self.split.dataset,
-            "config": self.cfg.to_dict(),
+            **self.settings.checkpoint_meta,  # the dataset and the run config
         }
         return tensors, meta
 
@@ -520,7 +347,7 @@ class Trainer:
         `TrainingInterrupted` (a KeyboardInterrupt). The final save also runs with signals
         deferred, so it is never cut in half."""
         self._fit_begin()
-        with _deferred_signals() as stop:
+        with deferred_signals() as stop:
             while not self.finished:
                 self._fit_step(stop.requested is not None)
                 if self._stop_requested(stop) and not self.finished:
@@ -537,7 +364,7 @@ class Trainer:
         if self.global_step == 0:
             normals = self.pool.images[: self.pool.n_normal]
             self.method.on_train_start(
-                self.model, to_float(normals, channels=self.cfg.data.channels)
+                self.model, to_float(normals, channels=self.settings.channels)
             )
         self.model.train()
         self._emit("on_train_start")
@@ -561,7 +388,7 @@ class Trainer:
         if self.step_in_epoch == 0:  # an epoch just ended
             seconds = time.perf_counter() - self._epoch_start
             self.elapsed += seconds
-            views = self._steps_run * self.cfg.train.batch_size * self.n_views
+            views = self._steps_run * self.settings.batch_size * self.n_views
             record = {
                 "epoch": self.epoch,
                 "step": self.global_step,
@@ -606,63 +433,12 @@ class Trainer:
         return stop.requested is not None
 
 
-def fit_together(trainers: list[Trainer]) -> list[dict[str, Any]]:
-    """Train several models in one process, one step of each in turn; their summaries.
-
-    Each model's numbers are those of its own ``fit()``: the trainers share nothing (each has
-    its own generator, pool, model and optimiser). On CUDA each trainer queues its work on a
-    stream of its own, so several small models keep one GPU busy where one alone leaves it
-    waiting on kernel launches (with ``train.cuda_graph`` each replays its own graph). An
-    epoch's ``views_per_s`` is then the model's share. Ctrl-C / SIGTERM: every unfinished
-    trainer saves (``on_interrupt``), then `TrainingInterrupted`. One process only.
-    """
-    if any(t.world.distributed for t in trainers):
-        raise ConfigError("training several models together runs in one process, not torchrun")
-    streams = [_own_stream(t) for t in trainers]
-    for t, stream in zip(trainers, streams, strict=True):
-        with _on_stream(stream):
-            t._fit_begin()
-    with _deferred_signals() as stop:
-        while not all(t.finished for t in trainers):
-            for t, stream in zip(trainers, streams, strict=True):
-                if not t.finished:
-                    with _on_stream(stream):
-                        t._fit_step()
-            if stop.requested:
-                _join(trainers, streams)  # saves read the weights on the default stream
-                for t in trainers:
-                    if not t.finished:
-                        t._fit_interrupt()
-                raise TrainingInterrupted(stop.requested, max(t.global_step for t in trainers))
-        _join(trainers, streams)  # the final saves and the caller's evaluation come after
-        return [t._fit_end() for t in trainers]  # final saves, with signals still deferred
-
-
-def _join(trainers: list[Trainer], streams: list) -> None:
-    """The default stream waits for each trainer's stream (CUDA)."""
-    for t, stream in zip(trainers, streams, strict=True):
-        if stream is not None:
-            torch.cuda.current_stream(t.device).wait_stream(stream)
-
-
-def _own_stream(trainer: Trainer):
-    if trainer.device.type != "cuda":
-        return None
-    stream = torch.cuda.Stream(trainer.device)
-    stream.wait_stream(torch.cuda.current_stream(trainer.device))  # the pool and weights
-    return stream
-
-
-def _on_stream(stream):
-    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-
-
 class _StopFlag:
     requested: str | None = None
 
 
 @contextlib.contextmanager
-def _deferred_signals():
+def deferred_signals():
     """SIGINT / SIGTERM set a flag that the loop reads between steps (main thread only)."""
     flag = _StopFlag()
     if threading.current_thread() is not threading.main_thread():
@@ -696,12 +472,3 @@ def _running_stats_kept(model: nn.Module):
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(count)
-
-
-def _fused_kwargs(device: torch.device) -> dict[str, bool]:
-    """Fused SGD saves a pass over the parameters; fall back where a build lacks it."""
-    try:
-        torch.optim.SGD([nn.Parameter(torch.zeros(1, device=device))], lr=0.1, fused=True)
-        return {"fused": True}
-    except (RuntimeError, TypeError, ValueError):
-        return {"foreach": True}
