@@ -180,7 +180,7 @@ def test_typed_sections_and_python_callers():
 def test_build_validates_plain_dataclasses():
     from dataclasses import dataclass, field
 
-    from firmad.config import _build
+    from firmad.config import validate_as
 
     @dataclass
     class Grid:
@@ -188,12 +188,12 @@ def test_build_validates_plain_dataclasses():
         seeds: list[int] = field(default_factory=lambda: [0])
         classes: list[int | str] | str = "all"
 
-    grid = _build(Grid, {"seeds": [1, 2], "classes": [0, "Bag"]}, "")
+    grid = validate_as(Grid, {"seeds": [1, 2], "classes": [0, "Bag"]}, "")
     assert grid == Grid(seeds=[1, 2], classes=[0, "Bag"]) and isinstance(grid, Grid)
     with pytest.raises(ConfigError, match=r"grid.seeds\[1\]: expected an integer, got True"):
-        _build(Grid, {"seeds": [1, True]}, "grid")
+        validate_as(Grid, {"seeds": [1, True]}, "grid")
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['seed'\]; allowed keys: name"):
-        _build(Grid, {"seed": [1]}, "")
+        validate_as(Grid, {"seed": [1]}, "")
 
 
 def test_augment_and_head_checks_have_one_source():

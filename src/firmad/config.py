@@ -31,7 +31,21 @@ from pydantic import (
     model_validator,
 )
 
+from firmad.augment import check_view_settings
 from firmad.errors import ConfigError
+from firmad.io import atomic_write_text
+from firmad.methods import method_class
+from firmad.models import BACKBONES, WIDTH_SCALABLE, check_width
+from firmad.models.heads import check_head_settings
+from firmad.outliers import parse_outliers
+from firmad.safeyaml import (  # noqa: F401  (MAX_YAML_DEPTH, parse_yaml: kept importable here)
+    MAX_YAML_DEPTH,
+    parse_yaml,
+    shorten,
+    yaml_problem,
+)
+from firmad.scoring import SCORERS, build_scorer
+from firmad.scoring.specs import parse_scorer  # noqa: F401  (kept importable from here)
 
 DEVICES = "auto, cpu, cuda, cuda:N (N = 0, 1, ...), mps"
 MIN_SIZE, MAX_SIZE = 8, 1024
@@ -305,80 +319,11 @@ class RunConfig(_Section):
         return self.model_dump()
 
 
-# --- YAML: numbers in scientific notation -----------------------------------------------------
+# --- YAML: firmad.safeyaml reads every recipe, grid and --set value -----------------------------
 
 
-MAX_YAML_DEPTH = 32  # nested lists / mappings in a recipe or a --set value
 MAX_RECIPE_BYTES = 1 << 20  # a recipe, grid or run config is a small text file
 MAX_BASE_CHAIN = 16  # recipes extending recipes
-MAX_SHOWN = 120  # characters of a value echoed in an error message
-
-
-def shorten(value: Any, limit: int = MAX_SHOWN) -> str:
-    """repr(value), cut to `limit` characters: messages never echo a huge value in full."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text)} characters)"
-
-
-class _Loader(yaml.SafeLoader):
-    """PyYAML follows YAML 1.1, where 1e-3 and 1.0e9 are strings; read them as numbers.
-
-    Also refused, since a recipe may come from anywhere: aliases (``*name``, which let a small
-    file expand into gigabytes), nesting deeper than MAX_YAML_DEPTH (a RecursionError
-    otherwise) and keys given twice (YAML would keep the last one silently)."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.events.AliasEvent):
-            mark = self.peek_event().start_mark
-            raise yaml.YAMLError(
-                f"line {mark.line + 1}: YAML aliases (*name) are not allowed in recipes and grids; "
-                "write the value out in full"
-            )
-        self._depth = getattr(self, "_depth", 0) + 1
-        try:
-            if self._depth > MAX_YAML_DEPTH:
-                mark = self.peek_event().start_mark
-                raise yaml.YAMLError(
-                    f"line {mark.line + 1}: nested more than {MAX_YAML_DEPTH} levels deep; "
-                    "a recipe needs only a few levels"
-                )
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            if isinstance(key, typing.Hashable) and key in seen:
-                raise yaml.YAMLError(
-                    f"line {line}: key {shorten(key)} is given twice (first on line "
-                    f"{seen[key]}); keep one of them"
-                )
-            if isinstance(key, typing.Hashable):
-                seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+.0123456789"),
-)
-
-
-def parse_yaml(text: str) -> Any:
-    """yaml.safe_load, but 1e-3 is a number (as in YAML 1.2 and JSON); no aliases, no
-    duplicate keys, at most MAX_YAML_DEPTH levels."""
-    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no objects
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """The short reason of a YAML error, without PyYAML's multi-line context."""
-    problem = getattr(err, "problem", None) or getattr(err, "context", None)
-    text = str(problem or err).strip()
-    return text if len(text) <= 4 * MAX_SHOWN else text[: 4 * MAX_SHOWN] + "..."
 
 
 # --- building from dicts, with key paths in every error ---------------------------------------
@@ -532,7 +477,7 @@ def _plain(data: Any, depth: int = 0) -> Any:
     return data
 
 
-def _build(cls: type, data: Any, path: str) -> Any:
+def validate_as(cls: type, data: Any, path: str) -> Any:
     """Validate a dict into `cls` (a pydantic model or a dataclass); errors name `path.key`."""
     if data is None:
         data = {}
@@ -549,17 +494,14 @@ def _build(cls: type, data: Any, path: str) -> Any:
     return cls(**{name: getattr(built, name) for name in model.model_fields})
 
 
+_build = validate_as  # deprecated name, kept while robustness/study.py uses it
+
+
 # --- checks that need the modules owning the names ---------------------------------------------
 
 
 def _check_values(cfg: RunConfig) -> None:
     """Names from registries and module settings, checked before any work starts."""
-    from firmad.augment import check_view_settings
-    from firmad.methods import method_class
-    from firmad.models import BACKBONES, check_width
-    from firmad.models.heads import check_head_settings
-    from firmad.outliers import parse_outliers
-
     m = cfg.model
     if m.backbone not in BACKBONES:
         raise ConfigError(
@@ -576,18 +518,7 @@ def _check_values(cfg: RunConfig) -> None:
             raise ConfigError(f"outliers.kinds: {err}") from None
     if method_class(cfg.method.name).requires_outliers and not (o.kinds or o.exposure):
         raise ConfigError(f"outliers.kinds: method {shorten(cfg.method.name)} needs outliers")
-    a = cfg.augment
-    check_view_settings(
-        scale=a.scale,
-        ratio=a.ratio,
-        jitter=a.jitter,
-        jitter_p=a.jitter_p,
-        blur_kernel=a.blur_kernel,
-        blur_sigma=a.blur_sigma,
-        blur_p=a.blur_p,
-        hflip_p=a.hflip_p,
-        grayscale_p=a.grayscale_p,
-    )
+    check_view_settings(**cfg.augment.model_dump(exclude={"enabled"}))
     for spec in cfg.eval.scorers:
         check_scorer(spec)
 
@@ -597,8 +528,6 @@ _PARAM_TYPES = {bool: "true or false", int: "an integer", float: "a number", str
 
 def check_scorer(spec: str) -> None:
     """Build the scorer of `spec` once: unknown names, parameters and values fail now."""
-    from firmad.scoring import SCORERS, build_scorer
-
     name, params = parse_scorer(spec)
     where = f"eval.scorers: {shorten(spec)}"
     if name not in SCORERS:
@@ -627,26 +556,6 @@ def check_scorer(spec: str) -> None:
         build_scorer(name, **params)
     except (ConfigError, TypeError, ValueError) as err:
         raise ConfigError(f"{where}: {err}") from None
-
-
-def parse_scorer(spec: str) -> tuple[str, dict[str, Any]]:
-    """'knn_cos:k=5' -> ('knn_cos', {'k': 5})."""
-    name, _, rest = spec.partition(":")
-    params: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(
-                f"eval.scorers: {shorten(spec)}: parameters are written name:key=value"
-            )
-        try:
-            params[key.strip()] = parse_yaml(value)
-        except yaml.YAMLError as err:
-            raise ConfigError(
-                f"eval.scorers: {shorten(spec)}: the value of {key.strip()} ({shorten(value)}) "
-                f"is not valid YAML ({_yaml_problem(err)}); write e.g. knn_cos:k=5"
-            ) from None
-    return name.strip(), params
 
 
 # Upper bounds of sizes and counts, far above any real use: a typo (1e9, an extra zero) fails
@@ -685,7 +594,7 @@ def _check_limits(cfg: RunConfig) -> None:
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    cfg = _build(RunConfig, data, "")
+    cfg = validate_as(RunConfig, data, "")
     _check_limits(cfg)
     _check_values(cfg)
     return cfg
@@ -713,7 +622,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             parsed = parse_yaml(value)
         except yaml.YAMLError as err:
             raise ConfigError(
-                f"--set {shorten(item)}: the value is not valid YAML ({_yaml_problem(err)}); close "
+                f"--set {shorten(item)}: the value is not valid YAML ({yaml_problem(err)}); close "
                 "brackets and quotes, e.g. outliers.kinds=[rot90, rot180]"
             ) from None
         _set_path(data, key.strip(), parsed)
@@ -762,7 +671,7 @@ def read_yaml_file(path: Path, what: str = "recipe") -> Any:
     try:
         return parse_yaml(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
+        raise ConfigError(f"{path}: not valid YAML ({yaml_problem(err)})") from None
 
 
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -859,8 +768,6 @@ def backbone_overrides(entry: str | None) -> list[str]:
     (recipes that narrow the ResNets would otherwise give it a width it refuses)."""
     if not entry:
         return []
-    from firmad.models import WIDTH_SCALABLE
-
     name, _, width = entry.partition("@")
     if not width and name not in WIDTH_SCALABLE:
         width = "1.0"
@@ -874,6 +781,4 @@ def load_config(recipe: str | None = None, overrides: list[str] | None = None) -
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    from firmad.io import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
