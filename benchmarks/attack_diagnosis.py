@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from firmad.data.pool import load_split
 from firmad.detector import OneClassDetector
+from firmad.factory import build_split
 from firmad.robustness import attack_detector
 from firmad.robustness.audit import _test_images
 from firmad.robustness.evaluate import stratified_subset
@@ -69,7 +69,7 @@ def main() -> None:
     tic = time.perf_counter()
     det = OneClassDetector.from_run(args.run)
     cfg = det.config_
-    split = load_split(cfg)
+    split = build_split(cfg)
     idx = stratified_subset(split.test_labels, args.n, cfg.train.seed)
     x = _test_images(split.test_images[idx], cfg.data.size)
     y = torch.as_tensor(np.asarray(split.test_labels)[idx]).long()

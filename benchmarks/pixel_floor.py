@@ -20,7 +20,7 @@ from sklearn.metrics import roc_auc_score
 
 from firmad.config import load_config
 from firmad.data import describe
-from firmad.data.pool import load_split
+from firmad.factory import build_split
 from firmad.scoring.scorers import build_scorer
 
 
@@ -28,7 +28,7 @@ def pixel_auroc(dataset: str, normal_class: int, k: int = 5) -> float:
     cfg = load_config(
         "fmnist-cpu", [f"data.dataset={dataset}", f"data.normal_class={normal_class}"]
     )
-    split = load_split(cfg)
+    split = build_split(cfg)
     bank = split.train_images.flatten(1).float() / 255
     scorer = build_scorer("knn_cos", k=k).fit(bank)
     scores = np.concatenate(

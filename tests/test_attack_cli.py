@@ -65,7 +65,7 @@ def test_attack_on_a_run_writes_its_four_files(run_dir, capsys):
     # the run is still a run: evaluation and resume do not see foreign files
     from firmad.run import RunDir
 
-    assert not RunDir(run_dir).is_foreign() and RunDir(run_dir).state == "evaluated"
+    assert not RunDir(run_dir).foreign_files() and RunDir(run_dir).state == "evaluated"
 
 
 def test_attack_with_the_apgd_schedule(run_dir, tmp_path):

@@ -153,7 +153,8 @@ def test_a_trainer_from_explicit_components_equals_the_factorys(tiny, one_thread
     """Every component takes plain arguments; `build_trainer` only wires the config into them
     (in the order the numbers rely on), so a trainer built by hand trains identically."""
     from firmad.augment import ViewAugment
-    from firmad.data.pool import build_pool, load_split, prepare_images
+    from firmad.data.pool import build_pool, prepare_images
+    from firmad.factory import build_split
     from firmad.methods import FIRM
     from firmad.models import HeadSettings, build_backbone, normalisation_for
     from firmad.outliers import parse_outliers
@@ -162,7 +163,7 @@ def test_a_trainer_from_explicit_components_equals_the_factorys(tiny, one_thread
     cfg = load_config("fmnist-cpu", tiny)
     cpu = torch.device("cpu")
     method = FIRM(tau=0.2, mode="pairwise", head=HeadSettings(hidden=64, out_dim=32, depth=2))
-    normals = prepare_images(load_split(cfg).train_images, 16)
+    normals = prepare_images(build_split(cfg).train_images, 16)
     ids = torch.zeros(len(normals), dtype=torch.int64)
     kinds = parse_outliers(["rot90", "rot180", "rot270"])
     pool = build_pool(normals, ids, cpu, seed=0, frozen=kinds)

@@ -1,6 +1,7 @@
 """firmad: one-class anomaly detection with contrastive learning (FIRM) and robustness audits."""
 
-__version__ = "0.1.0"
+from firmad.versions import __version__
+
 __all__ = ["OneClassDetector", "__version__"]
 
 

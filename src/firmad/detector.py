@@ -32,9 +32,11 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, OutlierMixin
 
+from firmad.config import load_config
 from firmad.data import OneClassSplit
-from firmad.data.pool import load_split, prepare_images
+from firmad.data.pool import prepare_images
 from firmad.errors import ConfigError, InputError
+from firmad.factory import build_extractor, build_method, build_split, build_trainer
 from firmad.inputs import (  # noqa: F401  (public names kept importable from here)
     as_uint8_images,
     check_unit_range,
@@ -44,25 +46,33 @@ from firmad.inputs import (  # noqa: F401  (public names kept importable from he
     to_batch,
     warn_skipped,
 )
-from firmad.methods import get_method
+from firmad.methods import Method
 from firmad.persistence import (  # noqa: F401
     FORMAT,
     META,
     WEIGHTS,
     check_threshold,
+    is_degenerate,
     load_detector,
     refuse_pickles,
     save_detector,
     sha256_file,
 )
+from firmad.run import RunDir
 from firmad.scoring import (
-    FeatureExtractor,
+    VARIANTS,
     VariantScorer,
     bank_crops,
     bank_subset,
+    build_scorer,
     extract_banks,
+    parse_scorer,
+    result_keys_of,
+    score_run,
 )
 from firmad.scoring.features import eval_mode
+from firmad.training import ProgressBar
+from firmad.training.callbacks import progress_bar
 
 CHUNK = 256  # images per forward pass when scoring
 # The held-out share must put at least this many normals above the threshold: the 95 %
@@ -205,8 +215,6 @@ class OneClassDetector(OutlierMixin, BaseEstimator):
     def make_config(self, dataset: str = "custom"):
         """The RunConfig this detector trains with (recipe + shortcuts + overrides); every
         number in it must be finite (an infinite temperature trains a constant loss)."""
-        from firmad.config import load_config
-
         sets = [f"data.dataset={dataset}"] if dataset else []
         for key, value in (
             ("method.name", self.method),
@@ -237,8 +245,6 @@ class OneClassDetector(OutlierMixin, BaseEstimator):
 
     def _check_params(self) -> None:
         """Every parameter checked before any work (a typo must not cost a training run)."""
-        from firmad.scoring import VARIANTS
-
         self._check_rates()
         if self.variant not in VARIANTS:
             raise ConfigError(f"variant {self.variant!r}: choose one of {', '.join(VARIANTS)}")
@@ -252,12 +258,17 @@ class OneClassDetector(OutlierMixin, BaseEstimator):
         if not isinstance(self.scorer, str):
             raise ConfigError(f"scorer must be a spec such as 'knn_cos:k=5', got {self.scorer!r}")
 
-    def _scorer_spec(self, model=None) -> tuple[str, dict[str, Any]]:
-        from firmad.config import parse_scorer
-        from firmad.scoring.scorers import build_scorer
+    @property
+    def method_(self) -> Method:
+        """The method of ``config_`` (built once per config: it decides the own score)."""
+        built = self.__dict__.get("_method")
+        if built is None or built[0] is not self.config_:
+            built = self._method = (self.config_, build_method(self.config_))
+        return built[1]
 
+    def _scorer_spec(self, model=None) -> tuple[str, dict[str, Any]]:
         name, params = parse_scorer(self.scorer)
-        method = get_method(self.config_)
+        method = self.method_
         if name == "own":
             if method.own_scorer is None:
                 raise ConfigError(
@@ -265,7 +276,7 @@ class OneClassDetector(OutlierMixin, BaseEstimator):
                     "feature scorer such as knn_cos, kde or mahalanobis"
                 )
             name = method.own_scorer
-        if name in ("knn_cos", "knn_cos_norm") and self.k is not None:
+        if self.k is not None and "k" in result_keys_of(name):
             params.setdefault("k", self.k)
         if name == method.own_scorer and model is not None:
             params.update(method.own_scorer_params(model))
@@ -300,16 +311,16 @@ class OneClassDetector(OutlierMixin, BaseEstimator):
         return self
 
     def _train(self, train: torch.Tensor, layout: str, n_held: int) -> None:
-        from firmad.training import ProgressBar, Trainer
-
         cfg = self.config_
         split = _train_only_split(train, cfg.data.dataset)
         callbacks = []
-        progress = _progress() if self.verbose else None
+        progress = progress_bar() if self.verbose else None
         if progress is not None:
             callbacks.append(ProgressBar(progress))
         try:
-            trainer = Trainer(cfg, split=split, callbacks=callbacks, normalisation=_stats(train))
+            trainer = build_trainer(
+                cfg, split=split, callbacks=callbacks, normalisation=_stats(train)
+            )
         except ConfigError as err:
             if "train.batch_size" not in str(err):
                 raise
@@ -366,7 +377,7 @@ class OneClassDetector(OutlierMixin, BaseEstimator):
             p.requires_grad_(False)
             p.grad = None  # the last training step's gradients
         self.model_ = model.eval()
-        self.extractor_ = FeatureExtractor.from_config(model.encoder, self.config_)
+        self.extractor_ = build_extractor(self.config_, model.encoder)
         self.input_layout_ = layout
 
     def _fit_scorer(self, train_images: torch.Tensor) -> None:
@@ -406,10 +417,8 @@ class OneClassDetector(OutlierMixin, BaseEstimator):
         """Every scorer x variant on a labelled test set, features extracted once per rotation
         (the benchmark's path; `score_run` with this detector's preprocessing and encoder).
         The method's own score, if any, comes first. Returns ``(results, details)``."""
-        from firmad.scoring import score_run
-
         cfg = self.config_
-        method = get_method(cfg)
+        method = self.method_
         own = []
         if method.own_scorer is not None:
             own_vs = VariantScorer(method.own_scorer, method.own_scorer_params(self.model_))
@@ -440,15 +449,13 @@ class OneClassDetector(OutlierMixin, BaseEstimator):
     ) -> OneClassDetector:  # fmt: skip
         """A detector from any finished `firmad train` run: its last checkpoint's encoder, the
         scorer fitted on the run's normal training images."""
-        from firmad.run import RunDir
-
         run = RunDir(run_dir)
         cfg = run.read_config()
         if device is not None:
             cfg.train.device = device
         model = run.load_model(cfg, device=cfg.train.device)
         det = cls.from_model(model, cfg, scorer, k, variant, bank_size)
-        return det.fit_bank(load_split(cfg).train_images)
+        return det.fit_bank(build_split(cfg).train_images)
 
     # --- scoring ------------------------------------------------------------------------------
 
@@ -708,7 +715,7 @@ def _warn_tiny(trainer, n_train: int) -> None:
     if trainer.total_steps < MIN_STEPS:
         warnings.warn(
             f"{n_train} training images give only {trainer.total_steps} training step(s) "
-            f"(batch {trainer.cfg.train.batch_size}): the encoder barely learns; give more "
+            f"(batch {trainer.settings.batch_size}): the encoder barely learns; give more "
             "images or epochs",
             UserWarning,
             stacklevel=4,
@@ -718,13 +725,12 @@ def _warn_tiny(trainer, n_train: int) -> None:
 def _check_features(banks) -> None:
     """The trained encoder must give finite, distinct features (a collapsed encoder, e.g.
     after a diverged or constant loss, maps every image to the same point)."""
-    from firmad.persistence import _degenerate
 
     for feats in banks.values():
         if feats is None:
             continue
         f = feats.reshape(-1, feats.shape[-1]).float()
-        if not torch.isfinite(f).all() or (len(f) >= 2 and _degenerate(f)):
+        if not torch.isfinite(f).all() or (len(f) >= 2 and is_degenerate(f)):
             raise InputError(
                 "training gave a useless encoder: its features are not finite, or the same for "
                 "every image (a constant or diverged loss). Check the settings (e.g. "
@@ -772,9 +778,3 @@ def _train_only_split(images: torch.Tensor, dataset: str) -> OneClassSplit:
         dataset=dataset,
         subsample={"n_train": int(images.shape[0])},
     )
-
-
-def _progress():
-    from firmad.training.callbacks import progress_bar
-
-    return progress_bar()

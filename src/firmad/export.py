@@ -24,6 +24,9 @@ import torch
 from torch import nn
 
 from firmad.errors import ConfigError
+from firmad.io import atomic_write_files
+from firmad.scoring.scales import score_scale
+from firmad.versions import __version__
 
 
 class ScoreGraph(nn.Module):
@@ -44,8 +47,6 @@ class ScoreGraph(nn.Module):
 def export_onnx(detector, path: str | Path, opset: int = 18) -> Path:
     """Write ``path`` (an .onnx file holding the contract in its metadata) and its sidecar
     contract ``path + ".json"``, both atomically; returns the model's path."""
-    from firmad.io import atomic_write_files
-
     detector._check_fitted()
     if detector.scorer_.variant == "ensemble":
         raise ConfigError(
@@ -112,9 +113,6 @@ def sidecar_path(path: str | Path) -> Path:
 
 def onnx_contract(detector) -> dict[str, Any]:
     """What a caller must feed the exported graph and what it returns, as JSON-able data."""
-    import firmad
-    from firmad.report import score_scale
-
     c, h, w = (int(v) for v in detector.input_shape_)
     vs = detector.scorer_
     threshold = getattr(detector, "threshold_", None)
@@ -126,7 +124,7 @@ def onnx_contract(detector) -> dict[str, Any]:
     )
     return {
         "format": CONTRACT_FORMAT,
-        "firmad_version": firmad.__version__,
+        "firmad_version": __version__,
         "input": {
             "name": INPUT,
             "dtype": "uint8",

@@ -11,6 +11,7 @@ the global RNG right after ``torch.manual_seed(train.seed)``, after the pool is 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -18,8 +19,13 @@ from torch import nn
 
 from firmad.augment import ViewAugment
 from firmad.config import RunConfig
-from firmad.data import OneClassSplit
-from firmad.data.pool import Pool, build_pool, load_split, normal_class_ids, prepare_images
+from firmad.data.pool import Pool, build_pool, match_channels, normal_class_ids, prepare_images
+from firmad.data.protocol import (
+    OneClassSplit,
+    dataset_vs_dataset,
+    multi_class_normal,
+    one_vs_rest,
+)
 from firmad.errors import ConfigError
 from firmad.methods import Method, method_class
 from firmad.models import HeadSettings, build_backbone, normalisation_for
@@ -93,8 +99,25 @@ def build_extractor(cfg: RunConfig, encoder: nn.Module) -> FeatureExtractor:
 
 
 def build_split(cfg: RunConfig) -> OneClassSplit:
-    """The run's one-class split (``data`` section, seeded by ``train.seed``)."""
-    return load_split(cfg)
+    """The run's one-class split (one-vs-rest, several normals, or two sets) from the ``data``
+    section, seeded by ``train.seed``."""
+    d = cfg.data
+    common = dict(root=d.root, download=d.download, max_train=d.max_train, max_test=d.max_test)
+    if d.outlier_dataset:
+        split = dataset_vs_dataset(d.dataset, d.outlier_dataset, seed=cfg.train.seed, **common)
+    elif isinstance(d.normal_class, list):
+        split = multi_class_normal(d.dataset, d.normal_class, seed=cfg.train.seed, **common)
+    else:
+        split = one_vs_rest(d.dataset, d.normal_class, seed=cfg.train.seed, **common)
+    if d.channels == 1 and split.train_images.shape[1] != 1:
+        # A grayscale model of a colour source: convert once here, so that training, the
+        # learning curve and evaluation all see the images the encoder expects.
+        split = dataclasses.replace(
+            split,
+            train_images=match_channels(split.train_images, 1),
+            test_images=match_channels(split.test_images, 1),
+        )
+    return split
 
 
 def build_training_pool(

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from firmad.data.sources import to_8bit
 from firmad.errors import DataError, InputError
 
 # What a folder is searched for: the dataset readers' extensions, and GIF (its first frame).
@@ -183,12 +184,10 @@ def pil_array(img, size: int, channels: int) -> np.ndarray:
     alpha dropped, squashed with the bilinear filter (as every image file is read)."""
     from PIL import Image, ImageOps
 
-    from firmad.data.sources import _to_8bit
-
     try:
         img.load()
         img = ImageOps.exif_transpose(img)
-        img = _to_8bit(img).convert("L" if channels == 1 else "RGB")
+        img = to_8bit(img).convert("L" if channels == 1 else "RGB")
         img = img.resize((size, size), Image.Resampling.BILINEAR)
         arr = np.asarray(img, dtype=np.uint8)
     except Exception as err:  # Pillow raises many kinds of errors on bad data

@@ -145,14 +145,14 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def _json_bytes(data: Any) -> bytes:
-    return (json.dumps(data, indent=2, default=_json_default) + "\n").encode("utf-8")
+    return (json.dumps(data, indent=2, default=json_default) + "\n").encode("utf-8")
 
 
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_bytes(path, _json_bytes(data))
 
 
-def _json_default(obj: Any) -> Any:
+def json_default(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     if hasattr(obj, "tolist"):
@@ -162,12 +162,12 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def _tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    atomic_write_bytes(path, _tensor_bytes(tensors))
+    atomic_write_bytes(path, tensor_bytes(tensors))
 
 
 # --- flattening nested state (optimizer, scheduler, RNG) into tensors + JSON ---------------------
@@ -208,7 +208,7 @@ def save_checkpoint(
     """Write NAME.safetensors, then NAME.json: the JSON marks a complete checkpoint and records
     the weights' SHA-256."""
     directory = Path(directory)
-    data = _tensor_bytes(tensors)
+    data = tensor_bytes(tensors)
     meta = {**meta, WEIGHTS_SHA256: hashlib.sha256(data).hexdigest()}
     # Both written before either is renamed: a full disk leaves the previous pair intact.
     atomic_write_files(

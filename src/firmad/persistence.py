@@ -26,7 +26,15 @@ from typing import Any
 
 import torch
 
-from firmad.errors import CheckpointError, DataError, InputError
+from firmad.config import config_from_dict
+from firmad.errors import CheckpointError, ConfigError, DataError, InputError, StorageError
+from firmad.factory import build_model
+from firmad.inputs import read_regular_file
+from firmad.io import atomic_write_files, json_default, prefixed, storage_advice, tensor_bytes
+from firmad.run import RunDir
+from firmad.scoring import VARIANTS, VariantScorer
+from firmad.training import resolve_device
+from firmad.versions import versions
 
 FORMAT = "firmad-detector-2"
 WEIGHTS = "weights.safetensors"
@@ -46,8 +54,6 @@ _held: set[Path] = set()  # folders this process has locked (the lock is per pro
 def folder_lock(directory: Path) -> Iterator[None]:
     """Hold the run / detector folder lock (created if needed) for the block; a second
     process gets a ConfigError naming the holder. Re-entrant within this process."""
-    from firmad.run import RunDir
-
     key = Path(directory).absolute()
     if key in _held:
         yield
@@ -66,8 +72,6 @@ def folder_lock(directory: Path) -> Iterator[None]:
 
 def read_file(path: Path, max_bytes: int) -> bytes:
     """A regular file's bytes under a size cap; anything else is a CheckpointError naming it."""
-    from firmad.inputs import read_regular_file
-
     try:
         return read_regular_file(path, max_bytes)
     except DataError as err:
@@ -120,9 +124,7 @@ def _canonical(meta: dict[str, Any]) -> bytes:
 
 def meta_bytes(meta: dict[str, Any]) -> bytes:
     """detector.json's bytes, with the checksum of everything else in it."""
-    from firmad.io import _json_default
-
-    plain = json.loads(json.dumps(meta, default=_json_default, allow_nan=False))
+    plain = json.loads(json.dumps(meta, default=json_default, allow_nan=False))
     plain[_SETTINGS_KEY] = sha256_bytes(_canonical(plain))
     return (json.dumps(plain, indent=2, allow_nan=False) + "\n").encode()
 
@@ -214,8 +216,6 @@ def parse_meta(data: bytes, path: Path) -> dict[str, Any]:
 def check_sections(meta: dict[str, Any], cfg, path: Path) -> dict[str, Any]:
     """Input, normalisation, scorer, threshold and calibration, cross-checked with the config;
     returns them parsed: layout, shape, mean, std, threshold, heldout scores."""
-    from firmad.scoring import VARIANTS
-
     inp = _dict(meta, "input", path, ("layout", "shape", "size"))
     if inp["size"] != cfg.data.size or isinstance(inp["size"], bool):
         raise _fail(
@@ -306,13 +306,13 @@ def check_manifest(tensors: dict[str, torch.Tensor], manifest: Any, path: Path) 
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise _fail(path, f"tensor {key!r} holds NaN or infinite values")
     for key, t in tensors.items():
-        if key.startswith("scorer.") and t.is_floating_point() and _degenerate(t):
+        if key.startswith("scorer.") and t.is_floating_point() and is_degenerate(t):
             raise _fail(
                 path, f"the fitted scorer's {key!r} is degenerate (all zero or all rows equal)"
             )
 
 
-def _degenerate(t: torch.Tensor) -> bool:
+def is_degenerate(t: torch.Tensor) -> bool:
     if t.numel() >= 2 and not t.any():
         return True
     return t.dim() == 2 and t.shape[0] >= 2 and bool((t == t[:1]).all())
@@ -324,8 +324,6 @@ def _degenerate(t: torch.Tensor) -> bool:
 def save_detector(det, directory: str | Path) -> Path:
     """Write a fitted detector to a folder (created if needed): both files as one atomic unit,
     under the folder lock, so two writers never leave a mixed pair."""
-    from firmad.io import _tensor_bytes, atomic_write_files, storage_advice
-
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise InputError(f"{directory} exists and is not a directory; choose another path")
@@ -337,7 +335,7 @@ def save_detector(det, directory: str | Path) -> Path:
                 "or empty folder so nothing of yours is overwritten"
             )
     tensors = _tensors_of(det)
-    weights = _tensor_bytes(tensors)
+    weights = tensor_bytes(tensors)
     try:
         meta_data = meta_bytes(_meta_of(det, tensors, sha256_bytes(weights)))
     except ValueError as err:
@@ -349,8 +347,6 @@ def save_detector(det, directory: str | Path) -> Path:
         advice = storage_advice(err)
         if advice is None:
             raise
-        from firmad.errors import StorageError
-
         raise StorageError(f"cannot write {directory}: {advice}") from None
     return directory
 
@@ -364,8 +360,6 @@ def _tensors_of(det) -> dict[str, torch.Tensor]:
 
 
 def _meta_of(det, tensors: dict[str, torch.Tensor], weights_sha256: str) -> dict[str, Any]:
-    from firmad.report import versions
-
     threshold = getattr(det, "threshold_", None)
     return {
         "format": FORMAT,
@@ -407,9 +401,6 @@ def load_detector(cls, directory: str | Path, device: str | None = None):
     """A detector folder written by `save_detector`, checked as the module says."""
     from safetensors.torch import load as load_tensors
 
-    from firmad.config import config_from_dict
-    from firmad.errors import ConfigError
-
     directory = Path(directory)
     meta_path, weights_path = directory / META, directory / WEIGHTS
     if not directory.is_dir() or not os.path.lexists(meta_path):
@@ -446,11 +437,6 @@ def load_detector(cls, directory: str | Path, device: str | None = None):
 
 def _restore(cls, meta, tensors, cfg, parts, meta_path: Path, weights_path: Path):
     """The detector object from checked parts."""
-    from firmad.errors import ConfigError
-    from firmad.io import prefixed
-    from firmad.scoring import VariantScorer
-    from firmad.training import build_model, resolve_device
-
     det = cls()
     try:
         det.set_params(**{k: v for k, v in meta["params"].items() if k in cls._PARAMS})

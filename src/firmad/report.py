@@ -6,18 +6,21 @@ Every file is written atomically: a temporary file in the same folder, then ``os
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from firmad.data.sources import load_image
+from firmad.errors import ConfigError, DataError, InputError
 from firmad.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from firmad.metrics import aulc
 from firmad.metrics import roc_curve as _roc_curve
 from firmad.run import RESULTS
-from firmad.scoring.scorers import result_name
+from firmad.scoring.scales import score_scale
+from firmad.scoring.scorers import result_keys_of, result_name, row_name
+from firmad.versions import versions
 
 __all__ = [
     "DIAGNOSTIC_NOTE",
@@ -60,31 +63,6 @@ _PLOTS = {
 
 
 # --------------------------------------------------------------------------- results.json
-
-
-def versions() -> dict[str, str | None]:
-    """Versions of firmad, its main dependencies and Python (None for a missing package)."""
-    import sklearn
-    import torch
-    import torchvision
-
-    import firmad
-
-    try:
-        import faiss
-
-        faiss_version = getattr(faiss, "__version__", "unknown")
-    except ImportError:
-        faiss_version = None
-    return {
-        "firmad": firmad.__version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": np.__version__,
-        "sklearn": sklearn.__version__,
-        "faiss": faiss_version,
-        "python": platform.python_version(),
-    }
 
 
 def _curve_points(curve) -> list[dict[str, float]]:
@@ -130,10 +108,6 @@ def write_results(run_dir: str | Path, meta: dict[str, Any], results: list[dict]
 # --------------------------------------------------------------------------- tables
 
 
-def _row_name(r: Mapping[str, Any]) -> str:
-    return result_name(r["scorer"], r.get("k"))
-
-
 def _pct(v: Any) -> str:
     return "—" if v is None else f"{100.0 * float(v):.1f}"
 
@@ -142,7 +116,7 @@ def format_table(results: Sequence[Mapping[str, Any]]) -> str:
     """Aligned plain-text table (scorer, variant, metrics in percent) for the terminal."""
     header = ["scorer", "variant", *(label for _, label in _METRICS)]
     rows = [
-        [_row_name(r), str(r.get("variant", "")), *(_pct(r.get(k)) for k, _ in _METRICS)]
+        [row_name(r), str(r.get("variant", "")), *(_pct(r.get(k)) for k, _ in _METRICS)]
         for r in results
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
@@ -171,7 +145,7 @@ def _markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
             and round(r["auroc"], 12) == round(best, 12)
         ):
             cells[0] = f"**{cells[0]}**"
-        lines.append(f"| {_row_name(r)} | {r.get('variant', '')} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row_name(r)} | {r.get('variant', '')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -265,11 +239,12 @@ def _robustness_md(rob: Mapping[str, Any]) -> str:
     from firmad.robustness.evaluate import attack_name
 
     det = rob.get("detector", {})
-    k = det.get("scorer_params", {}).get("k")
+    name, params = det.get("scorer", "?"), det.get("scorer_params", {})
+    label = result_name(name, **{key: params.get(key) for key in result_keys_of(name)})
     modes = list(dict.fromkeys(r["target"] for r in rob["rows"]))
     checks = "passed" if rob.get("passed") else "NOT all passed"
     lines = [
-        f"AUROC % [95 % CI] of {result_name(det.get('scorer', '?'), k)} ({det.get('variant')}) "
+        f"AUROC % [95 % CI] of {label} ({det.get('variant')}) "
         f"under {rob['norm']} {attack_name(rob)}-{rob['steps']} x {rob['restarts']} on "
         f"n = {rob['n']} test "
         f"images; strength checks {checks}. Details: {rob.get('file', 'attack.json')}, "
@@ -296,13 +271,13 @@ def _robustness_md(rob: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- plots
 
 
-def _figure(figsize=(5.5, 4.0)):
+def new_figure(figsize=(5.5, 4.0)):
     from matplotlib.figure import Figure
 
     return Figure(figsize=figsize, dpi=100)
 
 
-def _save(fig, path: str | Path, tight: bool = True) -> Path:
+def save_png(fig, path: str | Path, tight: bool = True) -> Path:
     """Save a figure as PNG atomically, with the usual file permissions (firmad.io)."""
     import io
 
@@ -318,6 +293,10 @@ def _save(fig, path: str | Path, tight: bool = True) -> Path:
     return path
 
 
+# Deprecated names, kept while robustness/audit.py imports them.
+_figure, _save = new_figure, save_png
+
+
 def plot_roc(
     path: str | Path, labels, scores_by_name: Mapping[str, np.ndarray], max_curves: int = 8
 ) -> Path:
@@ -328,7 +307,7 @@ def plot_roc(
         ((float(roc_auc_score(np.asarray(labels), np.asarray(s))), n, s))
         for n, s in scores_by_name.items()
     )[::-1][:max_curves]
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     for auc, name, scores in ranked:
         fpr, tpr, _ = _roc_curve(labels, scores)
@@ -337,7 +316,7 @@ def plot_roc(
     ax.set(xlabel="false-positive rate", ylabel="true-positive rate", xlim=(0, 1), ylim=(0, 1))
     ax.set_title("ROC (anomaly = positive; AUROC %)")
     ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_score_hist(path: str | Path, labels, scores, title: str = "anomaly scores") -> Path:
@@ -345,7 +324,7 @@ def plot_score_hist(path: str | Path, labels, scores, title: str = "anomaly scor
     y = np.asarray(labels).reshape(-1)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     bins = np.histogram_bin_edges(s, bins=50)
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     ax.hist(
         s[y == 0], bins=bins, alpha=0.6, density=True, label=f"normal (n={int((y == 0).sum())})"
@@ -353,7 +332,7 @@ def plot_score_hist(path: str | Path, labels, scores, title: str = "anomaly scor
     ax.hist(s[y == 1], bins=bins, alpha=0.6, density=True, label=f"anomaly (n={int(y.sum())})")
     ax.set(xlabel="anomaly score (higher = more anomalous)", ylabel="density", title=title)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_learning_curve(
@@ -362,7 +341,7 @@ def plot_learning_curve(
     marks: Mapping[str, float] | None = None,
 ) -> Path:
     """AUROC vs epoch for one or several methods; ``marks`` = {label: epoch} vertical lines."""
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     for name, (epochs, aurocs) in curves.items():
         e = np.asarray(epochs, dtype=np.float64)
@@ -376,7 +355,7 @@ def plot_learning_curve(
     ax.set(xlabel="epoch", ylabel="AUROC %", title="Learning curve")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_projection(
@@ -384,8 +363,6 @@ def plot_projection(
 ) -> Path:
     """2-D PCA of test features, normal vs anomalous (random subsample of ``max_points``)."""
     from sklearn.decomposition import PCA
-
-    from firmad.errors import ConfigError
 
     if method != "pca":
         raise ConfigError(f"unknown projection {method!r}; only 'pca' is supported.")
@@ -399,13 +376,13 @@ def plot_projection(
     z = PCA(n_components=n_comp, random_state=seed).fit_transform(x)
     if z.shape[1] < 2:
         z = np.c_[z, np.zeros(len(z))]
-    fig = _figure((5.0, 4.5))
+    fig = new_figure((5.0, 4.5))
     ax = fig.add_subplot()
     ax.scatter(z[y == 0, 0], z[y == 0, 1], s=4, alpha=0.5, label="normal")
     ax.scatter(z[y == 1, 0], z[y == 1, 1], s=4, alpha=0.5, label="anomaly")
     ax.set(xlabel="PC 1", ylabel="PC 2", title=f"PCA of test features (n={len(y)})")
     ax.legend(fontsize=8, markerscale=3)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def write_plots(
@@ -446,7 +423,7 @@ def plot_drift(path: str | Path, drift: Mapping[str, list[dict]], unit: float = 
     """Adversarial drift curves: mean score shift (in clean-normal score std units) against ε,
     one panel per detector (``drift``: label -> rows {eps, normal, class ...}), a line per
     group; held-out classes dashed."""
-    fig = _figure((5.0 * len(drift), 4.0))
+    fig = new_figure((5.0 * len(drift), 4.0))
     axes = [fig.add_subplot(1, len(drift), i + 1) for i in range(len(drift))]
     for ax, (label, rows) in zip(axes, drift.items(), strict=True):
         eps = [r["eps"] * unit for r in rows]
@@ -460,7 +437,7 @@ def plot_drift(path: str | Path, drift: Mapping[str, list[dict]], unit: float = 
         ax.set_ylabel("score shift (clean-normal std)")
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=6, ncol=2)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # --------------------------------------------------------------------------- detector reports
@@ -468,120 +445,6 @@ def plot_drift(path: str | Path, drift: Mapping[str, list[dict]], unit: float = 
 GALLERY_N = 8  # images per gallery row
 FIT_REPORT_TITLE = "# firmad detector report"
 SCORE_REPORT_TITLE = "# firmad score report"
-
-
-def _scale_knn_cos(s, n_bank) -> str:
-    return (
-        f"minus the mean cosine similarity between the image's feature vector and its {s.k} "
-        f"most similar features among the {n_bank} normal training images. It lies between "
-        "-1 and 1: about -1 means the image's features point the same way as its nearest "
-        "normals (very like the normals), 0 means unrelated features, and anything higher is "
-        "less like the normals. Small steps matter: a move from -0.99 to -0.90 is large."
-    )
-
-
-def _scale_knn_cos_norm(s, n_bank) -> str:
-    return (
-        f"minus the mean cosine similarity to the {s.k} most similar of the {n_bank} normal "
-        "training features, times the length of the image's feature vector (CSI's score). It "
-        "has no fixed range: it is negative for images like the normals, and its size grows "
-        "with the feature length, so read it against this detector's own held-out scores."
-    )
-
-
-def _scale_kde(s, n_bank) -> str:
-    gamma = float(s.gamma_)
-    bonus = float(np.log(max(int(s.bank_.shape[0]), 1))) / gamma
-    return (
-        f"minus a soft maximum of the cosine similarities to all {s.bank_.shape[0]} normal "
-        f"training features, -(1/g) log sum exp(g cos), with g = {gamma:.3g}. It behaves like "
-        "minus the highest cosine similarity, lowered by up to log(n)/g = "
-        f"{bonus:.3g} when many normals are close, so it lies between {-1 - bonus:.3g} (very "
-        "like many normals) and 1 (unlike all of them)."
-    )
-
-
-def _scale_centre(s, n_bank) -> str:
-    return (
-        "minus the cosine similarity between the image's feature vector and the mean "
-        f"direction of the {n_bank} normal training features: -1 points exactly along the "
-        "normal mean, 0 is unrelated, 1 is the opposite direction."
-    )
-
-
-def _scale_mahalanobis(s, n_bank) -> str:
-    d = int(s.location_.shape[0])
-    kind = "L2-normalised features" if s.normalize else "features"
-    return (
-        f"the squared Mahalanobis distance of the image's {kind} to the mean of the "
-        f"{n_bank} normal training features, with their (Ledoit-Wolf shrunk) covariance. 0 is "
-        f"the normal mean; there is no upper bound; if the features were Gaussian, normal "
-        f"images would average about d = {d} (the feature dimension)."
-    )
-
-
-def _scale_ocsvm(s, n_bank) -> str:
-    return (
-        f"minus the decision function of a one-class SVM ({s.kernel} kernel, nu = {s.nu:.3g}) "
-        "fitted on the L2-normalised normal training features: negative inside the region the "
-        "SVM learnt as normal, positive outside it; 0 is the SVM's own boundary, outside which "
-        f"about {100 * s.nu:.0f} % of the training normals lie."
-    )
-
-
-def _scale_svdd(s, n_bank) -> str:
-    return (
-        "the squared Euclidean distance of the image's feature vector to the Deep SVDD centre "
-        "(the network was trained to pull normal features onto it): 0 is the centre, there is "
-        "no upper bound, and the unit is the feature space's own."
-    )
-
-
-def _scale_logit(s, n_bank) -> str:
-    which = "normal, negated" if s.negate else "outlier"
-    return (
-        f"the logit (log-odds) of the classifier trained to tell normal images from synthetic "
-        f"outliers, for the class {which}: 0 is even odds, +2 is about 88 % outlier, negative "
-        "values look normal to the classifier."
-    )
-
-
-# scorer name -> sentence saying what its number means (fitted scorer, bank size)
-SCORE_SCALES = {
-    "knn_cos": _scale_knn_cos,
-    "knn_cos_norm": _scale_knn_cos_norm,
-    "kde": _scale_kde,
-    "centre": _scale_centre,
-    "mahalanobis": _scale_mahalanobis,
-    "ocsvm_rbf": _scale_ocsvm,
-    "ocsvm_linear": _scale_ocsvm,
-    "svdd": _scale_svdd,
-    "logit": _scale_logit,
-}
-_VARIANTS = {
-    "plain": "The image is scored as it is.",
-    "angled": "The score is the mean over the image rotated by 0, 90, 180 and 270 degrees "
-    "(one set of normal features per rotation), so the scale is the same.",
-    "ensemble": "The score is the mean over {n_crops} random crops at each of the four "
-    "rotations, so the scale is the same.",
-}
-
-
-def scale_sentence(scorer, n_bank: int | None = None) -> str:
-    """What one fitted scorer's number means, in words (plain text)."""
-    n = n_bank if n_bank is not None else "the"
-    explain = SCORE_SCALES.get(scorer.name)
-    if explain is None:
-        return f"The score of the {scorer.name} scorer; higher = more anomalous."
-    return f"The {scorer.name} score is " + explain(scorer, n)
-
-
-def score_scale(det) -> str:
-    """The detector's score scale explained: scorer, variant, direction (plain text)."""
-    vs = det.scorer_
-    text = scale_sentence(vs.per_angle[0], getattr(det, "n_bank_", None))
-    variant = _VARIANTS.get(vs.variant, "").format(n_crops=vs.n_crops)
-    return f"{text} {variant} Higher = more anomalous.".replace("  ", " ")
 
 
 def _threshold_words(scores: np.ndarray | None, threshold: float | None) -> str:
@@ -626,7 +489,7 @@ def plot_threshold_hist(
         values = np.append(values, threshold)
     bins = np.histogram_bin_edges(values, bins=40) if len(values) else 10
     both = ref is not None and len(ref) and new is not None and len(new)  # sizes differ: density
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     for x, colour, label in ((ref, "C0", reference_label), (new, "C1", new_label)):
         if x is not None and len(x):
@@ -639,7 +502,7 @@ def plot_threshold_hist(
     ax.set_title("Scores and threshold")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def gallery_order(scores, n: int = GALLERY_N) -> tuple[np.ndarray, np.ndarray]:
@@ -659,7 +522,7 @@ def plot_gallery(path: str | Path, rows: Sequence[tuple[str, Any, Sequence[str]]
     ncols = max([len(imgs) for _, imgs, _ in rows] + [1])
     row_h = title_h + cap_h + thumb + gap
     width, height = ncols * cell + 0.2, len(rows) * row_h + 0.1
-    fig = _figure((width, height))
+    fig = new_figure((width, height))
     for r, (title, imgs, captions) in enumerate(rows):
         top = height - 0.1 - r * row_h  # inches from the bottom
         fig.text(0.1 / width, (top - title_h / 2) / height, title, fontsize=10, weight="bold",
@@ -677,7 +540,7 @@ def plot_gallery(path: str | Path, rows: Sequence[tuple[str, Any, Sequence[str]]
             else:
                 ax.imshow(img.transpose(1, 2, 0), interpolation="nearest")
             ax.set_title(cap, fontsize=7, pad=3)
-    return _save(fig, path, tight=False)
+    return save_png(fig, path, tight=False)
 
 
 def _short(name: str, width: int = 18) -> str:
@@ -726,8 +589,7 @@ def _header(det, threshold: float | None) -> list[str]:
         f"- Method: {cfg.method.name}, backbone {cfg.model.backbone}, epochs {cfg.train.epochs}",
         f"- Input: images squashed to {cfg.data.size} x {cfg.data.size} "
         f"({'RGB' if c == 3 else 'grey'}; fitted on {h} x {w})",
-        f"- Scorer: {result_name(vs.name, vs.k, vs.variant)}, "
-        f"{getattr(det, 'n_bank_', '?')} normal training images in its bank",
+        f"- Scorer: {vs.label}, {getattr(det, 'n_bank_', '?')} normal training images in its bank",
         f"- Threshold: {'none' if threshold is None else f'{threshold:.6g}'}",
     ]
     if getattr(det, "calibration_", None):
@@ -832,8 +694,6 @@ def _check_own_folder(folder: Path, title: str, marker: str | None = None) -> No
     """Write a report only into a new or empty folder, a folder holding ``marker`` (a detector
     directory's detector.json), or over a report of the same kind: a folder of the user's is
     never written into."""
-    from firmad.errors import InputError
-
     if not folder.exists():
         return
     report = folder / "report.md"
@@ -853,9 +713,6 @@ def _check_own_folder(folder: Path, title: str, marker: str | None = None) -> No
 def _image_getter(det, images_or_paths):
     """``image(i)``: image i for the gallery, uint8 (C, H, W), or None if it cannot be read.
     Files are read only when asked for (as the detector reads them: squashed to its size)."""
-    from firmad.data.sources import load_image
-    from firmad.errors import DataError
-
     items = images_or_paths
     if items is not None and len(items) and isinstance(items[0], str | Path):
         size, channels = det.config_.data.size, det.config_.data.channels

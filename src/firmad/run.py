@@ -17,7 +17,19 @@ import json
 import os
 from pathlib import Path
 
+from firmad.config import read_run_config_file, save_config
 from firmad.errors import CheckpointError, ConfigError, StorageError
+from firmad.factory import build_model
+from firmad.io import (
+    check_checkpoint_meta,
+    load_checkpoint,
+    prefixed,
+    recover_checkpoint,
+    remove_temp_files,
+    storage_advice,
+)
+from firmad.training import resolve_device
+from firmad.training.model import weights_mismatch
 
 CONFIG = "config.yaml"
 CHECKPOINT = "checkpoint"
@@ -81,8 +93,6 @@ class RunDir:
     def checkpoint_meta(self) -> dict | None:
         """The checkpoint's JSON description (checked like `firmad.io.load_checkpoint` checks
         it: an object with the entries every checkpoint has); None when there is none."""
-        from firmad.io import check_checkpoint_meta
-
         if not self.checkpoint_json.exists():
             return None
         try:
@@ -128,9 +138,6 @@ class RunDir:
             foreign = [n for n in names if n in (*RUN_FILES, PLOTS)]
         return foreign
 
-    def is_foreign(self) -> bool:
-        return bool(self.foreign_files())
-
     def check_writable_new(self) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"{self.path} is a file, not a folder; choose another --out")
@@ -145,27 +152,18 @@ class RunDir:
     # --- config and model ---------------------------------------------------------------------
 
     def read_config(self):
-        from firmad.config import read_run_config_file
-
         if not self.config.exists():
             raise CheckpointError(f"{self.path} is not a firmad run directory (no {CONFIG})")
         return read_run_config_file(self.config)
 
     def write_config(self, cfg) -> None:
-        from firmad.config import save_config
-
         save_config(cfg, self.config)
 
     def load_checkpoint(self):
-        from firmad.io import load_checkpoint
-
         return load_checkpoint(self.path, CHECKPOINT)
 
     def load_model(self, cfg, device: str = "cpu"):
         """The model of the run's last checkpoint, in eval mode; the run must be finished."""
-        from firmad.io import prefixed
-        from firmad.training import build_model, resolve_device
-
         tensors, meta = self.load_checkpoint()
         if not meta.get("finished"):
             raise CheckpointError(
@@ -176,8 +174,6 @@ class RunDir:
         try:
             model.load_state_dict(prefixed(tensors, "model"))
         except RuntimeError as err:
-            from firmad.training.model import weights_mismatch
-
             raise CheckpointError(
                 f"{self.checkpoint_weights}: the weights do not fit {self.config} "
                 f"({weights_mismatch(err)}); was the config edited? Restore it"
@@ -190,8 +186,6 @@ class RunDir:
         """Hold an exclusive lock on the run directory until `unlock` (or the process ends).
         A second writer gets a ConfigError naming the holder."""
         import fcntl
-
-        from firmad.io import storage_advice
 
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"{self.path} is a file, not a run directory; choose another --out")
@@ -224,8 +218,6 @@ class RunDir:
     def _tidy(self) -> None:
         """Under the lock: finish a checkpoint save cut between its renames by a crash, and
         remove the temporary files a killed process left behind."""
-        from firmad.io import recover_checkpoint, remove_temp_files
-
         try:
             recover_checkpoint(self.path, CHECKPOINT)
             remove_temp_files(self.path, RUN_FILES)

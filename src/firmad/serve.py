@@ -35,7 +35,11 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from firmad.errors import FirmadError, InputError
+from firmad.data.sources import load_image
+from firmad.detector import OneClassDetector
+from firmad.errors import DataError, FirmadError, InputError
+from firmad.report import plot_threshold_hist
+from firmad.scoring.scales import score_scale
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +124,11 @@ class App:
     # --- detector ---------------------------------------------------------------------------
 
     def info(self) -> dict[str, Any]:
-        from firmad.report import score_scale
-        from firmad.scoring.scorers import result_name
-
         det, vs = self.det, self.det.scorer_
         heldout = getattr(det, "heldout_scores_", None)
         c, h, w = det.input_shape_
         return {
-            "scorer": result_name(vs.name, vs.k, vs.variant),
+            "scorer": vs.label,
             "scale": score_scale(det),
             "threshold": getattr(det, "threshold_", None),
             "input": f"{'RGB' if c == 3 else 'grey'}, squashed to {h} x {w}",
@@ -142,8 +143,6 @@ class App:
         """Score one image file's bytes as `firmad score` does (same decoding and resize)."""
         import torch
 
-        from firmad.data.sources import load_image
-
         image = self._decode(name, data, load_image)
         with self._lock:
             score = float(self.det.score_images(torch.from_numpy(image[None]))[0])
@@ -153,8 +152,6 @@ class App:
 
     def _decode(self, name: str, data: bytes, load_image) -> np.ndarray:
         from PIL import Image
-
-        from firmad.errors import DataError
 
         if not data:
             raise InputError(f"{name}: the file is empty")
@@ -182,8 +179,6 @@ class App:
 
     def histogram(self, body: bytes) -> bytes:
         """PNG: the held-out normal scores, the threshold and the given scores."""
-        from firmad.report import plot_threshold_hist
-
         try:
             scores = json.loads(body or b"{}").get("scores", [])
             scores = np.asarray(scores, dtype=np.float64).reshape(-1)
@@ -367,8 +362,6 @@ def url_of(server: _Server) -> str:
 
 def serve(detector_dir, host="127.0.0.1", port=8765, reports=(), open_browser=False, say=print):
     """Serve the page until Ctrl-C."""
-    from firmad.detector import OneClassDetector
-
     app = App(OneClassDetector.load(detector_dir), detector_dir, reports)
     server = make_server(app, host, port)
     url = url_of(server)

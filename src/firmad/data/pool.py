@@ -1,46 +1,28 @@
 """The in-memory training pool: a run's normal images and its outliers, uint8, on the device.
 
-`load_split` reads the run's one-class split, `prepare_images` resizes it once to the training
-size, `build_pool` adds the frozen synthetic outliers (or real outlier exposure). A training epoch
-samples from the pool; nothing here runs per step.
+`prepare_images` resizes a split's images once to the training size, `build_pool` adds the
+frozen synthetic outliers (or real outlier exposure). A training epoch samples from the pool;
+nothing here runs per step. (`firmad.factory.build_split` reads a run's one-class split.)
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from firmad.augment import to_float
-from firmad.data.protocol import OneClassSplit, dataset_vs_dataset, multi_class_normal, one_vs_rest
+from firmad.data.protocol import OneClassSplit
 from firmad.data.sources import load_dataset
 from firmad.outliers import OutlierKind, make_frozen_outliers
 
 
 def load_split(cfg) -> OneClassSplit:
-    """The one-class split a run config describes (one-vs-rest, several normals, or two sets).
+    """Deprecated: `firmad.factory.build_split(cfg)`; kept while robustness/ calls it."""
+    from firmad.factory import build_split  # the compatibility path only (core -> factory)
 
-    Reads ``cfg.data`` and ``train.seed``. Deprecated outside `firmad.factory.build_split`:
-    kept while detector.py and robustness/ still call it."""
-    d = cfg.data
-    common = dict(root=d.root, download=d.download, max_train=d.max_train, max_test=d.max_test)
-    if d.outlier_dataset:
-        split = dataset_vs_dataset(d.dataset, d.outlier_dataset, seed=cfg.train.seed, **common)
-    elif isinstance(d.normal_class, list):
-        split = multi_class_normal(d.dataset, d.normal_class, seed=cfg.train.seed, **common)
-    else:
-        split = one_vs_rest(d.dataset, d.normal_class, seed=cfg.train.seed, **common)
-    if d.channels == 1 and split.train_images.shape[1] != 1:
-        # A grayscale model of a colour source: convert once here, so that training, the
-        # learning curve and evaluation all see the images the encoder expects.
-        split = dataclasses.replace(
-            split,
-            train_images=match_channels(split.train_images, 1),
-            test_images=match_channels(split.test_images, 1),
-        )
-    return split
+    return build_split(cfg)
 
 
 def prepare_images(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -407,7 +407,7 @@ def read_cifar_split(source: Path, storage: str, split: str, coarse: bool = Fals
 # Image folders
 
 
-def _to_8bit(img):
+def to_8bit(img):
     """Pillow image in any mode -> an image in 'L', 'RGB' or 'RGBA' (8 bits per channel)."""
     from PIL import Image
 
@@ -441,7 +441,7 @@ def load_image(path: Path, size: int, channels: int) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
-            img = _to_8bit(img).convert("L" if channels == 1 else "RGB")
+            img = to_8bit(img).convert("L" if channels == 1 else "RGB")
             img = img.resize((size, size), Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.uint8)
     except Exception as e:  # Pillow raises many kinds of errors on bad files

@@ -38,12 +38,6 @@ class FeatureExtractor(nn.Module):
         self.resize_ratio = float(resize_ratio)
         self.channels = int(channels)
 
-    @classmethod
-    def from_config(cls, encoder: nn.Module, cfg) -> FeatureExtractor:
-        """Deprecated: `firmad.factory.build_extractor(cfg, encoder)` (kept while detector.py
-        calls it)."""
-        return cls(encoder, cfg.data.size, cfg.eval.resize_ratio, cfg.data.channels)
-
     def preprocess(
         self,
         x: torch.Tensor,

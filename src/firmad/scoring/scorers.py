@@ -337,15 +337,11 @@ class _OcsvmScorer(Scorer):
             bank_n = bank_n[idx.sort().values]
         gamma = self._gamma(bank_n)
         svm = OneClassSVM(kernel=self.kernel, nu=self.nu, gamma=gamma).fit(bank_n.numpy())
-        self.svm_ = svm  # kept for inspection; the score below does not use it
         self.support_ = torch.from_numpy(svm.support_vectors_).double()
         self.dual_coef_ = torch.from_numpy(svm.dual_coef_[0]).double()
         self.intercept_ = torch.tensor(float(svm.intercept_[0]), dtype=torch.float64)
         self.gamma_ = torch.tensor(float(gamma), dtype=torch.float64)
         return self
-
-    def get_params(self) -> dict[str, Any]:
-        return {k: v for k, v in super().get_params().items() if k != "svm_"}
 
     def kernel_matrix(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

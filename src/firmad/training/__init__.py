@@ -12,17 +12,6 @@ from firmad.training.settings import AdversarialSettings, TrainSettings, plan_ep
 from firmad.training.together import fit_together
 from firmad.training.trainer import Trainer, TrainingDiverged, TrainingInterrupted
 
-
-def __getattr__(name: str):
-    # Deprecated: `firmad.factory.build_model(cfg, dataset, normalisation)`; kept until the last
-    # callers (run.py, detector.py) import it from there.
-    if name == "build_model":
-        from firmad.factory import build_model
-
-        return build_model
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
     "AdversarialSettings",
     "Callback",

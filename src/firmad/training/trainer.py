@@ -62,21 +62,14 @@ class Trainer(SyncFreeStep):
     def __init__(
         self,
         model: nn.Module,
-        method: Method | None = None,
-        pool: Pool | None = None,
-        optimizer: torch.optim.Optimizer | None = None,
-        scheduler=None,
-        augment: ViewAugment | None = None,
-        callbacks=(),
-        settings: TrainSettings | None = None,
-        **legacy,
+        method: Method,
+        pool: Pool,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        augment: ViewAugment | None,
+        callbacks,
+        settings: TrainSettings,
     ):
-        if settings is None:  # Trainer(cfg, split=..., callbacks=..., normalisation=...)
-            # Deprecated: kept until the last callers use firmad.factory.build_trainer.
-            from firmad.factory import build_trainer
-
-            vars(self).update(vars(build_trainer(model, callbacks=callbacks, **legacy)))
-            return
         self.model, self.method, self.pool, self.augment = model, method, pool, augment
         self.optimizer, self.scheduler, self.settings = optimizer, scheduler, settings
         self.callbacks = list(callbacks)
