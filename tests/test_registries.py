@@ -105,3 +105,18 @@ def test_the_registry_decides_names_and_outliers(tiny, monkeypatch):
     monkeypatch.setitem(METHODS, NeedsOutliers.name, NeedsOutliers)
     with pytest.raises(ConfigError, match="needs-outliers' needs outliers"):
         load_config("fmnist-cpu", [*tiny, "method.name=needs-outliers", "outliers.kinds=[]"])
+
+
+def test_the_detectors_k_reaches_a_new_scorer_with_a_k(tiny, monkeypatch):
+    """`OneClassDetector(scorer=..., k=...)` passes k to any scorer whose result keys have
+    one (read from the registry), and to no other."""
+    from firmad.detector import OneClassDetector
+
+    _register(monkeypatch)
+    det = OneClassDetector(scorer="knn_l2", k=3, overrides=tiny)
+    det.config_ = det.make_config()
+    assert det._scorer_spec() == ("knn_l2", {"k": 3})
+    det.set_params(scorer="knn_l2:k=2")
+    assert det._scorer_spec() == ("knn_l2", {"k": 2})  # the spec's own k wins
+    det.set_params(scorer="centre")
+    assert det._scorer_spec() == ("centre", {})
