@@ -51,7 +51,7 @@ def test_bad_grids_fail_at_planning_and_write_nothing(tmp_path, monkeypatch, key
     monkeypatch.chdir(tmp_path)
     path = _grid(tmp_path, **keys)
     started = []
-    monkeypatch.setattr(bench, "run_cell", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(bench.executors, "run_cell", lambda *a, **k: started.append(a))
     with pytest.raises(ConfigError) as err:
         run_grid(path, quiet=True)
     assert fragment in str(err.value)
@@ -127,7 +127,7 @@ def test_a_cell_gets_the_same_threads_under_both_executors(
         envs[executor["now"]].append((env or {}).get("OMP_NUM_THREADS"))
         return {"started": True, "returncode": 0, "stopped": False, "error": "", "seconds": 0}
 
-    monkeypatch.setattr(bench, "run_process", fake_process)
+    monkeypatch.setattr(bench.executors, "run_process", fake_process)
     monkeypatch.setitem(sys.modules, "ray", _FakeRay())
     path = _grid(tmp_path, classes=[1, 7], threads=threads)
     run_grid(path, out_dir=tmp_path / "local", workers=workers, quiet=True)

@@ -1,0 +1,347 @@
+"""Running a grid's cells: each cell is one `firmad train` / `firmad evaluate` subprocess
+(`firmad.cellproc`), started by the ``local`` executor (N at once, or one per GPU) or as a Ray
+task; the tables are rewritten after every cell (`firmad.bench.tables`)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import sys
+import threading
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+from rich.table import Column
+
+from firmad.bench.grid import (
+    Cell,
+    GridConfig,
+    cell_overrides,
+    check_grid,
+    plan_cells,
+    read_grid,
+    select_cells,
+)
+from firmad.bench.tables import summarise
+from firmad.cellproc import STOP_GRACE_S, CellProcesses, run_process
+from firmad.config import shorten
+from firmad.errors import ConfigError, FirmadError
+from firmad.io import atomic_write_json
+from firmad.run import CELL_ERROR, CELL_LOG, RunDir
+from firmad.training.callbacks import live_progress
+
+EXECUTORS = ("local", "ray")
+
+
+def cell_command(cell: Cell, grid: GridConfig, state: str) -> list[str]:
+    """The `firmad` command that takes a cell from ``state`` to evaluated."""
+    firmad = [sys.executable, "-m", "firmad", "-q"]
+    if state == "finished":
+        return firmad + ["evaluate", str(cell.run_dir)]  # only the evaluation is left
+    if state == "partial":
+        return firmad + ["train", "--out", str(cell.run_dir), "--resume"]
+    # New, or started but never checkpointed: `firmad train` starts it (again).
+    cmd = firmad + ["train", "--out", str(cell.run_dir), "--config", cell.recipe]
+    return cmd + [a for o in cell_overrides(cell, grid) for a in ("--set", o)]
+
+
+def _cell_job(cell: Cell, grid: GridConfig) -> dict[str, Any] | None:
+    """What to run for a cell (None: it is evaluated already)."""
+    state = RunDir(cell.run_dir).state
+    if state == "evaluated":
+        return None
+    return {
+        "cmd": cell_command(cell, grid, state),
+        "log_path": str(cell.run_dir / CELL_LOG),
+        "forget": (str(cell.run_dir / CELL_ERROR),),
+    }
+
+
+def _cell_status(cell: Cell, outcome: dict[str, Any]) -> dict[str, Any]:
+    """A cell's status record from its process's outcome; a failure is written to error.json."""
+    status = {"cell": cell.key, "seconds": outcome.get("seconds")}
+    if not outcome["started"]:
+        return {**status, "status": "not started"}
+    if outcome["stopped"]:
+        return {**status, "status": "interrupted"}
+    if outcome["returncode"] == 0:
+        return {**status, "status": "ran"}
+    error = outcome["error"]
+    atomic_write_json(
+        cell.run_dir / CELL_ERROR, {"returncode": outcome["returncode"], "error": error}
+    )
+    return {**status, "status": "failed", "error": error}
+
+
+def run_cell(
+    cell: Cell,
+    grid: GridConfig,
+    threads: int | None = None,
+    procs: CellProcesses | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run one cell in a subprocess (`python -m firmad train/evaluate`); its status record.
+
+    ``status``: ``done`` (already evaluated), ``ran``, ``failed`` (error.json written),
+    ``interrupted`` (stopped; it resumes from its checkpoint next time) or ``not started``
+    (the grid was stopping). Output goes to the cell's log.txt as it runs; the process dies
+    with this one (`firmad.cellproc`).
+    """
+    job = _cell_job(cell, grid)
+    if job is None:
+        return {"cell": cell.key, "status": "done"}
+    env = dict(env or {})
+    if threads:  # N cells at once share the cores
+        env["OMP_NUM_THREADS"] = str(threads)
+    return _cell_status(cell, run_process(**job, env=env, procs=procs))
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """SIGINT (Ctrl-C, even where a shell started the grid with SIGINT ignored) and SIGTERM (a
+    scheduler ending the job, `kill`) stop the grid: KeyboardInterrupt in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"stopped by {signal.Signals(signum).name}")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def parse_devices(text: str | None) -> list[str]:
+    """'0,1,3' -> ['0', '1', '3'] (CUDA device ids for --devices)."""
+    if not text:
+        return []
+    devices = [d.strip() for d in str(text).split(",") if d.strip()]
+    if not devices or not all(d.isdigit() for d in devices):
+        raise ConfigError(f"--devices: expected GPU ids like 0,1,2; got {shorten(text)}")
+    if len(set(devices)) != len(devices):
+        raise ConfigError(f"--devices: {shorten(text)} names a device twice")
+    return devices
+
+
+def run_grid(
+    config: Path,
+    out_dir: Path | None = None,
+    workers: int = 1,
+    quiet: bool = False,
+    overrides: list[str] | None = None,
+    executor: str = "local",
+    devices: list[str] | str | None = None,
+    address: str | None = None,
+    cell_cpus: float = 1.0,
+    cell_gpus: float = 0.0,
+    classes: list[str] | None = None,
+    seeds: list[int] | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Run every cell of a grid not yet evaluated, and write the tables.
+
+    ``classes`` / ``seeds`` run only those cells of the grid (a part of a long grid now, the
+    rest later); the tables still cover the whole grid, the cells not run shown as they are.
+
+    ``executor``: ``local`` runs ``workers`` cells at once as subprocesses of this process
+    (``devices``: GPU ids, one cell per GPU at a time, pinned with CUDA_VISIBLE_DEVICES);
+    ``ray`` runs each cell as a Ray task (``cell_cpus`` CPUs and ``cell_gpus`` GPUs) on the
+    cluster at ``address``, or on a local Ray runtime (or the one this process already joined).
+    With Ray, ``out_dir`` and the data must be on a filesystem every node sees. ``threads``
+    (or the grid's ``threads:``) fixes each cell's CPU threads whichever executor runs it.
+
+    Ctrl-C or SIGTERM stops the grid at once: no new cell starts, running cells save a
+    checkpoint and stop, the tables are written (unfinished cells ``interrupted`` or
+    ``pending``), then KeyboardInterrupt is raised. The result's ``statuses`` has one record
+    per cell that ran or was looked at.
+    """
+    devices = _check_executor(executor, devices, workers)
+    grid = _read_grid(config, overrides, threads)
+    out_dir = Path(out_dir or Path("runs") / "bench" / grid.name)
+    if executor == "ray":
+        out_dir = out_dir.resolve()  # Ray workers may run elsewhere: no relative paths
+    cells = plan_cells(grid, out_dir)
+    to_run = select_cells(cells, grid, classes, seeds)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    statuses: dict[str, dict[str, Any]] = {}
+    lock = threading.Lock()
+    progress = None if quiet else _grid_progress()
+    task = progress.add_task("grid", total=len(to_run), info="") if progress else None
+
+    def record(status: dict[str, Any], running: set[str]) -> None:
+        # Tables are rewritten after every cell, so a stopped grid still has them.
+        with lock:
+            statuses[status["cell"]] = status
+            if progress:
+                progress.update(task, advance=1, info=f"{status['cell']}: {status['status']}")
+            summarise(grid, cells, out_dir, list(statuses.values()), running=running)
+
+    if progress:
+        progress.start()
+    try:
+        with _stop_signals():
+            if executor == "local":
+                _run_local(to_run, grid, workers, devices, record)
+            else:
+                _run_ray(to_run, grid, address, cell_cpus, cell_gpus, record)
+    finally:
+        if progress:
+            progress.stop()
+        # Whatever happened, the last tables describe the cells as they are now on disk.
+        ordered = [statuses[c.key] for c in cells if c.key in statuses]
+        result = summarise(grid, cells, out_dir, ordered)
+    return result
+
+
+def _read_grid(config: Path, overrides: list[str] | None, threads: int | None) -> GridConfig:
+    """The grid file with the command line's --set and --threads applied."""
+    grid = read_grid(config)
+    grid.set = grid.set + list(overrides or [])
+    if threads is not None:
+        grid.threads = threads
+        check_grid(grid, "--threads")
+    return grid
+
+
+def _check_executor(executor: str, devices: list[str] | str | None, workers: int) -> list[str]:
+    """The executor's settings checked before anything is planned; the GPU ids."""
+    if executor not in EXECUTORS:
+        raise ConfigError(f"--executor: {shorten(executor)} is not one of {', '.join(EXECUTORS)}")
+    devices = parse_devices(devices) if isinstance(devices, str) else list(devices or [])
+    if devices and executor != "local":
+        raise ConfigError(
+            "--devices pins cells to GPUs of this machine: use it with --executor local"
+        )
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    return devices
+
+
+def _grid_progress():
+    """The grid's one-line progress: cells done of all, elapsed time, the last cell's status."""
+    return live_progress(
+        TextColumn("[bold]grid"),
+        BarColumn(bar_width=20),
+        TextColumn("{task.completed}/{task.total} cells"),
+        TimeElapsedColumn(table_column=Column(min_width=7, no_wrap=True)),
+        TextColumn("{task.fields[info]}", table_column=Column(overflow="ellipsis", ratio=1)),
+        expand=True,
+        unit="cells",
+    )
+
+
+def _run_local(cells, grid, workers, devices, record) -> None:
+    workers = len(devices) if devices else workers
+    threads = grid.threads or (max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None)
+    free: queue.Queue[str] = queue.Queue()
+    for d in devices:
+        free.put(d)
+    procs = CellProcesses()
+
+    def one(cell: Cell) -> dict[str, Any]:
+        device = free.get() if devices else None
+        env = {"CUDA_VISIBLE_DEVICES": device} if device is not None else None
+        try:
+            return run_cell(cell, grid, threads, procs, env=env)
+        except (OSError, FirmadError) as err:  # the cell could not even start: record it
+            error = f"{type(err).__name__}: {err}"
+            cell.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(cell.run_dir / CELL_ERROR, {"returncode": None, "error": error})
+            return {"cell": cell.key, "status": "failed", "error": error}
+        finally:
+            if device is not None:
+                free.put(device)
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cell")
+    futures = {pool.submit(one, c): c for c in cells}
+    pending = set(futures)
+
+    def running() -> set[str]:
+        return {futures[f].key for f in pending if f.running()}
+
+    try:
+        while pending:
+            done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            for fut in done:
+                record(fut.result(), running())
+    except KeyboardInterrupt:
+        # Stop at once: queued cells never start, running ones save a checkpoint and stop.
+        procs.stop(signal.SIGINT)
+        pool.shutdown(wait=False, cancel_futures=True)
+        # Cancelled futures never count as done for wait(): wait for the running ones only.
+        pending = {f for f in pending if not f.cancelled()}
+        try:
+            wait(pending, timeout=STOP_GRACE_S)
+        except KeyboardInterrupt:  # a second Ctrl-C: no more waiting
+            procs.stop(signal.SIGKILL)
+            wait(pending, timeout=30)
+        procs.stop(signal.SIGKILL)  # any cell that ignored the grace period
+        for fut in pending:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                record(fut.result(), set())
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_ray(cells, grid, address, cell_cpus, cell_gpus, record) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            "--executor ray needs Ray: pip install 'firmad[ray]' (on every node of the cluster)"
+        ) from None
+    started = not ray.is_initialized()
+    if started:
+        # No address: a runtime of this machine alone, kept on the loopback interface.
+        local = {} if address else {"_node_ip_address": "127.0.0.1"}
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, **local)
+    try:
+        # A cell is the same subprocess as in a local grid, started by the Ray worker on the
+        # node Ray chose; the worker imports only firmad.cellproc.
+        remote = ray.remote(run_process).options(
+            num_cpus=cell_cpus, num_gpus=cell_gpus, max_retries=0
+        )
+        env = {k: v for k, v in os.environ.items() if k.startswith("FIRMAD_")}
+        env["OMP_NUM_THREADS"] = str(grid.threads or max(1, int(cell_cpus)))
+        refs = {}
+        for cell in cells:
+            job = _cell_job(cell, grid)
+            if job is None:
+                record({"cell": cell.key, "status": "done"}, set())
+            else:
+                refs[remote.remote(**job, env=env, cwd=os.getcwd())] = cell
+        pending = list(refs)
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+                for ref in done:
+                    record(_ray_status(ray, ref, refs[ref]), set())
+        except KeyboardInterrupt:
+            for ref in pending:  # queued: dropped; running: KeyboardInterrupt in the task
+                ray.cancel(ref)
+            with contextlib.suppress(KeyboardInterrupt):
+                ray.wait(pending, num_returns=len(pending), timeout=STOP_GRACE_S)
+            raise
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _ray_status(ray, ref, cell: Cell) -> dict[str, Any]:
+    try:
+        return _cell_status(cell, ray.get(ref))
+    except ray.exceptions.TaskCancelledError:
+        return {"cell": cell.key, "status": "interrupted"}
+    except ray.exceptions.RayError as err:  # the worker or its node died: record it as failed
+        error = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        atomic_write_json(cell.run_dir / CELL_ERROR, {"returncode": None, "error": error})
+        return {"cell": cell.key, "status": "failed", "error": error}
