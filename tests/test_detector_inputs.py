@@ -178,13 +178,13 @@ def test_single_image_tensor_layout_in_fit_params(det):
 
 
 def test_fit_says_the_size_and_warns_about_far_from_square_images(tmp_path, capsys):
-    from firmad.cli import _far_from_square, _fit_images
+    from firmad.fitting import far_from_square, fit_images
 
     for i, size in enumerate([(28, 28), (60, 20), (20, 29), (10, 40)]):
         Image.new("L", size, 30 * i).save(tmp_path / f"{i}.png")
     files = sorted(tmp_path.glob("*.png"))
-    assert _far_from_square(files) == 2  # 3:1 and 1:4; 20 x 29 is within 3:2
-    images = _fit_images(tmp_path, OneClassDetector(size=16))
+    assert far_from_square(files) == 2  # 3:1 and 1:4; 20 x 29 is within 3:2
+    images = fit_images(tmp_path, OneClassDetector(size=16))
     assert tuple(images.shape) == (4, 3, 16, 16)
     captured = capsys.readouterr()
     assert "squashed to 16 x 16 pixels" in captured.out

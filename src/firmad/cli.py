@@ -10,7 +10,6 @@ import logging
 import re
 import sys
 import traceback
-import warnings
 from pathlib import Path
 
 import typer
@@ -167,17 +166,9 @@ def _config(recipe: str | None, overrides: list[str]):
 
 
 def _resume_config(out_dir: Path | None, recipe: str | None, overrides: list[str]):
-    """The stored config with the given options applied; `train_run` refuses real changes."""
-    from firmad.config import apply_overrides, config_from_dict, read_recipe
-    from firmad.run import RunDir
+    from firmad.pipeline import resume_config
 
-    if out_dir is None:
-        raise FirmadError("--resume needs --out RUN_DIR (the run to continue)")
-    stored = RunDir(out_dir).read_config()
-    base = read_recipe(recipe) if recipe else stored.to_dict()
-    if recipe and "name" not in base:
-        base["name"] = stored.name
-    return config_from_dict(apply_overrides(base, overrides))
+    return resume_config(out_dir, recipe, overrides)
 
 
 @app.command(
@@ -472,153 +463,33 @@ def fit(
 ) -> None:
     """Train a detector on a folder of normal images; set its threshold on held-out ones."""
     with _interruptible("nothing was saved; run the command again"):
-        det = _fit_detector(
-            config, set_, scorer, variant, holdout, target_fpr, epochs, device, seed
-        )
-        _check_fit_out(out_dir)
-        _fit_locked(det, folder, out_dir)
+        from firmad.fitting import FitOptions, check_fit_out, detector_for_fit, fit_folder
+
+        opts = FitOptions(
+            config, list(set_), scorer, variant, holdout, target_fpr, epochs, device, seed,
+            verbose=not state["quiet"],
+        )  # fmt: skip
+        det = detector_for_fit(opts)
+        check_fit_out(out_dir)
+        report = fit_folder(det, folder, out_dir, say=_say, warn=_warn)
+        _say(f"Report: {report}")
     cal = det.calibration_
     ci = cal.get("interval")
     interval = f", 95 % interval {ci[0]:.3f}-{ci[1]:.3f}" if ci else ""
-    out.print(
+    _say(
         f"Detector: {out_dir} (threshold {det.threshold_:.4g}: {cal['n_above']} of {cal['n']} "
-        f"{cal['source']} images above it, FPR {cal['achieved_fpr']:.3f}{interval})",
-        highlight=False,
+        f"{cal['source']} images above it, FPR {cal['achieved_fpr']:.3f}{interval})"
     )
 
 
-def _fit_detector(config, set_, scorer, variant, holdout, target_fpr, epochs, device, seed):
-    """The detector `fit` trains, every option checked (before any image is read) and its
-    parameters the real values of the recipe."""
-    import math
-
-    from firmad.config import parse_scorer
-    from firmad.detector import OneClassDetector
-
-    if not math.isfinite(target_fpr) or not 0.0 < target_fpr < 1.0:
-        raise FirmadError(f"--target-fpr must be a number in (0, 1), e.g. 0.05; got {target_fpr}")
-    if holdout != "auto":
-        try:
-            holdout = float(holdout)
-        except ValueError:
-            raise FirmadError(
-                f"--holdout must be auto or a share such as 0.2, got {holdout!r}"
-            ) from None
-        if not 0.0 <= holdout < 1.0:
-            raise FirmadError(f"--holdout must be auto or a share in [0, 1), got {holdout}")
-    overrides = list(set_)
-    for key, value in (("train.epochs", epochs), ("train.device", device), ("train.seed", seed)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    probe = OneClassDetector(
-        recipe=config,
-        scorer=scorer,
-        k=None,
-        variant=variant,
-        overrides=overrides,
-        holdout=holdout,
-        target_fpr=target_fpr,
-    )
-    probe._check_params()
-    cfg = probe.make_config()
-    probe.config_ = cfg
-    probe._scorer_spec()  # an unknown scorer or parameter, before the images are read
-    k = parse_scorer(scorer)[1].get("k")
-    return OneClassDetector(
-        recipe=config or "fmnist-cpu", method=cfg.method.name, backbone=cfg.model.backbone,
-        epochs=cfg.train.epochs, seed=cfg.train.seed, size=cfg.data.size,
-        device=cfg.train.device, overrides=list(set_), scorer=scorer, k=k, variant=variant,
-        verbose=not state["quiet"], holdout=holdout, target_fpr=target_fpr,
-    )  # fmt: skip
+def _say(message: str) -> None:
+    """A result line (stdout)."""
+    out.print(message, highlight=False)
 
 
-def _check_fit_out(out_dir: Path) -> None:
-    from firmad.persistence import LOCK
-
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FirmadError(
-            f"--out {out_dir} is a file, not a folder; give a new or empty folder for the detector"
-        )
-    if out_dir.is_dir() and any(p.name != LOCK for p in out_dir.iterdir()):
-        raise FirmadError(f"--out {out_dir} is a folder that is not empty; choose a new --out")
-
-
-def _fit_locked(det, folder: Path, out_dir: Path) -> None:
-    """Hold the folder lock from the first check to the save: a second `fit` with the same
-    --out is refused, and cannot replace this one's files."""
-    from firmad.persistence import folder_lock
-    from firmad.report import write_fit_report
-
-    created = not out_dir.exists()
-    saved = False
-    try:
-        with folder_lock(out_dir):
-            _check_fit_out(out_dir)  # another fit may have finished meanwhile
-            images = _fit_images(folder, det)
-            n_held = det.holdout_size(len(images))
-            out.print(
-                f"{len(images) - n_held} images for training, {n_held} held out for the threshold",
-                highlight=False,
-            )
-            with warnings.catch_warnings():  # the library's warnings, as CLI lines, at once
-                warnings.simplefilter("always")
-                warnings.showwarning = lambda message, *args, **kw: console.print(
-                    f"warning: {message}", highlight=False
-                )
-                det.fit(images)
-            det.save(out_dir)
-            saved = True
-            # the score scale in words, held-out scores vs the threshold, a gallery
-            held = images[det.heldout_indices_] if det.heldout_indices_ is not None else None
-            report = write_fit_report(det, out_dir, heldout_images=held)
-            out.print(f"Report: {report}", highlight=False)
-    finally:
-        if created and not saved:  # leave nothing behind but what was there
-            with contextlib.suppress(OSError):
-                (out_dir / ".lock").unlink()
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()
-
-
-def _fit_images(folder: Path, det):
-    """The images under the folder, each skipped path listed; the size they are squashed to
-    said, and a warning when their aspect ratios are far from square."""
-    from firmad.inputs import find_images, load_files
-
-    files, skipped = find_images([folder])
-    for path, why in skipped:
-        console.print(f"skipped {path}: {why}", highlight=False)
-    missing = [str(p) for p, why in skipped if why == "no such file or folder"]
-    if missing:
-        raise FirmadError(f"{', '.join(missing)}: no such file or folder; check the path")
-    if not files:
-        raise FirmadError(f"{folder}: no image files found, recursively; point to your images")
-    size = det.size
-    far = _far_from_square(files)
-    note = f"; {far} of them far from square (squashed without cropping)" if far else ""
-    out.print(f"{len(files)} images, squashed to {size} x {size} pixels{note}", highlight=False)
-    if far:
-        console.print(
-            f"warning: {far} image(s) have an aspect ratio beyond 3:2; squashing distorts their "
-            "shapes — crop them to a square first if shape matters",
-            highlight=False,
-        )
-    return load_files(files, size, det.make_config().data.channels)
-
-
-def _far_from_square(files: list[Path], limit: int = 2000) -> int:
-    """How many of (the first `limit`) images have sides more than 3:2 apart (header only)."""
-    from PIL import Image
-
-    far = 0
-    for f in files[:limit]:
-        try:
-            with Image.open(f) as img:
-                w, h = img.size
-        except Exception:  # an undecodable file is reported when it is read
-            continue
-        far += max(w, h) > 1.5 * max(min(w, h), 1)
-    return far
+def _warn(message: str) -> None:
+    """A warning or a skipped file (stderr)."""
+    console.print(message, highlight=False)
 
 
 @app.command(
@@ -638,63 +509,61 @@ def score(
     """Score images: a CSV with columns path, score (higher = more anomalous) and anomaly (1
     above the threshold, 0 not, empty without a threshold). Every file not scored is listed
     with its reason; nothing is written when no image could be scored."""
-    import csv
-    import io
-
-    from rich.progress import Progress
-
     from firmad.detector import OneClassDetector
+    from firmad.inputs import decisions, scores_csv
     from firmad.io import atomic_write_text
-    from firmad.persistence import check_threshold
+    from firmad.persistence import check_output_file, check_threshold
 
     if threshold is not None:
         threshold = check_threshold(threshold, "--threshold")
     if out_csv is not None:
-        _check_out_file(out_csv, "scores.csv")
+        check_output_file(out_csv, "scores.csv")
     det = OneClassDetector.load(detector)
     thr = threshold if threshold is not None else getattr(det, "threshold_", None)
+    names, scores, skipped = _score_with_progress(det, paths, batch_size)
+    for f, why in skipped:
+        _warn(f"skipped {f}: {why}")
+    if not names:
+        raise FirmadError(
+            "no image could be scored; check the paths and files above"
+            + (f" ({out_csv} was left as it was)" if out_csv is not None else "")
+        )
+    text = scores_csv(names, scores, thr)
+    if out_csv is not None:
+        atomic_write_text(out_csv, text)  # only now: a failed run changes nothing
+    else:
+        print(text, end="")
+    # --- report: scores vs held-out normals and threshold, a gallery, the scale in words
+    report_dir = report_dir or (out_csv.with_name(f"{out_csv.stem}-report") if out_csv else None)
+    if report_dir is not None:
+        from firmad.report import write_score_report
+
+        scored = [float(s) for s in scores]
+        try:
+            report = write_score_report(
+                det, names, scored, decisions(scores, thr), names, report_dir, thr, skipped
+            )
+            _warn(f"Report: {report}")
+        except FirmadError as err:  # the scores are written; only the report is not
+            _warn(f"report not written: {err}")
+    _warn(
+        f"{len(names)} scored, {len(skipped)} skipped"
+        + ("" if thr is not None else "; no threshold, so no decisions (use --threshold)")
+        + (f"; written to {out_csv}" if out_csv else "")
+    )
+
+
+def _score_with_progress(det, paths: list[Path], batch_size: int):
+    """`score_paths` with a progress bar on stderr (none with --quiet)."""
+    from rich.progress import Progress
+
     with Progress(console=console, disable=state["quiet"]) as progress:
         task = progress.add_task("score", total=None)
 
         def advance(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        names, scores, skipped = det.score_paths(paths, batch_size, advance)
-    for f, why in skipped:
-        console.print(f"skipped {f}: {why}", highlight=False)
-    if not names:
-        raise FirmadError(
-            "no image could be scored; check the paths and files above"
-            + (f" ({out_csv} was left as it was)" if out_csv is not None else "")
-        )
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["path", "score", "anomaly"])
-    for name, s in zip(names, scores, strict=True):
-        writer.writerow((name, f"{s:.6g}", "" if thr is None else int(s > thr)))
-    if out_csv is not None:
-        atomic_write_text(out_csv, buf.getvalue())  # only now: a failed run changes nothing
-    else:
-        print(buf.getvalue(), end="")
-    # --- report: scores vs held-out normals and threshold, a gallery, the scale in words
-    report_dir = report_dir or (out_csv.with_name(f"{out_csv.stem}-report") if out_csv else None)
-    if report_dir is not None:
-        from firmad.report import write_score_report
-
-        decisions = ["" if thr is None else int(s > thr) for s in scores]
-        try:
-            report = write_score_report(
-                det, names, [float(s) for s in scores], decisions, names, report_dir, thr, skipped
-            )
-            console.print(f"Report: {report}", highlight=False)
-        except FirmadError as err:  # the scores are written; only the report is not
-            console.print(f"report not written: {err}", highlight=False)
-    console.print(
-        f"{len(names)} scored, {len(skipped)} skipped"
-        + ("" if thr is not None else "; no threshold, so no decisions (use --threshold)")
-        + (f"; written to {out_csv}" if out_csv else ""),
-        highlight=False,
-    )
+        return det.score_paths(paths, batch_size, advance)
 
 
 @app.command(epilog="Example:\n\n  firmad export det/ --format onnx --out det.onnx")
@@ -706,10 +575,11 @@ def export(
     """Export a detector as one graph: uint8 images in, anomaly scores out."""
     from firmad.detector import OneClassDetector
     from firmad.export import export_onnx, sidecar_path
+    from firmad.persistence import check_output_file
 
     if fmt != "onnx":
         raise FirmadError(f"--format {fmt!r} is not supported; use onnx")
-    _check_out_file(out_file, "det.onnx")
+    check_output_file(out_file, "det.onnx")
     det = OneClassDetector.load(detector)
     export_onnx(det, out_file)
     c, h, w = det.input_shape_
@@ -740,27 +610,6 @@ def serve(
         console.print(message, highlight=False)
 
     serve_page(detector, host=host, port=port, reports=reports, open_browser=open_browser, say=say)
-
-
-def _check_out_file(out_file: Path, example: str) -> None:
-    """--out is a new file or one of ours to replace: never a folder, never a detector's or a
-    run's own file (that would destroy it)."""
-    from firmad.persistence import LOCK, META, WEIGHTS
-    from firmad.run import RunDir
-
-    if out_file.is_dir():
-        raise FirmadError(f"--out {out_file} is a folder; give a file name such as {example}")
-    target = out_file.resolve()
-    folder = target.parent
-    own = {META, WEIGHTS, LOCK}
-    if (folder / "config.yaml").is_file() or (folder / LOCK).exists():
-        own |= RunDir(folder).own_names()
-    ours = (folder / META).exists() or (folder / "config.yaml").is_file()
-    if ours and target.name in own:
-        raise FirmadError(
-            f"--out {out_file} is a file of the detector or run in {folder}; writing it "
-            f"would destroy that folder — choose another name, e.g. {example}"
-        )
 
 
 # --- the robust / non-robust feature study -------------------------------------------------------

@@ -14,6 +14,8 @@ its reason (hidden, not an image name, not a regular file, a broken or looping l
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import stat
 from collections.abc import Callable, Iterable, Sequence
@@ -235,8 +237,6 @@ def read_regular_file(path: Path, max_bytes: int) -> bytes:
 
 def load_file(path: Path, size: int, channels: int) -> np.ndarray:
     """Decode one image file (GIF: its first frame) to uint8 (channels, size, size)."""
-    import io
-
     from PIL import Image
 
     try:
@@ -371,3 +371,18 @@ def score_paths(
             progress(min(start + batch_size, len(files)), len(files))
     scores = np.concatenate(out) if out else np.zeros(0, dtype=np.float64)
     return names, scores, skipped
+
+
+def decisions(scores: np.ndarray, threshold: float | None) -> list[int | str]:
+    """1 above the threshold, 0 not; "" for every score without a threshold."""
+    return ["" if threshold is None else int(s > threshold) for s in scores]
+
+
+def scores_csv(names: Sequence[str], scores: np.ndarray, threshold: float | None) -> str:
+    """The `firmad score` CSV: path, score (6 significant digits), anomaly (`decisions`)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "score", "anomaly"])
+    for name, s, d in zip(names, scores, decisions(scores, threshold), strict=True):
+        writer.writerow((name, f"{s:.6g}", d))
+    return buf.getvalue()

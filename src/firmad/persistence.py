@@ -464,3 +464,21 @@ def _restore(cls, meta, tensors, cfg, parts, meta_path: Path, weights_path: Path
     det.calibration_ = meta.get("calibration")
     det.heldout_scores_ = parts["heldout"]
     return det
+
+
+def check_output_file(out_file: Path, example: str) -> None:
+    """An output file (--out) is a new file or one of ours to replace: never a folder, never a
+    detector's or a run's own file (that would destroy it)."""
+    if out_file.is_dir():
+        raise InputError(f"--out {out_file} is a folder; give a file name such as {example}")
+    target = out_file.resolve()
+    folder = target.parent
+    own = {META, WEIGHTS, LOCK}
+    if (folder / "config.yaml").is_file() or (folder / LOCK).exists():
+        own |= RunDir(folder).own_names()
+    ours = (folder / META).exists() or (folder / "config.yaml").is_file()
+    if ours and target.name in own:
+        raise InputError(
+            f"--out {out_file} is a file of the detector or run in {folder}; writing it "
+            f"would destroy that folder — choose another name, e.g. {example}"
+        )

@@ -15,7 +15,14 @@ from typing import Any
 
 import torch
 
-from firmad.config import RunConfig, check_scorer, config_from_dict, parse_scorer
+from firmad.config import (
+    RunConfig,
+    apply_overrides,
+    check_scorer,
+    config_from_dict,
+    parse_scorer,
+    read_recipe,
+)
 from firmad.data import OneClassSplit
 from firmad.data.pool import prepare_images
 from firmad.detector import OneClassDetector
@@ -59,6 +66,18 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[path] = value
     return out
+
+
+def resume_config(out_dir: Path | None, recipe: str | None, overrides: list[str]) -> RunConfig:
+    """The stored config of the run in ``out_dir`` (or ``recipe``, keeping the run's name)
+    with the overrides applied; `train_run` then refuses real changes."""
+    if out_dir is None:
+        raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+    stored = RunDir(out_dir).read_config()
+    base = read_recipe(recipe) if recipe else stored.to_dict()
+    if recipe and "name" not in base:
+        base["name"] = stored.name
+    return config_from_dict(apply_overrides(base, overrides))
 
 
 def config_changes(stored: RunConfig, given: RunConfig) -> dict[str, tuple[Any, Any]]:

@@ -171,21 +171,7 @@ def run_grid(
     cells = plan_cells(grid, out_dir)
     to_run = select_cells(cells, grid, classes, seeds)
     out_dir.mkdir(parents=True, exist_ok=True)
-    statuses: dict[str, dict[str, Any]] = {}
-    lock = threading.Lock()
-    progress = None if quiet else _grid_progress()
-    task = progress.add_task("grid", total=len(to_run), info="") if progress else None
-
-    def record(status: dict[str, Any], running: set[str]) -> None:
-        # Tables are rewritten after every cell, so a stopped grid still has them.
-        with lock:
-            statuses[status["cell"]] = status
-            if progress:
-                progress.update(task, advance=1, info=f"{status['cell']}: {status['status']}")
-            summarise(grid, cells, out_dir, list(statuses.values()), running=running)
-
-    if progress:
-        progress.start()
+    record = _Recorder(grid, cells, out_dir, None if quiet else _grid_progress(), len(to_run))
     try:
         with _stop_signals():
             if executor == "local":
@@ -193,12 +179,37 @@ def run_grid(
             else:
                 _run_ray(to_run, grid, address, cell_cpus, cell_gpus, record)
     finally:
-        if progress:
-            progress.stop()
+        record.stop()
         # Whatever happened, the last tables describe the cells as they are now on disk.
-        ordered = [statuses[c.key] for c in cells if c.key in statuses]
+        ordered = [record.statuses[c.key] for c in cells if c.key in record.statuses]
         result = summarise(grid, cells, out_dir, ordered)
     return result
+
+
+class _Recorder:
+    """Takes each cell's status as it comes (from any thread): the progress line advances and
+    the tables are rewritten, so a stopped grid still has them."""
+
+    def __init__(self, grid: GridConfig, cells: list[Cell], out_dir: Path, progress, n: int):
+        self.grid, self.cells, self.out_dir, self.progress = grid, cells, out_dir, progress
+        self.statuses: dict[str, dict[str, Any]] = {}
+        self.lock = threading.Lock()
+        self.task = progress.add_task("grid", total=n, info="") if progress else None
+        if progress:
+            progress.start()
+
+    def __call__(self, status: dict[str, Any], running: set[str]) -> None:
+        with self.lock:
+            self.statuses[status["cell"]] = status
+            if self.progress:
+                info = f"{status['cell']}: {status['status']}"
+                self.progress.update(self.task, advance=1, info=info)
+            statuses = list(self.statuses.values())
+            summarise(self.grid, self.cells, self.out_dir, statuses, running=running)
+
+    def stop(self) -> None:
+        if self.progress:
+            self.progress.stop()
 
 
 def _read_grid(config: Path, overrides: list[str] | None, threads: int | None) -> GridConfig:

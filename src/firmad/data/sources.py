@@ -490,6 +490,22 @@ def _subfolders(folder: Path) -> list[Path]:
     return [p for p in _list_dir(folder) if p.is_dir() and not p.name.startswith(".")]
 
 
+def _folder_classes(path: Path, subs: list[Path]) -> tuple[list[str], list[tuple[int, Path]]]:
+    """(class names, (label, folder) pairs) of an image folder's layout (`read_image_folder`)."""
+    names = [p.name for p in subs]
+    if "normal" in names:
+        extra = [n for n in names if n not in ("normal", "anomalous")]
+        if extra:
+            raise DataError(
+                f"{path}: has normal/ but also {extra}; with normal/ only normal/ and "
+                "anomalous/ are allowed. Move those images into anomalous/ or elsewhere."
+            )
+        return ["normal", "anomalous"], [(0, path / "normal"), (1, path / "anomalous")]
+    if subs:
+        return names, list(enumerate(subs))
+    return [path.name], [(0, path)]
+
+
 def read_image_folder(path: Path, split: str, size: int = 32, channels: int = 3) -> ImageDataset:
     """Read ``folder:PATH``.
 
@@ -511,22 +527,7 @@ def read_image_folder(path: Path, split: str, size: int = 32, channels: int = 3)
     if (path / "train").is_dir() and (path / "test").is_dir():
         path = path / split
     subs = _subfolders(path)
-    names = [p.name for p in subs]
-    if "normal" in names:
-        extra = [n for n in names if n not in ("normal", "anomalous")]
-        if extra:
-            raise DataError(
-                f"{path}: has normal/ but also {extra}; with normal/ only normal/ and "
-                "anomalous/ are allowed. Move those images into anomalous/ or elsewhere."
-            )
-        classes = ["normal", "anomalous"]
-        groups = [(0, path / "normal"), (1, path / "anomalous")]
-    elif subs:
-        classes = names
-        groups = list(enumerate(subs))
-    else:
-        classes = [path.name]
-        groups = [(0, path)]
+    classes, groups = _folder_classes(path, subs)
     if subs and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in _list_dir(path) if p.is_file()):
         raise DataError(
             f"{path}: has both loose images and class sub-folders; move the loose images "

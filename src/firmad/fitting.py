@@ -1,0 +1,173 @@
+"""`firmad fit` as a function: a detector from the command's options (every option checked
+before an image is read), the folder's images, and the locked fit-save-report sequence that
+leaves nothing behind when it fails. Messages go to ``say`` (results) and ``warn`` (skipped
+files, warnings), so that the CLI decides where they are printed."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from firmad.detector import OneClassDetector
+from firmad.errors import FirmadError
+from firmad.inputs import find_images, load_files
+from firmad.persistence import LOCK, folder_lock
+from firmad.report import write_fit_report
+from firmad.scoring import parse_scorer
+
+Say = Callable[[str], None]
+FAR_RATIO = 1.5  # sides more than 3:2 apart: squashing visibly distorts shapes
+
+
+def _stdout(message: str) -> None:
+    print(message)
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """The options of `firmad fit` (None keeps the recipe's value)."""
+
+    recipe: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    scorer: str = "knn_cos:k=5"
+    variant: str = "plain"
+    holdout: str | float = "auto"
+    target_fpr: float = 0.05
+    epochs: int | None = None
+    device: str | None = None
+    seed: int | None = None
+    verbose: bool = True
+
+
+def detector_for_fit(opts: FitOptions) -> OneClassDetector:
+    """The detector `fit` trains, every option checked (before any image is read) and its
+    parameters the real values of the recipe."""
+    t = opts.target_fpr
+    if not math.isfinite(t) or not 0.0 < t < 1.0:
+        raise FirmadError(f"--target-fpr must be a number in (0, 1), e.g. 0.05; got {t}")
+    holdout = _holdout(opts.holdout)
+    overrides = list(opts.overrides)
+    for key, value in (
+        ("train.epochs", opts.epochs), ("train.device", opts.device), ("train.seed", opts.seed)
+    ):  # fmt: skip
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    probe = OneClassDetector(
+        recipe=opts.recipe, scorer=opts.scorer, k=None, variant=opts.variant,
+        overrides=overrides, holdout=holdout, target_fpr=t,
+    )  # fmt: skip
+    probe._check_params()
+    cfg = probe.config_ = probe.make_config()
+    probe._scorer_spec()  # an unknown scorer or parameter, before the images are read
+    return OneClassDetector(
+        recipe=opts.recipe or "fmnist-cpu", method=cfg.method.name, backbone=cfg.model.backbone,
+        epochs=cfg.train.epochs, seed=cfg.train.seed, size=cfg.data.size,
+        device=cfg.train.device, overrides=list(opts.overrides), scorer=opts.scorer,
+        k=parse_scorer(opts.scorer)[1].get("k"), variant=opts.variant, verbose=opts.verbose,
+        holdout=holdout, target_fpr=t,
+    )  # fmt: skip
+
+
+def _holdout(value: str | float) -> str | float:
+    if value == "auto":
+        return value
+    try:
+        share = float(value)
+    except ValueError:
+        raise FirmadError(f"--holdout must be auto or a share such as 0.2, got {value!r}") from None
+    if not 0.0 <= share < 1.0:
+        raise FirmadError(f"--holdout must be auto or a share in [0, 1), got {share}")
+    return share
+
+
+def check_fit_out(out_dir: Path) -> None:
+    """The detector's folder is new or empty (its lock file aside)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FirmadError(
+            f"--out {out_dir} is a file, not a folder; give a new or empty folder for the detector"
+        )
+    if out_dir.is_dir() and any(p.name != LOCK for p in out_dir.iterdir()):
+        raise FirmadError(f"--out {out_dir} is a folder that is not empty; choose a new --out")
+
+
+def fit_folder(
+    det: OneClassDetector, folder: Path, out_dir: Path, say: Say = _stdout, warn: Say = _stderr
+) -> Path:
+    """Fit on the folder's images, save the detector and write its report; the report's path.
+
+    The folder lock is held from the first check to the save: a second `fit` with the same
+    --out is refused and cannot replace this one's files. A failed fit leaves nothing behind
+    but what was there."""
+    created = not out_dir.exists()
+    saved = False
+    try:
+        with folder_lock(out_dir):
+            check_fit_out(out_dir)  # another fit may have finished meanwhile
+            images = fit_images(folder, det, say, warn)
+            n_held = det.holdout_size(len(images))
+            say(f"{len(images) - n_held} images for training, {n_held} held out for the threshold")
+            with warnings.catch_warnings():  # the library's warnings, as lines, at once
+                warnings.simplefilter("always")
+                warnings.showwarning = lambda message, *args, **kw: warn(f"warning: {message}")
+                det.fit(images)
+            det.save(out_dir)
+            saved = True
+            # the score scale in words, held-out scores vs the threshold, a gallery
+            held = images[det.heldout_indices_] if det.heldout_indices_ is not None else None
+            return write_fit_report(det, out_dir, heldout_images=held)
+    finally:
+        if created and not saved:
+            with contextlib.suppress(OSError):
+                (out_dir / LOCK).unlink()
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+
+
+def fit_images(
+    folder: Path, det: OneClassDetector, say: Say = _stdout, warn: Say = _stderr
+) -> torch.Tensor:
+    """The images under the folder, each skipped path listed; the size they are squashed to
+    said, and a warning when their aspect ratios are far from square."""
+    files, skipped = find_images([folder])
+    for path, why in skipped:
+        warn(f"skipped {path}: {why}")
+    missing = [str(p) for p, why in skipped if why == "no such file or folder"]
+    if missing:
+        raise FirmadError(f"{', '.join(missing)}: no such file or folder; check the path")
+    if not files:
+        raise FirmadError(f"{folder}: no image files found, recursively; point to your images")
+    size = det.size
+    far = far_from_square(files)
+    note = f"; {far} of them far from square (squashed without cropping)" if far else ""
+    say(f"{len(files)} images, squashed to {size} x {size} pixels{note}")
+    if far:
+        warn(
+            f"warning: {far} image(s) have an aspect ratio beyond 3:2; squashing distorts their "
+            "shapes — crop them to a square first if shape matters"
+        )
+    return load_files(files, size, det.make_config().data.channels)
+
+
+def far_from_square(files: list[Path], limit: int = 2000) -> int:
+    """How many of (the first `limit`) images have sides more than 3:2 apart (header only)."""
+    far = 0
+    for f in files[:limit]:
+        try:
+            with Image.open(f) as img:
+                w, h = img.size
+        except Exception:  # an undecodable file is reported when it is read
+            continue
+        far += max(w, h) > FAR_RATIO * max(min(w, h), 1)
+    return far
