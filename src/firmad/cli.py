@@ -18,6 +18,7 @@ from rich.table import Table
 
 import firmad
 from firmad.errors import FirmadError
+from firmad.safeyaml import shorten
 
 app = typer.Typer(
     add_completion=False,
@@ -228,14 +229,8 @@ def _comma_list(
         return None
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items or len(set(items)) != len(items):
-        raise FirmadError(f"{option}: expected distinct {what}, got {_short(text)}")
+        raise FirmadError(f"{option}: expected distinct {what}, got {shorten(text)}")
     return items
-
-
-def _short(value) -> str:
-    from firmad.config import shorten
-
-    return shorten(value)
 
 
 def _int_list(text: str | None, option: str) -> list[int] | None:
@@ -245,7 +240,7 @@ def _int_list(text: str | None, option: str) -> list[int] | None:
     try:
         return [int(t) for t in items]
     except ValueError:
-        raise FirmadError(f"{option}: expected integers such as 1,2, got {_short(text)}") from None
+        raise FirmadError(f"{option}: expected integers such as 1,2, got {shorten(text)}") from None
 
 
 def _split_scorers(text: str) -> list[str]:

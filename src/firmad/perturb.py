@@ -13,6 +13,12 @@ import torch
 from torch import Tensor
 
 
+def attack_name(settings: dict) -> str:
+    """PGD or APGD, from an attack's settings (those written before the schedule existed are
+    PGD)."""
+    return "APGD" if settings.get("schedule") == "apgd" else "PGD"
+
+
 def _per_sample_norm(t: Tensor) -> Tensor:
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.ndim - 1)))
 

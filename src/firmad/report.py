@@ -17,6 +17,7 @@ from firmad.errors import ConfigError, DataError, InputError
 from firmad.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from firmad.metrics import aulc
 from firmad.metrics import roc_curve as _roc_curve
+from firmad.perturb import attack_name
 from firmad.run import RESULTS
 from firmad.scoring.scales import score_scale
 from firmad.scoring.scorers import result_keys_of, result_name, row_name
@@ -236,8 +237,6 @@ def write_report_md(run_dir: str | Path, results_json: dict[str, Any]) -> Path:
 
 def _robustness_md(rob: Mapping[str, Any]) -> str:
     """The results.json ``robustness`` entry as a table: ε rows, attacked-group columns."""
-    from firmad.robustness.evaluate import attack_name
-
     det = rob.get("detector", {})
     name, params = det.get("scorer", "?"), det.get("scorer_params", {})
     label = result_name(name, **{key: params.get(key) for key in result_keys_of(name)})
@@ -552,8 +551,6 @@ def _as_nchw(images, layout: str | None = None) -> np.ndarray:
     """uint8 (N, C, H, W) numpy images for the gallery (from arrays, tensors, float in [0, 1])."""
     x = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
     if x.ndim not in (3, 4):
-        from firmad.errors import InputError
-
         raise InputError(
             f"images for a report must be an array or tensor (N, C, H, W), got {type(images)}"
         )
