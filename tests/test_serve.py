@@ -14,7 +14,8 @@ import pytest
 from firmad import serve
 from firmad.cli import main
 from firmad.data import one_vs_rest
-from firmad.detector import OneClassDetector, load_folder_images
+from firmad.detector import OneClassDetector
+from firmad.inputs import load_folder_images
 from firmad.report import write_fit_report
 from tests.conftest import FIXTURE_FMNIST
 from tests.test_detector import TRAIN

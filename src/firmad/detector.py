@@ -47,6 +47,7 @@ from firmad.inputs import (  # noqa: F401  (public names kept importable from he
     warn_skipped,
 )
 from firmad.methods import Method
+from firmad.metrics import clopper_pearson, threshold_at  # noqa: F401  (kept importable here)
 from firmad.persistence import (  # noqa: F401
     FORMAT,
     META,
@@ -670,32 +671,6 @@ class _BoundScore:
             return self.scorer(self.det.extractor_, x.to(self.det.extractor_.device), gen=gen)
 
 
-def threshold_at(scores, rate: float) -> float:
-    """The threshold with at most floor(rate x n) of the n scores strictly above it: the
-    (n - m)-th smallest score, m = floor(rate x n) (the largest when m = 0). Ties at the
-    threshold can leave fewer above it, never more."""
-    s = np.sort(np.asarray(scores, dtype=np.float64))
-    n = len(s)
-    if n == 0:
-        raise InputError("no scores to set a threshold on")
-    if not np.isfinite(s).all():
-        raise InputError("some scores are not finite; the detector is broken — fit it again")
-    m = math.floor(rate * n + 1e-9)  # 0.05 x 100 is 5, not 4.999...
-    return float(s[n - m - 1]) if m < n else float(s[0])
-
-
-def clopper_pearson(k: int, n: int, level: float = 0.95) -> list[float] | None:
-    """Exact (Clopper-Pearson) interval of a rate k / n; None without scipy."""
-    try:
-        from scipy.stats import beta
-    except ImportError:
-        return None
-    a = (1 - level) / 2
-    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
-    hi = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
-    return [lo, hi]
-
-
 def _is_real(x) -> bool:
     return not isinstance(x, bool) and isinstance(x, int | float) and math.isfinite(x)
 
@@ -736,19 +711,6 @@ def _check_features(banks) -> None:
                 "every image (a constant or diverged loss). Check the settings (e.g. "
                 "method.tau, train.lr) and the images, then fit again"
             )
-
-
-def load_folder_images(folder: Path, size: int, channels: int) -> torch.Tensor:
-    """Every image under a folder (or the file), squashed to size x size; any unreadable file
-    is an error that names it (use `score_paths` / `firmad score` to skip broken files)."""
-    files, skipped = find_images([folder])
-    warn_skipped(skipped, files)
-    return load_files(files, size, channels)
-
-
-def image_files(path: Path) -> list[Path]:
-    """Image files of a folder (recursive, sorted, hidden ones skipped), or the file itself."""
-    return find_images([path])[0]
 
 
 def _stats(images: torch.Tensor) -> tuple[list[float], list[float]]:

@@ -386,3 +386,11 @@ def scores_csv(names: Sequence[str], scores: np.ndarray, threshold: float | None
     for name, s, d in zip(names, scores, decisions(scores, threshold), strict=True):
         writer.writerow((name, f"{s:.6g}", d))
     return buf.getvalue()
+
+
+def load_folder_images(folder: Path, size: int, channels: int) -> torch.Tensor:
+    """Every image under a folder (or the file), squashed to size x size; any unreadable file
+    is an error that names it (use `score_paths` / `firmad score` to skip broken files)."""
+    files, skipped = find_images([folder])
+    warn_skipped(skipped, files)
+    return load_files(files, size, channels)

@@ -166,10 +166,6 @@ def tensor_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
 
 
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    atomic_write_bytes(path, tensor_bytes(tensors))
-
-
 # --- flattening nested state (optimizer, scheduler, RNG) into tensors + JSON ---------------------
 
 

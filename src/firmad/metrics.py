@@ -1,4 +1,5 @@
-"""Detection metrics for anomaly scores: AUROC, AUPR (both ways), FPR at 95 % TPR, AULC.
+"""Detection metrics for anomaly scores: AUROC, AUPR (both ways), FPR at 95 % TPR, AULC; the
+threshold at a rate (`threshold_at`) and the exact interval of an achieved rate.
 
 Conventions: label 1 = anomaly, 0 = normal; a higher score means more anomalous.
 The curves come from scikit-learn; this module validates inputs and names the results.
@@ -6,6 +7,7 @@ The curves come from scikit-learn; this module validates inputs and names the re
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -148,3 +150,29 @@ def aulc(epochs: Sequence[float], aurocs: Sequence[float]) -> float:
         return float(y.mean())
     xn = (x - x[0]) / span
     return float(np.sum((xn[1:] - xn[:-1]) * (y[1:] + y[:-1]) / 2.0))
+
+
+def threshold_at(scores, rate: float) -> float:
+    """The threshold with at most floor(rate x n) of the n scores strictly above it: the
+    (n - m)-th smallest score, m = floor(rate x n) (the largest when m = 0). Ties at the
+    threshold can leave fewer above it, never more."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    n = len(s)
+    if n == 0:
+        raise InputError("no scores to set a threshold on")
+    if not np.isfinite(s).all():
+        raise InputError("some scores are not finite; the detector is broken — fit it again")
+    m = math.floor(rate * n + 1e-9)  # 0.05 x 100 is 5, not 4.999...
+    return float(s[n - m - 1]) if m < n else float(s[0])
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> list[float] | None:
+    """Exact (Clopper-Pearson) interval of a rate k / n; None without scipy."""
+    try:
+        from scipy.stats import beta
+    except ImportError:
+        return None
+    a = (1 - level) / 2
+    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
+    return [lo, hi]

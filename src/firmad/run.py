@@ -42,7 +42,6 @@ CELL_LOG = "log.txt"  # a benchmark grid's record of one cell's process
 CELL_ERROR = "error.json"
 # `firmad attack` / the `attack` recipe key (firmad.robustness.audit)
 ATTACK_FILES = ("attack.json", "attack.md", "attack_auroc.png", "attack_examples.png")
-STATES = ("new", "started", "partial", "finished", "evaluated")
 # Files a run writes under its lock (a firmad folder holding any of them also holds LOCK).
 RUN_FILES = (CONFIG, f"{CHECKPOINT}.json", f"{CHECKPOINT}.safetensors", METRICS, RESULTS, REPORT)
 
@@ -107,6 +106,8 @@ class RunDir:
 
     @property
     def state(self) -> str:
+        """new, started (config written), partial (a checkpoint), finished (trained) or
+        evaluated (results written)."""
         if self.results.exists():
             return "evaluated"
         meta = self.checkpoint_meta()
