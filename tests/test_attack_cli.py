@@ -34,7 +34,9 @@ def run_dir(tmp_path_factory):
 
 def test_attack_on_a_run_writes_its_four_files(run_dir, capsys):
     assert main(["-q", "attack", str(run_dir), "--eps", "0,4,8", *QUICK]) == 0
-    data = json.loads((run_dir / "attack.json").read_text())
+    beside = run_dir.parent / "run.attack"  # the default --out: beside the run, not inside
+    assert not (run_dir / "attack.json").exists()
+    data = json.loads((beside / "attack.json").read_text())
     st = data["settings"]
     assert st["norm"] == "linf" and st["steps"] == 3 and st["eps_255"] == [0, 4, 8]
     assert st["eps_list"] == pytest.approx([0, 4 / 255, 8 / 255])
@@ -55,10 +57,10 @@ def test_attack_on_a_run_writes_its_four_files(run_dir, capsys):
     model = OneClassDetector.from_run(run_dir).model_
     assert d["params"] == sum(p.numel() for p in model.encoder.parameters())
     assert d["flops"] > 1e5
-    md = (run_dir / "attack.md").read_text()
+    md = (beside / "attack.md").read_text()
     assert "| eps | normal | anomaly | both |" in md and "| 8/255 |" in md and "FLOPs" in md
     for name in ("attack_auroc.png", "attack_examples.png"):
-        content = (run_dir / name).read_bytes()
+        content = (beside / name).read_bytes()
         assert content.startswith(PNG) and len(content) > 5000
     shown = capsys.readouterr().out
     assert "| 4/255 |" in shown and "attack.json" in shown

@@ -29,7 +29,7 @@ from firmad.robustness import (
     score,
     stratified_subset,
 )
-from firmad.robustness.attacks import _project, apgd_checkpoints
+from firmad.robustness.attacks import ImageTarget, _project, apgd_checkpoints
 
 # --------------------------------------------------------------------------- toy detectors
 
@@ -372,6 +372,13 @@ def test_stratified_subset_keeps_shares_and_seed() -> None:
     assert torch.equal(stratified_subset(y, None), torch.arange(120))
 
 
+def _with_image_target(toy, bank) -> dict:
+    """The toy's surrogates plus the pixel-space target on its normal bank images."""
+    with torch.no_grad():
+        image = ImageTarget(toy.features, bank, toy.score_tensor(bank), typical=0.5)
+    return {**toy.surrogate_scores(), "image": image}
+
+
 def test_sweep_smooth_detector_passes_checks(toy, data) -> None:
     bank, x, y = data
     other = ToyKNN(bank, seed=1)
@@ -384,6 +391,7 @@ def test_sweep_smooth_detector_passes_checks(toy, data) -> None:
         subset=30,
         n_bootstrap=200,
         transfer_from=other,
+        surrogates=_with_image_target(toy, bank),  # else anomalies-only stalls at large eps
     )
     json.dumps(res)  # serialisable as is
     assert res["subset"]["n"] == 30 and res["subset"]["n_anomaly"] == 15
@@ -395,13 +403,30 @@ def test_sweep_smooth_detector_passes_checks(toy, data) -> None:
         r = rows[(8 / 255, mode)]
         assert r["ci_low"] <= r["auroc"] <= r["ci_high"]
     assert rows[(8 / 255, "both")]["auroc"] < 0.3 < clean
-    assert rows[(8 / 255, "normal")]["wins"].keys() == {"exact", "surrogate:centre"}
+    assert rows[(8 / 255, "normal")]["wins"].keys() == {
+        "exact", "surrogate:centre", "surrogate:image"
+    }  # fmt: skip
     verdicts = {v["name"]: v for v in res["verdicts"]}
     assert set(verdicts) == {"monotone", "large_eps", "more_steps", "more_restarts", "transfer"}
     assert all(v["passed"] for v in verdicts.values()), verdicts
     assert res["passed"] and res["checks_skipped"] == []
     md = format_markdown(res)
     assert "| eps | normal | anomaly | both |" in md and "8/255" in md
+
+
+def test_large_eps_check_looks_at_each_attacked_side(toy, data) -> None:
+    """'both' collapses at eps = 1 while anomalies attacked alone stay above every normal:
+    the check fails and names that side; the pixel-space target fixes the side."""
+    bank, x, y = data
+    kw = dict(eps_list=[0, 8 / 255], steps=10, n_bootstrap=50, check_eps=8 / 255)
+    with pytest.warns(RuntimeWarning, match="anomalies-only"):
+        res = robust_auroc_sweep(toy, x, y, **kw)
+    large = next(v for v in res["verdicts"] if v["name"] == "large_eps")
+    assert not large["passed"] and "anomalies-only" in large["detail"]
+    assert "'both' 0.0" in large["detail"] and "masked" not in large["detail"]
+    res = robust_auroc_sweep(toy, x, y, surrogates=_with_image_target(toy, bank), **kw)
+    large = next(v for v in res["verdicts"] if v["name"] == "large_eps")
+    assert large["passed"], large
 
 
 def test_sweep_flags_a_masked_score(toy, data) -> None:
