@@ -29,7 +29,7 @@ from firmad.robustness import (
     score,
     stratified_subset,
 )
-from firmad.robustness.attacks import ImageTarget, _project, apgd_checkpoints
+from firmad.robustness.attacks import ImageTarget, _project, apgd_checkpoints, square_attack
 
 # --------------------------------------------------------------------------- toy detectors
 
@@ -552,3 +552,83 @@ def test_eval_mode_restored_for_a_wrapping_detector(data) -> None:
     pgd(det, x, y, eps=4 / 255, steps=2)
     attack_detector(det, x, y, eps=4 / 255, steps=2)
     assert det.training and det.scorer.encoder.bn.training
+
+
+# --------------------------------------------------------------------------- Square attack
+
+
+def test_square_schedule_halves_the_area() -> None:
+    from firmad.robustness.attacks import square_fraction
+
+    assert square_fraction(0.05, 0, 10000) == 0.05
+    assert square_fraction(0.05, 11, 10000) == 0.025
+    assert square_fraction(0.05, 9000, 10000) == 0.05 / 512
+    assert square_fraction(0.05, 2, 100) == 0.0125  # rescaled: 2 of 100 is 200 of 10 000
+
+
+def test_square_attack_lowers_auroc_but_not_below_white_box(toy, data) -> None:
+    _, x, y = data
+    clean = _auroc(toy, x, y)
+    calls = []
+    res = square_attack(
+        toy, x, y, eps=16 / 255, queries=300, on_step=lambda d, t: calls.append((d, t))
+    )
+    assert res.attacks == ["square"] and calls[-1] == (299, 299)
+    black = evaluate_scores(y, res.scores)["auroc"]
+    assert black < clean - 0.2  # it works without gradients
+    assert torch.allclose(res.scores, score(toy, res.images).double(), atol=1e-6)
+    assert (res.images - x).abs().max() <= 16 / 255 + 1e-6
+    assert res.images.min() >= 0 and res.images.max() <= 1
+    white = attack_detector(toy, x, y, eps=16 / 255, steps=20)
+    assert evaluate_scores(y, white.scores)["auroc"] <= black + 0.01
+    # anomalies only: normals unchanged; deterministic with the seed
+    only = square_attack(toy, x, y, eps=16 / 255, queries=50, targets="anomaly", seed=3)
+    assert torch.equal(only.images[y == 0], x[y == 0])
+    again = square_attack(toy, x, y, eps=16 / 255, queries=50, targets="anomaly", seed=3)
+    assert torch.equal(only.images, again.images)
+
+
+def test_sweep_square_attack_and_square_check(toy, data) -> None:
+    _, x, y = data
+    res = robust_auroc_sweep(
+        toy, x, y, eps_list=[0, 8 / 255], steps=50, schedule="apgd", n_bootstrap=50,
+        square_check=True, surrogates=_with_image_target(toy, data[0]),
+    )  # fmt: skip
+    square = next(v for v in res["verdicts"] if v["name"] == "square")
+    assert square["passed"] and "Square attack (1000 queries)" in square["detail"]
+    res = robust_auroc_sweep(
+        toy, x, y, eps_list=[0, 8 / 255], steps=200, n_bootstrap=50, attack="square",
+        checks=False,
+    )  # fmt: skip
+    both = {r["eps"]: r["auroc"] for r in res["rows"] if r["target"] == "both"}
+    assert both[8 / 255] < both[0] and res["settings"]["attack"] == "square"
+    assert res["settings"]["step_size"] == "square (no gradient)"
+    with pytest.raises(ConfigError, match="linf"):
+        square_attack(toy, x, y, eps=0.5, norm="l2")
+
+
+def test_attack_detector_reports_every_step(toy, data) -> None:
+    _, x, y = data
+    calls = []
+    attack_detector(
+        toy, x, y, eps=4 / 255, steps=3, restarts=2, batch_size=15,
+        on_step=lambda d, t: calls.append((d, t)),
+    )  # fmt: skip
+    total = 2 * 2 * 3 * 3  # exact + centre, restarts, batches of 15 of 40, steps
+    assert calls == [(i, total) for i in range(1, total + 1)]
+
+
+def test_targets_pick_typical_normals(toy, data) -> None:
+    from firmad.robustness.attacks import NearestTarget
+
+    bank, x, y = data
+    odd = torch.cat([bank, 1 - bank[:1]])  # one odd "normal"
+    with torch.no_grad():
+        image = ImageTarget(toy.features, odd, toy.score_tensor(odd), typical=0.5)
+    assert len(image.images) == 16 and not (image.images == odd[-1]).all((1, 2, 3)).any()
+    fn = image.bind(x[:4])
+    assert torch.equal(fn.start, image.targets(x[:4])) and fn(fn.start).abs().max() == 0
+    near = NearestTarget(toy.features, toy.features(odd), typical=0.5)
+    assert len(near.bank) == 16
+    sur = near.bind(x[:4])(x[:4])
+    assert sur.shape == (4,) and (sur >= -1e-9).all()

@@ -391,6 +391,11 @@ def attack_markdown(result: dict[str, Any]) -> str:
     ]
     if d.get("source"):
         lines.append(f"- Source: {d['source']}")
+    st = result["settings"]
+    if st.get("threat_model"):
+        lines.append(f"- Threat model: {st['threat_model']}")
+    if isinstance(st.get("surrogates"), list):
+        lines.append("- Surrogate gradients: " + ", ".join(st["surrogates"]))
     lines += ["", format_markdown(result).rstrip(), ""]
     lines += [f"![AUROC vs eps]({AUROC_PNG})", "", f"![Examples]({EXAMPLES_PNG})", ""]
     return "\n".join(lines)

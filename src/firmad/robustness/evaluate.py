@@ -540,7 +540,9 @@ def _eps_text(eps: float, norm: str) -> str:
 
 
 def attack_name(settings: dict) -> str:
-    """PGD or APGD (settings written before the schedule existed are PGD)."""
+    """PGD, APGD or Square (settings written before the schedule existed are PGD)."""
+    if settings.get("attack") == "square":
+        return "Square"
     return "APGD" if settings.get("schedule") == "apgd" else "PGD"
 
 
