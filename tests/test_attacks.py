@@ -628,6 +628,13 @@ def test_targets_pick_typical_normals(toy, data) -> None:
     assert len(image.images) == 16 and not (image.images == odd[-1]).all((1, 2, 3)).any()
     fn = image.bind(x[:4])
     assert torch.equal(fn.start, image.targets(x[:4])) and fn(fn.start).abs().max() == 0
+    sign = torch.tensor([1.0, 1.0, -1.0, -1.0])  # two normals, two anomalies
+    fn = image.bind(x[:4], sign)
+    turned = image.targets(x[:4]).rot90(1, (-2, -1))
+    assert torch.equal(fn.start[:2], turned[:2]) and torch.equal(fn.start[2:], image.targets(x[:4])[2:])
+    assert fn(fn.start).abs().max() == 0
+    away = fn(x[:4])
+    assert (away[:2] < 0).all() and (away[2:] > 0).all()  # normals: -distance, maximised
     near = NearestTarget(toy.features, toy.features(odd), typical=0.5)
     assert len(near.bank) == 16
     sur = near.bind(x[:4])(x[:4])

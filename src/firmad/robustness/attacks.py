@@ -380,12 +380,12 @@ def _tick(cfg: dict) -> None:
         cfg["on_step"](cfg["done"], cfg["total"])
 
 
-def _bound(source, x0: Tensor):
-    """The gradient source for the rows ``x0``: a source with ``bind(x0)`` (a per-image
-    target chosen from the clean images, see ``firmad.robustness.audit``) is bound to them;
-    a plain score function is used as is."""
+def _bound(source, x0: Tensor, sign: Tensor):
+    """The gradient source for the rows ``x0`` (attack direction ``sign``: +1 normals, −1
+    anomalies): a source with ``bind(x0, sign)`` (a per-image target chosen from the clean
+    images, e.g. `ImageTarget`) is bound to them; a plain score function is used as is."""
     bind = getattr(source, "bind", None)
-    return bind(x0) if callable(bind) else source
+    return bind(x0, sign) if callable(bind) else source
 
 
 def _run_pgd(
@@ -410,7 +410,7 @@ def _run_pgd(
         # One draw for all images per restart, so results do not depend on batch_size.
         start = _random_start(x, cfg["norm"], cfg["eps"], gen) if cfg["random_start"] else x
         for b in chunks:
-            source = _bound(grad_fn, x[b])
+            source = _bound(grad_fn, x[b], sign[b])
             first = getattr(source, "start", None) if r == 0 else None  # a target's own start
             first = start[b] if first is None else project(first, x[b], cfg["norm"], cfg["eps"])
             run_x, run_obj = walk(score_fn, source, x[b], first.clone(), sign[b], cfg)
@@ -823,7 +823,7 @@ class NearestTarget:
             bank = self.bank.to(f.device)
             return bank[(f @ bank.T).argmax(dim=1)]
 
-    def bind(self, x0: Tensor) -> ScoreFn:
+    def bind(self, x0: Tensor, sign: Tensor | None = None) -> ScoreFn:
         target = self.targets(x0)
 
         def surrogate(x: Tensor) -> Tensor:
@@ -857,7 +857,8 @@ class ImageTarget:
     ``mean((x − target)²)``: the attack walks anomalies straight towards a typical normal
     image: the first restart starts at the target projected onto the ε-ball (the pixel blend
     of image and target), where gradient steps on the score alone wander off (see
-    benchmarks/RESULTS.md), then follows this gradient; normals are pushed away from it.
+    benchmarks/RESULTS.md), then follows this gradient. Normals (``bind(x0, sign)`` with
+    sign +1) walk the same way towards the target turned by 90 degrees, an outlier.
     """
 
     def __init__(
@@ -880,16 +881,23 @@ class ImageTarget:
             pick = (f @ self.keys.to(f.device).T).argmax(dim=1)
         return self.images[pick.to(self.images.device)].to(x0)
 
-    def bind(self, x0: Tensor) -> ScoreFn:
+    def bind(self, x0: Tensor, sign: Tensor | None = None) -> ScoreFn:
         target = self.targets(x0)
         if target.shape[1:] != x0.shape[1:]:
             raise InputError(
                 f"target images {tuple(target.shape[1:])} and attacked images "
                 f"{tuple(x0.shape[1:])} differ in shape; give normal images of the same size."
             )
+        pull = torch.ones(x0.shape[0], dtype=torch.float64, device=x0.device)
+        if sign is not None and target.shape[-1] == target.shape[-2]:
+            # Normals (sign +1) walk towards the target turned by 90 degrees: a typical normal
+            # made an outlier (what a rotation-trained detector flags most).
+            up = sign.to(x0.device) > 0
+            target = torch.where(up.view(-1, 1, 1, 1), target.rot90(1, (-2, -1)), target)
+            pull = torch.where(up, -1.0, 1.0).double()
 
         def surrogate(x: Tensor) -> Tensor:
-            return (x - target).square().flatten(1).mean(dim=1)
+            return pull * (x - target).square().flatten(1).mean(dim=1).double()
 
         surrogate.start = target  # the first restart starts at the target, projected
         return surrogate
