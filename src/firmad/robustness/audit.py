@@ -37,14 +37,19 @@ from firmad.robustness.evaluate import attack_name, format_markdown, robust_auro
 
 __all__ = [
     "ATTACK_FILES",
+    "PartialAttacks",
+    "attack_files_complete",
     "audit",
     "audit_path",
+    "check_writable",
     "describe_detector",
     "headline_scorer",
+    "offered_surrogates",
     "plot_attack_auroc",
     "plot_attack_examples",
     "robustness_for_run",
     "robustness_summary",
+    "threat_model",
 ]
 
 ATTACK_JSON = "attack.json"
@@ -153,6 +158,19 @@ def _differences(old, new: dict) -> str:
         f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)
     ]
     return "; ".join(diff[:4]) + ("; ..." if len(diff) > 4 else "")
+
+
+def _digest(det) -> str:
+    """SHA-256 of the detector's weights and fitted scorer tensors: a rerun continues only
+    attacks of the very same detector (a retrained run has other weights)."""
+    h = hashlib.sha256()
+    tensors = sorted(det.model_.state_dict().items())
+    for i, scorer in enumerate(det.scorer_.per_angle):
+        tensors += [(f"scorer.{i}.{k}", v) for k, v in sorted(scorer.fitted_state().items())]
+    for name, t in tensors:
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def check_writable(folder: str | Path) -> Path:
@@ -288,6 +306,7 @@ def audit(
         fingerprint = {
             **sweep, "targeted": targeted, "input_space": input_space, "n_images": len(y),
             "detector": {k: v for k, v in description.items() if k != "device"},
+            "weights": _digest(det),
             "transfer_from": transfer_name,
         }  # fmt: skip
         cache = PartialAttacks.open(out_dir / PARTIAL, fingerprint)
@@ -644,7 +663,7 @@ def robustness_for_run(run, cfg, model, split, step: int | None) -> dict | None:
             and old.get("checkpoint_step") == step
             # results written before the schedule key existed used the fixed schedule
             and {"schedule": "fixed", **(old.get("attack") or {})} == cfg.attack.model_dump()
-            and (run.path / ATTACK_JSON).exists()
+            and attack_files_complete(run.path)
         ):
             return old
     from firmad.detector import OneClassDetector
