@@ -631,7 +631,8 @@ def test_targets_pick_typical_normals(toy, data) -> None:
     sign = torch.tensor([1.0, 1.0, -1.0, -1.0])  # two normals, two anomalies
     fn = image.bind(x[:4], sign)
     turned = image.targets(x[:4]).rot90(1, (-2, -1))
-    assert torch.equal(fn.start[:2], turned[:2]) and torch.equal(fn.start[2:], image.targets(x[:4])[2:])
+    assert torch.equal(fn.start[:2], turned[:2])
+    assert torch.equal(fn.start[2:], image.targets(x[:4])[2:])
     assert fn(fn.start).abs().max() == 0
     away = fn(x[:4])
     assert (away[:2] < 0).all() and (away[2:] > 0).all()  # normals: -distance, maximised

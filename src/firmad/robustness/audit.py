@@ -287,9 +287,10 @@ def audit(
     y = torch.as_tensor(y).reshape(-1)
     _check_input(input_space)
     largest = math.sqrt(x[0].numel())
-    if str(norm).lower() == "l2" and max(eps_list, default=0) > largest:
+    radii = [e for e in eps_list if isinstance(e, int | float)]  # the sweep checks the rest
+    if str(norm).lower() == "l2" and max(radii, default=0) > largest:
         raise ConfigError(
-            f"L2 radius {max(eps_list):.4g} is larger than the diameter of the image cube "
+            f"L2 radius {max(radii):.4g} is larger than the diameter of the image cube "
             f"[0, 1]^{x[0].numel()} ({' x '.join(map(str, x.shape[1:]))}), sqrt(C*H*W) = "
             f"{largest:.4g}, beyond which every image is reachable; use radii up to that"
         )
