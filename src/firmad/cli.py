@@ -790,7 +790,9 @@ class _AttackProgress:
     def attack(self, done: int, total: int, what: str) -> None:
         self.done, self.total, self.what = done, max(total, 1), what
         n = f"{min(done + 1, total)}/{total}"
-        self.bar.update(self.task, completed=done, total=total, info=what, n=n)
+        room = max(self.console.width - 58, 8)  # the bar and its times come first
+        info = what if len(what) <= room else what[: room - 1] + "…"
+        self.bar.update(self.task, completed=done, total=total, info=info, n=n)
         if self.plain and not self.quiet:
             text = "done" if done >= total else f"{n} {what}"
             self._line(f"attack {text}", force=True)
