@@ -6,6 +6,11 @@
   attacked group) and ``attack_examples.png`` (clean / adversarial / amplified perturbation).
 - `audit_path`: the same for a `firmad train` run directory (its own test split) or a
   `firmad fit` detector directory (a test split named by the caller); what `firmad attack` runs.
+  With ``resume`` each finished attack is kept in ``.attack-partial/`` of the output folder
+  (tied to the settings and the detector's weights) until the four files are written; the
+  files are written as a set, ``attack.incomplete`` marking a set being written.
+- Threat model (``input_space``): "model" attacks the test images as the evaluation scores
+  them (resized to the detector's input size, uint8), "native" at their own size.
 - `robustness_for_run`: the ``attack`` recipe key. After a run's evaluation, the sweep on its
   headline detector, summarised for results.json (``robustness``).
 """
