@@ -34,7 +34,9 @@ def run_dir(tmp_path_factory):
 
 def test_attack_on_a_run_writes_its_four_files(run_dir, capsys):
     assert main(["-q", "attack", str(run_dir), "--eps", "0,4,8", *QUICK]) == 0
-    data = json.loads((run_dir / "attack.json").read_text())
+    beside = run_dir.parent / "run.attack"  # the default --out: beside the run, not inside
+    assert not (run_dir / "attack.json").exists()
+    data = json.loads((beside / "attack.json").read_text())
     st = data["settings"]
     assert st["norm"] == "linf" and st["steps"] == 3 and st["eps_255"] == [0, 4, 8]
     assert st["eps_list"] == pytest.approx([0, 4 / 255, 8 / 255])
@@ -55,10 +57,10 @@ def test_attack_on_a_run_writes_its_four_files(run_dir, capsys):
     model = OneClassDetector.from_run(run_dir).model_
     assert d["params"] == sum(p.numel() for p in model.encoder.parameters())
     assert d["flops"] > 1e5
-    md = (run_dir / "attack.md").read_text()
+    md = (beside / "attack.md").read_text()
     assert "| eps | normal | anomaly | both |" in md and "| 8/255 |" in md and "FLOPs" in md
     for name in ("attack_auroc.png", "attack_examples.png"):
-        content = (run_dir / name).read_bytes()
+        content = (beside / name).read_bytes()
         assert content.startswith(PNG) and len(content) > 5000
     shown = capsys.readouterr().out
     assert "| 4/255 |" in shown and "attack.json" in shown
@@ -173,3 +175,125 @@ def test_complexity_counts_parameters_and_flops():
     cost = complexity(conv, (3, 8, 8))
     assert cost == {"params": 8 * 27 + 8, "flops": 2 * (8 * 8 * 8) * 27}
     assert conv.training  # the mode is restored
+
+
+# --- quick defaults, resume, atomic set, checks before the work -----------------------------------
+
+NO_CHECKS = ["--eps", "0,4,8", "--steps", "2", "--subset", "40", "--no-checks"]
+
+
+class _Counting:
+    """Wraps attack_detector in the sweep: counts the attacks, raises Ctrl-C at call ``stop``."""
+
+    def __init__(self, monkeypatch, stop: int | None = None):
+        import firmad.robustness.evaluate as ev
+
+        self.calls, self.stop, self.inner = 0, stop, ev.attack_detector
+        monkeypatch.setattr(ev, "attack_detector", self)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.stop:
+            raise KeyboardInterrupt
+        return self.inner(*args, **kwargs)
+
+
+def test_attack_continues_after_ctrl_c_with_the_same_settings(run_dir, tmp_path, monkeypatch):
+    out = tmp_path / "a"
+    counting = _Counting(monkeypatch, stop=2)
+    assert main(["-q", "attack", str(run_dir), *NO_CHECKS, "--out", str(out)]) == 130
+    assert not (out / "attack.json").exists()
+    assert len(list((out / ".attack-partial").glob("*.json"))) == 2  # settings + eps 4/255
+    # Other settings: refused, nothing attacked, the finished attack kept.
+    counting.calls, counting.stop = 0, None
+    assert main(["-q", "attack", str(run_dir), *NO_CHECKS, "--steps", "3", "--out", str(out)]) == 2
+    assert counting.calls == 0 and (out / ".attack-partial").is_dir()
+    # The same command continues: only eps 8/255 is attacked now.
+    assert main(["-q", "attack", str(run_dir), *NO_CHECKS, "--out", str(out)]) == 0
+    assert counting.calls == 1
+    assert sorted(p.name for p in out.iterdir()) == [
+        "attack.json", "attack.md", "attack_auroc.png", "attack_examples.png"
+    ]  # fmt: skip
+    # Same numbers as a run that was never interrupted.
+    fresh = tmp_path / "b"
+    assert main(["-q", "attack", str(run_dir), *NO_CHECKS, "--out", str(fresh)]) == 0
+    rows = [json.loads((d / "attack.json").read_text())["rows"] for d in (out, fresh)]
+    assert rows[0] == rows[1]
+
+
+def test_attack_mixed_settings_message(run_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "a"
+    _Counting(monkeypatch, stop=1)
+    assert main(["-q", "attack", str(run_dir), *NO_CHECKS, "--out", str(out)]) == 130
+    capsys.readouterr()
+    assert main(["-q", "attack", str(run_dir), *NO_CHECKS, "--seed", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unfinished attack made with other settings" in err and "seed" in err
+
+
+def test_attack_files_are_a_set(run_dir, tmp_path, monkeypatch):
+    import firmad.robustness.audit as audit
+
+    out = tmp_path / "a"
+
+    def broken(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(audit, "plot_attack_examples", broken)
+    assert main(["-q", "attack", str(run_dir), *NO_CHECKS, "--out", str(out)]) == 130
+    assert (out / "attack.incomplete").exists() and not audit.attack_files_complete(out)
+    assert not (out / "attack.json").exists()
+    monkeypatch.undo()
+    counting = _Counting(monkeypatch)
+    assert main(["-q", "attack", str(run_dir), *NO_CHECKS, "--out", str(out)]) == 0
+    assert counting.calls == 0  # every attack was kept
+    assert audit.attack_files_complete(out) and not (out / "attack.incomplete").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--out", "{file}/sub"], "cannot write into"),
+        (["--out", "{file}"], "is a file"),
+        (["--subset", "1"], "use >= 2"),
+        (["--seed", "-5"], "--seed': Input should be greater than or equal to 0"),
+        (["--norm", "l2", "--eps", "0,1e9"], "sqrt(C*H*W) = 16"),
+        (["--attack", "square", "--norm", "l2", "--eps", "0,1"], "linf only"),
+        (["--attack", "evil"], "pgd or square"),
+        (["--input", "raw"], "model or native"),
+        (["--transfer-from", "{missing}"], "neither a run directory"),
+    ],
+)
+def test_attack_refuses_before_any_attack(run_dir, tmp_path, monkeypatch, capsys, args, message):
+    (tmp_path / "file").write_text("mine")
+    args = [a.format(file=tmp_path / "file", missing=tmp_path / "none") for a in args]
+    counting = _Counting(monkeypatch)
+    assert main(["-q", "attack", str(run_dir), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert counting.calls == 0 and (tmp_path / "file").read_text() == "mine"
+
+
+def test_attack_threat_model_native_input_and_transfer(run_dir, tmp_path):
+    out = tmp_path / "native"
+    args = ["-q", "attack", str(run_dir), "--eps", "0,8", "--steps", "2", "--subset", "40"]
+    args += ["--input", "native", "--transfer-from", str(run_dir), "--out", str(out)]
+    assert main(args) == 0
+    data = json.loads((out / "attack.json").read_text())
+    st = data["settings"]
+    assert st["input_space"] == "native" and st["input_shape"] == [1, 28, 28]
+    assert "native size (1 x 28 x 28" in st["threat_model"]
+    assert st["transfer_from"] == str(run_dir)
+    verdicts = {v["name"]: v for v in data["verdicts"]}
+    assert verdicts["transfer"]["passed"]  # the same detector: the transfer equals white-box
+    assert "Threat model" in (out / "attack.md").read_text()
+    wins = next(r["wins"] for r in data["rows"] if r["target"] == "anomaly" and r["eps"] > 0)
+    assert "surrogate:image" in wins  # the quick default adds the pixel-space target
+
+
+def test_attack_prints_plain_progress_lines_when_not_a_terminal(run_dir, tmp_path, capsys):
+    args = ["attack", str(run_dir), *NO_CHECKS, "--out", str(tmp_path / "a")]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "attack 1/2 eps=0.01569" in err and "attack 2/2 eps=0.03137" in err
+    assert "attack done" in err

@@ -29,7 +29,7 @@ from firmad.robustness import (
     score,
     stratified_subset,
 )
-from firmad.robustness.attacks import _project, apgd_checkpoints
+from firmad.robustness.attacks import ImageTarget, _project, apgd_checkpoints, square_attack
 
 # --------------------------------------------------------------------------- toy detectors
 
@@ -372,6 +372,13 @@ def test_stratified_subset_keeps_shares_and_seed() -> None:
     assert torch.equal(stratified_subset(y, None), torch.arange(120))
 
 
+def _with_image_target(toy, bank) -> dict:
+    """The toy's surrogates plus the pixel-space target on its normal bank images."""
+    with torch.no_grad():
+        image = ImageTarget(toy.features, bank, toy.score_tensor(bank), typical=0.5)
+    return {**toy.surrogate_scores(), "image": image}
+
+
 def test_sweep_smooth_detector_passes_checks(toy, data) -> None:
     bank, x, y = data
     other = ToyKNN(bank, seed=1)
@@ -384,6 +391,7 @@ def test_sweep_smooth_detector_passes_checks(toy, data) -> None:
         subset=30,
         n_bootstrap=200,
         transfer_from=other,
+        surrogates=_with_image_target(toy, bank),  # else anomalies-only stalls at large eps
     )
     json.dumps(res)  # serialisable as is
     assert res["subset"]["n"] == 30 and res["subset"]["n_anomaly"] == 15
@@ -395,13 +403,30 @@ def test_sweep_smooth_detector_passes_checks(toy, data) -> None:
         r = rows[(8 / 255, mode)]
         assert r["ci_low"] <= r["auroc"] <= r["ci_high"]
     assert rows[(8 / 255, "both")]["auroc"] < 0.3 < clean
-    assert rows[(8 / 255, "normal")]["wins"].keys() == {"exact", "surrogate:centre"}
+    assert rows[(8 / 255, "normal")]["wins"].keys() == {
+        "exact", "surrogate:centre", "surrogate:image"
+    }  # fmt: skip
     verdicts = {v["name"]: v for v in res["verdicts"]}
     assert set(verdicts) == {"monotone", "large_eps", "more_steps", "more_restarts", "transfer"}
     assert all(v["passed"] for v in verdicts.values()), verdicts
     assert res["passed"] and res["checks_skipped"] == []
     md = format_markdown(res)
     assert "| eps | normal | anomaly | both |" in md and "8/255" in md
+
+
+def test_large_eps_check_looks_at_each_attacked_side(toy, data) -> None:
+    """'both' collapses at eps = 1 while anomalies attacked alone stay above every normal:
+    the check fails and names that side; the pixel-space target fixes the side."""
+    bank, x, y = data
+    kw = dict(eps_list=[0, 8 / 255], steps=10, n_bootstrap=50, check_eps=8 / 255)
+    with pytest.warns(RuntimeWarning, match="anomalies-only"):
+        res = robust_auroc_sweep(toy, x, y, **kw)
+    large = next(v for v in res["verdicts"] if v["name"] == "large_eps")
+    assert not large["passed"] and "anomalies-only" in large["detail"]
+    assert "'both' 0.0" in large["detail"] and "masked" not in large["detail"]
+    res = robust_auroc_sweep(toy, x, y, surrogates=_with_image_target(toy, bank), **kw)
+    large = next(v for v in res["verdicts"] if v["name"] == "large_eps")
+    assert large["passed"], large
 
 
 def test_sweep_flags_a_masked_score(toy, data) -> None:
@@ -527,3 +552,91 @@ def test_eval_mode_restored_for_a_wrapping_detector(data) -> None:
     pgd(det, x, y, eps=4 / 255, steps=2)
     attack_detector(det, x, y, eps=4 / 255, steps=2)
     assert det.training and det.scorer.encoder.bn.training
+
+
+# --------------------------------------------------------------------------- Square attack
+
+
+def test_square_schedule_halves_the_area() -> None:
+    from firmad.robustness.attacks import square_fraction
+
+    assert square_fraction(0.05, 0, 10000) == 0.05
+    assert square_fraction(0.05, 11, 10000) == 0.025
+    assert square_fraction(0.05, 9000, 10000) == 0.05 / 512
+    assert square_fraction(0.05, 2, 100) == 0.0125  # rescaled: 2 of 100 is 200 of 10 000
+
+
+def test_square_attack_lowers_auroc_but_not_below_white_box(toy, data) -> None:
+    _, x, y = data
+    clean = _auroc(toy, x, y)
+    calls = []
+    res = square_attack(
+        toy, x, y, eps=16 / 255, queries=300, on_step=lambda d, t: calls.append((d, t))
+    )
+    assert res.attacks == ["square"] and calls[-1] == (299, 299)
+    black = evaluate_scores(y, res.scores)["auroc"]
+    assert black < clean - 0.2  # it works without gradients
+    assert torch.allclose(res.scores, score(toy, res.images).double(), atol=1e-6)
+    assert (res.images - x).abs().max() <= 16 / 255 + 1e-6
+    assert res.images.min() >= 0 and res.images.max() <= 1
+    white = attack_detector(toy, x, y, eps=16 / 255, steps=20)
+    assert evaluate_scores(y, white.scores)["auroc"] <= black + 0.01
+    # anomalies only: normals unchanged; deterministic with the seed
+    only = square_attack(toy, x, y, eps=16 / 255, queries=50, targets="anomaly", seed=3)
+    assert torch.equal(only.images[y == 0], x[y == 0])
+    again = square_attack(toy, x, y, eps=16 / 255, queries=50, targets="anomaly", seed=3)
+    assert torch.equal(only.images, again.images)
+
+
+def test_sweep_square_attack_and_square_check(toy, data) -> None:
+    _, x, y = data
+    res = robust_auroc_sweep(
+        toy, x, y, eps_list=[0, 8 / 255], steps=50, schedule="apgd", n_bootstrap=50,
+        square_check=True, surrogates=_with_image_target(toy, data[0]),
+    )  # fmt: skip
+    square = next(v for v in res["verdicts"] if v["name"] == "square")
+    assert square["passed"] and "Square attack (1000 queries)" in square["detail"]
+    res = robust_auroc_sweep(
+        toy, x, y, eps_list=[0, 8 / 255], steps=200, n_bootstrap=50, attack="square",
+        checks=False,
+    )  # fmt: skip
+    both = {r["eps"]: r["auroc"] for r in res["rows"] if r["target"] == "both"}
+    assert both[8 / 255] < both[0] and res["settings"]["attack"] == "square"
+    assert res["settings"]["step_size"] == "square (no gradient)"
+    with pytest.raises(ConfigError, match="linf"):
+        square_attack(toy, x, y, eps=0.5, norm="l2")
+
+
+def test_attack_detector_reports_every_step(toy, data) -> None:
+    _, x, y = data
+    calls = []
+    attack_detector(
+        toy, x, y, eps=4 / 255, steps=3, restarts=2, batch_size=15,
+        on_step=lambda d, t: calls.append((d, t)),
+    )  # fmt: skip
+    total = 2 * 2 * 3 * 3  # exact + centre, restarts, batches of 15 of 40, steps
+    assert calls == [(i, total) for i in range(1, total + 1)]
+
+
+def test_targets_pick_typical_normals(toy, data) -> None:
+    from firmad.robustness.attacks import NearestTarget
+
+    bank, x, y = data
+    odd = torch.cat([bank, 1 - bank[:1]])  # one odd "normal"
+    with torch.no_grad():
+        image = ImageTarget(toy.features, odd, toy.score_tensor(odd), typical=0.5)
+    assert len(image.images) == 16 and not (image.images == odd[-1]).all((1, 2, 3)).any()
+    fn = image.bind(x[:4])
+    assert torch.equal(fn.start, image.targets(x[:4])) and fn(fn.start).abs().max() == 0
+    sign = torch.tensor([1.0, 1.0, -1.0, -1.0])  # two normals, two anomalies
+    fn = image.bind(x[:4], sign)
+    turned = image.targets(x[:4]).rot90(1, (-2, -1))
+    assert torch.equal(fn.start[:2], turned[:2])
+    assert torch.equal(fn.start[2:], image.targets(x[:4])[2:])
+    assert fn(fn.start).abs().max() == 0
+    away = fn(x[:4])
+    assert (away[:2] < 0).all() and (away[2:] > 0).all()  # normals: -distance, maximised
+    near = NearestTarget(toy.features, toy.features(odd), typical=0.5)
+    assert len(near.bank) == 16
+    sur = near.bind(x[:4])(x[:4])
+    assert sur.shape == (4,) and (sur >= -1e-9).all()

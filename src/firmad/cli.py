@@ -633,11 +633,19 @@ def features(
 # --- robustness ----------------------------------------------------------------------------------
 
 
+# Defaults of `firmad attack`: minutes on a 2-core CPU; --full is the thorough evaluation.
+QUICK_ATTACK = dict(steps=10, restarts=1, subset=200, schedule="apgd", targeted=True)
+FULL_ATTACK = dict(steps=100, restarts=2, subset=1000, schedule="apgd", targeted=True)
+
+
 @app.command(
     epilog="Examples:\n\n"
-    "  firmad attack runs/fmnist-cpu/fashion-mnist-c0-firm-s0 --eps 0,2,4,8 --steps 100\n\n"
+    "  firmad attack runs/fmnist-cpu/fashion-mnist-c0-firm-s0   (quick: minutes on a CPU)\n\n"
+    "  firmad attack RUN --full   (APGD-100, 2 restarts, 1000 images, all checks)\n\n"
     "  firmad attack det/ --data fashion-mnist --normal-class 0 --norm l2 --eps 0,0.25,0.5\n\n"
-    "  firmad attack RUN --targets both --subset 500 --scorer kde --out audits/kde"
+    "  firmad attack RUN --steps 1000 --subset 500 --out audits/pgd1000\n\n"
+    "  firmad attack RUN --attack square --steps 5000   (black-box, 5000 queries)\n\n"
+    "  firmad attack RUN --transfer-from OTHER_RUN_OR_DETECTOR"
 )
 def attack(
     target: Path = typer.Argument(
@@ -648,22 +656,53 @@ def attack(
         "0,2,4,8",
         "--eps",
         help="Comma-separated radii. linf: in 1/255 units (8 means 8/255); l2: plain numbers "
-        "in [0, 1] pixel space (e.g. 0,0.25,0.5). 0 is the clean AUROC.",
+        "in [0, 1] pixel space (e.g. 0,0.25,0.5), at most sqrt(C*H*W). 0 is the clean AUROC.",
     ),
-    steps: int = typer.Option(100, "--steps", help="PGD steps (step size 2.5 eps / steps)."),
-    restarts: int = typer.Option(1, "--restarts", help="Random restarts per attack."),
+    full: bool = typer.Option(
+        False,
+        "--full",
+        help="The thorough evaluation: APGD-100, 2 restarts, 1000 images, "
+        "all strength checks with the Square check (hours on a CPU). Options given win.",
+    ),  # fmt: skip
+    steps: int | None = typer.Option(
+        None,
+        "--steps",
+        min=1,
+        help="Steps per attack (default 10, --full 100; e.g. 1000 for "
+        "PGD-1000). With --schedule apgd (the default) the step starts at 2 eps and is halved at "
+        "APGD's checkpoints (22 %, 41 %, 57 %, 70 %... of the steps) where progress stalls; "
+        "fixed: 2.5 eps / steps throughout. With --attack square: the number of queries.",
+    ),  # fmt: skip
+    restarts: int | None = typer.Option(
+        None, "--restarts", min=1, help="Random restarts per attack (default 1, --full 2)."
+    ),
     schedule: str = typer.Option(
-        "fixed",
+        "apgd",
         "--schedule",
-        help="Step sizes: fixed (2.5 eps / steps) or apgd (APGD: 2 eps, halved where the "
-        "attack stalls; usually stronger at the same number of steps).",
+        help="Step sizes: apgd (APGD: 2 eps, halved where the attack stalls, momentum) or "
+        "fixed (2.5 eps / steps, classic PGD).",
     ),
+    attack_kind: str = typer.Option(
+        "pgd",
+        "--attack",
+        help="pgd (white-box, gradients) or square (score-based black-box "
+        "Square attack, L-inf; --steps queries).",
+    ),  # fmt: skip
+    targeted: bool = typer.Option(
+        True,
+        "--targeted/--no-targeted",
+        help="Add the surrogate that pulls each image towards "
+        "(anomalies) or away from (normals) its nearest normal feature (kNN scorers).",
+    ),  # fmt: skip
     targets: str = typer.Option(
         "normal,anomaly,both", "--targets", help="Attacked groups: normal, anomaly, both."
     ),
-    subset: int = typer.Option(
-        1000, "--subset", help="Stratified seeded test subset size; 0 = every test image."
-    ),
+    subset: int | None = typer.Option(
+        None,
+        "--subset",
+        min=0,
+        help="Stratified seeded test subset size (default 200, --full 1000); 0 = every test image.",
+    ),  # fmt: skip
     scorer: str | None = typer.Option(
         None,
         "--scorer",
@@ -671,10 +710,35 @@ def attack(
         "score (dsvdd, binary) or knn_cos:k=5.",
     ),
     variant: str = typer.Option("plain", "--variant", help="Runs only: plain, angled, ensemble."),
+    input_space: str = typer.Option(
+        "model",
+        "--input",
+        help="model: attack the test images resized to the detector's "
+        "input size (as its evaluation scores them); native: at their own size (e.g. 28 x 28), "
+        "resized inside the detector.",
+    ),  # fmt: skip
+    transfer_from: Path | None = typer.Option(
+        None,
+        "--transfer-from",
+        help="Another run or detector directory: its white-box attack "
+        "is transferred to this detector (the transfer check).",
+    ),  # fmt: skip
+    square_check: bool | None = typer.Option(
+        None,
+        "--square-check/--no-square-check",
+        help="Check that the black-box Square attack "
+        "(1000+ queries) is not stronger (default: on with --full).",
+    ),  # fmt: skip
     out_dir: Path | None = typer.Option(
-        None, "--out", help="Folder for the attack files (default: the run/detector directory)."
+        None,
+        "--out",
+        help="Folder for the attack files (default: TARGET.attack beside the "
+        "run or detector). Finished attacks are kept there until the set is written, so the "
+        "same command continues after Ctrl-C.",
+    ),  # fmt: skip
+    seed: int = typer.Option(
+        0, "--seed", min=0, help="Seeds the subset, the attacks, the bootstrap."
     ),
-    seed: int = typer.Option(0, "--seed", help="Seeds the subset, the attacks, the bootstrap."),
     data: str | None = typer.Option(None, "--data", help="Detectors: the test dataset."),
     normal_class: str | None = typer.Option(
         None, "--normal-class", help="Detectors: the normal class of --data (id or name)."
@@ -686,9 +750,7 @@ def attack(
         False, "--no-checks", help="Skip the strength checks (about four more attacks)."
     ),
 ) -> None:
-    """Robust AUROC under PGD on the anomaly score: attack.json, attack.md and two plots."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
+    """Robust AUROC under attack on the anomaly score: attack.json, attack.md and two plots."""
     from firmad.robustness.audit import audit_path
 
     norm = norm.lower()
@@ -701,36 +763,113 @@ def attack(
         raise FirmadError(f"--targets {targets!r}: use some of normal, anomaly, both")
     if schedule not in ("fixed", "apgd"):
         raise FirmadError(f"--schedule {schedule!r}: use fixed or apgd")
-    if steps < 1 or restarts < 1 or subset < 0:
-        raise FirmadError("--steps and --restarts must be >= 1, --subset >= 0")
+    if attack_kind not in ("pgd", "square"):
+        raise FirmadError(f"--attack {attack_kind!r}: use pgd or square")
+    if attack_kind == "square" and norm != "linf":
+        raise FirmadError("--attack square is implemented for --norm linf only")
+    if input_space not in ("model", "native"):
+        raise FirmadError(f"--input {input_space!r}: use model or native")
+    if subset == 1:
+        raise FirmadError("--subset 1: AUROC needs a normal and an anomalous image; use >= 2")
+    plan = FULL_ATTACK if full else QUICK_ATTACK
+    steps = steps or plan["steps"]
+    restarts = restarts or plan["restarts"]
+    subset = plan["subset"] if subset is None else subset
+    square_check = full if square_check is None else square_check
     klass = None
     if normal_class is not None:
         klass = int(normal_class) if normal_class.lstrip("-").isdigit() else normal_class
-    progress = Progress(
-        TextColumn("[bold]attack"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} attacks"),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-        disable=state["quiet"],
-    )
-    task = progress.add_task("attack", total=None, info="")
-
-    def advance(done: int, total: int, what: str) -> None:
-        progress.update(task, completed=done, total=total, info=what)
-
-    with progress, _interruptible("nothing was written; run the command again"):
+    folder = out_dir if out_dir is not None else _beside(target, ".attack")
+    show = _AttackProgress(console, quiet=state["quiet"])
+    with (
+        show,
+        _interruptible(
+            f"finished attacks are kept in {folder}; run the same command again to continue"
+        ),
+    ):
         result, folder = audit_path(
             target, data=data, normal_class=klass, root=root, scorer=scorer, variant=variant,
-            device=device, out_dir=out_dir, eps_list=eps_list, norm=norm, steps=steps,
+            device=device, out_dir=folder, eps_list=eps_list, norm=norm, steps=steps,
             restarts=restarts, schedule=schedule, targets=target_list, subset=subset or None,
-            seed=seed, batch_size=batch_size, checks=not no_checks, progress=advance,
+            seed=seed, batch_size=batch_size, checks=not no_checks, progress=show.attack,
+            on_step=show.step, resume=True, targeted=targeted, attack=attack_kind,
+            square_check=square_check and not no_checks, input_space=input_space,
+            transfer_from=transfer_from,
         )  # fmt: skip
     from firmad.robustness.audit import attack_markdown
 
     print(attack_markdown(result), end="")  # plain: a Markdown table must not be wrapped
     print(f"Attack files: {folder}/attack.json, attack.md, attack_auroc.png, attack_examples.png")
+
+
+def _beside(path: Path, suffix: str) -> Path:
+    """A folder next to ``path`` named after it: det/ -> det.attack/."""
+    path = path if path.name else path.resolve()
+    return path.with_name(path.name + suffix)
+
+
+class _AttackProgress:
+    """Progress of `firmad attack`: a rich bar with the ETA on a terminal; otherwise a plain
+    line when each attack starts and at most every 30 s during it."""
+
+    def __init__(self, console: Console, quiet: bool) -> None:
+        import time
+
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )  # fmt: skip
+
+        self.clock, self.quiet, self.console = time.monotonic, quiet, console
+        self.plain = not console.is_terminal
+        self.bar = Progress(
+            TextColumn("[bold]attack {task.fields[n]}"), BarColumn(bar_width=20),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"), console=console, disable=quiet or self.plain,
+        )  # fmt: skip
+        self.task = self.bar.add_task("attack", total=None, info="", n="")
+        self.done, self.total, self.what, self.start, self.last = 0, 1, "", self.clock(), 0.0
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def attack(self, done: int, total: int, what: str) -> None:
+        self.done, self.total, self.what = done, max(total, 1), what
+        n = f"{min(done + 1, total)}/{total}"
+        room = max(self.console.width - 58, 8)  # the bar and its times come first
+        info = what if len(what) <= room else what[: room - 1] + "…"
+        self.bar.update(self.task, completed=done, total=total, info=info, n=n)
+        if self.plain and not self.quiet:
+            text = "done" if done >= total else f"{n} {what}"
+            self._line(f"attack {text}", force=True)
+
+    def step(self, done: int, total: int) -> None:
+        share = self.done + done / max(total, 1)
+        self.bar.update(self.task, completed=share)
+        if self.plain and not self.quiet:
+            self._line(f"attack {self.done + 1}/{self.total} {self.what}: step {done}/{total}")
+
+    def _line(self, text: str, force: bool = False) -> None:
+        now = self.clock()
+        if not force and now - self.last < 30:
+            return
+        self.last = now
+        elapsed = now - self.start
+        share = self.bar.tasks[0].completed / self.total
+        eta = f", ETA {_clock(elapsed / share - elapsed)}" if 0 < share < 1 else ""
+        self.console.print(f"{text} ({_clock(elapsed)} elapsed{eta})", highlight=False)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
 
 
 def _parse_eps(text: str, norm: str) -> list[float]:

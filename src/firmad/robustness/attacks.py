@@ -43,6 +43,8 @@ from firmad.perturb import ascent_step, project, random_delta
 
 __all__ = [
     "AttackResult",
+    "ImageTarget",
+    "NearestTarget",
     "ascent_step",
     "attack_detector",
     "fgsm",
@@ -52,12 +54,14 @@ __all__ = [
     "default_step",
     "score",
     "score_fn_of",
+    "square_attack",
 ]
 
 ScoreFn = Callable[[Tensor], Tensor]
 NORMS = ("linf", "l2")
 TARGETS = ("both", "normal", "anomaly")
 SCHEDULES = ("fixed", "apgd")
+BINDS = ("score_tensor", "bind")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -303,6 +307,7 @@ def _walk_fixed(score_fn, grad_fn, x0: Tensor, start: Tensor, sign: Tensor, cfg:
         run_x[better], run_obj[better] = cur[better], obj[better]
         if k < steps:
             cur = project(ascent_step(cur, grad, norm, alpha), x0, norm, eps)
+            _tick(cfg)
     return run_x, run_obj
 
 
@@ -361,10 +366,26 @@ def _walk_apgd(score_fn, grad_fn, x0: Tensor, start: Tensor, sign: Tensor, cfg: 
             grad[stalled], obj[stalled] = run_grad[stalled], run_obj[stalled]
             rises.zero_()
             last_check = k + 1
+        _tick(cfg)
     return run_x, run_obj
 
 
 WALKS = {"fixed": _walk_fixed, "apgd": _walk_apgd}
+
+
+def _tick(cfg: dict) -> None:
+    """One gradient step done: tell ``cfg["on_step"]`` (done, total) if there is one."""
+    if cfg.get("on_step") is not None:
+        cfg["done"] += 1
+        cfg["on_step"](cfg["done"], cfg["total"])
+
+
+def _bound(source, x0: Tensor, sign: Tensor):
+    """The gradient source for the rows ``x0`` (attack direction ``sign``: +1 normals, −1
+    anomalies): a source with ``bind(x0, sign)`` (a per-image target chosen from the clean
+    images, e.g. `ImageTarget`) is bound to them; a plain score function is used as is."""
+    bind = getattr(source, "bind", None)
+    return bind(x0, sign) if callable(bind) else source
 
 
 def _run_pgd(
@@ -385,11 +406,14 @@ def _run_pgd(
     chunks = _batches(x.shape[0], cfg["batch_size"])
     best_x = x.clone()
     best_obj = torch.cat([_objective(score_fn, x[b], sign[b], cfg["eot"]) for b in chunks])
-    for _ in range(cfg["restarts"]):
+    for r in range(cfg["restarts"]):
         # One draw for all images per restart, so results do not depend on batch_size.
         start = _random_start(x, cfg["norm"], cfg["eps"], gen) if cfg["random_start"] else x
         for b in chunks:
-            run_x, run_obj = walk(score_fn, grad_fn, x[b], start[b].clone(), sign[b], cfg)
+            source = _bound(grad_fn, x[b], sign[b])
+            first = getattr(source, "start", None) if r == 0 else None  # a target's own start
+            first = start[b] if first is None else project(first, x[b], cfg["norm"], cfg["eps"])
+            run_x, run_obj = walk(score_fn, source, x[b], first.clone(), sign[b], cfg)
             better = run_obj > best_obj[b]  # ties keep the earlier candidate
             best_x[b][better] = run_x[better]
             best_obj[b] = torch.where(better, run_obj, best_obj[b])
@@ -431,6 +455,7 @@ def _attack(
     seed,
     batch_size,
     schedule="fixed",
+    on_step=None,
 ) -> AttackResult:
     """Shared core of ``pgd`` and ``attack_detector``: one PGD run per gradient source
     (None = the detector's own score, seed + i for the i-th), best per image by the score."""
@@ -445,7 +470,7 @@ def _attack(
         idx = torch.nonzero(y == (0 if targets == "normal" else 1)).flatten()
     sign = 1.0 - 2.0 * y[idx].to(x.dtype)  # +1: normals (raise the score), -1: anomalies
     score_fn = score_fn_of(detector)
-    sources = [None if g is None else score_fn_of(g) for g in grad_fns.values()]
+    sources = [None if g is None else _source_of(g) for g in grad_fns.values()]
     cfg = dict(
         norm=norm,
         eps=float(eps),
@@ -456,6 +481,9 @@ def _attack(
         random_start=random_start,
         batch_size=batch_size,
         schedule=schedule,
+        on_step=on_step,
+        done=0,
+        total=len(sources) * restarts * len(_batches(idx.numel(), batch_size)) * steps,
     )
 
     images = x.clone()
@@ -579,6 +607,11 @@ def fgsm(
     )
 
 
+def _source_of(g):
+    """A gradient source: a binder (``bind(x0)``) as is, else its score function."""
+    return g if callable(getattr(g, "bind", None)) else score_fn_of(g)
+
+
 def _surrogates_of(detector, surrogates) -> dict[str, ScoreFn]:
     if surrogates is False or surrogates is None:
         return {}
@@ -593,7 +626,7 @@ def _surrogates_of(detector, surrogates) -> dict[str, ScoreFn]:
             f"got {type(surrogates).__name__}."
         )
     for name, fn in surrogates.items():
-        if not callable(fn) and not callable(getattr(fn, "score_tensor", None)):
+        if not any(callable(f) for f in (fn, *(getattr(fn, a, None) for a in BINDS))):
             raise ConfigError(f"surrogate {name!r} is not callable; pass f(x) -> Tensor (N,).")
     return dict(surrogates)
 
@@ -615,6 +648,7 @@ def attack_detector(
     batch_size: int | None = None,
     surrogates: bool | Mapping[str, ScoreFn] = True,
     schedule: str = "fixed",
+    on_step: Callable[[int, int], None] | None = None,
 ) -> AttackResult:
     """The exact attack plus one attack per surrogate score; keeps the strongest per image.
 
@@ -623,7 +657,8 @@ def attack_detector(
     each surrogate provides the gradients of one more PGD run (seed + i) while the true score
     selects the best iterate; a mapping name -> score function may be passed instead. Per
     image the result with the best true score in the attack direction is kept. Other
-    arguments as in ``pgd``.
+    arguments as in ``pgd``. ``on_step(done, total)`` is called after every gradient step
+    (total: steps x restarts x batches x attacks), e.g. for a progress bar.
     """
     sources = {"exact": None}
     sources.update({f"surrogate:{k}": f for k, f in _surrogates_of(detector, surrogates).items()})
@@ -643,4 +678,226 @@ def attack_detector(
         seed=seed,
         batch_size=batch_size,
         schedule=schedule,
+        on_step=on_step,
     )
+
+
+# --------------------------------------------------------------------------- Square attack
+
+# Iterations (out of 10 000) at which the square's area p is halved (Andriushchenko et al.).
+SQUARE_HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+
+
+def square_fraction(p_init: float, i: int, queries: int) -> float:
+    """The share of the image a square covers at iteration ``i`` of ``queries``: ``p_init``
+    halved at each of SQUARE_HALVINGS, the schedule rescaled to ``queries`` iterations."""
+    at = i * 10000 / max(queries, 1)
+    return p_init / 2 ** sum(at > h for h in SQUARE_HALVINGS)
+
+
+def _square_walk(score_fn, x0: Tensor, sign: Tensor, cfg: dict, gen: torch.Generator):
+    """One run of the L∞ Square attack on the rows ``x0``: best images and objectives."""
+    n, c, h, w = x0.shape
+    eps, queries = cfg["eps"], cfg["steps"]
+
+    def signs(*shape) -> Tensor:
+        return (torch.randint(0, 2, shape, generator=gen) * 2 - 1).to(x0)
+
+    delta = eps * signs(n, c, 1, w).expand(n, c, h, w).clone()  # vertical stripes
+    best_obj = _objective(score_fn, (x0 + delta).clamp(0, 1), sign, 1)
+    rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+    for i in range(1, queries):
+        side = max(
+            1, min(round(math.sqrt(square_fraction(cfg["p_init"], i, queries) * h * w)), h, w)
+        )
+        top = torch.randint(0, h - side + 1, (n, 1, 1), generator=gen)
+        left = torch.randint(0, w - side + 1, (n, 1, 1), generator=gen)
+        window = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
+        window = window.unsqueeze(1).to(x0.device)  # (n, 1, h, w)
+        value = eps * signs(n, c, 1, 1)
+        # A square that would change nothing takes the opposite values.
+        same = ((delta == value) | ~window).flatten(1).all(1)
+        value[same] = -value[same]
+        cand = torch.where(window, value.expand(n, c, h, w), delta)
+        obj = _objective(score_fn, (x0 + cand).clamp(0, 1), sign, 1)
+        better = obj > best_obj  # NaN never wins
+        delta[better], best_obj[better] = cand[better], obj[better]
+        _tick(cfg)
+    return (x0 + delta).clamp(0, 1), best_obj
+
+
+def square_attack(
+    detector,
+    x: Tensor,
+    y,
+    *,
+    eps: float,
+    norm: str = "linf",
+    queries: int = 1000,
+    p_init: float = 0.05,
+    restarts: int = 1,
+    targets: str = "both",
+    seed: int = 0,
+    batch_size: int | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> AttackResult:
+    """Score-based black-box Square attack (Andriushchenko et al. 2020, L∞), on the score.
+
+    No gradients: it starts from vertical stripes of ±ε, then at each of ``queries`` - 1
+    iterations sets one random square (area ``p``·H·W, ``p`` from ``p_init`` halved on the
+    paper's schedule) of the perturbation to ±ε per channel and keeps the change where the
+    score moved in the attack direction. The clean image stays a candidate. Restarts are
+    independent runs (seed + r), the best per image kept. Same result type as
+    ``attack_detector`` (``attacks == ["square"]``); other arguments as in ``pgd``.
+    """
+    norm = _check_settings(
+        norm, eps, queries, None, restarts, targets, 1, True, batch_size, "fixed"
+    )
+    if norm != "linf":
+        raise ConfigError("the Square attack is implemented for norm='linf' only.")
+    if isinstance(p_init, bool) or not isinstance(p_init, int | float) or not 0 < p_init <= 1:
+        raise ConfigError(f"p_init must be a number in (0, 1], got {p_init!r}.")
+    x = _check_images(x)
+    y = _check_labels(y, x.shape[0], x.device)
+    if targets == "both":
+        idx = torch.arange(x.shape[0], device=x.device)
+    else:
+        idx = torch.nonzero(y == (0 if targets == "normal" else 1)).flatten()
+    sign = 1.0 - 2.0 * y[idx].to(x.dtype)
+    score_fn = score_fn_of(detector)
+    chunks = _batches(idx.numel(), batch_size)
+    cfg = dict(eps=float(eps), steps=queries, p_init=float(p_init), on_step=on_step, done=0)
+    cfg["total"] = restarts * len(chunks) * max(queries - 1, 0)
+    images, winner = x.clone(), torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+    with _eval_mode(detector), torch.no_grad():
+        scores = torch.cat(
+            [_objective(score_fn, x[b], 1.0, 1) for b in _batches(x.shape[0], batch_size)]
+        )
+        if eps > 0 and idx.numel() > 0:
+            xs = x[idx]
+            best_x, best_obj = xs.clone(), sign.double() * scores[idx]
+            for r in range(restarts):
+                gen = torch.Generator().manual_seed(int(seed) + r)
+                for b in chunks:
+                    adv, obj = _square_walk(score_fn, xs[b], sign[b], cfg, gen)
+                    better = obj > best_obj[b]
+                    best_x[b][better] = adv[better]
+                    best_obj[b] = torch.where(better, obj, best_obj[b])
+            images[idx] = best_x
+            scores[idx] = sign.double() * best_obj
+        winner[idx] = 0
+    return AttackResult(images, scores, winner, ["square"], {"square": int(idx.numel())})
+
+
+# --------------------------------------------------------------------------- targeted surrogate
+
+
+class NearestTarget:
+    """A per-image targeted gradient source: the cosine to one fixed bank feature.
+
+    ``features(x) -> (N, D)`` maps images to the detector's feature space and ``bank`` (M, D)
+    holds the normal features. Candidates are the ``typical`` share of the bank rows most
+    similar to their own ``k`` nearest other rows (the most normal normals: the bank row
+    nearest to an anomaly is often an odd normal that scores high itself). For each clean
+    image, ``bind(x0)`` fixes its nearest candidate (cosine) as the target and returns the
+    surrogate score 1 − cos(features(x), target): anomalies are pulled towards one chosen
+    typical normal instead of the moving top-k neighbours of a kNN score, normals pushed away
+    from it. Use it as a surrogate of ``attack_detector`` (the true score still selects).
+    """
+
+    def __init__(
+        self, features: Callable[[Tensor], Tensor], bank: Tensor, typical: float = 0.1,
+        k: int = 5, name: str = "nearest",
+    ) -> None:  # fmt: skip
+        if not 0 < typical <= 1:
+            raise ConfigError(f"typical must be a share in (0, 1], got {typical!r}.")
+        self.features, self.name = features, name
+        bank = nn.functional.normalize(bank.detach().double(), dim=1)
+        keep = max(1, round(typical * bank.shape[0]))
+        self.bank = bank[torch.argsort(_self_similarity(bank, k), descending=True)[:keep]]
+
+    def targets(self, x0: Tensor) -> Tensor:
+        """The nearest candidate feature of each clean image (N, D), no gradient."""
+        with torch.no_grad():
+            f = nn.functional.normalize(self.features(x0).double(), dim=1)
+            bank = self.bank.to(f.device)
+            return bank[(f @ bank.T).argmax(dim=1)]
+
+    def bind(self, x0: Tensor, sign: Tensor | None = None) -> ScoreFn:
+        target = self.targets(x0)
+
+        def surrogate(x: Tensor) -> Tensor:
+            f = nn.functional.normalize(self.features(x).double(), dim=1)
+            return 1.0 - (f * target).sum(dim=1)
+
+        return surrogate
+
+
+def _self_similarity(bank: Tensor, k: int, chunk: int = 1024) -> Tensor:
+    """Per bank row, the mean cosine to its ``k`` nearest other rows (rows L2-normalised)."""
+    k = min(k, bank.shape[0] - 1)
+    if k < 1:
+        return torch.ones(bank.shape[0], dtype=bank.dtype)
+    out = []
+    for i in range(0, bank.shape[0], chunk):
+        sims = bank[i : i + chunk] @ bank.T
+        sims[torch.arange(sims.shape[0]), torch.arange(i, i + sims.shape[0])] = -math.inf
+        out.append(sims.topk(k, dim=1).values.mean(dim=1))
+    return torch.cat(out)
+
+
+class ImageTarget:
+    """A per-image targeted gradient source in pixel space: the squared distance to one normal
+    image.
+
+    ``images`` (M, C, H, W) in [0, 1] are normal images (e.g. the training normals) and
+    ``scores`` (M,) their anomaly scores; candidates are the ``typical`` share with the lowest
+    scores. ``bind(x0)`` fixes for each clean image the candidate nearest to it in the
+    detector's feature space (``features``) and returns the surrogate score
+    ``mean((x − target)²)``: the attack walks anomalies straight towards a typical normal
+    image: the first restart starts at the target projected onto the ε-ball (the pixel blend
+    of image and target), where gradient steps on the score alone wander off (see
+    benchmarks/RESULTS.md), then follows this gradient. Normals (``bind(x0, sign)`` with
+    sign +1) walk the same way towards the target turned by 90 degrees, an outlier.
+    """
+
+    def __init__(
+        self, features: Callable[[Tensor], Tensor], images: Tensor, scores: Tensor,
+        typical: float = 0.1, name: str = "image",
+    ) -> None:  # fmt: skip
+        if not 0 < typical <= 1:
+            raise ConfigError(f"typical must be a share in (0, 1], got {typical!r}.")
+        keep = max(1, round(typical * images.shape[0]))
+        self.images = images[torch.argsort(scores.to(images.device))[:keep]].detach()
+        self.features, self.name = features, name
+        with torch.no_grad():
+            feats = [features(b) for b in self.images.split(256)]
+        self.keys = nn.functional.normalize(torch.cat(feats).double(), dim=1)
+
+    def targets(self, x0: Tensor) -> Tensor:
+        """The candidate image nearest (in feature space) to each clean image."""
+        with torch.no_grad():
+            f = nn.functional.normalize(self.features(x0).double(), dim=1)
+            pick = (f @ self.keys.to(f.device).T).argmax(dim=1)
+        return self.images[pick.to(self.images.device)].to(x0)
+
+    def bind(self, x0: Tensor, sign: Tensor | None = None) -> ScoreFn:
+        target = self.targets(x0)
+        if target.shape[1:] != x0.shape[1:]:
+            raise InputError(
+                f"target images {tuple(target.shape[1:])} and attacked images "
+                f"{tuple(x0.shape[1:])} differ in shape; give normal images of the same size."
+            )
+        pull = torch.ones(x0.shape[0], dtype=torch.float64, device=x0.device)
+        if sign is not None and target.shape[-1] == target.shape[-2]:
+            # Normals (sign +1) walk towards the target turned by 90 degrees: a typical normal
+            # made an outlier (what a rotation-trained detector flags most).
+            up = sign.to(x0.device) > 0
+            target = torch.where(up.view(-1, 1, 1, 1), target.rot90(1, (-2, -1)), target)
+            pull = torch.where(up, -1.0, 1.0).double()
+
+        def surrogate(x: Tensor) -> Tensor:
+            return pull * (x - target).square().flatten(1).mean(dim=1).double()
+
+        surrogate.start = target  # the first restart starts at the target, projected
+        return surrogate

@@ -6,13 +6,23 @@
   attacked group) and ``attack_examples.png`` (clean / adversarial / amplified perturbation).
 - `audit_path`: the same for a `firmad train` run directory (its own test split) or a
   `firmad fit` detector directory (a test split named by the caller); what `firmad attack` runs.
+  With ``resume`` each finished attack is kept in ``.attack-partial/`` of the output folder
+  (tied to the settings and the detector's weights) until the four files are written; the
+  files are written as a set, ``attack.incomplete`` marking a set being written.
+- Threat model (``input_space``): "model" attacks the test images as the evaluation scores
+  them (resized to the detector's input size, uint8), "native" at their own size.
 - `robustness_for_run`: the ``attack`` recipe key. After a run's evaluation, the sweep on its
   headline detector, summarised for results.json (``robustness``).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import math
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,19 +31,30 @@ import torch
 
 from firmad.errors import CheckpointError, ConfigError, InputError
 from firmad.io import atomic_write_json, atomic_write_text
-from firmad.robustness.attacks import attack_detector
+from firmad.robustness.attacks import (
+    ImageTarget,
+    NearestTarget,
+    attack_detector,
+    score,
+    square_attack,
+)
 from firmad.robustness.evaluate import attack_name, format_markdown, robust_auroc_sweep
 
 __all__ = [
     "ATTACK_FILES",
+    "PartialAttacks",
+    "attack_files_complete",
     "audit",
     "audit_path",
+    "check_writable",
     "describe_detector",
     "headline_scorer",
+    "offered_surrogates",
     "plot_attack_auroc",
     "plot_attack_examples",
     "robustness_for_run",
     "robustness_summary",
+    "threat_model",
 ]
 
 ATTACK_JSON = "attack.json"
@@ -81,6 +102,153 @@ def describe_detector(det, source: str | Path | None = None) -> dict[str, Any]:
     }
 
 
+PARTIAL = ".attack-partial"  # finished attacks of an unfinished audit, kept to continue it
+INCOMPLETE = "attack.incomplete"  # present while (or if interrupted while) the files are written
+INPUT_SPACES = ("model", "native")
+
+
+class PartialAttacks:
+    """Finished attacks of one audit in ``folder`` (one JSON file per attack), tied to one set
+    of settings: `open` refuses a folder holding attacks made with other settings."""
+
+    def __init__(self, folder: Path, settings: dict[str, Any]) -> None:
+        self.folder, self.settings = folder, settings
+
+    @classmethod
+    def open(cls, folder: Path, settings: dict[str, Any]) -> PartialAttacks:
+        settings = json.loads(json.dumps(settings))  # as it reads back
+        meta = folder / "settings.json"
+        if meta.is_file():
+            try:
+                old = json.loads(meta.read_text())
+            except (OSError, json.JSONDecodeError):
+                old = None
+            if old != settings:
+                diff = _differences(old, settings)
+                raise ConfigError(
+                    f"{folder.parent} holds an unfinished attack made with other settings "
+                    f"({diff}); run it again with the same settings to continue it, or choose "
+                    f"another --out (or delete {folder} to start over)"
+                )
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(meta, settings)
+        return cls(folder, settings)
+
+    def _path(self, key: str) -> Path:
+        return self.folder / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".json")
+
+    def get(self, key: str) -> dict | None:
+        try:
+            data = json.loads(self._path(key).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return data if isinstance(data, dict) and data.get("key") == key else None
+
+    def put(self, key: str, value: dict) -> None:
+        atomic_write_json(self._path(key), {"key": key, **value})
+
+    def __len__(self) -> int:
+        return sum(1 for p in self.folder.glob("*.json") if p.name != "settings.json")
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _differences(old, new: dict) -> str:
+    if not isinstance(old, dict):
+        return "unreadable settings"
+    keys = sorted(set(old) | set(new))
+    diff = [
+        f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys if old.get(k) != new.get(k)
+    ]
+    return "; ".join(diff[:4]) + ("; ..." if len(diff) > 4 else "")
+
+
+def _digest(det) -> str:
+    """SHA-256 of the detector's weights and fitted scorer tensors: a rerun continues only
+    attacks of the very same detector (a retrained run has other weights)."""
+    h = hashlib.sha256()
+    tensors = sorted(det.model_.state_dict().items())
+    for i, scorer in enumerate(det.scorer_.per_angle):
+        tensors += [(f"scorer.{i}.{k}", v) for k, v in sorted(scorer.fitted_state().items())]
+    for name, t in tensors:
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def check_writable(folder: str | Path) -> Path:
+    """Create ``folder`` if needed and prove a file can be written there, before any work."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder} is a file, not a folder; choose another --out")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise InputError(
+            f"cannot write into {folder} ({exc.strerror or exc}); choose a writable --out"
+        ) from None
+    return folder
+
+
+def attack_files_complete(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a whole set of attack files (no write was cut short)."""
+    folder = Path(folder)
+    return not (folder / INCOMPLETE).exists() and all(
+        (folder / name).is_file() for name in ATTACK_FILES
+    )
+
+
+def threat_model(input_space: str, shape: Sequence[int], native: Sequence[int] | None) -> str:
+    """Where the perturbation lives, in words, for attack.json and attack.md."""
+    size = " x ".join(map(str, shape))
+    if input_space == "native":
+        return (
+            f"the perturbation is added to the test images at their native size ({size}, "
+            "uint8 / 255) before the detector resizes them, as a user would hand them over"
+        )
+    where = f" (native {' x '.join(map(str, native))})" if native else ""
+    return (
+        f"the perturbation is added to the test images after their resize to the detector's "
+        f"input size ({size}, rounded to uint8, / 255){where}, the images the evaluation scores"
+    )
+
+
+TARGET_CANDIDATES = 2000  # normal images scored to pick the typical targets from
+
+
+def offered_surrogates(det, targeted: bool, normals: torch.Tensor | None = None):
+    """The surrogates of an audit: the detector's own (``True``), plus with ``targeted`` one
+    per-image target: an `ImageTarget` on ``normals`` (normal images in the attacked input
+    space, e.g. the training normals; a seeded sample of at most TARGET_CANDIDATES), or
+    without them a `NearestTarget` on the feature bank (kNN-type scorers)."""
+    if not targeted:
+        return True
+    out = dict(det.surrogate_scores())
+    features = functools.partial(_features, det)
+    if normals is not None and len(normals):
+        if len(normals) > TARGET_CANDIDATES:
+            gen = torch.Generator().manual_seed(0)
+            normals = normals[torch.randperm(len(normals), generator=gen)[:TARGET_CANDIDATES]]
+        normals = normals.to(det.extractor_.device)
+        out["image"] = ImageTarget(features, normals, score(det, normals, 256))
+        return out
+    bank = getattr(det.scorer_.per_angle[0], "bank_", None)
+    if isinstance(bank, torch.Tensor) and bank.ndim == 2:
+        out["nearest"] = NearestTarget(features, bank)
+    return out
+
+
+def _features(det, x: torch.Tensor) -> torch.Tensor:
+    """The detector's (unrotated, uncropped) features of images in its input layout."""
+    if det.input_layout_ == "NHWC":
+        x = x.permute(0, 3, 1, 2)
+    return det.extractor_(x.to(det.extractor_.device), angle=0)
+
+
 def audit(
     det,
     x: torch.Tensor,
@@ -100,48 +268,94 @@ def audit(
     n_examples: int = 4,
     source: str | Path | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+    resume: bool = False,
+    targeted: bool = False,
+    attack: str = "pgd",
+    square_check: bool = False,
+    transfer_from=None,
+    transfer_name: str | None = None,
+    input_space: str = "model",
+    native_shape: Sequence[int] | None = None,
+    check_eps: float | None = None,
+    normal_images: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Robust AUROC of a fitted `OneClassDetector` on float images ``x`` in [0, 1] (N, C, H, W)
     with labels ``y`` (1 = anomaly); writes the four attack files into ``out_dir`` and returns
     the attack.json dict. ``eps_list`` is in [0, 1] pixel space; the other arguments are those
-    of `robust_auroc_sweep` (surrogate attacks are always on)."""
+    of `robust_auroc_sweep` (surrogate attacks are always on; ``targeted`` adds the
+    `ImageTarget` surrogate on ``normal_images``, normal images in the input space of ``x``,
+    else a `NearestTarget` on the feature bank). With ``resume`` every finished attack is kept in
+    ``out_dir/.attack-partial`` so that the same call continues after an interruption.
+    The four files are written as a set: ``attack.incomplete`` marks a set being written."""
     x = x.to(det.extractor_.device)
     y = torch.as_tensor(y).reshape(-1)
+    _check_input(input_space)
+    largest = math.sqrt(x[0].numel())
+    radii = [e for e in eps_list if isinstance(e, int | float)]  # the sweep checks the rest
+    if str(norm).lower() == "l2" and max(radii, default=0) > largest:
+        raise ConfigError(
+            f"L2 radius {max(radii):.4g} is larger than the diameter of the image cube "
+            f"[0, 1]^{x[0].numel()} ({' x '.join(map(str, x.shape[1:]))}), sqrt(C*H*W) = "
+            f"{largest:.4g}, beyond which every image is reachable; use radii up to that"
+        )
+    out_dir = check_writable(out_dir)
+    description = describe_detector(det, source)
+    threat = threat_model(input_space, list(x.shape[1:]), native_shape)
+    sweep = dict(
+        eps_list=eps_list, norm=norm, steps=steps, restarts=restarts, schedule=schedule,
+        targets_list=tuple(targets), seed=seed, batch_size=batch_size, subset=subset,
+        checks=checks, attack=attack, square_check=square_check, check_eps=check_eps,
+    )  # fmt: skip
+    cache = None
+    if resume:
+        fingerprint = {
+            **sweep, "targeted": targeted, "input_space": input_space, "n_images": len(y),
+            "detector": {k: v for k, v in description.items() if k != "device"},
+            "weights": _digest(det),
+            "transfer_from": transfer_name,
+        }  # fmt: skip
+        cache = PartialAttacks.open(out_dir / PARTIAL, fingerprint)
+    surrogates = offered_surrogates(det, targeted, normal_images)
     result = robust_auroc_sweep(
-        det,
-        x,
-        y,
-        eps_list=eps_list,
-        norm=norm,
-        steps=steps,
-        restarts=restarts,
-        schedule=schedule,
-        targets_list=tuple(targets),
-        seed=seed,
-        batch_size=batch_size,
-        subset=subset,
-        checks=checks,
-        progress=progress,
-    )
+        det, x, y, surrogates=surrogates, progress=progress,
+        on_step=on_step, cache=cache, transfer_from=transfer_from, **sweep,
+    )  # fmt: skip
     st = result["settings"]
     if st["norm"] == "linf":
         st["eps_255"] = [round(e * 255, 6) for e in st["eps_list"]]
-    result["detector"] = describe_detector(det, source)
+    st["input_space"], st["threat_model"] = input_space, threat
+    st["input_shape"] = list(x.shape[1:])
+    if transfer_name is not None:
+        st["transfer_from"] = transfer_name
+    result["detector"] = description
     from firmad.report import versions
 
     result["versions"] = versions()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    examples = _examples(det, x, y, result, n_examples, batch_size)
+    examples = _examples(det, x, y, result, n_examples, batch_size, surrogates)
     result["files"] = list(ATTACK_FILES)
-    atomic_write_json(out_dir / ATTACK_JSON, result)
-    atomic_write_text(out_dir / ATTACK_MD, attack_markdown(result))
-    plot_attack_auroc(out_dir / AUROC_PNG, result)
-    plot_attack_examples(out_dir / EXAMPLES_PNG, *examples, result)
+    write_attack_files(out_dir, result, examples)
+    if cache is not None:
+        cache.remove()
     return result
 
 
-def _examples(det, x, y, result, n: int, batch_size):
+def write_attack_files(out_dir: Path, result: dict[str, Any], examples) -> None:
+    """The four files as one set: a marker first, attack.json (the index) last, then the marker
+    goes; a reader that finds the marker (or a file missing) knows the set is not whole."""
+    marker = out_dir / INCOMPLETE
+    atomic_write_text(
+        marker, "The attack files in this folder are being written or a write was cut short; "
+        "run the same `firmad attack` command again.\n",
+    )  # fmt: skip
+    plot_attack_auroc(out_dir / AUROC_PNG, result)
+    plot_attack_examples(out_dir / EXAMPLES_PNG, *examples, result)
+    atomic_write_text(out_dir / ATTACK_MD, attack_markdown(result))
+    atomic_write_json(out_dir / ATTACK_JSON, result)
+    marker.unlink()
+
+
+def _examples(det, x, y, result, n: int, batch_size, surrogates=True):
     """The first ``n`` normals and ``n`` anomalies of the evaluated subset, attacked (both
     sides) at the largest ε with the sweep's settings: clean, adversarial, labels, scores."""
     st = result["settings"]
@@ -151,11 +365,17 @@ def _examples(det, x, y, result, n: int, batch_size):
     pick = torch.cat([idx[ys == 0][:n], idx[ys == 1][:n]])
     xe, ye = x[pick.to(x.device)], y[pick]
     eps = max(st["eps_list"])
-    res = attack_detector(  # the default step of the schedule, as in the sweep
-        det, xe, ye, eps=eps, norm=st["norm"], steps=st["steps"], restarts=st["restarts"],
-        targets="both", seed=st["seed"], batch_size=batch_size,
-        schedule=st.get("schedule", "fixed"),
-    )  # fmt: skip
+    if st.get("attack") == "square":
+        res = square_attack(
+            det, xe, ye, eps=eps, queries=st["steps"], restarts=st["restarts"],
+            targets="both", seed=st["seed"], batch_size=batch_size,
+        )  # fmt: skip
+    else:
+        res = attack_detector(  # the default step of the schedule, as in the sweep
+            det, xe, ye, eps=eps, norm=st["norm"], steps=st["steps"], restarts=st["restarts"],
+            targets="both", seed=st["seed"], batch_size=batch_size,
+            schedule=st.get("schedule", "fixed"), surrogates=surrogates,
+        )  # fmt: skip
     from firmad.robustness.attacks import score
 
     clean_scores = score(det, xe, batch_size)
@@ -196,6 +416,11 @@ def attack_markdown(result: dict[str, Any]) -> str:
     ]
     if d.get("source"):
         lines.append(f"- Source: {d['source']}")
+    st = result["settings"]
+    if st.get("threat_model"):
+        lines.append(f"- Threat model: {st['threat_model']}")
+    if isinstance(st.get("surrogates"), list):
+        lines.append("- Surrogate gradients: " + ", ".join(st["surrogates"]))
     lines += ["", format_markdown(result).rstrip(), ""]
     lines += [f"![AUROC vs eps]({AUROC_PNG})", "", f"![Examples]({EXAMPLES_PNG})", ""]
     return "\n".join(lines)
@@ -273,11 +498,40 @@ def plot_attack_examples(
 # --------------------------------------------------------------------------- runs, detectors
 
 
-def _test_images(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 test images at the detector's input size (as its evaluation sees them), in [0, 1]."""
+def _test_images(images: torch.Tensor, size: int, input_space: str = "model") -> torch.Tensor:
+    """Test images in [0, 1]: at the detector's input size as its evaluation sees them (uint8
+    after the resize), or at their native size (``input_space="native"``)."""
     from firmad.data.pool import prepare_images
 
+    if input_space == "native":
+        return images.float().div(255.0)
     return prepare_images(images, size).float().div_(255.0)
+
+
+def _load_other(path: str | Path, device: str | None) -> Any:
+    """The detector of a run directory (headline scorer) or detector directory, for the
+    transfer check."""
+    from firmad.detector import META, OneClassDetector
+
+    path = Path(path)
+    if (path / "config.yaml").is_file():
+        from firmad.run import RunDir
+
+        cfg = RunDir(path).read_config()
+        spec = headline_scorer(cfg)
+        name, _, k = spec.partition(":k=")
+        return OneClassDetector.from_run(path, scorer=name, k=int(k) if k else None, device=device)
+    if (path / META).is_file():
+        return OneClassDetector.load(path, device=device)
+    raise CheckpointError(
+        f"--transfer-from {path}: neither a run directory (config.yaml) nor a detector "
+        "directory (detector.json)"
+    )
+
+
+def _check_input(input_space: str) -> None:
+    if input_space not in INPUT_SPACES:
+        raise ConfigError(f"input space must be one of {INPUT_SPACES}, got {input_space!r}")
 
 
 def audit_path(
@@ -290,18 +544,28 @@ def audit_path(
     variant: str = "plain",
     device: str | None = None,
     out_dir: str | Path | None = None,
+    input_space: str = "model",
+    transfer_from: str | Path | None = None,
     **sweep,
 ) -> tuple[dict[str, Any], Path]:
     """`audit` of a run directory (its last checkpoint, the scorer fitted on its normal training
     images, its test split) or of a detector directory (with ``data`` and ``normal_class``
     naming a one-vs-rest test split). ``scorer`` (runs only) defaults to the headline scorer.
-    Files go to ``out_dir`` or into the run / detector directory. Returns (result, folder)."""
+    Files go to ``out_dir`` or into the run / detector directory. ``input_space``: "model"
+    attacks the test images resized to the detector's input size, "native" the images at
+    their own size. ``transfer_from``: another run or detector directory whose white-box
+    attack is transferred (the ``transfer`` check). Returns (result, folder)."""
     from firmad.data import one_vs_rest
     from firmad.data.pool import load_split
     from firmad.detector import META, OneClassDetector
     from firmad.run import RunDir
 
+    _check_input(input_space)
     path = Path(target)
+    other = None
+    if transfer_from is not None:
+        other = _load_other(transfer_from, device)
+        sweep.update(transfer_from=other, transfer_name=str(transfer_from))
     if (path / "config.yaml").is_file():
         if data is not None or normal_class is not None:
             raise ConfigError(
@@ -319,8 +583,13 @@ def audit_path(
             det = OneClassDetector.from_model(
                 model, cfg, scorer=scorer or headline_scorer(cfg), k=None, variant=variant
             ).fit_bank(split.train_images)
-            x = _test_images(split.test_images, cfg.data.size)
-            result = audit(det, x, split.test_labels, folder, source=path, **sweep)
+            x = _test_images(split.test_images, cfg.data.size, input_space)
+            native = list(split.test_images.shape[1:])
+            normals = _test_images(split.train_images, cfg.data.size, input_space)
+            result = audit(
+                det, x, split.test_labels, folder, source=path, input_space=input_space,
+                native_shape=native, normal_images=normals, **sweep,
+            )  # fmt: skip
         return result, folder
     if (path / META).is_file():
         if data is None or normal_class is None:
@@ -335,14 +604,20 @@ def audit_path(
             )
         det = OneClassDetector.load(path, device=device)
         split = one_vs_rest(data, normal_class, root=root, seed=det.config_.train.seed)
-        x = _test_images(split.test_images, det.config_.data.size)
+        x = _test_images(split.test_images, det.config_.data.size, input_space)
         if det.input_layout_ == "NHWC":
             raise InputError(
                 f"{path} was fitted on channels-last (N, H, W, C) arrays; attack it from Python "
                 "with firmad.robustness.audit.audit on images in that layout"
             )
         folder = Path(out_dir) if out_dir is not None else path
-        return audit(det, x, split.test_labels, folder, source=path, **sweep), folder
+        native = list(split.test_images.shape[1:])
+        normals = _test_images(split.train_images, det.config_.data.size, input_space)
+        result = audit(
+            det, x, split.test_labels, folder, source=path, input_space=input_space,
+            native_shape=native, normal_images=normals, **sweep,
+        )  # fmt: skip
+        return result, folder
     raise CheckpointError(
         f"{path} is neither a run directory (config.yaml, from `firmad train`) nor a detector "
         "directory (detector.json, from `firmad fit`)"
@@ -394,7 +669,7 @@ def robustness_for_run(run, cfg, model, split, step: int | None) -> dict | None:
             and old.get("checkpoint_step") == step
             # results written before the schedule key existed used the fixed schedule
             and {"schedule": "fixed", **(old.get("attack") or {})} == cfg.attack.model_dump()
-            and (run.path / ATTACK_JSON).exists()
+            and attack_files_complete(run.path)
         ):
             return old
     from firmad.detector import OneClassDetector

@@ -12,12 +12,16 @@ Strength checks (verdicts ``{"name", "passed", "detail"}``):
 
 - ``monotone``: AUROC does not rise with ε. Fails when a rise between consecutive ε is larger
   than 0.5 points even at the lower end of its paired-bootstrap 95 % interval.
-- ``large_eps``: at a very large ε (L∞ 1.0; L2 the diameter √d of [0, 1]^d) the "both"
-  AUROC must fall below 0.05; if not, gradients are probably masked or obfuscated.
+- ``large_eps``: at a very large ε (L∞ 1.0; L2 the diameter √d of [0, 1]^d) the AUROC must
+  fall below 0.05 with both groups attacked (else gradients are probably masked or
+  obfuscated) and with each group attacked alone (the same attack's images for one group,
+  clean ones for the other: one side can stall while "both" falls).
 - ``more_steps`` / ``more_restarts``: at one ε, twice the steps or one more restart must not
   lower the "both" AUROC by more than 1 point; else the attack has not converged.
 - ``transfer``: (only with ``transfer_from``) a black-box transfer attack, white-box on another
   detector, must not beat the white-box attack by more than 1 point.
+- ``square``: (only with ``square_check``) the score-based black-box Square attack must not
+  beat the white-box attack by more than 1 point either.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from firmad.robustness.attacks import (
     _check_settings,
     attack_detector,
     score,
+    square_attack,
 )
 
 __all__ = [
@@ -53,6 +58,9 @@ __all__ = [
     "stratified_subset",
 ]
 
+ATTACKS = ("pgd", "square")
+SQUARE_CHECK_QUERIES = 1000
+_SIDE_NAMES = {"both": "'both'", "normal": "normals-only", "anomaly": "anomalies-only"}
 MONOTONE_TOL = 0.005  # AUROC may rise by half a point with ε (beyond its interval)
 LARGE_EPS_MAX_AUROC = 0.05
 CONVERGENCE_TOL = 0.01  # more steps / restarts / transfer may lower AUROC by one point at most
@@ -169,6 +177,10 @@ def robust_auroc_sweep(
     large_eps: float | None = None,
     transfer_from=None,
     progress: Callable[[int, int, str], None] | None = None,
+    attack: str = "pgd",
+    square_check: bool = False,
+    cache=None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict:
     """AUROC under attack for every ε and target mode, with intervals and strength checks.
 
@@ -190,6 +202,15 @@ def robust_auroc_sweep(
         transfer_from: optional surrogate detector for the black-box transfer check.
         progress: called as ``progress(done, total, what)`` before each attack and once at the
             end (``done == total``), e.g. to drive a progress bar.
+        attack: ``"pgd"`` (gradient attacks, ``schedule`` picks PGD or APGD) or ``"square"``
+            (the score-based black-box Square attack, L∞; ``steps`` is then its number of
+            queries and surrogates are unused).
+        square_check: with the checks, also run the Square attack (``steps`` queries, at least
+            1000) at ``check_eps``: it must not beat the attack by more than 1 point.
+        cache: optional store of finished attacks (``get(key) -> dict | None`` and
+            ``put(key, dict)``) so an interrupted sweep continues; the caller keeps it to one
+            set of settings (see ``firmad.robustness.audit``).
+        on_step: ``on_step(done, total)`` after every step of the current attack.
 
     Returns:
         A JSON-serialisable dict: ``settings``, ``subset``, ``clean``, ``rows`` (one per ε and
@@ -200,6 +221,10 @@ def robust_auroc_sweep(
     _check_settings(
         norm, 0.0, steps, None, restarts, "both", eot, random_start, batch_size, schedule
     )
+    if attack not in ATTACKS:
+        raise ConfigError(f"attack must be one of {ATTACKS}, got {attack!r}.")
+    if attack == "square" and norm != "linf":
+        raise ConfigError("the Square attack is implemented for norm='linf' only.")
     for name, value in [
         ("step_factor", step_factor),
         ("check_eps", check_eps),
@@ -208,12 +233,19 @@ def robust_auroc_sweep(
         if value is not None and not _positive(value):
             raise ConfigError(f"{name} must be a positive number, got {value!r}.")
     x = _check_images(x)
-    y = _check_labels(y, x.shape[0], x.device)
+    y = y_all = _check_labels(y, x.shape[0], x.device)
     if not (y == 0).any() or not (y == 1).any():
         raise InputError("robust AUROC needs both normal (0) and anomalous (1) images.")
     idx = stratified_subset(y.cpu(), subset, seed)
     if subset is not None:
         x, y = x[idx.to(x.device)], y[idx.to(y.device)]
+        if not (y == 0).any() or not (y == 1).any():
+            missing = "normal" if (y == 1).all() else "anomalous"
+            counts = f"{int((y_all == 0).sum())} normal, {int((y_all == 1).sum())} anomalous"
+            raise InputError(
+                f"a subset of {subset} image(s) holds no {missing} image (the test set has "
+                f"{counts}); AUROC needs both: use a larger subset"
+            )
     y_np = y.cpu().numpy()
     n_normal, n_anomaly = int((y_np == 0).sum()), int((y_np == 1).sum())
     # The bootstrap sees normals first, then anomalies; every score vector is put in that order.
@@ -222,6 +254,7 @@ def robust_auroc_sweep(
     # One attack per eps serves every mode: both groups unless only one mode is asked for.
     both_needed = "both" in modes or {"normal", "anomaly"} <= set(modes)
     attack_targets = "both" if both_needed else modes[0]
+    attack_kind = attack
     settings = dict(
         norm=norm,
         steps=steps,
@@ -243,27 +276,49 @@ def robust_auroc_sweep(
         total += 1  # large_eps
         if check_eps is not None and check_eps > 0:
             reused = attack_targets == "both" and check_eps in nonzero
-            total += 2 + (0 if reused else 1) + (transfer_from is not None)
+            total += 2 + (0 if reused else 1) + (transfer_from is not None) + square_check
     done = [0]
+    square_queries = max(steps, SQUARE_CHECK_QUERIES)
 
-    def attack(det, eps: float, targets: str = "both", **override):
+    def run_attack(det, eps: float, targets: str = "both", key: str | None = None, **override):
+        """Scores of the detector on images attacked through ``det``, the winning attack per
+        image and the attacks' names; taken from ``cache`` when it holds ``key``."""
+        what = ", ".join(f"{k}={v}" for k, v in override.items() if k != "kind")
+        what = f"eps={eps:.4g}" + (f" ({what})" if what else "")
         if progress is not None:
-            what = ", ".join(f"{k}={v}" for k, v in override.items())
-            progress(done[0], total, f"eps={eps:.4g}" + (f" ({what})" if what else ""))
+            progress(done[0], total, what)
         done[0] += 1
+        key = key or what
+        hit = cache.get(key) if cache is not None else None
+        if hit is not None:
+            return (torch.tensor(hit["scores"], dtype=torch.float64), torch.tensor(hit["winner"]),
+                    hit["attacks"])  # fmt: skip
         kw = {**settings, **override}
-        fixed = eps > 0 and kw["schedule"] == "fixed"
-        step_size = step_factor * eps / kw["steps"] if fixed else None
-        return attack_detector(
-            det, x, y, eps=eps, step_size=step_size, targets=targets, seed=seed, **kw
-        )
+        kind = kw.pop("kind", attack_kind)
+        if kind == "square":
+            res = square_attack(
+                det, x, y, eps=eps, norm=norm, queries=kw["steps"], restarts=kw["restarts"],
+                targets=targets, seed=seed, batch_size=batch_size, on_step=on_step,
+            )  # fmt: skip
+        else:
+            fixed = eps > 0 and kw["schedule"] == "fixed"
+            step_size = step_factor * eps / kw["steps"] if fixed else None
+            res = attack_detector(
+                det, x, y, eps=eps, step_size=step_size, targets=targets, seed=seed,
+                on_step=on_step, **kw,
+            )  # fmt: skip
+        adv = score(detector, res.images, batch_size).double().cpu()
+        if cache is not None:
+            cache.put(key, {"scores": adv.tolist(), "winner": res.winner.cpu().tolist(),
+                            "attacks": res.attacks})  # fmt: skip
+        return adv, res.winner.cpu(), res.attacks
 
     def auroc_of(s: Tensor) -> float:
         return evaluate_scores(y_np, s.double().cpu().numpy())["auroc"]
 
-    def attacked_auroc(eps: float, source=detector, **override) -> float:
+    def attacked_auroc(eps: float, source=detector, key=None, **override) -> float:
         """'both' AUROC of the detector on images attacked through ``source``."""
-        return auroc_of(score(detector, attack(source, eps, **override).images, batch_size))
+        return auroc_of(run_attack(source, eps, key=key, **override)[0])
 
     boot: dict[tuple[float, str], np.ndarray] = {}
 
@@ -287,7 +342,8 @@ def robust_auroc_sweep(
             "wins": wins,
         }
 
-    clean = score(detector, x, batch_size).double()
+    clean = score(detector, x, batch_size).double().cpu()
+    y_cpu = y.cpu()
     clean_row = row(0.0, "clean", clean, {})
     rows = []
     both_auroc: dict[float, float] = {}  # reused by the checks
@@ -295,13 +351,12 @@ def robust_auroc_sweep(
         if eps == 0:
             adv, res = clean, None
         else:
-            res = attack(detector, eps, attack_targets)
-            adv = score(detector, res.images, batch_size).double()
+            adv, *res = run_attack(detector, eps, attack_targets, key=f"eps={eps!r}")
         if attack_targets == "both":
             both_auroc[eps] = auroc_of(adv)
         for mode in modes:
-            wins = {} if res is None else _wins(res.winner, res.attacks, y, mode)
-            rows.append(row(eps, mode, _mode_scores(mode, y, clean, adv), wins))
+            wins = {} if res is None else _wins(res[0], res[1], y_cpu, mode)
+            rows.append(row(eps, mode, _mode_scores(mode, y_cpu, clean, adv), wins))
 
     verdicts: list[Verdict] = []
     skipped: list[str] = []
@@ -309,28 +364,39 @@ def robust_auroc_sweep(
         skipped += ["monotone", "large_eps", "more_steps", "more_restarts", "transfer"]
     else:
         verdicts.append(_check_monotone(rows, boot, modes))
-        verdicts.append(_check_large_eps(attacked_auroc(large_eps), norm, large_eps))
+        large = run_attack(detector, large_eps, key="large_eps")[0]
+        sides = {m: auroc_of(_mode_scores(m, y_cpu, clean, large)) for m in TARGETS}
+        verdicts.append(_check_large_eps(sides, norm, large_eps))
         if check_eps is None or check_eps <= 0:
             skipped += ["more_steps", "more_restarts", "transfer"]
         else:
             ref = both_auroc.get(check_eps)
             if ref is None:
-                ref = attacked_auroc(check_eps)
+                ref = attacked_auroc(check_eps, key="check_eps")
             head = f"'both' AUROC at eps={check_eps:.4g}: {ref:.4f} with steps={steps}"
             tail = f"(may be lower by {CONVERGENCE_TOL} at most)"
-            more = attacked_auroc(check_eps, steps=2 * steps)
+            more = attacked_auroc(check_eps, key="more_steps", steps=2 * steps)
             detail = f"{head}; {more:.4f} with steps={2 * steps} {tail}"
             verdicts.append(Verdict("more_steps", more >= ref - CONVERGENCE_TOL, detail))
-            more = attacked_auroc(check_eps, restarts=restarts + 1, random_start=True)
+            more = attacked_auroc(
+                check_eps, key="more_restarts", restarts=restarts + 1, random_start=True
+            )
             detail = f"{head}, restarts={restarts}; {more:.4f} with restarts={restarts + 1} {tail}"
             verdicts.append(Verdict("more_restarts", more >= ref - CONVERGENCE_TOL, detail))
             if transfer_from is None:
                 skipped.append("transfer")
             else:
-                black = attacked_auroc(check_eps, source=transfer_from)
-                name = type(transfer_from).__name__
+                black = attacked_auroc(check_eps, source=transfer_from, key="transfer")
+                name = _name_of(transfer_from)
                 detail = f"{head} (white-box); {black:.4f} transferred from {name} {tail}"
                 verdicts.append(Verdict("transfer", black >= ref - CONVERGENCE_TOL, detail))
+            if square_check:
+                black = attacked_auroc(
+                    check_eps, key="square", kind="square", steps=square_queries, restarts=1
+                )
+                what = f"the black-box Square attack ({square_queries} queries)"
+                detail = f"{head}; {black:.4f} with {what} {tail}"
+                verdicts.append(Verdict("square", black >= ref - CONVERGENCE_TOL, detail))
 
     if progress is not None:
         progress(total, total, "done")
@@ -340,7 +406,7 @@ def robust_auroc_sweep(
             "eps_list": eps_sorted,
             "steps": steps,
             "restarts": restarts,
-            "step_size": f"{step_factor}*eps/steps" if schedule == "fixed" else "2*eps, halved",
+            "step_size": _step_text(attack, schedule, step_factor),
             "schedule": schedule,
             "targets_list": modes,
             "attack_targets": attack_targets,
@@ -352,7 +418,10 @@ def robust_auroc_sweep(
             "n_bootstrap": n_bootstrap,
             "check_eps": check_eps,
             "large_eps": large_eps,
-            "transfer_from": None if transfer_from is None else type(transfer_from).__name__,
+            "transfer_from": None if transfer_from is None else _name_of(transfer_from),
+            "attack": attack_kind,
+            "square_check": square_check,
+            "square_queries": square_queries if square_check else None,
             "detector": type(detector).__name__,
         },
         "subset": {
@@ -375,18 +444,42 @@ def _positive(v) -> bool:
     return not isinstance(v, bool) and isinstance(v, int | float) and v > 0 and math.isfinite(v)
 
 
-def _check_large_eps(auroc: float, norm: str, eps: float) -> Verdict:
-    """At a huge eps any image is reachable: the 'both' AUROC must collapse."""
-    passed = auroc < LARGE_EPS_MAX_AUROC
-    detail = f"'both' AUROC {auroc:.4f} at {norm} eps={eps:.4g} (needs < {LARGE_EPS_MAX_AUROC})"
-    if not passed:
+def _step_text(attack: str, schedule: str, step_factor: float) -> str:
+    if attack == "square":
+        return "square (no gradient)"
+    return f"{step_factor}*eps/steps" if schedule == "fixed" else "2*eps, halved"
+
+
+def _name_of(obj) -> str:
+    """How a transfer source is named in the results: its ``name`` attribute or its type."""
+    name = getattr(obj, "name", None)
+    return name if isinstance(name, str) else type(obj).__name__
+
+
+def _check_large_eps(aurocs: dict[str, float], norm: str, eps: float) -> Verdict:
+    """At a huge eps any image is reachable: the AUROC must collapse with both groups
+    attacked and with each group attacked alone (one side can stall while 'both' falls)."""
+    high = {m: a for m, a in aurocs.items() if not a < LARGE_EPS_MAX_AUROC}
+    passed = not high
+    shown = ", ".join(f"{_SIDE_NAMES[m]} {a:.4f}" for m, a in aurocs.items())
+    detail = f"AUROC {shown} at {norm} eps={eps:.4g} (each needs < {LARGE_EPS_MAX_AUROC})"
+    if "both" in high:
         hint = (
             "gradients may be masked or obfuscated (non-differentiable, detached or saturated "
             "score): the robust AUROC is likely overestimated; try surrogate scores, eot, or "
             "more steps"
         )
+    elif high:
+        hint = (
+            f"the attack stalls when only the {' and '.join(_SIDE_NAMES[m] for m in high)} "
+            "side is attacked (its images cannot be moved past the other group): that row's "
+            "robust AUROC is likely overestimated; try a targeted surrogate, the apgd schedule "
+            "or more steps"
+        )
+    if not passed:
+        worst = max(high.values())
         warnings.warn(
-            f"AUROC stays at {auroc:.3f} at eps={eps:.3g}; {hint}.", RuntimeWarning, stacklevel=3
+            f"AUROC stays at {worst:.3f} at eps={eps:.3g}; {hint}.", RuntimeWarning, stacklevel=3
         )
         detail += f"; WARNING: {hint}"
     return Verdict("large_eps", passed, detail)
@@ -447,7 +540,9 @@ def _eps_text(eps: float, norm: str) -> str:
 
 
 def attack_name(settings: dict) -> str:
-    """PGD or APGD (settings written before the schedule existed are PGD)."""
+    """PGD, APGD or Square (settings written before the schedule existed are PGD)."""
+    if settings.get("attack") == "square":
+        return "Square"
     return "APGD" if settings.get("schedule") == "apgd" else "PGD"
 
 
