@@ -93,6 +93,10 @@ class StudyConfig(BaseModel):
     recipe: str = "fmnist-cpu"  # the one-class detector's training recipe
     binary_recipe: str = "fmnist-cpu-binary"
     backbone: str = "resnet_small"  # "name" or "name@width"
+    # "binary": D_det / D_rand and their controls (the verdict); "one_class": D_R / D_NR
+    branches: list[Literal["binary", "one_class"]] = Field(
+        default_factory=lambda: ["binary", "one_class"], min_length=1
+    )
     classes: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
     scorer: str = "knn_cos:k=5"
@@ -478,8 +482,11 @@ class Cell:
         if done.exists():
             return json.loads(done.read_text())
         tic = time.perf_counter()
-        result = {"class": self.cls, "seed": self.seed, "binary": self.binary_models(),
-                  "one_class": self.one_class_models()}  # fmt: skip
+        result: dict[str, Any] = {"class": self.cls, "seed": self.seed}
+        if "binary" in self.cfg.branches:
+            result["binary"] = self.binary_models()
+        if "one_class" in self.cfg.branches:
+            result["one_class"] = self.one_class_models()
         result["seconds_last_invocation"] = round(time.perf_counter() - tic, 1)
         atomic_write_json(done, result)
         return result
@@ -577,19 +584,21 @@ def verdict(judgements: list[str]) -> str:
 def summarise(cfg: StudyConfig, cells: dict[tuple[int, int], Cell], results: dict) -> dict:
     """Means ± sd per class and set, paired intervals per class and pooled, and the verdicts."""
     out: dict[str, Any] = {"classes": {}, "pooled": {}}
-    pooled_draws: dict[str, list[np.ndarray]] = {f"{a} - {b}": [] for a, b in PAIRS}
-    pooled_points: dict[str, list[float]] = {f"{a} - {b}": [] for a, b in PAIRS}
+    pooled_draws: dict[str, list[np.ndarray]] = {f"{a} - {b}": [] for a, b in _pairs(cfg)}
+    pooled_points: dict[str, list[float]] = {f"{a} - {b}": [] for a, b in _pairs(cfg)}
     for cls in cfg.classes:
         keys = [(cls, s) for s in cfg.seeds if (cls, s) in results]
         if not keys:
             continue
         entry: dict[str, Any] = {"seeds": [s for _, s in keys], "sets": {}, "pairs": {}}
         for branch, names in (("binary", BINARY_SETS), ("one_class", ONE_CLASS_SETS)):
+            if branch not in cfg.branches:
+                continue
             for name in names:
                 rows = [results[k][branch]["sets"][name] for k in keys]
                 entry["sets"][name] = _mean_sd(rows)
         y = cells[keys[0]].test_y.numpy()
-        for a, b in PAIRS:
+        for a, b in _pairs(cfg):
             prefix = "binary-on_" if a in BINARY_SETS else "on_"
             label = (lambda n: "standard" if n == "D" else prefix + n)  # noqa: E731
             pairs = [(cells[k].scores(label(a)), cells[k].scores(label(b))) for k in keys]
@@ -601,8 +610,9 @@ def summarise(cfg: StudyConfig, cells: dict[tuple[int, int], Cell], results: dic
             pooled_draws[key].append(draws)
             pooled_points[key].append(point)
         entry["verdict"] = verdict(
-            [entry["pairs"][f"{a} - {b}"]["judgement"] for a, b in VERDICT_PAIRS]
-        )
+            [entry["pairs"][f"{a} - {b}"]["judgement"] for a, b in VERDICT_PAIRS
+             if f"{a} - {b}" in entry["pairs"]]
+        )  # fmt: skip
         out["classes"][str(cls)] = entry
     for key, draws in pooled_draws.items():
         if draws:
@@ -612,8 +622,9 @@ def summarise(cfg: StudyConfig, cells: dict[tuple[int, int], Cell], results: dic
                                   "ci": [float(lo), float(hi)],
                                   "judgement": _judge(lo, hi, cfg.margin)}  # fmt: skip
     out["pooled_verdict"] = verdict(
-        [out["pooled"][f"{a} - {b}"]["judgement"] for a, b in VERDICT_PAIRS if out["pooled"]]
-    )
+        [out["pooled"][f"{a} - {b}"]["judgement"] for a, b in VERDICT_PAIRS
+         if f"{a} - {b}" in out["pooled"]]
+    )  # fmt: skip
     n_classes = len(out["classes"])
     min_seeds = min((len(e["seeds"]) for e in out["classes"].values()), default=0)
     out["floors"] = {
@@ -622,6 +633,12 @@ def summarise(cfg: StudyConfig, cells: dict[tuple[int, int], Cell], results: dic
         "per_class_claim_allowed": min_seeds >= 5,
     }  # fmt: skip
     return out
+
+
+def _pairs(cfg: StudyConfig) -> list[tuple[str, str]]:
+    """The (set, control) pairs of the branches the study runs."""
+    return [(a, b) for a, b in PAIRS
+            if ("binary" if a in BINARY_SETS else "one_class") in cfg.branches]  # fmt: skip
 
 
 def _mean_sd(rows: list[dict]) -> dict[str, Any]:
@@ -668,7 +685,7 @@ class Study:
             # over every invocation that completed the study (a resumed study adds its time)
             "wall_time_s": round(previous + time.perf_counter() - tic, 1),
         }
-        if self.cfg.drift_eps:
+        if self.cfg.drift_eps and "one_class" in self.cfg.branches:
             from firmad.report import plot_drift
 
             unit = 255.0 if self.cfg.attack_norm == "linf" else 1.0
@@ -692,7 +709,9 @@ def _ms(pair: list) -> str:
 def study_markdown(results: dict[str, Any]) -> str:
     s, summary = results["settings"], results["summary"]
     floors = summary["floors"]
-    eps = list(next(iter(summary["classes"].values()))["sets"]["D"]["attacked"])
+    pairs = [(a, b) for a, b in PAIRS
+             if ("binary" if a in BINARY_SETS else "one_class") in s["branches"]]  # fmt: skip
+    eps = list(next(iter(next(iter(summary["classes"].values()))["sets"].values()))["attacked"])
     eps = [e for e in eps if float(e) > 0]
     lines = [
         f"# Robust / non-robust feature study: {s['name']}",
@@ -719,22 +738,23 @@ def study_markdown(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Rule: D_det - flip and D_rand - shuffle (clean AUROC, paired 95 % bootstrap interval "
+        "Rule (the binary branch; without it no verdict can be computed): D_det - flip and "
+        "D_rand - shuffle (clean AUROC, paired 95 % bootstrap interval "
         "over the same test images and the seeds): \"useful\" when both intervals lie above 0; "
         f"\"not useful\" when both lie below +{100 * s['margin']:.0f} points; else "
         "\"inconclusive\".",
         "",
         "## Each set minus its control (clean AUROC points, paired 95 % interval)",
         "",
-        "| class | " + " | ".join(f"{a} - {b}" for a, b in PAIRS) + " |",
-        "|---|" + "---:|" * len(PAIRS),
+        "| class | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |",
+        "|---|" + "---:|" * len(pairs),
     ]
     groups = [(c, e["pairs"]) for c, e in summary["classes"].items()]
     groups.append(("pooled", summary["pooled"]))
-    for name, pairs in groups:
+    for name, found in groups:
         cells = []
-        for a, b in PAIRS:
-            p = pairs.get(f"{a} - {b}")
+        for a, b in pairs:
+            p = found.get(f"{a} - {b}")
             cells.append("–" if p is None else f"{100 * p['diff']:+.1f} "
                          f"[{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}] {p['judgement']}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -759,7 +779,7 @@ def _construction_lines(results: dict[str, Any]) -> list[str]:
              "survival (fresh views / recipe views) |",
              "|---|---|---:|---:|---:|---:|"]  # fmt: skip
     for key, r in results["cells"].items():
-        for name, m in r["binary"]["constructions"].items():
+        for name, m in r.get("binary", {}).get("constructions", {}).items():
             lines.append(
                 f"| {key} | {name} | {m['eps']:g} | {_pct(m['reach']['to_outlier'])} / "
                 f"{_pct(m['reach']['to_normal'])} | "
@@ -769,14 +789,16 @@ def _construction_lines(results: dict[str, Any]) -> list[str]:
     lines += ["", "| cell | set | steps | median final/initial | residual < nearest normal | "
               "converged |", "|---|---|---:|---:|---:|---|"]  # fmt: skip
     for key, r in results["cells"].items():
-        for name, m in r["one_class"]["constructions"].items():
+        for name, m in r.get("one_class", {}).get("constructions", {}).items():
             v = m["convergence"]
             lines.append(f"| {key} | {name} | {m['steps']} | {v['median_ratio']:.3f} | "
                          f"{_pct(v['share_below_nearest'])} % | {v['converged']} |")  # fmt: skip
     lines += ["", "| cell | robust model | clean | strength checks passed |", "|---|---|---:|---|"]
     for key, r in results["cells"].items():
-        for name, ev in (("binary (reference)", r["binary"]["reference"]),
-                         ("one-class", r["one_class"]["robust"])):  # fmt: skip
+        for name, ev in (("binary (reference)", r.get("binary", {}).get("reference")),
+                         ("one-class", r.get("one_class", {}).get("robust"))):  # fmt: skip
+            if ev is None:
+                continue
             lines.append(f"| {key} | {name} | {_pct(ev['clean_auroc'])} | {ev['checks_passed']} |")
     return lines
 
