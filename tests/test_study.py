@@ -91,7 +91,7 @@ def test_study_runs_every_stage_records_controls_and_resumes(tmp_path, capsys):
     assert {"median_ratio", "share_below_nearest", "converged"} <= set(conv)
     assert conv["median_ratio"] < 1.0  # 3 steps already lower the residual
     md = (out / "study.md").read_text()
-    assert "median final/initial" in md and "D_NRonly" in md
+    assert "median final/initial" in md and "D_NRonly" in md and "radii tried" in md
     # the pairs and the computed verdict
     summary = result["summary"]
     pair = summary["classes"]["0"]["pairs"]["D_det - flip"]

@@ -775,15 +775,17 @@ def study_markdown(results: dict[str, Any]) -> str:
 
 def _construction_lines(results: dict[str, Any]) -> list[str]:
     lines = ["", "## Constructions (per cell)", "",
-             "| cell | set | L2 eps | reach to outlier / to normal | reference kept | "
-             "survival (fresh views / recipe views) |",
-             "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+             "| cell | set | L2 eps | reach to outlier / to normal | radii tried (reach %, "
+             "to outlier / to normal) | reference kept | survival (fresh views / recipe views) |",
+             "|---|---|---:|---:|---|---:|---:|"]  # fmt: skip
     for key, r in results["cells"].items():
         for name, m in r.get("binary", {}).get("constructions", {}).items():
             lines.append(
                 f"| {key} | {name} | {m['eps']:g} | {_pct(m['reach']['to_outlier'])} / "
                 f"{_pct(m['reach']['to_normal'])} | "
-                f"{_pct(m['reference']['kept_among_clean_correct'])} | "
+                + ", ".join(f"{a['eps']:g}: {_pct(a['to_outlier'])}/{_pct(a['to_normal'])}"
+                            for a in m["attempts"])
+                + f" | {_pct(m['reference']['kept_among_clean_correct'])} | "
                 f"{_pct(m['survival']['fresh_views'])} / {_pct(m['survival']['recipe_views'])} |"
             )
     lines += ["", "| cell | set | steps | median final/initial | residual < nearest normal | "
