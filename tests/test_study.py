@@ -120,6 +120,10 @@ def test_study_runs_every_stage_records_controls_and_resumes(tmp_path, capsys):
     again = json.loads((out / "study.json").read_text())
     assert again["wall_time_s"] >= result["wall_time_s"]
     assert str(FIXTURE_FMNIST) in " ".join(result["settings"]["set"])
+    # other settings cannot reuse these artefacts
+    changed = write(tmp_path, toy(train_steps=8))
+    assert main(["-q", "features", "--config", changed, "--out", str(out)]) == 2
+    assert "train_steps" in capsys.readouterr().err
 
 
 def test_reach_below_the_floor_stops_the_stage(tmp_path):

@@ -661,9 +661,27 @@ class Study:
     def __init__(self, cfg: StudyConfig, out_dir: Path, log=print) -> None:
         self.cfg, self.out, self.log = cfg, Path(out_dir), log
 
+    def check_settings(self) -> None:
+        """Refuse to resume a study directory whose artefacts were built with other settings
+        (classes and seeds may be added; the summary settings may change)."""
+        free = {"name", "reductions", "classes", "seeds", "margin", "n_bootstrap"}
+        mine = {k: v for k, v in self.cfg.model_dump().items() if k not in free}
+        path = self.out / "study-settings.json"
+        if path.exists():
+            theirs = json.loads(path.read_text())
+            changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            if changed:
+                raise ConfigError(
+                    f"{self.out} holds a study built with other settings ({', '.join(changed)}); "
+                    "its stages cannot be reused. Give another --out, or restore the settings."
+                )
+        else:
+            atomic_write_json(path, mine)
+
     def run(self) -> dict[str, Any]:
         tic = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
+        self.check_settings()
         cells, results = {}, {}
         for cls in self.cfg.classes:
             for seed in self.cfg.seeds:
