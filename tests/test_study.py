@@ -128,7 +128,9 @@ def test_study_runs_every_stage_records_controls_and_resumes(tmp_path, capsys):
 
 def test_reach_below_the_floor_stops_the_stage(tmp_path):
     path = write(tmp_path, toy(reach_eps=[1e-4], reach_floor=0.95, branches=["binary"]))
-    with pytest.raises(ConstructionError, match=r"D_det .*class 0, seed 0.*floor is 95 %.*reach_eps"):
+    with pytest.raises(
+        ConstructionError, match=r"D_det .*class 0, seed 0.*floor is 95 %.*reach_eps"
+    ):
         run_study(path, tmp_path / "out")
     # the failed set left no dataset behind
     assert not (tmp_path / "out" / "c0-s0" / "sets" / "D_det.npz").exists()
@@ -137,8 +139,12 @@ def test_reach_below_the_floor_stops_the_stage(tmp_path):
 def test_flip_control_of_a_failed_construction_equals_d_det(tmp_path):
     """With a radius too small to change a stored uint8 pixel, D_det is the flip control: the
     fresh classifiers trained on them score the test images the same."""
-    path = write(tmp_path, toy(reach_eps=[1e-4], reach_floor=0.0, construct_n=16,
-                               branches=["binary"], attack_eps=[0.0]))
+    path = write(
+        tmp_path,
+        toy(
+            reach_eps=[1e-4], reach_floor=0.0, construct_n=16, branches=["binary"], attack_eps=[0.0]
+        ),
+    )
     out = tmp_path / "out"
     result = run_study(path, out)
     cell = result["cells"]["c0-s0"]["binary"]

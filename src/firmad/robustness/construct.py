@@ -81,9 +81,9 @@ def invert_features(
     Args:
         feature_fn: float images in [0, 1] -> features (N, D) or (N, ...), e.g. an encoder. It
             must treat samples independently (BatchNorm in eval mode). An ``nn.Module`` is put in
-            eval mode for the call and every submodule's training flag is restored afterwards; for other callables that is the
-            caller's job. Gradients are taken with respect to z only (``torch.autograd.grad``);
-            no parameter ``.grad`` is touched.
+            eval mode for the call and every submodule's training flag is restored afterwards;
+            for other callables that is the caller's job. Gradients are taken with respect to z
+            only (``torch.autograd.grad``); no parameter ``.grad`` is touched.
         targets: images x (N, C, H, W) whose features are matched.
         starts: start images z0, same shape (e.g. ``targets[pick_starts(N, gen)]``), on the
             device ``feature_fn`` expects; batches stay on the inputs' device.
@@ -289,6 +289,7 @@ def nearest_other_distance(
     The scale an inversion's residual is judged against: a residual below it means the
     inversion is closer to its target than any other normal image is.
     """
+
     def feats(x: torch.Tensor) -> torch.Tensor:
         parts = [feature_fn(_as_float(x[i : i + batch_size], "images")).reshape(
             min(batch_size, len(x) - i), -1) for i in range(0, len(x), batch_size)]  # fmt: skip

@@ -227,7 +227,9 @@ class Cell:
         s = torch.cat([score(det, x[i : i + 1000].float() / 255, c.batch_size)
                        for i in range(0, len(x), 1000)])  # fmt: skip
         np.save(self.out / "eval" / f"{label}-scores.npy", s.double().numpy(), allow_pickle=False)
-        self.log(f"[{self.tag()}] attacking {label}" + (" (with strength checks)" if checks else ""))
+        self.log(
+            f"[{self.tag()}] attacking {label}" + (" (with strength checks)" if checks else "")
+        )
         sweep = robust_auroc_sweep(
             det, self.attack_x, self.attack_y, eps_list=c.attack_eps, norm=c.attack_norm,
             steps=c.attack_steps, seed=self.seed, batch_size=c.batch_size, subset=None,
@@ -269,7 +271,9 @@ class Cell:
         c = self.cfg
         source, label = self.binary_sources(det_bin)
         gen = torch.Generator().manual_seed(self.seed * 1009 + (11 if name == "D_det" else 13))
-        target = 1 - label if name == "D_det" else torch.randint(0, 2, (len(source),), generator=gen)
+        target = (
+            1 - label if name == "D_det" else torch.randint(0, 2, (len(source),), generator=gen)
+        )
         tic = time.perf_counter()
         attempts, images, eps = [], None, None
         for eps in c.reach_eps:
@@ -365,9 +369,7 @@ class Cell:
     def binary_models(self) -> dict[str, Any]:
         c = self.cfg
         det_bin = self.model("binary-standard", self.train_u8, binary=True)
-        det_ref = self.model(
-            "binary-robust", self.train_u8, binary=True, extra=c.binary_robust_set
-        )
+        det_ref = self.model("binary-robust", self.train_u8, binary=True, extra=c.binary_robust_set)
         out: dict[str, Any] = {
             "constructions": {}, "sets": {},
             "reference": self.evaluate(det_ref, "binary-robust", checks=c.robust_checks),
@@ -409,8 +411,9 @@ class Cell:
             "seconds": round(time.perf_counter() - tic, 1),
         }  # fmt: skip
         save_constructed(sets / f"{name}.npz", stored, np.zeros(len(stored), np.int64), meta)
-        sample_grid_png(sets / f"{name}.png",
-                        {"start": starts[:8], "target": targets[:8], name: stored[:8]})
+        sample_grid_png(
+            sets / f"{name}.png", {"start": starts[:8], "target": targets[:8], name: stored[:8]}
+        )
         atomic_write_json(record, meta)
         return meta
 
@@ -549,8 +552,13 @@ def paired_draws(
     per_seed = np.empty((n_boot, len(pairs)))
     for lo in range(0, n_boot, chunk):
         hi = min(n_boot, lo + chunk)
-        rows = np.concatenate([rng.choice(normals, (hi - lo, n_normal)),
-                               rng.choice(anomalies, (hi - lo, len(y) - n_normal))], axis=1)
+        rows = np.concatenate(
+            [
+                rng.choice(normals, (hi - lo, n_normal)),
+                rng.choice(anomalies, (hi - lo, len(y) - n_normal)),
+            ],
+            axis=1,
+        )
         for k, (a, b) in enumerate(pairs):
             a_o, b_o = a[order], b[order]
             per_seed[lo:hi, k] = (_auroc_rows(a_o[rows], n_normal)
@@ -599,9 +607,7 @@ def summarise(cfg: StudyConfig, cells: dict[tuple[int, int], Cell], results: dic
                 entry["sets"][name] = _mean_sd(rows)
         y = cells[keys[0]].test_y.numpy()
         for a, b in _pairs(cfg):
-            prefix = "binary-on_" if a in BINARY_SETS else "on_"
-            label = (lambda n: "standard" if n == "D" else prefix + n)  # noqa: E731
-            pairs = [(cells[k].scores(label(a)), cells[k].scores(label(b))) for k in keys]
+            pairs = [(cells[k].scores(_label(a)), cells[k].scores(_label(b))) for k in keys]
             point, draws = paired_draws(y, pairs, cfg.n_bootstrap, 1000 + cls)
             lo, hi = np.percentile(draws, [2.5, 97.5])
             key = f"{a} - {b}"
@@ -633,6 +639,13 @@ def summarise(cfg: StudyConfig, cells: dict[tuple[int, int], Cell], results: dic
         "per_class_claim_allowed": min_seeds >= 5,
     }  # fmt: skip
     return out
+
+
+def _label(name: str) -> str:
+    """The evaluation label of the model trained on a set."""
+    if name == "D":
+        return "standard"
+    return ("binary-on_" if name in BINARY_SETS else "on_") + name
 
 
 def _pairs(cfg: StudyConfig) -> list[tuple[str, str]]:
@@ -758,9 +771,9 @@ def study_markdown(results: dict[str, Any]) -> str:
         "",
         "Rule (the binary branch; without it no verdict can be computed): D_det - flip and "
         "D_rand - shuffle (clean AUROC, paired 95 % bootstrap interval "
-        "over the same test images and the seeds): \"useful\" when both intervals lie above 0; "
-        f"\"not useful\" when both lie below +{100 * s['margin']:.0f} points; else "
-        "\"inconclusive\".",
+        'over the same test images and the seeds): "useful" when both intervals lie above 0; '
+        f'"not useful" when both lie below +{100 * s["margin"]:.0f} points; else '
+        '"inconclusive".',
         "",
         "## Each set minus its control (clean AUROC points, paired 95 % interval)",
         "",
@@ -773,8 +786,12 @@ def study_markdown(results: dict[str, Any]) -> str:
         cells = []
         for a, b in pairs:
             p = found.get(f"{a} - {b}")
-            cells.append("–" if p is None else f"{100 * p['diff']:+.1f} "
-                         f"[{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}] {p['judgement']}")
+            cells.append(
+                "–"
+                if p is None
+                else f"{100 * p['diff']:+.1f} "
+                f"[{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}] {p['judgement']}"
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     head = " | ".join(f"ε={float(e):g}" for e in eps)
     lines += ["", "## AUROC % of the model trained on each set (mean ± sd over seeds)", "",
@@ -801,8 +818,10 @@ def _construction_lines(results: dict[str, Any]) -> list[str]:
             lines.append(
                 f"| {key} | {name} | {m['eps']:g} | {_pct(m['reach']['to_outlier'])} / "
                 f"{_pct(m['reach']['to_normal'])} | "
-                + ", ".join(f"{a['eps']:g}: {_pct(a['to_outlier'])}/{_pct(a['to_normal'])}"
-                            for a in m["attempts"])
+                + ", ".join(
+                    f"{a['eps']:g}: {_pct(a['to_outlier'])}/{_pct(a['to_normal'])}"
+                    for a in m["attempts"]
+                )
                 + f" | {_pct(m['reference']['kept_among_clean_correct'])} | "
                 f"{_pct(m['survival']['fresh_views'])} / {_pct(m['survival']['recipe_views'])} |"
             )
