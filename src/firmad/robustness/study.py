@@ -480,18 +480,19 @@ class Cell:
         return rows
 
     def run(self) -> dict[str, Any]:
+        """Both branches, each cached as a whole once finished (its stages are cached too)."""
         (self.out / "eval").mkdir(parents=True, exist_ok=True)
-        done = self.out / "cell.json"
-        if done.exists():
-            return json.loads(done.read_text())
-        tic = time.perf_counter()
         result: dict[str, Any] = {"class": self.cls, "seed": self.seed}
-        if "binary" in self.cfg.branches:
-            result["binary"] = self.binary_models()
-        if "one_class" in self.cfg.branches:
-            result["one_class"] = self.one_class_models()
-        result["seconds_last_invocation"] = round(time.perf_counter() - tic, 1)
-        atomic_write_json(done, result)
+        for branch, build in (("binary", self.binary_models), ("one_class", self.one_class_models)):
+            if branch not in self.cfg.branches:
+                continue
+            done = self.out / f"{branch}.json"
+            if not done.exists():
+                tic = time.perf_counter()
+                part = build()
+                part["seconds_last_invocation"] = round(time.perf_counter() - tic, 1)
+                atomic_write_json(done, part)
+            result[branch] = json.loads(done.read_text())
         return result
 
 
@@ -676,8 +677,8 @@ class Study:
 
     def check_settings(self) -> None:
         """Refuse to resume a study directory whose artefacts were built with other settings
-        (classes and seeds may be added; the summary settings may change)."""
-        free = {"name", "reductions", "classes", "seeds", "margin", "n_bootstrap"}
+        (branches, classes and seeds may be added; the summary settings may change)."""
+        free = {"name", "reductions", "branches", "classes", "seeds", "margin", "n_bootstrap"}
         mine = {k: v for k, v in self.cfg.model_dump().items() if k not in free}
         path = self.out / "study-settings.json"
         if path.exists():
