@@ -176,3 +176,16 @@ def test_shipped_study_recipes_read():
     for name in ("features-fmnist-cpu.yaml", "features-fmnist-cpu-smoke.yaml"):
         cfg = read_study(f"benchmarks/{name}")
         assert cfg.reach_floor == 0.95 and cfg.inversion_steps == 1000
+
+
+def test_training_views_stay_in_pixel_range():
+    from firmad.config import load_config
+    from firmad.robustness.study import _views
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.ones(32, 1, 32, 32), torch.rand(32, 1, 32, 32, generator=gen)])
+    augmented = _views(load_config("fmnist-cpu-binary", []), gen)(x)
+    assert float(augmented.min()) >= 0.0 and float(augmented.max()) <= 1.0
+    assert not torch.equal(augmented, x)
+    plain = _views(load_config("fmnist-cpu-binary", ["augment.enabled=false"]), gen)
+    assert torch.equal(plain(x), x)

@@ -508,7 +508,7 @@ def _views(cfg, gen: torch.Generator):
         jitter_p=a.jitter_p, blur_kernel=a.blur_kernel, blur_sigma=tuple(a.blur_sigma),
         blur_p=a.blur_p, hflip_p=a.hflip_p, grayscale_p=a.grayscale_p, cuda_graphs=False,
     )  # fmt: skip
-    return lambda x: aug(x, gen)
+    return lambda x: aug(x, gen).clamp(0.0, 1.0)  # colour ops may overshoot by rounding
 
 
 def _synthetic_outliers(images: torch.Tensor, cfg, gen: torch.Generator) -> torch.Tensor:
