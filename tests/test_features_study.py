@@ -265,6 +265,7 @@ def test_invert_features_restores_every_submodules_mode():
 
 def test_convergence_and_reach_records():
     from firmad.robustness.construct import (
+        feature_distance,
         inversion_convergence,
         nearest_other_distance,
         reach_by_target,
@@ -277,7 +278,9 @@ def test_convergence_and_reach_records():
     assert not inversion_convergence(final, initial, torch.full((3,), 0.03), 0.1, 0.9)["converged"]
     reach = reach_by_target(torch.tensor([1.0, -1.0, 2.0, 3.0]), torch.tensor([1, 1, 0, 1]))
     assert reach == {"to_normal": 0.0, "to_outlier": pytest.approx(2 / 3), "all": 0.5}
-    # nearest other image: itself is skipped
-    pool = torch.tensor([[0.0], [1.0], [3.0]]).view(3, 1, 1, 1)
-    d = nearest_other_distance(lambda x: x.reshape(len(x), -1), pool[:2], pool)
-    assert torch.allclose(d, torch.tensor([1.0, 1.0]))
+    # nearest other image: itself is skipped by index (a duplicate elsewhere is not)
+    pool = torch.tensor([0.0, 1.0, 3.0, 3.0]).view(4, 1, 1, 1)
+    flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
+    d = nearest_other_distance(flat, pool, torch.tensor([0, 2]), batch_size=3)
+    assert torch.allclose(d, torch.tensor([1.0, 0.0]))
+    assert torch.allclose(feature_distance(flat, pool[:2], pool[2:]), torch.tensor([3.0, 2.0]))

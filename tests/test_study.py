@@ -46,6 +46,7 @@ def toy(**changes) -> dict:
         "construct_steps": 5,
         "reach_floor": 0.5,
         "reference_floor": 0.0,
+        "reference_min_accuracy": 0.0,  # a 4-step reference cannot classify
         "invert_n": 6,
         "inversion_steps": 3,
         "attack_eps": [0.0, 0.5],
@@ -86,6 +87,7 @@ def test_study_runs_every_stage_records_controls_and_resumes(tmp_path, capsys):
     assert det["eps"] in (4.0, 8.0) and det["share_relabelled"] == 1.0
     assert min(det["reach"]["to_normal"], det["reach"]["to_outlier"]) >= 0.5
     assert det["survival"]["fresh_views_augmented"] is False
+    assert 0.0 <= det["reference"]["balanced_accuracy"] <= 1.0
     # inversion convergence is in study.json and study.md
     conv = cell["one_class"]["constructions"]["D_R"]["convergence"]
     assert {"median_ratio", "share_below_nearest", "converged"} <= set(conv)
@@ -134,6 +136,12 @@ def test_reach_below_the_floor_stops_the_stage(tmp_path):
         run_study(path, tmp_path / "out")
     # the failed set left no dataset behind
     assert not (tmp_path / "out" / "c0-s0" / "sets" / "D_det.npz").exists()
+
+
+def test_a_reference_that_cannot_classify_stops_the_stage(tmp_path):
+    path = write(tmp_path, toy(reference_min_accuracy=0.99, branches=["binary"]))
+    with pytest.raises(ConstructionError, match=r"reference classifies only .*reference_steps"):
+        run_study(path, tmp_path / "out")
 
 
 def test_flip_control_of_a_failed_construction_equals_d_det(tmp_path):

@@ -27,6 +27,7 @@ from firmad.io import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "centre_perturbation",
+    "feature_distance",
     "inversion_convergence",
     "nearest_other_distance",
     "reach_by_target",
@@ -278,34 +279,42 @@ def reach_by_target(scores: torch.Tensor, target: torch.Tensor) -> dict[str, flo
             "all": share(torch.ones_like(target, dtype=torch.bool))}  # fmt: skip
 
 
-@torch.no_grad()
-def nearest_other_distance(
-    feature_fn: FeatureFn, targets: torch.Tensor, pool: torch.Tensor, batch_size: int = 256
-) -> torch.Tensor:
-    """For each target, the feature distance to its nearest *other* image of ``pool``.
-
-    ``targets`` must be rows of ``pool`` (the same pixels): a distance of exactly zero is the
-    target itself and is skipped (duplicates of a target in the pool are skipped with it).
-    The scale an inversion's residual is judged against: a residual below it means the
-    inversion is closer to its target than any other normal image is.
-    """
-
-    def feats(x: torch.Tensor) -> torch.Tensor:
-        parts = [feature_fn(_as_float(x[i : i + batch_size], "images")).reshape(
-            min(batch_size, len(x) - i), -1) for i in range(0, len(x), batch_size)]  # fmt: skip
-        return torch.cat(parts).double()
-
+def _features(feature_fn: FeatureFn, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Flattened features (N, D) of uint8 or float images, in eval mode, without gradients."""
     module = feature_fn if isinstance(feature_fn, nn.Module) else None
     modes = [(m, m.training) for m in module.modules()] if module is not None else []
     if module is not None:
         module.eval()
     try:
-        ft, fp = feats(targets), feats(pool)
+        with torch.no_grad():
+            parts = [feature_fn(_as_float(images[i : i + batch_size], "images"))
+                     for i in range(0, len(images), batch_size)]  # fmt: skip
     finally:
         for m, training in modes:
             m.training = training
-    d = torch.cdist(ft, fp)
-    d[d <= 1e-9] = float("inf")
+    return torch.cat([p.reshape(p.shape[0], -1) for p in parts]).double()
+
+
+def feature_distance(
+    feature_fn: FeatureFn, images: torch.Tensor, targets: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """``||g(images[i]) - g(targets[i])||_2`` per pair (float, N), in eval mode."""
+    a = _features(feature_fn, images, batch_size)
+    b = _features(feature_fn, targets, batch_size)
+    return (a - b).norm(dim=1).float().cpu()
+
+
+def nearest_other_distance(
+    feature_fn: FeatureFn, pool: torch.Tensor, index: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """For each target ``pool[index[i]]``, the feature distance to its nearest *other* image of
+    ``pool`` (its own row is skipped by index, so batch-dependent rounding cannot make the
+    target its own neighbour). The scale an inversion's residual is judged against: a residual
+    below it means the inversion is closer to its target than any other normal image is."""
+    index = torch.as_tensor(index).reshape(-1).long()
+    fp = _features(feature_fn, pool, batch_size)
+    d = torch.cdist(fp[index], fp)
+    d[torch.arange(len(index)), index] = float("inf")
     return d.min(dim=1).values.float().cpu()
 
 

@@ -51,6 +51,7 @@ from firmad.io import atomic_write_json, atomic_write_text
 from firmad.robustness.attacks import pgd, score
 from firmad.robustness.construct import (
     centre_perturbation,
+    feature_distance,
     inversion_convergence,
     invert_features,
     nearest_other_distance,
@@ -102,6 +103,9 @@ class StudyConfig(BaseModel):
     scorer: str = "knn_cos:k=5"
     set: list[str] = Field(default_factory=list)  # overrides for every model
     train_steps: int = Field(3000, ge=1)  # SGD steps of every model, constructed set or not
+    # SGD steps of the binary robust reference (None: train_steps); it only vouches for the
+    # constructions and is not compared with the sets, so it may train longer
+    reference_steps: int | None = Field(None, ge=1)
     # the one-class robust detector (added to `set`): multi-step PGD in the constructions' norm
     robust_set: list[str] = Field(
         default_factory=lambda: [
@@ -123,6 +127,8 @@ class StudyConfig(BaseModel):
     construct_steps: int = Field(100, ge=1)  # targeted L2 PGD, step 2.5 eps / steps
     reach_floor: float = Field(0.95, ge=0, le=1)
     reference_floor: float = Field(0.9, ge=0, le=1)
+    # the reference must classify the clean images (balanced accuracy) before it can vouch
+    reference_min_accuracy: float = Field(0.8, ge=0, le=1)
     survival_floor: float = Field(0.9, ge=0, le=1)
     invert_n: int = Field(1000, ge=2)  # normals inverted per D_R / D_NR
     inversion_steps: int = Field(1000, ge=0)
@@ -187,8 +193,11 @@ class Cell:
 
     # --- models -------------------------------------------------------------------------------
 
-    def model(self, label: str, images: torch.Tensor, *, binary: bool, extra=(), exposure=None):
-        """Train (or load) a model on uint8 ``images`` for exactly ``train_steps`` SGD steps."""
+    def model(
+        self, label, images, *, binary: bool, extra=(), exposure=None, steps: int | None = None
+    ):
+        """Train (or load) a model on uint8 ``images`` for exactly ``steps`` (default
+        ``train_steps``) SGD steps."""
         from firmad.detector import OneClassDetector
 
         path = self.out / "models" / label
@@ -201,18 +210,19 @@ class Cell:
             overrides.append(f"outliers.exposure=npz:{exposure}")
         recipe = c.binary_recipe if binary else c.recipe
         probe = OneClassDetector(recipe=recipe, overrides=overrides).make_config()
-        steps = step_overrides(
-            len(images), len(probe.outliers.kinds), probe.train.batch_size, c.train_steps
+        n_steps = steps or c.train_steps
+        schedule = step_overrides(
+            len(images), len(probe.outliers.kinds), probe.train.batch_size, n_steps
         )
         det = OneClassDetector(
             recipe=recipe, scorer="own" if binary else c.scorer, k=None,
-            overrides=[*overrides, *steps],
+            overrides=[*overrides, *schedule],
         )  # fmt: skip
-        self.log(f"[{self.tag()}] training {label} on {len(images)} images, {c.train_steps} steps")
+        self.log(f"[{self.tag()}] training {label} on {len(images)} images, {n_steps} steps")
         tic = time.perf_counter()
         det.fit(images)
         det.calibration_ = {"train_s": round(time.perf_counter() - tic, 1),
-                            "sgd_steps": c.train_steps, "n_images": len(images)}  # fmt: skip
+                            "sgd_steps": n_steps, "n_images": len(images)}  # fmt: skip
         det.save(path)
         return det
 
@@ -329,7 +339,16 @@ class Cell:
         clean_ok = (score(det_ref, source, c.batch_size) > 0).long() == label
         after_ok = (score(det_ref, images, c.batch_size) > 0).long() == label
         kept = float(after_ok[clean_ok].float().mean()) if bool(clean_ok.any()) else 0.0
-        out = {"clean_accuracy": float(clean_ok.float().mean()),
+        balanced = float(np.mean([float(clean_ok[label == k].float().mean()) for k in (0, 1)]))
+        if balanced < c.reference_min_accuracy:
+            raise ConstructionError(
+                f"{name} ({self.tag()}): the adversarially trained reference classifies only "
+                f"{100 * balanced:.1f} % of the clean images correctly (balanced accuracy; floor "
+                f"{100 * c.reference_min_accuracy:.0f} %), so it cannot tell whether the "
+                "construction kept the robust content. Train it longer (reference_steps) or at "
+                "a smaller radius (binary_robust_set), then run again."
+            )
+        out = {"clean_accuracy": float(clean_ok.float().mean()), "balanced_accuracy": balanced,
                "original_label_read": float(after_ok.float().mean()),
                "kept_among_clean_correct": kept, "floor": c.reference_floor}  # fmt: skip
         if kept < c.reference_floor:
@@ -369,7 +388,10 @@ class Cell:
     def binary_models(self) -> dict[str, Any]:
         c = self.cfg
         det_bin = self.model("binary-standard", self.train_u8, binary=True)
-        det_ref = self.model("binary-robust", self.train_u8, binary=True, extra=c.binary_robust_set)
+        det_ref = self.model(
+            "binary-robust", self.train_u8, binary=True, extra=c.binary_robust_set,
+            steps=c.reference_steps,
+        )  # fmt: skip
         out: dict[str, Any] = {
             "constructions": {}, "sets": {},
             "reference": self.evaluate(det_ref, "binary-robust", checks=c.robust_checks),
@@ -387,32 +409,41 @@ class Cell:
 
     # --- one-class sets -----------------------------------------------------------------------
 
-    def inverted_set(self, name: str, det, targets, starts) -> dict[str, Any]:
+    def inverted_set(self, name: str, det, pick, starts) -> dict[str, Any]:
+        """D_R / D_NR: invert the features of the normals ``pick`` from ``starts`` (built once),
+        then measure convergence on the stored uint8 images (recorded once)."""
         sets = self.out / "sets"
-        record = sets / f"{name}-construction.json"
+        record, npz = sets / f"{name}-construction.json", sets / f"{name}.npz"
         if record.exists():
             return json.loads(record.read_text())
         c = self.cfg
-        self.log(f"[{self.tag()}] building {name}: {len(targets)} inversions, "
-                 f"{c.inversion_steps} steps")  # fmt: skip
-        tic = time.perf_counter()
-        images, final, initial = invert_features(
-            det.extractor_, targets, starts, c.inversion_steps, c.inversion_step_size,
-            c.batch_size,
-        )  # fmt: skip
-        stored = to_uint8(images)
-        nearest = nearest_other_distance(det.extractor_, targets, self.train_u8, c.batch_size)
-        meta = {
-            "set": name, "class": self.cls, "seed": self.seed, "n": len(targets),
-            "start": c.inversion_start, "steps": c.inversion_steps,
-            "convergence": inversion_convergence(
-                final, initial, nearest, c.convergence_ratio, c.convergence_share
-            ),
-            "seconds": round(time.perf_counter() - tic, 1),
-        }  # fmt: skip
-        save_constructed(sets / f"{name}.npz", stored, np.zeros(len(stored), np.int64), meta)
-        sample_grid_png(
-            sets / f"{name}.png", {"start": starts[:8], "target": targets[:8], name: stored[:8]}
+        targets = self.train_u8[pick]
+        meta: dict[str, Any] = {"set": name, "class": self.cls, "seed": self.seed,
+                                "n": len(targets), "start": c.inversion_start,
+                                "steps": c.inversion_steps}  # fmt: skip
+        if not npz.with_suffix(".json").exists():
+            self.log(f"[{self.tag()}] building {name}: {len(targets)} inversions, "
+                     f"{c.inversion_steps} steps")  # fmt: skip
+            tic = time.perf_counter()
+            images, _, _ = invert_features(
+                det.extractor_, targets, starts, c.inversion_steps, c.inversion_step_size,
+                c.batch_size,
+            )  # fmt: skip
+            meta["seconds"] = round(time.perf_counter() - tic, 1)
+            stored = to_uint8(images)
+            save_constructed(npz, stored, np.zeros(len(stored), np.int64), meta)
+            sample_grid_png(
+                sets / f"{name}.png", {"start": starts[:8], "target": targets[:8], name: stored[:8]}
+            )
+        stored = load_dataset(f"npz:{npz}", split="train").images
+        # residuals of what the fresh detector reads (the stored uint8 images), against the
+        # distance from each target to its nearest other normal training image
+        fn, bs = det.extractor_, c.batch_size
+        final = feature_distance(fn, stored, targets, bs)
+        initial = feature_distance(fn, starts, targets, bs)
+        nearest = nearest_other_distance(fn, self.train_u8, pick, bs)
+        meta["convergence"] = inversion_convergence(
+            final, initial, nearest, c.convergence_ratio, c.convergence_share
         )
         atomic_write_json(record, meta)
         return meta
@@ -427,8 +458,8 @@ class Cell:
         starts = torch.rand(targets.shape, generator=gen)
         out: dict[str, Any] = {
             "constructions": {
-                "D_R": self.inverted_set("D_R", rob, targets, starts),
-                "D_NR": self.inverted_set("D_NR", std, targets, starts),
+                "D_R": self.inverted_set("D_R", rob, pick, starts),
+                "D_NR": self.inverted_set("D_NR", std, pick, starts),
             },
             "robust": self.evaluate(rob, "robust", checks=c.robust_checks),
             "sets": {"D": self.evaluate(std, "standard")},
