@@ -14,6 +14,7 @@ from firmad.cli import main
 from firmad.data import load_dataset
 from firmad.robustness.study import (
     ConstructionError,
+    best_threshold,
     read_study,
     run_study,
     step_overrides,
@@ -197,3 +198,11 @@ def test_training_views_stay_in_pixel_range():
     assert not torch.equal(augmented, x)
     plain = _views(load_config("fmnist-cpu-binary", ["augment.enabled=false"]), gen)
     assert torch.equal(plain(x), x)
+
+
+def test_best_threshold_balances_the_two_labels():
+    scores = torch.tensor([2.0, 3.0, 4.0, 5.0, 6.0, 7.0])  # all above 0
+    label = torch.tensor([0, 0, 0, 1, 1, 1])
+    t = best_threshold(scores, label)
+    assert 4.0 <= t < 5.0
+    assert best_threshold(torch.tensor([1.0, 1.0]), torch.tensor([0, 1])) < 1.0

@@ -334,10 +334,14 @@ class Cell:
 
     def _reference_check(self, name, det_ref, source, images, label) -> dict[str, Any]:
         """The robust reference must still read the original label after the construction
-        (among the images it reads correctly when clean)."""
+        (among the images it reads correctly when clean). Its decision threshold is the one
+        with the best balanced accuracy on the clean source images (training images): its
+        pool holds three outliers per normal, which moves the logits away from 0."""
         c = self.cfg
-        clean_ok = (score(det_ref, source, c.batch_size) > 0).long() == label
-        after_ok = (score(det_ref, images, c.batch_size) > 0).long() == label
+        clean = score(det_ref, source, c.batch_size)
+        threshold = best_threshold(clean, label)
+        clean_ok = (clean > threshold).long() == label
+        after_ok = (score(det_ref, images, c.batch_size) > threshold).long() == label
         kept = float(after_ok[clean_ok].float().mean()) if bool(clean_ok.any()) else 0.0
         balanced = float(np.mean([float(clean_ok[label == k].float().mean()) for k in (0, 1)]))
         if balanced < c.reference_min_accuracy:
@@ -350,7 +354,8 @@ class Cell:
             )
         out = {"clean_accuracy": float(clean_ok.float().mean()), "balanced_accuracy": balanced,
                "original_label_read": float(after_ok.float().mean()),
-               "kept_among_clean_correct": kept, "floor": c.reference_floor}  # fmt: skip
+               "kept_among_clean_correct": kept, "floor": c.reference_floor,
+               "threshold": float(threshold)}  # fmt: skip
         if kept < c.reference_floor:
             raise ConstructionError(
                 f"{name} ({self.tag()}): the adversarially trained reference still reads the "
@@ -525,6 +530,19 @@ class Cell:
                 atomic_write_json(done, part)
             result[branch] = json.loads(done.read_text())
         return result
+
+
+def best_threshold(scores: torch.Tensor, label: torch.Tensor) -> float:
+    """The threshold t (label 1 when score > t) with the best balanced accuracy; midpoints
+    between consecutive distinct scores (and below the lowest) are tried."""
+    s = scores.double().cpu()
+    y = torch.as_tensor(label).cpu()
+    u = torch.unique(s)
+    cands = torch.cat([u[:1] - 1, (u[1:] + u[:-1]) / 2]) if len(u) > 1 else u - 1
+    pred = s[None, :] > cands[:, None]
+    tpr = (pred & (y == 1)).sum(1) / max(1, int((y == 1).sum()))
+    tnr = (~pred & (y == 0)).sum(1) / max(1, int((y == 0).sum()))
+    return float(cands[torch.argmax(tpr + tnr)])
 
 
 def _views(cfg, gen: torch.Generator):
