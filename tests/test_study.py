@@ -135,8 +135,11 @@ def test_reach_below_the_floor_stops_the_stage(tmp_path):
         ConstructionError, match=r"D_det .*class 0, seed 0.*floor is 95 %.*reach_eps"
     ):
         run_study(path, tmp_path / "out")
-    # the failed set left no dataset behind
-    assert not (tmp_path / "out" / "c0-s0" / "sets" / "D_det.npz").exists()
+    # the failed set left no dataset behind, only the record of what was measured
+    sets = tmp_path / "out" / "c0-s0" / "sets"
+    assert not (sets / "D_det.npz").exists()
+    failed = json.loads((sets / "D_det-failed.json").read_text())
+    assert failed["attempts"][0]["eps"] == 1e-4 and "floor is 95 %" in failed["error"]
 
 
 def test_a_reference_that_cannot_classify_stops_the_stage(tmp_path):

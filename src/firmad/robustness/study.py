@@ -302,19 +302,27 @@ class Cell:
                 break
         meta = {"set": name, "class": self.cls, "seed": self.seed, "n": len(source),
                 "attempts": attempts, "reach_floor": c.reach_floor}  # fmt: skip
+        failed = sets / f"{name}-failed.json"  # what a stopped stage measured
         if images is None:
             last = attempts[-1]
-            raise ConstructionError(
+            error = ConstructionError(
                 f"{name} ({self.tag()}): at the largest radius, L2 eps {eps:g}, only "
                 f"{100 * last['to_outlier']:.1f} % of the stored images reach 'outlier' and "
                 f"{100 * last['to_normal']:.1f} % reach 'normal'; the floor is "
                 f"{100 * c.reach_floor:.0f} % in each direction. Add larger radii to reach_eps "
                 "or raise construct_steps, then run the study again (finished stages are kept)."
             )
+            atomic_write_json(failed, {**meta, "error": str(error)})
+            raise error
+        meta.update(eps=eps, reach=attempts[-1])
+        try:
+            meta["reference"] = self._reference_check(name, det_ref, source, images, label)
+            meta["survival"] = self._survival_check(name, det_bin, images, target)
+        except ConstructionError as error:
+            atomic_write_json(failed, {**meta, "error": str(error)})
+            raise
+        failed.unlink(missing_ok=True)
         meta.update(
-            eps=eps, reach=attempts[-1],
-            reference=self._reference_check(name, det_ref, source, images, label),
-            survival=self._survival_check(name, det_bin, images, target),
             share_relabelled=float((target != label).float().mean()),
             seconds=round(time.perf_counter() - tic, 1),
         )  # fmt: skip
@@ -353,9 +361,9 @@ class Cell:
                 "a smaller radius (binary_robust_set), then run again."
             )
         out = {"clean_accuracy": float(clean_ok.float().mean()), "balanced_accuracy": balanced,
+               "threshold": float(threshold),
                "original_label_read": float(after_ok.float().mean()),
-               "kept_among_clean_correct": kept, "floor": c.reference_floor,
-               "threshold": float(threshold)}  # fmt: skip
+               "kept_among_clean_correct": kept, "floor": c.reference_floor}  # fmt: skip
         if kept < c.reference_floor:
             raise ConstructionError(
                 f"{name} ({self.tag()}): the adversarially trained reference still reads the "
