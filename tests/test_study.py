@@ -130,7 +130,17 @@ def test_study_runs_every_stage_records_controls_and_resumes(tmp_path, capsys):
 
 
 def test_reach_below_the_floor_stops_the_stage(tmp_path):
-    path = write(tmp_path, toy(reach_eps=[1e-4], reach_floor=0.95, branches=["binary"]))
+    path = write(tmp_path, toy(reach_eps=[1e-4], reach_floor=0.95))
+    with pytest.raises(ConstructionError, match=r"1 stage\(s\) stopped.*D_det .*floor is 95 %"):
+        run_study(path, tmp_path / "out")
+    # the study's outputs are written first: the stop is listed and no verdict is given; the
+    # one-class branch, which does not depend on D_det, still ran
+    md = (tmp_path / "out" / "study.md").read_text()
+    assert "stopped: c0-s0 binary: D_det" in md and "**inconclusive**" in md
+    summary = json.loads((tmp_path / "out" / "study.json").read_text())["summary"]
+    assert "D_R - starts" in summary["classes"]["0"]["pairs"]
+    assert "D_det - flip" not in summary["classes"]["0"]["pairs"]
+    # the stage stops again on the next run (nothing was cached for it)
     with pytest.raises(
         ConstructionError, match=r"D_det .*class 0, seed 0.*floor is 95 %.*reach_eps"
     ):

@@ -176,6 +176,7 @@ class Cell:
 
         self.cfg, self.cls, self.seed, self.log = cfg, normal_class, seed, log
         self.out = out / f"c{normal_class}-s{seed}"
+        self.errors: list[ConstructionError] = []
         base = load_config(cfg.recipe, [*cfg.set, f"data.normal_class={normal_class}"])
         split = load_split(base)
         size = base.data.size
@@ -533,7 +534,14 @@ class Cell:
             done = self.out / f"{branch}.json"
             if not done.exists():
                 tic = time.perf_counter()
-                part = build()
+                try:
+                    part = build()
+                except ConstructionError as error:
+                    # this branch's stage stopped; the other branch and cells still run, and
+                    # the study raises the error once its outputs are written
+                    self.errors.append(error)
+                    result[branch] = {"failed": str(error)}
+                    continue
                 part["seconds_last_invocation"] = round(time.perf_counter() - tic, 1)
                 atomic_write_json(done, part)
             result[branch] = json.loads(done.read_text())
@@ -636,10 +644,10 @@ def _judge(low: float, high: float, margin: float) -> str:
     return "unresolved"
 
 
-def verdict(judgements: list[str]) -> str:
+def verdict(judgements: list[str | None]) -> str:
     """Non-robust features are "useful" when every verdict pair shows a gain (interval above 0),
     "not useful" when none can gain more than the margin (interval below it), else
-    "inconclusive"."""
+    "inconclusive" (also when a pair is missing: None)."""
     if judgements and all(j == "gain" for j in judgements):
         return "useful"
     if judgements and all(j == "no gain" for j in judgements):
@@ -657,15 +665,20 @@ def summarise(cfg: StudyConfig, cells: dict[tuple[int, int], Cell], results: dic
         if not keys:
             continue
         entry: dict[str, Any] = {"seeds": [s for _, s in keys], "sets": {}, "pairs": {}}
+        ok: dict[str, list] = {}  # per branch: the cells whose constructions succeeded
+        entry["failed"] = [f"c{k[0]}-s{k[1]} {b}: {results[k][b]['failed']}" for k in keys
+                           for b in cfg.branches if "failed" in results[k].get(b, {})]  # fmt: skip
         for branch, names in (("binary", BINARY_SETS), ("one_class", ONE_CLASS_SETS)):
-            if branch not in cfg.branches:
-                continue
-            for name in names:
-                rows = [results[k][branch]["sets"][name] for k in keys]
+            ok[branch] = [k for k in keys if "sets" in results[k].get(branch, {})]
+            for name in names if ok[branch] else ():
+                rows = [results[k][branch]["sets"][name] for k in ok[branch]]
                 entry["sets"][name] = _mean_sd(rows)
         y = cells[keys[0]].test_y.numpy()
         for a, b in _pairs(cfg):
-            pairs = [(cells[k].scores(_label(a)), cells[k].scores(_label(b))) for k in keys]
+            good = ok["binary" if a in BINARY_SETS else "one_class"]
+            if not good:
+                continue
+            pairs = [(cells[k].scores(_label(a)), cells[k].scores(_label(b))) for k in good]
             point, draws = paired_draws(y, pairs, cfg.n_bootstrap, 1000 + cls)
             lo, hi = np.percentile(draws, [2.5, 97.5])
             key = f"{a} - {b}"
@@ -673,9 +686,10 @@ def summarise(cfg: StudyConfig, cells: dict[tuple[int, int], Cell], results: dic
                                    "judgement": _judge(lo, hi, cfg.margin)}  # fmt: skip
             pooled_draws[key].append(draws)
             pooled_points[key].append(point)
+        complete = len(ok["binary"]) == len(keys)  # a failed construction: no verdict
         entry["verdict"] = verdict(
-            [entry["pairs"][f"{a} - {b}"]["judgement"] for a, b in VERDICT_PAIRS
-             if f"{a} - {b}" in entry["pairs"]]
+            [entry["pairs"].get(f"{a} - {b}", {}).get("judgement") if complete else None
+             for a, b in VERDICT_PAIRS]
         )  # fmt: skip
         out["classes"][str(cls)] = entry
     for key, draws in pooled_draws.items():
@@ -685,9 +699,10 @@ def summarise(cfg: StudyConfig, cells: dict[tuple[int, int], Cell], results: dic
             out["pooled"][key] = {"diff": float(np.mean(pooled_points[key])),
                                   "ci": [float(lo), float(hi)],
                                   "judgement": _judge(lo, hi, cfg.margin)}  # fmt: skip
+    complete = all(not e["failed"] for e in out["classes"].values())
     out["pooled_verdict"] = verdict(
-        [out["pooled"][f"{a} - {b}"]["judgement"] for a, b in VERDICT_PAIRS
-         if f"{a} - {b}" in out["pooled"]]
+        [out["pooled"].get(f"{a} - {b}", {}).get("judgement") if complete else None
+         for a, b in VERDICT_PAIRS]
     )  # fmt: skip
     n_classes = len(out["classes"])
     min_seeds = min((len(e["seeds"]) for e in out["classes"].values()), default=0)
@@ -783,6 +798,11 @@ class Study:
             plot_drift(self.out / "drift.png", drift, unit)
         atomic_write_json(self.out / "study.json", out)
         atomic_write_text(self.out / "study.md", study_markdown(out))
+        errors = [e for cell in cells.values() for e in cell.errors]
+        if errors:
+            raise ConstructionError(
+                f"{len(errors)} stage(s) stopped (study.md lists them); the first: {errors[0]}"
+            )
         return out
 
 
@@ -800,7 +820,8 @@ def study_markdown(results: dict[str, Any]) -> str:
     floors = summary["floors"]
     pairs = [(a, b) for a, b in PAIRS
              if ("binary" if a in BINARY_SETS else "one_class") in s["branches"]]  # fmt: skip
-    eps = list(next(iter(next(iter(summary["classes"].values()))["sets"].values()))["attacked"])
+    eps = next((list(row["attacked"]) for e in summary["classes"].values()
+                for row in e["sets"].values()), [])  # fmt: skip
     eps = [e for e in eps if float(e) > 0]
     lines = [
         f"# Robust / non-robust feature study: {s['name']}",
@@ -825,6 +846,8 @@ def study_markdown(results: dict[str, Any]) -> str:
             f"**{summary['pooled_verdict']}** — below the floors for a general claim "
             "(>= 3 classes, >= 5 seeds): not a general result"
         )
+    for e in summary["classes"].values():
+        lines += [f"  - stopped: {msg}" for msg in e.get("failed", [])]
     lines += [
         "",
         "Rule (the binary branch; without it no verdict can be computed): D_det - flip and "
