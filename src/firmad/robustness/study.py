@@ -828,8 +828,9 @@ def study_markdown(results: dict[str, Any]) -> str:
         "",
         f"Recipes {s['recipe']} (one-class) and {s['binary_recipe']} (binary), backbone "
         f"{s['backbone']}, classes {s['classes']}, seeds {s['seeds']}; every model trained for "
-        f"{s['train_steps']} SGD steps. Clean AUROC on each class's full test split; attacked: "
-        f"{s['attack_norm']} PGD-{s['attack_steps']} both sides on {s['attack_subset']} "
+        f"{s['train_steps']} SGD steps (the binary robust reference: "
+        f"{s['reference_steps'] or s['train_steps']}). Clean AUROC on each class's full test "
+        f"split; attacked: {s['attack_norm']} PGD-{s['attack_steps']} both sides on {s['attack_subset']} "
         f"stratified test images. Wall time {results.get('wall_time_s')} s.",
         "",
     ]
