@@ -830,8 +830,8 @@ def study_markdown(results: dict[str, Any]) -> str:
         f"{s['backbone']}, classes {s['classes']}, seeds {s['seeds']}; every model trained for "
         f"{s['train_steps']} SGD steps (the binary robust reference: "
         f"{s['reference_steps'] or s['train_steps']}). Clean AUROC on each class's full test "
-        f"split; attacked: {s['attack_norm']} PGD-{s['attack_steps']} both sides on {s['attack_subset']} "
-        f"stratified test images. Wall time {results.get('wall_time_s')} s.",
+        f"split; attacked: {s['attack_norm']} PGD-{s['attack_steps']} both sides on "
+        f"{s['attack_subset']} stratified test images. Wall time {results.get('wall_time_s')} s.",
         "",
     ]
     if s["reductions"]:
