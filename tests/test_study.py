@@ -219,3 +219,22 @@ def test_best_threshold_balances_the_two_labels():
     t = best_threshold(scores, label)
     assert 4.0 <= t < 5.0
     assert best_threshold(torch.tensor([1.0, 1.0]), torch.tensor([0, 1])) < 1.0
+
+
+def test_paired_draws_over_images_and_seeds():
+    import numpy as np
+
+    from firmad.robustness.study import paired_draws
+
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 50 + [1] * 150)
+    good = [y + rng.normal(0, 0.8, len(y)) for _ in range(3)]  # AUROC ~ 0.8
+    noise = [rng.normal(0, 1, len(y)) for _ in range(3)]  # AUROC ~ 0.5
+    point, draws = paired_draws(y, list(zip(good, noise, strict=True)), 200, 0)
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    assert 0.15 < point < 0.45 and lo > 0.0 and lo <= point <= hi
+    same, zero = paired_draws(y, [(g, g) for g in good], 200, 0)
+    assert same == 0.0 and np.all(zero == 0.0)
+    # one seed: only the test images are resampled
+    one, draws1 = paired_draws(y, [(good[0], noise[0])], 200, 0)
+    assert draws1.shape == (200,) and np.percentile(draws1, 2.5) > 0.0
