@@ -244,3 +244,43 @@ def test_sample_grid_png(tmp_path):
     assert torch.allclose(
         centre_perturbation(torch.zeros(2, 1, 4, 4)), torch.full((2, 1, 4, 4), 0.5)
     )
+
+
+def test_invert_features_restores_every_submodules_mode():
+    """A wrapper in training mode around an encoder in eval mode: both flags come back as they
+    were (the encoder's BatchNorm is not switched to training mode)."""
+    wrapper = nn.Sequential(small_net())
+    wrapper.train()
+    wrapper[0].eval()
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.rand(3, 1, 12, 12, generator=gen)
+    invert_features(wrapper, targets, targets.flip(0), steps=2)
+    assert wrapper.training and not wrapper[0].training
+    assert not any(m.training for m in wrapper[0].modules())
+    wrapper.eval()
+    wrapper[0][1].train()  # one BatchNorm in training mode inside an eval-mode wrapper
+    invert_features(wrapper, targets, targets.flip(0), steps=2)
+    assert [m.training for m in wrapper.modules()] == [False, False, False, True] + [False] * 5
+
+
+def test_convergence_and_reach_records():
+    from firmad.robustness.construct import (
+        feature_distance,
+        inversion_convergence,
+        nearest_other_distance,
+        reach_by_target,
+    )
+
+    final, initial = torch.tensor([0.05, 0.2, 0.01]), torch.ones(3)
+    conv = inversion_convergence(final, initial, torch.tensor([0.1, 0.1, 0.1]), 0.1, 0.6)
+    assert conv["median_ratio"] == pytest.approx(0.05) and conv["converged"]
+    assert conv["share_below_nearest"] == pytest.approx(2 / 3)
+    assert not inversion_convergence(final, initial, torch.full((3,), 0.03), 0.1, 0.9)["converged"]
+    reach = reach_by_target(torch.tensor([1.0, -1.0, 2.0, 3.0]), torch.tensor([1, 1, 0, 1]))
+    assert reach == {"to_normal": 0.0, "to_outlier": pytest.approx(2 / 3), "all": 0.5}
+    # nearest other image: itself is skipped by index (a duplicate elsewhere is not)
+    pool = torch.tensor([0.0, 1.0, 3.0, 3.0]).view(4, 1, 1, 1)
+    flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
+    d = nearest_other_distance(flat, pool, torch.tensor([0, 2]), batch_size=3)
+    assert torch.allclose(d, torch.tensor([1.0, 0.0]))
+    assert torch.allclose(feature_distance(flat, pool[:2], pool[2:]), torch.tensor([3.0, 2.0]))

@@ -27,6 +27,10 @@ from firmad.io import atomic_write_bytes, atomic_write_json
 
 __all__ = [
     "centre_perturbation",
+    "feature_distance",
+    "inversion_convergence",
+    "nearest_other_distance",
+    "reach_by_target",
     "invert_features",
     "pick_starts",
     "sample_grid_png",
@@ -78,9 +82,9 @@ def invert_features(
     Args:
         feature_fn: float images in [0, 1] -> features (N, D) or (N, ...), e.g. an encoder. It
             must treat samples independently (BatchNorm in eval mode). An ``nn.Module`` is put in
-            eval mode for the call and restored afterwards; for other callables that is the
-            caller's job. Gradients are taken with respect to z only (``torch.autograd.grad``);
-            no parameter ``.grad`` is touched.
+            eval mode for the call and every submodule's training flag is restored afterwards;
+            for other callables that is the caller's job. Gradients are taken with respect to z
+            only (``torch.autograd.grad``); no parameter ``.grad`` is touched.
         targets: images x (N, C, H, W) whose features are matched.
         starts: start images z0, same shape (e.g. ``targets[pick_starts(N, gen)]``), on the
             device ``feature_fn`` expects; batches stay on the inputs' device.
@@ -107,7 +111,9 @@ def invert_features(
             f"{step_size}."
         )
     module = feature_fn if isinstance(feature_fn, nn.Module) else None
-    was_training = module.training if module is not None else False
+    # Every submodule's own flag: a wrapper in training mode may hold an encoder in eval mode,
+    # and restoring only the wrapper's flag would switch the encoder's BatchNorm to training.
+    modes = [(m, m.training) for m in module.modules()] if module is not None else []
     if module is not None:
         module.eval()
     n = x_all.shape[0]
@@ -122,8 +128,8 @@ def invert_features(
             if progress is not None:
                 progress(min(lo + batch_size, n), n)
     finally:
-        if module is not None:
-            module.train(was_training)
+        for m, training in modes:
+            m.training = training
     return torch.cat(images), torch.cat(final), torch.cat(initial)
 
 
@@ -254,3 +260,83 @@ def sample_grid_png(path: str | Path, rows: Mapping[str, torch.Tensor], n: int =
     path = Path(path)
     atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+def reach_by_target(scores: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Share of images a binary score reads as their target (score > 0: label 1), per target.
+
+    Returns ``{"to_normal": share among target 0, "to_outlier": share among target 1,
+    "all": share overall}``; a direction without images counts as reached (1.0).
+    """
+    read = (scores.reshape(-1) > 0).long().cpu()
+    target = torch.as_tensor(target).reshape(-1).long().cpu()
+    hit = (read == target).float()
+
+    def share(mask: torch.Tensor) -> float:
+        return float(hit[mask].mean()) if bool(mask.any()) else 1.0
+
+    return {"to_normal": share(target == 0), "to_outlier": share(target == 1),
+            "all": share(torch.ones_like(target, dtype=torch.bool))}  # fmt: skip
+
+
+def _features(feature_fn: FeatureFn, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Flattened features (N, D) of uint8 or float images, in eval mode, without gradients."""
+    module = feature_fn if isinstance(feature_fn, nn.Module) else None
+    modes = [(m, m.training) for m in module.modules()] if module is not None else []
+    if module is not None:
+        module.eval()
+    try:
+        with torch.no_grad():
+            parts = [feature_fn(_as_float(images[i : i + batch_size], "images"))
+                     for i in range(0, len(images), batch_size)]  # fmt: skip
+    finally:
+        for m, training in modes:
+            m.training = training
+    return torch.cat([p.reshape(p.shape[0], -1) for p in parts]).double()
+
+
+def feature_distance(
+    feature_fn: FeatureFn, images: torch.Tensor, targets: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """``||g(images[i]) - g(targets[i])||_2`` per pair (float, N), in eval mode."""
+    a = _features(feature_fn, images, batch_size)
+    b = _features(feature_fn, targets, batch_size)
+    return (a - b).norm(dim=1).float().cpu()
+
+
+def nearest_other_distance(
+    feature_fn: FeatureFn, pool: torch.Tensor, index: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor:
+    """For each target ``pool[index[i]]``, the feature distance to its nearest *other* image of
+    ``pool`` (its own row is skipped by index, so batch-dependent rounding cannot make the
+    target its own neighbour). The scale an inversion's residual is judged against: a residual
+    below it means the inversion is closer to its target than any other normal image is."""
+    index = torch.as_tensor(index).reshape(-1).long()
+    fp = _features(feature_fn, pool, batch_size)
+    d = torch.cdist(fp[index], fp)
+    d[torch.arange(len(index)), index] = float("inf")
+    return d.min(dim=1).values.float().cpu()
+
+
+def inversion_convergence(
+    final: torch.Tensor,
+    initial: torch.Tensor,
+    nearest: torch.Tensor,
+    max_ratio: float = 0.1,
+    min_share: float = 0.9,
+) -> dict[str, float | bool]:
+    """Has a feature inversion converged? Median final/initial residual ratio <= ``max_ratio``
+    and the residual below the target's nearest-other-normal distance for >= ``min_share``."""
+    ratio = final / initial.clamp_min(1e-12)
+    below = float((final < nearest).float().mean())
+    median = float(ratio.median())
+    return {
+        "median_ratio": median,
+        "share_below_nearest": below,
+        "residual_median": float(final.median()),
+        "initial_median": float(initial.median()),
+        "nearest_median": float(nearest.median()),
+        "max_ratio": max_ratio,
+        "min_share": min_share,
+        "converged": bool(median <= max_ratio and below >= min_share),
+    }
