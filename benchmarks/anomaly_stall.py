@@ -22,8 +22,8 @@ from functools import partial
 
 import torch
 
-from firmad.data.pool import load_split
 from firmad.detector import OneClassDetector
+from firmad.factory import build_split
 from firmad.metrics import evaluate_scores
 from firmad.robustness.attacks import ImageTarget, NearestTarget, attack_detector, score
 from firmad.robustness.audit import _features, _test_images
@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     cfg = RunDir(args.run).read_config()
-    split = load_split(cfg)
+    split = build_split(cfg)
     det = OneClassDetector.from_run(args.run, scorer="knn_cos", k=5)
     x, y = _test_images(split.test_images, cfg.data.size), split.test_labels
     idx = stratified_subset(y, args.n, 0)

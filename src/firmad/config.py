@@ -40,8 +40,6 @@ from firmad.scoring.specs import parse_scorer  # noqa: F401  (kept importable fr
 from firmad.validation import Int, validate_as
 from firmad.validation import Section as _Section
 
-_build = validate_as  # deprecated name, kept while robustness/study.py imports it
-
 DEVICES = "auto, cpu, cuda, cuda:N (N = 0, 1, ...), mps"
 MIN_SIZE, MAX_SIZE = 8, 1024
 

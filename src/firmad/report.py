@@ -293,7 +293,6 @@ def save_png(fig, path: str | Path, tight: bool = True) -> Path:
 
 
 # Deprecated names, kept while robustness/audit.py imports them.
-_figure, _save = new_figure, save_png
 
 
 def plot_roc(

@@ -42,6 +42,8 @@ CELL_LOG = "log.txt"  # a benchmark grid's record of one cell's process
 CELL_ERROR = "error.json"
 # `firmad attack` / the `attack` recipe key (firmad.robustness.audit)
 ATTACK_FILES = ("attack.json", "attack.md", "attack_auroc.png", "attack_examples.png")
+ATTACK_INCOMPLETE = "attack.incomplete"  # present while (or if cut while) the set is written
+ATTACK_PARTIAL = ".attack-partial"  # finished attacks of an unfinished audit, to continue it
 # Files a run writes under its lock (a firmad folder holding any of them also holds LOCK).
 RUN_FILES = (CONFIG, f"{CHECKPOINT}.json", f"{CHECKPOINT}.safetensors", METRICS, RESULTS, REPORT)
 
@@ -120,7 +122,8 @@ class RunDir:
     def own_names(self) -> set[str]:
         return {
             CONFIG, f"{CHECKPOINT}.json", f"{CHECKPOINT}.safetensors", METRICS, RESULTS,
-            REPORT, PLOTS, LOCK, CELL_LOG, CELL_ERROR, *ATTACK_FILES,
+            REPORT, PLOTS, LOCK, CELL_LOG, CELL_ERROR, *ATTACK_FILES, ATTACK_INCOMPLETE,
+            ATTACK_PARTIAL,
         }  # fmt: skip
 
     def foreign_files(self) -> list[str]:

@@ -18,13 +18,6 @@ from firmad.data.sources import load_dataset
 from firmad.outliers import OutlierKind, make_frozen_outliers
 
 
-def load_split(cfg) -> OneClassSplit:
-    """Deprecated: `firmad.factory.build_split(cfg)`; kept while robustness/ calls it."""
-    from firmad.factory import build_split  # the compatibility path only (core -> factory)
-
-    return build_split(cfg)
-
-
 def prepare_images(images: torch.Tensor, size: int) -> torch.Tensor:
     """Resize uint8 images once to the training size (kept uint8, native channels)."""
     if images.shape[-1] == size and images.shape[-2] == size:

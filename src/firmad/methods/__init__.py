@@ -26,13 +26,6 @@ def method_class(name: str) -> type[Method]:
     return METHODS[name]
 
 
-def get_method(cfg) -> Method:
-    """Deprecated: `firmad.factory.build_method(cfg)`. Kept until the last callers switch."""
-    from firmad.factory import build_method  # the compatibility path only (engine -> core)
-
-    return build_method(cfg)
-
-
 __all__ = [
     "FIRM",
     "METHODS",
@@ -42,6 +35,5 @@ __all__ = [
     "NTXent",
     "RotSupCon",
     "SupConBinary",
-    "get_method",
     "method_class",
 ]

@@ -31,6 +31,8 @@ import torch
 
 from firmad.errors import CheckpointError, ConfigError, InputError
 from firmad.io import atomic_write_json, atomic_write_text
+from firmad.methods import method_class
+from firmad.perturb import attack_name
 from firmad.robustness.attacks import (
     ImageTarget,
     NearestTarget,
@@ -38,7 +40,10 @@ from firmad.robustness.attacks import (
     score,
     square_attack,
 )
-from firmad.robustness.evaluate import attack_name, format_markdown, robust_auroc_sweep
+from firmad.robustness.evaluate import format_markdown, robust_auroc_sweep
+from firmad.run import ATTACK_FILES
+from firmad.run import ATTACK_INCOMPLETE as INCOMPLETE
+from firmad.run import ATTACK_PARTIAL as PARTIAL
 
 __all__ = [
     "ATTACK_FILES",
@@ -61,16 +66,13 @@ ATTACK_JSON = "attack.json"
 ATTACK_MD = "attack.md"
 AUROC_PNG = "attack_auroc.png"
 EXAMPLES_PNG = "attack_examples.png"
-ATTACK_FILES = (ATTACK_JSON, ATTACK_MD, AUROC_PNG, EXAMPLES_PNG)  # also listed in firmad.run
 _MODE_LABELS = {"normal": "normals attacked", "anomaly": "anomalies attacked", "both": "both"}
 
 
 def headline_scorer(cfg) -> str:
     """The scorer a run is summarised by: the method's own score (Deep SVDD distance,
     classifier logit) where it has one, else kNN-cosine with k = 5."""
-    from firmad.methods import get_method
-
-    return "own" if get_method(cfg).own_scorer else "knn_cos:k=5"
+    return "own" if method_class(cfg.method.name).own_scorer else "knn_cos:k=5"
 
 
 def describe_detector(det, source: str | Path | None = None) -> dict[str, Any]:
@@ -102,8 +104,6 @@ def describe_detector(det, source: str | Path | None = None) -> dict[str, Any]:
     }
 
 
-PARTIAL = ".attack-partial"  # finished attacks of an unfinished audit, kept to continue it
-INCOMPLETE = "attack.incomplete"  # present while (or if interrupted while) the files are written
 INPUT_SPACES = ("model", "native")
 
 
@@ -329,7 +329,7 @@ def audit(
     if transfer_name is not None:
         st["transfer_from"] = transfer_name
     result["detector"] = description
-    from firmad.report import versions
+    from firmad.versions import versions
 
     result["versions"] = versions()
     examples = _examples(det, x, y, result, n_examples, batch_size, surrogates)
@@ -428,11 +428,11 @@ def attack_markdown(result: dict[str, Any]) -> str:
 
 def plot_attack_auroc(path: str | Path, result: dict[str, Any]) -> Path:
     """AUROC % vs ε, one curve (with its 95 % band) per target mode, chance at 50."""
-    from firmad.report import _figure, _save
+    from firmad.report import new_figure, save_png
 
     st = result["settings"]
     norm = st["norm"]
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     for i, mode in enumerate(st["targets_list"]):
         rows = sorted((r for r in result["rows"] if r["target"] == mode), key=lambda r: r["eps"])
@@ -452,7 +452,7 @@ def plot_attack_auroc(path: str | Path, result: dict[str, Any]) -> Path:
     )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_attack_examples(
@@ -460,13 +460,13 @@ def plot_attack_examples(
 ) -> Path:
     """A grid: columns are normals then anomalies (score clean -> attacked), rows are the clean
     image, the adversarial one and the perturbation amplified to the full grey range."""
-    from firmad.report import _figure, _save
+    from firmad.report import new_figure, save_png
     from firmad.robustness.construct import centre_perturbation
 
     st = result["settings"]
     eps = max(st["eps_list"])
     n = max(len(clean), 1)
-    fig = _figure((1.0 + 1.3 * n, 4.6))
+    fig = new_figure((1.0 + 1.3 * n, 4.6))
     axes = fig.subplots(3, n, squeeze=False)
     pert = centre_perturbation(adv - clean) if len(clean) else adv
     rows = (("clean", clean), ("adversarial", adv), ("perturbation\n(amplified)", pert))
@@ -492,7 +492,7 @@ def plot_attack_examples(
         axes[r][0].set_ylabel(name, fontsize=8)
     eps_text = f"{eps * 255:.3g}/255" if st["norm"] == "linf" else f"{eps:.3g}"
     fig.suptitle(f"{st['norm']} eps = {eps_text}; anomaly score clean -> attacked", fontsize=9)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 # --------------------------------------------------------------------------- runs, detectors
@@ -556,8 +556,8 @@ def audit_path(
     their own size. ``transfer_from``: another run or detector directory whose white-box
     attack is transferred (the ``transfer`` check). Returns (result, folder)."""
     from firmad.data import one_vs_rest
-    from firmad.data.pool import load_split
     from firmad.detector import META, OneClassDetector
+    from firmad.factory import build_split
     from firmad.run import RunDir
 
     _check_input(input_space)
@@ -578,7 +578,7 @@ def audit_path(
             cfg.train.device = device
         folder = Path(out_dir) if out_dir is not None else path
         with run:  # no training or evaluation writes into the run meanwhile
-            split = load_split(cfg)
+            split = build_split(cfg)
             model = run.load_model(cfg, device=cfg.train.device)
             det = OneClassDetector.from_model(
                 model, cfg, scorer=scorer or headline_scorer(cfg), k=None, variant=variant

@@ -39,6 +39,7 @@ from torch import Tensor
 from firmad.data.protocol import stratified_indices
 from firmad.errors import ConfigError, InputError
 from firmad.metrics import evaluate_scores
+from firmad.perturb import attack_name
 from firmad.robustness.attacks import (
     NORMS,
     TARGETS,
@@ -537,13 +538,6 @@ def _eps_text(eps: float, norm: str) -> str:
     if norm == "linf" and abs(k - round(k)) < 1e-6:
         return f"{int(round(k))}/255"
     return f"{eps:.4g}"
-
-
-def attack_name(settings: dict) -> str:
-    """PGD, APGD or Square (settings written before the schedule existed are PGD)."""
-    if settings.get("attack") == "square":
-        return "Square"
-    return "APGD" if settings.get("schedule") == "apgd" else "PGD"
 
 
 def format_markdown(result: dict) -> str:

@@ -45,8 +45,9 @@ from scipy.stats import rankdata
 
 from firmad.config import backbone_overrides
 from firmad.data import load_dataset
-from firmad.data.pool import load_split, prepare_images
+from firmad.data.pool import prepare_images
 from firmad.errors import ConfigError, FirmadError
+from firmad.factory import build_split
 from firmad.io import atomic_write_json, atomic_write_text
 from firmad.robustness.attacks import pgd, score
 from firmad.robustness.construct import (
@@ -152,9 +153,9 @@ class StudyConfig(BaseModel):
 
 
 def read_study(path: str | Path) -> StudyConfig:
-    from firmad.config import _build, read_recipe
+    from firmad.config import read_recipe, validate_as
 
-    return _build(StudyConfig, read_recipe(str(path)), "")
+    return validate_as(StudyConfig, read_recipe(str(path)), "")
 
 
 def step_overrides(n_images: int, n_kinds: int, batch: int, steps: int) -> list[str]:
@@ -178,7 +179,7 @@ class Cell:
         self.out = out / f"c{normal_class}-s{seed}"
         self.errors: list[ConstructionError] = []
         base = load_config(cfg.recipe, [*cfg.set, f"data.normal_class={normal_class}"])
-        split = load_split(base)
+        split = build_split(base)
         size = base.data.size
         self.train_u8 = prepare_images(split.train_images, size)
         self.test_u8 = prepare_images(split.test_images, size)
