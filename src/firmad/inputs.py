@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from firmad.data.sources import to_8bit
+from firmad.data.sources import pil_array
 from firmad.errors import DataError, InputError
 
 # What a folder is searched for: the dataset readers' extensions, and GIF (its first frame).
@@ -179,22 +179,6 @@ def warn_skipped(skipped: Skipped, files: Sequence[Path]) -> None:
 
 
 # --- PIL images and files -----------------------------------------------------------------------
-
-
-def pil_array(img, size: int, channels: int) -> np.ndarray:
-    """A PIL image as uint8 (channels, size, size): EXIF rotation, 16-bit scaled to 8 bits,
-    alpha dropped, squashed with the bilinear filter (as every image file is read)."""
-    from PIL import Image, ImageOps
-
-    try:
-        img.load()
-        img = ImageOps.exif_transpose(img)
-        img = to_8bit(img).convert("L" if channels == 1 else "RGB")
-        img = img.resize((size, size), Image.Resampling.BILINEAR)
-        arr = np.asarray(img, dtype=np.uint8)
-    except Exception as err:  # Pillow raises many kinds of errors on bad data
-        raise DataError(f"cannot decode this image ({type(err).__name__}: {err})") from err
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
 def regular_file_problem(path: Path, max_bytes: int) -> str | None:

@@ -429,27 +429,43 @@ def to_8bit(img):
     return img
 
 
-def load_image(path: Path, size: int, channels: int) -> np.ndarray:
-    """Decode one image file to uint8 (channels, size, size); failures raise DataError.
+def pil_array(img, size: int, channels: int) -> np.ndarray:
+    """A PIL image as uint8 (channels, size, size); failures raise DataError.
 
     The image is squashed to size x size (no crop, so no border is lost) with Pillow's bilinear
-    filter, which antialiases when shrinking; alpha is dropped; EXIF rotation is applied.
+    filter, which antialiases when shrinking; 16-bit is scaled to 8 bits; alpha is dropped;
+    EXIF rotation is applied. Every image file and PIL image firmad reads goes through here.
     """
     from PIL import Image, ImageOps
 
     try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        img = to_8bit(img).convert("L" if channels == 1 else "RGB")
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+        arr = np.asarray(img, dtype=np.uint8)
+    except Exception as err:  # Pillow raises many kinds of errors on bad data
+        raise DataError(f"cannot decode this image ({type(err).__name__}: {err})") from err
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+def load_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """Decode one image file to uint8 (channels, size, size) as `pil_array` does; failures
+    raise DataError naming the file."""
+    from PIL import Image
+
+    try:
         with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            img = to_8bit(img).convert("L" if channels == 1 else "RGB")
-            img = img.resize((size, size), Image.Resampling.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
+            return pil_array(img, size, channels)
+    except DataError as e:
+        raise DataError(
+            f"{path}: {e}. Remove or replace the file, or rename it if it is not an image."
+        ) from e.__cause__
     except Exception as e:  # Pillow raises many kinds of errors on bad files
         raise DataError(
             f"{path}: cannot decode this image ({type(e).__name__}: {e}). "
             "Remove or replace the file, or rename it if it is not an image."
         ) from e
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
 def _folder_error(folder: Path, e: OSError) -> DataError:
