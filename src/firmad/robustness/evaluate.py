@@ -41,8 +41,6 @@ from firmad.errors import ConfigError, InputError
 from firmad.metrics import evaluate_scores
 from firmad.perturb import attack_name
 from firmad.robustness.attacks import (
-    NORMS,
-    TARGETS,
     _check_images,
     _check_labels,
     _check_settings,
@@ -50,6 +48,7 @@ from firmad.robustness.attacks import (
     score,
     square_attack,
 )
+from firmad.robustness.spec import NORMS, TARGETS
 
 __all__ = [
     "Verdict",
