@@ -753,6 +753,39 @@ def attack(
     """Robust AUROC under attack on the anomaly score: attack.json, attack.md and two plots."""
     from firmad.robustness.audit import audit_path
 
+    sweep = _attack_settings(
+        norm, eps, targets, schedule, attack_kind, input_space, subset, full,
+        steps=steps, restarts=restarts, square_check=square_check, checks=not no_checks,
+    )  # fmt: skip
+    klass = None
+    if normal_class is not None:
+        klass = int(normal_class) if normal_class.lstrip("-").isdigit() else normal_class
+    folder = out_dir if out_dir is not None else _beside(target, ".attack")
+    show = _AttackProgress(console, quiet=state["quiet"])
+    with (
+        show,
+        _interruptible(
+            f"finished attacks are kept in {folder}; run the same command again to continue"
+        ),
+    ):
+        result, folder = audit_path(
+            target, data=data, normal_class=klass, root=root, scorer=scorer, variant=variant,
+            device=device, out_dir=folder, seed=seed, batch_size=batch_size,
+            progress=show.attack, on_step=show.step, resume=True, targeted=targeted,
+            input_space=input_space, transfer_from=transfer_from, **sweep,
+        )  # fmt: skip
+    from firmad.robustness.audit import attack_markdown
+
+    print(attack_markdown(result), end="")  # plain: a Markdown table must not be wrapped
+    print(f"Attack files: {folder}/attack.json, attack.md, attack_auroc.png, attack_examples.png")
+
+
+def _attack_settings(
+    norm, eps, targets, schedule, attack_kind, input_space, subset, full, **given
+) -> dict:
+    """The sweep settings of `firmad attack`, checked (with the CLI's messages) and completed
+    from the quick or the full plan; ``given``: steps, restarts, square_check (None = the
+    plan's) and checks."""
     norm = norm.lower()
     if norm not in ("linf", "l2"):
         raise FirmadError(f"--norm {norm!r}: use linf or l2")
@@ -771,35 +804,15 @@ def attack(
         raise FirmadError(f"--input {input_space!r}: use model or native")
     if subset == 1:
         raise FirmadError("--subset 1: AUROC needs a normal and an anomalous image; use >= 2")
-    plan = FULL_ATTACK if full else QUICK_ATTACK
-    steps = steps or plan["steps"]
-    restarts = restarts or plan["restarts"]
+    plan, checks = FULL_ATTACK if full else QUICK_ATTACK, given["checks"]
+    square_check = full if given["square_check"] is None else given["square_check"]
     subset = plan["subset"] if subset is None else subset
-    square_check = full if square_check is None else square_check
-    klass = None
-    if normal_class is not None:
-        klass = int(normal_class) if normal_class.lstrip("-").isdigit() else normal_class
-    folder = out_dir if out_dir is not None else _beside(target, ".attack")
-    show = _AttackProgress(console, quiet=state["quiet"])
-    with (
-        show,
-        _interruptible(
-            f"finished attacks are kept in {folder}; run the same command again to continue"
-        ),
-    ):
-        result, folder = audit_path(
-            target, data=data, normal_class=klass, root=root, scorer=scorer, variant=variant,
-            device=device, out_dir=folder, eps_list=eps_list, norm=norm, steps=steps,
-            restarts=restarts, schedule=schedule, targets=target_list, subset=subset or None,
-            seed=seed, batch_size=batch_size, checks=not no_checks, progress=show.attack,
-            on_step=show.step, resume=True, targeted=targeted, attack=attack_kind,
-            square_check=square_check and not no_checks, input_space=input_space,
-            transfer_from=transfer_from,
-        )  # fmt: skip
-    from firmad.robustness.audit import attack_markdown
-
-    print(attack_markdown(result), end="")  # plain: a Markdown table must not be wrapped
-    print(f"Attack files: {folder}/attack.json, attack.md, attack_auroc.png, attack_examples.png")
+    return dict(
+        eps_list=eps_list, norm=norm, steps=given["steps"] or plan["steps"],
+        restarts=given["restarts"] or plan["restarts"], schedule=schedule,
+        targets=target_list, subset=subset or None, checks=checks, attack=attack_kind,
+        square_check=square_check and checks,
+    )  # fmt: skip
 
 
 def _beside(path: Path, suffix: str) -> Path:
