@@ -569,42 +569,21 @@ def audit_path(
     attacks the test images resized to the detector's input size, "native" the images at
     their own size. ``transfer_from``: another run or detector directory whose white-box
     attack is transferred (the ``transfer`` check). Returns (result, folder)."""
-    from firmad.data import one_vs_rest
-    from firmad.detector import META, OneClassDetector
-    from firmad.factory import build_split
-    from firmad.run import RunDir
+    from firmad.detector import META
 
     _check_input(input_space)
     path = Path(target)
-    other = None
     if transfer_from is not None:
         other = _load_other(transfer_from, device)
         sweep.update(transfer_from=other, transfer_name=str(transfer_from))
+    where = dict(device=device, out_dir=out_dir, input_space=input_space)
     if (path / "config.yaml").is_file():
         if data is not None or normal_class is not None:
             raise ConfigError(
                 f"{path} is a run directory: it is attacked on its own test split; drop --data "
                 "and --normal-class (they are for detector directories)"
             )
-        run = RunDir(path)
-        cfg = run.read_config()
-        if device is not None:
-            cfg.train.device = device
-        folder = Path(out_dir) if out_dir is not None else path
-        with run:  # no training or evaluation writes into the run meanwhile
-            split = build_split(cfg)
-            model = run.load_model(cfg, device=cfg.train.device)
-            det = OneClassDetector.from_model(
-                model, cfg, scorer=scorer or headline_scorer(cfg), k=None, variant=variant
-            ).fit_bank(split.train_images)
-            x = _test_images(split.test_images, cfg.data.size, input_space)
-            native = list(split.test_images.shape[1:])
-            normals = _test_images(split.train_images, cfg.data.size, input_space)
-            result = audit(
-                det, x, split.test_labels, folder, source=path, input_space=input_space,
-                native_shape=native, normal_images=normals, **sweep,
-            )  # fmt: skip
-        return result, folder
+        return _audit_run(path, scorer, variant, where, sweep)
     if (path / META).is_file():
         if data is None or normal_class is None:
             raise InputError(
@@ -616,26 +595,64 @@ def audit_path(
                 "--scorer and --variant apply to run directories; a detector's scorer and "
                 "variant were fixed by `firmad fit`"
             )
-        det = OneClassDetector.load(path, device=device)
-        split = one_vs_rest(data, normal_class, root=root, seed=det.config_.train.seed)
-        x = _test_images(split.test_images, det.config_.data.size, input_space)
-        if det.input_layout_ == "NHWC":
-            raise InputError(
-                f"{path} was fitted on channels-last (N, H, W, C) arrays; attack it from Python "
-                "with firmad.robustness.audit.audit on images in that layout"
-            )
-        folder = Path(out_dir) if out_dir is not None else path
-        native = list(split.test_images.shape[1:])
-        normals = _test_images(split.train_images, det.config_.data.size, input_space)
-        result = audit(
-            det, x, split.test_labels, folder, source=path, input_space=input_space,
-            native_shape=native, normal_images=normals, **sweep,
-        )  # fmt: skip
-        return result, folder
+        return _audit_detector(path, (data, normal_class, root), where, sweep)
     raise CheckpointError(
         f"{path} is neither a run directory (config.yaml, from `firmad train`) nor a detector "
         "directory (detector.json, from `firmad fit`)"
     )
+
+
+def _audit_run(path: Path, scorer, variant: str, where: dict, sweep: dict):
+    """`audit_path` of a run directory (``where``: device, out_dir, input_space)."""
+    from firmad.detector import OneClassDetector
+    from firmad.factory import build_split
+    from firmad.run import RunDir
+
+    device, out_dir, input_space = where["device"], where["out_dir"], where["input_space"]
+    run = RunDir(path)
+    cfg = run.read_config()
+    if device is not None:
+        cfg.train.device = device
+    folder = Path(out_dir) if out_dir is not None else path
+    with run:  # no training or evaluation writes into the run meanwhile
+        split = build_split(cfg)
+        model = run.load_model(cfg, device=cfg.train.device)
+        det = OneClassDetector.from_model(
+            model, cfg, scorer=scorer or headline_scorer(cfg), k=None, variant=variant
+        ).fit_bank(split.train_images)
+        x = _test_images(split.test_images, cfg.data.size, input_space)
+        native = list(split.test_images.shape[1:])
+        normals = _test_images(split.train_images, cfg.data.size, input_space)
+        result = audit(
+            det, x, split.test_labels, folder, source=path, input_space=input_space,
+            native_shape=native, normal_images=normals, **sweep,
+        )  # fmt: skip
+    return result, folder
+
+
+def _audit_detector(path: Path, test_set: tuple, where: dict, sweep: dict):
+    """`audit_path` of a detector directory on ``test_set`` (data, normal class, root)."""
+    from firmad.data import one_vs_rest
+    from firmad.detector import OneClassDetector
+
+    device, out_dir, input_space = where["device"], where["out_dir"], where["input_space"]
+    data, normal_class, root = test_set
+    det = OneClassDetector.load(path, device=device)
+    split = one_vs_rest(data, normal_class, root=root, seed=det.config_.train.seed)
+    x = _test_images(split.test_images, det.config_.data.size, input_space)
+    if det.input_layout_ == "NHWC":
+        raise InputError(
+            f"{path} was fitted on channels-last (N, H, W, C) arrays; attack it from Python "
+            "with firmad.robustness.audit.audit on images in that layout"
+        )
+    folder = Path(out_dir) if out_dir is not None else path
+    native = list(split.test_images.shape[1:])
+    normals = _test_images(split.train_images, det.config_.data.size, input_space)
+    result = audit(
+        det, x, split.test_labels, folder, source=path, input_space=input_space,
+        native_shape=native, normal_images=normals, **sweep,
+    )  # fmt: skip
+    return result, folder
 
 
 def robustness_summary(result: dict[str, Any], cfg=None, step: int | None = None) -> dict:
