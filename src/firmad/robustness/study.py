@@ -287,21 +287,7 @@ class Cell:
             1 - label if name == "D_det" else torch.randint(0, 2, (len(source),), generator=gen)
         )
         tic = time.perf_counter()
-        attempts, images, eps = [], None, None
-        for eps in c.reach_eps:
-            self.log(f"[{self.tag()}] building {name}: {len(source)} images, L2 eps {eps:g}")
-            # pgd raises the score of label 0 and lowers that of label 1: to reach target t,
-            # give label 1 - t (target "outlier" = a higher logit).
-            adv = pgd(
-                det_bin, source, 1 - target, eps=eps, norm="l2", steps=c.construct_steps,
-                targets="both", seed=self.seed, batch_size=c.batch_size,
-            )  # fmt: skip
-            stored = to_uint8(adv).float() / 255  # what the fresh model will read
-            reach = reach_by_target(score(det_bin, stored, c.batch_size), target)
-            attempts.append({"eps": eps, **reach})
-            if min(reach["to_normal"], reach["to_outlier"]) >= c.reach_floor:
-                images = stored
-                break
+        attempts, images, eps = self._reach(name, det_bin, source, target)
         meta = {"set": name, "class": self.cls, "seed": self.seed, "n": len(source),
                 "attempts": attempts, "reach_floor": c.reach_floor}  # fmt: skip
         failed = sets / f"{name}-failed.json"  # what a stopped stage measured
@@ -328,19 +314,31 @@ class Cell:
             share_relabelled=float((target != label).float().mean()),
             seconds=round(time.perf_counter() - tic, 1),
         )  # fmt: skip
-        control = "flip" if name == "D_det" else "shuffle"
-        for set_name, x, y in ((name, images, target), (control, source, target),
-                               ("D_clean", source, label)):  # fmt: skip
-            save_constructed(sets / f"{set_name}.npz", x[y == 0], y[y == 0], meta)
-            save_constructed(sets / f"{set_name}-outliers.npz", x[y == 1], y[y == 1], meta)
-        show = torch.cat([torch.arange(4), len(source) // 2 + torch.arange(4)])
-        sample_grid_png(
-            sets / f"{name}.png",
-            {"original": source[show], name: images[show],
-             "perturbation": centre_perturbation(images[show] - source[show])},
-        )  # fmt: skip
+        _save_sets(sets, name, (source, images), (label, target), meta)
         atomic_write_json(record, meta)
         return meta
+
+    def _reach(self, name: str, det_bin, source, target):
+        """Attack ``source`` towards ``target`` at each radius of ``reach_eps`` until both
+        directions reach the floor: the attempts, the stored images (None if never) and the
+        last radius."""
+        c = self.cfg
+        attempts, images, eps = [], None, None
+        for eps in c.reach_eps:
+            self.log(f"[{self.tag()}] building {name}: {len(source)} images, L2 eps {eps:g}")
+            # pgd raises the score of label 0 and lowers that of label 1: to reach target t,
+            # give label 1 - t (target "outlier" = a higher logit).
+            adv = pgd(
+                det_bin, source, 1 - target, eps=eps, norm="l2", steps=c.construct_steps,
+                targets="both", seed=self.seed, batch_size=c.batch_size,
+            )  # fmt: skip
+            stored = to_uint8(adv).float() / 255  # what the fresh model will read
+            reach = reach_by_target(score(det_bin, stored, c.batch_size), target)
+            attempts.append({"eps": eps, **reach})
+            if min(reach["to_normal"], reach["to_outlier"]) >= c.reach_floor:
+                images = stored
+                break
+        return attempts, images, eps
 
     def _reference_check(self, name, det_ref, source, images, label) -> dict[str, Any]:
         """The robust reference must still read the original label after the construction
@@ -814,6 +812,24 @@ def _pct(v: float | None) -> str:
 def _ms(pair: list) -> str:
     mean, sd = pair
     return _pct(mean) + ("" if sd is None else f" ± {100 * sd:.1f}")
+
+
+def _save_sets(sets: Path, name: str, images: tuple, labels: tuple, meta: dict) -> None:
+    """The constructed set ``name``, its control and D_clean as npz files (normals and
+    outliers apart), and a picture of a few originals, their constructed images and the
+    perturbation. ``images``: (source, constructed); ``labels``: (label, target)."""
+    (source, built), (label, target) = images, labels
+    control = "flip" if name == "D_det" else "shuffle"
+    for set_name, x, y in ((name, built, target), (control, source, target),
+                           ("D_clean", source, label)):  # fmt: skip
+        save_constructed(sets / f"{set_name}.npz", x[y == 0], y[y == 0], meta)
+        save_constructed(sets / f"{set_name}-outliers.npz", x[y == 1], y[y == 1], meta)
+    show = torch.cat([torch.arange(4), len(source) // 2 + torch.arange(4)])
+    sample_grid_png(
+        sets / f"{name}.png",
+        {"original": source[show], name: built[show],
+         "perturbation": centre_perturbation(built[show] - source[show])},
+    )  # fmt: skip
 
 
 def study_markdown(results: dict[str, Any]) -> str:
