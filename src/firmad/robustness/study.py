@@ -834,7 +834,6 @@ def _save_sets(sets: Path, name: str, images: tuple, labels: tuple, meta: dict) 
 
 def study_markdown(results: dict[str, Any]) -> str:
     s, summary = results["settings"], results["summary"]
-    floors = summary["floors"]
     pairs = [(a, b) for a, b in PAIRS
              if ("binary" if a in BINARY_SETS else "one_class") in s["branches"]]  # fmt: skip
     eps = next((list(row["attacked"]) for e in summary["classes"].values()
@@ -853,19 +852,7 @@ def study_markdown(results: dict[str, Any]) -> str:
     ]
     if s["reductions"]:
         lines += ["Reductions from the full-scale settings: " + "; ".join(s["reductions"]), ""]
-    lines += ["## Verdict: are non-robust features useful for the one-class task?", ""]
-    for cls, e in summary["classes"].items():
-        lines.append(f"- class {cls} ({len(e['seeds'])} seed(s)): **{e['verdict']}**")
-    if floors["general_claim_allowed"]:
-        lines.append(f"- pooled over {floors['classes']} classes: **{summary['pooled_verdict']}**")
-    else:
-        lines.append(
-            f"- pooled ({floors['classes']} class(es), at least {floors['seeds_min']} seed(s)): "
-            f"**{summary['pooled_verdict']}** — below the floors for a general claim "
-            "(>= 3 classes, >= 5 seeds): not a general result"
-        )
-    for e in summary["classes"].values():
-        lines += [f"  - stopped: {msg}" for msg in e.get("failed", [])]
+    lines += _verdict_lines(summary)
     lines += [
         "",
         "Rule (the binary branch; without it no verdict can be computed): D_det - flip and "
@@ -879,19 +866,7 @@ def study_markdown(results: dict[str, Any]) -> str:
         "| class | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |",
         "|---|" + "---:|" * len(pairs),
     ]
-    groups = [(c, e["pairs"]) for c, e in summary["classes"].items()]
-    groups.append(("pooled", summary["pooled"]))
-    for name, found in groups:
-        cells = []
-        for a, b in pairs:
-            p = found.get(f"{a} - {b}")
-            cells.append(
-                "–"
-                if p is None
-                else f"{100 * p['diff']:+.1f} "
-                f"[{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}] {p['judgement']}"
-            )
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += _pair_rows(summary, pairs)
     head = " | ".join(f"ε={float(e):g}" for e in eps)
     lines += ["", "## AUROC % of the model trained on each set (mean ± sd over seeds)", "",
               f"| class | model | set | clean | {head} |",
@@ -905,6 +880,44 @@ def study_markdown(results: dict[str, Any]) -> str:
     lines += ["", "## Dropped sets", ""]
     lines += [f"- {k}: {v}" for k, v in results["dropped_sets"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _verdict_lines(summary: dict[str, Any]) -> list[str]:
+    """The verdict section of study.md: per class, pooled (with its floors), stopped stages."""
+    floors = summary["floors"]
+    lines = ["## Verdict: are non-robust features useful for the one-class task?", ""]
+    for cls, e in summary["classes"].items():
+        lines.append(f"- class {cls} ({len(e['seeds'])} seed(s)): **{e['verdict']}**")
+    if floors["general_claim_allowed"]:
+        lines.append(f"- pooled over {floors['classes']} classes: **{summary['pooled_verdict']}**")
+    else:
+        lines.append(
+            f"- pooled ({floors['classes']} class(es), at least {floors['seeds_min']} seed(s)): "
+            f"**{summary['pooled_verdict']}** — below the floors for a general claim "
+            "(>= 3 classes, >= 5 seeds): not a general result"
+        )
+    for e in summary["classes"].values():
+        lines += [f"  - stopped: {msg}" for msg in e.get("failed", [])]
+    return lines
+
+
+def _pair_rows(summary: dict[str, Any], pairs: list) -> list[str]:
+    """The rows of the set-minus-control table: each class, then pooled."""
+    groups = [(c, e["pairs"]) for c, e in summary["classes"].items()]
+    groups.append(("pooled", summary["pooled"]))
+    lines = []
+    for name, found in groups:
+        cells = []
+        for a, b in pairs:
+            p = found.get(f"{a} - {b}")
+            cells.append(
+                "–"
+                if p is None
+                else f"{100 * p['diff']:+.1f} "
+                f"[{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}] {p['judgement']}"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _construction_lines(results: dict[str, Any]) -> list[str]:
