@@ -192,15 +192,6 @@ def _check_labels(y, n: int, device) -> Tensor:
     return y.to(device=device, dtype=torch.long)
 
 
-def _check_settings(
-    norm, eps, steps, step_size, restarts, targets, eot, random_start, batch_size, schedule="fixed"
-) -> str:
-    """The checks of `AttackSpec` on loose arguments; returns the norm in lower case."""
-    return AttackSpec(
-        eps, norm, steps, step_size, restarts, targets, eot, random_start, 0, batch_size, schedule
-    ).norm
-
-
 # --------------------------------------------------------------------------- the attack
 
 
