@@ -9,10 +9,14 @@ from firmad.robustness.evaluate import (
     format_markdown,
     robust_auroc_sweep,
     stratified_subset,
+    sweep,
 )
+from firmad.robustness.spec import AttackSpec, SweepSpec
 
 __all__ = [
     "AttackResult",
+    "AttackSpec",
+    "SweepSpec",
     "Verdict",
     "attack_detector",
     "bootstrap_auroc",
@@ -22,4 +26,5 @@ __all__ = [
     "robust_auroc_sweep",
     "score",
     "stratified_subset",
+    "sweep",
 ]

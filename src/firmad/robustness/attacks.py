@@ -40,9 +40,11 @@ from torch import Tensor, nn
 
 from firmad.errors import ConfigError, InputError
 from firmad.perturb import ascent_step, project, random_delta
+from firmad.robustness.spec import AttackSpec, default_step
 
 __all__ = [
     "AttackResult",
+    "AttackSpec",
     "ImageTarget",
     "NearestTarget",
     "ascent_step",
@@ -52,15 +54,13 @@ __all__ = [
     "project",
     "random_delta",
     "default_step",
+    "run_attack",
     "score",
     "score_fn_of",
     "square_attack",
 ]
 
 ScoreFn = Callable[[Tensor], Tensor]
-NORMS = ("linf", "l2")
-TARGETS = ("both", "normal", "anomaly")
-SCHEDULES = ("fixed", "apgd")
 BINDS = ("score_tensor", "bind")
 
 
@@ -192,55 +192,10 @@ def _check_labels(y, n: int, device) -> Tensor:
     return y.to(device=device, dtype=torch.long)
 
 
-def _check_int(name: str, value, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}.")
-    return value
-
-
-def _check_settings(
-    norm, eps, steps, step_size, restarts, targets, eot, random_start, batch_size, schedule="fixed"
-):
-    norm = str(norm).lower()
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}.")
-    if norm not in NORMS:
-        raise ConfigError(f"norm must be one of {NORMS}, got {norm!r}.")
-    if isinstance(eps, bool) or not isinstance(eps, int | float) or not math.isfinite(eps):
-        raise ConfigError(f"eps must be a finite number >= 0 (pixel space [0, 1]), got {eps!r}.")
-    if eps < 0:
-        raise ConfigError(f"eps must be >= 0 (pixel space [0, 1]), got {eps}.")
-    _check_int("steps", steps)
-    _check_int("restarts", restarts)
-    _check_int("eot", eot)
-    if batch_size is not None:
-        _check_int("batch_size", batch_size)
-    if step_size is not None and (
-        isinstance(step_size, bool)
-        or not isinstance(step_size, int | float)
-        or not step_size > 0
-        or not math.isfinite(step_size)
-    ):
-        raise ConfigError(f"step_size must be a positive number or None, got {step_size!r}.")
-    if targets not in TARGETS:
-        raise ConfigError(f"targets must be one of {TARGETS}, got {targets!r}.")
-    if restarts > 1 and not random_start:
-        raise ConfigError(
-            "restarts > 1 repeat the same attack without a random start; "
-            "set random_start=True or restarts=1."
-        )
-    return norm
-
-
 # --------------------------------------------------------------------------- the attack
 
 
 _project = project  # the name the tests and older callers use
-
-
-def default_step(eps: float, steps: int, schedule: str = "fixed") -> float:
-    """The default step: 2.5·ε/steps for the fixed schedule, APGD's first η = 2·ε."""
-    return 2.0 * eps if schedule == "apgd" else 2.5 * eps / steps
 
 
 def _random_start(x: Tensor, norm: str, eps: float, gen: torch.Generator) -> Tensor:
@@ -438,72 +393,77 @@ class AttackResult:
     wins: dict[str, int] = field(default_factory=dict)
 
 
-def _attack(
-    detector,
-    x,
-    y,
-    grad_fns: dict[str, object | None],
-    *,
-    eps,
-    norm,
-    steps,
-    step_size,
-    restarts,
-    targets,
-    eot,
-    random_start,
-    seed,
-    batch_size,
-    schedule="fixed",
-    on_step=None,
-) -> AttackResult:
-    """Shared core of ``pgd`` and ``attack_detector``: one PGD run per gradient source
-    (None = the detector's own score, seed + i for the i-th), best per image by the score."""
-    norm = _check_settings(
-        norm, eps, steps, step_size, restarts, targets, eot, random_start, batch_size, schedule
-    )
-    x = _check_images(x)
-    y = _check_labels(y, x.shape[0], x.device)
+def _targeted(y: Tensor, targets: str) -> tuple[Tensor, Tensor]:
+    """The rows to attack and their direction: +1 normals (raise the score), -1 anomalies."""
     if targets == "both":
-        idx = torch.arange(x.shape[0], device=x.device)
+        idx = torch.arange(y.shape[0], device=y.device)
     else:
         idx = torch.nonzero(y == (0 if targets == "normal" else 1)).flatten()
-    sign = 1.0 - 2.0 * y[idx].to(x.dtype)  # +1: normals (raise the score), -1: anomalies
-    score_fn = score_fn_of(detector)
-    sources = [None if g is None else _source_of(g) for g in grad_fns.values()]
-    cfg = dict(
-        norm=norm,
-        eps=float(eps),
-        steps=steps,
-        restarts=restarts,
-        eot=eot,
-        alpha=float(step_size) if step_size is not None else default_step(eps, steps, schedule),
-        random_start=random_start,
-        batch_size=batch_size,
-        schedule=schedule,
-        on_step=on_step,
-        done=0,
-        total=len(sources) * restarts * len(_batches(idx.numel(), batch_size)) * steps,
+    return idx, 1.0 - 2.0 * y[idx]
+
+
+def _clean_scores(score_fn: ScoreFn, x: Tensor, eot: int, batch_size: int | None) -> Tensor:
+    return torch.cat(
+        [_objective(score_fn, x[b], 1.0, eot) for b in _batches(x.shape[0], batch_size)]
     )
 
+
+def _walk_settings(spec: AttackSpec, on_step, total: int) -> dict:
+    """The dict the walks read (``_walk_fixed``, ``_walk_apgd``, ``_tick``)."""
+    return dict(
+        norm=spec.norm,
+        eps=float(spec.eps),
+        steps=spec.steps,
+        restarts=spec.restarts,
+        eot=spec.eot,
+        alpha=spec.alpha,
+        random_start=spec.random_start,
+        batch_size=spec.batch_size,
+        schedule=spec.schedule,
+        on_step=on_step,
+        done=0,
+        total=total,
+    )
+
+
+def _strongest(score_fn, sources: list, x: Tensor, sign: Tensor, cfg: dict, seed: int):
+    """One PGD run per gradient source (seed + i for the i-th); per row the best images, their
+    objective and the index of the source that won (ties go to the earlier one)."""
+    best_x, best_obj, best_i = (
+        None,
+        None,
+        torch.zeros(x.shape[0], dtype=torch.long, device=x.device),
+    )
+    for i, source in enumerate(sources):
+        gen = torch.Generator().manual_seed(int(seed) + i)
+        adv, obj = _run_pgd(score_fn, source, x, sign, cfg, gen)
+        if best_x is None:
+            best_x, best_obj = adv, obj
+            continue
+        better = obj > best_obj
+        best_x[better] = adv[better]
+        best_obj = torch.where(better, obj, best_obj)
+        best_i[better] = i
+    return best_x, best_obj, best_i
+
+
+def _attack(detector, x, y, grad_fns: dict, spec: AttackSpec, on_step=None) -> AttackResult:
+    """Shared core of ``pgd`` and ``attack_detector``: one PGD run per gradient source
+    (None = the detector's own score, seed + i for the i-th), best per image by the score."""
+    x = _check_images(x)
+    y = _check_labels(y, x.shape[0], x.device)
+    idx, sign = _targeted(y, spec.targets)
+    sign = sign.to(x.dtype)
+    score_fn = score_fn_of(detector)
+    sources = [None if g is None else _source_of(g) for g in grad_fns.values()]
+    total = len(sources) * spec.restarts * len(_batches(idx.numel(), spec.batch_size)) * spec.steps
+    cfg = _walk_settings(spec, on_step, total)
     images = x.clone()
     winner = torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
     with _eval_mode(detector, *(g for g in grad_fns.values() if g is not None)):
-        scores = torch.cat(
-            [_objective(score_fn, x[b], 1.0, eot) for b in _batches(x.shape[0], batch_size)]
-        )
-        if eps > 0 and idx.numel() > 0:
-            best_x, best_obj, best_i = None, None, torch.zeros_like(idx)
-            for i, source in enumerate(sources):
-                gen = torch.Generator().manual_seed(int(seed) + i)
-                adv, obj = _run_pgd(score_fn, source, x[idx], sign, cfg, gen)
-                if best_x is None:
-                    best_x, best_obj = adv, obj
-                    continue
-                better = obj > best_obj
-                best_x[better] = adv[better]
-                best_obj = torch.where(better, obj, best_obj)
-                best_i[better] = i
+        scores = _clean_scores(score_fn, x, spec.eot, spec.batch_size)
+        if spec.eps > 0 and idx.numel() > 0:
+            best_x, best_obj, best_i = _strongest(score_fn, sources, x[idx], sign, cfg, spec.seed)
             images[idx] = best_x
             scores[idx] = sign.double() * best_obj  # sign is ±1: objective back to score
             winner[idx] = best_i
@@ -556,23 +516,21 @@ def pgd(
         schedule: ``"fixed"`` (step α throughout) or ``"apgd"`` (APGD's halving step size
             with momentum; see the module docstring).
     """
-    source = {"exact" if grad_fn is None else "grad_fn": grad_fn}
+    spec = AttackSpec(
+        eps,
+        norm,
+        steps,
+        step_size,
+        restarts,
+        targets,
+        eot,
+        random_start,
+        seed,
+        batch_size,
+        schedule,
+    )
     return _attack(
-        detector,
-        x,
-        y,
-        source,
-        eps=eps,
-        norm=norm,
-        steps=steps,
-        step_size=step_size,
-        restarts=restarts,
-        targets=targets,
-        eot=eot,
-        random_start=random_start,
-        seed=seed,
-        batch_size=batch_size,
-        schedule=schedule,
+        detector, x, y, {"exact" if grad_fn is None else "grad_fn": grad_fn}, spec
     ).images
 
 
@@ -660,26 +618,35 @@ def attack_detector(
     arguments as in ``pgd``. ``on_step(done, total)`` is called after every gradient step
     (total: steps x restarts x batches x attacks), e.g. for a progress bar.
     """
+    spec = AttackSpec(
+        eps,
+        norm,
+        steps,
+        step_size,
+        restarts,
+        targets,
+        eot,
+        random_start,
+        seed,
+        batch_size,
+        schedule,
+    )
+    return run_attack(detector, x, y, spec, surrogates=surrogates, on_step=on_step)
+
+
+def run_attack(
+    detector,
+    x: Tensor,
+    y,
+    spec: AttackSpec,
+    *,
+    surrogates: bool | Mapping[str, ScoreFn] = True,
+    on_step: Callable[[int, int], None] | None = None,
+) -> AttackResult:
+    """``attack_detector`` with its settings in an `AttackSpec`."""
     sources = {"exact": None}
     sources.update({f"surrogate:{k}": f for k, f in _surrogates_of(detector, surrogates).items()})
-    return _attack(
-        detector,
-        x,
-        y,
-        sources,
-        eps=eps,
-        norm=norm,
-        steps=steps,
-        step_size=step_size,
-        restarts=restarts,
-        targets=targets,
-        eot=eot,
-        random_start=random_start,
-        seed=seed,
-        batch_size=batch_size,
-        schedule=schedule,
-        on_step=on_step,
-    )
+    return _attack(detector, x, y, sources, spec, on_step)
 
 
 # --------------------------------------------------------------------------- Square attack
@@ -750,34 +717,32 @@ def square_attack(
     independent runs (seed + r), the best per image kept. Same result type as
     ``attack_detector`` (``attacks == ["square"]``); other arguments as in ``pgd``.
     """
-    norm = _check_settings(
-        norm, eps, queries, None, restarts, targets, 1, True, batch_size, "fixed"
-    )
-    if norm != "linf":
+    spec = AttackSpec(eps, norm, queries, None, restarts, targets, 1, True, seed, batch_size)
+    return run_square(detector, x, y, spec, p_init=p_init, on_step=on_step)
+
+
+def run_square(detector, x, y, spec: AttackSpec, *, p_init: float = 0.05, on_step=None):
+    """``square_attack`` with its settings in an `AttackSpec` (``steps`` = queries)."""
+    if spec.norm != "linf":
         raise ConfigError("the Square attack is implemented for norm='linf' only.")
     if isinstance(p_init, bool) or not isinstance(p_init, int | float) or not 0 < p_init <= 1:
         raise ConfigError(f"p_init must be a number in (0, 1], got {p_init!r}.")
     x = _check_images(x)
     y = _check_labels(y, x.shape[0], x.device)
-    if targets == "both":
-        idx = torch.arange(x.shape[0], device=x.device)
-    else:
-        idx = torch.nonzero(y == (0 if targets == "normal" else 1)).flatten()
-    sign = 1.0 - 2.0 * y[idx].to(x.dtype)
+    idx, sign = _targeted(y, spec.targets)
+    sign = sign.to(x.dtype)
     score_fn = score_fn_of(detector)
-    chunks = _batches(idx.numel(), batch_size)
-    cfg = dict(eps=float(eps), steps=queries, p_init=float(p_init), on_step=on_step, done=0)
-    cfg["total"] = restarts * len(chunks) * max(queries - 1, 0)
+    chunks = _batches(idx.numel(), spec.batch_size)
+    cfg = dict(eps=float(spec.eps), steps=spec.steps, p_init=float(p_init), on_step=on_step, done=0)
+    cfg["total"] = spec.restarts * len(chunks) * max(spec.steps - 1, 0)
     images, winner = x.clone(), torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
     with _eval_mode(detector), torch.no_grad():
-        scores = torch.cat(
-            [_objective(score_fn, x[b], 1.0, 1) for b in _batches(x.shape[0], batch_size)]
-        )
-        if eps > 0 and idx.numel() > 0:
+        scores = _clean_scores(score_fn, x, 1, spec.batch_size)
+        if spec.eps > 0 and idx.numel() > 0:
             xs = x[idx]
             best_x, best_obj = xs.clone(), sign.double() * scores[idx]
-            for r in range(restarts):
-                gen = torch.Generator().manual_seed(int(seed) + r)
+            for r in range(spec.restarts):
+                gen = torch.Generator().manual_seed(int(spec.seed) + r)
                 for b in chunks:
                     adv, obj = _square_walk(score_fn, xs[b], sign[b], cfg, gen)
                     better = obj > best_obj[b]

@@ -280,16 +280,51 @@ def audit(
     check_eps: float | None = None,
     normal_images: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Robust AUROC of a fitted `OneClassDetector` on float images ``x`` in [0, 1] (N, C, H, W)
-    with labels ``y`` (1 = anomaly); writes the four attack files into ``out_dir`` and returns
-    the attack.json dict. ``eps_list`` is in [0, 1] pixel space; the other arguments are those
-    of `robust_auroc_sweep` (surrogate attacks are always on; ``targeted`` adds the
-    `ImageTarget` surrogate on ``normal_images``, normal images in the input space of ``x``,
-    else a `NearestTarget` on the feature bank). With ``resume`` every finished attack is kept in
-    ``out_dir/.attack-partial`` so that the same call continues after an interruption.
-    The four files are written as a set: ``attack.incomplete`` marks a set being written."""
-    x = x.to(det.extractor_.device)
-    y = torch.as_tensor(y).reshape(-1)
+    """Robust AUROC of a fitted `OneClassDetector` on images ``x`` in [0, 1] (N, C, H, W),
+    labels ``y`` (1 = anomaly); writes the attack files (a set: ``attack.incomplete`` marks one
+    being written) into ``out_dir``, returns the attack.json dict. Arguments as in
+    `robust_auroc_sweep` (surrogates on; ``targeted`` adds an `ImageTarget` on ``normal_images``,
+    else a `NearestTarget`). ``resume``: the same call continues after an interruption."""
+    x, y = x.to(det.extractor_.device), torch.as_tensor(y).reshape(-1)
+    _check_l2_radius(x, eps_list, norm, input_space)
+    out_dir, description = check_writable(out_dir), describe_detector(det, source)
+    sweep = dict(
+        eps_list=eps_list, norm=norm, steps=steps, restarts=restarts, schedule=schedule,
+        targets_list=tuple(targets), seed=seed, batch_size=batch_size, subset=subset,
+        checks=checks, attack=attack, square_check=square_check, check_eps=check_eps,
+    )  # fmt: skip
+    more = {"targeted": targeted, "input_space": input_space, "n_images": len(y)}
+    fingerprint = {**sweep, **more, "transfer_from": transfer_name}
+    cache = _resume_cache(out_dir, det, description, fingerprint) if resume else None
+    surrogates = offered_surrogates(det, targeted, normal_images)
+    result = robust_auroc_sweep(
+        det, x, y, surrogates=surrogates, progress=progress,
+        on_step=on_step, cache=cache, transfer_from=transfer_from, **sweep,
+    )  # fmt: skip
+    _describe_result(result, description, list(x.shape[1:]), (input_space, native_shape),
+                     transfer_name)  # fmt: skip
+    examples = _examples(det, x, y, result, n_examples, batch_size, surrogates)
+    write_attack_files(out_dir, result, examples)
+    if cache is not None:
+        cache.remove()
+    return result
+
+
+def _resume_cache(out_dir: Path, det, description: dict, settings: dict):
+    """The store of finished attacks, kept to one set of ``settings`` and one detector."""
+    transfer = settings.pop("transfer_from")  # the fingerprint's last key, as before
+    fingerprint = {
+        **settings,
+        "detector": {k: v for k, v in description.items() if k != "device"},
+        "weights": _digest(det),
+        "transfer_from": transfer,
+    }
+    return PartialAttacks.open(out_dir / PARTIAL, fingerprint)
+
+
+def _check_l2_radius(x: torch.Tensor, eps_list, norm, input_space: str) -> None:
+    """The input space is known; an L2 radius beyond the diameter of the image cube is refused
+    (any image is reachable)."""
     _check_input(input_space)
     largest = math.sqrt(x[0].numel())
     radii = [e for e in eps_list if isinstance(e, int | float)]  # the sweep checks the rest
@@ -299,45 +334,24 @@ def audit(
             f"[0, 1]^{x[0].numel()} ({' x '.join(map(str, x.shape[1:]))}), sqrt(C*H*W) = "
             f"{largest:.4g}, beyond which every image is reachable; use radii up to that"
         )
-    out_dir = check_writable(out_dir)
-    description = describe_detector(det, source)
-    threat = threat_model(input_space, list(x.shape[1:]), native_shape)
-    sweep = dict(
-        eps_list=eps_list, norm=norm, steps=steps, restarts=restarts, schedule=schedule,
-        targets_list=tuple(targets), seed=seed, batch_size=batch_size, subset=subset,
-        checks=checks, attack=attack, square_check=square_check, check_eps=check_eps,
-    )  # fmt: skip
-    cache = None
-    if resume:
-        fingerprint = {
-            **sweep, "targeted": targeted, "input_space": input_space, "n_images": len(y),
-            "detector": {k: v for k, v in description.items() if k != "device"},
-            "weights": _digest(det),
-            "transfer_from": transfer_name,
-        }  # fmt: skip
-        cache = PartialAttacks.open(out_dir / PARTIAL, fingerprint)
-    surrogates = offered_surrogates(det, targeted, normal_images)
-    result = robust_auroc_sweep(
-        det, x, y, surrogates=surrogates, progress=progress,
-        on_step=on_step, cache=cache, transfer_from=transfer_from, **sweep,
-    )  # fmt: skip
-    st = result["settings"]
+
+
+def _describe_result(result, description, shape, space: tuple, transfer_name) -> None:
+    """What an audit adds to the sweep's result: input space (``space``: the name and the
+    native shape), threat model, transfer source, the detector, versions and the file list."""
+    st, (input_space, native_shape) = result["settings"], space
     if st["norm"] == "linf":
         st["eps_255"] = [round(e * 255, 6) for e in st["eps_list"]]
-    st["input_space"], st["threat_model"] = input_space, threat
-    st["input_shape"] = list(x.shape[1:])
+    st["input_space"] = input_space
+    st["threat_model"] = threat_model(input_space, shape, native_shape)
+    st["input_shape"] = shape
     if transfer_name is not None:
         st["transfer_from"] = transfer_name
     result["detector"] = description
     from firmad.versions import versions
 
     result["versions"] = versions()
-    examples = _examples(det, x, y, result, n_examples, batch_size, surrogates)
     result["files"] = list(ATTACK_FILES)
-    write_attack_files(out_dir, result, examples)
-    if cache is not None:
-        cache.remove()
-    return result
 
 
 def write_attack_files(out_dir: Path, result: dict[str, Any], examples) -> None:
@@ -555,42 +569,21 @@ def audit_path(
     attacks the test images resized to the detector's input size, "native" the images at
     their own size. ``transfer_from``: another run or detector directory whose white-box
     attack is transferred (the ``transfer`` check). Returns (result, folder)."""
-    from firmad.data import one_vs_rest
-    from firmad.detector import META, OneClassDetector
-    from firmad.factory import build_split
-    from firmad.run import RunDir
+    from firmad.detector import META
 
     _check_input(input_space)
     path = Path(target)
-    other = None
     if transfer_from is not None:
         other = _load_other(transfer_from, device)
         sweep.update(transfer_from=other, transfer_name=str(transfer_from))
+    where = dict(device=device, out_dir=out_dir, input_space=input_space)
     if (path / "config.yaml").is_file():
         if data is not None or normal_class is not None:
             raise ConfigError(
                 f"{path} is a run directory: it is attacked on its own test split; drop --data "
                 "and --normal-class (they are for detector directories)"
             )
-        run = RunDir(path)
-        cfg = run.read_config()
-        if device is not None:
-            cfg.train.device = device
-        folder = Path(out_dir) if out_dir is not None else path
-        with run:  # no training or evaluation writes into the run meanwhile
-            split = build_split(cfg)
-            model = run.load_model(cfg, device=cfg.train.device)
-            det = OneClassDetector.from_model(
-                model, cfg, scorer=scorer or headline_scorer(cfg), k=None, variant=variant
-            ).fit_bank(split.train_images)
-            x = _test_images(split.test_images, cfg.data.size, input_space)
-            native = list(split.test_images.shape[1:])
-            normals = _test_images(split.train_images, cfg.data.size, input_space)
-            result = audit(
-                det, x, split.test_labels, folder, source=path, input_space=input_space,
-                native_shape=native, normal_images=normals, **sweep,
-            )  # fmt: skip
-        return result, folder
+        return _audit_run(path, scorer, variant, where, sweep)
     if (path / META).is_file():
         if data is None or normal_class is None:
             raise InputError(
@@ -602,26 +595,64 @@ def audit_path(
                 "--scorer and --variant apply to run directories; a detector's scorer and "
                 "variant were fixed by `firmad fit`"
             )
-        det = OneClassDetector.load(path, device=device)
-        split = one_vs_rest(data, normal_class, root=root, seed=det.config_.train.seed)
-        x = _test_images(split.test_images, det.config_.data.size, input_space)
-        if det.input_layout_ == "NHWC":
-            raise InputError(
-                f"{path} was fitted on channels-last (N, H, W, C) arrays; attack it from Python "
-                "with firmad.robustness.audit.audit on images in that layout"
-            )
-        folder = Path(out_dir) if out_dir is not None else path
-        native = list(split.test_images.shape[1:])
-        normals = _test_images(split.train_images, det.config_.data.size, input_space)
-        result = audit(
-            det, x, split.test_labels, folder, source=path, input_space=input_space,
-            native_shape=native, normal_images=normals, **sweep,
-        )  # fmt: skip
-        return result, folder
+        return _audit_detector(path, (data, normal_class, root), where, sweep)
     raise CheckpointError(
         f"{path} is neither a run directory (config.yaml, from `firmad train`) nor a detector "
         "directory (detector.json, from `firmad fit`)"
     )
+
+
+def _audit_run(path: Path, scorer, variant: str, where: dict, sweep: dict):
+    """`audit_path` of a run directory (``where``: device, out_dir, input_space)."""
+    from firmad.detector import OneClassDetector
+    from firmad.factory import build_split
+    from firmad.run import RunDir
+
+    device, out_dir, input_space = where["device"], where["out_dir"], where["input_space"]
+    run = RunDir(path)
+    cfg = run.read_config()
+    if device is not None:
+        cfg.train.device = device
+    folder = Path(out_dir) if out_dir is not None else path
+    with run:  # no training or evaluation writes into the run meanwhile
+        split = build_split(cfg)
+        model = run.load_model(cfg, device=cfg.train.device)
+        det = OneClassDetector.from_model(
+            model, cfg, scorer=scorer or headline_scorer(cfg), k=None, variant=variant
+        ).fit_bank(split.train_images)
+        x = _test_images(split.test_images, cfg.data.size, input_space)
+        native = list(split.test_images.shape[1:])
+        normals = _test_images(split.train_images, cfg.data.size, input_space)
+        result = audit(
+            det, x, split.test_labels, folder, source=path, input_space=input_space,
+            native_shape=native, normal_images=normals, **sweep,
+        )  # fmt: skip
+    return result, folder
+
+
+def _audit_detector(path: Path, test_set: tuple, where: dict, sweep: dict):
+    """`audit_path` of a detector directory on ``test_set`` (data, normal class, root)."""
+    from firmad.data import one_vs_rest
+    from firmad.detector import OneClassDetector
+
+    device, out_dir, input_space = where["device"], where["out_dir"], where["input_space"]
+    data, normal_class, root = test_set
+    det = OneClassDetector.load(path, device=device)
+    split = one_vs_rest(data, normal_class, root=root, seed=det.config_.train.seed)
+    x = _test_images(split.test_images, det.config_.data.size, input_space)
+    if det.input_layout_ == "NHWC":
+        raise InputError(
+            f"{path} was fitted on channels-last (N, H, W, C) arrays; attack it from Python "
+            "with firmad.robustness.audit.audit on images in that layout"
+        )
+    folder = Path(out_dir) if out_dir is not None else path
+    native = list(split.test_images.shape[1:])
+    normals = _test_images(split.train_images, det.config_.data.size, input_space)
+    result = audit(
+        det, x, split.test_labels, folder, source=path, input_space=input_space,
+        native_shape=native, normal_images=normals, **sweep,
+    )  # fmt: skip
+    return result, folder
 
 
 def robustness_summary(result: dict[str, Any], cfg=None, step: int | None = None) -> dict:

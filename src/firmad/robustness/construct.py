@@ -98,18 +98,7 @@ def invert_features(
         distances ``d`` and the distances of the starts, both float (N,) on the CPU.
         Deterministic for a deterministic ``feature_fn``.
     """
-    x_all = _as_float(targets, "targets")
-    z_all = _as_float(starts, "starts")
-    if x_all.shape != z_all.shape:
-        raise InputError(
-            f"targets {tuple(x_all.shape)} and starts {tuple(z_all.shape)} must have the same "
-            "shape: one start image per target."
-        )
-    if steps < 0 or batch_size < 1 or not step_size > 0:
-        raise InputError(
-            f"need steps >= 0, batch_size >= 1 and step_size > 0; got {steps}, {batch_size}, "
-            f"{step_size}."
-        )
+    x_all, z_all = _check_inversion(targets, starts, steps, step_size, batch_size)
     module = feature_fn if isinstance(feature_fn, nn.Module) else None
     # Every submodule's own flag: a wrapper in training mode may hold an encoder in eval mode,
     # and restoring only the wrapper's flag would switch the encoder's BatchNorm to training.
@@ -131,6 +120,23 @@ def invert_features(
         for m, training in modes:
             m.training = training
     return torch.cat(images), torch.cat(final), torch.cat(initial)
+
+
+def _check_inversion(targets, starts, steps, step_size, batch_size):
+    """The targets and starts as float tensors of one shape; the settings in range."""
+    x_all = _as_float(targets, "targets")
+    z_all = _as_float(starts, "starts")
+    if x_all.shape != z_all.shape:
+        raise InputError(
+            f"targets {tuple(x_all.shape)} and starts {tuple(z_all.shape)} must have the same "
+            "shape: one start image per target."
+        )
+    if steps < 0 or batch_size < 1 or not step_size > 0:
+        raise InputError(
+            f"need steps >= 0, batch_size >= 1 and step_size > 0; got {steps}, {batch_size}, "
+            f"{step_size}."
+        )
+    return x_all, z_all
 
 
 def _invert_batch(feature_fn, x, z0, steps: int, step_size: float):

@@ -26,7 +26,6 @@ Strength checks (verdicts ``{"name", "passed", "detail"}``):
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -41,25 +40,25 @@ from firmad.errors import ConfigError, InputError
 from firmad.metrics import evaluate_scores
 from firmad.perturb import attack_name
 from firmad.robustness.attacks import (
-    NORMS,
-    TARGETS,
     _check_images,
     _check_labels,
-    _check_settings,
     attack_detector,
+    run_square,
     score,
-    square_attack,
 )
+from firmad.robustness.spec import ATTACKS, TARGETS, AttackSpec, SweepSpec
 
 __all__ = [
     "Verdict",
     "bootstrap_auroc",
     "format_markdown",
+    "ATTACKS",
+    "SweepSpec",
     "robust_auroc_sweep",
     "stratified_subset",
+    "sweep",
 ]
 
-ATTACKS = ("pgd", "square")
 SQUARE_CHECK_QUERIES = 1000
 _SIDE_NAMES = {"both": "'both'", "normal": "normals-only", "anomaly": "anomalies-only"}
 MONOTONE_TOL = 0.005  # AUROC may rise by half a point with ε (beyond its interval)
@@ -128,30 +127,215 @@ def bootstrap_auroc(
 # --------------------------------------------------------------------------- the sweep
 
 
-def _check_sweep(norm, eps_list, targets_list, n_bootstrap):
-    norm = str(norm).lower()
-    if norm not in NORMS:
-        raise ConfigError(f"norm must be one of {NORMS}, got {norm!r}.")
-    if isinstance(eps_list, str) or not isinstance(eps_list, Sequence) or not eps_list:
-        raise ConfigError("eps_list must be a non-empty list of radii in [0, 1] pixel space.")
-    for e in eps_list:
-        if isinstance(e, bool) or not isinstance(e, int | float) or not math.isfinite(e) or e < 0:
-            raise ConfigError(f"every eps must be a finite number >= 0, got {e!r}.")
-    if isinstance(targets_list, str):
-        targets_list = (targets_list,)
-    bad = [t for t in targets_list if t not in TARGETS]
-    if bad or not targets_list:
-        raise ConfigError(f"targets_list must name some of {TARGETS}, got {list(targets_list)}.")
-    if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int) or n_bootstrap < 1:
-        raise ConfigError(f"n_bootstrap must be a positive integer, got {n_bootstrap!r}.")
-    return norm, sorted({float(e) for e in eps_list}), list(dict.fromkeys(targets_list))
-
-
 def _mode_scores(mode: str, y: Tensor, clean: Tensor, adv: Tensor) -> Tensor:
     if mode == "both":
         return adv
     group = 0 if mode == "normal" else 1
     return torch.where(y == group, adv, clean)
+
+
+def _sweep_data(x, y, subset: int | None, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The checked images and labels, cut to the stratified subset; and the subset's indices."""
+    x = _check_images(x)
+    y = y_all = _check_labels(y, x.shape[0], x.device)
+    if not (y == 0).any() or not (y == 1).any():
+        raise InputError("robust AUROC needs both normal (0) and anomalous (1) images.")
+    idx = stratified_subset(y.cpu(), subset, seed)
+    if subset is not None:
+        x, y = x[idx.to(x.device)], y[idx.to(y.device)]
+        if not (y == 0).any() or not (y == 1).any():
+            missing = "normal" if (y == 1).all() else "anomalous"
+            counts = f"{int((y_all == 0).sum())} normal, {int((y_all == 1).sum())} anomalous"
+            raise InputError(
+                f"a subset of {subset} image(s) holds no {missing} image (the test set has "
+                f"{counts}); AUROC needs both: use a larger subset"
+            )
+    return x, y, idx
+
+
+def _attack_count(spec: SweepSpec, transfer: bool) -> int:
+    """How many attacks the sweep runs (for ``progress``)."""
+    total = len(spec.nonzero)
+    check_eps = spec.check_at
+    if spec.checks:
+        total += 1  # large_eps
+        if check_eps is not None and check_eps > 0:
+            reused = spec.attack_targets == "both" and check_eps in spec.nonzero
+            total += 2 + (0 if reused else 1) + transfer + spec.square_check
+    return total
+
+
+class _Sweep:
+    """One sweep's images, bootstrap resamples and attack bookkeeping (progress, cache)."""
+
+    def __init__(self, detector, x: Tensor, y: Tensor, spec: SweepSpec, transfer_from, hooks):
+        self.detector, self.x, self.y, self.spec = detector, x, y, spec
+        self.progress, self.cache, self.on_step = hooks
+        self.y_cpu = y.cpu()
+        self.y_np = y_np = self.y_cpu.numpy()
+        self.n_normal, self.n_anomaly = int((y_np == 0).sum()), int((y_np == 1).sum())
+        # The bootstrap sees normals first, then anomalies; every score vector is put in that
+        # order.
+        self.order = np.concatenate([np.flatnonzero(y_np == 0), np.flatnonzero(y_np == 1)])
+        self.resamples = _resamples(np.sort(y_np), spec.n_bootstrap, spec.seed)
+        self.boot: dict[tuple[float, str], np.ndarray] = {}
+        self.done, self.total = 0, _attack_count(spec, transfer_from is not None)
+        self.transfer_from = transfer_from
+        self.clean = score(detector, x, spec.batch_size).double().cpu()
+
+    def attack(self, det, eps: float, targets: str = "both", key=None, **override):
+        """Scores of the detector on images attacked through ``det``, the winning attack per
+        image and the attacks' names; taken from the cache when it holds ``key``."""
+        what = ", ".join(f"{k}={v}" for k, v in override.items() if k != "kind")
+        what = f"eps={eps:.4g}" + (f" ({what})" if what else "")
+        if self.progress is not None:
+            self.progress(self.done, self.total, what)
+        self.done += 1
+        key = key or what
+        hit = self.cache.get(key) if self.cache is not None else None
+        if hit is not None:
+            return (torch.tensor(hit["scores"], dtype=torch.float64), torch.tensor(hit["winner"]),
+                    hit["attacks"])  # fmt: skip
+        kind = override.pop("kind", self.spec.attack)
+        a = self.spec.attack_at(eps, targets, **override)
+        if kind == "square":
+            a = AttackSpec(eps, a.norm, a.steps, None, a.restarts, targets, 1, True, a.seed,
+                           a.batch_size)  # fmt: skip
+            res = run_square(det, self.x, self.y, a, on_step=self.on_step)
+        else:
+            res = attack_detector(  # by keywords: one name to wrap (the tests count attacks)
+                det, self.x, self.y, **asdict(a), surrogates=self.spec.surrogates,
+                on_step=self.on_step,
+            )  # fmt: skip
+        adv = score(self.detector, res.images, self.spec.batch_size).double().cpu()
+        if self.cache is not None:
+            self.cache.put(key, {"scores": adv.tolist(), "winner": res.winner.cpu().tolist(),
+                                 "attacks": res.attacks})  # fmt: skip
+        return adv, res.winner.cpu(), res.attacks
+
+    def auroc_of(self, s: Tensor) -> float:
+        return evaluate_scores(self.y_np, s.double().cpu().numpy())["auroc"]
+
+    def attacked_auroc(self, eps: float, source=None, key=None, **override) -> float:
+        """'both' AUROC of the detector on images attacked through ``source``."""
+        source = self.detector if source is None else source
+        return self.auroc_of(self.attack(source, eps, key=key, **override)[0])
+
+    def row(self, eps: float, mode: str, s: Tensor, wins: dict[str, int]) -> dict:
+        """One result row, its bootstrap kept in ``boot`` for the monotone check."""
+        s_np = s.double().cpu().numpy()
+        m = evaluate_scores(self.y_np, s_np)
+        self.boot[(eps, mode)] = _bootstrap(s_np[self.order], self.resamples, self.n_normal)
+        lo, hi = _interval(self.boot[(eps, mode)])
+        return {
+            "eps": eps,
+            "target": mode,
+            "auroc": m["auroc"],
+            "ci_low": lo,
+            "ci_high": hi,
+            "n": len(self.y_np),
+            "n_normal": self.n_normal,
+            "n_anomaly": self.n_anomaly,
+            "aupr_anomaly": m["aupr_anomaly"],
+            "aupr_normal": m["aupr_normal"],
+            "fpr95": m["fpr95"],
+            "wins": wins,
+        }
+
+    def eps_rows(self) -> tuple[list[dict], dict[float, float]]:
+        """The rows of every ε and mode (one attack per ε), and the 'both' AUROC per ε."""
+        spec, rows, both_auroc = self.spec, [], {}
+        for eps in spec.eps_list:
+            if eps == 0:
+                adv, res = self.clean, None
+            else:
+                adv, *res = self.attack(self.detector, eps, spec.attack_targets, key=f"eps={eps!r}")
+            if spec.attack_targets == "both":
+                both_auroc[eps] = self.auroc_of(adv)
+            for mode in spec.targets_list:
+                wins = {} if res is None else _wins(res[0], res[1], self.y_cpu, mode)
+                scores = _mode_scores(mode, self.y_cpu, self.clean, adv)
+                rows.append(self.row(eps, mode, scores, wins))
+        return rows, both_auroc
+
+    def strength_checks(self, rows: list[dict], both_auroc: dict) -> tuple[list[Verdict], list]:
+        """The verdicts of the strength checks (see the module docstring) and those skipped."""
+        spec = self.spec
+        if not spec.checks:
+            return [], ["monotone", "large_eps", "more_steps", "more_restarts", "transfer"]
+        verdicts = [_check_monotone(rows, self.boot, spec.targets_list)]
+        large_eps = spec.large_at(self.x[0].numel())
+        large = self.attack(self.detector, large_eps, key="large_eps")[0]
+        sides = {m: self.auroc_of(_mode_scores(m, self.y_cpu, self.clean, large)) for m in TARGETS}
+        verdicts.append(_check_large_eps(sides, spec.norm, large_eps))
+        check_eps = spec.check_at
+        if check_eps is None or check_eps <= 0:
+            return verdicts, ["more_steps", "more_restarts", "transfer"]
+        ref = both_auroc.get(check_eps)
+        if ref is None:
+            ref = self.attacked_auroc(check_eps, key="check_eps")
+        return self._convergence(verdicts, check_eps, ref)
+
+    def _convergence(self, verdicts: list[Verdict], check_eps: float, ref: float):
+        """The more_steps, more_restarts, transfer and square checks at ``check_eps``."""
+        steps, restarts, skipped = self.spec.steps, self.spec.restarts, []
+        head = f"'both' AUROC at eps={check_eps:.4g}: {ref:.4f} with steps={steps}"
+        tail = f"(may be lower by {CONVERGENCE_TOL} at most)"
+        more = self.attacked_auroc(check_eps, key="more_steps", steps=2 * steps)
+        detail = f"{head}; {more:.4f} with steps={2 * steps} {tail}"
+        verdicts.append(Verdict("more_steps", more >= ref - CONVERGENCE_TOL, detail))
+        more = self.attacked_auroc(
+            check_eps, key="more_restarts", restarts=restarts + 1, random_start=True
+        )
+        detail = f"{head}, restarts={restarts}; {more:.4f} with restarts={restarts + 1} {tail}"
+        verdicts.append(Verdict("more_restarts", more >= ref - CONVERGENCE_TOL, detail))
+        if self.transfer_from is None:
+            skipped.append("transfer")
+        else:
+            black = self.attacked_auroc(check_eps, source=self.transfer_from, key="transfer")
+            name = _name_of(self.transfer_from)
+            detail = f"{head} (white-box); {black:.4f} transferred from {name} {tail}"
+            verdicts.append(Verdict("transfer", black >= ref - CONVERGENCE_TOL, detail))
+        if self.spec.square_check:
+            queries = _square_queries(self.spec)
+            black = self.attacked_auroc(
+                check_eps, key="square", kind="square", steps=queries, restarts=1
+            )
+            what = f"the black-box Square attack ({queries} queries)"
+            detail = f"{head}; {black:.4f} with {what} {tail}"
+            verdicts.append(Verdict("square", black >= ref - CONVERGENCE_TOL, detail))
+        return verdicts, skipped
+
+
+def _square_queries(spec: SweepSpec) -> int:
+    return max(spec.steps, SQUARE_CHECK_QUERIES)
+
+
+def _sweep_settings(spec: SweepSpec, detector, transfer_from, dims: int) -> dict:
+    """The ``settings`` of a sweep's result."""
+    return {
+        "norm": spec.norm,
+        "eps_list": spec.eps_list,
+        "steps": spec.steps,
+        "restarts": spec.restarts,
+        "step_size": _step_text(spec.attack, spec.schedule, spec.step_factor),
+        "schedule": spec.schedule,
+        "targets_list": spec.targets_list,
+        "attack_targets": spec.attack_targets,
+        "eot": spec.eot,
+        "random_start": spec.random_start,
+        "seed": spec.seed,
+        "batch_size": spec.batch_size,
+        "surrogates": _describe(spec.surrogates),
+        "n_bootstrap": spec.n_bootstrap,
+        "check_eps": spec.check_at,
+        "large_eps": spec.large_at(dims),
+        "transfer_from": None if transfer_from is None else _name_of(transfer_from),
+        "attack": spec.attack,
+        "square_check": spec.square_check,
+        "square_queries": _square_queries(spec) if spec.square_check else None,
+        "detector": type(detector).__name__,
+    }
 
 
 def robust_auroc_sweep(
@@ -185,29 +369,26 @@ def robust_auroc_sweep(
 ) -> dict:
     """AUROC under attack for every ε and target mode, with intervals and strength checks.
 
+    ``detector``: object with ``score_tensor`` (or a callable), higher = more anomalous;
+    ``x``, ``y``: float images (N, C, H, W) in [0, 1], labels 1 = anomaly, 0 = normal. The
+    settings are the fields of `SweepSpec` (see there); ``sweep`` takes them as one spec.
+    """
+    spec = SweepSpec(
+        eps_list, norm, steps, restarts, targets_list, step_factor, schedule, eot,
+        random_start, seed, batch_size, surrogates, subset, n_bootstrap, checks, check_eps,
+        large_eps, attack, square_check,
+    )  # fmt: skip
+    return sweep(detector, x, y, spec, transfer_from, progress, cache, on_step)
+
+
+def sweep(detector, x, y, spec: SweepSpec, transfer_from=None, progress=None, cache=None,
+          on_step=None) -> dict:  # fmt: skip
+    """``robust_auroc_sweep`` with its settings in a `SweepSpec`.
+
     Args:
-        detector: object with ``score_tensor`` (or a callable), higher = more anomalous.
-        x, y: float images (N, C, H, W) in [0, 1]; labels 1 = anomaly, 0 = normal.
-        eps_list: radii in [0, 1] pixel space; 0 gives the clean AUROC.
-        norm, steps, restarts, eot, random_start, batch_size, surrogates: as in
-            ``attack_detector``; step size = ``step_factor``·ε/steps.
-        schedule: ``"fixed"`` steps, or ``"apgd"`` (first step 2·ε, halved where progress
-            stalls; ``step_factor`` is then unused).
-        targets_list: rows to report among "normal", "anomaly", "both".
-        seed: seeds the attacks, the subset and the bootstrap.
-        subset: evaluate on a stratified seeded subset of this size (None = all images).
-        n_bootstrap: bootstrap resamples for the 95 % intervals.
-        checks: run the strength checks (they cost about four more attacks).
-        check_eps: ε of the steps/restarts/transfer checks; default the median non-zero ε.
-        large_eps: ε of the masking check; default 1.0 (L∞) or √d (L2).
         transfer_from: optional surrogate detector for the black-box transfer check.
         progress: called as ``progress(done, total, what)`` before each attack and once at the
             end (``done == total``), e.g. to drive a progress bar.
-        attack: ``"pgd"`` (gradient attacks, ``schedule`` picks PGD or APGD) or ``"square"``
-            (the score-based black-box Square attack, L∞; ``steps`` is then its number of
-            queries and surrogates are unused).
-        square_check: with the checks, also run the Square attack (``steps`` queries, at least
-            1000) at ``check_eps``: it must not beat the attack by more than 1 point.
         cache: optional store of finished attacks (``get(key) -> dict | None`` and
             ``put(key, dict)``) so an interrupted sweep continues; the caller keeps it to one
             set of settings (see ``firmad.robustness.audit``).
@@ -218,220 +399,22 @@ def robust_auroc_sweep(
         mode: auroc, ci_low, ci_high, n, n_normal, n_anomaly, aupr_anomaly, fpr95, wins),
         ``verdicts``, ``checks_skipped`` and ``passed`` (all verdicts passed).
     """
-    norm, eps_sorted, modes = _check_sweep(norm, eps_list, targets_list, n_bootstrap)
-    _check_settings(
-        norm, 0.0, steps, None, restarts, "both", eot, random_start, batch_size, schedule
-    )
-    if attack not in ATTACKS:
-        raise ConfigError(f"attack must be one of {ATTACKS}, got {attack!r}.")
-    if attack == "square" and norm != "linf":
-        raise ConfigError("the Square attack is implemented for norm='linf' only.")
-    for name, value in [
-        ("step_factor", step_factor),
-        ("check_eps", check_eps),
-        ("large_eps", large_eps),
-    ]:
-        if value is not None and not _positive(value):
-            raise ConfigError(f"{name} must be a positive number, got {value!r}.")
-    x = _check_images(x)
-    y = y_all = _check_labels(y, x.shape[0], x.device)
-    if not (y == 0).any() or not (y == 1).any():
-        raise InputError("robust AUROC needs both normal (0) and anomalous (1) images.")
-    idx = stratified_subset(y.cpu(), subset, seed)
-    if subset is not None:
-        x, y = x[idx.to(x.device)], y[idx.to(y.device)]
-        if not (y == 0).any() or not (y == 1).any():
-            missing = "normal" if (y == 1).all() else "anomalous"
-            counts = f"{int((y_all == 0).sum())} normal, {int((y_all == 1).sum())} anomalous"
-            raise InputError(
-                f"a subset of {subset} image(s) holds no {missing} image (the test set has "
-                f"{counts}); AUROC needs both: use a larger subset"
-            )
-    y_np = y.cpu().numpy()
-    n_normal, n_anomaly = int((y_np == 0).sum()), int((y_np == 1).sum())
-    # The bootstrap sees normals first, then anomalies; every score vector is put in that order.
-    order = np.concatenate([np.flatnonzero(y_np == 0), np.flatnonzero(y_np == 1)])
-    resamples = _resamples(np.sort(y_np), n_bootstrap, seed)
-    # One attack per eps serves every mode: both groups unless only one mode is asked for.
-    both_needed = "both" in modes or {"normal", "anomaly"} <= set(modes)
-    attack_targets = "both" if both_needed else modes[0]
-    attack_kind = attack
-    settings = dict(
-        norm=norm,
-        steps=steps,
-        restarts=restarts,
-        eot=eot,
-        random_start=random_start,
-        batch_size=batch_size,
-        surrogates=surrogates,
-        schedule=schedule,
-    )
-
-    nonzero = [e for e in eps_sorted if e > 0]
-    if check_eps is None and nonzero:
-        check_eps = float(nonzero[(len(nonzero) - 1) // 2])
-    if large_eps is None:
-        large_eps = 1.0 if norm == "linf" else math.sqrt(x[0].numel())
-    total = len(nonzero)
-    if checks:
-        total += 1  # large_eps
-        if check_eps is not None and check_eps > 0:
-            reused = attack_targets == "both" and check_eps in nonzero
-            total += 2 + (0 if reused else 1) + (transfer_from is not None) + square_check
-    done = [0]
-    square_queries = max(steps, SQUARE_CHECK_QUERIES)
-
-    def run_attack(det, eps: float, targets: str = "both", key: str | None = None, **override):
-        """Scores of the detector on images attacked through ``det``, the winning attack per
-        image and the attacks' names; taken from ``cache`` when it holds ``key``."""
-        what = ", ".join(f"{k}={v}" for k, v in override.items() if k != "kind")
-        what = f"eps={eps:.4g}" + (f" ({what})" if what else "")
-        if progress is not None:
-            progress(done[0], total, what)
-        done[0] += 1
-        key = key or what
-        hit = cache.get(key) if cache is not None else None
-        if hit is not None:
-            return (torch.tensor(hit["scores"], dtype=torch.float64), torch.tensor(hit["winner"]),
-                    hit["attacks"])  # fmt: skip
-        kw = {**settings, **override}
-        kind = kw.pop("kind", attack_kind)
-        if kind == "square":
-            res = square_attack(
-                det, x, y, eps=eps, norm=norm, queries=kw["steps"], restarts=kw["restarts"],
-                targets=targets, seed=seed, batch_size=batch_size, on_step=on_step,
-            )  # fmt: skip
-        else:
-            fixed = eps > 0 and kw["schedule"] == "fixed"
-            step_size = step_factor * eps / kw["steps"] if fixed else None
-            res = attack_detector(
-                det, x, y, eps=eps, step_size=step_size, targets=targets, seed=seed,
-                on_step=on_step, **kw,
-            )  # fmt: skip
-        adv = score(detector, res.images, batch_size).double().cpu()
-        if cache is not None:
-            cache.put(key, {"scores": adv.tolist(), "winner": res.winner.cpu().tolist(),
-                            "attacks": res.attacks})  # fmt: skip
-        return adv, res.winner.cpu(), res.attacks
-
-    def auroc_of(s: Tensor) -> float:
-        return evaluate_scores(y_np, s.double().cpu().numpy())["auroc"]
-
-    def attacked_auroc(eps: float, source=detector, key=None, **override) -> float:
-        """'both' AUROC of the detector on images attacked through ``source``."""
-        return auroc_of(run_attack(source, eps, key=key, **override)[0])
-
-    boot: dict[tuple[float, str], np.ndarray] = {}
-
-    def row(eps: float, mode: str, s: Tensor, wins: dict[str, int]) -> dict:
-        s_np = s.double().cpu().numpy()
-        m = evaluate_scores(y_np, s_np)
-        boot[(eps, mode)] = _bootstrap(s_np[order], resamples, n_normal)
-        lo, hi = _interval(boot[(eps, mode)])
-        return {
-            "eps": eps,
-            "target": mode,
-            "auroc": m["auroc"],
-            "ci_low": lo,
-            "ci_high": hi,
-            "n": len(y_np),
-            "n_normal": n_normal,
-            "n_anomaly": n_anomaly,
-            "aupr_anomaly": m["aupr_anomaly"],
-            "aupr_normal": m["aupr_normal"],
-            "fpr95": m["fpr95"],
-            "wins": wins,
-        }
-
-    clean = score(detector, x, batch_size).double().cpu()
-    y_cpu = y.cpu()
-    clean_row = row(0.0, "clean", clean, {})
-    rows = []
-    both_auroc: dict[float, float] = {}  # reused by the checks
-    for eps in eps_sorted:
-        if eps == 0:
-            adv, res = clean, None
-        else:
-            adv, *res = run_attack(detector, eps, attack_targets, key=f"eps={eps!r}")
-        if attack_targets == "both":
-            both_auroc[eps] = auroc_of(adv)
-        for mode in modes:
-            wins = {} if res is None else _wins(res[0], res[1], y_cpu, mode)
-            rows.append(row(eps, mode, _mode_scores(mode, y_cpu, clean, adv), wins))
-
-    verdicts: list[Verdict] = []
-    skipped: list[str] = []
-    if not checks:
-        skipped += ["monotone", "large_eps", "more_steps", "more_restarts", "transfer"]
-    else:
-        verdicts.append(_check_monotone(rows, boot, modes))
-        large = run_attack(detector, large_eps, key="large_eps")[0]
-        sides = {m: auroc_of(_mode_scores(m, y_cpu, clean, large)) for m in TARGETS}
-        verdicts.append(_check_large_eps(sides, norm, large_eps))
-        if check_eps is None or check_eps <= 0:
-            skipped += ["more_steps", "more_restarts", "transfer"]
-        else:
-            ref = both_auroc.get(check_eps)
-            if ref is None:
-                ref = attacked_auroc(check_eps, key="check_eps")
-            head = f"'both' AUROC at eps={check_eps:.4g}: {ref:.4f} with steps={steps}"
-            tail = f"(may be lower by {CONVERGENCE_TOL} at most)"
-            more = attacked_auroc(check_eps, key="more_steps", steps=2 * steps)
-            detail = f"{head}; {more:.4f} with steps={2 * steps} {tail}"
-            verdicts.append(Verdict("more_steps", more >= ref - CONVERGENCE_TOL, detail))
-            more = attacked_auroc(
-                check_eps, key="more_restarts", restarts=restarts + 1, random_start=True
-            )
-            detail = f"{head}, restarts={restarts}; {more:.4f} with restarts={restarts + 1} {tail}"
-            verdicts.append(Verdict("more_restarts", more >= ref - CONVERGENCE_TOL, detail))
-            if transfer_from is None:
-                skipped.append("transfer")
-            else:
-                black = attacked_auroc(check_eps, source=transfer_from, key="transfer")
-                name = _name_of(transfer_from)
-                detail = f"{head} (white-box); {black:.4f} transferred from {name} {tail}"
-                verdicts.append(Verdict("transfer", black >= ref - CONVERGENCE_TOL, detail))
-            if square_check:
-                black = attacked_auroc(
-                    check_eps, key="square", kind="square", steps=square_queries, restarts=1
-                )
-                what = f"the black-box Square attack ({square_queries} queries)"
-                detail = f"{head}; {black:.4f} with {what} {tail}"
-                verdicts.append(Verdict("square", black >= ref - CONVERGENCE_TOL, detail))
-
+    x, y, idx = _sweep_data(x, y, spec.subset, spec.seed)
+    run = _Sweep(detector, x, y, spec, transfer_from, (progress, cache, on_step))
+    clean_row = run.row(0.0, "clean", run.clean, {})
+    rows, both_auroc = run.eps_rows()
+    verdicts, skipped = run.strength_checks(rows, both_auroc)
     if progress is not None:
-        progress(total, total, "done")
+        progress(run.total, run.total, "done")
     return {
-        "settings": {
-            "norm": norm,
-            "eps_list": eps_sorted,
-            "steps": steps,
-            "restarts": restarts,
-            "step_size": _step_text(attack, schedule, step_factor),
-            "schedule": schedule,
-            "targets_list": modes,
-            "attack_targets": attack_targets,
-            "eot": eot,
-            "random_start": random_start,
-            "seed": seed,
-            "batch_size": batch_size,
-            "surrogates": _describe(surrogates),
-            "n_bootstrap": n_bootstrap,
-            "check_eps": check_eps,
-            "large_eps": large_eps,
-            "transfer_from": None if transfer_from is None else _name_of(transfer_from),
-            "attack": attack_kind,
-            "square_check": square_check,
-            "square_queries": square_queries if square_check else None,
-            "detector": type(detector).__name__,
-        },
+        "settings": _sweep_settings(spec, detector, transfer_from, x[0].numel()),
         "subset": {
-            "requested": subset,
-            "n": len(y_np),
-            "n_normal": n_normal,
-            "n_anomaly": n_anomaly,
-            "seed": seed,
-            "indices": idx.tolist() if subset is not None else None,
+            "requested": spec.subset,
+            "n": len(run.y_np),
+            "n_normal": run.n_normal,
+            "n_anomaly": run.n_anomaly,
+            "seed": spec.seed,
+            "indices": idx.tolist() if spec.subset is not None else None,
         },
         "clean": clean_row,
         "rows": rows,
@@ -439,10 +422,6 @@ def robust_auroc_sweep(
         "checks_skipped": skipped,
         "passed": all(v.passed for v in verdicts),
     }
-
-
-def _positive(v) -> bool:
-    return not isinstance(v, bool) and isinstance(v, int | float) and v > 0 and math.isfinite(v)
 
 
 def _step_text(attack: str, schedule: str, step_factor: float) -> str:

@@ -287,21 +287,7 @@ class Cell:
             1 - label if name == "D_det" else torch.randint(0, 2, (len(source),), generator=gen)
         )
         tic = time.perf_counter()
-        attempts, images, eps = [], None, None
-        for eps in c.reach_eps:
-            self.log(f"[{self.tag()}] building {name}: {len(source)} images, L2 eps {eps:g}")
-            # pgd raises the score of label 0 and lowers that of label 1: to reach target t,
-            # give label 1 - t (target "outlier" = a higher logit).
-            adv = pgd(
-                det_bin, source, 1 - target, eps=eps, norm="l2", steps=c.construct_steps,
-                targets="both", seed=self.seed, batch_size=c.batch_size,
-            )  # fmt: skip
-            stored = to_uint8(adv).float() / 255  # what the fresh model will read
-            reach = reach_by_target(score(det_bin, stored, c.batch_size), target)
-            attempts.append({"eps": eps, **reach})
-            if min(reach["to_normal"], reach["to_outlier"]) >= c.reach_floor:
-                images = stored
-                break
+        attempts, images, eps = self._reach(name, det_bin, source, target)
         meta = {"set": name, "class": self.cls, "seed": self.seed, "n": len(source),
                 "attempts": attempts, "reach_floor": c.reach_floor}  # fmt: skip
         failed = sets / f"{name}-failed.json"  # what a stopped stage measured
@@ -328,19 +314,31 @@ class Cell:
             share_relabelled=float((target != label).float().mean()),
             seconds=round(time.perf_counter() - tic, 1),
         )  # fmt: skip
-        control = "flip" if name == "D_det" else "shuffle"
-        for set_name, x, y in ((name, images, target), (control, source, target),
-                               ("D_clean", source, label)):  # fmt: skip
-            save_constructed(sets / f"{set_name}.npz", x[y == 0], y[y == 0], meta)
-            save_constructed(sets / f"{set_name}-outliers.npz", x[y == 1], y[y == 1], meta)
-        show = torch.cat([torch.arange(4), len(source) // 2 + torch.arange(4)])
-        sample_grid_png(
-            sets / f"{name}.png",
-            {"original": source[show], name: images[show],
-             "perturbation": centre_perturbation(images[show] - source[show])},
-        )  # fmt: skip
+        _save_sets(sets, name, (source, images), (label, target), meta)
         atomic_write_json(record, meta)
         return meta
+
+    def _reach(self, name: str, det_bin, source, target):
+        """Attack ``source`` towards ``target`` at each radius of ``reach_eps`` until both
+        directions reach the floor: the attempts, the stored images (None if never) and the
+        last radius."""
+        c = self.cfg
+        attempts, images, eps = [], None, None
+        for eps in c.reach_eps:
+            self.log(f"[{self.tag()}] building {name}: {len(source)} images, L2 eps {eps:g}")
+            # pgd raises the score of label 0 and lowers that of label 1: to reach target t,
+            # give label 1 - t (target "outlier" = a higher logit).
+            adv = pgd(
+                det_bin, source, 1 - target, eps=eps, norm="l2", steps=c.construct_steps,
+                targets="both", seed=self.seed, batch_size=c.batch_size,
+            )  # fmt: skip
+            stored = to_uint8(adv).float() / 255  # what the fresh model will read
+            reach = reach_by_target(score(det_bin, stored, c.batch_size), target)
+            attempts.append({"eps": eps, **reach})
+            if min(reach["to_normal"], reach["to_outlier"]) >= c.reach_floor:
+                images = stored
+                break
+        return attempts, images, eps
 
     def _reference_check(self, name, det_ref, source, images, label) -> dict[str, Any]:
         """The robust reference must still read the original label after the construction
@@ -816,9 +814,26 @@ def _ms(pair: list) -> str:
     return _pct(mean) + ("" if sd is None else f" ± {100 * sd:.1f}")
 
 
+def _save_sets(sets: Path, name: str, images: tuple, labels: tuple, meta: dict) -> None:
+    """The constructed set ``name``, its control and D_clean as npz files (normals and
+    outliers apart), and a picture of a few originals, their constructed images and the
+    perturbation. ``images``: (source, constructed); ``labels``: (label, target)."""
+    (source, built), (label, target) = images, labels
+    control = "flip" if name == "D_det" else "shuffle"
+    for set_name, x, y in ((name, built, target), (control, source, target),
+                           ("D_clean", source, label)):  # fmt: skip
+        save_constructed(sets / f"{set_name}.npz", x[y == 0], y[y == 0], meta)
+        save_constructed(sets / f"{set_name}-outliers.npz", x[y == 1], y[y == 1], meta)
+    show = torch.cat([torch.arange(4), len(source) // 2 + torch.arange(4)])
+    sample_grid_png(
+        sets / f"{name}.png",
+        {"original": source[show], name: built[show],
+         "perturbation": centre_perturbation(built[show] - source[show])},
+    )  # fmt: skip
+
+
 def study_markdown(results: dict[str, Any]) -> str:
     s, summary = results["settings"], results["summary"]
-    floors = summary["floors"]
     pairs = [(a, b) for a, b in PAIRS
              if ("binary" if a in BINARY_SETS else "one_class") in s["branches"]]  # fmt: skip
     eps = next((list(row["attacked"]) for e in summary["classes"].values()
@@ -837,19 +852,7 @@ def study_markdown(results: dict[str, Any]) -> str:
     ]
     if s["reductions"]:
         lines += ["Reductions from the full-scale settings: " + "; ".join(s["reductions"]), ""]
-    lines += ["## Verdict: are non-robust features useful for the one-class task?", ""]
-    for cls, e in summary["classes"].items():
-        lines.append(f"- class {cls} ({len(e['seeds'])} seed(s)): **{e['verdict']}**")
-    if floors["general_claim_allowed"]:
-        lines.append(f"- pooled over {floors['classes']} classes: **{summary['pooled_verdict']}**")
-    else:
-        lines.append(
-            f"- pooled ({floors['classes']} class(es), at least {floors['seeds_min']} seed(s)): "
-            f"**{summary['pooled_verdict']}** — below the floors for a general claim "
-            "(>= 3 classes, >= 5 seeds): not a general result"
-        )
-    for e in summary["classes"].values():
-        lines += [f"  - stopped: {msg}" for msg in e.get("failed", [])]
+    lines += _verdict_lines(summary)
     lines += [
         "",
         "Rule (the binary branch; without it no verdict can be computed): D_det - flip and "
@@ -863,19 +866,7 @@ def study_markdown(results: dict[str, Any]) -> str:
         "| class | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |",
         "|---|" + "---:|" * len(pairs),
     ]
-    groups = [(c, e["pairs"]) for c, e in summary["classes"].items()]
-    groups.append(("pooled", summary["pooled"]))
-    for name, found in groups:
-        cells = []
-        for a, b in pairs:
-            p = found.get(f"{a} - {b}")
-            cells.append(
-                "–"
-                if p is None
-                else f"{100 * p['diff']:+.1f} "
-                f"[{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}] {p['judgement']}"
-            )
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += _pair_rows(summary, pairs)
     head = " | ".join(f"ε={float(e):g}" for e in eps)
     lines += ["", "## AUROC % of the model trained on each set (mean ± sd over seeds)", "",
               f"| class | model | set | clean | {head} |",
@@ -889,6 +880,44 @@ def study_markdown(results: dict[str, Any]) -> str:
     lines += ["", "## Dropped sets", ""]
     lines += [f"- {k}: {v}" for k, v in results["dropped_sets"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _verdict_lines(summary: dict[str, Any]) -> list[str]:
+    """The verdict section of study.md: per class, pooled (with its floors), stopped stages."""
+    floors = summary["floors"]
+    lines = ["## Verdict: are non-robust features useful for the one-class task?", ""]
+    for cls, e in summary["classes"].items():
+        lines.append(f"- class {cls} ({len(e['seeds'])} seed(s)): **{e['verdict']}**")
+    if floors["general_claim_allowed"]:
+        lines.append(f"- pooled over {floors['classes']} classes: **{summary['pooled_verdict']}**")
+    else:
+        lines.append(
+            f"- pooled ({floors['classes']} class(es), at least {floors['seeds_min']} seed(s)): "
+            f"**{summary['pooled_verdict']}** — below the floors for a general claim "
+            "(>= 3 classes, >= 5 seeds): not a general result"
+        )
+    for e in summary["classes"].values():
+        lines += [f"  - stopped: {msg}" for msg in e.get("failed", [])]
+    return lines
+
+
+def _pair_rows(summary: dict[str, Any], pairs: list) -> list[str]:
+    """The rows of the set-minus-control table: each class, then pooled."""
+    groups = [(c, e["pairs"]) for c, e in summary["classes"].items()]
+    groups.append(("pooled", summary["pooled"]))
+    lines = []
+    for name, found in groups:
+        cells = []
+        for a, b in pairs:
+            p = found.get(f"{a} - {b}")
+            cells.append(
+                "–"
+                if p is None
+                else f"{100 * p['diff']:+.1f} "
+                f"[{100 * p['ci'][0]:+.1f}, {100 * p['ci'][1]:+.1f}] {p['judgement']}"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _construction_lines(results: dict[str, Any]) -> list[str]:

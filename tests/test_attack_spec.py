@@ -1,0 +1,90 @@
+"""AttackSpec and SweepSpec: frozen, validated once with the messages the keyword APIs give,
+and the spec entry points give the keyword APIs' results."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+
+from firmad.errors import ConfigError
+from firmad.robustness import AttackSpec, SweepSpec, attack_detector, robust_auroc_sweep, sweep
+from firmad.robustness.attacks import run_attack
+from tests.golden_attacks import _data
+
+
+def test_attack_spec_is_frozen_and_normalised():
+    spec = AttackSpec(0.1, norm="LINF", steps=4)
+    assert spec.norm == "linf" and spec.alpha == pytest.approx(2.5 * 0.1 / 4)
+    assert AttackSpec(0.1, schedule="apgd").alpha == pytest.approx(0.2)
+    assert AttackSpec(0.1, step_size=0.03).alpha == 0.03
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.eps = 0.2
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"norm": "l1"}, "norm must be one of"),
+        ({"eps": -1}, "eps must be >= 0"),
+        ({"eps": float("nan")}, "eps must be a finite number"),
+        ({"steps": 0}, "steps must be an integer >= 1"),
+        ({"restarts": True}, "restarts must be an integer >= 1"),
+        ({"step_size": 0}, "step_size must be a positive number"),
+        ({"targets": "all"}, "targets must be one of"),
+        ({"schedule": "cosine"}, "schedule must be one of"),
+        ({"restarts": 2, "random_start": False}, "without a random start"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
+    ],
+)
+def test_attack_spec_refuses_what_pgd_refuses(changes, message):
+    det, x, y = _data()
+    settings = {"eps": 0.1, **changes}
+    with pytest.raises(ConfigError, match=message):
+        AttackSpec(**settings)
+    with pytest.raises(ConfigError, match=message):
+        attack_detector(det, x, y, **settings)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"eps_list": []}, "eps_list must be a non-empty list"),
+        ({"eps_list": [0.1, -1]}, "every eps must be a finite number"),
+        ({"targets_list": ["all"]}, "targets_list must name some of"),
+        ({"n_bootstrap": 0}, "n_bootstrap must be a positive integer"),
+        ({"attack": "cw"}, "attack must be one of"),
+        ({"attack": "square", "norm": "l2"}, "implemented for norm='linf' only"),
+        ({"check_eps": -0.1}, "check_eps must be a positive number"),
+        ({"steps": 0}, "steps must be an integer >= 1"),
+    ],
+)
+def test_sweep_spec_refuses_what_the_sweep_refuses(changes, message):
+    det, x, y = _data()
+    settings = {"eps_list": [0.0, 0.1], **changes}
+    with pytest.raises(ConfigError, match=message):
+        SweepSpec(**settings)
+    with pytest.raises(ConfigError, match=message):
+        robust_auroc_sweep(det, x, y, **settings)
+
+
+def test_sweep_spec_normalises_and_derives():
+    spec = SweepSpec([0.05, 0, 0.02, 0.05], norm="L2", targets_list="anomaly")
+    assert spec.norm == "l2" and spec.eps_list == [0.0, 0.02, 0.05]
+    assert spec.targets_list == ["anomaly"] and spec.attack_targets == "anomaly"
+    assert spec.check_at == 0.02 and spec.large_at(4) == 2.0
+    one = spec.attack_at(0.05, "both", steps=8)
+    assert one.steps == 8 and one.step_size == pytest.approx(2.5 * 0.05 / 8)
+
+
+def test_spec_entry_points_equal_the_keyword_apis():
+    det, x, y = _data()
+    spec = AttackSpec(0.05, steps=3, restarts=2, seed=4)
+    a = run_attack(det, x, y, spec)
+    b = attack_detector(det, x, y, eps=0.05, steps=3, restarts=2, seed=4)
+    assert a.scores.tolist() == b.scores.tolist() and a.winner.tolist() == b.winner.tolist()
+    kw = dict(eps_list=[0.0, 0.05], steps=2, n_bootstrap=20, seed=1, checks=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert sweep(det, x, y, SweepSpec(**kw)) == robust_auroc_sweep(det, x, y, **kw)
