@@ -19,6 +19,7 @@ from torch import nn
 
 from firmad.errors import ConfigError, InputError
 from firmad.metrics import evaluate_scores
+from firmad.perturb import project
 from firmad.robustness import (
     attack_detector,
     bootstrap_auroc,
@@ -29,7 +30,7 @@ from firmad.robustness import (
     score,
     stratified_subset,
 )
-from firmad.robustness.attacks import ImageTarget, _project, apgd_checkpoints, square_attack
+from firmad.robustness.attacks import ImageTarget, apgd_checkpoints, square_attack
 
 # --------------------------------------------------------------------------- toy detectors
 
@@ -120,7 +121,7 @@ def test_property_projection_stays_in_ball_and_box(norm, eps, scale, seed) -> No
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(4, 3, 2, 2, generator=gen)
     x_adv = x + scale * torch.randn(x.shape, generator=gen)
-    p = _project(x_adv, x, norm, eps)
+    p = project(x_adv, x, norm, eps)
     d = (p - x).flatten(1)
     assert p.min() >= 0 and p.max() <= 1
     if norm == "linf":
@@ -640,3 +641,27 @@ def test_targets_pick_typical_normals(toy, data) -> None:
     assert len(near.bank) == 16
     sur = near.bind(x[:4])(x[:4])
     assert sur.shape == (4,) and (sur >= -1e-9).all()
+
+
+def test_attacks_use_the_modules_a_detector_declares() -> None:
+    """The detector protocol: score_tensor + attack_modules(); only declared modules are put in
+    eval mode (and restored), attributes are not walked for a detector that declares them."""
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 1, 8, 8), torch.tensor([0, 1] * 4)
+
+    class Declared:
+        def __init__(self):
+            self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 4), nn.BatchNorm1d(4))
+            self.other = nn.BatchNorm1d(4)  # not declared: an attack leaves it alone
+
+        def attack_modules(self):
+            return [self.net]
+
+        def score_tensor(self, z):
+            assert not self.net.training  # the declared module is in eval mode
+            assert self.other.training  # an undeclared one is not walked to
+            return self.net(z).sum(1)
+
+    det = Declared()
+    pgd(det, x, y, eps=4 / 255, steps=2)
+    assert det.net.training and det.other.training

@@ -642,6 +642,12 @@ class OneClassDetector(OutlierMixin, BaseEstimator):
     def eval(self) -> OneClassDetector:
         return self
 
+    def attack_modules(self) -> list[torch.nn.Module]:
+        """The modules an attack puts in eval mode (the attacks' detector protocol, with
+        ``score_tensor``): the feature extractor and the fitted scorer."""
+        self._check_fitted()
+        return [self.extractor_, self.scorer_]
+
     # --- save / load --------------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> Path:
@@ -664,6 +670,9 @@ class _BoundScore:
 
     def __init__(self, det: OneClassDetector, scorer: VariantScorer) -> None:
         self.det, self.scorer = det, scorer
+
+    def attack_modules(self) -> list[torch.nn.Module]:
+        return [self.det.extractor_, self.scorer]
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
         x, _ = to_batch(x)

@@ -81,11 +81,16 @@ def score_fn_of(detector) -> ScoreFn:
 
 
 def _modules_of(obj, depth: int = 2) -> list[nn.Module]:
-    """nn.Modules reachable from ``obj``: itself, a bound method's owner, and the attributes
-    of plain (non-Module) objects down to ``depth`` levels (e.g. detector.scorer.encoder)."""
+    """The nn.Modules an attack puts in eval mode. The protocol: a detector (or a bound
+    method's owner) declares them with ``attack_modules()``; an nn.Module is its own. Objects
+    that declare nothing (plain callables, wrappers) fall back to a walk over their attributes
+    down to ``depth`` levels (e.g. wrapper.scorer.encoder)."""
     owner = getattr(obj, "__self__", None)  # a bound method such as detector.score_tensor
     if owner is not None and not isinstance(owner, type):
         return _modules_of(owner, depth)
+    declared = getattr(obj, "attack_modules", None)
+    if callable(declared):
+        return list(declared())
     if isinstance(obj, nn.Module):
         return [obj]
     attrs = getattr(obj, "__dict__", None)
@@ -193,9 +198,6 @@ def _check_labels(y, n: int, device) -> Tensor:
 
 
 # --------------------------------------------------------------------------- the attack
-
-
-_project = project  # the name the tests and older callers use
 
 
 def _random_start(x: Tensor, norm: str, eps: float, gen: torch.Generator) -> Tensor:
