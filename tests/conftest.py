@@ -140,3 +140,21 @@ def run_in_read_only_folder(folder: Path, body: str, *args: str, timeout: int = 
     if "skip" in result:
         pytest.skip(result["skip"])
     return proc, result
+
+
+def folder_detector(tmp: Path, overrides: list[str]):
+    """A detector fitted on a folder of fixture PNGs (as `firmad fit` reads them) and
+    calibrated on a second folder: 64 training and 20 held-out T-shirts under ``tmp``;
+    returns (detector, the fixture's one-vs-rest split)."""
+    from PIL import Image
+
+    from firmad.data import one_vs_rest
+    from firmad.detector import OneClassDetector
+
+    split = one_vs_rest("fashion-mnist", 0, root=str(FIXTURE_FMNIST), max_test=40)
+    for i, img in enumerate(split.train_images[:84]):
+        folder = tmp / ("train" if i < 64 else "held")
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(img[0].numpy()).save(folder / f"{i}.png")
+    det = OneClassDetector(overrides=overrides).fit(tmp / "train")
+    return det.calibrate(tmp / "held", target_fpr=0.1), split

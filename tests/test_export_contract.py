@@ -13,11 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from firmad.data import one_vs_rest
 from firmad.data.sources import load_image
-from firmad.detector import OneClassDetector
 from firmad.export import export_onnx, sidecar_path
-from tests.conftest import FIXTURE_FMNIST
+from tests.conftest import folder_detector
 from tests.test_detector import TRAIN
 
 pytest.importorskip("onnxruntime")
@@ -39,17 +37,8 @@ class _Records(logging.Handler):
 def exported(tmp_path_factory):
     """A tiny calibrated detector and its export, with the root logger at INFO as the CLI sets
     it (so the optimiser's INFO lines would show if nothing kept them quiet)."""
-    from PIL import Image
-
-    split = one_vs_rest("fashion-mnist", 0, root=str(FIXTURE_FMNIST), max_test=40)
     tmp = tmp_path_factory.mktemp("onnx")
-    for i, img in enumerate(split.train_images[:84]):
-        folder = tmp / ("train" if i < 64 else "held")
-        folder.mkdir(exist_ok=True)
-        Image.fromarray(img[0].numpy()).save(folder / f"{i}.png")
-    # from folders, as `firmad fit` reads them: RGB at the recipe's size
-    det = OneClassDetector(overrides=TRAIN).fit(tmp / "train")
-    det.calibrate(tmp / "held", target_fpr=0.1)
+    det, split = folder_detector(tmp, TRAIN)  # from folders, as `firmad fit` reads them
     path = tmp / "det.onnx"
     root, handler = logging.getLogger(), _Records()
     level = root.level

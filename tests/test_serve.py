@@ -13,11 +13,9 @@ import pytest
 
 from firmad import serve
 from firmad.cli import main
-from firmad.data import one_vs_rest
-from firmad.detector import OneClassDetector
 from firmad.inputs import load_folder_images
 from firmad.report import write_fit_report
-from tests.conftest import FIXTURE_FMNIST
+from tests.conftest import folder_detector
 from tests.test_detector import TRAIN
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -27,16 +25,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def site(tmp_path_factory):
     """A detector fitted on a folder (as `firmad fit` does), its report, an attack-like report
     folder with a secret beside it, and the page served on 127.0.0.1:<free port>."""
-    from PIL import Image
-
     tmp = tmp_path_factory.mktemp("serve")
-    split = one_vs_rest("fashion-mnist", 0, root=str(FIXTURE_FMNIST), max_test=40)
-    for i, img in enumerate(split.train_images[:84]):
-        folder = tmp / ("train" if i < 64 else "held")
-        folder.mkdir(exist_ok=True)
-        Image.fromarray(img[0].numpy()).save(folder / f"{i}.png")
-    det = OneClassDetector(overrides=TRAIN).fit(tmp / "train")
-    det.calibrate(tmp / "held", target_fpr=0.1)
+    det, split = folder_detector(tmp, TRAIN)
     det.save(tmp / "det")
     held = load_folder_images(tmp / "held", det.config_.data.size, det.config_.data.channels)
     write_fit_report(det, tmp / "det", heldout_images=held)
