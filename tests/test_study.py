@@ -238,3 +238,41 @@ def test_paired_draws_over_images_and_seeds():
     # one seed: only the test images are resampled
     one, draws1 = paired_draws(y, [(good[0], noise[0])], 200, 0)
     assert draws1.shape == (200,) and np.percentile(draws1, 2.5) > 0.0
+
+
+def test_cells_in_worker_processes_match_one_process(tmp_path):
+    """`workers: 2` runs the cells in two spawned processes; each cell's outputs (its records
+    and the models' test scores) are those of the same cells run one after the other."""
+    study = toy(
+        seeds=[0, 1], branches=["binary"], attack_eps=[0.0], set=[*TRAIN, "train.threads=1"]
+    )
+    serial = run_study(write(tmp_path, study), tmp_path / "serial")
+    (tmp_path / "p").mkdir()
+    parallel = run_study(write(tmp_path / "p", {**study, "workers": 2}), tmp_path / "parallel")
+    assert set(parallel["cells"]) == set(serial["cells"]) == {"c0-s0", "c0-s1"}
+    for key, cell in serial["cells"].items():
+        other = parallel["cells"][key]
+        assert other["seed"] == cell["seed"]
+        for name, row in cell["binary"]["sets"].items():
+            assert other["binary"]["sets"][name]["clean_auroc"] == pytest.approx(
+                row["clean_auroc"], abs=0.02
+            ), (key, name)
+    assert parallel["summary"]["classes"]["0"]["seeds"] == [0, 1]
+    # the two seeds' constructions differ (seeds reach every worker)
+    a, b = (load_dataset(f"npz:{tmp_path / 'parallel' / c / 'sets' / 'D_det.npz'}", "train")
+            for c in ("c0-s0", "c0-s1"))  # fmt: skip
+    assert not torch.equal(a.images, b.images)
+
+
+def test_one_class_branch_on_some_seeds(tmp_path):
+    """`one_class_seeds` picks the cells that run the one-class branch; the binary branch (the
+    verdict's) runs on every seed, and study.md says which seeds each table holds."""
+    study = toy(seeds=[0, 1], one_class_seeds=[1], attack_eps=[0.0])
+    result = run_study(write(tmp_path, study), tmp_path / "out")
+    assert "one_class" not in result["cells"]["c0-s0"]
+    assert "sets" in result["cells"]["c0-s1"]["one_class"]
+    entry = result["summary"]["classes"]["0"]
+    assert entry["branch_seeds"] == {"binary": [0, 1], "one_class": [1]}
+    assert entry["sets"]["D_det"]["n"] == 2 and entry["sets"]["D_R"]["n"] == 1
+    md = (tmp_path / "out" / "study.md").read_text()
+    assert "one-class branch ran on seeds [1] only" in md

@@ -618,6 +618,14 @@ def serve(
 def features(
     config: Path = typer.Option(..., "--config", "-c", help="Study YAML (see robustness.study)."),
     out_dir: Path | None = typer.Option(None, "--out", help="Study directory."),
+    workers: int | None = typer.Option(
+        None,
+        "--workers",
+        min=1,
+        max=64,
+        help="Cells (class x seed) run in this many processes at once, each with the study's "
+        "train.threads (default: the study's `workers`, 1).",
+    ),
 ) -> None:
     """Are non-robust features useful for one class? Constructed sets, probes and drift."""
     from firmad.robustness.study import run_study
@@ -625,7 +633,7 @@ def features(
     config = config.absolute()  # a file, even one named like a shipped recipe
     log = (lambda *a: None) if state["quiet"] else (lambda msg: console.print(msg, highlight=False))
     with _interruptible("finished stages are kept; run the same command again to continue"):
-        result = run_study(config, out_dir, log=log)
+        result = run_study(config, out_dir, log=log, workers=workers)
     from firmad.robustness.study import study_markdown
 
     out.print(study_markdown(result), highlight=False)

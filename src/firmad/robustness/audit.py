@@ -220,11 +220,14 @@ def threat_model(input_space: str, shape: Sequence[int], native: Sequence[int] |
 TARGET_CANDIDATES = 2000  # normal images scored to pick the typical targets from
 
 
-def offered_surrogates(det, targeted: bool, normals: torch.Tensor | None = None):
+def offered_surrogates(
+    det, targeted: bool, normals: torch.Tensor | None = None, typical: float = 0.1
+):
     """The surrogates of an audit: the detector's own (``True``), plus with ``targeted`` one
     per-image target: an `ImageTarget` on ``normals`` (normal images in the attacked input
-    space, e.g. the training normals; a seeded sample of at most TARGET_CANDIDATES), or
-    without them a `NearestTarget` on the feature bank (kNN-type scorers)."""
+    space, e.g. the training normals; a seeded sample of at most TARGET_CANDIDATES; targets
+    among the ``typical`` share with the lowest scores), or without them a `NearestTarget` on
+    the feature bank (kNN-type scorers)."""
     if not targeted:
         return True
     out = dict(det.surrogate_scores())
@@ -234,7 +237,7 @@ def offered_surrogates(det, targeted: bool, normals: torch.Tensor | None = None)
             gen = torch.Generator().manual_seed(0)
             normals = normals[torch.randperm(len(normals), generator=gen)[:TARGET_CANDIDATES]]
         normals = normals.to(det.extractor_.device)
-        out["image"] = ImageTarget(features, normals, score(det, normals, 256))
+        out["image"] = ImageTarget(features, normals, score(det, normals, 256), typical)
         return out
     bank = getattr(det.scorer_.per_angle[0], "bank_", None)
     if isinstance(bank, torch.Tensor) and bank.ndim == 2:

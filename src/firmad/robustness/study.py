@@ -50,6 +50,7 @@ from firmad.errors import ConfigError, FirmadError
 from firmad.factory import build_split
 from firmad.io import atomic_write_json, atomic_write_text
 from firmad.robustness.attacks import pgd, score
+from firmad.robustness.audit import offered_surrogates
 from firmad.robustness.construct import (
     centre_perturbation,
     feature_distance,
@@ -101,6 +102,9 @@ class StudyConfig(BaseModel):
     )
     classes: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
+    # the seeds whose cells run the one-class branch (None: every seed); the verdict needs
+    # only the binary branch
+    one_class_seeds: list[int] | None = None
     scorer: str = "knn_cos:k=5"
     set: list[str] = Field(default_factory=list)  # overrides for every model
     train_steps: int = Field(3000, ge=1)  # SGD steps of every model, constructed set or not
@@ -140,6 +144,11 @@ class StudyConfig(BaseModel):
     attack_norm: Literal["linf", "l2"] = "l2"
     attack_eps: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5])
     attack_steps: int = Field(100, ge=1)
+    # APGD's step-size schedule (the default of `firmad attack`); "fixed": 2.5 eps / steps
+    attack_schedule: Literal["fixed", "apgd"] = "apgd"
+    # the pixel-space target of each attacked image: a training normal among this share with
+    # the lowest scores (normals walk to its rotation)
+    target_share: float = Field(0.02, gt=0, le=1)
     attack_subset: int | None = 1000
     robust_checks: bool = True  # strength checks when the robust models are attacked
     probe_radii: list[float] = Field(default_factory=lambda: [2, 4, 8, 16])
@@ -149,6 +158,9 @@ class StudyConfig(BaseModel):
     margin: float = Field(0.02, gt=0)  # AUROC: a difference below this is "no gain"
     n_bootstrap: int = Field(1000, ge=100)
     batch_size: int = Field(256, ge=1)
+    # cells run in this many processes at once (each with the threads of `set`'s train.threads,
+    # or one); 1: one after the other in this process
+    workers: int = Field(1, ge=1, le=64)
     reductions: list[str] = Field(default_factory=list)  # free text, copied into the outputs
 
 
@@ -242,10 +254,17 @@ class Cell:
         self.log(
             f"[{self.tag()}] attacking {label}" + (" (with strength checks)" if checks else "")
         )
+        # the detector's own surrogates plus a per-image pixel-space target (a typical
+        # training normal; normals walk to its rotation) under APGD's schedule: with fixed
+        # steps and no target, one side of the large-eps check stalls on the adversarially
+        # trained classifiers (benchmarks/RESULTS.md)
+        normals = self.train_u8.float() / 255
+        surrogates = offered_surrogates(det, True, normals, c.target_share)
         sweep = robust_auroc_sweep(
             det, self.attack_x, self.attack_y, eps_list=c.attack_eps, norm=c.attack_norm,
-            steps=c.attack_steps, seed=self.seed, batch_size=c.batch_size, subset=None,
-            checks=checks, targets_list=("both",), n_bootstrap=c.n_bootstrap,
+            steps=c.attack_steps, schedule=c.attack_schedule, seed=self.seed,
+            batch_size=c.batch_size, subset=None, checks=checks, targets_list=("both",),
+            n_bootstrap=c.n_bootstrap, surrogates=surrogates,
         )  # fmt: skip
         rows = {str(r["eps"]): r["auroc"] for r in sweep["rows"] if r["target"] == "both"}
         result = {
@@ -530,6 +549,8 @@ class Cell:
         for branch, build in (("binary", self.binary_models), ("one_class", self.one_class_models)):
             if branch not in self.cfg.branches:
                 continue
+            if branch == "one_class" and self.seed not in (self.cfg.one_class_seeds or [self.seed]):
+                continue
             done = self.out / f"{branch}.json"
             if not done.exists():
                 tic = time.perf_counter()
@@ -672,6 +693,7 @@ def summarise(cfg: StudyConfig, cells: dict[tuple[int, int], Cell], results: dic
             for name in names if ok[branch] else ():
                 rows = [results[k][branch]["sets"][name] for k in ok[branch]]
                 entry["sets"][name] = _mean_sd(rows)
+        entry["branch_seeds"] = {b: [k[1] for k in v] for b, v in ok.items()}
         y = cells[keys[0]].test_y.numpy()
         for a, b in _pairs(cfg):
             good = ok["binary" if a in BINARY_SETS else "one_class"]
@@ -749,7 +771,8 @@ class Study:
     def check_settings(self) -> None:
         """Refuse to resume a study directory whose artefacts were built with other settings
         (branches, classes and seeds may be added; the summary settings may change)."""
-        free = {"name", "reductions", "branches", "classes", "seeds", "margin", "n_bootstrap"}
+        free = {"name", "reductions", "branches", "classes", "seeds", "one_class_seeds",
+                "margin", "n_bootstrap", "workers"}  # fmt: skip
         mine = {k: v for k, v in self.cfg.model_dump().items() if k not in free}
         path = self.out / "study-settings.json"
         if path.exists():
@@ -767,12 +790,18 @@ class Study:
         tic = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
         self.check_settings()
-        cells, results = {}, {}
-        for cls in self.cfg.classes:
-            for seed in self.cfg.seeds:
-                cell = Cell(self.cfg, cls, seed, self.out, self.log)
-                cells[(cls, seed)] = cell
-                results[(cls, seed)] = cell.run()
+        keys = [(cls, seed) for cls in self.cfg.classes for seed in self.cfg.seeds]
+        ran = self._run_parallel(keys) if self.cfg.workers > 1 and len(keys) > 1 else {}
+        cells, results, errors = {}, {}, []
+        for key in keys:
+            cell = Cell(self.cfg, *key, self.out, self.log)
+            cells[key] = cell
+            if key in ran:  # finished in a worker: its results and stopped stages
+                results[key], messages = ran[key]
+                errors += [ConstructionError(m) for m in messages]
+            else:
+                results[key] = cell.run()
+                errors += cell.errors
         previous = 0.0
         if (self.out / "study.json").exists():
             try:
@@ -797,12 +826,42 @@ class Study:
             plot_drift(self.out / "drift.png", drift, unit)
         atomic_write_json(self.out / "study.json", out)
         atomic_write_text(self.out / "study.md", study_markdown(out))
-        errors = [e for cell in cells.values() for e in cell.errors]
         if errors:
             raise ConstructionError(
                 f"{len(errors)} stage(s) stopped (study.md lists them); the first: {errors[0]}"
             )
         return out
+
+    def _run_parallel(self, keys: list[tuple[int, int]]) -> dict:
+        """Run the cells ``keys`` in ``workers`` processes (spawned: no state shared with this
+        one); each cell's stages are cached in its own directory, so an interrupted study
+        resumes as usual. Returns {key: (result, stopped-stage messages)}."""
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = _threads(self.cfg.set)
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(self.cfg.workers, mp_context=ctx) as pool:
+            futures = {key: pool.submit(_run_cell, self.cfg, *key, self.out, threads)
+                       for key in keys}  # fmt: skip
+            return {key: f.result() for key, f in futures.items()}
+
+
+def _threads(overrides: list[str]) -> int:
+    """The torch threads of one worker: the study's train.threads override, else one."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "train.threads" and value.strip().isdigit():
+            return max(1, int(value))
+    return 1
+
+
+def _run_cell(cfg: StudyConfig, cls: int, seed: int, out: Path, threads: int):
+    """One cell in a worker process; its log lines go to the worker's stdout."""
+    torch.set_num_threads(threads)
+    cell = Cell(cfg, cls, seed, out, lambda msg: print(msg, flush=True))
+    result = cell.run()
+    return result, [str(e) for e in cell.errors]
 
 
 def _pct(v: float | None) -> str:
@@ -846,10 +905,14 @@ def study_markdown(results: dict[str, Any]) -> str:
         f"{s['backbone']}, classes {s['classes']}, seeds {s['seeds']}; every model trained for "
         f"{s['train_steps']} SGD steps (the binary robust reference: "
         f"{s['reference_steps'] or s['train_steps']}). Clean AUROC on each class's full test "
-        f"split; attacked: {s['attack_norm']} PGD-{s['attack_steps']} both sides on "
-        f"{s['attack_subset']} stratified test images. Wall time {results.get('wall_time_s')} s.",
+        f"split; attacked: {s['attack_norm']} {_attack_name(s)} both sides on "
+        f"{s['attack_subset']} stratified test images (exact score, the detector's surrogates "
+        f"and a pixel-space target; strongest per image). Wall time "
+        f"{results.get('wall_time_s')} s.",
         "",
     ]
+    if s.get("one_class_seeds") is not None and "one_class" in s["branches"]:
+        lines += [f"The one-class branch ran on seeds {s['one_class_seeds']} only.", ""]
     if s["reductions"]:
         lines += ["Reductions from the full-scale settings: " + "; ".join(s["reductions"]), ""]
     lines += _verdict_lines(summary)
@@ -869,17 +932,24 @@ def study_markdown(results: dict[str, Any]) -> str:
     lines += _pair_rows(summary, pairs)
     head = " | ".join(f"ε={float(e):g}" for e in eps)
     lines += ["", "## AUROC % of the model trained on each set (mean ± sd over seeds)", "",
-              f"| class | model | set | clean | {head} |",
-              "|---|---|---|---:|" + "---:|" * len(eps)]  # fmt: skip
+              f"| class | model | set | seeds | clean | {head} |",
+              "|---|---|---|---:|---:|" + "---:|" * len(eps)]  # fmt: skip
     for cls, e in summary["classes"].items():
         for name, row in e["sets"].items():
             kind = "binary" if name in BINARY_SETS else "one-class"
             cells = " | ".join(_ms(row["attacked"][x]) for x in eps)
-            lines.append(f"| {cls} | {kind} | {name} | {_ms(row['clean'])} | {cells} |")
+            lines.append(
+                f"| {cls} | {kind} | {name} | {row['n']} | {_ms(row['clean'])} | {cells} |"
+            )
     lines += _construction_lines(results)
     lines += ["", "## Dropped sets", ""]
     lines += [f"- {k}: {v}" for k, v in results["dropped_sets"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _attack_name(settings: dict[str, Any]) -> str:
+    schedule = settings.get("attack_schedule", "fixed")
+    return ("APGD" if schedule == "apgd" else "PGD") + f"-{settings['attack_steps']}"
 
 
 def _verdict_lines(summary: dict[str, Any]) -> list[str]:
@@ -954,6 +1024,10 @@ def _construction_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def run_study(config: str | Path, out_dir: Path | None = None, log=print) -> dict[str, Any]:
+def run_study(
+    config: str | Path, out_dir: Path | None = None, log=print, workers: int | None = None
+) -> dict[str, Any]:
     cfg = read_study(config)
+    if workers is not None:
+        cfg = cfg.model_copy(update={"workers": workers})
     return Study(cfg, out_dir or Path("runs") / "features" / cfg.name, log).run()
