@@ -993,7 +993,8 @@ def _pair_rows(summary: dict[str, Any], pairs: list) -> list[str]:
 def _construction_lines(results: dict[str, Any]) -> list[str]:
     lines = ["", "## Constructions (per cell)", "",
              "| cell | set | L2 eps | reach to outlier / to normal | radii tried (reach %, "
-             "to outlier / to normal) | reference kept | survival (fresh views / recipe views) |",
+             "to outlier / to normal) | reference: balanced accuracy / kept | survival (fresh "
+             "views / recipe views) |",
              "|---|---|---:|---:|---|---:|---:|"]  # fmt: skip
     for key, r in results["cells"].items():
         for name, m in r.get("binary", {}).get("constructions", {}).items():
@@ -1004,7 +1005,8 @@ def _construction_lines(results: dict[str, Any]) -> list[str]:
                     f"{a['eps']:g}: {_pct(a['to_outlier'])}/{_pct(a['to_normal'])}"
                     for a in m["attempts"]
                 )
-                + f" | {_pct(m['reference']['kept_among_clean_correct'])} | "
+                + f" | {_pct(m['reference']['balanced_accuracy'])} / "
+                f"{_pct(m['reference']['kept_among_clean_correct'])} | "
                 f"{_pct(m['survival']['fresh_views'])} / {_pct(m['survival']['recipe_views'])} |"
             )
     lines += ["", "| cell | set | steps | median final/initial | residual < nearest normal | "
