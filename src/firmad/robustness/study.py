@@ -839,7 +839,7 @@ class Study:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        threads = _threads(self.cfg.set)
+        threads = _threads(self.cfg)
         ctx = mp.get_context("spawn")
         with ProcessPoolExecutor(self.cfg.workers, mp_context=ctx) as pool:
             futures = {key: pool.submit(_run_cell, self.cfg, *key, self.out, threads)
@@ -847,13 +847,11 @@ class Study:
             return {key: f.result() for key, f in futures.items()}
 
 
-def _threads(overrides: list[str]) -> int:
-    """The torch threads of one worker: the study's train.threads override, else one."""
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key.strip() == "train.threads" and value.strip().isdigit():
-            return max(1, int(value))
-    return 1
+def _threads(cfg: StudyConfig) -> int:
+    """The torch threads of one worker: the study's train.threads, else one."""
+    from firmad.config import load_config
+
+    return load_config(cfg.recipe, cfg.set).train.threads or 1
 
 
 def _run_cell(cfg: StudyConfig, cls: int, seed: int, out: Path, threads: int):
