@@ -1,0 +1,454 @@
+"""`firmad features` and `firmad attack`: the robustness commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from firmad.cli.common import (
+    app,
+    clock,
+    console,
+    interruptible,
+    out,
+    state,
+)
+from firmad.errors import FirmadError
+
+# --- the robust / non-robust feature study -------------------------------------------------------
+
+
+@app.command(
+    epilog="Examples:\n\n  firmad features --config benchmarks/features-fmnist-cpu.yaml\n\n"
+    "  firmad features --config STUDY.yaml --out runs/features/mine"
+)
+def features(
+    config: Path = typer.Option(..., "--config", "-c", help="Study YAML (see robustness.study)."),
+    out_dir: Path | None = typer.Option(None, "--out", help="Study directory."),
+    workers: int | None = typer.Option(
+        None,
+        "--workers",
+        min=1,
+        max=64,
+        help="Cells (class x seed) run in this many processes at once, each with the study's "
+        "train.threads (default: the study's `workers`, 1).",
+    ),
+) -> None:
+    """Are non-robust features useful for one class? Constructed sets, probes and drift."""
+    from firmad.robustness.study import run_study
+
+    config = config.absolute()  # a file, even one named like a shipped recipe
+    log = (lambda *a: None) if state["quiet"] else (lambda msg: console.print(msg, highlight=False))
+    with interruptible("finished stages are kept; run the same command again to continue"):
+        result = run_study(config, out_dir, log=log, workers=workers)
+    from firmad.robustness.study import study_markdown
+
+    out.print(study_markdown(result), highlight=False)
+
+
+# --- robustness ----------------------------------------------------------------------------------
+
+
+# Defaults of `firmad attack`: minutes on a 2-core CPU; --full is the thorough evaluation.
+QUICK_ATTACK = dict(steps=10, restarts=1, subset=200, schedule="apgd", targeted=True)
+FULL_ATTACK = dict(steps=100, restarts=2, subset=1000, schedule="apgd", targeted=True)
+
+
+# The options of `firmad attack` (Annotated, so that the command reads as its parameters).
+_OPT_TARGET = Annotated[
+    Path,
+    typer.Argument(
+        help="A run directory (firmad train) or a detector directory (firmad fit).",
+    ),
+]
+
+_OPT_NORM = Annotated[
+    str,
+    typer.Option(
+        "--norm",
+        help="linf or l2.",
+    ),
+]
+
+_OPT_EPS = Annotated[
+    str,
+    typer.Option(
+        "--eps",
+        help="Comma-separated radii. linf: in 1/255 units (8 means 8/255); l2: plain numbers "
+        "in [0, 1] pixel space (e.g. 0,0.25,0.5), at most sqrt(C*H*W). 0 is the clean AUROC.",
+    ),
+]
+
+_OPT_FULL = Annotated[
+    bool,
+    typer.Option(
+        "--full",
+        help="The thorough evaluation: APGD-100, 2 restarts, 1000 images, "
+        "all strength checks with the Square check (hours on a CPU). Options given win.",
+    ),
+]
+
+_OPT_STEPS = Annotated[
+    int | None,
+    typer.Option(
+        "--steps",
+        min=1,
+        help="Steps per attack (default 10, --full 100; e.g. 1000 for "
+        "PGD-1000). With --schedule apgd (the default) the step starts at 2 eps and is halved at "
+        "APGD's checkpoints (22 %, 41 %, 57 %, 70 %... of the steps) where progress stalls; "
+        "fixed: 2.5 eps / steps throughout. With --attack square: the number of queries.",
+    ),
+]
+
+_OPT_RESTARTS = Annotated[
+    int | None,
+    typer.Option(
+        "--restarts",
+        min=1,
+        help="Random restarts per attack (default 1, --full 2).",
+    ),
+]
+
+_OPT_SCHEDULE = Annotated[
+    str,
+    typer.Option(
+        "--schedule",
+        help="Step sizes: apgd (APGD: 2 eps, halved where the attack stalls, momentum) or "
+        "fixed (2.5 eps / steps, classic PGD).",
+    ),
+]
+
+_OPT_ATTACK_KIND = Annotated[
+    str,
+    typer.Option(
+        "--attack",
+        help="pgd (white-box, gradients) or square (score-based black-box "
+        "Square attack, L-inf; --steps queries).",
+    ),
+]
+
+_OPT_TARGETED = Annotated[
+    bool,
+    typer.Option(
+        "--targeted/--no-targeted",
+        help="Add the surrogate that pulls each image towards "
+        "(anomalies) or away from (normals) its nearest normal feature (kNN scorers).",
+    ),
+]
+
+_OPT_TARGETS = Annotated[
+    str,
+    typer.Option(
+        "--targets",
+        help="Attacked groups: normal, anomaly, both.",
+    ),
+]
+
+_OPT_SUBSET = Annotated[
+    int | None,
+    typer.Option(
+        "--subset",
+        min=0,
+        help="Stratified seeded test subset size (default 200, --full 1000); 0 = every test image.",
+    ),
+]
+
+_OPT_SCORER = Annotated[
+    str | None,
+    typer.Option(
+        "--scorer",
+        help="Runs only: scorer spec (knn_cos:k=5, kde, own, ...); default the method's own "
+        "score (dsvdd, binary) or knn_cos:k=5.",
+    ),
+]
+
+_OPT_VARIANT = Annotated[
+    str,
+    typer.Option(
+        "--variant",
+        help="Runs only: plain, angled, ensemble.",
+    ),
+]
+
+_OPT_INPUT_SPACE = Annotated[
+    str,
+    typer.Option(
+        "--input",
+        help="model: attack the test images resized to the detector's "
+        "input size (as its evaluation scores them); native: at their own size (e.g. 28 x 28), "
+        "resized inside the detector.",
+    ),
+]
+
+_OPT_TRANSFER_FROM = Annotated[
+    Path | None,
+    typer.Option(
+        "--transfer-from",
+        help="Another run or detector directory: its white-box attack "
+        "is transferred to this detector (the transfer check).",
+    ),
+]
+
+_OPT_SQUARE_CHECK = Annotated[
+    bool | None,
+    typer.Option(
+        "--square-check/--no-square-check",
+        help="Check that the black-box Square attack "
+        "(1000+ queries) is not stronger (default: on with --full).",
+    ),
+]
+
+_OPT_OUT_DIR = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="Folder for the attack files (default: TARGET.attack beside the "
+        "run or detector). Finished attacks are kept there until the set is written, so the "
+        "same command continues after Ctrl-C.",
+    ),
+]
+
+_OPT_SEED = Annotated[
+    int,
+    typer.Option(
+        "--seed",
+        min=0,
+        help="Seeds the subset, the attacks, the bootstrap.",
+    ),
+]
+
+_OPT_DATA = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="Detectors: the test dataset.",
+    ),
+]
+
+_OPT_NORMAL_CLASS = Annotated[
+    str | None,
+    typer.Option(
+        "--normal-class",
+        help="Detectors: the normal class of --data (id or name).",
+    ),
+]
+
+_OPT_ROOT = Annotated[
+    Path | None,
+    typer.Option(
+        "--root",
+        help="Folder holding --data.",
+    ),
+]
+
+_OPT_DEVICE = Annotated[
+    str | None,
+    typer.Option(
+        "--device",
+        help="auto, cpu, cuda, cuda:N.",
+    ),
+]
+
+_OPT_BATCH_SIZE = Annotated[
+    int,
+    typer.Option(
+        "--batch-size",
+        min=1,
+        help="Images per pass.",
+    ),
+]
+
+_OPT_NO_CHECKS = Annotated[
+    bool,
+    typer.Option(
+        "--no-checks",
+        help="Skip the strength checks (about four more attacks).",
+    ),
+]
+
+
+@app.command(
+    epilog="Examples:\n\n"
+    "  firmad attack runs/fmnist-cpu/fashion-mnist-c0-firm-s0   (quick: minutes on a CPU)\n\n"
+    "  firmad attack RUN --full   (APGD-100, 2 restarts, 1000 images, all checks)\n\n"
+    "  firmad attack det/ --data fashion-mnist --normal-class 0 --norm l2 --eps 0,0.25,0.5\n\n"
+    "  firmad attack RUN --steps 1000 --subset 500 --out audits/pgd1000\n\n"
+    "  firmad attack RUN --attack square --steps 5000   (black-box, 5000 queries)\n\n"
+    "  firmad attack RUN --transfer-from OTHER_RUN_OR_DETECTOR"
+)
+def attack(
+    target: _OPT_TARGET,
+    norm: _OPT_NORM = "linf",
+    eps: _OPT_EPS = "0,2,4,8",
+    full: _OPT_FULL = False,
+    steps: _OPT_STEPS = None,
+    restarts: _OPT_RESTARTS = None,
+    schedule: _OPT_SCHEDULE = "apgd",
+    attack_kind: _OPT_ATTACK_KIND = "pgd",
+    targeted: _OPT_TARGETED = True,
+    targets: _OPT_TARGETS = "normal,anomaly,both",
+    subset: _OPT_SUBSET = None,
+    scorer: _OPT_SCORER = None,
+    variant: _OPT_VARIANT = "plain",
+    input_space: _OPT_INPUT_SPACE = "model",
+    transfer_from: _OPT_TRANSFER_FROM = None,
+    square_check: _OPT_SQUARE_CHECK = None,
+    out_dir: _OPT_OUT_DIR = None,
+    seed: _OPT_SEED = 0,
+    data: _OPT_DATA = None,
+    normal_class: _OPT_NORMAL_CLASS = None,
+    root: _OPT_ROOT = None,
+    device: _OPT_DEVICE = None,
+    batch_size: _OPT_BATCH_SIZE = 256,
+    no_checks: _OPT_NO_CHECKS = False,
+) -> None:
+    """Robust AUROC under attack on the anomaly score: attack.json, attack.md and two plots."""
+    from firmad.robustness.audit import audit_path
+
+    sweep = _attack_settings(
+        norm, eps, targets, schedule, attack_kind, input_space, subset, full,
+        steps=steps, restarts=restarts, square_check=square_check, checks=not no_checks,
+    )  # fmt: skip
+    klass = None
+    if normal_class is not None:
+        klass = int(normal_class) if normal_class.lstrip("-").isdigit() else normal_class
+    folder = out_dir if out_dir is not None else _beside(target, ".attack")
+    show = _AttackProgress(console, quiet=state["quiet"])
+    with (
+        show,
+        interruptible(
+            f"finished attacks are kept in {folder}; run the same command again to continue"
+        ),
+    ):
+        result, folder = audit_path(
+            target, data=data, normal_class=klass, root=root, scorer=scorer, variant=variant,
+            device=device, out_dir=folder, seed=seed, batch_size=batch_size,
+            progress=show.attack, on_step=show.step, resume=True, targeted=targeted,
+            input_space=input_space, transfer_from=transfer_from, **sweep,
+        )  # fmt: skip
+    from firmad.robustness.audit import attack_markdown
+
+    print(attack_markdown(result), end="")  # plain: a Markdown table must not be wrapped
+    print(f"Attack files: {folder}/attack.json, attack.md, attack_auroc.png, attack_examples.png")
+
+
+def _attack_settings(
+    norm, eps, targets, schedule, attack_kind, input_space, subset, full, **given
+) -> dict:
+    """The sweep settings of `firmad attack`, checked (with the CLI's messages) and completed
+    from the quick or the full plan; ``given``: steps, restarts, square_check (None = the
+    plan's) and checks."""
+    norm = norm.lower()
+    if norm not in ("linf", "l2"):
+        raise FirmadError(f"--norm {norm!r}: use linf or l2")
+    eps_list = _parse_eps(eps, norm)
+    target_list = [t.strip() for t in targets.split(",") if t.strip()]
+    bad = [t for t in target_list if t not in ("normal", "anomaly", "both")]
+    if bad or not target_list:
+        raise FirmadError(f"--targets {targets!r}: use some of normal, anomaly, both")
+    if schedule not in ("fixed", "apgd"):
+        raise FirmadError(f"--schedule {schedule!r}: use fixed or apgd")
+    if attack_kind not in ("pgd", "square"):
+        raise FirmadError(f"--attack {attack_kind!r}: use pgd or square")
+    if attack_kind == "square" and norm != "linf":
+        raise FirmadError("--attack square is implemented for --norm linf only")
+    if input_space not in ("model", "native"):
+        raise FirmadError(f"--input {input_space!r}: use model or native")
+    if subset == 1:
+        raise FirmadError("--subset 1: AUROC needs a normal and an anomalous image; use >= 2")
+    plan, checks = FULL_ATTACK if full else QUICK_ATTACK, given["checks"]
+    square_check = full if given["square_check"] is None else given["square_check"]
+    subset = plan["subset"] if subset is None else subset
+    return dict(
+        eps_list=eps_list, norm=norm, steps=given["steps"] or plan["steps"],
+        restarts=given["restarts"] or plan["restarts"], schedule=schedule,
+        targets=target_list, subset=subset or None, checks=checks, attack=attack_kind,
+        square_check=square_check and checks,
+    )  # fmt: skip
+
+
+def _beside(path: Path, suffix: str) -> Path:
+    """A folder next to ``path`` named after it: det/ -> det.attack/."""
+    path = path if path.name else path.resolve()
+    return path.with_name(path.name + suffix)
+
+
+class _AttackProgress:
+    """Progress of `firmad attack`: a rich bar with the ETA on a terminal; otherwise a plain
+    line when each attack starts and at most every 30 s during it."""
+
+    def __init__(self, console: Console, quiet: bool) -> None:
+        import time
+
+        from rich.progress import (
+            BarColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )  # fmt: skip
+
+        self.clock, self.quiet, self.console = time.monotonic, quiet, console
+        self.plain = not console.is_terminal
+        self.bar = Progress(
+            TextColumn("[bold]attack {task.fields[n]}"), BarColumn(bar_width=20),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"), console=console, disable=quiet or self.plain,
+        )  # fmt: skip
+        self.task = self.bar.add_task("attack", total=None, info="", n="")
+        self.done, self.total, self.what, self.start, self.last = 0, 1, "", self.clock(), 0.0
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def attack(self, done: int, total: int, what: str) -> None:
+        self.done, self.total, self.what = done, max(total, 1), what
+        n = f"{min(done + 1, total)}/{total}"
+        room = max(self.console.width - 58, 8)  # the bar and its times come first
+        info = what if len(what) <= room else what[: room - 1] + "…"
+        self.bar.update(self.task, completed=done, total=total, info=info, n=n)
+        if self.plain and not self.quiet:
+            text = "done" if done >= total else f"{n} {what}"
+            self._line(f"attack {text}", force=True)
+
+    def step(self, done: int, total: int) -> None:
+        share = self.done + done / max(total, 1)
+        self.bar.update(self.task, completed=share)
+        if self.plain and not self.quiet:
+            self._line(f"attack {self.done + 1}/{self.total} {self.what}: step {done}/{total}")
+
+    def _line(self, text: str, force: bool = False) -> None:
+        now = self.clock()
+        if not force and now - self.last < 30:
+            return
+        self.last = now
+        elapsed = now - self.start
+        share = self.bar.tasks[0].completed / self.total
+        eta = f", ETA {clock(elapsed / share - elapsed)}" if 0 < share < 1 else ""
+        self.console.print(f"{text} ({clock(elapsed)} elapsed{eta})", highlight=False)
+
+
+def _parse_eps(text: str, norm: str) -> list[float]:
+    """'0,2,4,8' -> radii in [0, 1] pixel space (L∞ values are in 1/255 units)."""
+    values = []
+    for item in text.split(","):
+        try:
+            v = float(item)
+        except ValueError:
+            raise FirmadError(
+                f"--eps {text!r}: {item.strip()!r} is not a number; write e.g. --eps 0,2,4,8 "
+                "(L∞ in 1/255 units) or --norm l2 --eps 0,0.25,0.5"
+            ) from None
+        if not v >= 0 or v == float("inf"):
+            raise FirmadError(f"--eps {text!r}: radii must be finite and >= 0")
+        if norm == "linf" and v > 255:
+            raise FirmadError(f"--eps {text!r}: L∞ radii are in 1/255 units, at most 255")
+        values.append(v / 255 if norm == "linf" else v)
+    return values
