@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import re
-import sys
 import traceback
 
 import typer
@@ -66,5 +65,3 @@ def main(argv: list[str] | None = None) -> int:
         console.print("[bold red]internal error[/]: please report it with the traceback above")
         return 1
     return 0
-
-
