@@ -124,3 +124,28 @@ def test_pyod_attributes_and_fit_predict(split):  # noqa: F811
     with pytest.warns(UserWarning, match="until you call fit"):
         det.set_params(k=1)
     np.testing.assert_array_equal(det.decision_function(split.test_images[:4]), before)
+
+
+def test_conformal_p_values_count_the_heldout_at_least_as_anomalous():
+    from firmad.metrics import conformal_p_values
+
+    heldout = [0.1, 0.2, 0.2, 0.5]
+    p = conformal_p_values(heldout, [0.0, 0.2, 0.3, 0.9, float("nan")])
+    assert p[:4].tolist() == [5 / 5, 4 / 5, 2 / 5, 1 / 5]
+    assert np.isnan(p[4])
+
+
+def test_conformal_p_values_are_valid_on_exchangeable_normals():
+    from scipy.stats import kstest
+
+    from firmad.metrics import conformal_p_values
+
+    rng = np.random.default_rng(0)
+    flagged, pooled = [], []
+    for _ in range(200):
+        heldout, fresh = rng.normal(size=199), rng.normal(size=50)
+        p = conformal_p_values(heldout, fresh)
+        flagged.append(np.mean(p <= 0.05))
+        pooled.append(p)
+    assert np.mean(flagged) <= 0.05 + 0.005  # P(p <= a) <= a, up to Monte-Carlo error
+    assert kstest(np.concatenate(pooled), "uniform").pvalue > 1e-3  # ~uniform on a 1/200 grid

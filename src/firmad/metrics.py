@@ -166,6 +166,22 @@ def threshold_at(scores, rate: float) -> float:
     return float(s[n - m - 1]) if m < n else float(s[0])
 
 
+def conformal_p_values(heldout_scores, scores) -> np.ndarray:
+    """Conformal p-value of each score against held-out normal scores: the share of the n
+    held-out normals at least as anomalous, with the +1 correction, (1 + #{h >= s}) / (n + 1).
+    On a normal image exchangeable with the held-out ones, P(p <= a) <= a for every a, so
+    flagging p <= a flags at most a share a of normals; NaN scores give NaN."""
+    h = np.sort(np.asarray(heldout_scores, dtype=np.float64).ravel())
+    if h.size == 0:
+        raise InputError("no held-out scores to compute p-values against")
+    if not np.isfinite(h).all():
+        raise InputError("some held-out scores are not finite; fit the detector again")
+    s = np.asarray(scores, dtype=np.float64)
+    at_least = h.size - np.searchsorted(h, s, side="left")  # held-out scores >= s
+    p = (1.0 + at_least) / (h.size + 1.0)
+    return np.where(np.isnan(s), np.nan, p)
+
+
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> list[float] | None:
     """Exact (Clopper-Pearson) interval of a rate k / n; None without scipy."""
     try:
