@@ -14,7 +14,7 @@ from firmad.cli import main
 from firmad.data import one_vs_rest
 from firmad.detector import OneClassDetector
 from firmad.errors import InputError
-from firmad.report import gallery_order, write_fit_report, write_score_report
+from firmad.report import Scored, gallery_order, write_fit_report, write_score_report
 from firmad.scoring.scales import SCORE_SCALES, scale_sentence, score_scale
 from firmad.scoring.scorers import SCORERS, build_scorer
 from tests.conftest import FIXTURE_FMNIST
@@ -137,10 +137,9 @@ def test_score_report_from_files(fitted, split, tmp_path):
     scores = fitted.decision_function(split.test_images[:9])
     decisions = [int(s > 0.0) for s in scores]
     out = tmp_path / "rep"
-    text = write_score_report(
-        fitted, [str(f) for f in files], scores, decisions, files, out, threshold=0.0,
-        skipped=[("bad|name.png", "cannot decode")],
-    ).read_text()  # fmt: skip
+    scored = Scored([str(f) for f in files], scores, decisions, files,
+                    skipped=[("bad|name.png", "cannot decode")])  # fmt: skip
+    text = write_score_report(fitted, scored, out, threshold=0.0).read_text()
     assert "9 images scored" in text and "1 skipped" in text and "bad\\|name.png" in text
     assert "above 0." in text  # the threshold given, not the detector's
     table = text.split("Most anomalous:")[1].split("Most normal:")[0]
@@ -154,7 +153,7 @@ def test_score_report_from_arrays(fitted, split, tmp_path):
     images = split.test_images[:4]
     scores = fitted.decision_function(images)
     names = [f"#{i}" for i in range(4)]
-    path = write_score_report(fitted, names, scores, [""] * 4, images, tmp_path)
+    path = write_score_report(fitted, Scored(names, scores, [""] * 4, images), tmp_path)
     assert "(plots/gallery.png)" in path.read_text()
     assert score_scale(fitted).endswith("Higher = more anomalous.")
 
@@ -190,6 +189,8 @@ def test_fit_and_score_commands_write_reports(split, tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "report.md").write_text("# my notes\n")
-    assert main(["-q", "score", str(det_dir), str(new), "--report", str(mine)]) == 0
+    capsys.readouterr()
+    # checked before scoring: a clear error, nothing written
+    assert main(["-q", "score", str(det_dir), str(new), "--report", str(mine)]) == 2
     assert (mine / "report.md").read_text() == "# my notes\n" and not (mine / "plots").exists()
-    assert "report not written" in capsys.readouterr().err
+    assert "does not hold a firmad report" in capsys.readouterr().err
