@@ -225,7 +225,9 @@ def export(
 )
 def serve(
     detector: Path = typer.Argument(..., help="A detector directory (firmad fit)."),
-    port: int = typer.Option(8765, "--port", help="Port to listen on (0 picks a free one)."),
+    port: int = typer.Option(
+        8765, "--port", min=0, max=65535, help="Port to listen on (0 picks a free one)."
+    ),
     host: str = typer.Option(
         "127.0.0.1", "--host", help="Address to listen on; the default keeps it on this computer."
     ),
