@@ -104,6 +104,8 @@ class App:
             return Response(200, pages.static(name), kind)
         if route == "/api/detector":
             return _json(self.info())
+        if route == "/favicon.ico":  # browsers ask for it; there is none
+            return Response(204, b"", "text/plain")
         m = re.fullmatch(r"/reports/([0-9]{1,4})(/.*)?", route)
         if m is None:
             return error("not found", 404)
