@@ -72,11 +72,7 @@ def train(
     overrides = list(set_)
     if normal_class is not None:
         value = normal_class if not normal_class.lstrip("-").isdigit() else int(normal_class)
-        overrides.append(
-            f"data.normal_class={value!r}"
-            if isinstance(value, str)
-            else f"data.normal_class={value}"
-        )
+        overrides.append(f"data.normal_class={value!r}")  # a name quoted, an id as it is
     for key, value in (("train.seed", seed), ("train.epochs", epochs), ("train.device", device)):
         if value is not None:
             overrides.append(f"{key}={value}")
