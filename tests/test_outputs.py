@@ -55,7 +55,7 @@ def test_nothing_but_a_regular_file_is_replaced(tmp_path, kind):
 
 def test_output_files_and_folders_are_checked_before_any_work(tmp_path):
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(InputError, match="is a regular file, not a folder"):
+    with pytest.raises(InputError, match="it is a file, not a folder"):
         outputs.check_file(tmp_path / "afile" / "sub.csv", "--out")
     with pytest.raises(InputError, match="not a folder"):
         outputs.check_folder(tmp_path / "afile", "--out")
@@ -185,7 +185,7 @@ def test_fit_writes_outside_its_images_only(work, tmp_path, capsys):
     for out, message in [
         (work / "images" / "det", "inside the input"),  # its plots would be training images
         (Path("/proc/firmad-x"), "cannot write in /proc"),
-        (tmp_path / "afile" / "sub", "is a regular file, not a folder"),
+        (tmp_path / "afile" / "sub", "it is a file, not a folder"),
         (special(tmp_path, "fifo"), "is a named pipe"),
     ]:
         code, err = run(capsys, "fit", str(work / "images"), "--out", str(out))

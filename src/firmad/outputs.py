@@ -42,7 +42,7 @@ OWN_MARKERS = (
 def kind_of(mode: int) -> str:
     """What a file of this mode is, in words."""
     for test, word in (
-        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISREG, "a file"),
         (stat.S_ISDIR, "a folder"),
         (stat.S_ISFIFO, "a named pipe (FIFO)"),
         (stat.S_ISSOCK, "a socket"),
@@ -83,8 +83,8 @@ def _existing_ancestor(path: Path, option: str) -> Path:
             continue
         if not stat.S_ISDIR(mode):
             raise InputError(
-                f"{option} {path}: {parent} is {kind_of(mode)}, not a folder; give a path in "
-                "a folder"
+                f"{option} {path}: cannot write into {parent}: it is {kind_of(mode)}, not a "
+                "folder; give a path in a folder"
             )
         return parent
     return Path(Path(path).absolute().anchor)  # the root always exists

@@ -20,6 +20,7 @@ import numpy as np
 
 from firmad.data.sources import pil_array
 from firmad.errors import DataError, FirmadError, InputError
+from firmad.inputs import decisions
 from firmad.metrics import conformal_p_values
 from firmad.report_detector import plot_threshold_hist
 from firmad.scoring.scales import score_scale
@@ -162,7 +163,8 @@ class App:
         with self._lock:
             score = float(self.det.score_images(torch.from_numpy(image[None]))[0])
         threshold = getattr(self.det, "threshold_", None)
-        decision = None if threshold is None else int(score > threshold)
+        decision = decisions(np.array([score]), threshold)[0]  # as `firmad score` decides
+        decision = None if decision == "" else int(decision)
         heldout = getattr(self.det, "heldout_scores_", None)
         p = None
         if heldout is not None and len(heldout):
