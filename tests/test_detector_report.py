@@ -4,6 +4,7 @@ the threshold, gallery of the most anomalous and most normal images."""
 from __future__ import annotations
 
 import csv
+import json
 import re
 
 import numpy as np
@@ -14,7 +15,7 @@ from firmad.cli import main
 from firmad.data import one_vs_rest
 from firmad.detector import OneClassDetector
 from firmad.errors import InputError
-from firmad.report import gallery_order, write_fit_report, write_score_report
+from firmad.report import Scored, gallery_order, write_fit_report, write_score_report
 from firmad.scoring.scales import SCORE_SCALES, scale_sentence, score_scale
 from firmad.scoring.scorers import SCORERS, build_scorer
 from tests.conftest import FIXTURE_FMNIST
@@ -137,10 +138,9 @@ def test_score_report_from_files(fitted, split, tmp_path):
     scores = fitted.decision_function(split.test_images[:9])
     decisions = [int(s > 0.0) for s in scores]
     out = tmp_path / "rep"
-    text = write_score_report(
-        fitted, [str(f) for f in files], scores, decisions, files, out, threshold=0.0,
-        skipped=[("bad|name.png", "cannot decode")],
-    ).read_text()  # fmt: skip
+    scored = Scored([str(f) for f in files], scores, decisions, files,
+                    skipped=[("bad|name.png", "cannot decode")])  # fmt: skip
+    text = write_score_report(fitted, scored, out, threshold=0.0).read_text()
     assert "9 images scored" in text and "1 skipped" in text and "bad\\|name.png" in text
     assert "above 0." in text  # the threshold given, not the detector's
     table = text.split("Most anomalous:")[1].split("Most normal:")[0]
@@ -154,7 +154,7 @@ def test_score_report_from_arrays(fitted, split, tmp_path):
     images = split.test_images[:4]
     scores = fitted.decision_function(images)
     names = [f"#{i}" for i in range(4)]
-    path = write_score_report(fitted, names, scores, [""] * 4, images, tmp_path)
+    path = write_score_report(fitted, Scored(names, scores, [""] * 4, images), tmp_path)
     assert "(plots/gallery.png)" in path.read_text()
     assert score_scale(fitted).endswith("Higher = more anomalous.")
 
@@ -174,6 +174,18 @@ def test_fit_and_score_commands_write_reports(split, tmp_path, capsys):
     assert main(args + [a for item in TRAIN for a in ("--set", item)]) == 0
     fit_text = (det_dir / "report.md").read_text()
     assert re.search(r"Of the \d+ held-out normal images, \d+ \(", fit_text)
+    # for people: a one-line summary first, the numbers in report.json, files named
+    det = OneClassDetector.load(det_dir)
+    cal = det.calibration_
+    first = fit_text.splitlines()[2]
+    assert first.startswith(f"Threshold {det.threshold_:.4g}, set on {cal['n']} held-out")
+    assert "Calibration: {" not in fit_text and "scores=" not in fit_text and len(first) < 200
+    info = json.loads((det_dir / "report.json").read_text())
+    assert info["calibration"]["n_above"] == cal["n_above"] and "scores" not in info["calibration"]
+    held = {f"{i}.png" for i in range(80)}
+    named = [g["path"] for g in info["gallery"]["most_anomalous"] + info["gallery"]["most_normal"]]
+    assert named and set(named) <= held and "held-out 1" not in fit_text
+    assert f"| {named[0]} |" in fit_text
     assert (det_dir / "plots" / "heldout_hist.png").exists()
     OneClassDetector.load(det_dir)  # the report does not disturb the detector directory
 
@@ -182,7 +194,12 @@ def test_fit_and_score_commands_write_reports(split, tmp_path, capsys):
     rows = list(csv.DictReader(csv_path.open()))
     text = (tmp_path / "scores-report" / "report.md").read_text()
     top = max(rows, key=lambda r: float(r["score"]))
-    assert "6 images scored" in text and f"| {top['path']} | {top['score']} |" in text
+    assert text.splitlines()[2].startswith("6 images scored: ")  # the summary comes first
+    assert f"| {top['path']} | {top['score']} |" in text
+    from firmad.metrics import conformal_p_values
+
+    p = conformal_p_values(det.heldout_scores_, [float(top["score"])])[0]
+    assert f"| {top['path']} | {top['score']} | {p:.3g} |" in text  # the p-value beside it
     assert main(["-q", "score", str(det_dir), str(new), "--report", str(tmp_path / "r2")]) == 0
     assert (tmp_path / "r2" / "plots" / "gallery.png").exists()
     # again: a score report is replaced; a folder of the user's is never written into
@@ -190,6 +207,31 @@ def test_fit_and_score_commands_write_reports(split, tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "report.md").write_text("# my notes\n")
-    assert main(["-q", "score", str(det_dir), str(new), "--report", str(mine)]) == 0
+    # per label: from the folders, or from a labels.csv (-q after the sub-command works too)
+    (new / "kind").mkdir()
+    for f in sorted(new.glob("t[0-2].png")):
+        f.rename(new / "kind" / f.name)
+    assert main(["score", str(det_dir), str(new), "--report", str(tmp_path / "r3"),
+                 "--labels-from-folders", "-q"]) == 0  # fmt: skip
+    table = json.loads((tmp_path / "r3" / "report.json").read_text())["per_label"]
+    assert [(r["label"], r["n"]) for r in table] == [("kind", 3), ("new", 3)]
+    assert "## Per label" in (tmp_path / "r3" / "report.md").read_text()
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\n" + "".join(f"new/t{i}.png,shirt\n" for i in (3, 4)))
+    assert main(["-q", "score", str(det_dir), str(new), "--report", str(tmp_path / "r4"),
+                 "--labels", str(labels)]) == 0  # fmt: skip
+    table = json.loads((tmp_path / "r4" / "report.json").read_text())["per_label"]
+    assert [(r["label"], r["n"]) for r in table] == [("(none)", 4), ("shirt", 2)]
+    flagged = sum(r["flagged"] for r in table)
+    assert flagged == json.loads((tmp_path / "r4" / "report.json").read_text())["n_flagged"]
+    labels.write_text("file,class\na.png,x\n")
+    capsys.readouterr()
+    assert main(["-q", "score", str(det_dir), str(new), "--out", str(tmp_path / "s5.csv"),
+                 "--labels", str(labels)]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "the columns path and label" in err and not (tmp_path / "s5.csv").exists()
+    capsys.readouterr()
+    # checked before scoring: a clear error, nothing written
+    assert main(["-q", "score", str(det_dir), str(new), "--report", str(mine)]) == 2
     assert (mine / "report.md").read_text() == "# my notes\n" and not (mine / "plots").exists()
-    assert "report not written" in capsys.readouterr().err
+    assert "does not hold a firmad report" in capsys.readouterr().err

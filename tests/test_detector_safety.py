@@ -238,7 +238,7 @@ def test_fit_refuses_a_read_only_out_before_training(tmp_path, monkeypatch, caps
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", read_only)
-    out = tmp_path / "out"
-    assert main(["-q", "fit", str(tmp_path), "--out", str(out)]) == 2
+    out = tmp_path / "out"  # beside the folder of images: not inside it
+    assert main(["-q", "fit", str(tmp_path / "images"), "--out", str(out)]) == 2
     assert "read-only" in capsys.readouterr().err
     assert not out.exists()

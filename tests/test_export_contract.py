@@ -97,14 +97,19 @@ def test_example_reproduces_the_detector_score_on_files(exported, tmp_path):
     Image.fromarray(grey).resize((45, 23), Image.Resampling.NEAREST).save(files[0])
     colour = np.stack([grey, 255 - grey, grey // 2], axis=-1)  # odd size: the resize matters
     Image.fromarray(colour).resize((37, 51), Image.Resampling.NEAREST).save(files[1])
-    for f in files:
-        run = subprocess.run(
-            [sys.executable, str(EXAMPLE), str(path), str(f)],
-            capture_output=True, text=True, timeout=120, check=True,
-        )  # fmt: skip
-        name, score, decision = run.stdout.strip().rsplit(",", 2)
-        image = torch.from_numpy(load_image(f, size, channels).copy())
+    (files[0].parent / "broken.png").write_bytes(b"\x89PNG not really")
+    # one process for the files and a folder (recursive, sorted): one row per image
+    run = subprocess.run(
+        [sys.executable, str(EXAMPLE), str(path), *map(str, files), str(files[0].parent)],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    lines = run.stdout.strip().splitlines()
+    assert lines[0] == "path,score,anomaly" and "skipped" in run.stderr
+    folder = sorted(p for p in files[0].parent.iterdir() if p.name != "broken.png")
+    rows = [line.rsplit(",", 2) for line in lines[1:]]
+    assert [name for name, _, _ in rows] == [str(f) for f in [*files, *folder]]
+    for name, score, decision in rows:
+        image = torch.from_numpy(load_image(Path(name), size, channels).copy())
         expected = det.score_images(image[None])[0]  # what `firmad score` gives
-        assert name == str(f)
         assert float(score) == pytest.approx(expected, abs=1e-4)
         assert decision == str(int(float(score) > det.threshold_))

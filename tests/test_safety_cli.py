@@ -83,3 +83,16 @@ def test_progress_in_a_file_is_plain_lines_while_it_runs(monkeypatch):
     assert seen[-1] >= 2 and seen[5] >= 1  # lines appear during the run, not only at the end
     assert lines[-1].startswith("train: 30/30 steps,") and "epoch 30" in lines[-1]
     assert all("\x1b" not in line and "━" not in line for line in lines)
+
+
+def test_quiet_and_verbose_work_after_the_sub_command(capsys):
+    from firmad.cli import main
+    from firmad.cli.common import global_flags_first, state
+
+    assert global_flags_first(["score", "d", "a.png", "-q"]) == ["-q", "score", "d", "a.png"]
+    assert global_flags_first(["fit", "x", "-v", "--out", "o"]) == ["-v", "fit", "x", "--out", "o"]
+    assert global_flags_first(["score", "--", "-q"]) == ["score", "--", "-q"]  # a file named -q
+    state["quiet"] = False
+    assert main(["data", "list", "-q"]) == 0
+    assert state["quiet"] is True
+    state["quiet"] = False

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from firmad.errors import ConfigError
-from firmad.io import atomic_write_files
+from firmad.errors import ConfigError, InputError
+from firmad.outputs import check_file, write_together
 from firmad.scoring.scales import score_scale
 from firmad.versions import __version__
 
@@ -46,7 +46,9 @@ class ScoreGraph(nn.Module):
 
 def export_onnx(detector, path: str | Path, opset: int = 18) -> Path:
     """Write ``path`` (an .onnx file holding the contract in its metadata) and its sidecar
-    contract ``path + ".json"``, both atomically; returns the model's path."""
+    contract ``path + ".json"``, both or neither; returns the model's path. The paths are
+    checked first (`check_export_paths`): a sidecar of the user's is never overwritten."""
+    check_export_paths(path)
     detector._check_fitted()
     if detector.scorer_.variant == "ensemble":
         raise ConfigError(
@@ -78,10 +80,28 @@ def export_onnx(detector, path: str | Path, opset: int = 18) -> Path:
     add_contract(model, contract)
     path = Path(path)
     text = json.dumps(contract, indent=2) + "\n"
-    atomic_write_files(
-        [(path, model.SerializeToString()), (sidecar_path(path), text.encode("utf-8"))]
-    )
+    check_export_paths(path)  # again: the export took a while
+    write_together([(path, model.SerializeToString()), (sidecar_path(path), text.encode("utf-8"))])
     return path
+
+
+def check_export_paths(path: str | Path) -> None:
+    """Both files of an export can be written: regular files or new ones in a writable folder;
+    the sidecar, when it exists, is an earlier export's contract (never a file of the user's)."""
+    check_file(path, "--out", example="det.onnx")
+    side = sidecar_path(path)
+    check_file(side, "--out", example="det.onnx")
+    if not side.exists():
+        return
+    try:
+        ours = json.loads(side.read_bytes()).get("format") == CONTRACT_FORMAT
+    except (OSError, ValueError, AttributeError):  # not JSON, or not an object
+        ours = False
+    if not ours:
+        raise InputError(
+            f"{side} exists and is not a firmad export's contract; the export writes its "
+            f"contract there: move that file, or choose another --out than {path}"
+        )
 
 
 INPUT, OUTPUT = "images", "scores"

@@ -21,6 +21,7 @@ from firmad.errors import FirmadError
 from firmad.inputs import find_images, load_files
 from firmad.persistence import LOCK, folder_lock
 from firmad.report import write_fit_report
+from firmad.report_detector import relative_name
 from firmad.scoring import parse_scorer
 
 Say = Callable[[str], None]
@@ -125,8 +126,12 @@ def fit_folder(
             det.save(out_dir)
             saved = True
             # the score scale in words, held-out scores vs the threshold, a gallery
-            held = images[det.heldout_indices_] if det.heldout_indices_ is not None else None
-            return write_fit_report(det, out_dir, heldout_images=held)
+            held = names = None
+            if det.heldout_indices_ is not None:  # the gallery names its files
+                held = images[det.heldout_indices_]
+                files = find_images([folder])[0]
+                names = [relative_name(files[i], folder) for i in det.heldout_indices_]
+            return write_fit_report(det, out_dir, heldout_images=held, heldout_names=names)
     finally:
         if created and not saved:
             with contextlib.suppress(OSError):

@@ -25,6 +25,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from firmad.errors import CheckpointError, StorageError
+from firmad.outputs import refuse_special
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -112,8 +113,11 @@ def atomic_write_files(files: Sequence[tuple[Path, bytes]]) -> None:
     Every file is first written and synced to a temporary file; only then are they renamed into
     place, in order (renames need no space). A full disk or a read-only folder raises
     StorageError naming the file; the previous files are then untouched and no temporary file
-    is left behind.
+    is left behind. Anything at a path that is not a regular file (a folder, a device node, a
+    FIFO) is refused before anything is written: a rename would replace it.
     """
+    for path, _ in files:
+        refuse_special(path)
     temps: list[str] = []
     current = None
     try:

@@ -12,14 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from firmad.data.sources import load_image
-from firmad.errors import ConfigError, DataError, InputError
+from firmad.errors import ConfigError
 from firmad.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from firmad.metrics import aulc
 from firmad.metrics import roc_curve as _roc_curve
 from firmad.perturb import attack_name
 from firmad.run import RESULTS
-from firmad.scoring.scales import score_scale
 from firmad.scoring.scorers import result_keys_of, result_name, row_name
 from firmad.versions import versions
 
@@ -438,292 +436,25 @@ def plot_drift(path: str | Path, drift: Mapping[str, list[dict]], unit: float = 
     return save_png(fig, path)
 
 
-# --------------------------------------------------------------------------- detector reports
-
-GALLERY_N = 8  # images per gallery row
-FIT_REPORT_TITLE = "# firmad detector report"
-SCORE_REPORT_TITLE = "# firmad score report"
-
-
-def _threshold_words(scores: np.ndarray | None, threshold: float | None) -> str:
-    if threshold is None:
-        return (
-            "There is no threshold, so there are no decisions: set one with "
-            "`firmad score --threshold T` or `det.calibrate(...)`."
-        )
-    text = f"An image is flagged as an anomaly when its score is above {threshold:.4g}."
-    if scores is not None and len(scores):
-        n_flag = int((scores > threshold).sum())
-        text += (
-            f" Of the {len(scores)} held-out normal images, {n_flag} "
-            f"({100 * n_flag / len(scores):.1f} %) score above it."
-        )
-    return text
+# The detector reports (`firmad fit` / `firmad score`) live in firmad.report_detector; their
+# names stay importable from here.
+_DETECTOR_REPORT_NAMES = {
+    "GALLERY_N",
+    "FIT_REPORT_TITLE",
+    "SCORE_REPORT_TITLE",
+    "Scored",
+    "check_report_folder",
+    "gallery_order",
+    "plot_gallery",
+    "plot_threshold_hist",
+    "write_fit_report",
+    "write_score_report",
+}
 
 
-def _summary_rows(scores: np.ndarray) -> list[str]:
-    q = np.quantile(scores, [0.0, 0.05, 0.5, 0.95, 1.0])
-    return [
-        "| n | min | 5 % | median | 95 % | max |",
-        "|---:|---:|---:|---:|---:|---:|",
-        f"| {len(scores)} | " + " | ".join(f"{v:.4g}" for v in q) + " |",
-    ]
+def __getattr__(name: str):
+    if name in _DETECTOR_REPORT_NAMES:
+        from firmad import report_detector
 
-
-def plot_threshold_hist(
-    path: str | Path,
-    reference=None,
-    threshold: float | None = None,
-    new_scores=None,
-    reference_label: str = "held-out normals",
-    new_label: str = "scored images",
-) -> Path:
-    """Histogram of held-out normal scores (and of newly scored ones) with the threshold line."""
-    ref = None if reference is None else np.asarray(reference, dtype=np.float64).reshape(-1)
-    new = None if new_scores is None else np.asarray(new_scores, dtype=np.float64).reshape(-1)
-    parts = [x for x in (ref, new) if x is not None and len(x)]
-    values = np.concatenate(parts) if parts else np.zeros(0)
-    if threshold is not None:
-        values = np.append(values, threshold)
-    bins = np.histogram_bin_edges(values, bins=40) if len(values) else 10
-    both = ref is not None and len(ref) and new is not None and len(new)  # sizes differ: density
-    fig = new_figure()
-    ax = fig.add_subplot()
-    for x, colour, label in ((ref, "C0", reference_label), (new, "C1", new_label)):
-        if x is not None and len(x):
-            ax.hist(
-                x, bins=bins, alpha=0.6, color=colour, density=both, label=f"{label} (n={len(x)})"
-            )
-    if threshold is not None:
-        ax.axvline(threshold, color="C3", ls="--", lw=1.5, label=f"threshold {threshold:.4g}")
-    ax.set(xlabel="anomaly score (higher = more anomalous)", ylabel="density" if both else "images")
-    ax.set_title("Scores and threshold")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    return save_png(fig, path)
-
-
-def gallery_order(scores, n: int = GALLERY_N) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the ``n`` most anomalous (highest first) and ``n`` most normal (lowest
-    first) scores; ties keep input order."""
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    order = np.argsort(s, kind="stable")
-    n_top = min(n, (len(s) + 1) // 2)  # few images: each shown once
-    n_low = min(n, len(s) - n_top)
-    return order[::-1][:n_top], order[:n_low]
-
-
-def plot_gallery(path: str | Path, rows: Sequence[tuple[str, Any, Sequence[str]]]) -> Path:
-    """Rows of thumbnails: ``(row title, uint8 images (n, C, H, W), captions)``; each caption
-    sits above its image (two short lines fit)."""
-    cell, thumb, title_h, cap_h, gap = 1.25, 1.0, 0.3, 0.4, 0.15  # inches
-    ncols = max([len(imgs) for _, imgs, _ in rows] + [1])
-    row_h = title_h + cap_h + thumb + gap
-    width, height = ncols * cell + 0.2, len(rows) * row_h + 0.1
-    fig = new_figure((width, height))
-    for r, (title, imgs, captions) in enumerate(rows):
-        top = height - 0.1 - r * row_h  # inches from the bottom
-        fig.text(0.1 / width, (top - title_h / 2) / height, title, fontsize=10, weight="bold",
-                 va="center")  # fmt: skip
-        if not len(imgs):
-            fig.text(0.1 / width, (top - title_h - cap_h) / height, "(none)", fontsize=8)
-        for i, (img, cap) in enumerate(zip(imgs, captions, strict=True)):
-            left = 0.1 + i * cell + (cell - thumb) / 2
-            bottom = top - title_h - cap_h - thumb
-            ax = fig.add_axes((left / width, bottom / height, thumb / width, thumb / height))
-            ax.set_axis_off()
-            img = np.asarray(img)
-            if img.shape[0] == 1:
-                ax.imshow(img[0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-            else:
-                ax.imshow(img.transpose(1, 2, 0), interpolation="nearest")
-            ax.set_title(cap, fontsize=7, pad=3)
-    return save_png(fig, path, tight=False)
-
-
-def _short(name: str, width: int = 18) -> str:
-    name = Path(str(name)).name
-    return name if len(name) <= width else "…" + name[-(width - 1) :]
-
-
-def _as_nchw(images, layout: str | None = None) -> np.ndarray:
-    """uint8 (N, C, H, W) numpy images for the gallery (from arrays, tensors, float in [0, 1])."""
-    x = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
-    if x.ndim not in (3, 4):
-        raise InputError(
-            f"images for a report must be an array or tensor (N, C, H, W), got {type(images)}"
-        )
-    if x.ndim == 3:
-        x = x[:, None]
-    if layout == "NHWC" or (layout is None and x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3)):
-        x = x.transpose(0, 3, 1, 2)
-    if x.dtype != np.uint8:
-        x = np.clip(np.round(x.astype(np.float64) * 255), 0, 255).astype(np.uint8)
-    return x
-
-
-def _gallery_rows(
-    scores: np.ndarray, images, names: Sequence[str], what: str, n: int = GALLERY_N
-) -> list[tuple[str, Any, list[str]]]:
-    """Gallery rows (most anomalous, most normal); ``images(i)`` gives image i or None."""
-    rows = []
-    for title, idx in zip(
-        (f"Most anomalous {what}", f"Most normal {what}"), gallery_order(scores, n), strict=True
-    ):
-        pairs = [(i, images(int(i))) for i in idx]
-        pairs = [(i, img) for i, img in pairs if img is not None]
-        caps = [f"{scores[i]:.4g}\n{_short(names[i])}" for i, _ in pairs]
-        rows.append((title, [img for _, img in pairs], caps))
-    return rows
-
-
-def _header(det, threshold: float | None) -> list[str]:
-    cfg = det.config_
-    vs = det.scorer_
-    c, h, w = getattr(det, "input_shape_", (cfg.data.channels, cfg.data.size, cfg.data.size))
-    lines = [
-        f"- Method: {cfg.method.name}, backbone {cfg.model.backbone}, epochs {cfg.train.epochs}",
-        f"- Input: images squashed to {cfg.data.size} x {cfg.data.size} "
-        f"({'RGB' if c == 3 else 'grey'}; fitted on {h} x {w})",
-        f"- Scorer: {vs.label}, {getattr(det, 'n_bank_', '?')} normal training images in its bank",
-        f"- Threshold: {'none' if threshold is None else f'{threshold:.6g}'}",
-    ]
-    if getattr(det, "calibration_", None):
-        lines.append(f"- Calibration: {_fmt(det.calibration_)}")
-    return lines
-
-
-def write_fit_report(det, directory: str | Path, heldout_images=None) -> Path:
-    """``directory/report.md`` and ``directory/plots/*.png`` for a fitted detector: its score
-    scale in words, the held-out normal scores against the threshold, and a gallery of the
-    most anomalous and most normal held-out images. The histogram shows
-    ``det.heldout_scores_`` (the scores the threshold was set on) when the detector has them,
-    else the scores of ``heldout_images``; the gallery shows ``heldout_images`` with their
-    scores. Without either, the report says so. ``heldout_images``: uint8 (or [0, 1] float)
-    images, an array or tensor of shape (N, C, H, W) or (N, H, W, C). Returns its path."""
-    directory = Path(directory)
-    _check_own_folder(directory, FIT_REPORT_TITLE, marker="detector.json")
-    threshold = getattr(det, "threshold_", None)
-    scores = getattr(det, "heldout_scores_", None)
-    scores = None if scores is None else np.asarray(scores, dtype=np.float64).reshape(-1)
-    images = image_scores = None
-    if heldout_images is not None and len(heldout_images):
-        images = _as_nchw(heldout_images, getattr(det, "input_layout_", None))
-        same = scores is not None and len(scores) == len(images)
-        image_scores = scores if same else det.decision_function(heldout_images)
-        scores = image_scores if scores is None else scores
-    out = [FIT_REPORT_TITLE, "", *_header(det, threshold), ""]
-    out += ["## What the scores mean", "", score_scale(det), ""]
-    out += [_threshold_words(scores, threshold), ""]
-    out += ["## Held-out normal scores", ""]
-    if scores is None or not len(scores):
-        out += ["No images were held out, so there is no histogram and no gallery.", ""]
-    else:
-        plot_threshold_hist(directory / PLOTS_DIR / "heldout_hist.png", scores, threshold)
-        out += [*_summary_rows(scores), ""]
-        out += [f"![Scores and threshold]({PLOTS_DIR}/heldout_hist.png)", ""]
-    if images is not None:
-        names = [f"held-out {i}" for i in range(len(images))]
-        rows = _gallery_rows(image_scores, lambda i: images[i], names, "held-out normals")
-        plot_gallery(directory / PLOTS_DIR / "heldout_gallery.png", rows)
-        out += [
-            "## Gallery",
-            "",
-            "The top row holds the held-out normal images this detector finds least typical "
-            "(look there for mislabelled or unusual images); the bottom row the most typical. "
-            "Each shows its score, as the detector sees the image.",
-            "",
-            f"![Most anomalous and most normal held-out images]({PLOTS_DIR}/heldout_gallery.png)",
-            "",
-        ]
-    path = directory / "report.md"
-    atomic_write_text(path, "\n".join(out).rstrip() + "\n")
-    return path
-
-
-def write_score_report(
-    det,
-    names: Sequence[str],
-    scores,
-    decisions,
-    images_or_paths,
-    out_path: str | Path,
-    threshold: float | None = None,
-    skipped: Sequence[tuple[Any, str]] = (),
-) -> Path:
-    """``out_path/report.md`` and ``out_path/plots/*.png`` for scored images: their scores
-    against the held-out normals' and the threshold, a gallery and table of the most anomalous
-    and most normal ones, and the score scale in words. ``images_or_paths``: image files (only
-    the gallery's are read) or uint8 images (N, C, H, W). ``threshold`` defaults to the
-    detector's. Returns the report's path."""
-    out_dir = Path(out_path)
-    _check_own_folder(out_dir, SCORE_REPORT_TITLE)
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    threshold = threshold if threshold is not None else getattr(det, "threshold_", None)
-    heldout = getattr(det, "heldout_scores_", None)
-    flagged = sum(1 for d in decisions if str(d) == "1")
-    image = _image_getter(det, images_or_paths)
-    out = [SCORE_REPORT_TITLE, "", *_header(det, threshold), ""]
-    decided = "no threshold, so no decisions" if threshold is None else f"{flagged} flagged"
-    out += [f"{len(s)} images scored ({decided}); {len(skipped)} skipped.", ""]
-    out += ["## What the scores mean", "", score_scale(det), "", _threshold_words(None, threshold)]
-    out += ["", "## Scores", "", *_summary_rows(s), ""]
-    plot_threshold_hist(out_dir / PLOTS_DIR / "score_hist.png", heldout, threshold, s)
-    ref = "no held-out scores" if heldout is None else "the held-out normal images' scores (blue)"
-    out += [f"The scored images (orange) against {ref} and the threshold.", ""]
-    out += [f"![Scores and threshold]({PLOTS_DIR}/score_hist.png)", ""]
-    rows = _gallery_rows(s, image, [str(n) for n in names], "images")
-    plot_gallery(out_dir / PLOTS_DIR / "gallery.png", rows)
-    out += ["## Gallery", "", f"![Most anomalous and most normal images]({PLOTS_DIR}/gallery.png)"]
-    for title, idx in zip(("Most anomalous", "Most normal"), gallery_order(s), strict=True):
-        out += ["", f"{title}:", "", "| image | score | anomaly |", "|---|---:|---:|"]
-        out += [f"| {_md_cell(names[i])} | {s[i]:.6g} | {_md_cell(decisions[i])} |" for i in idx]
-    if skipped:
-        out += ["", "## Skipped", ""]
-        out += [f"- {_md_cell(f)}: {_md_cell(why)}" for f, why in skipped]
-    path = out_dir / "report.md"
-    atomic_write_text(path, "\n".join(out).rstrip() + "\n")
-    return path
-
-
-def _check_own_folder(folder: Path, title: str, marker: str | None = None) -> None:
-    """Write a report only into a new or empty folder, a folder holding ``marker`` (a detector
-    directory's detector.json), or over a report of the same kind: a folder of the user's is
-    never written into."""
-    if not folder.exists():
-        return
-    report = folder / "report.md"
-    if folder.is_dir() and (not any(folder.iterdir()) or (marker and (folder / marker).is_file())):
-        return
-    try:
-        ours = folder.is_dir() and report.read_text(encoding="utf-8").startswith(title + "\n")
-    except (OSError, UnicodeDecodeError):
-        ours = False
-    if not ours:
-        raise InputError(
-            f"{folder} exists and does not hold a firmad report; choose a new folder for the "
-            "report (--report DIR) so nothing of yours is overwritten"
-        )
-
-
-def _image_getter(det, images_or_paths):
-    """``image(i)``: image i for the gallery, uint8 (C, H, W), or None if it cannot be read.
-    Files are read only when asked for (as the detector reads them: squashed to its size)."""
-    items = images_or_paths
-    if items is not None and len(items) and isinstance(items[0], str | Path):
-        size, channels = det.config_.data.size, det.config_.data.channels
-
-        def image(i: int):
-            try:
-                return load_image(Path(items[i]), size, channels)
-            except DataError:
-                return None
-
-        return image
-    arr = None if items is None or not len(items) else _as_nchw(items)
-    return lambda i: None if arr is None else arr[i]
-
-
-def _md_cell(value: Any) -> str:
-    """Text safe inside a Markdown table cell."""
-    return str(value).replace("|", "\\|").replace("\n", " ") or "—"
+        return getattr(report_detector, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

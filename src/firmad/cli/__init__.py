@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
 import traceback
 
 import typer
 
-from firmad.cli.common import app, console
+from firmad.cli.common import app, console, global_flags_first
 from firmad.errors import FirmadError
 
 for _module in ("runs", "data", "detectors", "robustness"):  # registered in `--help`'s order
@@ -53,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     # Click (inside typer) handles usage errors itself (status 2); our own errors are caught here.
     command = typer.main.get_command(app)
     _short_help(command)
+    args = global_flags_first(list(sys.argv[1:] if argv is None else argv))
     try:
-        command.main(args=argv, prog_name="firmad", standalone_mode=True)
+        command.main(args=args, prog_name="firmad", standalone_mode=True)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except FirmadError as err:

@@ -50,6 +50,19 @@ def _main(
         logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
+# Options of `firmad` itself that also work after the sub-command (`firmad score ... -q`).
+GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose")
+
+
+def global_flags_first(args: list[str]) -> list[str]:
+    """Move -q / -v given after the sub-command to the front, where `firmad` reads them
+    (nothing after a `--` moves)."""
+    cut = args.index("--") if "--" in args else len(args)
+    head, tail = args[:cut], args[cut:]
+    flags = [a for a in head if a in GLOBAL_FLAGS]
+    return flags + [a for a in head if a not in GLOBAL_FLAGS] + tail
+
+
 def recipe_config(recipe: str | None, overrides: list[str]):
     from firmad.config import load_config
 

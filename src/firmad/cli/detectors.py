@@ -55,7 +55,9 @@ def fit(
     """Train a detector on a folder of normal images; set its threshold on held-out ones."""
     with interruptible("nothing was saved; run the command again"):
         from firmad.fitting import FitOptions, check_fit_out, detector_for_fit, fit_folder
+        from firmad.outputs import check_folder
 
+        check_folder(out_dir, "--out", inputs=[folder])  # its plots would be training images
         opts = FitOptions(
             config, list(set_), scorer, variant, holdout, target_fpr, epochs, device, seed,
             verbose=not state["quiet"],
@@ -75,7 +77,8 @@ def fit(
 
 @app.command(
     epilog="Examples:\n\n  firmad score det/ new_images/ --out scores.csv\n\n"
-    "  firmad score det/ a.png b.jpg --threshold 0.2"
+    "  firmad score det/ a.png b.jpg --threshold 0.2\n\n"
+    "  firmad score det/ incoming/ --out scores.csv --labels-from-folders  (incoming/CLASS/*.png)"
 )
 def score(
     detector: Path = typer.Argument(..., help="A detector directory (firmad fit)."),
@@ -86,19 +89,33 @@ def score(
     report_dir: Path | None = typer.Option(
         None, "--report", help="Folder for report.md and plots (default: beside --out CSV)."
     ),
+    labels: Path | None = typer.Option(
+        None,
+        "--labels",
+        help="A CSV with the columns path and label (a class per image): the report adds the "
+        "share flagged per label (recall of each anomaly class).",
+    ),
+    labels_from_folders: bool = typer.Option(
+        False,
+        "--labels-from-folders",
+        help="Each image's label is the name of its folder (incoming/trouser/a.png: trouser): "
+        "the report adds the share flagged per label.",
+    ),
 ) -> None:
     """Score images: a CSV with columns path, score (higher = more anomalous) and anomaly (1
     above the threshold, 0 not, empty without a threshold). Every file not scored is listed
-    with its reason; nothing is written when no image could be scored."""
+    with its reason; nothing is written when no image could be scored. Every output is checked
+    before scoring starts."""
     from firmad.detector import OneClassDetector
-    from firmad.inputs import decisions, scores_csv
+    from firmad.inputs import scores_csv
     from firmad.io import atomic_write_text
-    from firmad.persistence import check_output_file, check_threshold
+    from firmad.persistence import check_threshold
 
     if threshold is not None:
         threshold = check_threshold(threshold, "--threshold")
-    if out_csv is not None:
-        check_output_file(out_csv, "scores.csv")
+    report_dir, table = _check_score_outputs(
+        paths, out_csv, report_dir, labels, labels_from_folders
+    )
     det = OneClassDetector.load(detector)
     thr = threshold if threshold is not None else getattr(det, "threshold_", None)
     names, scores, skipped = _score_with_progress(det, paths, batch_size)
@@ -114,24 +131,56 @@ def score(
         atomic_write_text(out_csv, text)  # only now: a failed run changes nothing
     else:
         print(text, end="")
-    # --- report: scores vs held-out normals and threshold, a gallery, the scale in words
-    report_dir = report_dir or (out_csv.with_name(f"{out_csv.stem}-report") if out_csv else None)
     if report_dir is not None:
-        from firmad.report import write_score_report
-
-        scored = [float(s) for s in scores]
-        try:
-            report = write_score_report(
-                det, names, scored, decisions(scores, thr), names, report_dir, thr, skipped
-            )
-            warn(f"Report: {report}")
-        except FirmadError as err:  # the scores are written; only the report is not
-            warn(f"report not written: {err}")
+        use_labels = table is not None or labels_from_folders
+        _score_report(det, names, scores, skipped, report_dir, thr, table, use_labels)
     warn(
         f"{len(names)} scored, {len(skipped)} skipped"
         + ("" if thr is not None else "; no threshold, so no decisions (use --threshold)")
         + (f"; written to {out_csv}" if out_csv else "")
     )
+
+
+def _check_score_outputs(paths, out_csv, report_dir, labels, labels_from_folders):
+    """Check every output of `score` (and read --labels) before scoring; returns the report
+    folder (None: no report) and the labels table."""
+    from firmad.outputs import check_file
+    from firmad.persistence import check_output_file
+    from firmad.report_detector import check_report_folder, read_labels
+
+    if labels is not None and labels_from_folders:
+        raise FirmadError("give either --labels or --labels-from-folders, not both")
+    if out_csv is not None:
+        check_file(out_csv, "--out", example="scores.csv")
+        check_output_file(out_csv, "scores.csv")
+    option = "--report"
+    if report_dir is None and out_csv is not None:
+        report_dir = out_csv.with_name(f"{out_csv.stem}-report")
+        option = "the report folder beside --out (choose another with --report):"
+    if report_dir is None and (labels is not None or labels_from_folders):
+        raise FirmadError("the per-label table is in the report: give --out or --report too")
+    if report_dir is not None:
+        check_report_folder(report_dir, option=option, inputs=paths)
+    return report_dir, (read_labels(labels) if labels is not None else None)
+
+
+def _score_report(det, names, scores, skipped, report_dir, thr, table, use_labels) -> None:
+    """The score report: scores vs held-out normals and threshold, p-values, per label, a
+    gallery; a failure here leaves the written scores alone."""
+    from firmad.inputs import decisions
+    from firmad.report_detector import Scored, labels_for, write_score_report
+
+    scored = Scored(
+        names,
+        [float(s) for s in scores],
+        decisions(scores, thr),
+        labels=labels_for(names, table) if use_labels else None,
+        skipped=skipped,
+    )
+    try:
+        warn(f"Report: {write_score_report(det, scored, report_dir, thr)}")
+    except FirmadError as err:  # the scores are written; only the report is not
+        warn(f"report not written: {err}")
 
 
 def _score_with_progress(det, paths: list[Path], batch_size: int):
@@ -155,11 +204,12 @@ def export(
 ) -> None:
     """Export a detector as one graph: uint8 images in, anomaly scores out."""
     from firmad.detector import OneClassDetector
-    from firmad.export import export_onnx, sidecar_path
+    from firmad.export import check_export_paths, export_onnx, sidecar_path
     from firmad.persistence import check_output_file
 
     if fmt != "onnx":
         raise FirmadError(f"--format {fmt!r} is not supported; use onnx")
+    check_export_paths(out_file)
     check_output_file(out_file, "det.onnx")
     det = OneClassDetector.load(detector)
     export_onnx(det, out_file)
@@ -175,7 +225,9 @@ def export(
 )
 def serve(
     detector: Path = typer.Argument(..., help="A detector directory (firmad fit)."),
-    port: int = typer.Option(8765, "--port", help="Port to listen on (0 picks a free one)."),
+    port: int = typer.Option(
+        8765, "--port", min=0, max=65535, help="Port to listen on (0 picks a free one)."
+    ),
     host: str = typer.Option(
         "127.0.0.1", "--host", help="Address to listen on; the default keeps it on this computer."
     ),

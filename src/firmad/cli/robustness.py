@@ -41,6 +41,10 @@ def features(
     from firmad.robustness.study import run_study
 
     config = config.absolute()  # a file, even one named like a shipped recipe
+    if out_dir is not None:
+        from firmad.outputs import check_folder
+
+        check_folder(out_dir, "--out")
     log = (lambda *a: None) if state["quiet"] else (lambda msg: console.print(msg, highlight=False))
     with interruptible("finished stages are kept; run the same command again to continue"):
         result = run_study(config, out_dir, log=log, workers=workers)
@@ -316,6 +320,9 @@ def attack(
     if normal_class is not None:
         klass = int(normal_class) if normal_class.lstrip("-").isdigit() else normal_class
     folder = out_dir if out_dir is not None else _beside(target, ".attack")
+    from firmad.outputs import check_folder
+
+    check_folder(folder, "--out")  # never into a folder of the user's images
     show = _AttackProgress(console, quiet=state["quiet"])
     with (
         show,

@@ -22,6 +22,15 @@ from firmad.cli.common import (
 from firmad.cli.data import show_dataset
 from firmad.errors import FirmadError
 
+
+def _check_out(out_dir: Path | None) -> None:
+    """--out of a run or grid: a folder (new, or firmad's), writable, no folder of images."""
+    if out_dir is not None:
+        from firmad.outputs import check_folder
+
+        check_folder(out_dir, "--out")
+
+
 # --- train / evaluate ----------------------------------------------------------------------------
 
 
@@ -63,11 +72,7 @@ def train(
     overrides = list(set_)
     if normal_class is not None:
         value = normal_class if not normal_class.lstrip("-").isdigit() else int(normal_class)
-        overrides.append(
-            f"data.normal_class={value!r}"
-            if isinstance(value, str)
-            else f"data.normal_class={value}"
-        )
+        overrides.append(f"data.normal_class={value!r}")  # a name quoted, an id as it is
     for key, value in (("train.seed", seed), ("train.epochs", epochs), ("train.device", device)):
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -75,6 +80,7 @@ def train(
         raise FirmadError(
             "give a recipe with --config (e.g. --config fmnist-cpu), or --resume --out DIR"
         )
+    _check_out(out_dir)
     with interruptible() as where:  # from here on: importing torch takes seconds
         from firmad.pipeline import default_run_dir, train_run
         from firmad.training.distributed import process_group
@@ -100,6 +106,7 @@ def _train_classes(classes, config, set_, out_dir, resume, seed, epochs, device,
     from firmad.pipeline import default_run_dir, train_runs
 
     names = comma_list(classes, "--classes", "class ids or names")
+    _check_out(out_dir)
     common = list(set_)
     for key, value in (("train.seed", seed), ("train.epochs", epochs), ("train.device", device)):
         if value is not None:
@@ -201,6 +208,7 @@ def bench(
     Exits with status 1 when every cell failed."""
     from firmad.bench import run_grid
 
+    _check_out(out_dir)
     with interruptible(
         "grid stopped; finished cells are kept and interrupted ones keep a checkpoint: run the "
         "same command again to continue"
@@ -239,6 +247,7 @@ def demo(
     Run it again: a finished demo shows its results, an interrupted one continues."""
     from firmad.run import RunDir
 
+    _check_out(out_dir)
     with interruptible() as where:
         from firmad.config import load_config
         from firmad.pipeline import train_run
