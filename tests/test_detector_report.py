@@ -15,7 +15,7 @@ from firmad.cli import main
 from firmad.data import one_vs_rest
 from firmad.detector import OneClassDetector
 from firmad.errors import InputError
-from firmad.report import Scored, gallery_order, write_fit_report, write_score_report
+from firmad.report_detector import Scored, gallery_order, write_fit_report, write_score_report
 from firmad.scoring.scales import SCORE_SCALES, scale_sentence, score_scale
 from firmad.scoring.scorers import SCORERS, build_scorer
 from tests.conftest import FIXTURE_FMNIST

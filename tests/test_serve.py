@@ -18,7 +18,7 @@ from firmad import serve
 from firmad.cli import main
 from firmad.errors import InputError
 from firmad.inputs import load_folder_images
-from firmad.report import write_fit_report
+from firmad.report_detector import write_fit_report
 from tests.conftest import folder_detector
 from tests.test_detector import TRAIN
 
@@ -198,7 +198,7 @@ def test_markdown_keeps_only_links_to_the_reports_own_files(site):
 
 
 def test_a_score_report_of_hostile_file_names_stays_text(site, tmp_path):
-    from firmad.report import Scored, write_score_report
+    from firmad.report_detector import Scored, write_score_report
 
     names = ["![a](https:evil.example?beacon).png", "[Download](https:evil.example).png"]
     scores = site["det"].decision_function(site["split"].test_images[:2])

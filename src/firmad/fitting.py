@@ -20,8 +20,7 @@ from firmad.detector import OneClassDetector
 from firmad.errors import FirmadError
 from firmad.inputs import find_images, load_files
 from firmad.persistence import LOCK, folder_lock
-from firmad.report import write_fit_report
-from firmad.report_detector import relative_name
+from firmad.report_detector import relative_name, write_fit_report
 from firmad.scoring import parse_scorer
 
 Say = Callable[[str], None]

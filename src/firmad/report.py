@@ -434,27 +434,3 @@ def plot_drift(path: str | Path, drift: Mapping[str, list[dict]], unit: float = 
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=6, ncol=2)
     return save_png(fig, path)
-
-
-# The detector reports (`firmad fit` / `firmad score`) live in firmad.report_detector; their
-# names stay importable from here.
-_DETECTOR_REPORT_NAMES = {
-    "GALLERY_N",
-    "FIT_REPORT_TITLE",
-    "SCORE_REPORT_TITLE",
-    "Scored",
-    "check_report_folder",
-    "gallery_order",
-    "plot_gallery",
-    "plot_threshold_hist",
-    "write_fit_report",
-    "write_score_report",
-}
-
-
-def __getattr__(name: str):
-    if name in _DETECTOR_REPORT_NAMES:
-        from firmad import report_detector
-
-        return getattr(report_detector, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
