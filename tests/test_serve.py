@@ -67,7 +67,7 @@ def test_page_and_detector_info(site):
     status, _, body = request(site, "GET", "/api/detector")
     info = json.loads(body)
     assert info["threshold"] == pytest.approx(site["det"].threshold_)
-    assert info["scorer"] == "knn_cos k=5 (plain)" and "cosine similarity" in info["scale"]
+    assert info["scorer"] == "knn_cos:k=5 (plain)" and "cosine similarity" in info["scale"]
     assert [r["name"] for r in info["reports"]] == ["detector", "audit"]
     assert info["heldout"] is None or info["heldout"] == len(site["det"].heldout_scores_)
 
