@@ -99,7 +99,7 @@ def test_a_new_method_and_scorer_train_and_evaluate(tmp_path, tiny, registered):
     assert got == [(label, v) for label in labels for v in ("plain", "angled")]
     assert rows[6]["params"] == {"k": 3, "bw": 5.0} and rows[0]["params"] == {"scale": 5.0}
     auroc = {(r["label"], r["variant"]): r["auroc"] for r in rows}
-    assert auroc["kde:scale=5", "plain"] != auroc["kde:scale=50", "plain"]
+    assert auroc["kde:scale=5", "angled"] != auroc["kde:scale=50", "angled"]
     report = (tmp_path / "run" / "report.md").read_text()
     for label in labels:
         assert f"| {label} | plain |" in report

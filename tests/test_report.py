@@ -135,6 +135,6 @@ def test_format_table() -> None:
         "FPR95",
     ]
     assert set(lines[1]) <= {"-", " "}
-    assert lines[3].split() == ["knn_cos", "k=5", "plain", "95.3", "99.5", "61.0", "25.0"]
+    assert lines[3].split() == ["knn_cos:k=5", "plain", "95.3", "99.5", "61.0", "25.0"]
     assert lines[4].split()[:3] == ["kde", "angled", "90.1"]
     assert len({len(line) for line in lines[:2]}) == 1

@@ -358,7 +358,7 @@ def check_scorer(spec: str) -> ScorerSpec:
     try:
         return ScorerSpec.parse(spec)
     except ConfigError as err:
-        raise ConfigError(f"eval.scorers: {err}".replace(": scorer ", ": ", 1)) from None
+        raise ConfigError(f"eval.scorers: {err}") from None
 
 
 # Upper bounds of sizes and counts, far above any real use: a typo (1e9, an extra zero) fails

@@ -41,7 +41,12 @@ def method_section(data: Mapping[str, Any] | MethodSettings | None = None) -> Me
     default method when it names none): a key that method does not take is a ConfigError
     listing its keys. A settings object is returned as it is."""
     if isinstance(data, MethodSettings):
-        method_class(getattr(data, "name", None))
+        if "name" not in type(data).model_fields:
+            raise ConfigError(
+                "method: a settings object without the method's name; give a mapping, or the "
+                "method's Config, e.g. METHODS['firm'].Config(tau=0.5)"
+            )
+        method_class(data.name)
         return data
     if data is None:
         data = {}
