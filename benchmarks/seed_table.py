@@ -38,6 +38,9 @@ from scipy import stats
 
 
 def _scorer_name(row: dict) -> str:
+    """The row's scorer label (bench.csv's `label`; files without it: scorer and k)."""
+    if row.get("label"):
+        return row["label"]
     return f"{row['scorer']}:k={row['k']}" if row["k"] else row["scorer"]
 
 

@@ -186,3 +186,68 @@ def test_every_benchmark_grid_plans_valid_cells(path, tmp_path):
     assert cells
     for cell in {(c.recipe, c.backbone): c for c in cells}.values():
         load_config(cell.recipe, [*grid.set, *backbone_overrides(cell.backbone)])
+
+
+def _results(run_dir: Path, rows: list[dict], name: str) -> None:
+    run_dir.mkdir()
+    data = {"method": "firm", "normal_class_names": [name], "results": rows}
+    (run_dir / "results.json").write_text(json.dumps(data))
+
+
+def _row(scorer: str, params: dict, auroc: float) -> dict:
+    metrics = {"auroc": auroc, "aupr_anomaly": 0.5, "aupr_normal": 0.5, "fpr95": 0.5}
+    return {"scorer": scorer, "params": params, "k": params.get("k"), "variant": "plain",
+            **metrics}  # fmt: skip
+
+
+def _headline_cells(markdown: str) -> list[str]:
+    """The headline table's AUROC per class, in class order."""
+    table = markdown.split("### ")[0]
+    return [line.split("|")[2].strip() for line in table.splitlines() if line[:3] in ("| 0", "| 1")]
+
+
+def test_rows_are_named_by_every_parameter_of_their_scorer(tmp_path):
+    """bench.csv holds each result's label and parameters; the headline, written any way,
+    picks the rows of its scorer; results.json of earlier versions (scorer and k only) get
+    the same labels."""
+    from firmad.bench import GridConfig, summarise
+
+    cells = _cells(tmp_path, 2)
+    kde5, kde50 = _row("kde", {"scale": 5.0}, 0.61), _row("kde", {"scale": 50.0}, 0.72)
+    knn = _row("knn_cos", {"k": 5, "knn_backend": "auto"}, 0.83)
+    _results(cells[0].run_dir, [kde5, kde50, knn], "T-shirt/top")
+    earlier = [
+        {"scorer": "knn_cos", "k": 5, "variant": "plain", "auroc": 0.94},
+        {"scorer": "kde", "k": None, "variant": "plain", "auroc": 0.55},
+    ]
+    _results(cells[1].run_dir, earlier, "Trouser")
+    expected = {
+        "kde:scale=5": ["61.0", "–"],
+        "kde:scale=50.0": ["72.0", "–"],
+        "knn_cos": ["83.0", "94.0"],
+        "kde:scale=20": ["–", "55.0"],
+    }
+    for headline, aurocs in expected.items():
+        out = tmp_path / headline.replace(":", "-")
+        out.mkdir()
+        markdown = summarise(GridConfig(headline=headline), cells, out)["markdown"]
+        assert _headline_cells(markdown) == aurocs, headline
+    rows = list(csv.DictReader((tmp_path / "knn_cos" / "bench.csv").open()))
+    assert [(r["label"], json.loads(r["params"]), r["k"]) for r in rows] == [
+        ("kde:scale=5", {"scale": 5.0}, ""),
+        ("kde:scale=50", {"scale": 50.0}, ""),
+        ("knn_cos:k=5", {"k": 5, "knn_backend": "auto"}, "5"),
+        ("knn_cos:k=5", {"k": 5, "knn_backend": "auto"}, "5"),
+        ("kde", {"scale": 20.0}, ""),
+    ]
+    assert "| kde:scale=5 | plain | 61.0 (1/2 classes) |" in markdown.split("### ")[1]
+
+
+def test_a_bad_headline_is_refused_before_work(tmp_path):
+    for headline, said in (
+        ("kde:scale=-5", "scale must be a finite number > 0"),
+        ("knn_cos:q=1", "unknown parameter 'q'"),
+        ("nope", "unknown scorer"),
+    ):
+        with pytest.raises(ConfigError, match=f"headline: .*{said}"):
+            read_grid(_grid(tmp_path, headline=headline))

@@ -241,3 +241,132 @@ def test_run_config_file_round_trip(tmp_path):
     cfg = load_config("fmnist-cpu", ["train.lr=1e-5"])
     save_config(cfg, tmp_path / "config.yaml")
     assert read_run_config_file(tmp_path / "config.yaml") == cfg
+
+
+# --- the method section is the named method's own settings model ------------------------------
+
+# What the current version wrote for every method: the full flat section (before methods owned
+# their settings), e.g. into a run's config.yaml and a detector's detector.json.
+FLAT = {"tau": 0.2, "loss_mode": "pairwise", "symmetric": False}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragments"),
+    [
+        (["method.name=ntxent", "method.loss_mode=concat"], ["ntxent", "'loss_mode'", "symmetric"]),
+        (["method.name=dsvdd", "method.tau=0.2"], ["dsvdd does not take ['tau']", "are name"]),
+        (["method.name=dsvdd", "method.symmetric=false"], ["dsvdd", "'symmetric'"]),
+        (["method.name=rotsupcon", "method.symmetric=true"], ["rotsupcon", "name, tau"]),
+        (["method.loss_mode=concat", "method.symmetric=true"], ["firm", "loss_mode"]),
+        (["method.tau=0"], ["method.tau: must be > 0"]),
+        (["method.loss_mode=both"], ["method.loss_mode", "'pairwise'", "'concat'"]),
+    ],
+)
+def test_a_method_refuses_keys_it_does_not_take(overrides, fragments):
+    with pytest.raises(ConfigError) as err:
+        load_config("fmnist-cpu", overrides)
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_each_method_has_its_own_keys_and_defaults():
+    from firmad.methods import METHODS
+
+    assert {n: c.setting_keys() for n, c in METHODS.items()} == {
+        "firm": ("tau", "loss_mode"), "ntxent": ("tau", "symmetric"), "rotsupcon": ("tau",),
+        "supcon-binary": ("tau",), "dsvdd": (), "binary": (),
+    }  # fmt: skip
+    assert load_config("fmnist-cpu-dsvdd").to_dict()["method"] == {"name": "dsvdd"}
+    ntxent = load_config("fmnist-cpu-ntxent").method
+    assert ntxent.model_dump() == {"name": "ntxent", "tau": 0.2, "symmetric": False}
+    typed = RunConfig(method={"name": "ntxent", "symmetric": True})
+    assert typed.method.symmetric and typed.method.tau == 0.2
+    copied = typed.model_copy(update={"method": METHODS["firm"].Config(loss_mode="concat")})
+    assert copied.to_dict()["method"] == {"name": "firm", "tau": 0.2, "loss_mode": "concat"}
+    assert typed.method.name == "ntxent"  # a copy, the original unchanged
+
+
+def test_switching_method_starts_its_section_afresh(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("base: fmnist-cpu\nmethod: {name: firm, tau: 0.5, loss_mode: concat}\n")
+    (tmp_path / "child.yaml").write_text("base: ./base.yaml\nmethod: {name: ntxent}\n")
+    (tmp_path / "same.yaml").write_text("base: ./base.yaml\nmethod: {tau: 0.3}\n")
+    child = load_config(str(tmp_path / "child.yaml")).method
+    assert child.model_dump() == {"name": "ntxent", "tau": 0.2, "symmetric": False}
+    same = load_config(str(tmp_path / "same.yaml")).method
+    assert (same.name, same.tau, same.loss_mode) == ("firm", 0.3, "concat")
+    for order in (
+        ["method.tau=0.4", "method.name=ntxent"],
+        ["method.name=ntxent", "method.tau=0.4"],
+    ):
+        assert load_config(str(base), order).method.tau == 0.4
+    assert load_config(str(base), ["method.name=ntxent"]).method.tau == 0.2
+
+
+def test_saved_configs_with_the_former_flat_method_section_still_load(tmp_path):
+    from firmad.config import read_run_config_file
+
+    for name, takes in (("dsvdd", {}), ("ntxent", {"tau": 0.2, "symmetric": False})):
+        saved = load_config("fmnist-cpu", ["method.name=" + name]).to_dict()
+        saved["method"] = {"name": name, **FLAT}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(saved, sort_keys=False))
+        cfg = read_run_config_file(path)
+        assert cfg.to_dict()["method"] == {"name": name, **takes}
+        assert config_from_dict(saved) == cfg
+        with pytest.raises(ConfigError, match=f"{name} does not take"):
+            config_from_dict(saved, strict=True)  # what a user writes gets the strict check
+    saved["method"] = {"name": "ntxent", **FLAT, "loss_mode": "concat"}
+    with pytest.raises(ConfigError, match="ntxent does not take loss_mode.*gives 'concat'"):
+        config_from_dict(saved)
+    saved["method"] = {"name": "dsvdd", **FLAT, "tau": 0.5}
+    with pytest.raises(ConfigError, match="method.tau: method dsvdd does not take tau"):
+        config_from_dict(saved)
+
+
+def test_method_configs_pickle_for_spawned_workers():
+    import pickle
+
+    cfg = load_config("fmnist-cpu-ntxent", ["method.symmetric=true"])
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+
+
+# --- scorers: one normalised spec, checked before any work ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragments"),
+    [
+        ("kde:scale=-5", ["kde:scale=-5", "scale must be a finite number > 0"]),
+        ("kde:scale=0", ["scale must be a finite number > 0"]),
+        ("kde:scale=.nan", ["scale must be a finite number"]),
+        ("kde:scale=nan", ["scale expects a number, got 'nan'"]),
+        ("kde:scale=.inf", ["finite"]),
+        ("ocsvm_rbf:scale=-1", ["ocsvm_rbf", "scale must be a finite number > 0"]),
+        ("knn_cos:knn_backend=gpu", ["'auto', 'faiss', 'torch'"]),
+        ("knn_cos:k=true", ["k expects an integer"]),
+    ],
+)
+def test_scorer_values_out_of_range_fail_at_config_time(spec, fragments):
+    with pytest.raises(ConfigError) as err:
+        load_config("fmnist-cpu", [f"eval.scorers=[{spec}]"])
+    assert str(err.value).startswith("eval.scorers: ")
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
+def test_scorer_specs_normalise_and_the_same_scorer_twice_is_refused():
+    from firmad.scoring import ScorerSpec
+
+    assert ScorerSpec.parse("kde:scale=5") == ScorerSpec.parse("kde:scale=5.0")
+    assert ScorerSpec.parse("kde:scale=5") != ScorerSpec.parse("kde:scale=50")
+    assert ScorerSpec.parse("kde").params == (("scale", 20.0),)
+    assert ScorerSpec.parse("knn_cos:k=1e1").kwargs == {"k": 10, "knn_backend": "auto"}
+    for text in ("knn_cos:k=5", "kde:scale=0.5", "ocsvm_rbf:nu=0.05,scale=1e-05", "centre",
+                 "mahalanobis:normalize=true", "knn_cos:k=2,knn_backend=torch"):  # fmt: skip
+        assert ScorerSpec.parse(text).label == text
+        assert ScorerSpec.parse(ScorerSpec.parse(text).label) == ScorerSpec.parse(text)
+    assert ScorerSpec.parse("knn_cos").label == "knn_cos:k=5"  # k always shown
+    assert ScorerSpec.parse("kde:scale=20").label == "kde"  # the default
+    with pytest.raises(ConfigError, match="'kde' and 'kde:scale=20.0' are the same scorer"):
+        load_config("fmnist-cpu", ["eval.scorers=[kde, knn_cos:k=5, kde:scale=20.0]"])

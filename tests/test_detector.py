@@ -118,7 +118,7 @@ def test_ensemble_detector_scores_as_the_benchmark(fitted, split, bank):
         split.train_images, test, split.test_labels, ["knn_cos:k=5"], ["ensemble"]
     )
     np.testing.assert_allclose(
-        det.decision_function(test), details["scores"]["knn_cos k=5 (ensemble)"], rtol=1e-5
+        det.decision_function(test), details["scores"]["knn_cos:k=5 (ensemble)"], rtol=1e-5
     )
 
 

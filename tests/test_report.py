@@ -90,7 +90,7 @@ def test_report_md_and_plots(tmp_path: Path) -> None:
     assert "fashion-mnist" in md and "resnet_small" in md and "T-shirt/top" in md
     assert "5 min 22 s" in md  # wall time 321.5 s
     assert "| Scorer | Variant | AUROC % | AUPR-anomaly % | AUPR-normal % | FPR95 % |" in md
-    assert "| knn_cos k=5 | plain | **95.3** | 99.5 | 61.0 | 25.0 |" in md
+    assert "| knn_cos:k=5 | plain | **95.3** | 99.5 | 61.0 | 25.0 |" in md
     assert "| kde | angled | 90.1 | 98.0 | 50.0 | 50.0 |" in md
     assert md.count("**") == 2  # only the best AUROC is bold
     for name in names:
@@ -135,6 +135,6 @@ def test_format_table() -> None:
         "FPR95",
     ]
     assert set(lines[1]) <= {"-", " "}
-    assert lines[3].split() == ["knn_cos", "k=5", "plain", "95.3", "99.5", "61.0", "25.0"]
+    assert lines[3].split() == ["knn_cos:k=5", "plain", "95.3", "99.5", "61.0", "25.0"]
     assert lines[4].split()[:3] == ["kde", "angled", "90.1"]
     assert len({len(line) for line in lines[:2]}) == 1

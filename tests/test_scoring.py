@@ -24,7 +24,7 @@ from firmad.scoring import (
     score_run,
     scorer_specs,
 )
-from firmad.scoring import scorers as scoring
+from firmad.scoring import base as scoring_base
 
 # Every registered scorer at its defaults (and kNN with k = 1), except the logit scorer,
 # which scores a classifier's logits rather than features (tested on its own below).
@@ -114,7 +114,7 @@ def test_faiss_and_torch_backends_agree(blobs, monkeypatch, k) -> None:
     test = np.r_[normal, far]
     s_faiss = build_scorer("knn_cos", k=k, knn_backend="faiss").fit(bank).score(test)
     # a tiny chunk bound forces the chunked torch path through many chunks
-    monkeypatch.setattr(scoring, "_MAX_CHUNK_ELEMENTS", 400 * 70)
+    monkeypatch.setattr(scoring_base, "MAX_CHUNK_ELEMENTS", 400 * 70)
     s_torch = build_scorer("knn_cos", k=k, knn_backend="torch").fit(bank).score(test)
     np.testing.assert_allclose(s_faiss, s_torch, atol=1e-5)
     sims = knn_similarities(torch.from_numpy(bank), torch.from_numpy(test), k, "torch")
@@ -125,7 +125,7 @@ def test_faiss_and_torch_backends_agree(blobs, monkeypatch, k) -> None:
 def test_kde_chunking_does_not_change_scores(blobs, monkeypatch) -> None:
     bank, normal, _, _ = blobs
     full = build_scorer("kde").fit(bank).score(normal)
-    monkeypatch.setattr(scoring, "_MAX_CHUNK_ELEMENTS", 400 * 70)
+    monkeypatch.setattr(scoring_base, "MAX_CHUNK_ELEMENTS", 400 * 70)
     np.testing.assert_allclose(build_scorer("kde").fit(bank).score(normal), full, rtol=1e-6)
 
 
@@ -175,10 +175,12 @@ DEFAULT_SCORERS = scorer_specs(EvalConfig().scorers)
 
 def test_registry_and_errors(blobs) -> None:
     bank = blobs[0]
-    assert {n for n, _ in DEFAULT_SCORERS} <= set(SCORERS)  # the recipe default
+    assert {s.name for s in DEFAULT_SCORERS} <= set(SCORERS)  # the recipe default
     with pytest.raises(ConfigError, match="knn_cos.*mahalanobis"):
         build_scorer("nearest")
-    with pytest.raises(ConfigError, match="invalid parameters"):
+    with pytest.raises(
+        ConfigError, match="scorer 'kde:k=3': unknown parameter 'k'; allowed: scale"
+    ):
         build_scorer("kde", k=3)
     with pytest.raises(ConfigError):
         build_scorer("knn_cos", k=0)
@@ -286,7 +288,8 @@ def test_score_run_all_variants_and_keys() -> None:
         return_details=True,
     )
     assert len(results) == len(DEFAULT_SCORERS) * 3
-    keys = {"scorer", "k", "variant", "auroc", "aupr_anomaly", "aupr_normal", "fpr95"}
+    keys = {"scorer", "label", "params", "k", "variant", "auroc", "aupr_anomaly", "aupr_normal",
+            "fpr95"}  # fmt: skip
     for r in results:
         assert set(r) == keys
         assert all(0.0 <= r[m] <= 1.0 for m in ("auroc", "aupr_anomaly", "aupr_normal", "fpr95"))
@@ -330,9 +333,9 @@ def test_ensemble_bank_of_crops() -> None:
     _, centre = score_run(enc, train, test, labels, **kw)
     _, crops = score_run(enc, train, test, labels, ensemble_bank="crops", **kw)
     for variant in ("plain", "angled"):
-        name = f"knn_cos k=2 ({variant})"
+        name = f"knn_cos:k=2,knn_backend=torch ({variant})"
         np.testing.assert_array_equal(crops["scores"][name], centre["scores"][name])
-    ens = "knn_cos k=2 (ensemble)"
+    ens = "knn_cos:k=2,knn_backend=torch (ensemble)"
     assert not np.allclose(crops["scores"][ens], centre["scores"][ens])
     # by hand: test crops from seed + 1 (angle by angle), bank crops from seed + 2
     extractor = FeatureExtractor(enc, 8, 1.125, 3)
@@ -372,12 +375,43 @@ def test_kmeans_bank_keeps_the_answer():
     assert evaluate_scores(labels, scores)["auroc"] > 0.99
 
 
-def test_result_labels_from_result_keys() -> None:
-    from firmad.scoring import result_name, row_name
+def test_result_labels_are_the_specs_canonical_strings() -> None:
+    from firmad.scoring import ScorerSpec, result_identity, row_name
 
-    assert result_name("knn_cos", 5, "plain") == "knn_cos k=5 (plain)"
-    assert result_name("kde") == "kde" and result_name(None) == "None"  # a cell with no rows
-    assert row_name({"scorer": "knn_cos_norm", "k": 5, "variant": "angled"}) == "knn_cos_norm k=5"
+    vs = VariantScorer("knn_cos:k=5.0", None, "plain")
+    assert vs.label == "knn_cos:k=5 (plain)" and vs.spec == ScorerSpec.parse("knn_cos")
+    row = vs.result_row({"auroc": 0.5})
+    assert row["label"] == "knn_cos:k=5" and row["params"] == {"k": 5, "knn_backend": "auto"}
+    assert row_name({"scorer": "knn_cos_norm", "k": 5, "variant": "angled"}) == "knn_cos_norm:k=5"
     assert row_name({"scorer": "centre", "k": None, "variant": "plain"}, variant=True) == (
         "centre (plain)"
     )
+    assert row_name({"scorer": None}) == "None"  # a cell with no rows
+    # rows written before params existed name the same scorer as the new rows
+    old = {"scorer": "knn_cos", "k": 5, "variant": "plain"}
+    assert result_identity(old) == result_identity(row)
+    kde5 = VariantScorer("kde", {"scale": 5}).result_row({})
+    kde50 = VariantScorer("kde:scale=50").result_row({})
+    assert result_identity(kde5) != result_identity(kde50)
+    assert (kde5["label"], kde50["label"]) == ("kde:scale=5", "kde:scale=50")
+
+
+def test_score_run_numbers_do_not_depend_on_how_a_scorer_is_written() -> None:
+    """Old-style (name, params) pairs and canonical spec strings give the same scores, each
+    the scorer's own scores on the same features."""
+    enc = _tiny_conv(in_ch=3)
+    train, test = _images(30, seed=1), _images(20, seed=2)
+    labels = torch.tensor([0, 1] * 10)
+    pairs = [("knn_cos", {"k": 2}), ("kde", {"scale": 5}), ("kde", {}), ("centre", {})]
+    specs = ["knn_cos:k=2", "kde:scale=5.0", "kde", "centre"]
+    kw = dict(size=8, return_details=True)
+    rows_a, a = score_run(enc, train, test, labels, pairs, **kw)
+    rows_b, b = score_run(enc, train, test, labels, specs, **kw)
+    assert rows_a == rows_b and list(a["scores"]) == list(b["scores"])
+    bank = extract_features(enc, train, size=8)
+    feats = extract_features(enc, test, size=8)
+    for (name, params), row in zip(pairs, rows_a, strict=True):
+        own = build_scorer(name, **params).fit(bank).score(feats)
+        np.testing.assert_array_equal(a["scores"][f"{row['label']} (plain)"], own)
+        assert row["auroc"] == roc_auc_score(labels.numpy(), own)
+    assert not np.array_equal(a["scores"]["kde:scale=5 (plain)"], a["scores"]["kde (plain)"])

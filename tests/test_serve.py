@@ -94,7 +94,7 @@ def test_page_and_detector_info(site):
     status, _, body = request(site, "GET", "/api/detector")
     info = json.loads(body)
     assert info["threshold"] == pytest.approx(site["det"].threshold_)
-    assert info["scorer"] == "knn_cos k=5 (plain)" and "cosine similarity" in info["scale"]
+    assert info["scorer"] == "knn_cos:k=5 (plain)" and "cosine similarity" in info["scale"]
     assert [r["name"] for r in info["reports"]] == ["detector", "audit"]
     # a report link opens the report, not a file listing
     assert [r["url"] for r in info["reports"]] == ["/reports/0/report.md", "/reports/1/attack.md"]

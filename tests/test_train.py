@@ -162,7 +162,7 @@ def test_a_trainer_from_explicit_components_equals_the_factorys(tiny, one_thread
 
     cfg = load_config("fmnist-cpu", tiny)
     cpu = torch.device("cpu")
-    method = FIRM(tau=0.2, mode="pairwise", head=HeadSettings(hidden=64, out_dim=32, depth=2))
+    method = FIRM(tau=0.2, loss_mode="pairwise", head=HeadSettings(hidden=64, out_dim=32, depth=2))
     normals = prepare_images(build_split(cfg).train_images, 16)
     ids = torch.zeros(len(normals), dtype=torch.int64)
     kinds = parse_outliers(["rot90", "rot180", "rot270"])

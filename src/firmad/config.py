@@ -4,11 +4,24 @@ A recipe is checked completely before any work starts: unknown keys, wrong types
 values raise ConfigError with the key path and the allowed values. Types and simple bounds are
 checked by pydantic models; names from registries (backbones, outliers, scorers) and the
 augmentation and head settings are checked by the modules that own them, after the types.
+
+The ``method:`` section belongs to the method it names: its keys and defaults are that method's
+``Settings`` (`firmad.methods`), so nothing here names a method's setting. When a recipe over a
+``base:``, or a ``--set method.name=...``, names another method than the one before, the section
+starts afresh from the new method's defaults: the earlier method's keys are not inherited, and
+every key written with the new name (in that recipe, or in the --set options) must be one the
+new method takes.
+
+Configs that firmad wrote itself (a run's config.yaml and checkpoint, a detector's
+detector.json) were written by earlier versions with every method's section holding ``tau``,
+``loss_mode`` and ``symmetric``, taken or not. `config_from_dict` drops those keys where the
+method does not take them and they hold the values earlier versions wrote for every method (0.2,
+pairwise, false: the method ignored them); any other value of them is refused. Recipes and
+``--set`` options (`load_config`, grids) get the strict check (``strict=True``).
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import stat
@@ -18,6 +31,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import (
     Field,
+    SerializeAsAny,
     field_validator,
     model_validator,
 )
@@ -25,7 +39,12 @@ from pydantic import (
 from firmad.augment import check_view_settings
 from firmad.errors import ConfigError
 from firmad.io import atomic_write_text
-from firmad.methods import method_class
+from firmad.methods import (
+    DEFAULT_METHOD,
+    MethodSettings,
+    method_class,
+    method_section,
+)
 from firmad.models import BACKBONES, WIDTH_SCALABLE, check_width
 from firmad.models.heads import check_head_settings
 from firmad.outliers import parse_outliers
@@ -35,7 +54,7 @@ from firmad.safeyaml import (  # noqa: F401  (MAX_YAML_DEPTH, parse_yaml: kept i
     shorten,
     yaml_problem,
 )
-from firmad.scoring import SCORERS, build_scorer
+from firmad.scoring import ScorerSpec
 from firmad.scoring.specs import parse_scorer  # noqa: F401  (kept importable from here)
 from firmad.validation import Int, validate_as
 from firmad.validation import Section as _Section
@@ -79,13 +98,6 @@ class DataConfig(_Section):
         if v not in (1, 3):
             raise ValueError(f"must be 1 or 3, got {v}")
         return v
-
-
-class MethodConfig(_Section):
-    name: str = "firm"  # a name of firmad.methods.METHODS (checked in _check_values)
-    tau: float = Field(0.2, gt=0)
-    loss_mode: Literal["pairwise", "concat"] = "pairwise"
-    symmetric: bool = False  # NT-Xent: the paper's one-directional form unless true
 
 
 class OutlierConfig(_Section):
@@ -277,7 +289,8 @@ SECTIONS = (
 class RunConfig(_Section):
     name: str = "run"
     data: DataConfig = Field(default_factory=DataConfig)
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    # the named method's own settings model (firmad.methods.method_section)
+    method: SerializeAsAny[MethodSettings] = Field(default_factory=method_section)
     outliers: OutlierConfig = Field(default_factory=OutlierConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -290,6 +303,11 @@ class RunConfig(_Section):
     @classmethod
     def _empty_section(cls, v: Any) -> Any:
         return {} if v is None else v  # `train:` with nothing under it in YAML
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method(cls, v: Any) -> MethodSettings:
+        return method_section(v)  # a ConfigError naming the method's own keys
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump()
@@ -324,43 +342,23 @@ def _check_values(cfg: RunConfig) -> None:
     if method_class(cfg.method.name).requires_outliers and not (o.kinds or o.exposure):
         raise ConfigError(f"outliers.kinds: method {shorten(cfg.method.name)} needs outliers")
     check_view_settings(**cfg.augment.model_dump(exclude={"enabled"}))
-    for spec in cfg.eval.scorers:
-        check_scorer(spec)
+    specs = [check_scorer(spec) for spec in cfg.eval.scorers]
+    for i, spec in enumerate(specs):
+        if spec in specs[:i]:
+            first = cfg.eval.scorers[specs.index(spec)]
+            raise ConfigError(
+                f"eval.scorers: {shorten(first)} and {shorten(cfg.eval.scorers[i])} are the same "
+                f"scorer ({spec.label}); list each scorer once"
+            )
 
 
-_PARAM_TYPES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-def check_scorer(spec: str) -> None:
-    """Build the scorer of `spec` once: unknown names, parameters and values fail now."""
-    name, params = parse_scorer(spec)
-    where = f"eval.scorers: {shorten(spec)}"
-    if name not in SCORERS:
-        raise ConfigError(
-            f"{where}: unknown scorer {shorten(name)}; choose from {', '.join(SCORERS)}"
-        )
-    signature = inspect.signature(SCORERS[name].__init__)
-    allowed = [p for p in signature.parameters if p != "self"]
-    for key, value in params.items():
-        if key not in allowed:
-            hint = f"allowed: {', '.join(allowed)}" if allowed else f"{name} takes no parameters"
-            raise ConfigError(f"{where}: unknown parameter {shorten(key)}; {hint}")
-        # The default's type is the parameter's type; int(True) or float("nan") must not pass.
-        kind = type(signature.parameters[key].default)
-        ok = {
-            bool: isinstance(value, bool),
-            int: isinstance(value, int) and not isinstance(value, bool),
-            float: isinstance(value, int | float) and not isinstance(value, bool),
-            str: isinstance(value, str),
-        }.get(kind, True)
-        if kind is int and isinstance(value, float) and value.is_integer():
-            ok = True  # 1e3
-        if not ok:
-            raise ConfigError(f"{where}: {key} expects {_PARAM_TYPES[kind]}, got {shorten(value)}")
+def check_scorer(spec: str) -> ScorerSpec:
+    """The normalised spec of a recipe's scorer: unknown names, parameters and values (out of
+    the scorer's range) fail now, before any work."""
     try:
-        build_scorer(name, **params)
-    except (ConfigError, TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: {err}") from None
+        return ScorerSpec.parse(spec)
+    except ConfigError as err:
+        raise ConfigError(f"eval.scorers: {err}") from None
 
 
 # Upper bounds of sizes and counts, far above any real use: a typo (1e9, an extra zero) fails
@@ -398,11 +396,59 @@ def _check_limits(cfg: RunConfig) -> None:
             )
 
 
-def config_from_dict(data: dict[str, Any]) -> RunConfig:
+# The method keys every saved config held before methods owned their settings, with the
+# values earlier versions wrote for a method that did not take them (`config_from_dict`).
+FORMER_METHOD_KEYS = {"tau": 0.2, "loss_mode": "pairwise", "symmetric": False}
+
+
+def _former_method_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A config firmad wrote, less the former method keys its method does not take, where they
+    hold the values it wrote for every method; any other value is a ConfigError."""
+    section = data.get("method")
+    if not isinstance(section, dict):
+        return data  # validation says what is wrong
+    name = section.get("name", DEFAULT_METHOD)
+    try:
+        takes = method_class(name).setting_keys()
+    except ConfigError:
+        return data  # an unknown name: validation says so
+    kept = {}
+    for key, value in section.items():
+        if key in FORMER_METHOD_KEYS and key not in takes:
+            former = FORMER_METHOD_KEYS[key]
+            if type(value) is type(former) and value == former:
+                continue  # written for every method by earlier versions, ignored by this one
+            raise ConfigError(
+                f"method.{key}: method {name} does not take {key} (its keys: "
+                f"{', '.join(('name', *takes))}), but this config gives {shorten(value)}; it had "
+                f"no effect on the training. Remove the key, or set it to {former!r}"
+            )
+        kept[key] = value
+    return {**data, "method": kept}
+
+
+def config_from_dict(data: dict[str, Any], strict: bool = False) -> RunConfig:
+    """A validated `RunConfig` from plain data. ``strict`` (recipes and --set, what a user
+    wrote): no former method keys (the module docstring); otherwise those that firmad itself
+    wrote into saved configs are dropped where the method ignores them."""
+    if not strict and isinstance(data, dict):
+        data = _former_method_keys(data)
     cfg = validate_as(RunConfig, data, "")
     _check_limits(cfg)
     _check_values(cfg)
     return cfg
+
+
+def _method_name(section: Any) -> Any:
+    return section.get("name", DEFAULT_METHOD) if isinstance(section, dict) else None
+
+
+def _switch_method(section: Any, name: Any) -> Any:
+    """The method section a switch to method `name` starts from: nothing when `name` is
+    another method (the keys were the earlier method's), else the section as it is."""
+    if isinstance(section, dict) and name != _method_name(section):
+        return {}
+    return section
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -418,19 +464,26 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key.path=value` strings (values parsed as YAML) to a recipe dict."""
+    """Apply `key.path=value` strings (values parsed as YAML) to a recipe dict. A
+    ``method.name`` naming another method starts the method section afresh: the recipe's keys
+    of the earlier method are dropped, the other ``method.*`` options apply (in any order)."""
+    parsed = []
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {shorten(item)}: write it as section.key=value")
         try:
-            parsed = parse_yaml(value)
+            parsed.append((key.strip(), parse_yaml(value)))
         except yaml.YAMLError as err:
             raise ConfigError(
                 f"--set {shorten(item)}: the value is not valid YAML ({yaml_problem(err)}); close "
                 "brackets and quotes, e.g. outliers.kinds=[rot90, rot180]"
             ) from None
-        _set_path(data, key.strip(), parsed)
+    names = [value for key, value in parsed if key == "method.name"]
+    if names and "method" in data:
+        data["method"] = _switch_method(data["method"], names[-1])
+    for key, value in parsed:
+        _set_path(data, key, value)
     return data
 
 
@@ -524,6 +577,9 @@ def read_recipe(name_or_path: str, _chain: tuple[Path, ...] = ()) -> dict[str, A
         if not isinstance(base, str) or not base:
             raise ConfigError(f"{path}: base: expected a recipe name or path, got {shorten(base)}")
         merged = read_recipe(base, (*_chain, path))
+        new_method = data.get("method")
+        if "method" in merged and isinstance(new_method, dict) and "name" in new_method:
+            merged["method"] = _switch_method(merged["method"], new_method["name"])
         _deep_update(merged, data)
         data = merged
     return data
@@ -580,9 +636,11 @@ def backbone_overrides(entry: str | None) -> list[str]:
 
 
 def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """The config of a recipe (a shipped name or a file) with ``section.key=value`` overrides,
+    checked strictly: this is what a user wrote."""
     data = read_recipe(recipe) if recipe else {}
     apply_overrides(data, overrides or [])
-    return config_from_dict(data)
+    return config_from_dict(data, strict=True)
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

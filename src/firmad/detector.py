@@ -68,8 +68,8 @@ from firmad.scoring import (
     build_scorer,
     extract_banks,
     parse_scorer,
-    result_keys_of,
     score_run,
+    scorer_parameters,
 )
 from firmad.scoring.features import eval_mode
 from firmad.training import ProgressBar
@@ -277,7 +277,7 @@ class OneClassDetector(OutlierMixin, BaseEstimator):
                     "feature scorer such as knn_cos, kde or mahalanobis"
                 )
             name = method.own_scorer
-        if self.k is not None and "k" in result_keys_of(name):
+        if self.k is not None and "k" in scorer_parameters(name):
             params.setdefault("k", self.k)
         if name == method.own_scorer and model is not None:
             params.update(method.own_scorer_params(model))

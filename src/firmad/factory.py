@@ -39,25 +39,16 @@ from firmad.training.trainer import Trainer
 # --- components ---------------------------------------------------------------------------------
 
 
-def method_settings(cfg: RunConfig) -> dict[str, Any]:
-    """Every setting a method may take, by its constructor's keyword; a method picks its own."""
+def head_settings(cfg: RunConfig) -> HeadSettings:
+    """The projection head's sizes (``model.head_*``), for methods that train a head."""
     m = cfg.model
-    return {
-        "tau": cfg.method.tau,
-        "mode": cfg.method.loss_mode,
-        "symmetric": cfg.method.symmetric,
-        "head": HeadSettings(hidden=m.head_hidden, out_dim=m.head_out, depth=m.head_depth),
-    }
+    return HeadSettings(hidden=m.head_hidden, out_dim=m.head_out, depth=m.head_depth)
 
 
 def build_method(cfg: RunConfig) -> Method:
-    """The method ``cfg.method.name`` of the registry, with the settings it declares."""
-    cls = method_class(cfg.method.name)
-    available = method_settings(cfg)
-    unknown = [p for p in cls.parameters() if p not in available]
-    if unknown:
-        raise ConfigError(f"method {cls.name!r} takes {unknown}, which no config key gives")
-    return cls(**{p: available[p] for p in cls.parameters()})
+    """The method ``cfg.method.name`` of the registry, built from its own settings (the
+    ``method`` section is that method's settings model) and the head sizes."""
+    return method_class(cfg.method.name).create(cfg.method, head=head_settings(cfg))
 
 
 def build_model(
@@ -265,7 +256,7 @@ __all__ = [
     "build_split",
     "build_trainer",
     "build_training_pool",
-    "method_settings",
+    "head_settings",
     "train_settings",
     "view_settings",
 ]

@@ -18,7 +18,7 @@ from firmad.metrics import aulc
 from firmad.metrics import roc_curve as _roc_curve
 from firmad.perturb import attack_name
 from firmad.run import RESULTS
-from firmad.scoring.scorers import result_keys_of, result_name, row_name
+from firmad.scoring import row_name, spec_label
 from firmad.versions import versions
 
 __all__ = [
@@ -237,7 +237,7 @@ def _robustness_md(rob: Mapping[str, Any]) -> str:
     """The results.json ``robustness`` entry as a table: ε rows, attacked-group columns."""
     det = rob.get("detector", {})
     name, params = det.get("scorer", "?"), det.get("scorer_params", {})
-    label = result_name(name, **{key: params.get(key) for key in result_keys_of(name)})
+    label = spec_label(name, params)
     modes = list(dict.fromkeys(r["target"] for r in rob["rows"]))
     checks = "passed" if rob.get("passed") else "NOT all passed"
     lines = [
@@ -387,7 +387,7 @@ def write_plots(
     scores_by_name: Mapping[str, np.ndarray],
     features=None,
     learning_curve=None,
-    curve_label: str = "knn_cos k=5",
+    curve_label: str = "knn_cos:k=5",
 ) -> list[Path]:
     """Write the run's plots under ``run_dir/plots``: ROC, score histogram of the best scorer,
     learning curve (``(epochs, aurocs)`` or list of {"epoch", "auroc"}) and PCA projection."""

@@ -40,14 +40,14 @@ def _unwrap(tp: Any) -> Any:
     return get_args(tp)[0] if get_origin(tp) is Annotated else tp
 
 
-def _expected(tp: Any) -> str:
+def expected_text(tp: Any) -> str:
     """'an integer', 'a number or null', ... for an annotation."""
     tp = _unwrap(tp)
     origin = get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
-        return " or ".join(_expected(a) for a in get_args(tp))
+        return " or ".join(expected_text(a) for a in get_args(tp))
     if origin is list:
         return "a list"
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -141,7 +141,7 @@ def _config_error(
         if e["type"] in ("model_type", "dataclass_type", "dict_type"):
             msg = f"expected a mapping of keys, got {shorten(value)}"
         elif e["type"] == "literal_error":
-            msg = f"{shorten(value)} is not allowed; use {_expected(tp)}"
+            msg = f"{shorten(value)} is not allowed; use {expected_text(tp)}"
         elif e["type"] in _BOUND_ERRORS:
             msg = f"must be {_bounds(info, tp)}, got {shorten(value)}"
         elif e["type"] == "finite_number":
@@ -149,7 +149,7 @@ def _config_error(
         elif e["type"] == "value_error":
             msg = str(e["ctx"]["error"])
         else:
-            msg = f"expected {_expected(tp)}, got {shorten(value)}"
+            msg = f"expected {expected_text(tp)}, got {shorten(value)}"
         lines.setdefault(where, f"{where}: {msg}")
     for where, (keys, tp) in unknown.items():
         allowed = ", ".join(_fields(tp) or [])

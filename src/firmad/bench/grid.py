@@ -19,6 +19,7 @@ from firmad.config import (
 from firmad.data import describe
 from firmad.errors import ConfigError
 from firmad.run import safe_component
+from firmad.scoring import ScorerSpec
 
 
 @dataclass
@@ -72,7 +73,8 @@ def read_grid(path: Path) -> GridConfig:
 
 
 def check_grid(grid: GridConfig, path: Path | str = "grid") -> None:
-    """What needs no dataset: a name that is one folder, no value listed twice, threads >= 1."""
+    """What needs no dataset: a name that is one folder, no value listed twice, a headline
+    scorer that exists with its parameters, threads >= 1."""
     name = grid.name
     if not name or name != safe_component(name) or name in (".", ".."):
         raise ConfigError(
@@ -97,6 +99,10 @@ def check_grid(grid: GridConfig, path: Path | str = "grid") -> None:
             f"{path}: recipes: two recipes have the same file name ({shorten(labels)}); their "
             "cells would share folders. Rename one of them"
         )
+    try:
+        ScorerSpec.parse(grid.headline)  # the headline names rows by its canonical label
+    except ConfigError as err:
+        raise ConfigError(f"{path}: headline: {err}") from None
     if grid.threads is not None and not 1 <= grid.threads <= 1024:
         raise ConfigError(f"{path}: threads: must be in 1..1024, got {grid.threads}")
 
@@ -111,7 +117,8 @@ def plan_cells(grid: GridConfig, out_dir: Path) -> list[Cell]:
         base = read_recipe(recipe)
         extra = [f"data.root={grid.root}"] if grid.root else []
         cfg = config_from_dict(
-            apply_overrides(copy.deepcopy(base), grid.set + extra + backbone_overrides(backbone))
+            apply_overrides(copy.deepcopy(base), grid.set + extra + backbone_overrides(backbone)),
+            strict=True,
         )
         for dataset in grid.datasets or [cfg.data.dataset]:
             info = describe(dataset, grid.root)
@@ -177,7 +184,9 @@ def _check_cell(cell: Cell, grid: GridConfig, base: dict) -> None:
     """A cell's whole config, as its process will build it: a bad seed or class fails at
     planning, before any cell runs."""
     try:
-        config_from_dict(apply_overrides(copy.deepcopy(base), cell_overrides(cell, grid)))
+        config_from_dict(
+            apply_overrides(copy.deepcopy(base), cell_overrides(cell, grid)), strict=True
+        )
     except ConfigError as err:
         raise ConfigError(
             f"grid cell {cell.key} (recipe {cell.recipe}, seed {cell.seed}): {err}"

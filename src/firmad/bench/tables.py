@@ -1,6 +1,10 @@
 """A grid's tables: bench.csv (one row per result, or the status of a cell without results),
 bench.md (the headline AUROC per class, every scorer, wall times, learning curves, failures)
-and the plots (bench.png, bench_curves.png)."""
+and the plots (bench.png, bench_curves.png).
+
+A result is named by its scorer's canonical spec (`ScorerSpec.label`, e.g. ``kde:scale=5``):
+the ``label`` column, the tables' rows and the headline all use it; ``params`` holds every
+parameter of the scorer (JSON), ``k`` the kNN neighbours as earlier files had it."""
 
 from __future__ import annotations
 
@@ -18,9 +22,11 @@ from firmad.io import atomic_write_json, atomic_write_text
 from firmad.methods import NTXent
 from firmad.report import plot_learning_curve
 from firmad.run import CELL_ERROR, RunDir
-from firmad.scoring import parse_scorer, result_keys_of, result_name, row_name
+from firmad.scoring import ScorerSpec
 
-RESULT_FIELDS = ("scorer", "k", "variant", "auroc", "aupr_anomaly", "aupr_normal", "fpr95")
+RESULT_FIELDS = (
+    "scorer", "label", "params", "k", "variant", "auroc", "aupr_anomaly", "aupr_normal", "fpr95",
+)  # fmt: skip
 CSV_FIELDS = [
     "recipe",
     "method",
@@ -63,8 +69,7 @@ def collect_rows(cells: list[Cell], running: set[str] | frozenset = frozenset())
                         "wall_time_s": data.get("wall_time_s"),
                         "status": "done",
                         "error": "",
-                        **{k: r.get(k) for k in RESULT_FIELDS},
-                        **_other_result_keys(r),
+                        **_result_fields(r),
                     }
                 )
         elif cell.key in running:
@@ -88,17 +93,23 @@ def collect_rows(cells: list[Cell], running: set[str] | frozenset = frozenset())
     return rows
 
 
-def _other_result_keys(result: dict[str, Any]) -> dict[str, Any]:
-    """A result's keys besides k that tell its rows apart (`Scorer.result_keys`)."""
-    keys = result_keys_of(result["scorer"]) if "scorer" in result else ()
-    return {key: result.get(key) for key in keys if key != "k"}
+def _result_fields(result: dict[str, Any]) -> dict[str, Any]:
+    """A result row's columns: its spec's label and every parameter (rows of results.json
+    written before the spec get them from their scorer and k), variant and metrics."""
+    spec = ScorerSpec.from_row(result)
+    return {
+        **{key: result.get(key) for key in RESULT_FIELDS},
+        "scorer": spec.name,
+        "label": spec.label,
+        "params": spec.kwargs,
+        "k": spec.kwargs.get("k"),
+    }
 
 
 def headline_label(spec: str) -> str:
-    """A grid's headline scorer spec ("knn_cos:k=5") as a row label ("knn_cos k=5"): the
-    scorer and the parameters that identify its results."""
-    name, params = parse_scorer(spec)
-    return result_name(name, **{key: params.get(key) for key in result_keys_of(name)})
+    """A grid's headline scorer ("knn_rbf:k=3,bw=5") as its canonical label, the label of the
+    rows it names ("knn_rbf:k=3,bw=5" for rows whose bw is 5.0)."""
+    return ScorerSpec.parse(spec).label
 
 
 def _headline_rows(grid: GridConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -107,8 +118,19 @@ def _headline_rows(grid: GridConfig, rows: list[dict[str, Any]]) -> list[dict[st
     return [
         r
         for r in rows
-        if r["status"] == "done" and row_name(r) == label and r["variant"] == grid.variant
+        if r["status"] == "done" and r["label"] == label and r["variant"] == grid.variant
     ]
+
+
+def bench_csv(rows: list[dict[str, Any]]) -> str:
+    """bench.csv's text: one line a row, every column of `CSV_FIELDS`, parameters as JSON."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for row in rows:
+        params = row.get("params")
+        writer.writerow({**row, "params": "" if params is None else json.dumps(params)})
+    return buf.getvalue()
 
 
 def summarise(
@@ -119,11 +141,7 @@ def summarise(
     running: set[str] | frozenset = frozenset(),
 ) -> dict[str, Any]:
     rows = collect_rows(cells, running)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out_dir / "bench.csv", buf.getvalue())
+    atomic_write_text(out_dir / "bench.csv", bench_csv(rows))
     markdown = bench_markdown(grid, cells, rows)
     atomic_write_text(out_dir / "bench.md", markdown)
     plot_bench(out_dir, grid, cells, rows)
@@ -184,8 +202,9 @@ def _counts_line(cells: list[Cell], rows: list[dict[str, Any]]) -> str:
 def _headline_table(grid, dataset, classes, recipes, rows) -> list[str]:
     """AUROC of the headline scorer per class and recipe, mean ± std over seeds."""
     head = [r for r in _headline_rows(grid, rows) if r["dataset"] == dataset]
+    label = headline_label(grid.headline)
     lines = [
-        f"## {dataset}: AUROC (%) with {grid.headline} ({grid.variant}), mean ± std over seeds",
+        f"## {dataset}: AUROC (%) with {label} ({grid.variant}), mean ± std over seeds",
         "",
         "| class | " + " | ".join(recipes) + " |",
         "|---|" + "---|" * len(recipes),
@@ -209,7 +228,7 @@ def _headline_table(grid, dataset, classes, recipes, rows) -> list[str]:
 def _scorer_table(dataset, classes, recipes, rows) -> list[str]:
     """Every scorer and variant: the mean AUROC over classes per recipe."""
     done = [r for r in rows if r["status"] == "done" and r["dataset"] == dataset]
-    scorers = list(dict.fromkeys((row_name(r), r["variant"]) for r in done))
+    scorers = list(dict.fromkeys((r["label"], r["variant"]) for r in done))
     if not scorers:
         return []
     lines = [f"### {dataset}: mean AUROC (%) over classes, every scorer", ""]
@@ -220,7 +239,7 @@ def _scorer_table(dataset, classes, recipes, rows) -> list[str]:
         for rec in recipes:
             per_class: dict[Any, list[float]] = {}
             for r in done:
-                if r["recipe"] == rec and r["variant"] == variant and row_name(r) == label:
+                if r["recipe"] == rec and r["variant"] == variant and r["label"] == label:
                     per_class.setdefault(r["normal_class"], []).append(r["auroc"])
             vals[rec] = [float(np.mean(v)) for v in per_class.values()]
         lines.append(f"| {label} | {variant} | {_means_row(vals, recipes, len(classes))} |")
@@ -290,7 +309,7 @@ def plot_bench(out_dir: Path, grid: GridConfig, cells: list[Cell], rows: list[di
     ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2)
     ax.set_xticklabels([str(c) for _, c in classes])
     ax.set_xlabel("normal class")
-    ax.set_ylabel(f"AUROC (%), {grid.headline}")
+    ax.set_ylabel(f"AUROC (%), {headline_label(grid.headline)}")
     lo = np.nanmin([100 * r["auroc"] for r in head])
     ax.set_ylim(max(0, lo - 5), 100)
     ax.legend(fontsize=8)

@@ -2,21 +2,42 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import torch
+from pydantic import Field
 from torch import nn
 
 from firmad.losses import FIRMLoss, NTXentLoss, SupConLoss
-from firmad.methods.base import Method
+from firmad.methods.base import Method, MethodSettings
 from firmad.models.heads import HeadSettings, build_head
+
+
+class TemperatureSettings(MethodSettings):
+    tau: float = Field(0.2, gt=0)  # the contrastive temperature (the paper's 0.2)
 
 
 class _Contrastive(Method):
     """Two views per sample, a projection head of the given settings, a contrastive loss."""
 
     n_views = 2
+    Settings = TemperatureSettings
 
-    def __init__(self, loss: nn.Module, head: HeadSettings) -> None:
-        self.head, self._loss = head, loss
+    def __init__(
+        self, settings: MethodSettings | None = None, /, head: HeadSettings = HeadSettings(),
+        **values: Any,
+    ) -> None:  # fmt: skip
+        super().__init__(settings, **values)
+        self.head = head
+        self._loss = self.make_loss()
+
+    @classmethod
+    def create(cls, settings: MethodSettings, head: HeadSettings | None = None) -> Method:
+        return cls(settings, head=head or HeadSettings())
+
+    def make_loss(self) -> nn.Module:
+        """The objective, from ``self.settings``."""
+        raise NotImplementedError
 
     def build_modules(self, feature_dim: int) -> dict[str, nn.Module]:
         h = self.head
@@ -35,10 +56,12 @@ class FIRM(_Contrastive):
 
     name = "firm"
 
-    def __init__(
-        self, tau: float = 0.2, mode: str = "pairwise", head: HeadSettings = HeadSettings()
-    ) -> None:
-        super().__init__(FIRMLoss(tau=tau, mode=mode), head)
+    class Settings(TemperatureSettings):
+        # pairwise: the paper's code; concat: the 2N x 2N form
+        loss_mode: Literal["pairwise", "concat"] = "pairwise"
+
+    def make_loss(self) -> nn.Module:
+        return FIRMLoss(tau=self.settings.tau, mode=self.settings.loss_mode)
 
 
 class NTXent(_Contrastive):
@@ -46,10 +69,11 @@ class NTXent(_Contrastive):
 
     name = "ntxent"
 
-    def __init__(
-        self, tau: float = 0.2, symmetric: bool = False, head: HeadSettings = HeadSettings()
-    ) -> None:
-        super().__init__(NTXentLoss(tau=tau, symmetric=symmetric), head)
+    class Settings(TemperatureSettings):
+        symmetric: bool = False  # true: SimCLR's symmetric form
+
+    def make_loss(self) -> nn.Module:
+        return NTXentLoss(tau=self.settings.tau, symmetric=self.settings.symmetric)
 
 
 class RotSupCon(_Contrastive):
@@ -58,8 +82,8 @@ class RotSupCon(_Contrastive):
     name = "rotsupcon"
     requires_outliers = True
 
-    def __init__(self, tau: float = 0.2, head: HeadSettings = HeadSettings()) -> None:
-        super().__init__(SupConLoss(tau=tau), head)
+    def make_loss(self) -> nn.Module:
+        return SupConLoss(tau=self.settings.tau)
 
     def labels(self, class_ids: torch.Tensor, kind_ids: torch.Tensor) -> torch.Tensor:
         return kind_ids

@@ -4,6 +4,10 @@ The path: a trained encoder maps the normal training images to a *bank* of featu
 test images to test features; a scorer fitted on the bank scores the test features (higher =
 more anomalous). Every scorer is a differentiable torch module (OC-SVMs are fitted by
 scikit-learn and evaluated in torch from their support vectors).
+
+Adding a scorer: a module with a `Scorer` subclass decorated with `register_scorer`, and one
+import line below (the built-in scorers are registered by importing `scorers`). A result is
+named by its `ScorerSpec` (the scorer with every parameter), never by the scorer's name alone.
 """
 
 from firmad.scoring.banks import bank_crops, bank_subset, extract_banks, kmeans_centroids
@@ -12,6 +16,7 @@ from firmad.scoring.evaluate import (
     VariantScorer,
     angles_for,
     result_identity,
+    row_name,
     score_run,
     scorer_specs,
 )
@@ -30,11 +35,15 @@ from firmad.scoring.scorers import (
     SvddScorer,
     build_scorer,
     knn_similarities,
-    result_keys_of,
-    result_name,
-    row_name,
 )
-from firmad.scoring.specs import parse_scorer
+from firmad.scoring.specs import (
+    ScorerSpec,
+    parse_scorer,
+    register_scorer,
+    scorer_class,
+    scorer_parameters,
+    spec_label,
+)
 
 __all__ = [
     "ANGLES",
@@ -50,6 +59,7 @@ __all__ = [
     "OcsvmLinearScorer",
     "OcsvmRbfScorer",
     "Scorer",
+    "ScorerSpec",
     "SvddScorer",
     "VariantScorer",
     "angles_for",
@@ -62,10 +72,12 @@ __all__ = [
     "kmeans_centroids",
     "knn_similarities",
     "parse_scorer",
+    "register_scorer",
     "result_identity",
-    "result_keys_of",
-    "result_name",
     "row_name",
     "score_run",
+    "scorer_class",
+    "scorer_parameters",
     "scorer_specs",
+    "spec_label",
 ]

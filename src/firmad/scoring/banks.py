@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from firmad.errors import ConfigError, InputError
+from firmad.scoring.base import faiss_or_none, l2_normalise
 from firmad.scoring.features import FeatureExtractor
-from firmad.scoring.scorers import faiss_or_none, l2_normalise
 
 ENSEMBLE_BANKS = ("centre", "crops")
 

@@ -14,7 +14,6 @@ tables share one path.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -26,8 +25,10 @@ from firmad.errors import ConfigError, InputError
 from firmad.metrics import evaluate_scores
 from firmad.scoring.banks import bank_crops, bank_subset, extract_banks
 from firmad.scoring.features import ANGLES, FeatureExtractor, check_uint8
-from firmad.scoring.scorers import SCORERS, build_scorer, result_keys_of, result_name
-from firmad.scoring.specs import parse_scorer
+from firmad.scoring.scorers import build_scorer
+from firmad.scoring.specs import ScorerSpec, parse_scorer, scorer_class
+
+SpecLike = ScorerSpec | str | tuple[str, Mapping[str, Any] | None]
 
 VARIANTS = ("plain", "angled", "ensemble")
 
@@ -46,37 +47,39 @@ def check_variants(variants: Sequence[str]) -> tuple[str, ...]:
 
 
 class VariantScorer(nn.Module):
-    """A scorer fitted per rotation and combined as the variant says."""
+    """A scorer fitted per rotation and combined as the variant says.
+
+    ``scorer``: a `ScorerSpec`, its text (``"knn_cos:k=5"``) or a registered name with
+    ``params``; parameters that carry data (`Scorer.data_params`, e.g. a trained centre) are
+    passed to the scorer and are no part of its spec."""
 
     def __init__(
-        self, name: str, params: Mapping[str, Any] | None = None, variant: str = "plain",
-        n_crops: int = 10,
+        self, scorer: SpecLike, params: Mapping[str, Any] | None = None,
+        variant: str = "plain", n_crops: int = 10,
     ) -> None:  # fmt: skip
         super().__init__()
-        self.name, self.params, self.variant = name, dict(params or {}), variant
+        self.spec, self.data = _spec_and_data(scorer, params)
+        self.name, self.params, self.variant = self.spec.name, self.spec.kwargs, variant
         self.angles = angles_for(variant)
         self.n_crops = int(n_crops)
         if self.n_crops < 1:
             raise ConfigError(f"n_crops must be >= 1, got {n_crops}.")
-        self.per_angle = nn.ModuleList(build_scorer(name, **self.params) for _ in self.angles)
-
-    @property
-    def result_params(self) -> dict[str, Any]:
-        """The values of the scorer's result keys (``{"k": 5}`` for kNN; ``{}`` for most)."""
-        scorer = self.per_angle[0]
-        return {key: getattr(scorer, key) for key in scorer.result_keys}
+        self.per_angle = nn.ModuleList(
+            build_scorer(self.name, **self.params, **self.data) for _ in self.angles
+        )
 
     @property
     def label(self) -> str:
-        """The result label, e.g. ``"knn_cos k=5 (plain)"``."""
-        params = dict(self.result_params)
-        return result_name(self.name, params.pop("k", None), self.variant, **params)
+        """The result label: the spec's canonical string and the variant, e.g.
+        ``"knn_cos:k=5 (plain)"``."""
+        return f"{self.spec.label} ({self.variant})"
 
     def result_row(self, metrics: Mapping[str, float]) -> dict[str, Any]:
-        """A result row: scorer, ``k`` (None unless a result key), the other result keys,
-        variant, then the metrics."""
-        return {"scorer": self.name, "k": None, **self.result_params, "variant": self.variant,
-                **metrics}  # fmt: skip
+        """A result row: scorer, its label (`ScorerSpec.label`), every parameter, ``k`` (the
+        kNN neighbours as earlier rows had it; None for other scorers), variant, metrics."""
+        spec = self.spec
+        return {"scorer": spec.name, "label": spec.label, "params": spec.kwargs,
+                "k": spec.kwargs.get("k"), "variant": self.variant, **metrics}  # fmt: skip
 
     @property
     def differentiable(self) -> bool:
@@ -87,12 +90,12 @@ class VariantScorer(nn.Module):
         dict, scorers already fitted with the same name and parameters at that angle (by
         another variant) are shared instead of fitted again (OC-SVMs take seconds)."""
         for i, angle in enumerate(self.angles):
-            key = (self.name, repr(sorted(self.params.items())), angle)
-            if cache is not None and key in cache:
+            key = (self.spec, angle)
+            if cache is not None and not self.data and key in cache:
                 self.per_angle[i] = cache[key]
                 continue
             self.per_angle[i].fit(banks[angle])
-            if cache is not None:
+            if cache is not None and not self.data:
                 cache[key] = self.per_angle[i]
         return self
 
@@ -123,22 +126,45 @@ class VariantScorer(nn.Module):
         return self.combine(feats)
 
 
-def scorer_specs(scorers) -> list[tuple[str, dict[str, Any]]]:
-    """Scorers as (name, params): names, (name, params) pairs or "name:key=value" strings."""
-    specs = []
-    for spec in scorers:
-        if isinstance(spec, str):
-            specs.append(parse_scorer(spec))
-        else:
-            name, params = spec
-            specs.append((name, dict(params or {})))
+def _spec_and_data(
+    scorer: SpecLike, params: Mapping[str, Any] | None
+) -> tuple[ScorerSpec, dict[str, Any]]:
+    """The spec of a scorer argument (``params`` update it), and the data parameters given."""
+    if isinstance(scorer, ScorerSpec):
+        return (scorer.replace(**params) if params else scorer), {}
+    if isinstance(scorer, tuple):
+        scorer, written = scorer
+        params = {**(written or {}), **(params or {})}
+    elif isinstance(scorer, str) and ":" in scorer:
+        scorer, written = parse_scorer(scorer)
+        params = {**written, **(params or {})}
+    params = dict(params or {})
+    data = {key: params.pop(key) for key in scorer_class(scorer).data_params if key in params}
+    return ScorerSpec.of(scorer, params), data
+
+
+def scorer_specs(scorers: Iterable[SpecLike]) -> list[ScorerSpec]:
+    """Scorers as normalised specs (from specs, "name:key=value" strings or (name, params)
+    pairs); the same scorer twice, however written, is a ConfigError (one row each)."""
+    specs = [ScorerSpec.coerce(s) for s in scorers]
+    for i, spec in enumerate(specs):
+        if spec in specs[:i]:
+            raise ConfigError(
+                f"scorer {spec.label} is listed twice (as {specs.index(spec) + 1}. and "
+                f"{i + 1}.); list each scorer once"
+            )
     return specs
 
 
+def row_name(row: Mapping[str, Any], variant: bool = False) -> str:
+    """The label of a result row (its spec's canonical string), with the variant if asked."""
+    label = ScorerSpec.from_row(row).label
+    return f"{label} ({row.get('variant')})" if variant else label
+
+
 def result_identity(row: Mapping[str, Any]) -> tuple:
-    """What tells result rows apart: scorer, variant and the scorer's result keys."""
-    keys = ("k", *result_keys_of(row["scorer"]))
-    return (row["scorer"], row["variant"], tuple((key, row.get(key)) for key in keys))
+    """What tells result rows apart: the scorer's spec (every parameter) and the variant."""
+    return (ScorerSpec.from_row(row), row.get("variant"))
 
 
 def score_run(
@@ -176,6 +202,7 @@ def score_run(
     variants = check_variants(variants)
     crops_of = {v: bank_crops(v, ensemble_bank, n_crops) for v in variants}
     scorers_ = _variant_scorers(scorers, variants, n_crops, knn_backend)
+    _check_labels([*extra_scorers, *scorers_])
     train_images, test_images = check_uint8(train_images), check_uint8(test_images)
     labels = _labels(test_labels, test_images.shape[0])
     extractor = _extractor(encoder, size, resize_ratio, channels, device)
@@ -197,6 +224,17 @@ def score_run(
     if return_details:
         return results, {"scores": all_scores, "labels": labels, "test_features": test[0]}
     return results
+
+
+def _check_labels(scorers: list[VariantScorer]) -> None:
+    """Each result has a label of its own (a method's own score may share a scorer's name)."""
+    labels = [vs.label for vs in scorers]
+    twice = next((label for i, label in enumerate(labels) if label in labels[:i]), None)
+    if twice is not None:
+        raise ConfigError(
+            f"two results would both be {twice}: the method's own score is one of them; "
+            "leave that scorer out of the scorers to evaluate"
+        )
 
 
 def _score_all(scorers: list[VariantScorer], test, crops, labels: np.ndarray):
@@ -233,14 +271,17 @@ def _test_crops(extractor, test_images, angles, n_crops: int, batch_size: int, s
 
 def _variant_scorers(scorers, variants, n_crops: int, knn_backend: str) -> list[VariantScorer]:
     """One unfitted `VariantScorer` per scorer x variant; scorers that choose a kNN backend
-    get ``knn_backend`` unless their spec sets one."""
+    and leave it at "auto" get ``knn_backend`` (so it is in their label)."""
     specs = scorer_specs(scorers)
     if not specs:
         raise ConfigError("no scorers given; pass e.g. [('knn_cos', {'k': 5})].")
-    for name, params in specs:
-        if name in SCORERS and "knn_backend" in inspect.signature(SCORERS[name]).parameters:
-            params.setdefault("knn_backend", knn_backend)
-    return [VariantScorer(n, p, v, n_crops) for n, p in specs for v in variants]
+    if knn_backend != "auto":
+        specs = [
+            s.replace(knn_backend=knn_backend) if s.kwargs.get("knn_backend") == "auto" else s
+            for s in specs
+        ]
+        scorer_specs(specs)  # two specs may now be one
+    return [VariantScorer(spec, None, v, n_crops) for spec in specs for v in variants]
 
 
 def _labels(test_labels, n_test: int) -> np.ndarray:

@@ -17,7 +17,7 @@ from torch import nn
 
 from firmad import augment
 from firmad.errors import InputError
-from firmad.scoring.scorers import tracing
+from firmad.scoring.base import tracing
 
 ANGLES = (0, 90, 180, 270)
 ENSEMBLE_CROP_SCALE = (0.55, 1.0)

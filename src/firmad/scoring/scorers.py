@@ -1,53 +1,39 @@
-"""Anomaly scorers on features, in torch (higher score = more anomalous).
+"""The built-in anomaly scorers on features, in torch (higher score = more anomalous).
 
 Each scorer is an ``nn.Module``: ``fit(bank)`` stores what it learns from the normal training
 features as buffers (so it moves with ``.to(device)``, saves to safetensors and exports to ONNX),
 ``forward(features)`` is the differentiable score, and ``score(features)`` is the batch path that
-returns numpy float64 (kNN may use faiss there, which agrees with the torch path to 1e-5).
+returns numpy float64 (kNN may use faiss there, which agrees with the torch path to 1e-5). Each
+explains its own scale in words (`Scorer.explain_scale`) and registers itself by name.
 
 Scorers are fitted in float64 and score in the dtype of their buffers (``.float()`` for export).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from firmad.errors import ConfigError, InputError
-
-# Bound on the (test chunk x bank) similarity matrix held at once: 64M elements.
-_MAX_CHUNK_ELEMENTS = 64 * 1024 * 1024
-
-
-def tracing() -> bool:
-    """True while torch.export / torch.compile / jit trace the code: no data-dependent checks."""
-    c = torch.compiler
-    return c.is_compiling() or c.is_exporting() or torch.jit.is_tracing()
-
-
-def as_features(x, what: str = "features") -> torch.Tensor:
-    """Features as a float tensor (N, D) on their device, checked (no NaN, N >= 1)."""
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(x))
-    if not isinstance(x, torch.Tensor):
-        raise InputError(f"{what} must be a torch tensor or numpy array, got {type(x).__name__}.")
-    if not x.is_floating_point():
-        x = x.float()
-    if x.dim() == 1:
-        x = x[:, None]
-    if x.dim() != 2 or x.shape[0] == 0:
-        raise InputError(f"{what} must have shape (N, D) with N >= 1, got {tuple(x.shape)}.")
-    if not tracing() and not torch.isfinite(x.detach()).all():
-        raise InputError(f"{what} contain NaN or infinite values; the model may have diverged.")
-    return x
-
-
-def l2_normalise(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x, dim=1, eps=1e-12)
+from firmad.scoring.base import (  # noqa: F401  (kept importable from here)
+    KNN_BACKENDS,
+    Scorer,
+    as_features,
+    faiss_or_none,
+    knn_similarities,
+    l2_normalise,
+    row_chunks,
+    tracing,
+)
+from firmad.scoring.specs import (  # noqa: F401  (SCORERS kept importable from here)
+    SCORERS,
+    ScorerSpec,
+    register_scorer,
+    scorer_class,
+)
 
 
 def _bank_variance(bank_n: torch.Tensor) -> float:
@@ -59,139 +45,28 @@ def _bank_variance(bank_n: torch.Tensor) -> float:
     return max(float(bank_n.var(dim=0, unbiased=False).mean()), 1e-12)
 
 
-def _row_chunks(x: torch.Tensor, bank_rows: int) -> list[torch.Tensor]:
-    """Row chunks of ``x`` so that (chunk x bank) stays bounded in memory; one chunk when
-    tracing (an exported graph keeps its batch dimension free)."""
-    if tracing():
-        return [x]
-    return list(x.split(max(1, _MAX_CHUNK_ELEMENTS // max(1, bank_rows))))
+def _positive(name: str, key: str, value: Any) -> float:
+    """A finite number > 0 (a bandwidth scale): anything else is a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        raise ConfigError(f"{name}: {key} must be a number > 0, got {value!r}.")
+    if not math.isfinite(float(value)) or float(value) <= 0:
+        raise ConfigError(f"{name}: {key} must be a finite number > 0, got {value!r}.")
+    return float(value)
 
 
-def faiss_or_none():
-    try:
-        import faiss
-    except ImportError:
-        return None
-    return faiss
-
-
-def knn_similarities(
-    bank_n: torch.Tensor, queries_n: torch.Tensor, k: int, backend: str = "auto"
-) -> torch.Tensor:
-    """Top-``k`` inner products (cosine similarities for normalised inputs), (N, k), descending.
-
-    ``backend``: "torch" (exact chunked matmul + topk, differentiable), "faiss" (exact
-    IndexFlatIP, no gradient) or "auto" (faiss when importable and no gradient is needed).
-    """
-    if backend not in ("auto", "faiss", "torch"):
-        raise ConfigError(f"knn_backend must be 'auto', 'faiss' or 'torch', got {backend!r}.")
-    if not 1 <= k <= bank_n.shape[0]:
-        raise InputError(
-            f"k={k} nearest neighbours requested but the bank has {bank_n.shape[0]} features; "
-            "use a smaller k or a larger bank."
-        )
-    faiss = faiss_or_none() if backend in ("auto", "faiss") else None
-    if backend == "faiss" and faiss is None:
-        raise ConfigError("knn_backend='faiss' but faiss is not installed; pip install faiss-cpu.")
-    needs_grad = torch.is_grad_enabled() and queries_n.requires_grad
-    if faiss is not None and not needs_grad and not tracing():
-        index = faiss.IndexFlatIP(bank_n.shape[1])
-        index.add(bank_n.detach().to("cpu", torch.float32).numpy())
-        sims, _ = index.search(queries_n.detach().to("cpu", torch.float32).numpy(), k)
-        return torch.from_numpy(sims).to(queries_n.device)
-    chunks = _row_chunks(queries_n, bank_n.shape[0])
-    return torch.cat([torch.topk(q @ bank_n.T, k, dim=1).values for q in chunks])
-
-
-class Scorer(nn.Module):
-    """Base class. Subclasses set ``name``, list their fitted buffers in ``fitted``, and
-    implement ``fit`` and ``forward``. Parameters are plain attributes (see ``get_params``)."""
-
-    name = "scorer"
-    fitted: tuple[str, ...] = ()
-    differentiable = True
-    # The parameters that tell two results of this scorer apart (e.g. kNN's k): they go into
-    # every result row and label.
-    result_keys: tuple[str, ...] = ()
-
-    def __init__(self) -> None:
-        super().__init__()
-        for key in self.fitted:
-            self.register_buffer(key, None)
-
-    # --- parameters and fitted state (for saving a detector) ---------------------------------
-
-    def get_params(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "training"}
-
-    def fitted_state(self) -> dict[str, torch.Tensor]:
-        self._check_fitted()
-        return {k: getattr(self, k) for k in self.fitted}
-
-    def load_fitted(self, tensors: dict[str, torch.Tensor], where: str = "scorer") -> Scorer:
-        """Restore ``fitted_state()``; missing or extra keys are an InputError naming them."""
-        missing = sorted(set(self.fitted) - set(tensors))
-        extra = sorted(set(tensors) - set(self.fitted))
-        if missing or extra:
-            raise InputError(f"{where}: {self.name} expects {list(self.fitted)}, missing "
-                             f"{missing}, unexpected {extra}.")  # fmt: skip
-        for k in self.fitted:
-            setattr(self, k, tensors[k])
-        return self
-
-    # --- scoring -----------------------------------------------------------------------------
-
-    def fit(self, bank) -> Scorer:
-        raise NotImplementedError
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    @property
-    def dtype(self) -> torch.dtype:
-        for b in self.buffers():
-            return b.dtype
-        return torch.float64
-
-    def prepare(self, features) -> torch.Tensor:
-        """Checked features in the scorer's dtype and on its device."""
-        self._check_fitted()
-        x = as_features(features)
-        ref = next(iter(self.buffers()), None)
-        return x.to(ref.device if ref is not None else x.device, self.dtype)
-
-    def score(self, features) -> np.ndarray:
-        """Scores of a batch of features, no gradient, as float64 numpy."""
-        with torch.no_grad():
-            return self(features).double().cpu().numpy()
-
-    def _check_fitted(self) -> None:
-        if any(getattr(self, k) is None for k in self.fitted):
-            raise InputError(f"{self.name} scorer is not fitted; call fit(bank_features) first.")
-
-    def _check_dim(self, x: torch.Tensor, d: int) -> None:
-        if x.shape[1] != d:
-            raise InputError(
-                f"{self.name}: features have {x.shape[1]} dimensions but the bank has {d}; "
-                "score with features from the same encoder."
-            )
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-
-
+@register_scorer
 class KnnCosScorer(Scorer):
     """Negated mean of the top-``k`` cosine similarities to the bank (the paper's cos_k)."""
 
     name = "knn_cos"
     fitted = ("bank_",)
-    result_keys = ("k",)
+    label_keys = ("k",)
 
-    def __init__(self, k: int = 5, knn_backend: str = "auto") -> None:
+    def __init__(self, k: int = 5, knn_backend: Literal["auto", "faiss", "torch"] = "auto") -> None:
         super().__init__()
         if isinstance(k, bool) or not isinstance(k, int | np.integer) or int(k) < 1:
             raise ConfigError(f"{self.name}: k must be an integer >= 1, got {k!r}.")
-        if knn_backend not in ("auto", "faiss", "torch"):
+        if knn_backend not in KNN_BACKENDS:
             raise ConfigError(
                 f"knn_backend must be 'auto', 'faiss' or 'torch', got {knn_backend!r}."
             )
@@ -210,7 +85,18 @@ class KnnCosScorer(Scorer):
     def forward(self, features) -> torch.Tensor:
         return -self.mean_topk(self.prepare(features))
 
+    def explain_scale(self, n_bank) -> str:
+        return (
+            f"minus the mean cosine similarity between the image's feature vector and its "
+            f"{self.k} most similar features among the {n_bank} normal training images. It lies "
+            "between -1 and 1: about -1 means the image's features point the same way as its "
+            "nearest normals (very like the normals), 0 means unrelated features, and anything "
+            "higher is less like the normals. Small steps matter: a move from -0.99 to -0.90 is "
+            "large."
+        )
 
+
+@register_scorer
 class KnnCosNormScorer(KnnCosScorer):
     """CSI's trick: top-``k`` mean cosine times the un-normalised test feature norm, negated."""
 
@@ -220,7 +106,17 @@ class KnnCosNormScorer(KnnCosScorer):
         x = self.prepare(features)
         return -self.mean_topk(x) * x.norm(dim=1)
 
+    def explain_scale(self, n_bank) -> str:
+        return (
+            f"minus the mean cosine similarity to the {self.k} most similar of the {n_bank} "
+            "normal training features, times the length of the image's feature vector (CSI's "
+            "score). It has no fixed range: it is negative for images like the normals, and its "
+            "size grows with the feature length, so read it against this detector's own "
+            "held-out scores."
+        )
 
+
+@register_scorer
 class KdeScorer(Scorer):
     """Negated (1/gamma) log sum_j exp(gamma cos(x, x_j)) over the whole bank.
 
@@ -233,7 +129,7 @@ class KdeScorer(Scorer):
 
     def __init__(self, scale: float = 20.0) -> None:
         super().__init__()
-        self.scale = float(scale)
+        self.scale = _positive(self.name, "scale", scale)
 
     def fit(self, bank) -> KdeScorer:
         self.bank_ = l2_normalise(as_features(bank, "bank features").detach().double())
@@ -244,11 +140,23 @@ class KdeScorer(Scorer):
     def forward(self, features) -> torch.Tensor:
         x = l2_normalise(self.prepare(features))
         self._check_dim(x, self.bank_.shape[1])
-        chunks = _row_chunks(x, self.bank_.shape[0])
+        chunks = row_chunks(x, self.bank_.shape[0])
         out = [torch.logsumexp((q @ self.bank_.T) * self.gamma_, dim=1) for q in chunks]
         return -torch.cat(out) / self.gamma_
 
+    def explain_scale(self, n_bank) -> str:
+        gamma, n = float(self.gamma_), int(self.bank_.shape[0])
+        bonus = float(np.log(max(n, 1))) / gamma
+        return (
+            f"minus a soft maximum of the cosine similarities to all {n} normal training "
+            f"features, -(1/g) log sum exp(g cos), with g = {gamma:.3g}. It behaves like minus "
+            f"the highest cosine similarity, lowered by up to log(n)/g = {bonus:.3g} when many "
+            f"normals are close, so it lies between {-1 - bonus:.3g} (very like many normals) "
+            "and 1 (unlike all of them)."
+        )
 
+
+@register_scorer
 class CentreScorer(Scorer):
     """Negated cosine to the normalised mean of the normalised bank features."""
 
@@ -265,7 +173,15 @@ class CentreScorer(Scorer):
         self._check_dim(x, self.centre_.shape[0])
         return -(x @ self.centre_)
 
+    def explain_scale(self, n_bank) -> str:
+        return (
+            "minus the cosine similarity between the image's feature vector and the mean "
+            f"direction of the {n_bank} normal training features: -1 points exactly along the "
+            "normal mean, 0 is unrelated, 1 is the opposite direction."
+        )
 
+
+@register_scorer
 class MahalanobisScorer(Scorer):
     """Squared Mahalanobis distance to the bank mean, Ledoit-Wolf shrinkage covariance.
 
@@ -300,6 +216,16 @@ class MahalanobisScorer(Scorer):
         self._check_dim(x, self.location_.shape[0])
         d = x - self.location_
         return ((d @ self.precision_) * d).sum(dim=1)
+
+    def explain_scale(self, n_bank) -> str:
+        d = int(self.location_.shape[0])
+        kind = "L2-normalised features" if self.normalize else "features"
+        return (
+            f"the squared Mahalanobis distance of the image's {kind} to the mean of the "
+            f"{n_bank} normal training features, with their (Ledoit-Wolf shrunk) covariance. 0 "
+            "is the normal mean; there is no upper bound; if the features were Gaussian, normal "
+            f"images would average about d = {d} (the feature dimension)."
+        )
 
 
 class _OcsvmScorer(Scorer):
@@ -351,7 +277,16 @@ class _OcsvmScorer(Scorer):
         self._check_dim(x, self.support_.shape[1])
         return -(self.kernel_matrix(x) @ self.dual_coef_ + self.intercept_)
 
+    def explain_scale(self, n_bank) -> str:
+        return (
+            f"minus the decision function of a one-class SVM ({self.kernel} kernel, nu = "
+            f"{self.nu:.3g}) fitted on the L2-normalised normal training features: negative "
+            "inside the region the SVM learnt as normal, positive outside it; 0 is the SVM's own "
+            f"boundary, outside which about {100 * self.nu:.0f} % of the training normals lie."
+        )
 
+
+@register_scorer
 class OcsvmRbfScorer(_OcsvmScorer):
     """RBF one-class SVM with gamma = ``scale`` / (var * d) (var as in `KdeScorer`)."""
 
@@ -362,7 +297,7 @@ class OcsvmRbfScorer(_OcsvmScorer):
         self, nu: float = 0.1, scale: float = 10.0, max_bank: int = 5000, seed: int = 0
     ) -> None:
         super().__init__(nu=nu, max_bank=max_bank, seed=seed)
-        self.scale = float(scale)
+        self.scale = _positive(self.name, "scale", scale)
 
     def _gamma(self, bank_n: torch.Tensor) -> float:
         return self.scale / (_bank_variance(bank_n) * bank_n.shape[1])
@@ -374,6 +309,7 @@ class OcsvmRbfScorer(_OcsvmScorer):
         return torch.exp(-self.gamma_ * sq)
 
 
+@register_scorer
 class OcsvmLinearScorer(_OcsvmScorer):
     """Linear one-class SVM on normalised features."""
 
@@ -384,18 +320,17 @@ class OcsvmLinearScorer(_OcsvmScorer):
         return x @ self.support_.T
 
 
+@register_scorer
 class SvddScorer(Scorer):
     """Deep SVDD: squared Euclidean distance to a centre ``c`` (the bank mean if not given)."""
 
     name = "svdd"
     fitted = ("centre_",)
+    data_params = ("c",)  # the trained centre: fitted state, saved with the tensors
 
     def __init__(self, c=None) -> None:
         super().__init__()
         self.c = None if c is None else torch.as_tensor(c).detach().reshape(-1).double()
-
-    def get_params(self) -> dict[str, Any]:
-        return {}  # the centre is fitted state, saved with the tensors
 
     def fit(self, bank=None) -> SvddScorer:
         if self.c is not None:
@@ -411,7 +346,15 @@ class SvddScorer(Scorer):
         self._check_dim(x, self.centre_.shape[0])
         return ((x - self.centre_) ** 2).sum(dim=1)
 
+    def explain_scale(self, n_bank) -> str:
+        return (
+            "the squared Euclidean distance of the image's feature vector to the Deep SVDD "
+            "centre (the network was trained to pull normal features onto it): 0 is the centre, "
+            "there is no upper bound, and the unit is the feature space's own."
+        )
 
+
+@register_scorer
 class LogitScorer(Scorer):
     """A linear read-out of the features is the anomaly score (the binary classifier's logit).
 
@@ -421,6 +364,7 @@ class LogitScorer(Scorer):
 
     name = "logit"
     fitted = ("weight_", "bias_")
+    data_params = ("weight", "bias")  # the classifier's trained read-out
 
     def __init__(self, negate: bool = False, weight=None, bias=None) -> None:
         super().__init__()
@@ -429,9 +373,6 @@ class LogitScorer(Scorer):
         b = torch.zeros((), dtype=torch.float64) if bias is None else torch.as_tensor(bias)
         self.weight_ = w.detach().reshape(-1).double()
         self.bias_ = b.detach().reshape(()).double()
-
-    def get_params(self) -> dict[str, Any]:
-        return {"negate": self.negate}
 
     def fit(self, bank=None) -> LogitScorer:
         return self
@@ -446,49 +387,19 @@ class LogitScorer(Scorer):
         s = x @ self.weight_ + self.bias_
         return -s if self.negate else s
 
-
-SCORERS: dict[str, type[Scorer]] = {
-    cls.name: cls
-    for cls in (
-        KnnCosScorer,
-        KnnCosNormScorer,
-        KdeScorer,
-        CentreScorer,
-        OcsvmRbfScorer,
-        OcsvmLinearScorer,
-        MahalanobisScorer,
-        SvddScorer,
-        LogitScorer,
-    )
-}
+    def explain_scale(self, n_bank) -> str:
+        which = "normal, negated" if self.negate else "outlier"
+        return (
+            f"the logit (log-odds) of the classifier trained to tell normal images from "
+            f"synthetic outliers, for the class {which}: 0 is even odds, +2 is about 88 % "
+            "outlier, negative values look normal to the classifier."
+        )
 
 
 def build_scorer(name: str, **params: Any) -> Scorer:
-    """Build a scorer by registry name, e.g. ``build_scorer("knn_cos", k=5)``."""
-    if name not in SCORERS:
-        raise ConfigError(f"unknown scorer {name!r}; choose one of: {', '.join(SCORERS)}.")
-    try:
-        return SCORERS[name](**params)
-    except TypeError as exc:
-        raise ConfigError(f"invalid parameters {params} for scorer {name!r}: {exc}") from exc
-
-
-def result_name(scorer: str, k: int | None = None, variant: str | None = None, **keys) -> str:
-    """The one label of a result row, e.g. ``"knn_cos k=5 (plain)"`` (``"knn_cos k=5"``
-    without a variant): the scorer, its result keys (`Scorer.result_keys`) that are set, and
-    the variant; used by the reports, the grids and the score dictionaries."""
-    values = {"k": k, **keys}
-    name = f"{scorer}" + "".join(f" {key}={v}" for key, v in values.items() if v not in (None, ""))
-    return name if variant is None else f"{name} ({variant})"
-
-
-def result_keys_of(scorer: str) -> tuple[str, ...]:
-    """The result keys of a registered scorer (``("k",)`` for one that is not registered)."""
-    return SCORERS[scorer].result_keys if scorer in SCORERS else ("k",)
-
-
-def row_name(row: dict[str, Any], variant: bool = False) -> str:
-    """The label of a result row (``{"scorer", "k", ..., "variant", metrics}``)."""
-    keys = {key: row.get(key) for key in result_keys_of(row["scorer"])}
-    k = keys.pop("k", None)
-    return result_name(row["scorer"], k, row.get("variant") if variant else None, **keys)
+    """Build a scorer by registry name, e.g. ``build_scorer("knn_cos", k=5)``; parameters are
+    checked and normalised as `ScorerSpec` does (data parameters, such as Deep SVDD's trained
+    centre, are passed through)."""
+    cls = scorer_class(name)
+    data = {key: params.pop(key) for key in cls.data_params if key in params}
+    return cls(**ScorerSpec.of(name, params).kwargs, **data)
