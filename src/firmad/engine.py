@@ -151,8 +151,9 @@ class Engine:
     def fit(self, images: torch.Tensor, choice: ScorerChoice, layout: str = "NCHW",
             steps: int | None = None) -> AnomalyModel:  # fmt: skip
         """Train on normal uint8 images (N, C, H, W), then fit the scorer on their features."""
+        trainer = self.trainer(images, steps)
         self.check_bank(choice, len(images))
-        network = self.train(images, steps)
+        network = self.run(trainer)
         prepared = prepare_images(images, self.cfg.data.size)
         return self.fit_scorer(network, prepared, choice, tuple(images.shape[1:]), layout)
 
@@ -168,8 +169,12 @@ class Engine:
             )
 
     def train(self, images: torch.Tensor, steps: int | None = None):
-        """The network trained on these normal images for the config's epochs, or exactly
-        ``steps`` steps (epochs x steps per epoch); ``self.cfg`` becomes the config used."""
+        """The network trained on these normal uint8 images (`trainer`, then `run`)."""
+        return self.run(self.trainer(images, steps))
+
+    def trainer(self, images: torch.Tensor, steps: int | None = None):
+        """The Trainer for these normal images: the config's epochs, or exactly ``steps``
+        steps (epochs x steps per epoch; ``self.cfg`` becomes the config used)."""
         split = _train_only_split(images, self.cfg.data.dataset)
         normalisation = image_stats(images)
         trainer = self._trainer(split, normalisation)
@@ -184,8 +189,16 @@ class Engine:
                 UserWarning,
                 stacklevel=4,
             )
+        return trainer
+
+    def run(self, trainer):
+        """Train to the end (a progress bar if asked); the trained network."""
         if self.say is not None:
-            self.say(f"training on {len(images)} images, {trainer.total_steps} steps")
+            pool = trainer.pool
+            self.say(
+                f"training: {trainer.total_steps} steps on {pool.n_normal} normal images "
+                f"(and {len(pool.images) - pool.n_normal} synthetic outliers)"
+            )
         if self.progress:
             bar = progress_bar()
             trainer.callbacks.insert(0, ProgressBar(bar))

@@ -18,7 +18,7 @@ from PIL import Image
 
 from firmad.detector import OneClassDetector
 from firmad.engine import DEFAULT_RECIPE
-from firmad.errors import FirmadError
+from firmad.errors import ConfigError, FirmadError
 from firmad.inputs import find_images, load_files
 from firmad.persistence import LOCK, folder_lock
 from firmad.report import write_fit_report
@@ -66,9 +66,9 @@ class FitOptions:
 def training_steps(opts: FitOptions) -> int | None:
     """The step budget the options ask for (None: the recipe's, or --epochs, epochs)."""
     if opts.quick and (opts.steps is not None or opts.epochs is not None):
-        raise FirmadError("--quick sets the training budget; drop --steps / --epochs, or --quick")
+        raise ConfigError("--quick sets the training budget; drop --steps / --epochs, or --quick")
     if opts.steps is not None and opts.epochs is not None:
-        raise FirmadError("give --steps or --epochs, not both")
+        raise ConfigError("give --steps or --epochs, not both")
     if opts.quick:
         return QUICK_STEPS
     return opts.steps if opts.steps is not None or opts.epochs is not None else DEFAULT_STEPS
@@ -79,7 +79,7 @@ def detector_for_fit(opts: FitOptions) -> OneClassDetector:
     parameters the real values of the recipe."""
     t = opts.target_fpr
     if not math.isfinite(t) or not 0.0 < t < 1.0:
-        raise FirmadError(f"--target-fpr must be a number in (0, 1), e.g. 0.05; got {t}")
+        raise ConfigError(f"--target-fpr must be a number in (0, 1), e.g. 0.05; got {t}")
     steps = training_steps(opts)
     det = OneClassDetector(
         recipe=opts.recipe or DEFAULT_RECIPE, epochs=opts.epochs, seed=opts.seed,
@@ -101,9 +101,9 @@ def _holdout(value: str | float) -> str | float:
     try:
         share = float(value)
     except ValueError:
-        raise FirmadError(f"--holdout must be auto or a share such as 0.2, got {value!r}") from None
+        raise ConfigError(f"--holdout must be auto or a share such as 0.2, got {value!r}") from None
     if not 0.0 <= share < 1.0:
-        raise FirmadError(f"--holdout must be auto or a share in [0, 1), got {share}")
+        raise ConfigError(f"--holdout must be auto or a share in [0, 1), got {share}")
     return share
 
 
