@@ -19,6 +19,7 @@ scores are optimistic (a kNN bank holds the images), so no p-value is offered fo
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -44,6 +45,15 @@ def min_heldout(rate: float) -> int:
     return max(1, math.ceil(1.0 / rate - _EPS) - 1)
 
 
+def check_rates(target_fpr, contamination) -> None:
+    """Exactly one rate, a number in (0, 1)."""
+    if (target_fpr is None) == (contamination is None):
+        raise InputError("calibrate: give exactly one of target_fpr= or contamination=")
+    rate = target_fpr if target_fpr is not None else contamination
+    if isinstance(rate, bool) or not isinstance(rate, float | int) or not 0.0 < rate < 1.0:
+        raise InputError(f"calibrate: the rate must be a number in (0, 1), got {rate!r}")
+
+
 def check_reachable(n: int, rate: float) -> None:
     """Refuse a held-out set too small for any image to reach p <= rate."""
     if max_above(n, rate) < 0:
@@ -66,7 +76,10 @@ def _finite_sorted(scores) -> np.ndarray:
     if s.size == 0:
         raise InputError("no scores to set a threshold on")
     if not np.isfinite(s).all():
-        raise InputError("some scores are not finite; the detector is broken — fit it again")
+        raise InputError(
+            "some scores are NaN or infinite: an image that could not be read (remove it), or "
+            "a broken detector (fit it again)"
+        )
     return s
 
 
@@ -107,13 +120,24 @@ def calibrate(scores, target_fpr: float | None = None, contamination: float | No
         m = int((s > t).sum())
         rule = f"anomaly when score > threshold ({rate:g} of the training images' scores)"
         expected = None
-    return Calibration(
-        threshold=t, source=source, n=n, target_fpr=target_fpr, contamination=contamination,
-        rule=rule, n_above=m, achieved_fpr=m / n, expected_fpr=expected,
+    c = Calibration(
+        threshold=t,
+        source=source,
+        n=n,
+        target_fpr=target_fpr,
+        contamination=contamination,
+        rule=rule,
+        n_above=m,
+        achieved_fpr=m / n,
+        expected_fpr=expected,
         interval=clopper_pearson(m, n),
         scores=[float(x) for x in np.asarray(scores, dtype=np.float64)]
-        if source == HELD_OUT else None,
-    )  # fmt: skip
+        if source == HELD_OUT
+        else None,
+    )
+    if too_few_warning(c):
+        _warn(too_few_warning(c))
+    return c
 
 
 def too_few_warning(cal: Calibration) -> str | None:
@@ -127,6 +151,46 @@ def too_few_warning(cal: Calibration) -> str | None:
         f"{MIN_ABOVE} above it); the actual rate on new images may differ a lot. Give more "
         "images or a larger holdout"
     )
+
+
+def recalibrate(heldout, training, target_fpr: float | None, contamination: float,
+                changed: set[str] | None = None) -> Calibration | None:  # fmt: skip
+    """A detector's threshold at its rates (``target_fpr``, else ``contamination``): on its
+    held-out scores, else, with a warning, on its training images' scores. None, with a
+    warning saying why, when the rates ``changed`` cannot move it."""
+    if changed is not None and "target_fpr" not in changed and target_fpr is not None:
+        _warn(
+            f"contamination={contamination!r} leaves the threshold where it is: it is set "
+            f"at target_fpr={target_fpr!r}; set target_fpr to move it (None: by contamination)"
+        )
+        return None
+    t, c = (target_fpr, None) if target_fpr is not None else (None, contamination)
+    if heldout is not None and len(heldout):
+        return calibrate(heldout, t, c)
+    if training is None:
+        _warn(
+            "the threshold stays where it is: this detector keeps no scores to set it on (it "
+            "was calibrated on its training images); call calibrate(images, ...)"
+        )
+        return None
+    _warn(
+        "no images were held out: the threshold is set on the training images' own scores "
+        "(PyOD's way; optimistic, the bank holds them), and there are no p-values. Use "
+        "holdout='auto', or calibrate(normal_images, target_fpr=...)"
+    )
+    return calibrate(training, t, c, source=TRAINING)
+
+
+def reference(heldout, training) -> np.ndarray:
+    """The scores a threshold was set on: held-out, else the training images'."""
+    ref = heldout if heldout is not None else training
+    if ref is None:
+        raise InputError("this needs the detector fitted with fit(), or calibrated")
+    return np.asarray(ref, dtype=np.float64)
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=4)
 
 
 def p_values(heldout, scores) -> np.ndarray:

@@ -15,8 +15,8 @@ as "a.b=c" strings), and `with_device` / `with_channels` return validated copies
 from __future__ import annotations
 
 import math
+import sys
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,12 +141,15 @@ class ScorerChoice:
 
 
 class Engine:
-    """Fits and evaluates models of one config. ``progress``: a training progress bar;
-    ``say``: where one-line stage messages go (None: nowhere)."""
+    """Fits and evaluates models of one config; ``verbose``: a training progress bar and a
+    line per stage, on stderr."""
 
-    def __init__(self, cfg: RunConfig, progress: bool = False,
-                 say: Callable[[str], None] | None = None) -> None:  # fmt: skip
-        self.cfg, self.progress, self.say = cfg, progress, say
+    def __init__(self, cfg: RunConfig, verbose: bool = False) -> None:
+        self.cfg, self.verbose = cfg, verbose
+
+    def say(self, message: str) -> None:
+        if self.verbose:
+            print(f"firmad: {message}", file=sys.stderr, flush=True)
 
     def fit(self, images: torch.Tensor, choice: ScorerChoice, layout: str = "NCHW",
             steps: int | None = None) -> AnomalyModel:  # fmt: skip
@@ -193,13 +196,13 @@ class Engine:
 
     def run(self, trainer):
         """Train to the end (a progress bar if asked); the trained network."""
-        if self.say is not None:
+        if self.verbose:
             pool = trainer.pool
             self.say(
                 f"training: {trainer.total_steps} steps on {pool.n_normal} normal images "
                 f"(and {len(pool.images) - pool.n_normal} synthetic outliers)"
             )
-        if self.progress:
+        if self.verbose:
             bar = progress_bar()
             trainer.callbacks.insert(0, ProgressBar(bar))
             with bar:
@@ -229,15 +232,14 @@ class Engine:
         name, params = resolve_scorer(cfg, choice.spec, choice.k, network)
         vs = VariantScorer(name, params, choice.variant, e.n_crops)
         bank = bank_subset(images, choice.bank_size, cfg.train.seed)
-        if self.say is not None:
-            self.say(f"fitting the {name} scorer on {len(bank)} images")
+        self.say(f"fitting the {name} scorer on {len(bank)} images")
         crops = bank_crops(choice.variant, e.ensemble_bank, e.n_crops)
         extractor = build_extractor(cfg, network.encoder)
         banks = extract_banks(
             extractor, bank, vs.angles, e.batch_size, e.bank_centroids, cfg.train.seed, crops
         )
         check_features(banks)
-        shape = input_shape or tuple(images.shape[1:])
+        shape = tuple(input_shape or images.shape[1:])
         return AnomalyModel(network, cfg, vs.fit(banks), shape, layout, int(bank.shape[0]))
 
     def evaluate(self, network, train_images, test_images, test_labels, scorers, variants):

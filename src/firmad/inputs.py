@@ -154,7 +154,7 @@ def as_uint8_images(
     must be readable: use `score_paths` to skip broken ones). PIL images and files are squashed
     to ``size`` x ``size`` with ``channels`` channels, each on its own.
     """
-    if isinstance(X, str | Path) or _is_path_list(X):
+    if is_path_input(X):
         files, skipped = find_images([X] if isinstance(X, str | Path) else X)
         warn_skipped(skipped, files)
         return load_files(files, size, channels), "NCHW"
@@ -190,6 +190,11 @@ def _array_tensor(X: np.ndarray) -> torch.Tensor:
 
 def _is_path_list(X) -> bool:
     return isinstance(X, list | tuple) and bool(X) and all(isinstance(x, str | Path) for x in X)
+
+
+def is_path_input(X) -> bool:
+    """A file or folder path, or a list of them."""
+    return isinstance(X, str | Path) or _is_path_list(X)
 
 
 def warn_skipped(skipped: Skipped, files: Sequence[Path]) -> None:

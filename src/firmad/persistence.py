@@ -29,6 +29,7 @@ import torch
 
 from firmad.anomaly_model import AnomalyModel, is_degenerate
 from firmad.config import config_from_dict
+from firmad.detector_params import PARAMS, check_params
 from firmad.engine import with_device
 from firmad.errors import CheckpointError, ConfigError, DataError, InputError, StorageError
 from firmad.factory import build_model
@@ -471,10 +472,15 @@ def load_detector(directory: str | Path, device: str | None = None) -> StoredDet
     except (ConfigError, RecursionError, TypeError, ValueError) as err:
         raise _fail(meta_path, f"the stored config is invalid ({str(err)[:300]})") from None
     parts = check_sections(meta, cfg, meta_path)
+    params = {k: v for k, v in meta["params"].items() if k in PARAMS}  # older keys: dropped
+    try:
+        check_params(params)
+    except ConfigError as err:
+        raise _fail(meta_path, f"the stored parameters are invalid ({err})") from None
     model = _restore(meta, tensors, with_device(cfg, device), parts, meta_path, weights_path)
     return StoredDetector(
         model=model,
-        params=meta["params"],
+        params=params,
         threshold=parts["threshold"],
         calibration=meta.get("calibration"),
         heldout=parts["heldout"],
