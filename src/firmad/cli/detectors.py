@@ -75,9 +75,10 @@ def fit(
     cal = det.calibration_
     ci = cal.get("interval")
     interval = f", 95 % interval {ci[0]:.3f}-{ci[1]:.3f}" if ci else ""
+    rule = f"anomaly when p <= {target_fpr:g}, " if cal["source"] == "held-out" else ""
     say(
-        f"Detector: {out_dir} (threshold {det.threshold_:.4g}: {cal['n_above']} of {cal['n']} "
-        f"{cal['source']} images above it, FPR {cal['achieved_fpr']:.3f}{interval})"
+        f"Detector: {out_dir} ({rule}threshold {det.threshold_:.4g}: {cal['n_above']} of "
+        f"{cal['n']} {cal['source']} images above it, FPR {cal['achieved_fpr']:.3f}{interval})"
     )
 
 
