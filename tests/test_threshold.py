@@ -223,7 +223,7 @@ def test_p_values_are_uniform_on_fixture_normals(held, split):  # noqa: F811
     rng = np.random.default_rng(0)
     n = 39
     p = []
-    for _ in range(8000):  # enough to tell the +1 correction's absence (p = 4e-10)
+    for _ in range(8000):  # enough draws to tell a missing +1 correction apart
         idx = rng.permutation(len(pool))[: n + 1]
         p.append(conformal_p_values(pool[idx[:n]], pool[idx[n:]])[0])
     p = np.asarray(p)
