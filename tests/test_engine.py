@@ -122,3 +122,16 @@ def test_user_errors_are_value_errors():
     assert not issubclass(CheckpointError, ValueError)  # a damaged file is not a wrong value
     with pytest.raises(ValueError, match="contamination"):
         OneClassDetector(contamination=2.0).fit(np.zeros((4, 8, 8), dtype=np.uint8))
+
+
+def test_the_estimator_and_its_typed_parameters_agree():
+    import inspect
+
+    from firmad.detector_params import DetectorParams
+
+    signature = inspect.signature(OneClassDetector.__init__).parameters
+    fields = DetectorParams.model_fields
+    assert list(signature)[1:] == list(fields)
+    assert {n: p.default for n, p in signature.items() if n != "self"} == {
+        n: f.default for n, f in fields.items()
+    }
