@@ -50,6 +50,11 @@ def test_fit_writes_a_calibrated_detector(detector_dir):
     det = OneClassDetector.load(detector_dir)
     # auto: max(10 %, 10 / 0.05 images), at most half of the 80
     assert det.threshold_ is not None and det.calibration_["n"] == 40
+    assert det.calibration_["n_above"] == 1 and "p <= 0.05" in det.calibration_["rule"]
+    # a finished detector folder holds no lock file
+    assert sorted(p.name for p in detector_dir.iterdir()) == [
+        "detector.json", "plots", "report.json", "report.md", "weights.safetensors",
+    ]  # fmt: skip
     # the CLI's detector carries the real parameters of its recipe, not None
     params = det.get_params()
     assert params["recipe"] == "fmnist-cpu" and params["method"] == "firm"
@@ -62,6 +67,13 @@ def test_score_skips_broken_files(detector_dir, folders, tmp_path, capsys):
     assert main(["-q", "score", str(detector_dir), str(folders / "new"), "--out", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 12 and all(r["anomaly"] in ("0", "1") for r in rows)
+    # the p-value column: as the API gives it, and "anomaly" is p <= the target
+    from firmad.detector import OneClassDetector
+
+    det = OneClassDetector.load(detector_dir)
+    p = det.p_values([r["path"] for r in rows])
+    np.testing.assert_allclose([float(r["p_value"]) for r in rows], p, rtol=1e-5)
+    assert [r["anomaly"] for r in rows] == [str(int(v <= 0.05)) for v in p]
     err = capsys.readouterr().err
     # every file found is scored or listed with its reason, the path said once
     assert "broken.png" in err and "notes.txt: not an image file name" in err

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from firmad.calibration import max_above
 from firmad.config import load_config
 from firmad.data import one_vs_rest
 from firmad.data.pool import prepare_images
 from firmad.detector import NotFittedError, OneClassDetector
+from firmad.engine import Engine
 from firmad.errors import CheckpointError, ConfigError
 from firmad.metrics import evaluate_scores
 from firmad.persistence import meta_bytes
@@ -69,7 +71,8 @@ def test_calibrate_and_predict(fitted, split):
     fitted.calibrate(normals, target_fpr=0.1)
     flagged = fitted.predict(normals)
     assert set(np.unique(flagged)) <= {0, 1}
-    assert abs(flagged.mean() - 0.1) < 0.1  # about the target share of normals flagged
+    # the conformal rule: floor(0.1 x (n + 1)) - 1 of the n calibration images above it
+    assert flagged.sum() == max_above(len(normals), 0.1) == fitted.calibration_["n_above"]
     preds = fitted.predict(split.test_images)
     assert preds[split.test_labels.numpy() == 1].mean() > flagged.mean()
 
@@ -114,8 +117,8 @@ def test_ensemble_detector_scores_as_the_benchmark(fitted, split, bank):
     n_bank = det.scorer_.per_angle[0].bank_.shape[0]
     assert n_bank == (2 if bank == "crops" else 1) * len(split.train_images)
     test = prepare_images(split.test_images, cfg.data.size)  # as the benchmark resizes them
-    _, details = det.evaluate(
-        split.train_images, test, split.test_labels, ["knn_cos:k=5"], ["ensemble"]
+    _, details = Engine(cfg).evaluate(
+        fitted.model_, split.train_images, test, split.test_labels, ["knn_cos:k=5"], ["ensemble"]
     )
     np.testing.assert_allclose(
         det.decision_function(test), details["scores"]["knn_cos:k=5 (ensemble)"], rtol=1e-5
@@ -137,7 +140,7 @@ def test_own_scores_are_differentiable(split, method, own):
 
 
 def test_save_load_round_trip(fitted, split, tmp_path):
-    fitted.calibrate(split.test_images[split.test_labels == 0], target_fpr=0.05)
+    fitted.calibrate(split.test_images[split.test_labels == 0], target_fpr=0.1)
     fitted.save(tmp_path / "det")
     meta = json.loads((tmp_path / "det" / "detector.json").read_text())
     assert meta["format"] == "firmad-detector-2" and "versions" in meta

@@ -39,7 +39,7 @@ def test_one_image_is_one_score(det, grey):
     assert det.decision_function(grey).shape == (1,)  # H x W
     assert det.decision_function(grey[None]).shape == (1,)  # 1 x H x W
     with pytest.raises(InputError, match="ambiguous"):
-        det.decision_function(rgb)  # one RGB image or three grey ones?
+        det.decision_function(rgb)  # one RGB image or three grey ones? (layout= says)
     assert det.decision_function(np.stack([grey] * 4)).shape == (4,)  # four grey images
     with pytest.raises(InputError, match="alpha"):
         det.decision_function(np.zeros((28, 28, 4), dtype=np.uint8))
@@ -99,11 +99,84 @@ def test_paths_are_scored_or_listed(det, grey, tmp_path):
     }
     assert "link" in why["loop.png"] and "cannot decode" in why["bad.png"]
     assert "bad.png" not in why["bad.png"]  # the path is said once, on the skip line
-    # the API: a folder does not raise on its first bad file; lists of paths, one PIL image
-    with pytest.warns(UserWarning, match="skipped"):
-        np.testing.assert_array_equal(det.decision_function(folder), scores)
+    assert "BytesIO" not in why["bad.png"]
+    # the API: one score per image-named file of the folder, sorted, NaN where none
+    with pytest.warns(UserWarning, match="not scored"):
+        got = det.decision_function(folder)
+    names = ["a.gif", "bad.png", "empty.png", "loop.png", "ok.png", "x.png", "z.png"]
+    expected = [scores[0] if n in ("a.gif", "ok.png") else np.nan for n in names]
+    np.testing.assert_array_equal(got, expected)
     assert det.decision_function([folder / "ok.png", str(folder / "a.gif")]).shape == (2,)
     assert det.decision_function(Image.fromarray(grey)).shape == (1,)
+
+
+def test_answers_stay_aligned_with_the_paths_given(det, grey, tmp_path):
+    """One answer per path given, in order: repeats answered, unreadable and missing files NaN
+    (or an error, unreadable="raise"), never a shorter array."""
+    a, b, bad = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "bad.png"
+    Image.fromarray(grey).save(a)
+    Image.fromarray(255 - grey).save(b)
+    bad.write_bytes(b"\x89PNG junk")
+    paths = [a, a, bad, tmp_path / "missing.png", b]
+    with pytest.warns(UserWarning, match="2 path\\(s\\) not scored"):
+        scores = det.decision_function(paths)
+        flags = det.predict(paths)
+        p = det.p_values(paths)
+    alone = det.decision_function([a, b])  # (scored in one batch, as the rest)
+    np.testing.assert_array_equal(scores, [alone[0], alone[0], np.nan, np.nan, alone[1]])
+    assert flags.shape == p.shape == (5,) and np.isnan(flags[2:4]).all() and np.isnan(p[2:4]).all()
+    np.testing.assert_array_equal(flags[[0, 1, 4]], (scores[[0, 1, 4]] > det.threshold_))
+    strict = OneClassDetector.load(_saved(det, tmp_path)).set_params(unreadable="raise")
+    with pytest.raises(InputError, match="bad.png"):
+        strict.decision_function(paths)
+    np.testing.assert_array_equal(strict.decision_function([a, b]), alone)
+
+
+def _saved(det, tmp_path):
+    det.save(tmp_path / "det")
+    return tmp_path / "det"
+
+
+def test_a_file_reached_twice_is_listed_once(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"junk")
+    (tmp_path / "notes.txt").write_text("x")
+    files, skipped = find_images([tmp_path, tmp_path / "bad.png", tmp_path / "notes.txt"])
+    assert files == [tmp_path / "bad.png"]  # read (and reported) once when it fails
+    assert [p.name for p, _ in skipped] == ["notes.txt"]
+
+
+def test_float_images_with_nan_pixels_are_refused(det, tmp_path):
+    nan = tmp_path / "nan.tif"
+    Image.fromarray(np.full((8, 8), np.nan, dtype=np.float32)).save(nan)
+    names, _, skipped = det.score_paths([nan])
+    assert names == [] and "NaN" in skipped[0][1]
+    with pytest.raises(ValueError, match="NaN"):  # a DataError, also a ValueError
+        det.decision_function(Image.open(nan))
+    with pytest.raises(InputError, match=r"\[0, 1\]"):
+        det.decision_function(np.full((2, 1, 8, 8), np.nan, dtype=np.float32))
+
+
+def test_arrays_of_any_byte_order_and_odd_dtypes(det, split):  # noqa: F811
+    x = (split.test_images[:3].numpy() / 255).astype(np.float32)
+    np.testing.assert_array_equal(det.decision_function(x.astype(">f4")), det.decision_function(x))
+    with pytest.raises(InputError, match="uint8, or float"):
+        det.decision_function(np.zeros((2, 1, 8, 8), dtype=np.complex64))
+    with pytest.raises(InputError, match="uint8, or float"):
+        det.decision_function(np.array([["a"]]))
+
+
+def test_layout_reads_the_ambiguous_shapes(det, grey):
+    three = np.stack([grey, 255 - grey, grey // 2])  # 3 x 28 x 28
+    with pytest.raises(InputError, match="layout='NHW'"):
+        det.decision_function(three)
+    as_grey = det.decision_function(three, layout="NHW")
+    assert as_grey.shape == (3,)
+    np.testing.assert_allclose(as_grey[1], det.decision_function(255 - grey)[0])
+    assert det.decision_function(three, layout="CHW").shape == (1,)
+    with pytest.raises(InputError, match="does not fit"):
+        det.decision_function(three, layout="NCHW")
+    with pytest.raises(InputError, match="channels"):
+        det.decision_function(np.zeros((28, 28, 5), dtype=np.uint8), layout="HWC")
 
 
 def test_files_found_are_sorted_and_given_files_keep_their_order(tmp_path):

@@ -170,6 +170,64 @@ def test_untrusted_detector_folders_are_refused(saved, tmp_path, case):
     assert time.perf_counter() - tic < 10  # no hang, no reading /dev/zero to the end
 
 
+@pytest.fixture(scope="module")
+def saved_kde(split, tmp_path_factory):  # noqa: F811
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det = OneClassDetector(overrides=TRAIN, scorer="kde").fit(split.train_images)
+    return det.save(tmp_path_factory.mktemp("kde") / "det")
+
+
+def _resealed(edit):
+    """Change the scorer's tensors, then reseal both checksums (a forger's folder)."""
+
+    def apply(path):
+        weights = path / "weights.safetensors"
+        t = load_file(weights)
+        edit(t)
+        save_file(t, weights)
+        meta = _meta(path)
+        meta["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+        _signed(path, meta)
+
+    return apply
+
+
+def _nearly_one_point(t):
+    bank = t["scorer.0.bank_"]
+    noise = 1e-9 * torch.randn(bank.shape, generator=torch.Generator().manual_seed(0))
+    t["scorer.0.bank_"] = (bank[:1] + noise.to(bank.dtype)).contiguous()
+
+
+def _gamma(value):
+    return _resealed(
+        lambda t: t.update({"scorer.0.gamma_": torch.full_like(t["scorer.0.gamma_"], value)})
+    )
+
+
+FITTED_CASES = {
+    "gamma 0": (_gamma(0.0), "gamma_ must be a finite positive"),
+    "gamma -50": (_gamma(-50.0), "gamma_ must be a finite positive"),
+    "n_bank 999999": (_edit(lambda m: m["scorer"].update(n_bank=999999)), "n_bank 999999"),
+    "bank nearly one point": (_resealed(_nearly_one_point), "degenerate"),
+    "weights -> /proc/self/mem": (
+        _replace("weights.safetensors", lambda p: p.symlink_to("/proc/self/mem")),
+        "weights.safetensors",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(FITTED_CASES))
+def test_fitted_values_are_range_checked_on_load(saved_kde, tmp_path, case):
+    path = tmp_path / "det"
+    shutil.copytree(saved_kde, path)
+    OneClassDetector.load(path)  # as saved: fine
+    change, message = FITTED_CASES[case]
+    change(path)
+    with pytest.raises(CheckpointError, match=message):
+        OneClassDetector.load(path)
+
+
 def test_threshold_on_the_command_line(saved, tmp_path, capsys):
     image = tmp_path / "a.png"
     from PIL import Image

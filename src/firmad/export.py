@@ -18,11 +18,13 @@ import copy
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
+from firmad.anomaly_model import AnomalyModel
 from firmad.errors import ConfigError, InputError
 from firmad.outputs import check_file, write_together
 from firmad.scoring.scales import score_scale
@@ -30,12 +32,12 @@ from firmad.versions import __version__
 
 
 class ScoreGraph(nn.Module):
-    """The detector's scoring path as one module on uint8 input (float32 throughout)."""
+    """An AnomalyModel's scoring path as one module on uint8 input (float32 throughout)."""
 
-    def __init__(self, detector) -> None:
+    def __init__(self, model: AnomalyModel) -> None:
         super().__init__()
-        self.extractor = copy.deepcopy(detector.extractor_).cpu().float().eval()
-        self.scorer = copy.deepcopy(detector.scorer_).cpu().float().eval()
+        self.extractor = copy.deepcopy(model.extractor).cpu().float().eval()
+        self.scorer = copy.deepcopy(model.scorer).cpu().float().eval()
         for scorer in self.scorer.per_angle:
             if hasattr(scorer, "knn_backend"):
                 scorer.knn_backend = "torch"  # faiss is not part of a graph
@@ -44,19 +46,23 @@ class ScoreGraph(nn.Module):
         return self.scorer(self.extractor, images.float() / 255.0)
 
 
-def export_onnx(detector, path: str | Path, opset: int = 18) -> Path:
+def export_onnx(model, path: str | Path, opset: int = 18, threshold: float | None = None) -> Path:
     """Write ``path`` (an .onnx file holding the contract in its metadata) and its sidecar
-    contract ``path + ".json"``, both or neither; returns the model's path. The paths are
-    checked first (`check_export_paths`): a sidecar of the user's is never overwritten."""
+    contract ``path + ".json"``, both or neither; returns the model's path. ``model``: an
+    `AnomalyModel` (with its ``threshold``), or a fitted `OneClassDetector` (its model and
+    ``threshold_``). The paths are checked first (`check_export_paths`): a sidecar of the
+    user's is never overwritten."""
     check_export_paths(path)
-    detector._check_fitted()
-    if detector.scorer_.variant == "ensemble":
+    if not isinstance(model, AnomalyModel):
+        threshold = getattr(model, "threshold_", None) if threshold is None else threshold
+        model = _model_of(model)
+    if model.scorer.variant == "ensemble":
         raise ConfigError(
             "the ensemble variant draws random crops at every call and has no fixed graph; "
             "export a detector with variant 'plain' or 'angled'"
         )
-    graph = ScoreGraph(detector).eval()
-    c, h, w = detector.input_shape_
+    graph = ScoreGraph(model).eval()
+    c, h, w = model.input_shape
     example = torch.zeros(2, c, h, w, dtype=torch.uint8)
     try:
         with quiet_exporter():
@@ -75,7 +81,7 @@ def export_onnx(detector, path: str | Path, opset: int = 18) -> Path:
             f"ONNX export needs the onnx and onnxscript packages ({err}); "
             "pip install 'firmad[export]'"
         ) from None
-    contract = onnx_contract(detector)
+    contract = onnx_contract(model, threshold)
     model = strip_stack_traces(program.model_proto)
     add_contract(model, contract)
     path = Path(path)
@@ -102,6 +108,16 @@ def check_export_paths(path: str | Path) -> None:
             f"{side} exists and is not a firmad export's contract; the export writes its "
             f"contract there: move that file, or choose another --out than {path}"
         )
+
+
+def _model_of(detector) -> AnomalyModel:
+    model = getattr(detector, "anomaly_model_", None)
+    if not isinstance(model, AnomalyModel):
+        raise InputError(
+            "export needs a fitted detector (fit it, or OneClassDetector.load(DIR)) or an "
+            "AnomalyModel"
+        )
+    return model
 
 
 INPUT, OUTPUT = "images", "scores"
@@ -131,11 +147,10 @@ def sidecar_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def onnx_contract(detector) -> dict[str, Any]:
+def onnx_contract(model: AnomalyModel, threshold: float | None = None) -> dict[str, Any]:
     """What a caller must feed the exported graph and what it returns, as JSON-able data."""
-    c, h, w = (int(v) for v in detector.input_shape_)
-    vs = detector.scorer_
-    threshold = getattr(detector, "threshold_", None)
+    c, h, w = (int(v) for v in model.input_shape)
+    vs = model.scorer
     colour = (
         "RGB: grey images repeat their one channel three times (Pillow convert('RGB')); "
         "alpha is dropped"
@@ -172,7 +187,8 @@ def onnx_contract(detector) -> dict[str, Any]:
             "dtype": "float32",
             "shape": ["N"],
             "meaning": "anomaly score: higher = more anomalous",
-            "scale": score_scale(detector),
+            # score_scale reads a detector's fitted parts by their estimator names
+            "scale": score_scale(SimpleNamespace(scorer_=vs, n_bank_=model.n_bank)),
         },
         "scorer": {
             "name": vs.name,

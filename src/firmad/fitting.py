@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from firmad.detector import OneClassDetector
-from firmad.errors import FirmadError
+from firmad.engine import DEFAULT_RECIPE
+from firmad.errors import ConfigError, FirmadError
 from firmad.inputs import find_images, load_files
 from firmad.persistence import LOCK, folder_lock
 from firmad.report_detector import relative_name, write_fit_report
@@ -35,13 +36,22 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+# The training budget and scorer of `firmad fit`. None trains the recipe's epochs (fmnist-cpu:
+# 4 passes, 400 steps on 1 000 images). A written protocol chooses the default budget and
+# scorer (benchmarks/RESULTS.md); `--quick` keeps the budget of QUICK_STEPS whatever it is.
+DEFAULT_STEPS: int | None = None
+QUICK_STEPS: int | None = None
+DEFAULT_SCORER = "knn_cos:k=5"
+
+
 @dataclass(frozen=True)
 class FitOptions:
-    """The options of `firmad fit` (None keeps the recipe's value)."""
+    """The options of `firmad fit` (None keeps the recipe's value). ``steps``: train exactly
+    this many steps (default DEFAULT_STEPS); ``quick``: the quick budget (QUICK_STEPS)."""
 
     recipe: str | None = None
     overrides: list[str] = field(default_factory=list)
-    scorer: str = "knn_cos:k=5"
+    scorer: str = DEFAULT_SCORER
     variant: str = "plain"
     holdout: str | float = "auto"
     target_fpr: float = 0.05
@@ -49,6 +59,19 @@ class FitOptions:
     device: str | None = None
     seed: int | None = None
     verbose: bool = True
+    steps: int | None = None
+    quick: bool = False
+
+
+def training_steps(opts: FitOptions) -> int | None:
+    """The step budget the options ask for (None: the recipe's, or --epochs, epochs)."""
+    if opts.quick and (opts.steps is not None or opts.epochs is not None):
+        raise ConfigError("--quick sets the training budget; drop --steps / --epochs, or --quick")
+    if opts.steps is not None and opts.epochs is not None:
+        raise ConfigError("give --steps or --epochs, not both")
+    if opts.quick:
+        return QUICK_STEPS
+    return opts.steps if opts.steps is not None or opts.epochs is not None else DEFAULT_STEPS
 
 
 def detector_for_fit(opts: FitOptions) -> OneClassDetector:
@@ -56,27 +79,19 @@ def detector_for_fit(opts: FitOptions) -> OneClassDetector:
     parameters the real values of the recipe."""
     t = opts.target_fpr
     if not math.isfinite(t) or not 0.0 < t < 1.0:
-        raise FirmadError(f"--target-fpr must be a number in (0, 1), e.g. 0.05; got {t}")
-    holdout = _holdout(opts.holdout)
-    overrides = list(opts.overrides)
-    for key, value in (
-        ("train.epochs", opts.epochs), ("train.device", opts.device), ("train.seed", opts.seed)
-    ):  # fmt: skip
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    probe = OneClassDetector(
-        recipe=opts.recipe, scorer=opts.scorer, k=None, variant=opts.variant,
-        overrides=overrides, holdout=holdout, target_fpr=t,
+        raise ConfigError(f"--target-fpr must be a number in (0, 1), e.g. 0.05; got {t}")
+    steps = training_steps(opts)
+    det = OneClassDetector(
+        recipe=opts.recipe or DEFAULT_RECIPE, epochs=opts.epochs, seed=opts.seed,
+        device=opts.device, overrides=list(opts.overrides), scorer=opts.scorer, k=None,
+        variant=opts.variant, verbose=opts.verbose, holdout=_holdout(opts.holdout),
+        target_fpr=t, steps=steps,
     )  # fmt: skip
-    probe._check_params()
-    cfg = probe.config_ = probe.make_config()
-    probe._scorer_spec()  # an unknown scorer or parameter, before the images are read
-    return OneClassDetector(
-        recipe=opts.recipe or "fmnist-cpu", method=cfg.method.name, backbone=cfg.model.backbone,
-        epochs=cfg.train.epochs, seed=cfg.train.seed, size=cfg.data.size,
-        device=cfg.train.device, overrides=list(opts.overrides), scorer=opts.scorer,
-        k=parse_scorer(opts.scorer)[1].get("k"), variant=opts.variant, verbose=opts.verbose,
-        holdout=holdout, target_fpr=t,
+    cfg = det.check_params()
+    return det.set_params(
+        method=cfg.method.name, backbone=cfg.model.backbone, seed=cfg.train.seed,
+        epochs=cfg.train.epochs if steps is None else None, size=cfg.data.size,
+        device=cfg.train.device, k=parse_scorer(opts.scorer)[1].get("k"),
     )  # fmt: skip
 
 
@@ -86,9 +101,9 @@ def _holdout(value: str | float) -> str | float:
     try:
         share = float(value)
     except ValueError:
-        raise FirmadError(f"--holdout must be auto or a share such as 0.2, got {value!r}") from None
+        raise ConfigError(f"--holdout must be auto or a share such as 0.2, got {value!r}") from None
     if not 0.0 <= share < 1.0:
-        raise FirmadError(f"--holdout must be auto or a share in [0, 1), got {share}")
+        raise ConfigError(f"--holdout must be auto or a share in [0, 1), got {share}")
     return share
 
 
@@ -116,8 +131,6 @@ def fit_folder(
         with folder_lock(out_dir):
             check_fit_out(out_dir)  # another fit may have finished meanwhile
             images = fit_images(folder, det, say, warn)
-            n_held = det.holdout_size(len(images))
-            say(f"{len(images) - n_held} images for training, {n_held} held out for the threshold")
             with warnings.catch_warnings():  # the library's warnings, as lines, at once
                 warnings.simplefilter("always")
                 warnings.showwarning = lambda message, *args, **kw: warn(f"warning: {message}")

@@ -6,10 +6,12 @@ the same steps after opening; an array is taken as it is (the detector resizes i
 
 Arrays and tensors are read by their channel dimension (1 or 3): (H, W), (H, W, C), (C, H, W)
 are one image, (N, H, W) grey images, (N, C, H, W) / (N, H, W, C) a batch. A shape that reads
-both ways is refused with the fix, never guessed.
+both ways is refused with the fix, never guessed; ``layout=`` ("NCHW", "NHWC", "NHW", "CHW",
+"HWC") says how to read it.
 
 Files: every path given, or found under a folder, is either read or reported as skipped with
-its reason (hidden, not an image name, not a regular file, a broken or looping link, undecodable).
+its reason (hidden, not an image name, not a regular file, a broken or looping link, undecodable,
+NaN pixels), each once. `score_inputs` answers one score per file given (NaN where none).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 from firmad.data.sources import pil_array
 from firmad.errors import DataError, InputError
+from firmad.metrics import conformal_p_values
 
 # What a folder is searched for: the dataset readers' extensions, and GIF (its first frame).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
@@ -55,22 +58,23 @@ def _single_image_layout(shape: tuple[int, ...]) -> str:
         return "HWC"
     if first and last:
         raise InputError(
-            f"shape {shape} is ambiguous: channels first or last? Pass a batch (N, C, H, W) or "
-            "(N, H, W, C) with x[None]"
+            f"shape {shape} is ambiguous: channels first or last? Pass layout='CHW' or "
+            "layout='HWC' (or a batch, x[None])"
         )
     if shape[0] == 3:
         raise InputError(
             f"shape {shape} is ambiguous: one RGB image (C, H, W) or 3 grey images (N, H, W)? "
-            "Write x[None] for one image, x[:, None] for grey images"
+            "Pass layout='CHW' for one image or layout='NHW' for grey images"
         )
     return "CHW" if shape[0] == 1 else "NHW"
+
+
+LAYOUTS = {4: ("NCHW", "NHWC"), 3: ("NHW", "CHW", "HWC")}
 
 
 def batch_layout(shape: tuple[int, ...], layout: str | None = None) -> str:
     """ "NCHW" or "NHWC" of a 4-d batch, from its channel dimension (``layout`` forces one)."""
     if layout is not None:
-        if layout not in ("NCHW", "NHWC"):
-            raise InputError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
         return layout
     second, last = shape[1] in CHANNELS, shape[-1] in CHANNELS
     if second and not last:
@@ -90,23 +94,44 @@ def batch_layout(shape: tuple[int, ...], layout: str | None = None) -> str:
     )
 
 
+def _check_layout(layout: str | None, dim: int) -> None:
+    if layout is None:
+        return
+    allowed = LAYOUTS.get(dim, ())
+    if layout not in allowed:
+        fits = ", ".join(repr(a) for a in allowed) or "none (a 2-d array is one grey image)"
+        raise InputError(f"layout={layout!r} does not fit images of {dim} dimensions; use {fits}")
+
+
 def to_batch(X: torch.Tensor, layout: str | None = None) -> tuple[torch.Tensor, str]:
-    """An image or a batch as (N, C, H, W) (a view) and the layout it was read in."""
+    """An image or a batch as (N, C, H, W) (a view) and the layout it was read in ("NCHW" or
+    "NHWC"). ``layout`` says how to read a shape that reads both ways (see the module)."""
     shape = tuple(X.shape)
+    _check_layout(layout, X.dim())
     if X.dim() == 2:
         return X[None, None], "NCHW"
     if X.dim() == 3:
-        kind = _single_image_layout(shape)
+        kind = layout or _single_image_layout(shape)
         if kind == "HWC":
-            return X.permute(2, 0, 1)[None], "NHWC"
-        return (X[None] if kind == "CHW" else X[:, None]), "NCHW"
+            return _channels_checked(X.permute(2, 0, 1)[None], layout), "NHWC"
+        return _channels_checked(X[None] if kind == "CHW" else X[:, None], layout), "NCHW"
     if X.dim() != 4 or 0 in shape:
         raise InputError(
             f"images must have shape (N, C, H, W), (N, H, W, C), (N, H, W), or one image "
             f"(H, W), (H, W, C), (C, H, W); got {shape}"
         )
-    layout = batch_layout(shape, layout)
-    return (X.permute(0, 3, 1, 2) if layout == "NHWC" else X), layout
+    kind = batch_layout(shape, layout)
+    return _channels_checked(X.permute(0, 3, 1, 2) if kind == "NHWC" else X, layout), kind
+
+
+def _channels_checked(x: torch.Tensor, layout: str | None) -> torch.Tensor:
+    """A batch read with a given layout must have 1 or 3 channels where it says."""
+    if layout is not None and x.shape[1] not in CHANNELS:
+        raise InputError(
+            f"layout={layout!r} puts {x.shape[1]} channels where 1 (grey) or 3 (RGB) are "
+            "expected; check the layout"
+        )
+    return x
 
 
 def check_unit_range(x: torch.Tensor) -> None:
@@ -129,18 +154,16 @@ def as_uint8_images(
     must be readable: use `score_paths` to skip broken ones). PIL images and files are squashed
     to ``size`` x ``size`` with ``channels`` channels, each on its own.
     """
-    if isinstance(X, str | Path) or _is_path_list(X):
+    if is_path_input(X):
         files, skipped = find_images([X] if isinstance(X, str | Path) else X)
         warn_skipped(skipped, files)
         return load_files(files, size, channels), "NCHW"
     if hasattr(X, "convert") and hasattr(X, "size"):
         X = [X]
     if isinstance(X, list | tuple) and X and all(hasattr(x, "convert") for x in X):
-        return torch.from_numpy(np.stack([pil_array(x, size, channels) for x in X])), "NCHW"
+        return torch.from_numpy(np.stack([pil_image(x, size, channels) for x in X])), "NCHW"
     if isinstance(X, np.ndarray):
-        if X.dtype == object:
-            raise InputError("images must be numeric arrays, not arrays of objects")
-        X = torch.from_numpy(np.ascontiguousarray(X))
+        X = _array_tensor(X)
     if not isinstance(X, torch.Tensor):
         raise InputError(
             "images must be a numpy array, a torch tensor, a PIL image or a list of them, a file "
@@ -155,8 +178,23 @@ def as_uint8_images(
     return X.contiguous(), layout
 
 
+def _array_tensor(X: np.ndarray) -> torch.Tensor:
+    """A numpy array as a tensor: any byte order (big-endian '>f4' is read as its values);
+    a dtype that cannot hold pixels is refused."""
+    if X.dtype.kind not in "uif":
+        raise InputError(f"images must be uint8, or float in [0, 1]; got an array of {X.dtype}")
+    if not X.dtype.isnative:
+        X = X.astype(X.dtype.newbyteorder("="))
+    return torch.from_numpy(np.ascontiguousarray(X))
+
+
 def _is_path_list(X) -> bool:
     return isinstance(X, list | tuple) and bool(X) and all(isinstance(x, str | Path) for x in X)
+
+
+def is_path_input(X) -> bool:
+    """A file or folder path, or a list of them."""
+    return isinstance(X, str | Path) or _is_path_list(X)
 
 
 def warn_skipped(skipped: Skipped, files: Sequence[Path]) -> None:
@@ -172,10 +210,14 @@ def warn_skipped(skipped: Skipped, files: Sequence[Path]) -> None:
         more = f"\n  (and {len(skipped) - 20} more)" if len(skipped) > 20 else ""
         warnings.warn(f"{len(skipped)} path(s) skipped:\n{lines}{more}", stacklevel=3)
     if not files:
-        raise InputError(
-            f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found, recursively; point "
-            "to the folder that holds your images"
-        )
+        _no_images()
+
+
+def _no_images() -> None:
+    raise InputError(
+        f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found, recursively; point "
+        "to the folder that holds your images"
+    )
 
 
 # --- PIL images and files -----------------------------------------------------------------------
@@ -219,6 +261,16 @@ def read_regular_file(path: Path, max_bytes: int) -> bytes:
     return data
 
 
+def pil_image(img, size: int, channels: int) -> np.ndarray:
+    """A PIL image as uint8 (channels, size, size), as `firmad.data.sources.pil_array` reads
+    it; a float image with NaN or infinite pixels is refused (it would read as black)."""
+    if img.mode == "F":
+        img.load()
+        if not np.isfinite(np.asarray(img)).all():
+            raise DataError("holds NaN or infinite pixel values; fix or remove the image")
+    return pil_array(img, size, channels)
+
+
 def load_file(path: Path, size: int, channels: int) -> np.ndarray:
     """Decode one image file (GIF: its first frame) to uint8 (channels, size, size)."""
     from PIL import Image
@@ -227,13 +279,15 @@ def load_file(path: Path, size: int, channels: int) -> np.ndarray:
         data = read_regular_file(path, MAX_IMAGE_BYTES)
     except OSError as err:
         raise DataError(f"cannot be read ({err.strerror or err})") from err
+    buffer = io.BytesIO(data)
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return pil_array(img, size, channels)
+        with Image.open(buffer) as img:
+            return pil_image(img, size, channels)
     except DataError:
         raise
     except Exception as err:  # not an image at all: Pillow's UnidentifiedImageError and others
-        raise DataError(f"cannot decode this image ({type(err).__name__}: {err})") from err
+        text = str(err).replace(f" {buffer!r}", "").replace(repr(buffer), "the file")
+        raise DataError(f"cannot decode this image ({type(err).__name__}: {text})") from err
 
 
 def load_files(files: Sequence[Path], size: int, channels: int) -> torch.Tensor:
@@ -263,15 +317,25 @@ def _strip(err: Exception, path: Path) -> str:
 
 def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], Skipped]:
     """Image files among the paths (files, and folders searched recursively) and the paths that
-    are skipped with their reason. Folder contents come sorted; given files keep their order;
-    a file found twice is read once."""
-    files: list[Path] = []
+    are skipped with their reason, each once. Folder contents come sorted; given files keep
+    their order; a file found twice is read once."""
+    entries, skipped = image_entries(paths)
+    bad = {p for p, _ in skipped}
+    return [p for p in dict.fromkeys(entries) if p not in bad], skipped
+
+
+def image_entries(paths: Iterable[str | Path]) -> tuple[list[Path], Skipped]:
+    """One entry per file given (in order, repeats kept, even when it cannot be read) and per
+    image-named file under a folder given (sorted by path, hidden ones aside); and the paths
+    skipped with their reason, each once (a file reached twice is listed once)."""
+    entries: list[Path] = []
     skipped: Skipped = []
     for given in paths:
         path = Path(given)
         if os.path.isdir(path):
-            _walk(path, files, skipped)
+            _walk(path, entries, skipped)
             continue
+        entries.append(path)
         problem = regular_file_problem(path, MAX_IMAGE_BYTES)
         if problem is None and path.suffix.lower() not in IMAGE_SUFFIXES:
             problem = _not_image_name(path)
@@ -279,9 +343,15 @@ def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], Skipped]:
             if not os.path.lexists(path):
                 problem = "no such file or folder"
             skipped.append((path, problem))
-        else:
-            files.append(path)
-    return list(dict.fromkeys(files)), skipped
+    return entries, _once(skipped)
+
+
+def _once(skipped: Skipped) -> Skipped:
+    """Each path once, with its first reason, in the order first met."""
+    first: dict[Path, str] = {}
+    for path, why in skipped:
+        first.setdefault(path, why)
+    return list(first.items())
 
 
 def _not_image_name(path: Path) -> str:
@@ -290,7 +360,10 @@ def _not_image_name(path: Path) -> str:
     )
 
 
-def _walk(folder: Path, files: list[Path], skipped: Skipped) -> None:
+def _walk(folder: Path, entries: list[Path], skipped: Skipped) -> None:
+    """Every image-named file under the folder (sorted; also those that cannot be read, which
+    are skipped too), and the other paths skipped with their reason."""
+
     def refuse(err: OSError) -> None:
         skipped.append((Path(err.filename or folder), f"folder cannot be read ({err.strerror})"))
 
@@ -308,14 +381,15 @@ def _walk(folder: Path, files: list[Path], skipped: Skipped) -> None:
             if name.startswith("."):
                 skipped.append((p, "hidden file"))
                 continue
+            image = p.suffix.lower() in IMAGE_SUFFIXES
             problem = regular_file_problem(p, MAX_IMAGE_BYTES)
-            if problem is None and p.suffix.lower() not in IMAGE_SUFFIXES:
+            if problem is None and not image:
                 problem = _not_image_name(p)
-            if problem is None:
+            if image:
                 found.append(p)
-            else:
+            if problem is not None:
                 skipped.append((p, problem))
-    files.extend(sorted(found))
+    entries.extend(sorted(found))
 
 
 # --- scoring many files -------------------------------------------------------------------------
@@ -357,18 +431,44 @@ def score_paths(
     return names, scores, skipped
 
 
+def score_inputs(
+    score: Callable[[torch.Tensor], np.ndarray],
+    paths: str | Path | Iterable[str | Path],
+    size: int,
+    channels: int,
+    batch_size: int = 64,
+) -> tuple[np.ndarray, Skipped]:
+    """One score per input, in order (`image_entries`): per file given (repeats too), and per
+    image-named file under a folder given (sorted); NaN where a file could not be scored.
+    Returns the scores and (path, reason) of every path not scored, each once."""
+    entries, skipped = image_entries([paths] if isinstance(paths, str | Path) else paths)
+    if not entries:
+        _no_images()
+    bad = {p for p, _ in skipped}
+    good = [p for p in dict.fromkeys(entries) if p not in bad]
+    names, scores, failed = score_paths(score, good, size, channels, batch_size)
+    by_name = dict(zip(names, scores.tolist(), strict=True))
+    out = np.array([by_name.get(str(p), np.nan) for p in entries], dtype=np.float64)
+    return out, _once(skipped + failed)
+
+
 def decisions(scores: np.ndarray, threshold: float | None) -> list[int | str]:
     """1 above the threshold, 0 not; "" for every score without a threshold."""
     return ["" if threshold is None else int(s > threshold) for s in scores]
 
 
-def scores_csv(names: Sequence[str], scores: np.ndarray, threshold: float | None) -> str:
-    """The `firmad score` CSV: path, score (6 significant digits), anomaly (`decisions`)."""
+def scores_csv(
+    names: Sequence[str], scores: np.ndarray, threshold: float | None, heldout=None
+) -> str:
+    """The `firmad score` CSV: path, score (6 significant digits), anomaly (`decisions`),
+    p_value (against the ``heldout`` normal scores; empty without them)."""
+    p_values = conformal_p_values(heldout, scores) if heldout is not None else [None] * len(names)
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["path", "score", "anomaly"])
-    for name, s, d in zip(names, scores, decisions(scores, threshold), strict=True):
-        writer.writerow((name, f"{s:.6g}", d))
+    writer.writerow(["path", "score", "anomaly", "p_value"])
+    rows = zip(names, scores, decisions(scores, threshold), p_values, strict=True)
+    for name, s, d, p in rows:
+        writer.writerow((name, f"{s:.6g}", d, "" if p is None else f"{p:.6g}"))
     return buf.getvalue()
 
 

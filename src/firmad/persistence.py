@@ -21,18 +21,22 @@ import math
 import os
 import stat
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from firmad.anomaly_model import AnomalyModel, is_degenerate
 from firmad.config import config_from_dict
+from firmad.detector_params import PARAMS, check_params
+from firmad.engine import with_device
 from firmad.errors import CheckpointError, ConfigError, DataError, InputError, StorageError
 from firmad.factory import build_model
 from firmad.inputs import read_regular_file
 from firmad.io import atomic_write_files, json_default, prefixed, storage_advice, tensor_bytes
 from firmad.run import RunDir
-from firmad.scoring import VARIANTS, VariantScorer
+from firmad.scoring import VARIANTS, VariantScorer, bank_crops
 from firmad.training import resolve_device
 from firmad.versions import versions
 
@@ -52,8 +56,9 @@ _held: set[Path] = set()  # folders this process has locked (the lock is per pro
 
 @contextlib.contextmanager
 def folder_lock(directory: Path) -> Iterator[None]:
-    """Hold the run / detector folder lock (created if needed) for the block; a second
-    process gets a ConfigError naming the holder. Re-entrant within this process."""
+    """Hold a detector folder's lock (created if needed) for the block; a second process gets
+    a ConfigError naming the holder. Re-entrant within this process. The lock file goes when
+    the block ends: a finished detector folder holds its two files only."""
     key = Path(directory).absolute()
     if key in _held:
         yield
@@ -64,7 +69,7 @@ def folder_lock(directory: Path) -> Iterator[None]:
         yield
     finally:
         _held.discard(key)
-        run.unlock()
+        run.unlock(remove=True)
 
 
 # --- reading untrusted files --------------------------------------------------------------------
@@ -103,6 +108,10 @@ def refuse_pickles(directory: Path) -> None:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 continue
             head = os.read(fd, 4)
+        except OSError as err:  # /proc/self/mem and the like: EIO
+            raise CheckpointError(
+                f"{path}: cannot be read ({err.strerror or err}); {_FIX}"
+            ) from None
         finally:
             os.close(fd)
         if path.suffix in (".pkl", ".pickle", ".pt", ".pth", ".bin") or head.startswith(
@@ -308,22 +317,59 @@ def check_manifest(tensors: dict[str, torch.Tensor], manifest: Any, path: Path) 
     for key, t in tensors.items():
         if key.startswith("scorer.") and t.is_floating_point() and is_degenerate(t):
             raise _fail(
-                path, f"the fitted scorer's {key!r} is degenerate (all zero or all rows equal)"
+                path, f"the fitted scorer's {key!r} is degenerate (all zero, or its rows one point)"
             )
 
 
-def is_degenerate(t: torch.Tensor) -> bool:
-    if t.numel() >= 2 and not t.any():
-        return True
-    return t.dim() == 2 and t.shape[0] >= 2 and bool((t == t[:1]).all())
+# --- fitted values -------------------------------------------------------------------------------
+
+
+def check_fitted_values(scorer: VariantScorer, n_bank: int, cfg, path: Path) -> None:
+    """What a fitted scorer's values can be: bandwidths (``gamma_``) finite and positive, a
+    bank of ``n_bank`` images' features (per crop for the crop ensemble, or the k-means
+    centroids); (nearly) one-point tensors are refused by `check_manifest`."""
+    e = cfg.eval
+    rows = n_bank * (bank_crops(scorer.variant, e.ensemble_bank, e.n_crops) or 1)
+    if e.bank_centroids is not None:
+        rows = min(rows, e.bank_centroids)
+    for i, fitted in enumerate(scorer.per_angle):
+        gamma = getattr(fitted, "gamma_", None)
+        if gamma is not None and not (torch.isfinite(gamma).all() and (gamma > 0).all()):
+            raise _fail(path, f"scorer {i}: gamma_ must be a finite positive number")
+        bank = getattr(fitted, "bank_", None)
+        if bank is not None and bank.shape[0] != rows:
+            raise _fail(
+                path,
+                f"scorer.n_bank {n_bank} does not fit the bank's {bank.shape[0]} rows "
+                f"(expected {rows})",
+            )
 
 
 # --- save / load ----------------------------------------------------------------------------------
 
 
-def save_detector(det, directory: str | Path) -> Path:
-    """Write a fitted detector to a folder (created if needed): both files as one atomic unit,
-    under the folder lock, so two writers never leave a mixed pair."""
+@dataclass(frozen=True)
+class StoredDetector:
+    """A detector folder's contents, checked: the model, the estimator's parameters, the
+    threshold, the calibration record and the held-out scores (None where absent)."""
+
+    model: AnomalyModel
+    params: dict[str, Any]
+    threshold: float | None
+    calibration: dict[str, Any] | None
+    heldout: Any
+
+
+def save_detector(
+    directory: str | Path,
+    model: AnomalyModel,
+    params: dict[str, Any],
+    threshold: float | None = None,
+    calibration: dict | None = None,
+) -> Path:
+    """Write a fitted model with its estimator parameters, threshold and calibration record
+    to a folder (created if needed): both files as one atomic unit, under the folder lock, so
+    two writers never leave a mixed pair."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise InputError(f"{directory} exists and is not a directory; choose another path")
@@ -334,10 +380,11 @@ def save_detector(det, directory: str | Path) -> Path:
                 f"{directory} is a non-empty folder that is not a firmad detector; choose a new "
                 "or empty folder so nothing of yours is overwritten"
             )
-    tensors = _tensors_of(det)
+    tensors = _tensors_of(model)
     weights = tensor_bytes(tensors)
+    meta = _meta_of(model, params, threshold, calibration, tensors)
     try:
-        meta_data = meta_bytes(_meta_of(det, tensors, sha256_bytes(weights)))
+        meta_data = meta_bytes({**meta, "weights_sha256": sha256_bytes(weights)})
     except ValueError as err:
         raise InputError(f"the detector holds a non-finite number ({err}); fit it again") from None
     try:
@@ -351,45 +398,40 @@ def save_detector(det, directory: str | Path) -> Path:
     return directory
 
 
-def _tensors_of(det) -> dict[str, torch.Tensor]:
-    tensors = {f"model.{k}": v for k, v in det.model_.state_dict().items()}
-    for i, scorer in enumerate(det.scorer_.per_angle):
+def _tensors_of(model: AnomalyModel) -> dict[str, torch.Tensor]:
+    tensors = {f"model.{k}": v for k, v in model.network.state_dict().items()}
+    for i, scorer in enumerate(model.scorer.per_angle):
         for key, value in scorer.fitted_state().items():
             tensors[f"scorer.{i}.{key}"] = value
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
-def _meta_of(det, tensors: dict[str, torch.Tensor], weights_sha256: str) -> dict[str, Any]:
-    threshold = getattr(det, "threshold_", None)
+def _meta_of(model: AnomalyModel, params, threshold, calibration, tensors) -> dict[str, Any]:
+    norm = model.network.encoder.normalize
+    vs = model.scorer
     return {
         "format": FORMAT,
         "versions": versions(),
-        "params": {
-            k: list(v) if isinstance(v, tuple) else v for k, v in det.get_params().items()
-        },  # fmt: skip
-        "config": det.config_.to_dict(),
-        "normalisation": {
-            "mean": det.model_.encoder.normalize.mean.flatten().tolist(),
-            "std": det.model_.encoder.normalize.std.flatten().tolist(),
-        },
+        "params": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()},
+        "config": model.config.to_dict(),
+        "normalisation": {"mean": norm.mean.flatten().tolist(), "std": norm.std.flatten().tolist()},
         "input": {  # size: what images are squashed to (data.size), kept twice on purpose
-            "layout": det.input_layout_,
-            "shape": list(det.input_shape_),
-            "size": det.config_.data.size,
+            "layout": model.input_layout,
+            "shape": list(model.input_shape),
+            "size": model.config.data.size,
         },
         "scorer": {
-            "name": det.scorer_.name,
-            "params": _jsonable(det.scorer_.per_angle[0].get_params()),
-            "variant": det.scorer_.variant,
-            "n_crops": det.scorer_.n_crops,
-            "n_bank": det.n_bank_,
+            "name": vs.name,
+            "params": _jsonable(vs.per_angle[0].get_params()),
+            "variant": vs.variant,
+            "n_crops": vs.n_crops,
+            "n_bank": model.n_bank,
         },
         "threshold": None if threshold is None else check_threshold(threshold, "threshold_"),
-        "calibration": getattr(det, "calibration_", None),
+        "calibration": calibration,
         "tensors": {
             k: [str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in tensors.items()
         },  # fmt: skip
-        "weights_sha256": weights_sha256,
     }
 
 
@@ -397,7 +439,7 @@ def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in params.items()}
 
 
-def load_detector(cls, directory: str | Path, device: str | None = None):
+def load_detector(directory: str | Path, device: str | None = None) -> StoredDetector:
     """A detector folder written by `save_detector`, checked as the module says."""
     from safetensors.torch import load as load_tensors
 
@@ -430,27 +472,28 @@ def load_detector(cls, directory: str | Path, device: str | None = None):
     except (ConfigError, RecursionError, TypeError, ValueError) as err:
         raise _fail(meta_path, f"the stored config is invalid ({str(err)[:300]})") from None
     parts = check_sections(meta, cfg, meta_path)
-    if device is not None:
-        cfg.train.device = device
-    return _restore(cls, meta, tensors, cfg, parts, meta_path, weights_path)
-
-
-def _restore(cls, meta, tensors, cfg, parts, meta_path: Path, weights_path: Path):
-    """The detector object from checked parts."""
-    det = cls()
+    params = {k: v for k, v in meta["params"].items() if k in PARAMS}  # older keys: dropped
     try:
-        det.set_params(**{k: v for k, v in meta["params"].items() if k in cls._PARAMS})
-        det._check_params()
-    except (ConfigError, InputError) as err:
+        check_params(params)
+    except ConfigError as err:
         raise _fail(meta_path, f"the stored parameters are invalid ({err})") from None
-    det.config_ = cfg
+    model = _restore(meta, tensors, with_device(cfg, device), parts, meta_path, weights_path)
+    return StoredDetector(
+        model=model,
+        params=params,
+        threshold=parts["threshold"],
+        calibration=meta.get("calibration"),
+        heldout=parts["heldout"],
+    )
+
+
+def _restore(meta, tensors, cfg, parts, meta_path: Path, weights_path: Path) -> AnomalyModel:
+    """The model from checked parts."""
     try:
-        model = build_model(cfg, cfg.data.dataset, normalisation=(parts["mean"], parts["std"]))
-        model.load_state_dict(prefixed(tensors, "model"))
+        network = build_model(cfg, cfg.data.dataset, normalisation=(parts["mean"], parts["std"]))
+        network.load_state_dict(prefixed(tensors, "model"))
     except (RuntimeError, ValueError) as err:
         raise _fail(weights_path, f"weights do not fit the stored config ({err})") from None
-    det._set_model(model.to(resolve_device(cfg.train.device)), parts["layout"])
-    det.input_shape_ = parts["shape"]
     s = meta["scorer"]
     try:
         vs = VariantScorer(s["name"], s["params"], s["variant"], s["n_crops"])
@@ -458,12 +501,9 @@ def _restore(cls, meta, tensors, cfg, parts, meta_path: Path, weights_path: Path
             scorer.load_fitted(prefixed(tensors, f"scorer.{i}"), where=str(weights_path))
     except (ConfigError, InputError, TypeError, ValueError) as err:
         raise _fail(meta_path, f"the stored scorer is invalid ({err})") from None
-    det.scorer_ = vs.to(det.extractor_.device)
-    det.n_bank_ = s["n_bank"]
-    det.threshold_ = parts["threshold"]
-    det.calibration_ = meta.get("calibration")
-    det.heldout_scores_ = parts["heldout"]
-    return det
+    check_fitted_values(vs, s["n_bank"], cfg, weights_path)
+    network = network.to(resolve_device(cfg.train.device))
+    return AnomalyModel(network, cfg, vs, parts["shape"], parts["layout"], s["n_bank"])
 
 
 def check_output_file(out_file: Path, example: str) -> None:

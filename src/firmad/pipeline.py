@@ -25,7 +25,7 @@ from firmad.config import (
 )
 from firmad.data import OneClassSplit
 from firmad.data.pool import prepare_images
-from firmad.detector import OneClassDetector
+from firmad.engine import Engine, with_device
 from firmad.errors import CheckpointError, ConfigError, FirmadError
 from firmad.factory import build_extractor, build_split, build_trainer
 from firmad.metrics import evaluate_scores
@@ -325,9 +325,7 @@ def evaluate_run(
                 f"{run.config} was edited after training; restore those settings (only the "
                 "eval section may change), or train a new run with another --out",
             )
-        if device is not None:
-            cfg.train.device = device
-        return _evaluate(run, cfg, scorers=scorers, variants=variants)
+        return _evaluate(run, with_device(cfg, device), scorers=scorers, variants=variants)
 
 
 def _evaluate(
@@ -353,8 +351,8 @@ def _evaluate(
     if split is None:
         split = build_split(cfg)
     specs = [parse_scorer(s) for s in (scorers or cfg.eval.scorers)]
-    detector = OneClassDetector.from_model(model.eval(), cfg)
-    results, details = detector.evaluate(
+    results, details = Engine(cfg).evaluate(
+        model.eval(),
         split.train_images,
         split.test_images,
         split.test_labels,

@@ -13,6 +13,7 @@ A run directory holds ``config.yaml`` (the resolved recipe), ``checkpoint.safete
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -189,18 +190,38 @@ class RunDir:
     def lock(self) -> RunDir:
         """Hold an exclusive lock on the run directory until `unlock` (or the process ends).
         A second writer gets a ConfigError naming the holder."""
-        import fcntl
-
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"{self.path} is a file, not a run directory; choose another --out")
+        for _ in range(10):  # a holder may remove the lock file while we open it: try again
+            fd = self._open_lock()
+            if self._take(fd):
+                break
+        else:
+            raise ConfigError(f"{self.path}: its lock file keeps changing; try again")
+        try:  # who holds it, for a second writer's message
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()}".encode())
+        except OSError:
+            pass  # a full disk: the lock holds all the same
+        self._lock_fd = fd
+        self._tidy()
+        return self
+
+    def _open_lock(self) -> int:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            return os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
             advice = storage_advice(err)
             if advice is None:
                 raise
             raise StorageError(f"cannot write in {self.path}: {advice}") from None
+
+    def _take(self, fd: int) -> bool:
+        """Lock the open lock file; False (closed) when it is no longer the folder's lock
+        file (its holder removed it meanwhile)."""
+        import fcntl
+
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -210,14 +231,14 @@ class RunDir:
                 f"{self.path} is in use by {holder}; wait for it to finish or stop it, or "
                 "choose another --out"
             ) from None
-        try:  # who holds it, for a second writer's message
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()}".encode())
+        try:
+            current = os.stat(self.path / LOCK).st_ino
         except OSError:
-            pass  # a full disk: the lock holds all the same
-        self._lock_fd = fd
-        self._tidy()
-        return self
+            current = None
+        if current != os.fstat(fd).st_ino:
+            os.close(fd)
+            return False
+        return True
 
     def _tidy(self) -> None:
         """Under the lock: finish a checkpoint save cut between its renames by a crash, and
@@ -230,8 +251,13 @@ class RunDir:
         except OSError:
             pass  # a read-only run can still be read; writing it will say why it cannot
 
-    def unlock(self) -> None:
+    def unlock(self, remove: bool = False) -> None:
+        """Release the lock; ``remove``: delete the lock file first (a detector folder keeps
+        none), while still holding it, so no other writer can hold it meanwhile."""
         if self._lock_fd is not None:
+            if remove:
+                with contextlib.suppress(OSError):
+                    (self.path / LOCK).unlink()
             os.close(self._lock_fd)
             self._lock_fd = None
 

@@ -51,6 +51,14 @@ def fit(
     seed: int | None = typer.Option(
         None, "--seed", help="Seeds training and the held-out draw (train.seed)."
     ),
+    steps: int | None = typer.Option(
+        None, "--steps", min=1, help="Train exactly this many steps (instead of --epochs)."
+    ),
+    quick: bool = typer.Option(
+        False,
+        "--quick",
+        help="The quick training budget (the recipe's epochs: 400 steps on 1000 images).",
+    ),
 ) -> None:
     """Train a detector on a folder of normal images; set its threshold on held-out ones."""
     with interruptible("nothing was saved; run the command again"):
@@ -60,7 +68,7 @@ def fit(
         check_folder(out_dir, "--out", inputs=[folder])  # its plots would be training images
         opts = FitOptions(
             config, list(set_), scorer, variant, holdout, target_fpr, epochs, device, seed,
-            verbose=not state["quiet"],
+            verbose=not state["quiet"], steps=steps, quick=quick,
         )  # fmt: skip
         det = detector_for_fit(opts)
         check_fit_out(out_dir)
@@ -69,9 +77,10 @@ def fit(
     cal = det.calibration_
     ci = cal.get("interval")
     interval = f", 95 % interval {ci[0]:.3f}-{ci[1]:.3f}" if ci else ""
+    rule = f"anomaly when p <= {target_fpr:g}, " if cal["source"] == "held-out" else ""
     say(
-        f"Detector: {out_dir} (threshold {det.threshold_:.4g}: {cal['n_above']} of {cal['n']} "
-        f"{cal['source']} images above it, FPR {cal['achieved_fpr']:.3f}{interval})"
+        f"Detector: {out_dir} ({rule}threshold {det.threshold_:.4g}: {cal['n_above']} of "
+        f"{cal['n']} {cal['source']} images above it, FPR {cal['achieved_fpr']:.3f}{interval})"
     )
 
 
@@ -102,10 +111,11 @@ def score(
         "the report adds the share flagged per label.",
     ),
 ) -> None:
-    """Score images: a CSV with columns path, score (higher = more anomalous) and anomaly (1
-    above the threshold, 0 not, empty without a threshold). Every file not scored is listed
-    with its reason; nothing is written when no image could be scored. Every output is checked
-    before scoring starts."""
+    """Score images: a CSV with columns path, score (higher = more anomalous), anomaly (1
+    above the threshold, 0 not, empty without a threshold) and p_value (the share of held-out
+    normals at least as anomalous, +1 corrected). Every file not scored is listed with its
+    reason; nothing is written when no image could be scored. Every output is checked before
+    scoring starts."""
     from firmad.detector import OneClassDetector
     from firmad.inputs import scores_csv
     from firmad.io import atomic_write_text
@@ -126,7 +136,7 @@ def score(
             "no image could be scored; check the paths and files above"
             + (f" ({out_csv} was left as it was)" if out_csv is not None else "")
         )
-    text = scores_csv(names, scores, thr)
+    text = scores_csv(names, scores, thr, getattr(det, "heldout_scores_", None))
     if out_csv is not None:
         atomic_write_text(out_csv, text)  # only now: a failed run changes nothing
     else:

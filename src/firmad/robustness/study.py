@@ -230,7 +230,7 @@ class Cell:
         )
         det = OneClassDetector(
             recipe=recipe, scorer="own" if binary else c.scorer, k=None,
-            overrides=[*overrides, *schedule],
+            overrides=[*overrides, *schedule], holdout=0,  # every image trains; no threshold used
         )  # fmt: skip
         self.log(f"[{self.tag()}] training {label} on {len(images)} images, {n_steps} steps")
         tic = time.perf_counter()
