@@ -228,7 +228,9 @@ def test_fit_and_demo_defaults_ignore_a_local_folder_named_like_the_recipe(tmp_p
     ],
 )
 def test_the_refusals_say_what_is_allowed(tmp_path, capsys, args, fragments):
-    args = [a.replace("{dir}", str(tmp_path)) for a in args] + ["--out", str(tmp_path / "o")]
+    (tmp_path / "in").mkdir()  # the input folder, beside --out (an --out inside it is refused)
+    args = [a.replace("{dir}", str(tmp_path / "in")) for a in args]
+    args += ["--out", str(tmp_path / "o")]
     assert main(["-q", *args]) == 2
     err = capsys.readouterr().err
     for fragment in fragments:
