@@ -1,7 +1,12 @@
-"""The settings of one attack (`AttackSpec`) and of a robust-AUROC sweep (`SweepSpec`).
+"""The settings of one attack (`AttackSpec`), of a robust-AUROC sweep (`SweepSpec`), and the
+named presets of an audit (`PRESETS`, `preset_settings`).
 
-Each is frozen and validated once, when it is built; the attacks, the sweep, the audit and
-the CLI pass specs on instead of checking loose arguments again.
+This is the one place where attack settings are checked and where their defaults live: the
+attacks, the sweep, the audit, the CLI and the ``attack`` recipe section all build these specs
+instead of checking loose arguments again. Each spec is frozen and validated when it is built.
+
+The field defaults are the textbook attack (fixed-step PGD-100, one restart). An audit starts
+from a preset instead: ``quick`` (minutes on a CPU) or ``full`` (the strongest mode).
 """
 
 from __future__ import annotations
@@ -9,24 +14,33 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from firmad.errors import ConfigError
 
 __all__ = [
     "ATTACKS",
+    "AUDIT_DEFAULTS",
     "NORMS",
+    "PRESETS",
     "SCHEDULES",
     "TARGETS",
     "AttackSpec",
     "SweepSpec",
     "check_int",
+    "check_subset",
+    "default_eps",
     "default_step",
+    "eps_text",
+    "preset_settings",
 ]
 
 NORMS = ("linf", "l2")
 TARGETS = ("both", "normal", "anomaly")
 SCHEDULES = ("fixed", "apgd")
-ATTACKS = ("pgd", "square")
+# pgd: one walk per gradient source; ensemble: pgd plus the CE-style member (see robustness.pgd);
+# square: the score-based black-box Square attack.
+ATTACKS = ("pgd", "ensemble", "square")
 
 
 def check_int(name: str, value, low: int = 1) -> int:
@@ -39,12 +53,27 @@ def check_norm(norm) -> str:
     """The norm's name in lower case; a ConfigError unless it is one of NORMS."""
     norm = str(norm).lower()
     if norm not in NORMS:
-        raise ConfigError(f"norm must be one of {NORMS}, got {norm!r}.")
+        raise ConfigError(f"norm must be linf or l2, got {norm!r}.")
     return norm
+
+
+def check_subset(n) -> int | None:
+    """A subset size: None (every image) or an integer >= 2 (AUROC needs two images)."""
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"subset size must be a positive integer or None, got {n!r}.")
+    if n == 1:
+        raise ConfigError("subset 1: AUROC needs a normal and an anomalous image; use >= 2")
+    return n
 
 
 def _is_number(v) -> bool:
     return not isinstance(v, bool) and isinstance(v, int | float)
+
+
+def _positive(v) -> bool:
+    return _is_number(v) and v > 0 and math.isfinite(v)
 
 
 def default_step(eps: float, steps: int, schedule: str = "fixed") -> float:
@@ -52,12 +81,18 @@ def default_step(eps: float, steps: int, schedule: str = "fixed") -> float:
     return 2.0 * eps if schedule == "apgd" else 2.5 * eps / steps
 
 
+def eps_text(eps: float, norm: str) -> str:
+    """A radius as the CLI takes it: L∞ in 1/255 units ("8/255"), L2 as a plain number."""
+    if norm == "linf":
+        k = eps * 255
+        return f"{int(round(k))}/255" if abs(k - round(k)) < 1e-6 else f"{k:.4g}/255"
+    return f"{eps:.4g}"
+
+
 @dataclass(frozen=True)
 class AttackSpec:
-    """One attack's settings (see ``pgd`` for their meaning); ``norm`` is stored lower case.
-
-    ``steps`` is the number of queries for the Square attack.
-    """
+    """One attack's settings (see ``robustness.pgd.pgd`` for their meaning); ``norm`` is stored
+    lower case. ``steps`` is the number of queries for the Square attack."""
 
     eps: float
     norm: str = "linf"
@@ -72,10 +107,9 @@ class AttackSpec:
     schedule: str = "fixed"
 
     def __post_init__(self) -> None:
-        norm = str(self.norm).lower()
         if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
-        object.__setattr__(self, "norm", check_norm(norm))
+            raise ConfigError(f"schedule must be fixed or apgd, got {self.schedule!r}.")
+        object.__setattr__(self, "norm", check_norm(self.norm))
         eps = self.eps
         if not _is_number(eps) or not math.isfinite(eps):
             raise ConfigError(
@@ -88,7 +122,7 @@ class AttackSpec:
         if self.batch_size is not None:
             check_int("batch_size", self.batch_size)
         s = self.step_size
-        if s is not None and (not _is_number(s) or not s > 0 or not math.isfinite(s)):
+        if s is not None and not _positive(s):
             raise ConfigError(f"step_size must be a positive number or None, got {s!r}.")
         if self.targets not in TARGETS:
             raise ConfigError(f"targets must be one of {TARGETS}, got {self.targets!r}.")
@@ -106,17 +140,13 @@ class AttackSpec:
         return default_step(self.eps, self.steps, self.schedule)
 
 
-def _positive(v) -> bool:
-    return _is_number(v) and v > 0 and math.isfinite(v)
-
-
 @dataclass(frozen=True)
 class SweepSpec:
-    """The settings of ``robust_auroc_sweep``, validated once.
+    """The settings of a robust-AUROC sweep, validated once.
 
     eps_list: radii in [0, 1] pixel space, 0 gives the clean AUROC (stored sorted, unique,
-        as floats). norm, steps, restarts, eot, random_start, batch_size, surrogates: as in
-        ``attack_detector``; step size = ``step_factor``·ε/steps.
+        as floats; L∞ radii at most 1). norm, steps, restarts, eot, random_start, batch_size,
+        surrogates: as in ``attack_detector``; step size = ``step_factor``·ε/steps.
     schedule: ``"fixed"`` steps, or ``"apgd"`` (first step 2·ε, halved where progress
         stalls; ``step_factor`` is then unused).
     targets_list: rows to report among "normal", "anomaly", "both" (stored without repeats).
@@ -126,9 +156,10 @@ class SweepSpec:
     checks: run the strength checks (they cost about four more attacks).
     check_eps: ε of the steps/restarts/transfer checks; default the median non-zero ε.
     large_eps: ε of the masking check; default 1.0 (L∞) or √d (L2).
-    attack: ``"pgd"`` (gradient attacks, ``schedule`` picks PGD or APGD) or ``"square"``
-        (the score-based black-box Square attack, L∞; ``steps`` is then its number of
-        queries and surrogates are unused).
+    attack: ``"pgd"`` (gradient attacks, ``schedule`` picks PGD or APGD), ``"ensemble"`` (the
+        same plus the CE-style member: per image the worst over every gradient source and
+        restart) or ``"square"`` (the score-based black-box Square attack, L∞; ``steps`` is
+        then its number of queries and surrogates are unused).
     square_check: with the checks, also run the Square attack (``steps`` queries, at least
         1000) at ``check_eps``: it must not beat the attack by more than 1 point.
     """
@@ -164,6 +195,7 @@ class SweepSpec:
             raise ConfigError(f"attack must be one of {ATTACKS}, got {self.attack!r}.")
         if self.attack == "square" and norm != "linf":
             raise ConfigError("the Square attack is implemented for norm='linf' only.")
+        check_subset(self.subset)
         for name in ("step_factor", "check_eps", "large_eps"):
             value = getattr(self, name)
             if value is not None and not _positive(value):
@@ -176,6 +208,11 @@ class SweepSpec:
         for e in eps_list:
             if not _is_number(e) or not math.isfinite(e) or e < 0:
                 raise ConfigError(f"every eps must be a finite number >= 0, got {e!r}.")
+            if norm == "linf" and e > 1:
+                raise ConfigError(
+                    f"L∞ radius {e:.4g} is larger than the whole [0, 1] pixel range: radii are "
+                    "in pixel space (8/255 = 0.0314); in 1/255 units (the CLI's) at most 255"
+                )
         if isinstance(targets_list, str):
             targets_list = (targets_list,)
         bad = [t for t in targets_list if t not in TARGETS]
@@ -227,3 +264,57 @@ class SweepSpec:
         if self.large_eps is not None:
             return self.large_eps
         return 1.0 if self.norm == "linf" else math.sqrt(dims)
+
+
+# --------------------------------------------------------------------------- audit presets
+
+# What every audit starts from (`firmad attack`, the ``attack`` recipe section); eps None = the
+# norm's default radii (`default_eps`).
+AUDIT_DEFAULTS: dict[str, Any] = {
+    "norm": "linf",
+    "eps_list": None,
+    "targets_list": ("normal", "anomaly", "both"),
+    "seed": 0,
+    "batch_size": 256,
+    "checks": True,
+    "check_eps": None,
+    "input_space": "model",
+}
+
+# quick: minutes on a 2-core CPU; full: the strongest mode (hours on a CPU). Both attack with
+# APGD's schedule and the targeted members (the pixel-space target and the targeted start):
+# without them the large-ε check fails on defended detectors (benchmarks/RESULTS.md).
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {
+        "steps": 10, "restarts": 1, "subset": 200, "schedule": "apgd", "attack": "pgd",
+        "targeted": True, "square_check": False,
+    },
+    "full": {
+        "steps": 100, "restarts": 2, "subset": 1000, "schedule": "apgd", "attack": "ensemble",
+        "targeted": True, "square_check": True,
+    },
+}  # fmt: skip
+
+_DEFAULT_EPS = {"linf": (0.0, 2 / 255, 4 / 255, 8 / 255), "l2": (0.0, 0.25, 0.5, 1.0)}
+
+
+def default_eps(norm: str) -> list[float]:
+    """The radii an audit attacks at when none are given: L∞ 0, 2, 4, 8 /255; L2 0-1."""
+    return list(_DEFAULT_EPS[check_norm(norm)])
+
+
+def preset_settings(preset: str = "quick", **given) -> dict[str, Any]:
+    """The settings of an audit: ``AUDIT_DEFAULTS``, then the preset's, then ``given`` (a value
+    of None takes the preset's). The Square check is one of the strength checks: off without
+    them."""
+    if preset not in PRESETS:
+        raise ConfigError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}.")
+    out = {**AUDIT_DEFAULTS, **PRESETS[preset]}
+    unknown = sorted(set(given) - set(out))
+    if unknown:
+        raise ConfigError(f"unknown audit setting(s) {unknown}; known: {sorted(out)}.")
+    out.update({k: v for k, v in given.items() if v is not None})
+    if out["eps_list"] is None:
+        out["eps_list"] = default_eps(out["norm"])
+    out["square_check"] = bool(out["square_check"] and out["checks"])
+    return out

@@ -39,14 +39,12 @@ from firmad.data.protocol import stratified_indices
 from firmad.errors import ConfigError, InputError
 from firmad.metrics import evaluate_scores
 from firmad.perturb import attack_name
-from firmad.robustness.attacks import (
-    _check_images,
-    _check_labels,
-    attack_detector,
-    run_square,
-    score,
-)
+from firmad.robustness.base import check_images as _check_images
+from firmad.robustness.base import check_labels as _check_labels
+from firmad.robustness.base import score
+from firmad.robustness.pgd import attack_detector
 from firmad.robustness.spec import ATTACKS, TARGETS, AttackSpec, SweepSpec
+from firmad.robustness.square import run_square
 
 __all__ = [
     "Verdict",
