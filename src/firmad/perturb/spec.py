@@ -38,7 +38,8 @@ __all__ = [
 NORMS = ("linf", "l2")
 TARGETS = ("both", "normal", "anomaly")
 SCHEDULES = ("fixed", "apgd")
-# pgd: one walk per gradient source; ensemble: pgd plus the CE-style member (see robustness.pgd);
+# pgd: one walk per gradient source; ensemble: pgd plus the CE-style member
+# (robustness.gradient, robustness.targets);
 # square: the score-based black-box Square attack.
 ATTACKS = ("pgd", "ensemble", "square")
 
@@ -91,7 +92,7 @@ def eps_text(eps: float, norm: str) -> str:
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """One attack's settings (see ``robustness.pgd.pgd`` for their meaning); ``norm`` is stored
+    """One attack's settings (see ``robustness.gradient.pgd`` for their meaning); ``norm`` is stored
     lower case. ``steps`` is the number of queries for the Square attack."""
 
     eps: float
@@ -218,7 +219,7 @@ class SweepSpec:
         bad = [t for t in targets_list if t not in TARGETS]
         if bad or not targets_list:
             raise ConfigError(
-                f"targets_list must name some of {TARGETS}, got {list(targets_list)}."
+                f"targets must be some of normal, anomaly, both; got {list(targets_list)}."
             )
         n = self.n_bootstrap
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -314,6 +315,8 @@ def preset_settings(preset: str = "quick", **given) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"unknown audit setting(s) {unknown}; known: {sorted(out)}.")
     out.update({k: v for k, v in given.items() if v is not None})
+    if out["subset"] == 0:  # 0: every image (None means "the preset's" here)
+        out["subset"] = None
     if out["eps_list"] is None:
         out["eps_list"] = default_eps(out["norm"])
     out["square_check"] = bool(out["square_check"] and out["checks"])

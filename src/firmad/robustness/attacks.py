@@ -2,7 +2,7 @@
 
 - `firmad.robustness.base`: the detector protocol, input checks, eval mode, `score`.
 - `firmad.robustness.walks`: one walk of PGD or APGD from a start.
-- `firmad.robustness.pgd`: `pgd`, `fgsm`, `attack_detector` (the strongest per image over
+- `firmad.robustness.gradient`: `pgd`, `fgsm`, `attack_detector` (the strongest per image over
   gradient sources, restarts and batches; resumable), `AttackResult`.
 - `firmad.robustness.square`: the black-box Square attack.
 - `firmad.robustness.targets`: per-image gradient sources (`ImageTarget`, `NearestTarget`,
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from firmad.perturb import ascent_step, project, random_delta
 from firmad.robustness.base import ScoreFn, score, score_fn_of
-from firmad.robustness.pgd import (
+from firmad.robustness.gradient import (
     AttackResult,
     attack_detector,
     fgsm,

@@ -1,6 +1,6 @@
 """The score-based black-box Square attack (Andriushchenko et al. 2020, L∞) on an anomaly
 score: no gradients, only score queries. Same conventions and result type as the gradient
-attacks (`firmad.robustness.pgd`)."""
+attacks (`firmad.robustness.gradient`)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from firmad.robustness.base import (
     score_fn_of,
     targeted_rows,
 )
-from firmad.robustness.pgd import AttackResult, clean_scores
+from firmad.robustness.gradient import AttackResult, clean_scores
 from firmad.robustness.spec import AttackSpec
 from firmad.robustness.walks import objective, tick
 
