@@ -112,7 +112,7 @@ def test_attack_on_a_detector_needs_a_test_set(tmp_path, capsys):
         (["{run}", "--eps", "0,300"], "1/255 units"),
         (["{run}", "--eps", "0,-1"], ">= 0"),
         (["{run}", "--norm", "l3"], "linf or l2"),
-        (["{run}", "--targets", "both,all"], "--targets"),
+        (["{run}", "--targets", "both,all"], "targets must be some of normal, anomaly, both"),
         (["{run}", "--schedule", "cosine"], "fixed or apgd"),
         (["{run}", "--data", "fashion-mnist"], "run directory"),
         (["{run}", "--scorer", "nope"], "unknown scorer"),
@@ -183,13 +183,14 @@ NO_CHECKS = ["--eps", "0,4,8", "--steps", "2", "--subset", "40", "--no-checks"]
 
 
 class _Counting:
-    """Wraps attack_detector in the sweep: counts the attacks, raises Ctrl-C at call ``stop``."""
+    """Wraps the gradient attack of the sweep: counts the attacks, raises Ctrl-C at call
+    ``stop``."""
 
     def __init__(self, monkeypatch, stop: int | None = None):
         import firmad.robustness.evaluate as ev
 
-        self.calls, self.stop, self.inner = 0, stop, ev.attack_detector
-        monkeypatch.setattr(ev, "attack_detector", self)
+        self.calls, self.stop, self.inner = 0, stop, ev.run_attack
+        monkeypatch.setattr(ev, "run_attack", self)
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
@@ -203,7 +204,9 @@ def test_attack_continues_after_ctrl_c_with_the_same_settings(run_dir, tmp_path,
     counting = _Counting(monkeypatch, stop=2)
     assert main(["-q", "attack", str(run_dir), *NO_CHECKS, "--out", str(out)]) == 130
     assert not (out / "attack.json").exists()
-    assert len(list((out / ".attack-partial").glob("*.json"))) == 2  # settings + eps 4/255
+    kept = out / ".attack-partial"
+    assert (kept / "settings.json").is_file()
+    assert len(list(kept.glob("*.safetensors"))) == 1  # eps 4/255
     # Other settings: refused, nothing attacked, the finished attack kept.
     counting.calls, counting.stop = 0, None
     assert main(["-q", "attack", str(run_dir), *NO_CHECKS, "--steps", "3", "--out", str(out)]) == 2
@@ -258,8 +261,8 @@ def test_attack_files_are_a_set(run_dir, tmp_path, monkeypatch):
         (["--subset", "1"], "use >= 2"),
         (["--seed", "-5"], "--seed': Input should be greater than or equal to 0"),
         (["--norm", "l2", "--eps", "0,1e9"], "sqrt(C*H*W) = 16"),
-        (["--attack", "square", "--norm", "l2", "--eps", "0,1"], "linf only"),
-        (["--attack", "evil"], "pgd or square"),
+        (["--attack", "square", "--norm", "l2", "--eps", "0,1"], "norm='linf' only"),
+        (["--attack", "evil"], "attack must be one of ('pgd', 'ensemble', 'square')"),
         (["--input", "raw"], "model or native"),
         (["--transfer-from", "{missing}"], "neither a run directory"),
     ],
@@ -295,5 +298,5 @@ def test_attack_prints_plain_progress_lines_when_not_a_terminal(run_dir, tmp_pat
     args = ["attack", str(run_dir), *NO_CHECKS, "--out", str(tmp_path / "a")]
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "attack 1/2 eps=0.01569" in err and "attack 2/2 eps=0.03137" in err
+    assert "attack 1/2 eps=4/255" in err and "attack 2/2 eps=8/255" in err
     assert "attack done" in err

@@ -19,7 +19,7 @@ from firmad.robustness.gradient import (
     fgsm,
     pgd,
     run_attack,
-    source_names,
+    run_sources,
     surrogates_of,
 )
 from firmad.robustness.spec import AttackSpec, default_step
@@ -47,7 +47,7 @@ __all__ = [
     "run_square",
     "score",
     "score_fn_of",
-    "source_names",
+    "run_sources",
     "square_attack",
     "square_fraction",
     "surrogates_of",

@@ -67,7 +67,7 @@ __all__ = [
     "in_ball",
     "pgd",
     "run_attack",
-    "source_names",
+    "run_sources",
     "surrogates_of",
 ]
 
@@ -375,11 +375,6 @@ def surrogates_of(detector, surrogates) -> dict[str, Any]:
     return dict(surrogates)
 
 
-def source_names(detector, surrogates) -> list[str]:
-    """The names of the gradient sources `run_attack` uses, in order."""
-    return ["exact", *(f"surrogate:{k}" for k in surrogates_of(detector, surrogates))]
-
-
 def attack_detector(
     detector, x: Tensor, y, *, surrogates: bool | Mapping[str, ScoreFn] = True,
     on_step: Callable[[int, int], None] | None = None, **settings,
@@ -396,6 +391,13 @@ def attack_detector(
     """
     spec = AttackSpec(**settings)
     return run_attack(detector, x, y, spec, surrogates=surrogates, on_step=on_step)
+
+
+def run_sources(detector, x: Tensor, y, spec: AttackSpec, sources: Mapping) -> AttackResult:
+    """One walk per gradient source of ``sources`` (name -> None for the detector's own score,
+    a score function, a detector or a binder; seed + i for the i-th), the best per image: the
+    members of an attack, run alone or together with the same randomness."""
+    return _attack(detector, x, y, dict(sources), spec)
 
 
 def run_attack(
