@@ -667,7 +667,7 @@ def test_attacks_use_the_modules_a_detector_declares() -> None:
     assert det.net.training and det.other.training
 
 
-# --------------------------------------------------------------------------- ensemble, targeted start
+# ------------------------------------------------------------------ ensemble, targeted start
 
 
 def _ensemble_sources(toy, bank) -> dict:
