@@ -234,8 +234,9 @@ class _Sweep:
         return adv, winner.cpu().long(), names
 
     def _note(self, message: str) -> None:
-        if self.hooks.note is not None:
-            self.hooks.note(message)
+        note = self.hooks.note or getattr(self.hooks.cache, "note", None)  # the cache's own
+        if note is not None:
+            note(message)
 
     def auroc_of(self, s: Tensor) -> float:
         return evaluate_scores(self.y_np, s.double().cpu().numpy())["auroc"]
