@@ -198,3 +198,20 @@ def test_a_checkpoint_that_does_not_fit_is_recomputed(toy, damage):
         st["done"] = 10**6
     again = run_attack(det, x, y, spec, checkpoint=memory)
     assert again.resumed == 0 and torch.equal(again.images, whole.images)
+
+
+def test_an_interrupted_square_attack_continues_from_its_finished_batches(toy):
+    from firmad.robustness.attacks import run_square
+
+    det, x, y = toy
+    spec = AttackSpec(0.05, steps=12, restarts=2, batch_size=6, seed=2)
+    whole = run_square(det, x, y, spec)
+    memory = _Memory()
+    with pytest.raises(KeyboardInterrupt):  # in the 2nd restart's 2nd batch (of 4)
+        run_square(det, x, y, spec, checkpoint=memory, on_step=_stop_at(11 * 5 + 3))
+    assert memory.state["done"] == 5
+    again = run_square(det, x, y, spec, checkpoint=memory)
+    assert again.resumed == 5 and again.units == 8
+    assert torch.equal(again.images, whole.images) and torch.equal(again.scores, whole.scores)
+    memory.state["best_x"] = (memory.state["best_x"] + 0.2).clamp(0, 1)  # outside the ball
+    assert run_square(det, x, y, spec, checkpoint=memory).resumed == 0

@@ -198,8 +198,9 @@ class _Sweep:
         if kind == "square":
             a = AttackSpec(a.eps, a.norm, a.steps, None, a.restarts, a.targets, 1, True, a.seed,
                            a.batch_size)  # fmt: skip
-            return run_square(det, self.x, self.y, a, on_step=on_step)
         checkpoint = cache.checkpoint(key) if cache is not None else None
+        if kind == "square":
+            return run_square(det, self.x, self.y, a, on_step=on_step, checkpoint=checkpoint)
         return run_attack(
             det, self.x, self.y, a, surrogates=self._sources(det, kind), on_step=on_step,
             checkpoint=checkpoint,

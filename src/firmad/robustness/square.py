@@ -19,7 +19,7 @@ from firmad.robustness.base import (
     score_fn_of,
     targeted_rows,
 )
-from firmad.robustness.gradient import AttackResult, clean_scores
+from firmad.robustness.gradient import AttackResult, clean_scores, in_ball
 from firmad.robustness.spec import AttackSpec
 from firmad.robustness.walks import objective, tick
 
@@ -89,8 +89,10 @@ def square_attack(
     return run_square(detector, x, y, spec, p_init=p_init, on_step=on_step)
 
 
-def run_square(detector, x, y, spec: AttackSpec, *, p_init: float = 0.05, on_step=None):
-    """``square_attack`` with its settings in an `AttackSpec` (``steps`` = queries)."""
+def run_square(detector, x, y, spec: AttackSpec, *, p_init: float = 0.05, on_step=None,
+               checkpoint=None) -> AttackResult:  # fmt: skip
+    """``square_attack`` with its settings in an `AttackSpec` (``steps`` = queries);
+    ``checkpoint`` keeps the finished batches of an interrupted attack, as for `run_attack`."""
     if spec.norm != "linf":
         raise ConfigError("the Square attack is implemented for norm='linf' only.")
     if isinstance(p_init, bool) or not isinstance(p_init, int | float) or not 0 < p_init <= 1:
@@ -104,19 +106,78 @@ def run_square(detector, x, y, spec: AttackSpec, *, p_init: float = 0.05, on_ste
     cfg = dict(eps=float(spec.eps), steps=spec.steps, p_init=float(p_init), on_step=on_step, done=0)
     cfg["total"] = spec.restarts * len(chunks) * max(spec.steps - 1, 0)
     images, winner = x.clone(), torch.full((x.shape[0],), -1, dtype=torch.long, device=x.device)
+    resumed = 0
     with eval_mode(detector), torch.no_grad():
         scores = clean_scores(score_fn, x, 1, spec.batch_size)
         if spec.eps > 0 and idx.numel() > 0:
-            xs = x[idx]
-            best_x, best_obj = xs.clone(), sign.double() * scores[idx]
-            for r in range(spec.restarts):
-                gen = torch.Generator().manual_seed(int(spec.seed) + r)
-                for b in chunks:
-                    adv, obj = _square_walk(score_fn, xs[b], sign[b], cfg, gen)
-                    better = obj > best_obj[b]
-                    best_x[b][better] = adv[better]
-                    best_obj[b] = torch.where(better, obj, best_obj[b])
+            run = _Squares(score_fn, x[idx], sign, cfg, chunks)
+            start = {"best_x": x[idx].clone(), "best_obj": sign.double() * scores[idx]}
+            resumed = run.restore(checkpoint.load() if checkpoint else None, start, spec)
+            best_x, best_obj = run.run(spec, checkpoint)
             images[idx] = best_x
             scores[idx] = sign.double() * best_obj
         winner[idx] = 0
-    return AttackResult(images, scores, winner, ["square"], {"square": int(idx.numel())})
+    units = spec.restarts * len(chunks)
+    return AttackResult(images, scores, winner, ["square"], {"square": int(idx.numel())},
+                        resumed, units)  # fmt: skip
+
+
+class _Squares:
+    """The Square attack's work units: one restart (seed + r, its generator shared by the
+    batches in order) x one batch; ``state`` holds what is finished (``done``, the best images
+    and objectives, the generator of the restart in progress)."""
+
+    def __init__(self, score_fn, x: Tensor, sign: Tensor, cfg: dict, chunks: list[slice]):
+        self.score_fn, self.x, self.sign, self.cfg, self.chunks = score_fn, x, sign, cfg, chunks
+        self.state: dict = {}
+
+    def restore(self, saved, start: dict, spec: AttackSpec) -> int:
+        """Continue from ``saved`` when its images lie in the ball, its objectives are the
+        true ones and its count fits; else start afresh. The units taken."""
+        self.state = {"done": 0, **start}
+        units = spec.restarts * len(self.chunks)
+        if not isinstance(saved, dict) or not isinstance(saved.get("gen"), Tensor):
+            return 0
+        done, adv, obj = saved.get("done"), saved.get("best_x"), saved.get("best_obj")
+        ok = isinstance(done, int) and 0 < done < units and isinstance(adv, Tensor)
+        ok = ok and isinstance(obj, Tensor) and adv.shape == self.x.shape
+        ok = ok and obj.shape == (self.x.shape[0],) and obj.dtype == torch.float64
+        if ok:
+            adv = adv.to(self.x)
+            true = objective(self.score_fn, (adv).clamp(0, 1), self.sign, 1)
+            ok = in_ball(adv, self.x, "linf", self.cfg["eps"]) and bool(
+                torch.allclose(true, obj.to(true), rtol=1e-5, atol=1e-7)
+            )
+        if not ok:
+            return 0
+        self.state = {"done": done, "best_x": adv, "best_obj": obj.to(self.x.device),
+                      "gen": saved["gen"].to(torch.uint8)}  # fmt: skip
+        self.cfg["done"] = done * max(self.cfg["steps"] - 1, 0)
+        return done
+
+    def run(self, spec: AttackSpec, checkpoint) -> tuple[Tensor, Tensor]:
+        try:
+            unit = 0
+            for r in range(spec.restarts):
+                gen = torch.Generator().manual_seed(int(spec.seed) + r)
+                for b in self.chunks:
+                    unit += 1
+                    if unit <= self.state["done"]:
+                        if unit == self.state["done"]:
+                            gen.set_state(self.state["gen"])
+                        continue
+                    self._unit(b, gen, unit)
+        except KeyboardInterrupt:
+            if checkpoint is not None and self.state["done"] > 0:
+                checkpoint.save(self.state)
+            raise
+        return self.state["best_x"], self.state["best_obj"]
+
+    def _unit(self, b: slice, gen: torch.Generator, unit: int) -> None:
+        adv, obj = _square_walk(self.score_fn, self.x[b], self.sign[b], self.cfg, gen)
+        best_x, best_obj = self.state["best_x"].clone(), self.state["best_obj"].clone()
+        better = obj > best_obj[b]
+        best_x[b][better] = adv[better]
+        best_obj[b] = torch.where(better, obj, best_obj[b])
+        self.state = {"done": unit, "best_x": best_x, "best_obj": best_obj,
+                      "gen": gen.get_state()}  # fmt: skip
