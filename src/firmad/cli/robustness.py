@@ -275,7 +275,8 @@ _OPT_NO_CHECKS = Annotated[
 @app.command(
     epilog="Examples:\n\n"
     "  firmad attack runs/fmnist-cpu/fashion-mnist-c0-firm-s0   (quick: minutes on a CPU)\n\n"
-    "  firmad attack RUN --full   (APGD-100, 2 restarts, 1000 images, all checks)\n\n"
+    "  firmad attack RUN --full   (the strongest mode: the ensemble, APGD-100 x 2 restarts, "
+    "1000 images, all checks)\n\n"
     "  firmad attack det/ --data fashion-mnist --normal-class 0 --norm l2 --eps 0,0.25,0.5\n\n"
     "  firmad attack RUN --steps 1000 --subset 500 --out audits/pgd1000\n\n"
     "  firmad attack RUN --attack square --steps 5000   (black-box, 5000 queries)\n\n"
