@@ -380,14 +380,21 @@ def test_ctrl_c_keeps_the_finished_batches_of_the_attack_in_progress(
     assert rows[0] == rows[1]  # the same numbers as an attack never interrupted
 
 
-def test_attack_out_refuses_a_folder_of_other_files(run_dir, tmp_path, capsys):
+def test_attack_out_refuses_a_folder_of_other_files_or_inside_an_input(run_dir, tmp_path, capsys):
     images = tmp_path / "mine"
     images.mkdir()
     (images / "a.png").write_bytes(PNG)
-    assert main(["-q", "attack", str(run_dir), *NO_CHECKS, "--out", str(images)]) == 2
-    err = capsys.readouterr().err
-    assert "not an attack's (a.png)" in err and "Traceback" not in err
+    before = sorted(p.name for p in run_dir.iterdir())
+    for out, message in [
+        (images, "not an attack's (a.png)"),
+        (run_dir, "lies inside"),
+        (run_dir / "audit", "lies inside"),
+    ]:
+        assert main(["-q", "attack", str(run_dir), *NO_CHECKS, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
     assert [p.name for p in images.iterdir()] == ["a.png"]
+    assert sorted(p.name for p in run_dir.iterdir()) == before
 
 
 def test_decisions_at_the_threshold_of_a_detector_none_for_a_run(run_dir, det_dir, tmp_path):

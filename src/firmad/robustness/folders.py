@@ -66,11 +66,19 @@ def default_out(path: str | Path, suffix: str = ".attack") -> Path:
     return path.with_name(path.name + suffix)
 
 
-def check_attack_folder(folder: str | Path) -> Path:
+def check_attack_folder(folder: str | Path, inputs: tuple = ()) -> Path:
     """``folder`` for a set of attack files: new, or holding nothing but an attack's files
-    (attack files are never written among a user's images or other files). Whether it can be
-    written is checked by `audit`, before any attack."""
+    (attack files are never written among a user's images or other files), and not inside any
+    of ``inputs`` (the attacked folder, the data). Whether it can be written is checked by
+    `audit`, before any attack."""
     folder = Path(folder)
+    where = folder.resolve()
+    for given in (Path(i) for i in inputs if i is not None):
+        if where == given.resolve() or given.resolve() in where.parents:
+            raise InputError(
+                f"--out {folder} lies inside {given}, an input of the attack; choose a folder "
+                f"outside it (the default is {default_out(given)}, beside it)"
+            )
     if folder.is_dir() and not folder.is_symlink():
         foreign = sorted(p.name for p in folder.iterdir() if not _is_ours(p.name))
         if foreign:
@@ -122,7 +130,8 @@ def audit_path(
             f"{path} is neither a run directory (config.yaml, from `firmad train`) nor a "
             "detector directory (detector.json, from `firmad fit`)"
         )
-    folder = check_attack_folder(out_dir if out_dir is not None else default_out(path))
+    inputs = (path, target.root, target.transfer_from)
+    folder = check_attack_folder(out_dir if out_dir is not None else default_out(path), inputs)
     transfer = None
     if target.transfer_from is not None:
         transfer = (_load_other(target.transfer_from, target.device), str(target.transfer_from))
