@@ -22,7 +22,7 @@ import logging
 import math
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from firmad.errors import ConfigError, InputError
 from firmad.io import atomic_write_json, atomic_write_text
 from firmad.robustness.base import score, score_fn_of
 from firmad.robustness.evaluate import SweepHooks, sweep
-from firmad.robustness.gradient import run_attack
+from firmad.robustness.gradient import run_attack, surrogates_of
 from firmad.robustness.markdown import AUROC_PNG, EXAMPLES_PNG, attack_markdown
 from firmad.robustness.plots import plot_attack_auroc, plot_attack_examples
 from firmad.robustness.resume import PartialAttacks, digest_tensors
@@ -252,7 +252,7 @@ def audit(
         else None
     )
     surrogates = offered_surrogates(det, spec.targeted, data.normals, start=True)
-    sweep_spec = _with_surrogates(spec.sweep, surrogates)
+    sweep_spec = replace(spec.sweep, surrogates=surrogates)
     transfer, transfer_name = data.transfer or (None, None)
     sweep_hooks = SweepHooks(hooks.progress, hooks.on_step, hooks.plan, cache, note)
     result = sweep(det, x, y, sweep_spec, sweep_hooks, transfer_from=transfer)
@@ -263,12 +263,6 @@ def audit(
     if cache is not None:
         cache.remove()
     return result
-
-
-def _with_surrogates(sweep_spec, surrogates):
-    from dataclasses import replace
-
-    return replace(sweep_spec, surrogates=surrogates)
 
 
 def _resume_cache(out_dir: Path, det, xy: tuple, spec: AuditSpec, context: tuple):
@@ -355,8 +349,6 @@ def _examples(det, x, y, result, spec: AuditSpec, surrogates=True):
         # the default step of the schedule, as in the sweep
         a = AttackSpec(eps, sw.norm, sw.steps, None, sw.restarts, "both", 1, True, sw.seed,
                        sw.batch_size, sw.schedule)  # fmt: skip
-        from firmad.robustness.gradient import surrogates_of
-
         sources = surrogates_of(det, surrogates)
         if sw.attack == "ensemble":
             sources["ce"] = TwoLogitCE(score_fn_of(det))
