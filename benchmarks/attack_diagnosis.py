@@ -2,14 +2,17 @@
 
 On a stratified test subset of the run's headline kNN detector (L∞):
 1. the library's attack (`attack_detector`: exact kNN + KDE + centre surrogates), both sides,
-   with the fixed step and with APGD's schedule (``schedule="apgd"``);
+   with the fixed step and with APGD's schedule (``schedule="apgd"``), and the strongest mode
+   (`firmad attack --full`'s ensemble: the targeted members and the CE-style member beside
+   them, APGD with 2 restarts);
 2. hand-written PGD variants on the exact score: no random start, step-size decay, momentum,
    and a feature-matching objective (each anomaly pulled towards its nearest training normal);
 3. anomalies only at large ε (32, 64 /255): a working attack should reach AUROC near 0;
 4. how far the encoder's features move at all: untargeted PGD minimising cos(f(x'), f(x)),
    against the typical cosine between two different test images.
 
-    python benchmarks/attack_diagnosis.py RUN_DIR [--n 100] [--out FILE.json] [--library-only]
+    python benchmarks/attack_diagnosis.py RUN_DIR [--n 100] [--steps 100] [--out FILE.json]
+        [--library-only]
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from sklearn.metrics import roc_auc_score
 from firmad.detector import OneClassDetector
 from firmad.factory import build_split
 from firmad.robustness import attack_detector
-from firmad.robustness.audit import _test_images
+from firmad.robustness.attacks import TwoLogitCE, score_fn_of
+from firmad.robustness.audit import _test_images, offered_surrogates
 from firmad.robustness.evaluate import stratified_subset
 
 EPS = 8 / 255
@@ -61,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=100, help="steps of the library's attacks")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--library-only", action="store_true", help="only step 1 (the library's attacks)"
@@ -83,9 +88,17 @@ def main() -> None:
 
     for schedule in ("fixed", "apgd"):
         r = attack_detector(
-            det, x, y, eps=EPS, steps=100, targets="both", batch_size=256, schedule=schedule
+            det, x, y, eps=EPS, steps=args.steps, targets="both", batch_size=256, schedule=schedule
         )
         out["library both" + ("" if schedule == "fixed" else " (apgd)")] = auroc(r.scores, "both")
+    normals = _test_images(split.train_images, cfg.data.size)
+    sources = offered_surrogates(det, True, normals, start=True)
+    sources["ce"] = TwoLogitCE(score_fn_of(det))
+    r = attack_detector(
+        det, x, y, eps=EPS, steps=args.steps, restarts=2, targets="both", batch_size=256,
+        schedule="apgd", surrogates=sources,
+    )  # fmt: skip
+    out["library both (ensemble, apgd, 2 restarts)"] = auroc(r.scores, "both")
     if args.library_only:
         return _finish(out, tic, args.out)
     sign = (1 - 2 * y).float()

@@ -2,6 +2,10 @@
 
 python benchmarks/robust_table.py runs/bench/robust-fmnist-c0-cpu
 python benchmarks/robust_table.py --by-class runs/bench/robust-fmnist-10-cpu   (class x recipe)
+
+Under each table: the attack protocol(s) the cells were attacked with, and every cell whose
+strength checks failed or were not run (a table is published from the strongest mode with its
+checks on: `firmad attack --full`).
 """
 
 from __future__ import annotations
@@ -9,6 +13,37 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+
+from firmad.perturb import attack_name
+
+
+def protocol(result: dict) -> str:
+    """How a cell was attacked, in words: e.g. "ensemble APGD-100 x 2 restarts, targeted"."""
+    st = result["settings"]
+    text = f"{attack_name(st)}-{st['steps']} x {st['restarts']} restart(s)"
+    if st.get("targeted"):
+        text += ", targeted"
+    return text + f", {st['norm']}, n = {result['subset']['n']}"
+
+
+def checks_text(result: dict) -> str:
+    failed = [v["name"] for v in result["verdicts"] if not v["passed"]]
+    if not result["verdicts"]:
+        return "not run"
+    return "passed" if not failed else "failed: " + ", ".join(failed)
+
+
+def footer(cells) -> list[str]:
+    """The protocols used and the cells whose checks did not pass."""
+    protocols = sorted({protocol(r) for _, r in cells})
+    lines = ["", "Attack: " + "; ".join(protocols) + "."]
+    if len(protocols) > 1:
+        lines.append("WARNING: the cells were attacked with different protocols.")
+    bad = [f"{c.parent.name}/{c.name} ({checks_text(r)})" for c, r in cells
+           if checks_text(r) != "passed"]  # fmt: skip
+    lines.append("Strength checks: " + ("passed in every cell." if not bad else
+                                        "not passed in " + ", ".join(bad) + "."))  # fmt: skip
+    return lines
 
 
 def _attacks(root: Path):
@@ -34,25 +69,22 @@ def main(root: Path) -> str:
             r = both.get(e)
             cells.append("–" if r is None else f"{100 * r['auroc']:.1f} [{100 * r['ci_low']:.1f}, "
                          f"{100 * r['ci_high']:.1f}]")  # fmt: skip
-        failed = [v["name"] for v in result["verdicts"] if not v["passed"]]
-        if not result["verdicts"]:
-            checks = "not run"
-        else:
-            checks = "passed" if not failed else "failed: " + ", ".join(failed)
+        checks = checks_text(result)
         lines.append(
             f"| {cell.parent.name} | {d.get('method')} {d.get('backbone')} {d.get('scorer')} | "
             f"{d.get('params', 0):,} | {d.get('flops', 0) / 1e6:.0f} | "
             f"{'yes' if d.get('adversarial_training') else 'no'} | "
             f"{100 * result['clean']['auroc']:.1f} | " + " | ".join(cells) + f" | {checks} |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + footer([(c, r) for c, r, _ in rows]))
 
 
 def by_class(root: Path) -> str:
     """Clean / robust (both sides, the largest ε) AUROC per class and recipe, with the mean."""
     table: dict[str, dict[int, tuple[float, float]]] = {}
-    eps_max = None
+    eps_max, cells = None, []
     for cell, result, both in _attacks(root):
+        cells.append((cell, result))
         eps_max = max(both)
         normal_class = int(cell.name.split("-c")[-1].split("-s")[0])
         table.setdefault(cell.parent.name, {})[normal_class] = (
@@ -77,7 +109,7 @@ def by_class(root: Path) -> str:
         means += [f"**{100 * sum(v[0] for v in got) / len(got):.1f}**",
                   f"**{100 * sum(v[1] for v in got) / len(got):.1f}**"]  # fmt: skip
     lines.append(f"| mean ({len(classes)} classes) | " + " | ".join(means) + " |")
-    return "\n".join(lines)
+    return "\n".join(lines + footer(cells))
 
 
 if __name__ == "__main__":

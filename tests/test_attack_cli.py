@@ -82,26 +82,33 @@ def test_attack_with_the_apgd_schedule(run_dir, tmp_path):
     assert "APGD-3" in (out / "attack.md").read_text()
 
 
-def test_attack_on_a_detector_needs_a_test_set(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def det_dir(tmp_path_factory):
+    """A fitted detector folder (its threshold set by fit)."""
     split = one_vs_rest("fashion-mnist", 0, root=str(FIXTURE_FMNIST))
     det = OneClassDetector(overrides=TRAIN, scorer="knn_cos", k=5).fit(split.train_images)
-    det.save(tmp_path / "det")
+    folder = tmp_path_factory.mktemp("detector") / "det"
+    det.save(folder)
+    return folder
+
+
+def test_attack_on_a_detector_needs_a_test_set(det_dir, tmp_path, capsys):
     capsys.readouterr()
-    assert main(["-q", "attack", str(tmp_path / "det")]) == 2
+    assert main(["-q", "attack", str(det_dir)]) == 2
     assert "--data" in capsys.readouterr().err
     out = tmp_path / "audit"
-    args = ["-q", "attack", str(tmp_path / "det"), "--data", "fashion-mnist", "--normal-class"]
+    args = ["-q", "attack", str(det_dir), "--data", "fashion-mnist", "--normal-class"]
     args += ["T-shirt/top", "--root", str(FIXTURE_FMNIST), "--norm", "l2", "--eps", "0,0.5"]
     args += ["--steps", "2", "--subset", "40", "--no-checks", "--out", str(out)]
     assert main(args) == 0
     data = json.loads((out / "attack.json").read_text())
     assert data["settings"]["eps_list"] == [0.0, 0.5] and "eps_255" not in data["settings"]
     assert data["checks_skipped"] and data["verdicts"] == []
-    assert data["detector"]["source"] == str(tmp_path / "det")
+    assert data["detector"]["source"] == str(det_dir)
     assert {p.name for p in out.iterdir()} == {
         "attack.json", "attack.md", "attack_auroc.png", "attack_examples.png"
     }  # fmt: skip
-    assert not (tmp_path / "det" / "attack.json").exists()
+    assert not (det_dir / "attack.json").exists()
 
 
 @pytest.mark.parametrize(
@@ -112,7 +119,7 @@ def test_attack_on_a_detector_needs_a_test_set(tmp_path, capsys):
         (["{run}", "--eps", "0,300"], "1/255 units"),
         (["{run}", "--eps", "0,-1"], ">= 0"),
         (["{run}", "--norm", "l3"], "linf or l2"),
-        (["{run}", "--targets", "both,all"], "--targets"),
+        (["{run}", "--targets", "both,all"], "targets must be some of normal, anomaly, both"),
         (["{run}", "--schedule", "cosine"], "fixed or apgd"),
         (["{run}", "--data", "fashion-mnist"], "run directory"),
         (["{run}", "--scorer", "nope"], "unknown scorer"),
@@ -183,13 +190,14 @@ NO_CHECKS = ["--eps", "0,4,8", "--steps", "2", "--subset", "40", "--no-checks"]
 
 
 class _Counting:
-    """Wraps attack_detector in the sweep: counts the attacks, raises Ctrl-C at call ``stop``."""
+    """Wraps the gradient attack of the sweep: counts the attacks, raises Ctrl-C at call
+    ``stop``."""
 
     def __init__(self, monkeypatch, stop: int | None = None):
         import firmad.robustness.evaluate as ev
 
-        self.calls, self.stop, self.inner = 0, stop, ev.attack_detector
-        monkeypatch.setattr(ev, "attack_detector", self)
+        self.calls, self.stop, self.inner = 0, stop, ev.run_attack
+        monkeypatch.setattr(ev, "run_attack", self)
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
@@ -203,7 +211,9 @@ def test_attack_continues_after_ctrl_c_with_the_same_settings(run_dir, tmp_path,
     counting = _Counting(monkeypatch, stop=2)
     assert main(["-q", "attack", str(run_dir), *NO_CHECKS, "--out", str(out)]) == 130
     assert not (out / "attack.json").exists()
-    assert len(list((out / ".attack-partial").glob("*.json"))) == 2  # settings + eps 4/255
+    kept = out / ".attack-partial"
+    assert (kept / "settings.json").is_file()
+    assert len(list(kept.glob("*.safetensors"))) == 1  # eps 4/255
     # Other settings: refused, nothing attacked, the finished attack kept.
     counting.calls, counting.stop = 0, None
     assert main(["-q", "attack", str(run_dir), *NO_CHECKS, "--steps", "3", "--out", str(out)]) == 2
@@ -258,8 +268,8 @@ def test_attack_files_are_a_set(run_dir, tmp_path, monkeypatch):
         (["--subset", "1"], "use >= 2"),
         (["--seed", "-5"], "--seed': Input should be greater than or equal to 0"),
         (["--norm", "l2", "--eps", "0,1e9"], "sqrt(C*H*W) = 16"),
-        (["--attack", "square", "--norm", "l2", "--eps", "0,1"], "linf only"),
-        (["--attack", "evil"], "pgd or square"),
+        (["--attack", "square", "--norm", "l2", "--eps", "0,1"], "norm='linf' only"),
+        (["--attack", "evil"], "attack must be one of ('pgd', 'ensemble', 'square')"),
         (["--input", "raw"], "model or native"),
         (["--transfer-from", "{missing}"], "neither a run directory"),
     ],
@@ -295,5 +305,117 @@ def test_attack_prints_plain_progress_lines_when_not_a_terminal(run_dir, tmp_pat
     args = ["attack", str(run_dir), *NO_CHECKS, "--out", str(tmp_path / "a")]
     assert main(args) == 0
     err = capsys.readouterr().err
-    assert "attack 1/2 eps=0.01569" in err and "attack 2/2 eps=0.03137" in err
+    assert "attack 1/2 eps=4/255" in err and "attack 2/2 eps=8/255" in err
     assert "attack done" in err
+
+
+# --- resume caches that prove themselves, Ctrl-C inside an attack, --out, decisions ---------------
+
+THREE = ["--eps", "0,2,4,8", "--subset", "40", "--no-checks"]
+
+
+def test_lost_settings_file_no_stale_attack_is_reused(run_dir, tmp_path, monkeypatch, capsys):
+    """The issue's case: --steps 6 stopped after two finished attacks, settings.json deleted,
+    then --steps 1: the APGD-6 partials are discarded with a message, never reused."""
+    out = tmp_path / "a"
+    _Counting(monkeypatch, stop=3)
+    assert main(["-q", "attack", str(run_dir), *THREE, "--steps", "6", "--out", str(out)]) == 130
+    assert len(list((out / ".attack-partial").glob("*.safetensors"))) == 2
+    (out / ".attack-partial" / "settings.json").unlink()
+    monkeypatch.undo()
+    counting = _Counting(monkeypatch)
+    capsys.readouterr()
+    assert main(["-q", "attack", str(run_dir), *THREE, "--steps", "1", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "its settings file is missing" in err
+    assert err.count("made with other settings (steps: 6 then, 1 now)") == 2
+    assert counting.calls == 3  # every attack made again, with APGD-1
+    fresh = tmp_path / "b"
+    assert main(["-q", "attack", str(run_dir), *THREE, "--steps", "1", "--out", str(fresh)]) == 0
+    rows = [json.loads((d / "attack.json").read_text())["rows"] for d in (out, fresh)]
+    assert rows[0] == rows[1]
+
+
+class _StopInside:
+    """Wraps the sweep's gradient attack: Ctrl-C at step ``step`` of attack number ``attack``."""
+
+    def __init__(self, monkeypatch, attack: int, step: int):
+        import firmad.robustness.evaluate as ev
+
+        self.calls, self.attack, self.step, self.inner = 0, attack, step, ev.run_attack
+        monkeypatch.setattr(ev, "run_attack", self)
+
+    def __call__(self, *args, on_step=None, **kwargs):
+        self.calls += 1
+        current = self.calls
+
+        def hook(done, total):
+            if on_step is not None:
+                on_step(done, total)
+            if current == self.attack and done == self.step:
+                raise KeyboardInterrupt
+
+        return self.inner(*args, on_step=hook, **kwargs)
+
+
+def test_ctrl_c_keeps_the_finished_batches_of_the_attack_in_progress(
+    run_dir, tmp_path, monkeypatch, capsys
+):
+    out, fresh = tmp_path / "a", tmp_path / "b"
+    args = ["-q", "attack", str(run_dir), *NO_CHECKS, "--batch-size", "10"]
+    # 5 gradient sources (exact, kde, centre, image, start) x 4 batches of 10, 2 steps each
+    _StopInside(monkeypatch, attack=2, step=2 * 6 + 1)
+    assert main([*args, "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "finished batches of the attack in progress, are kept" in err
+    assert len(list((out / ".attack-partial").glob("*.progress.safetensors"))) == 1
+    monkeypatch.undo()
+    assert main([*args, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "eps=8/255: continued after 6 of 20 finished batches" in captured.err
+    said = "Resumed: reused 1 finished attack(s) (eps=4/255); continued eps=8/255 after 6 of 20"
+    assert said in captured.out and said in (out / "attack.md").read_text()
+    assert main([*args, "--out", str(fresh)]) == 0
+    rows = [json.loads((d / "attack.json").read_text())["rows"] for d in (out, fresh)]
+    assert rows[0] == rows[1]  # the same numbers as an attack never interrupted
+
+
+def test_attack_out_refuses_a_folder_of_other_files_or_inside_an_input(run_dir, tmp_path, capsys):
+    images = tmp_path / "mine"
+    images.mkdir()
+    (images / "a.png").write_bytes(PNG)
+    before = sorted(p.name for p in run_dir.iterdir())
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine")
+    for out, message in [
+        (images, "holds images of yours (e.g. a.png)"),
+        (other, "not an attack's (todo.txt)"),
+        (run_dir, "lies inside"),
+        (run_dir / "audit", "lies inside"),
+    ]:
+        assert main(["-q", "attack", str(run_dir), *NO_CHECKS, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert [p.name for p in images.iterdir()] == ["a.png"]
+    assert [p.name for p in other.iterdir()] == ["todo.txt"]
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_decisions_at_the_threshold_of_a_detector_none_for_a_run(run_dir, det_dir, tmp_path):
+    out = tmp_path / "run-audit"
+    assert main(["-q", "attack", str(run_dir), *NO_CHECKS, "--out", str(out)]) == 0
+    data = json.loads((out / "attack.json").read_text())
+    assert data["threshold"] is None and "no decision threshold" in data["threshold_note"]
+    assert "Decisions: the detector has no decision threshold" in (out / "attack.md").read_text()
+    out = tmp_path / "det-audit"
+    args = ["-q", "attack", str(det_dir), "--data", "fashion-mnist", "--normal-class"]
+    args += ["0", "--root", str(FIXTURE_FMNIST), *NO_CHECKS, "--out", str(out)]
+    assert main(args) == 0
+    data = json.loads((out / "attack.json").read_text())
+    assert data["threshold"] == pytest.approx(OneClassDetector.load(det_dir).threshold_)
+    both = next(r for r in data["rows"] if r["target"] == "both" and r["eps"] > 0)
+    d = both["decisions"]
+    assert d["normals_flagged"] <= data["subset"]["n_normal"]
+    assert d["normals_pushed_over"] >= 0 and d["anomalies_pulled_under"] >= 0
+    assert "Decisions at the detector's threshold" in (out / "attack.md").read_text()

@@ -26,14 +26,14 @@ def test_attack_spec_is_frozen_and_normalised():
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"norm": "l1"}, "norm must be one of"),
+        ({"norm": "l1"}, "norm must be linf or l2"),
         ({"eps": -1}, "eps must be >= 0"),
         ({"eps": float("nan")}, "eps must be a finite number"),
         ({"steps": 0}, "steps must be an integer >= 1"),
         ({"restarts": True}, "restarts must be an integer >= 1"),
         ({"step_size": 0}, "step_size must be a positive number"),
         ({"targets": "all"}, "targets must be one of"),
-        ({"schedule": "cosine"}, "schedule must be one of"),
+        ({"schedule": "cosine"}, "schedule must be fixed or apgd"),
         ({"restarts": 2, "random_start": False}, "without a random start"),
         ({"batch_size": 0}, "batch_size must be an integer >= 1"),
     ],
@@ -52,7 +52,7 @@ def test_attack_spec_refuses_what_pgd_refuses(changes, message):
     [
         ({"eps_list": []}, "eps_list must be a non-empty list"),
         ({"eps_list": [0.1, -1]}, "every eps must be a finite number"),
-        ({"targets_list": ["all"]}, "targets_list must name some of"),
+        ({"targets_list": ["all"]}, "targets must be some of"),
         ({"n_bootstrap": 0}, "n_bootstrap must be a positive integer"),
         ({"attack": "cw"}, "attack must be one of"),
         ({"attack": "square", "norm": "l2"}, "implemented for norm='linf' only"),
@@ -88,3 +88,48 @@ def test_spec_entry_points_equal_the_keyword_apis():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         assert sweep(det, x, y, SweepSpec(**kw)) == robust_auroc_sweep(det, x, y, **kw)
+
+
+# --- one set of defaults: the presets, the recipe section, the CLI --------------------------------
+
+
+def test_presets_fill_what_is_not_given():
+    from firmad.perturb.spec import PRESETS
+    from firmad.robustness.spec import AuditSpec
+
+    quick = AuditSpec.preset("quick")
+    sw = quick.sweep
+    assert (sw.steps, sw.restarts, sw.schedule, sw.attack, sw.subset) == (10, 1, "apgd", "pgd", 200)
+    assert quick.targeted and not sw.square_check and sw.eps_list == [0, 2 / 255, 4 / 255, 8 / 255]
+    full = AuditSpec.preset("full", steps=None, subset=0)
+    assert full.sweep.attack == "ensemble" and full.sweep.restarts == PRESETS["full"]["restarts"]
+    assert full.sweep.square_check and full.sweep.subset is None  # 0: every image
+    assert not AuditSpec.preset("full", checks=False).sweep.square_check
+    mine = AuditSpec.preset("full", steps=1000, schedule="fixed", norm="l2")
+    assert (mine.sweep.steps, mine.sweep.schedule) == (1000, "fixed")
+    assert mine.sweep.eps_list == [0, 0.25, 0.5, 1.0]  # the norm's radii
+    with pytest.raises(ConfigError, match="unknown audit setting"):
+        AuditSpec.preset("quick", stpes=3)
+    with pytest.raises(ConfigError, match="preset must be one of"):
+        AuditSpec.preset("thorough")
+    with pytest.raises(ConfigError, match="input space must be model or native"):
+        AuditSpec.preset("quick", input_space="raw")
+
+
+def test_recipe_section_takes_the_same_presets_and_checks():
+    from firmad.config import AttackConfig, load_config
+    from firmad.robustness.folders import attack_spec_of
+    from firmad.robustness.spec import AuditSpec
+
+    cfg = load_config("fmnist-cpu", ["attack.enabled=true"])
+    same = AuditSpec.preset("quick", seed=cfg.train.seed, batch_size=cfg.eval.batch_size)
+    assert attack_spec_of(cfg) == same  # the recipe's default is the CLI's quick default
+    full = AttackConfig.model_validate({"preset": "full", "steps": 7})
+    assert (full.steps, full.restarts, full.attack, full.square_check) == (7, 2, "ensemble", True)
+    for bad, message in [
+        (["attack.eps=[0, 8]"], "1/255 units"),
+        (["attack.attack=square", "attack.norm=l2", "attack.eps=[0, 0.5]"], "linf' only"),
+        (["attack.targets=[]"], "targets must be some of"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config("fmnist-cpu", bad)

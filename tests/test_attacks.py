@@ -665,3 +665,197 @@ def test_attacks_use_the_modules_a_detector_declares() -> None:
     det = Declared()
     pgd(det, x, y, eps=4 / 255, steps=2)
     assert det.net.training and det.other.training
+
+
+# ------------------------------------------------------------------ ensemble, targeted start
+
+
+def _ensemble_sources(toy, bank) -> dict:
+    """Every member of the ensemble on the toy: exact, its surrogate, the pixel-space target,
+    the targeted start and the CE-style member."""
+    from firmad.robustness.targets import TargetStart, TwoLogitCE
+
+    sources = {"exact": None, **_with_image_target(toy, bank)}
+    sources["start"] = TargetStart(sources["image"], toy.score_tensor)
+    sources["ce"] = TwoLogitCE(toy.score_tensor)
+    return sources
+
+
+def test_ensemble_is_never_weaker_than_any_member_per_image(toy, data) -> None:
+    """Per image the ensemble's score is at least as far in the attack direction as each of
+    its members run alone with the same randomness (member i: seed + i)."""
+    from dataclasses import replace
+
+    from firmad.robustness.attacks import AttackSpec, run_sources
+
+    bank, x, y = data
+    sources = _ensemble_sources(toy, bank)
+    spec = AttackSpec(8 / 255, steps=4, restarts=2, schedule="apgd", seed=3, batch_size=15)
+    both = run_sources(toy, x, y, spec, sources)
+    sign = 1.0 - 2.0 * y.double()  # +1 normals (pushed up), -1 anomalies (pulled down)
+    assert both.attacks == list(sources) and sum(both.wins.values()) == len(y)
+    for i, (name, member) in enumerate(sources.items()):
+        alone = run_sources(toy, x, y, replace(spec, seed=spec.seed + i), {name: member})
+        assert (sign * both.scores >= sign * alone.scores).all(), name
+        won = both.winner == i  # where the member won, the ensemble is exactly that member
+        assert torch.equal(both.images[won], alone.images[won]), name
+    res = robust_auroc_sweep(
+        toy, x, y, eps_list=[0, 8 / 255], steps=4, attack="ensemble", checks=False,
+        n_bootstrap=20, surrogates=_with_image_target(toy, bank),
+    )  # fmt: skip
+    wins = next(r["wins"] for r in res["rows"] if r["target"] == "both" and r["eps"] > 0)
+    assert "surrogate:ce" in wins and res["settings"]["attack"] == "ensemble"
+    assert "ensemble PGD-4" in format_markdown(res)
+
+
+class Saturated:
+    """A 'defended' toy: tanh of the mean squared distance to the mean normal image. Far from
+    the normals (a random start at a large ε, APGD's first step of 2ε) it saturates and its
+    gradient vanishes."""
+
+    def __init__(self, centre: torch.Tensor, scale: float = 0.01):
+        self.centre, self.scale = centre, scale
+
+    def score_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh((x - self.centre).square().flatten(1).mean(1) / self.scale)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.centre).flatten(1)
+
+
+def _saturated_case():
+    gen = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(0.3, 0.7, 8)
+
+    def images(n: int, horizontal: bool, noise: float) -> torch.Tensor:
+        base = ramp.view(1, 1, 1, 8) if horizontal else ramp.view(1, 1, 8, 1)
+        return (base.expand(n, 1, 8, 8) + noise * torch.randn(n, 1, 8, 8, generator=gen)).clamp(
+            0, 1
+        )
+
+    det = Saturated(images(200, False, 0.05).mean(0, keepdim=True))
+    # the target candidates (e.g. training normals) are noisier than the test normals: their
+    # most typical tenth scores above many test normals
+    candidates = images(200, False, 0.06)
+    x = torch.cat([images(20, False, 0.05), images(20, True, 0.05)])
+    y = torch.tensor([0] * 20 + [1] * 20)
+    return det, candidates, x, y
+
+
+def test_targeted_start_passes_the_large_eps_check_on_a_defended_toy() -> None:
+    """The quick default's members (APGD-10 on the score, the pixel-space target) leave the
+    anomalies-only AUROC at eps = 1 at the score of the targets; the targeted start walks on
+    from there down the score itself and the check passes."""
+    from firmad.robustness.targets import TargetStart
+
+    det, candidates, x, y = _saturated_case()
+    image = ImageTarget(det.features, candidates, score(det, candidates), typical=0.1)
+    kw = dict(eps_list=[0, 8 / 255], steps=10, schedule="apgd", n_bootstrap=20, check_eps=8 / 255)
+    with pytest.warns(RuntimeWarning, match="anomalies-only"):
+        res = robust_auroc_sweep(det, x, y, surrogates={"image": image}, **kw)
+    large = next(v for v in res["verdicts"] if v["name"] == "large_eps")
+    assert not large["passed"] and "anomalies-only" in large["detail"]
+    start = TargetStart(image, det.score_tensor)
+    res = robust_auroc_sweep(det, x, y, surrogates={"image": image, "start": start}, **kw)
+    large = next(v for v in res["verdicts"] if v["name"] == "large_eps")
+    assert large["passed"], large
+
+
+def test_two_logit_ce_rises_with_the_score_in_both_directions(toy, data) -> None:
+    from firmad.robustness.targets import TwoLogitCE
+
+    _, x, _ = data
+    sign = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    fn = TwoLogitCE(toy.score_tensor).bind(x[:4], sign)
+    xi = x[:4].clone().requires_grad_(True)
+    (g_ce,) = torch.autograd.grad(fn(xi).sum(), xi)
+    xi = x[:4].clone().requires_grad_(True)
+    (g_s,) = torch.autograd.grad(toy.score_tensor(xi).sum(), xi)
+    # a positive factor per image: the CE gradient points where the score's does
+    cos = F.cosine_similarity(g_ce.flatten(1), g_s.flatten(1).double(), dim=1)
+    assert (cos > 0.999).all()
+
+
+# --------------------------------------------------------------------------- decisions, ETA
+
+
+class WithThreshold(ToyKNN):
+    threshold_ = None
+
+
+def test_decisions_flipped_at_the_detectors_threshold(data) -> None:
+    bank, x, y = data
+    det = WithThreshold(bank)
+    clean = score(det, x).double()
+    det.threshold_ = float(clean[y == 0].quantile(0.9))
+    res = robust_auroc_sweep(det, x, y, eps_list=[0, 8 / 255], steps=5, checks=False,
+                             n_bootstrap=20)  # fmt: skip
+    assert res["threshold"] == det.threshold_
+    t = det.threshold_
+    clean_row = res["clean"]["decisions"]
+    assert clean_row["normals_flagged"] == int((clean[y == 0] > t).sum())
+    assert clean_row["normals_pushed_over"] == clean_row["anomalies_pulled_under"] == 0
+    adv = attack_detector(det, x, y, eps=8 / 255, steps=5).scores
+    for row in (r for r in res["rows"] if r["eps"] > 0):
+        s = torch.where(y == (0 if row["target"] == "normal" else 1), adv, clean)
+        s = adv if row["target"] == "both" else s
+        d = row["decisions"]
+        assert d["normals_flagged"] == int((s[y == 0] > t).sum())
+        assert d["anomalies_flagged"] == int((s[y == 1] > t).sum())
+        assert d["normals_pushed_over"] == int(((clean <= t) & (s > t) & (y == 0)).sum())
+        assert d["anomalies_pulled_under"] == int(((clean > t) & (s <= t) & (y == 1)).sum())
+    both = next(r for r in res["rows"] if r["target"] == "both" and r["eps"] > 0)
+    assert both["decisions"]["normals_pushed_over"] > 0  # the attack flips decisions here
+    assert "Decisions at the detector's threshold" in format_markdown(res)
+    plain = robust_auroc_sweep(ToyKNN(bank), x, y, eps_list=[0, 8 / 255], steps=2, checks=False,
+                               n_bootstrap=20)  # fmt: skip
+    assert "threshold" not in plain and "decisions" not in plain["rows"][0]
+
+
+def test_timeline_weighs_attacks_by_cost() -> None:
+    """Four attacks, the last two twice as costly (the convergence checks): after the first
+    one the ETA is the remaining cost at the speed measured, not the remaining count."""
+    from firmad.robustness.progress import Timeline
+
+    now = [0.0]
+    line = Timeline([("a", 1), ("b", 1), ("c", 2), ("d", 2)], clock=lambda: now[0])
+    assert line.eta() is None
+    now[0] = 5.0  # loading before the first step is not timed
+    line.begin(0)
+    for k in range(1, 11):
+        now[0] += 1.0  # 10 s per unit of cost
+        line.step(k, 10)
+    assert line.share() == pytest.approx(1 / 6)
+    assert line.eta() == pytest.approx(50.0)  # 5 units left; counting attacks would say 30 s
+    line.begin(1)  # taken from a cache: no time passes
+    line.begin(2)
+    now[0] += 2.0  # one step of attack c: 0.2 units of cost, at the same speed
+    line.step(7, 10)  # a resumed attack: 6 of its steps were kept, one is timed
+    assert line.share() == pytest.approx((2 + 1.4) / 6)
+    assert line.eta() == pytest.approx((6 - 3.4) * 10.0)
+
+
+@pytest.mark.filterwarnings("ignore:AUROC stays")
+def test_sweep_plan_costs_follow_the_steps_taken(toy, data) -> None:
+    """The plan names every attack in order, in the CLI's units, with a cost proportional to the
+    steps x sources x images it takes."""
+    from firmad.robustness.evaluate import SweepHooks, SweepSpec, sweep
+
+    _, x, y = data
+    plan, steps, current = [], {}, []
+
+    def progress(done, total, what):
+        current[:] = [what]
+
+    def on_step(done, total):
+        steps[current[0]] = total
+
+    spec = SweepSpec([0, 4 / 255, 8 / 255], steps=3, n_bootstrap=10)
+    sweep(toy, x, y, spec, SweepHooks(progress=progress, on_step=on_step, plan=plan.extend))
+    assert [w for w, _ in plan] == [
+        "eps=4/255", "eps=8/255", "large_eps: eps=255/255", "more_steps: eps=4/255, steps=6",
+        "more_restarts: eps=4/255, restarts=2",
+    ]  # fmt: skip
+    assert list(steps) == [w for w, _ in plan]
+    ratio = {w: c / steps[w] for w, c in plan}
+    assert len(set(ratio.values())) == 1  # cost / gradient steps is the same for every attack

@@ -48,6 +48,7 @@ from firmad.methods import (
 from firmad.models import BACKBONES, WIDTH_SCALABLE, check_width
 from firmad.models.heads import check_head_settings
 from firmad.outliers import parse_outliers
+from firmad.perturb.spec import AUDIT_DEFAULTS, NORMS, PRESETS, SweepSpec, default_eps
 from firmad.safeyaml import (  # noqa: F401  (MAX_YAML_DEPTH, parse_yaml: kept importable here)
     MAX_YAML_DEPTH,
     parse_yaml,
@@ -241,44 +242,59 @@ class AdversarialConfig(_Section):
 
 
 class AttackConfig(_Section):
-    """A robust-AUROC sweep after training (`firmad.robustness`): PGD on the run's headline
-    detector at every ε, written to attack.json / attack.md / plots and results.json."""
+    """A robustness audit after training (`firmad.robustness`): the sweep on the run's headline
+    detector at every ε, written to attack.json / attack.md / plots and results.json.
+
+    Settings not given come from ``preset`` (`firmad.perturb.spec.PRESETS`: quick, full), the
+    same presets as `firmad attack`; eps defaults to the norm's radii (L∞ 0, 2, 4, 8 /255).
+    Everything is checked by `SweepSpec`, the one place that checks attack settings.
+    """
 
     enabled: bool = False
-    norm: Literal["linf", "l2"] = "linf"
+    preset: Literal["quick", "full"] = "quick"
+    norm: Literal["linf", "l2"] = AUDIT_DEFAULTS["norm"]
     # radii in [0, 1] pixel space (L∞ 2/255 = 0.00784, 4/255 = 0.0157, 8/255 = 0.0314)
-    eps: list[float] = Field(default_factory=lambda: [0.0, 2 / 255, 4 / 255, 8 / 255])
-    steps: Int = Field(100, ge=1)
-    restarts: Int = Field(1, ge=1)
+    eps: list[float] = Field(default_factory=lambda: default_eps(AUDIT_DEFAULTS["norm"]))
+    steps: Int = Field(PRESETS["quick"]["steps"], ge=1)
+    restarts: Int = Field(PRESETS["quick"]["restarts"], ge=1)
     # fixed: step 2.5·ε/steps (the usual PGD); apgd: APGD's step size, halved where it stalls
-    schedule: Literal["fixed", "apgd"] = "fixed"
-    subset: Int | None = Field(1000, ge=2)  # stratified seeded test subset; None = all
+    schedule: Literal["fixed", "apgd"] = PRESETS["quick"]["schedule"]
+    # pgd: one walk per gradient source; ensemble: + the CE-style member; square: black-box
+    attack: Literal["pgd", "ensemble", "square"] = PRESETS["quick"]["attack"]
+    # the per-image targets (pixel-space target and targeted start) beside the surrogates
+    targeted: bool = PRESETS["quick"]["targeted"]
+    subset: Int | None = Field(PRESETS["quick"]["subset"], ge=2)  # None = every test image
     targets: list[Literal["normal", "anomaly", "both"]] = Field(
-        default_factory=lambda: ["normal", "anomaly", "both"]
+        default_factory=lambda: list(AUDIT_DEFAULTS["targets_list"])
     )
-    checks: bool = True  # strength checks (about four more attacks)
+    checks: bool = AUDIT_DEFAULTS["checks"]  # strength checks (about four more attacks)
+    square_check: bool = PRESETS["quick"]["square_check"]
 
-    @field_validator("eps")
+    @model_validator(mode="before")
     @classmethod
-    def _eps(cls, v: list[float], info) -> list[float]:
-        if not v:
-            raise ValueError("give at least one radius, e.g. [0, 0.0314]")
-        for e in v:
-            if e < 0:
-                raise ValueError(f"radii must be >= 0, got {e}")
-            if info.data.get("norm") == "linf" and e > 1:
-                raise ValueError(
-                    f"{e} is larger than the whole [0, 1] pixel range; L∞ radii are in pixel "
-                    "space (8/255 = 0.0314), not in 1/255 units"
-                )
-        return v
+    def _from_preset(cls, data: Any) -> Any:
+        """Keys not given take the preset's values (and eps the norm's radii)."""
+        if not isinstance(data, dict) or data.get("preset", "quick") not in PRESETS:
+            return data
+        preset = PRESETS[data.get("preset", "quick")]
+        out = {k: v for k, v in preset.items() if k in cls.model_fields and k not in data}
+        if "eps" not in data and data.get("norm") in NORMS:
+            out["eps"] = default_eps(data["norm"])
+        return {**out, **data}
 
-    @field_validator("targets")
-    @classmethod
-    def _targets(cls, v: list[str]) -> list[str]:
-        if not v:
+    @model_validator(mode="after")
+    def _checked(self) -> AttackConfig:
+        try:
+            SweepSpec(
+                self.eps, self.norm, self.steps, self.restarts, self.targets,
+                schedule=self.schedule, subset=self.subset, checks=self.checks,
+                attack=self.attack, square_check=self.square_check,
+            )  # fmt: skip
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+        if not self.targets:
             raise ValueError("name at least one of normal, anomaly, both")
-        return v
+        return self
 
 
 SECTIONS = (

@@ -30,7 +30,7 @@ from firmad.errors import CheckpointError, ConfigError, FirmadError
 from firmad.factory import build_extractor, build_split, build_trainer
 from firmad.metrics import evaluate_scores
 from firmad.report import write_plots, write_report_md, write_results
-from firmad.robustness.audit import robustness_for_run
+from firmad.robustness.folders import robustness_for_run
 from firmad.run import RunDir, safe_component
 from firmad.scoring import build_scorer, result_identity
 from firmad.training import (

@@ -11,6 +11,7 @@ from rich.console import Console
 from firmad.cli.common import (
     app,
     clock,
+    comma_list,
     console,
     interruptible,
     out,
@@ -56,11 +57,6 @@ def features(
 # --- robustness ----------------------------------------------------------------------------------
 
 
-# Defaults of `firmad attack`: minutes on a 2-core CPU; --full is the thorough evaluation.
-QUICK_ATTACK = dict(steps=10, restarts=1, subset=200, schedule="apgd", targeted=True)
-FULL_ATTACK = dict(steps=100, restarts=2, subset=1000, schedule="apgd", targeted=True)
-
-
 # The options of `firmad attack` (Annotated, so that the command reads as its parameters).
 _OPT_TARGET = Annotated[
     Path,
@@ -70,19 +66,20 @@ _OPT_TARGET = Annotated[
 ]
 
 _OPT_NORM = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--norm",
-        help="linf or l2.",
+        help="linf (the default) or l2.",
     ),
 ]
 
 _OPT_EPS = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--eps",
-        help="Comma-separated radii. linf: in 1/255 units (8 means 8/255); l2: plain numbers "
-        "in [0, 1] pixel space (e.g. 0,0.25,0.5), at most sqrt(C*H*W). 0 is the clean AUROC.",
+        help="Comma-separated radii. linf: in 1/255 units (8 means 8/255; default 0,2,4,8); "
+        "l2: plain numbers in [0, 1] pixel space (default 0,0.25,0.5,1), at most sqrt(C*H*W). "
+        "0 is the clean AUROC.",
     ),
 ]
 
@@ -90,8 +87,10 @@ _OPT_FULL = Annotated[
     bool,
     typer.Option(
         "--full",
-        help="The thorough evaluation: APGD-100, 2 restarts, 1000 images, "
-        "all strength checks with the Square check (hours on a CPU). Options given win.",
+        help="The strongest mode: the ensemble (per image the worst over every gradient "
+        "source, restart, the targeted start and the CE-style member) of APGD-100 with 2 "
+        "restarts, 1000 images, all strength checks with the Square check (hours on a CPU). "
+        "Options given win.",
     ),
 ]
 
@@ -117,37 +116,39 @@ _OPT_RESTARTS = Annotated[
 ]
 
 _OPT_SCHEDULE = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--schedule",
-        help="Step sizes: apgd (APGD: 2 eps, halved where the attack stalls, momentum) or "
-        "fixed (2.5 eps / steps, classic PGD).",
+        help="Step sizes: apgd (the default; APGD: 2 eps, halved where the attack stalls, "
+        "momentum) or fixed (2.5 eps / steps, classic PGD).",
     ),
 ]
 
 _OPT_ATTACK_KIND = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--attack",
-        help="pgd (white-box, gradients) or square (score-based black-box "
+        help="pgd (white-box: one walk per gradient source; the quick default), ensemble "
+        "(pgd plus the CE-style member; the --full default) or square (score-based black-box "
         "Square attack, L-inf; --steps queries).",
     ),
 ]
 
 _OPT_TARGETED = Annotated[
-    bool,
+    bool | None,
     typer.Option(
         "--targeted/--no-targeted",
-        help="Add the surrogate that pulls each image towards "
-        "(anomalies) or away from (normals) its nearest normal feature (kNN scorers).",
+        help="Add the per-image targets (on by default): a typical normal training image "
+        "for each image (turned by 90 degrees for normals), walked to in pixel space, and the "
+        "targeted start (the score's own gradient from that image).",
     ),
 ]
 
 _OPT_TARGETS = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--targets",
-        help="Attacked groups: normal, anomaly, both.",
+        help="Attacked groups: some of normal, anomaly, both (default all three).",
     ),
 ]
 
@@ -178,10 +179,10 @@ _OPT_VARIANT = Annotated[
 ]
 
 _OPT_INPUT_SPACE = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--input",
-        help="model: attack the test images resized to the detector's "
+        help="model (the default): attack the test images resized to the detector's "
         "input size (as its evaluation scores them); native: at their own size (e.g. 28 x 28), "
         "resized inside the detector.",
     ),
@@ -210,17 +211,18 @@ _OPT_OUT_DIR = Annotated[
     typer.Option(
         "--out",
         help="Folder for the attack files (default: TARGET.attack beside the "
-        "run or detector). Finished attacks are kept there until the set is written, so the "
-        "same command continues after Ctrl-C.",
+        "run or detector); a new folder, or one holding only attack files. Finished attacks "
+        "and the finished batches of the attack in progress are kept there until the set is "
+        "written, so the same command continues after Ctrl-C.",
     ),
 ]
 
 _OPT_SEED = Annotated[
-    int,
+    int | None,
     typer.Option(
         "--seed",
         min=0,
-        help="Seeds the subset, the attacks, the bootstrap.",
+        help="Seeds the subset, the attacks, the bootstrap (default 0).",
     ),
 ]
 
@@ -257,11 +259,11 @@ _OPT_DEVICE = Annotated[
 ]
 
 _OPT_BATCH_SIZE = Annotated[
-    int,
+    int | None,
     typer.Option(
         "--batch-size",
         min=1,
-        help="Images per pass.",
+        help="Images per pass (default 256).",
     ),
 ]
 
@@ -277,7 +279,8 @@ _OPT_NO_CHECKS = Annotated[
 @app.command(
     epilog="Examples:\n\n"
     "  firmad attack runs/fmnist-cpu/fashion-mnist-c0-firm-s0   (quick: minutes on a CPU)\n\n"
-    "  firmad attack RUN --full   (APGD-100, 2 restarts, 1000 images, all checks)\n\n"
+    "  firmad attack RUN --full   (the strongest mode: the ensemble, APGD-100 x 2 restarts, "
+    "1000 images, all checks)\n\n"
     "  firmad attack det/ --data fashion-mnist --normal-class 0 --norm l2 --eps 0,0.25,0.5\n\n"
     "  firmad attack RUN --steps 1000 --subset 500 --out audits/pgd1000\n\n"
     "  firmad attack RUN --attack square --steps 5000   (black-box, 5000 queries)\n\n"
@@ -285,127 +288,78 @@ _OPT_NO_CHECKS = Annotated[
 )
 def attack(
     target: _OPT_TARGET,
-    norm: _OPT_NORM = "linf",
-    eps: _OPT_EPS = "0,2,4,8",
+    norm: _OPT_NORM = None,
+    eps: _OPT_EPS = None,
     full: _OPT_FULL = False,
     steps: _OPT_STEPS = None,
     restarts: _OPT_RESTARTS = None,
-    schedule: _OPT_SCHEDULE = "apgd",
-    attack_kind: _OPT_ATTACK_KIND = "pgd",
-    targeted: _OPT_TARGETED = True,
-    targets: _OPT_TARGETS = "normal,anomaly,both",
+    schedule: _OPT_SCHEDULE = None,
+    attack_kind: _OPT_ATTACK_KIND = None,
+    targeted: _OPT_TARGETED = None,
+    targets: _OPT_TARGETS = None,
     subset: _OPT_SUBSET = None,
     scorer: _OPT_SCORER = None,
     variant: _OPT_VARIANT = "plain",
-    input_space: _OPT_INPUT_SPACE = "model",
+    input_space: _OPT_INPUT_SPACE = None,
     transfer_from: _OPT_TRANSFER_FROM = None,
     square_check: _OPT_SQUARE_CHECK = None,
     out_dir: _OPT_OUT_DIR = None,
-    seed: _OPT_SEED = 0,
+    seed: _OPT_SEED = None,
     data: _OPT_DATA = None,
     normal_class: _OPT_NORMAL_CLASS = None,
     root: _OPT_ROOT = None,
     device: _OPT_DEVICE = None,
-    batch_size: _OPT_BATCH_SIZE = 256,
+    batch_size: _OPT_BATCH_SIZE = None,
     no_checks: _OPT_NO_CHECKS = False,
 ) -> None:
     """Robust AUROC under attack on the anomaly score: attack.json, attack.md and two plots."""
-    from firmad.robustness.audit import audit_path
+    from firmad.robustness.audit import AuditHooks, attack_markdown
+    from firmad.robustness.folders import AuditTarget, audit_path, default_out
+    from firmad.robustness.spec import AuditSpec
 
-    sweep = _attack_settings(
-        norm, eps, targets, schedule, attack_kind, input_space, subset, full,
-        steps=steps, restarts=restarts, square_check=square_check, checks=not no_checks,
+    spec = AuditSpec.preset(
+        "full" if full else "quick", norm=norm, eps_list=_parse_eps(eps, norm),
+        steps=steps, restarts=restarts, schedule=schedule, attack=attack_kind,
+        targeted=targeted, targets_list=comma_list(targets, "--targets", "groups"),
+        subset=subset, seed=seed, batch_size=batch_size, checks=False if no_checks else None,
+        square_check=square_check, input_space=input_space,
     )  # fmt: skip
     klass = None
     if normal_class is not None:
         klass = int(normal_class) if normal_class.lstrip("-").isdigit() else normal_class
-    folder = out_dir if out_dir is not None else _beside(target, ".attack")
-    from firmad.outputs import check_folder
-
-    check_folder(folder, "--out")  # never into a folder of the user's images
-    show = _AttackProgress(console, quiet=state["quiet"])
-    with (
-        show,
-        interruptible(
-            f"finished attacks are kept in {folder}; run the same command again to continue"
-        ),
-    ):
-        result, folder = audit_path(
-            target, data=data, normal_class=klass, root=root, scorer=scorer, variant=variant,
-            device=device, out_dir=folder, seed=seed, batch_size=batch_size,
-            progress=show.attack, on_step=show.step, resume=True, targeted=targeted,
-            input_space=input_space, transfer_from=transfer_from, **sweep,
-        )  # fmt: skip
-    from firmad.robustness.audit import attack_markdown
-
+    what = AuditTarget(target, data, klass, root, scorer, variant, device, transfer_from)
+    folder = out_dir if out_dir is not None else default_out(target)
+    show = AttackProgress(console, quiet=state["quiet"])
+    hooks = AuditHooks(show.attack, show.step, show.plan, show.note, resume=True)
+    kept = "finished attacks, and the finished batches of the attack in progress, are kept"
+    with show, interruptible(f"{kept} in {folder}; run the same command again to continue"):
+        result, folder = audit_path(what, spec, hooks, out_dir=folder)
     print(attack_markdown(result), end="")  # plain: a Markdown table must not be wrapped
     print(f"Attack files: {folder}/attack.json, attack.md, attack_auroc.png, attack_examples.png")
 
 
-def _attack_settings(
-    norm, eps, targets, schedule, attack_kind, input_space, subset, full, **given
-) -> dict:
-    """The sweep settings of `firmad attack`, checked (with the CLI's messages) and completed
-    from the quick or the full plan; ``given``: steps, restarts, square_check (None = the
-    plan's) and checks."""
-    norm = norm.lower()
-    if norm not in ("linf", "l2"):
-        raise FirmadError(f"--norm {norm!r}: use linf or l2")
-    eps_list = _parse_eps(eps, norm)
-    target_list = [t.strip() for t in targets.split(",") if t.strip()]
-    bad = [t for t in target_list if t not in ("normal", "anomaly", "both")]
-    if bad or not target_list:
-        raise FirmadError(f"--targets {targets!r}: use some of normal, anomaly, both")
-    if schedule not in ("fixed", "apgd"):
-        raise FirmadError(f"--schedule {schedule!r}: use fixed or apgd")
-    if attack_kind not in ("pgd", "square"):
-        raise FirmadError(f"--attack {attack_kind!r}: use pgd or square")
-    if attack_kind == "square" and norm != "linf":
-        raise FirmadError("--attack square is implemented for --norm linf only")
-    if input_space not in ("model", "native"):
-        raise FirmadError(f"--input {input_space!r}: use model or native")
-    if subset == 1:
-        raise FirmadError("--subset 1: AUROC needs a normal and an anomalous image; use >= 2")
-    plan, checks = FULL_ATTACK if full else QUICK_ATTACK, given["checks"]
-    square_check = full if given["square_check"] is None else given["square_check"]
-    subset = plan["subset"] if subset is None else subset
-    return dict(
-        eps_list=eps_list, norm=norm, steps=given["steps"] or plan["steps"],
-        restarts=given["restarts"] or plan["restarts"], schedule=schedule,
-        targets=target_list, subset=subset or None, checks=checks, attack=attack_kind,
-        square_check=square_check and checks,
-    )  # fmt: skip
-
-
-def _beside(path: Path, suffix: str) -> Path:
-    """A folder next to ``path`` named after it: det/ -> det.attack/."""
-    path = path if path.name else path.resolve()
-    return path.with_name(path.name + suffix)
-
-
-class _AttackProgress:
-    """Progress of `firmad attack`: a rich bar with the ETA on a terminal; otherwise a plain
-    line when each attack starts and at most every 30 s during it."""
+class AttackProgress:
+    """Progress of `firmad attack`: a rich bar on a terminal, otherwise a plain line when each
+    attack starts and at most every 30 s during it; the share done and the ETA weigh every
+    attack by its cost (`firmad.robustness.progress.Timeline`). Notes (what a resumed run
+    reused or discarded) are printed as they come."""
 
     def __init__(self, console: Console, quiet: bool) -> None:
         import time
 
-        from rich.progress import (
-            BarColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )  # fmt: skip
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from firmad.robustness.progress import Timeline
 
         self.clock, self.quiet, self.console = time.monotonic, quiet, console
         self.plain = not console.is_terminal
         self.bar = Progress(
             TextColumn("[bold]attack {task.fields[n]}"), BarColumn(bar_width=20),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TimeElapsedColumn(), TextColumn("ETA {task.fields[eta]}"),
             TextColumn("{task.fields[info]}"), console=console, disable=quiet or self.plain,
         )  # fmt: skip
-        self.task = self.bar.add_task("attack", total=None, info="", n="")
+        self.task = self.bar.add_task("attack", total=1.0, info="", n="", eta="-")
+        self.timeline = Timeline([])
         self.done, self.total, self.what, self.start, self.last = 0, 1, "", self.clock(), 0.0
 
     def __enter__(self):
@@ -415,19 +369,33 @@ class _AttackProgress:
     def __exit__(self, *exc):
         return self.bar.__exit__(*exc)
 
+    def plan(self, plan: list[tuple[str, float]]) -> None:
+        from firmad.robustness.progress import Timeline
+
+        self.timeline = Timeline(plan)
+
+    def note(self, message: str) -> None:
+        self.console.print(message, highlight=False)
+
+    def _eta(self) -> str:
+        eta = self.timeline.eta()
+        return "-" if eta is None else clock(eta)
+
     def attack(self, done: int, total: int, what: str) -> None:
         self.done, self.total, self.what = done, max(total, 1), what
+        self.timeline.begin(done)
         n = f"{min(done + 1, total)}/{total}"
         room = max(self.console.width - 58, 8)  # the bar and its times come first
         info = what if len(what) <= room else what[: room - 1] + "…"
-        self.bar.update(self.task, completed=done, total=total, info=info, n=n)
+        share = 1.0 if done >= total else self.timeline.share()
+        self.bar.update(self.task, completed=share, info=info, n=n, eta=self._eta())
         if self.plain and not self.quiet:
             text = "done" if done >= total else f"{n} {what}"
             self._line(f"attack {text}", force=True)
 
     def step(self, done: int, total: int) -> None:
-        share = self.done + done / max(total, 1)
-        self.bar.update(self.task, completed=share)
+        self.timeline.step(done, total)
+        self.bar.update(self.task, completed=self.timeline.share(), eta=self._eta())
         if self.plain and not self.quiet:
             self._line(f"attack {self.done + 1}/{self.total} {self.what}: step {done}/{total}")
 
@@ -436,26 +404,24 @@ class _AttackProgress:
         if not force and now - self.last < 30:
             return
         self.last = now
-        elapsed = now - self.start
-        share = self.bar.tasks[0].completed / self.total
-        eta = f", ETA {clock(elapsed / share - elapsed)}" if 0 < share < 1 else ""
-        self.console.print(f"{text} ({clock(elapsed)} elapsed{eta})", highlight=False)
+        eta = self.timeline.eta()
+        left = f", ETA {clock(eta)}" if eta is not None and self.done < self.total else ""
+        self.console.print(f"{text} ({clock(now - self.start)} elapsed{left})", highlight=False)
 
 
-def _parse_eps(text: str, norm: str) -> list[float]:
-    """'0,2,4,8' -> radii in [0, 1] pixel space (L∞ values are in 1/255 units)."""
+def _parse_eps(text: str | None, norm: str | None) -> list[float] | None:
+    """'0,2,4,8' -> radii in [0, 1] pixel space (L∞ values are in 1/255 units); the settings
+    check the values (`firmad.perturb.spec`)."""
+    if text is None:
+        return None
     values = []
     for item in text.split(","):
         try:
-            v = float(item)
+            values.append(float(item))
         except ValueError:
             raise FirmadError(
                 f"--eps {text!r}: {item.strip()!r} is not a number; write e.g. --eps 0,2,4,8 "
                 "(L∞ in 1/255 units) or --norm l2 --eps 0,0.25,0.5"
             ) from None
-        if not v >= 0 or v == float("inf"):
-            raise FirmadError(f"--eps {text!r}: radii must be finite and >= 0")
-        if norm == "linf" and v > 255:
-            raise FirmadError(f"--eps {text!r}: L∞ radii are in 1/255 units, at most 255")
-        values.append(v / 255 if norm == "linf" else v)
-    return values
+    linf = (norm or "linf").lower() == "linf"
+    return [v / 255 if linf else v for v in values]

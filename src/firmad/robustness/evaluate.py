@@ -3,128 +3,86 @@
 For every ε the detector is attacked once with ``targets="both"`` (exact score plus any
 surrogates, see ``attack_detector``); since scores are per sample, the "normal" (false alarms
 only) and "anomaly" (evasion only) rows reuse those images for one group and the clean images
-for the other. ε = 0 is the clean AUROC. Clean scores are computed once.
+for the other. ε = 0 is the clean AUROC. Clean scores are computed once. Intervals: see
+`firmad.robustness.bootstrap`; strength checks: see `firmad.robustness.verdicts`.
 
-Intervals: 95 % percentile bootstrap, resampling normals and anomalies separately (stratified
-by label), seeded; the same resamples are used for every row, so rows are paired.
-
-Strength checks (verdicts ``{"name", "passed", "detail"}``):
-
-- ``monotone``: AUROC does not rise with ε. Fails when a rise between consecutive ε is larger
-  than 0.5 points even at the lower end of its paired-bootstrap 95 % interval.
-- ``large_eps``: at a very large ε (L∞ 1.0; L2 the diameter √d of [0, 1]^d) the AUROC must
-  fall below 0.05 with both groups attacked (else gradients are probably masked or
-  obfuscated) and with each group attacked alone (the same attack's images for one group,
-  clean ones for the other: one side can stall while "both" falls).
-- ``more_steps`` / ``more_restarts``: at one ε, twice the steps or one more restart must not
-  lower the "both" AUROC by more than 1 point; else the attack has not converged.
-- ``transfer``: (only with ``transfer_from``) a black-box transfer attack, white-box on another
-  detector, must not beat the white-box attack by more than 1 point.
-- ``square``: (only with ``square_check``) the score-based black-box Square attack must not
-  beat the white-box attack by more than 1 point either.
+A detector with a decision threshold (``threshold_``, as `OneClassDetector.fit` sets it) also
+gets, per row, the decisions the attack flipped at that threshold: normals pushed over it
+(false alarms) and anomalies pulled under it (misses).
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 from torch import Tensor
 
-from firmad.data.protocol import stratified_indices
-from firmad.errors import ConfigError, InputError
+from firmad.errors import InputError
 from firmad.metrics import evaluate_scores
-from firmad.perturb import attack_name
-from firmad.robustness.attacks import (
-    _check_images,
-    _check_labels,
-    attack_detector,
-    run_square,
-    score,
+from firmad.robustness.base import check_images, check_labels, score, score_fn_of
+from firmad.robustness.bootstrap import (
+    bootstrap,
+    bootstrap_auroc,
+    interval,
+    resamples,
+    stratified_subset,
 )
-from firmad.robustness.spec import ATTACKS, TARGETS, AttackSpec, SweepSpec
+from firmad.robustness.gradient import in_ball, run_attack, surrogates_of
+from firmad.robustness.markdown import format_markdown
+from firmad.robustness.spec import ATTACKS, TARGETS, AttackSpec, SweepSpec, eps_text
+from firmad.robustness.square import run_square
+from firmad.robustness.targets import TwoLogitCE
+from firmad.robustness.verdicts import (
+    CONVERGENCE_TOL,
+    Verdict,
+    check_large_eps,
+    check_monotone,
+)
 
 __all__ = [
+    "ATTACKS",
+    "SweepHooks",
+    "SweepSpec",
     "Verdict",
     "bootstrap_auroc",
     "format_markdown",
-    "ATTACKS",
-    "SweepSpec",
     "robust_auroc_sweep",
     "stratified_subset",
     "sweep",
 ]
 
+_check_monotone = check_monotone  # the name the tests and older scripts import
+
 SQUARE_CHECK_QUERIES = 1000
-_SIDE_NAMES = {"both": "'both'", "normal": "normals-only", "anomaly": "anomalies-only"}
-MONOTONE_TOL = 0.005  # AUROC may rise by half a point with ε (beyond its interval)
-LARGE_EPS_MAX_AUROC = 0.05
-CONVERGENCE_TOL = 0.01  # more steps / restarts / transfer may lower AUROC by one point at most
+SQUARE_STEP_COST = 1 / 3  # a query is one forward pass; a gradient step about three
 
 
 @dataclass
-class Verdict:
-    """One strength check: its name, whether it passed, and what was measured."""
+class SweepHooks:
+    """What a sweep tells and keeps besides its result (all optional).
 
-    name: str
-    passed: bool
-    detail: str
+    progress: ``progress(done, total, what)`` before each attack and once at the end
+        (``done == total``); ``what`` names the attack with ε in the CLI's units.
+    on_step: ``on_step(done, total)`` after every step of the current attack.
+    plan: ``plan([(what, cost), ...])`` once, before the first attack: every attack of the
+        sweep in order with its cost in gradient steps x images (for an honest ETA, see
+        `firmad.robustness.progress`).
+    cache: a store of finished attacks and of the attack in progress (``get(key)``,
+        ``put(key, value)``, ``drop(key)``, ``checkpoint(key)``; `firmad.robustness.resume`),
+        so an interrupted sweep continues; what it returns is checked again here.
+    note: ``note(message)`` for what was reused or discarded.
+    """
 
-
-def stratified_subset(y, n: int | None, seed: int = 0) -> Tensor:
-    """Sorted indices of a seeded subset of size min(N, n) keeping the normal/anomaly shares."""
-    y = torch.as_tensor(y).reshape(-1).long()
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise ConfigError(f"subset size must be a positive integer or None, got {n!r}.")
-    gen = torch.Generator().manual_seed(int(seed))
-    return stratified_indices(y, n, gen)
-
-
-# --------------------------------------------------------------------------- bootstrap
-
-
-def _resamples(y: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
-    """(B, N) indices: each row resamples normals and anomalies separately, with replacement."""
-    rng = np.random.default_rng(seed)
-    normals, anomalies = np.flatnonzero(y == 0), np.flatnonzero(y == 1)
-    pick_n = rng.integers(0, len(normals), size=(n_resamples, len(normals)))
-    pick_a = rng.integers(0, len(anomalies), size=(n_resamples, len(anomalies)))
-    return np.concatenate([normals[pick_n], anomalies[pick_a]], axis=1)
-
-
-def _auroc_rows(s: np.ndarray, n_normal: int) -> np.ndarray:
-    """AUROC of each row of s (B, N) whose first ``n_normal`` columns are normals (ties = ½)."""
-    ranks = rankdata(s, axis=1)
-    n_anom = s.shape[1] - n_normal
-    u = ranks[:, n_normal:].sum(axis=1) - n_anom * (n_anom + 1) / 2.0
-    return u / (n_normal * n_anom)
-
-
-def _bootstrap(scores: np.ndarray, resamples: np.ndarray, n_normal: int) -> np.ndarray:
-    return _auroc_rows(scores[resamples], n_normal)
-
-
-def _interval(samples: np.ndarray) -> tuple[float, float]:
-    lo, hi = np.percentile(samples, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def bootstrap_auroc(
-    y, scores, n_resamples: int = 1000, seed: int = 0
-) -> tuple[float, float, float]:
-    """AUROC and its stratified percentile-bootstrap 95 % interval: ``(auroc, low, high)``."""
-    point = evaluate_scores(y, scores)["auroc"]  # validates the inputs
-    y = np.asarray(torch.as_tensor(y).reshape(-1).cpu()).astype(np.int64)
-    s = np.asarray(torch.as_tensor(scores).reshape(-1).double().cpu())
-    res = _resamples(y, n_resamples, seed)
-    return (point, *_interval(_bootstrap(s, res, int((y == 0).sum()))))
-
-
-# --------------------------------------------------------------------------- the sweep
+    progress: Callable[[int, int, str], None] | None = None
+    on_step: Callable[[int, int], None] | None = None
+    plan: Callable[[list[tuple[str, float]]], None] | None = None
+    cache: Any = None
+    note: Callable[[str], None] | None = None
 
 
 def _mode_scores(mode: str, y: Tensor, clean: Tensor, adv: Tensor) -> Tensor:
@@ -136,8 +94,8 @@ def _mode_scores(mode: str, y: Tensor, clean: Tensor, adv: Tensor) -> Tensor:
 
 def _sweep_data(x, y, subset: int | None, seed: int) -> tuple[Tensor, Tensor, Tensor]:
     """The checked images and labels, cut to the stratified subset; and the subset's indices."""
-    x = _check_images(x)
-    y = y_all = _check_labels(y, x.shape[0], x.device)
+    x = check_images(x)
+    y = y_all = check_labels(y, x.shape[0], x.device)
     if not (y == 0).any() or not (y == 1).any():
         raise InputError("robust AUROC needs both normal (0) and anomalous (1) images.")
     idx = stratified_subset(y.cpu(), subset, seed)
@@ -153,16 +111,26 @@ def _sweep_data(x, y, subset: int | None, seed: int) -> tuple[Tensor, Tensor, Te
     return x, y, idx
 
 
-def _attack_count(spec: SweepSpec, transfer: bool) -> int:
-    """How many attacks the sweep runs (for ``progress``)."""
-    total = len(spec.nonzero)
-    check_eps = spec.check_at
-    if spec.checks:
-        total += 1  # large_eps
-        if check_eps is not None and check_eps > 0:
-            reused = spec.attack_targets == "both" and check_eps in spec.nonzero
-            total += 2 + (0 if reused else 1) + transfer + spec.square_check
-    return total
+def _threshold_of(detector) -> float | None:
+    """The detector's decision threshold (``threshold_``), when it has a finite one."""
+    t = getattr(detector, "threshold_", None)
+    if isinstance(t, bool) or not isinstance(t, int | float | np.floating):
+        return None
+    return float(t) if math.isfinite(t) else None
+
+
+def _decisions(y: Tensor, clean: Tensor, s: Tensor, t: float) -> dict[str, Any]:
+    """Decisions at threshold ``t`` (flagged = score > t): how many normals and anomalies are
+    flagged, how many normals the attack pushed over it and how many anomalies it pulled under
+    it."""
+    normal, anomaly = y == 0, y == 1
+    return {
+        "threshold": t,
+        "normals_flagged": int((s[normal] > t).sum()),
+        "anomalies_flagged": int((s[anomaly] > t).sum()),
+        "normals_pushed_over": int(((clean <= t) & (s > t) & normal).sum()),
+        "anomalies_pulled_under": int(((clean > t) & (s <= t) & anomaly).sum()),
+    }
 
 
 class _Sweep:
@@ -170,48 +138,106 @@ class _Sweep:
 
     def __init__(self, detector, x: Tensor, y: Tensor, spec: SweepSpec, transfer_from, hooks):
         self.detector, self.x, self.y, self.spec = detector, x, y, spec
-        self.progress, self.cache, self.on_step = hooks
+        self.hooks = hooks
         self.y_cpu = y.cpu()
         self.y_np = y_np = self.y_cpu.numpy()
         self.n_normal, self.n_anomaly = int((y_np == 0).sum()), int((y_np == 1).sum())
         # The bootstrap sees normals first, then anomalies; every score vector is put in that
         # order.
         self.order = np.concatenate([np.flatnonzero(y_np == 0), np.flatnonzero(y_np == 1)])
-        self.resamples = _resamples(np.sort(y_np), spec.n_bootstrap, spec.seed)
+        self.resamples = resamples(np.sort(y_np), spec.n_bootstrap, spec.seed)
         self.boot: dict[tuple[float, str], np.ndarray] = {}
-        self.done, self.total = 0, _attack_count(spec, transfer_from is not None)
         self.transfer_from = transfer_from
+        self.threshold = _threshold_of(detector)
+        self.plan = _plan(self)
+        self.done, self.total = 0, len(self.plan)
+        self.reused: list[str] = []
+        self.continued: list[tuple[str, int, int]] = []
+        if hooks.plan is not None:
+            hooks.plan(list(self.plan))
         self.clean = score(detector, x, spec.batch_size).double().cpu()
+
+    def _sources(self, det, kind: str) -> dict[str, Any]:
+        """The surrogates of an attack through ``det``: the sweep's (the audited detector's),
+        a transferred attack's own (True: the other detector's), plus the CE-style member in
+        the ensemble."""
+        given = self.spec.surrogates
+        if det is not self.detector and isinstance(given, Mapping):
+            given = True  # built on the audited detector: a transfer uses the other's own
+        out = surrogates_of(det, given)
+        if kind == "ensemble":
+            out["ce"] = TwoLogitCE(score_fn_of(det))
+        return out
 
     def attack(self, det, eps: float, targets: str = "both", key=None, **override):
         """Scores of the detector on images attacked through ``det``, the winning attack per
         image and the attacks' names; taken from the cache when it holds ``key``."""
-        what = ", ".join(f"{k}={v}" for k, v in override.items() if k != "kind")
-        what = f"eps={eps:.4g}" + (f" ({what})" if what else "")
-        if self.progress is not None:
-            self.progress(self.done, self.total, what)
+        what = self.plan[self.done][0] if self.done < self.total else f"eps={eps:.4g}"
+        if self.hooks.progress is not None:
+            self.hooks.progress(self.done, self.total, what)
         self.done += 1
         key = key or what
-        hit = self.cache.get(key) if self.cache is not None else None
-        if hit is not None:
-            return (torch.tensor(hit["scores"], dtype=torch.float64), torch.tensor(hit["winner"]),
-                    hit["attacks"])  # fmt: skip
         kind = override.pop("kind", self.spec.attack)
         a = self.spec.attack_at(eps, targets, **override)
-        if kind == "square":
-            a = AttackSpec(eps, a.norm, a.steps, None, a.restarts, targets, 1, True, a.seed,
-                           a.batch_size)  # fmt: skip
-            res = run_square(det, self.x, self.y, a, on_step=self.on_step)
-        else:
-            res = attack_detector(  # by keywords: one name to wrap (the tests count attacks)
-                det, self.x, self.y, **asdict(a), surrogates=self.spec.surrogates,
-                on_step=self.on_step,
-            )  # fmt: skip
+        hit = self._cached(key, a, what)
+        if hit is not None:
+            return hit
+        res = self._run(det, kind, a, key)
+        if res.resumed:
+            self.continued.append((what, res.resumed, res.units))
+            self._note(f"{what}: continued after {res.resumed} of {res.units} finished batches")
         adv = score(self.detector, res.images, self.spec.batch_size).double().cpu()
-        if self.cache is not None:
-            self.cache.put(key, {"scores": adv.tolist(), "winner": res.winner.cpu().tolist(),
-                                 "attacks": res.attacks})  # fmt: skip
+        cache = self.hooks.cache
+        if cache is not None:
+            value = {"images": res.images, "winner": res.winner, "attacks": res.attacks}
+            cache.put(key, value)
         return adv, res.winner.cpu(), res.attacks
+
+    def _run(self, det, kind: str, a: AttackSpec, key: str):
+        on_step, cache = self.hooks.on_step, self.hooks.cache
+        if kind == "square":
+            a = AttackSpec(a.eps, a.norm, a.steps, None, a.restarts, a.targets, 1, True, a.seed,
+                           a.batch_size)  # fmt: skip
+        checkpoint = cache.checkpoint(key) if cache is not None else None
+        if kind == "square":
+            return run_square(det, self.x, self.y, a, on_step=on_step, checkpoint=checkpoint)
+        return run_attack(
+            det, self.x, self.y, a, surrogates=self._sources(det, kind), on_step=on_step,
+            checkpoint=checkpoint,
+        )  # fmt: skip
+
+    def _cached(self, key: str, a: AttackSpec, what: str):
+        """A finished attack from the cache, checked here: its images lie in this attack's
+        ε-ball around these images and in [0, 1], its winners index its attacks; they are
+        scored again now (never a stored score). Anything else is dropped and recomputed."""
+        cache = self.hooks.cache
+        hit = cache.get(key) if cache is not None else None
+        if hit is None:
+            return None
+        images, winner, names = hit.get("images"), hit.get("winner"), hit.get("attacks")
+        ok = (
+            isinstance(images, Tensor) and tuple(images.shape) == tuple(self.x.shape)
+            and isinstance(winner, Tensor) and tuple(winner.shape) == (self.x.shape[0],)
+            and isinstance(names, list) and all(isinstance(n, str) for n in names)
+        )  # fmt: skip
+        if ok:
+            images = images.to(self.x.device, self.x.dtype)
+            ok = in_ball(images, self.x, a.norm, a.eps) and bool(
+                ((winner >= -1) & (winner < len(names))).all()
+            )
+        if not ok:
+            self._note(f"{what}: a kept attack does not fit these images and settings; "
+                       "discarded, attacking again")  # fmt: skip
+            cache.drop(key)
+            return None
+        self.reused.append(what)
+        adv = score(self.detector, images, self.spec.batch_size).double().cpu()
+        return adv, winner.cpu().long(), names
+
+    def _note(self, message: str) -> None:
+        note = self.hooks.note or getattr(self.hooks.cache, "note", None)  # the cache's own
+        if note is not None:
+            note(message)
 
     def auroc_of(self, s: Tensor) -> float:
         return evaluate_scores(self.y_np, s.double().cpu().numpy())["auroc"]
@@ -225,22 +251,18 @@ class _Sweep:
         """One result row, its bootstrap kept in ``boot`` for the monotone check."""
         s_np = s.double().cpu().numpy()
         m = evaluate_scores(self.y_np, s_np)
-        self.boot[(eps, mode)] = _bootstrap(s_np[self.order], self.resamples, self.n_normal)
-        lo, hi = _interval(self.boot[(eps, mode)])
-        return {
-            "eps": eps,
-            "target": mode,
-            "auroc": m["auroc"],
-            "ci_low": lo,
-            "ci_high": hi,
-            "n": len(self.y_np),
-            "n_normal": self.n_normal,
-            "n_anomaly": self.n_anomaly,
-            "aupr_anomaly": m["aupr_anomaly"],
-            "aupr_normal": m["aupr_normal"],
-            "fpr95": m["fpr95"],
-            "wins": wins,
-        }
+        self.boot[(eps, mode)] = bootstrap(s_np[self.order], self.resamples, self.n_normal)
+        lo, hi = interval(self.boot[(eps, mode)])
+        row = {
+            "eps": eps, "target": mode, "auroc": m["auroc"], "ci_low": lo, "ci_high": hi,
+            "n": len(self.y_np), "n_normal": self.n_normal, "n_anomaly": self.n_anomaly,
+            "aupr_anomaly": m["aupr_anomaly"], "aupr_normal": m["aupr_normal"],
+            "fpr95": m["fpr95"], "wins": wins,
+        }  # fmt: skip
+        if self.threshold is not None:
+            row["decisions"] = _decisions(self.y_cpu, self.clean, s.double().cpu(),
+                                          self.threshold)  # fmt: skip
+        return row
 
     def eps_rows(self) -> tuple[list[dict], dict[float, float]]:
         """The rows of every ε and mode (one attack per ε), and the 'both' AUROC per ε."""
@@ -259,15 +281,16 @@ class _Sweep:
         return rows, both_auroc
 
     def strength_checks(self, rows: list[dict], both_auroc: dict) -> tuple[list[Verdict], list]:
-        """The verdicts of the strength checks (see the module docstring) and those skipped."""
+        """The verdicts of the strength checks (see `firmad.robustness.verdicts`) and those
+        skipped."""
         spec = self.spec
         if not spec.checks:
             return [], ["monotone", "large_eps", "more_steps", "more_restarts", "transfer"]
-        verdicts = [_check_monotone(rows, self.boot, spec.targets_list)]
+        verdicts = [check_monotone(rows, self.boot, spec.targets_list)]
         large_eps = spec.large_at(self.x[0].numel())
         large = self.attack(self.detector, large_eps, key="large_eps")[0]
         sides = {m: self.auroc_of(_mode_scores(m, self.y_cpu, self.clean, large)) for m in TARGETS}
-        verdicts.append(_check_large_eps(sides, spec.norm, large_eps))
+        verdicts.append(check_large_eps(sides, spec.norm, large_eps))
         check_eps = spec.check_at
         if check_eps is None or check_eps <= 0:
             return verdicts, ["more_steps", "more_restarts", "transfer"]
@@ -307,6 +330,42 @@ class _Sweep:
         return verdicts, skipped
 
 
+def _plan(run: _Sweep) -> list[tuple[str, float]]:
+    """Every attack the sweep will run, in order: (what, cost), the cost in gradient steps x
+    sources x attacked images (a Square query counts a third of a step)."""
+    spec, norm = run.spec, run.spec.norm
+    rows = {"both": len(run.y_np), "normal": run.n_normal, "anomaly": run.n_anomaly}
+
+    def cost(det, steps, restarts, targets="both", kind=spec.attack) -> float:
+        if kind == "square":
+            return SQUARE_STEP_COST * steps * restarts * rows[targets]
+        n_sources = 1 + len(run._sources(det, kind))
+        return float(n_sources * steps * restarts * rows[targets])
+
+    det, s, r = run.detector, spec.steps, spec.restarts
+    plan = [
+        (f"eps={eps_text(e, norm)}", cost(det, s, r, spec.attack_targets)) for e in spec.nonzero
+    ]
+    if not spec.checks:
+        return plan
+    big = spec.large_at(run.x[0].numel())
+    plan.append((f"large_eps: eps={eps_text(big, norm)}", cost(det, s, r)))
+    at = spec.check_at
+    if at is None or at <= 0:
+        return plan
+    e = eps_text(at, norm)
+    if not (spec.attack_targets == "both" and at in spec.nonzero):
+        plan.append((f"check: eps={e}", cost(det, s, r)))
+    plan.append((f"more_steps: eps={e}, steps={2 * s}", cost(det, 2 * s, r)))
+    plan.append((f"more_restarts: eps={e}, restarts={r + 1}", cost(det, s, r + 1)))
+    if run.transfer_from is not None:
+        plan.append((f"transfer: eps={e}", cost(run.transfer_from, s, r)))
+    if spec.square_check:
+        q = _square_queries(spec)
+        plan.append((f"square: eps={e}, {q} queries", cost(det, q, 1, kind="square")))
+    return plan
+
+
 def _square_queries(spec: SweepSpec) -> int:
     return max(spec.steps, SQUARE_CHECK_QUERIES)
 
@@ -339,74 +398,44 @@ def _sweep_settings(spec: SweepSpec, detector, transfer_from, dims: int) -> dict
 
 
 def robust_auroc_sweep(
-    detector,
-    x: Tensor,
-    y,
-    *,
-    eps_list: Sequence[float],
-    norm: str = "linf",
-    steps: int = 100,
-    restarts: int = 1,
-    targets_list: Sequence[str] = ("normal", "anomaly", "both"),
-    step_factor: float = 2.5,
-    schedule: str = "fixed",
-    eot: int = 1,
-    random_start: bool = True,
-    seed: int = 0,
-    batch_size: int | None = None,
-    surrogates: bool | Mapping = True,
-    subset: int | None = None,
-    n_bootstrap: int = 1000,
-    checks: bool = True,
-    check_eps: float | None = None,
-    large_eps: float | None = None,
-    transfer_from=None,
-    progress: Callable[[int, int, str], None] | None = None,
-    attack: str = "pgd",
-    square_check: bool = False,
-    cache=None,
-    on_step: Callable[[int, int], None] | None = None,
-) -> dict:
+    detector, x: Tensor, y, *, transfer_from=None,
+    progress: Callable[[int, int, str], None] | None = None, cache=None,
+    on_step: Callable[[int, int], None] | None = None, **settings,
+) -> dict:  # fmt: skip
     """AUROC under attack for every ε and target mode, with intervals and strength checks.
 
     ``detector``: object with ``score_tensor`` (or a callable), higher = more anomalous;
-    ``x``, ``y``: float images (N, C, H, W) in [0, 1], labels 1 = anomaly, 0 = normal. The
-    settings are the fields of `SweepSpec` (see there); ``sweep`` takes them as one spec.
+    ``x``, ``y``: float images (N, C, H, W) in [0, 1], labels 1 = anomaly, 0 = normal.
+    ``settings``: the fields of `SweepSpec` by keyword (see there); ``sweep`` takes them as one
+    spec, and the other arguments as `SweepHooks`.
     """
-    spec = SweepSpec(
-        eps_list, norm, steps, restarts, targets_list, step_factor, schedule, eot,
-        random_start, seed, batch_size, surrogates, subset, n_bootstrap, checks, check_eps,
-        large_eps, attack, square_check,
-    )  # fmt: skip
-    return sweep(detector, x, y, spec, transfer_from, progress, cache, on_step)
+    hooks = SweepHooks(progress=progress, on_step=on_step, cache=cache)
+    return sweep(detector, x, y, SweepSpec(**settings), hooks, transfer_from=transfer_from)
 
 
-def sweep(detector, x, y, spec: SweepSpec, transfer_from=None, progress=None, cache=None,
-          on_step=None) -> dict:  # fmt: skip
+def sweep(detector, x, y, spec: SweepSpec, hooks: SweepHooks | None = None, *,
+          transfer_from=None) -> dict:  # fmt: skip
     """``robust_auroc_sweep`` with its settings in a `SweepSpec`.
 
     Args:
+        hooks: progress, the attack plan, a cache of finished attacks, notes (`SweepHooks`).
         transfer_from: optional surrogate detector for the black-box transfer check.
-        progress: called as ``progress(done, total, what)`` before each attack and once at the
-            end (``done == total``), e.g. to drive a progress bar.
-        cache: optional store of finished attacks (``get(key) -> dict | None`` and
-            ``put(key, dict)``) so an interrupted sweep continues; the caller keeps it to one
-            set of settings (see ``firmad.robustness.audit``).
-        on_step: ``on_step(done, total)`` after every step of the current attack.
 
     Returns:
         A JSON-serialisable dict: ``settings``, ``subset``, ``clean``, ``rows`` (one per ε and
-        mode: auroc, ci_low, ci_high, n, n_normal, n_anomaly, aupr_anomaly, fpr95, wins),
-        ``verdicts``, ``checks_skipped`` and ``passed`` (all verdicts passed).
+        mode: auroc, ci_low, ci_high, n, n_normal, n_anomaly, aupr_anomaly, fpr95, wins, and
+        ``decisions`` when the detector has a threshold), ``verdicts``, ``checks_skipped`` and
+        ``passed`` (all verdicts passed); ``threshold`` and ``resumed`` when there are any.
     """
+    hooks = hooks or SweepHooks()
     x, y, idx = _sweep_data(x, y, spec.subset, spec.seed)
-    run = _Sweep(detector, x, y, spec, transfer_from, (progress, cache, on_step))
+    run = _Sweep(detector, x, y, spec, transfer_from, hooks)
     clean_row = run.row(0.0, "clean", run.clean, {})
     rows, both_auroc = run.eps_rows()
     verdicts, skipped = run.strength_checks(rows, both_auroc)
-    if progress is not None:
-        progress(run.total, run.total, "done")
-    return {
+    if hooks.progress is not None:
+        hooks.progress(run.total, run.total, "done")
+    result = {
         "settings": _sweep_settings(spec, detector, transfer_from, x[0].numel()),
         "subset": {
             "requested": spec.subset,
@@ -422,6 +451,16 @@ def sweep(detector, x, y, spec: SweepSpec, transfer_from=None, progress=None, ca
         "checks_skipped": skipped,
         "passed": all(v.passed for v in verdicts),
     }
+    if run.threshold is not None:
+        result["threshold"] = run.threshold
+    if run.reused or run.continued:
+        result["resumed"] = {
+            "reused_attacks": run.reused,
+            "continued": [
+                {"attack": w, "batches_kept": k, "batches": n} for w, k, n in run.continued
+            ],  # fmt: skip
+        }
+    return result
 
 
 def _step_text(attack: str, schedule: str, step_factor: float) -> str:
@@ -434,35 +473,6 @@ def _name_of(obj) -> str:
     """How a transfer source is named in the results: its ``name`` attribute or its type."""
     name = getattr(obj, "name", None)
     return name if isinstance(name, str) else type(obj).__name__
-
-
-def _check_large_eps(aurocs: dict[str, float], norm: str, eps: float) -> Verdict:
-    """At a huge eps any image is reachable: the AUROC must collapse with both groups
-    attacked and with each group attacked alone (one side can stall while 'both' falls)."""
-    high = {m: a for m, a in aurocs.items() if not a < LARGE_EPS_MAX_AUROC}
-    passed = not high
-    shown = ", ".join(f"{_SIDE_NAMES[m]} {a:.4f}" for m, a in aurocs.items())
-    detail = f"AUROC {shown} at {norm} eps={eps:.4g} (each needs < {LARGE_EPS_MAX_AUROC})"
-    if "both" in high:
-        hint = (
-            "gradients may be masked or obfuscated (non-differentiable, detached or saturated "
-            "score): the robust AUROC is likely overestimated; try surrogate scores, eot, or "
-            "more steps"
-        )
-    elif high:
-        hint = (
-            f"the attack stalls when only the {' and '.join(_SIDE_NAMES[m] for m in high)} "
-            "side is attacked (its images cannot be moved past the other group): that row's "
-            "robust AUROC is likely overestimated; try a targeted surrogate, the apgd schedule "
-            "or more steps"
-        )
-    if not passed:
-        worst = max(high.values())
-        warnings.warn(
-            f"AUROC stays at {worst:.3f} at eps={eps:.3g}; {hint}.", RuntimeWarning, stacklevel=3
-        )
-        detail += f"; WARNING: {hint}"
-    return Verdict("large_eps", passed, detail)
 
 
 def _wins(winner: Tensor, names: list[str], y: Tensor, mode: str) -> dict[str, int]:
@@ -478,75 +488,3 @@ def _describe(surrogates) -> bool | list[str]:
     if isinstance(surrogates, Mapping):
         return sorted(str(k) for k in surrogates)
     return bool(surrogates)
-
-
-def _check_monotone(rows: list[dict], boot: dict, modes: list[str]) -> Verdict:
-    """AUROC must not rise with ε: a rise counts when even the lower 2.5 % of its paired
-    bootstrap distribution exceeds MONOTONE_TOL."""
-    problems, worst = [], 0.0
-    for mode in modes:
-        mine = [r for r in rows if r["target"] == mode]
-        for prev, cur in zip(mine, mine[1:], strict=False):
-            diff = boot[(cur["eps"], mode)] - boot[(prev["eps"], mode)]
-            low = float(np.percentile(diff, 2.5))
-            rise = cur["auroc"] - prev["auroc"]
-            worst = max(worst, rise)
-            if low > MONOTONE_TOL:
-                problems.append(
-                    f"{mode}: eps {prev['eps']:.4g} -> {cur['eps']:.4g} AUROC "
-                    f"{prev['auroc']:.4f} -> {cur['auroc']:.4f} (interval low of the rise "
-                    f"{low:.4f})"
-                )
-    if problems:
-        detail = "AUROC rises with eps (attack too weak or step size too large): " + "; ".join(
-            problems
-        )
-        return Verdict("monotone", False, detail)
-    return Verdict(
-        "monotone", True, f"AUROC does not rise with eps (largest rise {max(worst, 0):.4f})"
-    )
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _eps_text(eps: float, norm: str) -> str:
-    if eps == 0:
-        return "0 (clean)"
-    k = eps * 255
-    if norm == "linf" and abs(k - round(k)) < 1e-6:
-        return f"{int(round(k))}/255"
-    return f"{eps:.4g}"
-
-
-def format_markdown(result: dict) -> str:
-    """A Markdown table (rows: ε, columns: target modes; AUROC % [95 % CI]) and the verdicts."""
-    st = result["settings"]
-    modes = st["targets_list"]
-    sub = result["subset"]
-    lines = [
-        f"Robust AUROC, {st['norm']} {attack_name(st)}-{st['steps']} x {st['restarts']} "
-        "restart(s), "
-        f"step {st['step_size']}, eot {st['eot']}, n = {sub['n']} "
-        f"({sub['n_normal']} normal / {sub['n_anomaly']} anomalous), seed {st['seed']}.",
-        "",
-        "| eps | " + " | ".join(modes) + " |",
-        "|---|" + "---|" * len(modes),
-    ]
-    for eps in st["eps_list"]:
-        cells = []
-        for mode in modes:
-            r = next(r for r in result["rows"] if r["eps"] == eps and r["target"] == mode)
-            cells.append(
-                f"{100 * r['auroc']:.1f} [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]"
-            )
-        lines.append(f"| {_eps_text(eps, st['norm'])} | " + " | ".join(cells) + " |")
-    if result["verdicts"] or result["checks_skipped"]:
-        lines.append("")
-        lines.append("Strength checks:")
-        for v in result["verdicts"]:
-            mark = "pass" if v["passed"] else "FAIL"
-            lines.append(f"- {mark} `{v['name']}`: {v['detail']}")
-        for name in result["checks_skipped"]:
-            lines.append(f"- not run `{name}`")
-    return "\n".join(lines) + "\n"

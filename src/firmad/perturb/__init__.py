@@ -14,9 +14,12 @@ from torch import Tensor
 
 
 def attack_name(settings: dict) -> str:
-    """PGD or APGD, from an attack's settings (those written before the schedule existed are
-    PGD)."""
-    return "APGD" if settings.get("schedule") == "apgd" else "PGD"
+    """Square, PGD or APGD, from an attack's settings (those written before the schedule
+    existed are PGD), "ensemble APGD" for the ensemble mode."""
+    if settings.get("attack") == "square":
+        return "Square"
+    name = "APGD" if settings.get("schedule") == "apgd" else "PGD"
+    return f"ensemble {name}" if settings.get("attack") == "ensemble" else name
 
 
 def _per_sample_norm(t: Tensor) -> Tensor:
