@@ -391,8 +391,8 @@ def test_attack_out_refuses_a_folder_of_other_files_or_inside_an_input(run_dir, 
     for out, message in [
         (images, "holds images of yours (e.g. a.png)"),
         (other, "not an attack's (todo.txt)"),
-        (run_dir, "lies inside"),
-        (run_dir / "audit", "lies inside"),
+        (run_dir, "is inside the input"),
+        (run_dir / "audit", "is inside the input"),
     ]:
         assert main(["-q", "attack", str(run_dir), *NO_CHECKS, "--out", str(out)]) == 2
         err = capsys.readouterr().err
