@@ -127,6 +127,7 @@ def test_cuda_graph_step_equals_the_eager_sync_free_step(tiny):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.numeric
 def test_two_models_trained_together_equal_each_trained_alone(tiny):
     from firmad.training import fit_together
 
