@@ -173,6 +173,54 @@ def test_bad_executor_options_are_refused(tmp_path):
         run_grid(_grid(tmp_path), out_dir=tmp_path / "o", executor="ray", devices="0", quiet=True)
 
 
+BAD_RESOURCES = [
+    ({"cell_cpus": float("nan")}, "--cell-cpus: must be a number > 0"),
+    ({"cell_cpus": float("inf")}, "--cell-cpus: must be a number > 0"),
+    ({"cell_cpus": 0.0}, "--cell-cpus: must be a number > 0"),
+    ({"cell_cpus": -2.0}, "--cell-cpus: must be a number > 0"),
+    ({"cell_cpus": 1.5}, "--cell-cpus: 1.5: above 1 it must be a whole number"),
+    ({"cell_gpus": -1.0}, "--cell-gpus: must be a number >= 0"),
+    ({"cell_gpus": float("nan")}, "--cell-gpus: must be a number >= 0"),
+    ({"cell_gpus": 2.5}, "--cell-gpus: 2.5: above 1 it must be a whole number"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), BAD_RESOURCES, ids=[m for _, m in BAD_RESOURCES])
+def test_bad_cell_resources_are_refused_before_any_work(tmp_path, monkeypatch, kwargs, message):
+    """Ray would fail on these inside its scheduler, with a traceback, after planning."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # never reached: refused before Ray starts
+    out = tmp_path / "o"
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        run_grid(_grid(tmp_path), out_dir=out, executor="ray", quiet=True, **kwargs)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("count", "devices", "said"), [
+    (0, "0", "GPU 0 not found; this machine has no CUDA GPU"),
+    (2, "1,2,3", "GPU 2, 3 not found; this machine has GPUs 0..1"),
+])  # fmt: skip
+def test_devices_the_machine_lacks_are_an_error(
+    tmp_path, monkeypatch, capsys, count, devices, said
+):
+    """Not a grid that quietly trains on the CPU."""
+    import torch
+
+    from firmad.cli import main
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    out = tmp_path / "o"
+    with pytest.raises(ConfigError, match=said):
+        run_grid(_grid(tmp_path), out_dir=out, devices=devices, quiet=True)
+    args = ["-q", "bench", "--config", str(_grid(tmp_path)), "--out", str(out)]
+    assert main([*args, "--devices", devices]) == 2
+    assert main([*args, "--executor", "ray", "--cell-cpus", "nan"]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "--cell-cpus" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize(
     "path", sorted((Path(__file__).resolve().parents[1] / "benchmarks").glob("*-grid.yaml"))
 )

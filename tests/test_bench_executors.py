@@ -20,14 +20,13 @@ from tests.conftest import FIXTURE_FMNIST, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"train_time_s", "wall_time_s"}
-# A cell as small as a cell gets: one step, 60 test images, one scorer, one thread.
+# A cell as small as a cell gets: one step, 60 test images, one scorer; threads: the default.
 QUICK = [s for s in TINY if not s.startswith(("data.root", "data.max_test", "eval.scorers"))] + [
     "train.epochs=1",
     "train.steps_per_epoch=1",
     "data.max_train=64",
     "data.max_test=60",
     "eval.scorers=[knn_cos:k=5]",
-    "train.threads=1",
 ]
 
 
@@ -52,9 +51,11 @@ def _table(path: Path) -> list[dict]:
 
 
 def test_ray_grid_writes_the_tables_of_a_local_grid(tmp_path):
+    """Default settings (no threads anywhere; one local worker, which may use every core; Ray
+    with --cell-cpus 1): the same AUROCs, as every cell gets its own threads."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'firmad[ray]')")
-    grid = _grid_file(tmp_path)
-    local = run_grid(grid, out_dir=tmp_path / "local", workers=2, quiet=True)
+    grid = _grid_file(tmp_path, classes=(1, 7))
+    local = run_grid(grid, out_dir=tmp_path / "local", quiet=True)
     assert [s["status"] for s in local["statuses"]] == ["ran", "ran"]
     try:
         ray.init(
@@ -72,6 +73,33 @@ def test_ray_grid_writes_the_tables_of_a_local_grid(tmp_path):
     assert [s["status"] for s in result["statuses"]] == ["ran", "ran"]
     assert _table(tmp_path / "ray" / "bench.csv") == _table(tmp_path / "local" / "bench.csv")
     assert {r["status"] for r in _table(tmp_path / "ray" / "bench.csv")} == {"done"}
+    for run in ("local", "ray"):  # each cell's config records its threads
+        cfg = yaml.safe_load(
+            (tmp_path / run / "fmnist-cpu" / "fashion-mnist-c7-s0" / "config.yaml").read_text()
+        )
+        assert cfg["train"]["threads"] == 1
+
+
+@pytest.mark.parametrize(
+    ("grid_threads", "extra", "expected"),
+    [(None, [], 1), (None, ["train.threads=3"], 3), (2, ["train.threads=3"], 2)],
+)
+def test_a_cell_has_one_thread_count_whatever_runs_it(tmp_path, grid_threads, extra, expected):
+    """The grid's threads:, else the recipe's train.threads (with the grid's set), else 1: in
+    the cell's config (train.threads) and its process's OMP_NUM_THREADS, for every executor
+    (both build a cell's environment with cell_env)."""
+    from firmad.bench import plan_cells, read_grid
+    from firmad.bench.executors import cell_env
+    from firmad.bench.grid import cell_overrides
+
+    path = _grid_file(tmp_path, extra=extra)
+    grid = read_grid(path)
+    grid.threads = grid_threads
+    for cell in plan_cells(grid, tmp_path / "out"):
+        assert cell.threads == expected
+        last = [o for o in cell_overrides(cell, grid) if o.startswith("train.threads=")][-1]
+        assert last == f"train.threads={expected}"
+        assert cell_env(cell)["OMP_NUM_THREADS"] == str(expected)
 
 
 def _bench(grid: Path, out: Path) -> subprocess.Popen:

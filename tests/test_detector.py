@@ -262,25 +262,6 @@ def test_rgb_images_train_a_colour_detector():
     )
 
 
-def test_reshape_keeps_the_benchmark_aurocs(tmp_path):
-    """The fixture run's AUROCs, every scorer x variant, as firmad computed them before the
-    reshape into methods / training / scoring / detector (float noise aside)."""
-    from tests.conftest import FIXTURE_FMNIST as _root
-
-    golden = json.loads((_root.parent / "fixture_aurocs_before_reshape.json").read_text())
-    # The golden numbers were made with 2 threads; float sums (and so the trained weights)
-    # depend on how many threads share them.
-    cfg = load_config("fmnist-cpu", [*TINY, *golden["overrides"], "train.threads=2"])
-    threads = torch.get_num_threads()
-    try:
-        summary = train_run(cfg, out_dir=tmp_path / "run", quiet=True)
-    finally:
-        torch.set_num_threads(threads)
-    got = {(r["scorer"], r["k"], r["variant"]): r["auroc"] for r in summary["results"]["results"]}
-    for r in golden["results"]:
-        assert got[r["scorer"], r["k"], r["variant"]] == pytest.approx(r["auroc"], abs=2e-3), r
-
-
 def test_pixel_gradients_match_finite_differences(fitted, split):
     """The whole differentiable path (resize, test transform, normalisation, encoder, kNN) in
     float64: autograd's directional derivative equals the numerical one (torch gradcheck)."""

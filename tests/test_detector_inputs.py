@@ -67,7 +67,9 @@ def test_one_preprocessing_path(det, grey, tmp_path):
     np.testing.assert_allclose(in_memory, det.decision_function(sixteen), atol=1e-9)
     big = Image.fromarray(grey).resize((64, 20))
     both = det.decision_function([Image.fromarray(grey), big])
-    np.testing.assert_allclose(both[1], det.decision_function(big)[0], atol=1e-9)  # own size
+    # Its own size, in a batch of two or alone: the same float32 score up to rounding (a batch
+    # of one takes other kernel blocking; 1 ulp apart at ATEN_CPU_CAPABILITY=default).
+    np.testing.assert_allclose(both[1], det.decision_function(big)[0], rtol=1e-6, atol=1e-7)
 
 
 def test_paths_are_scored_or_listed(det, grey, tmp_path):

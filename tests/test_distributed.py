@@ -117,7 +117,11 @@ def test_two_processes_equal_one_process_with_the_doubled_batch(two_ranks):
     for k, v in _weights(single).items():
         assert torch.equal(v, report["init"][k]), k  # same initialisation
     losses = [float(single.train_step()) for _ in range(STEPS)]
-    assert losses == pytest.approx(report["losses"], rel=1e-5, abs=1e-6)
+    # Step 1 from the same weights; then the ranks' all-reduced gradient (another summation
+    # order) has moved the weights by rounding, which the next steps amplify: 8.5e-5 relative
+    # at step 3 under ATEN_CPU_CAPABILITY=default.
+    assert losses[0] == pytest.approx(report["losses"][0], rel=1e-5, abs=1e-6)
+    assert losses[1:] == pytest.approx(report["losses"][1:], rel=1e-3)
     after = _weights(single)
     moved = 0
     for k, v in after.items():

@@ -228,6 +228,7 @@ def _inode(path: Path) -> int | None:
 # --- 1, 3, 4, 6: a real signal, a second writer, then --resume ----------------------------------
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_then_resume_is_exact(tmp_path, reference, capsys, sig):
     out = tmp_path / "run"
@@ -262,6 +263,7 @@ def test_signal_then_resume_is_exact(tmp_path, reference, capsys, sig):
 # --- 2, 3: random SIGINT / SIGTERM / SIGKILL ---------------------------------------------------
 
 
+@pytest.mark.numeric
 def test_random_interruptions_end_with_the_same_run(tmp_path, reference):
     rng = random.Random(20251)
     lines = (reference / "metrics.jsonl").read_text().splitlines()

@@ -5,6 +5,7 @@ task; the tables are rewritten after every cell (`firmad.bench.tables`)."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import signal
@@ -80,7 +81,6 @@ def _cell_status(cell: Cell, outcome: dict[str, Any]) -> dict[str, Any]:
 def run_cell(
     cell: Cell,
     grid: GridConfig,
-    threads: int | None = None,
     procs: CellProcesses | None = None,
     env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -94,10 +94,27 @@ def run_cell(
     job = _cell_job(cell, grid)
     if job is None:
         return {"cell": cell.key, "status": "done"}
-    env = dict(env or {})
-    if threads:  # N cells at once share the cores
-        env["OMP_NUM_THREADS"] = str(threads)
+    env = {**cell_env(cell), **(env or {})}
     return _cell_status(cell, run_process(**job, env=env, procs=procs))
+
+
+# Variables that change a CPU's arithmetic (the kernels torch, oneDNN and MKL choose): a cell
+# gets the grid's, also on a Ray worker started with another environment.
+NUMERICS_ENV = (
+    "ATEN_CPU_CAPABILITY",
+    "DNNL_MAX_CPU_ISA",
+    "ONEDNN_MAX_CPU_ISA",
+    "MKL_CBWR",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "CUBLAS_WORKSPACE_CONFIG",
+)
+
+
+def cell_env(cell: Cell) -> dict[str, str]:
+    """What a cell's process needs of its environment for its numbers, under any executor:
+    its threads, and this process's numerics variables."""
+    env = {k: os.environ[k] for k in NUMERICS_ENV if k in os.environ}
+    return {**env, "OMP_NUM_THREADS": str(cell.threads)}
 
 
 @contextlib.contextmanager
@@ -156,7 +173,8 @@ def run_grid(
     ``ray`` runs each cell as a Ray task (``cell_cpus`` CPUs and ``cell_gpus`` GPUs) on the
     cluster at ``address``, or on a local Ray runtime (or the one this process already joined).
     With Ray, ``out_dir`` and the data must be on a filesystem every node sees. ``threads``
-    (or the grid's ``threads:``) fixes each cell's CPU threads whichever executor runs it.
+    (or the grid's ``threads:``) sets each cell's CPU threads, whichever executor runs it
+    (default: the recipe's ``train.threads``, else `CELL_THREADS`).
 
     Ctrl-C or SIGTERM stops the grid at once: no new cell starts, running cells save a
     checkpoint and stop, the tables are written (unfinished cells ``interrupted`` or
@@ -164,6 +182,7 @@ def run_grid(
     per cell that ran or was looked at.
     """
     devices = _check_executor(executor, devices, workers)
+    _check_cell_resources(cell_cpus, cell_gpus)
     grid = _read_grid(config, overrides, threads)
     out_dir = Path(out_dir or Path("runs") / "bench" / grid.name)
     if executor == "ray":
@@ -233,7 +252,39 @@ def _check_executor(executor: str, devices: list[str] | str | None, workers: int
         )
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
+    if devices:
+        _check_devices_exist(devices)
     return devices
+
+
+def _check_devices_exist(devices: list[str]) -> None:
+    """--devices names GPUs this machine has: a cell pinned to a missing one would quietly
+    train on the CPU."""
+    import torch
+
+    count = torch.cuda.device_count()
+    missing = [d for d in devices if int(d) >= count]
+    if missing:
+        have = f"GPUs 0..{count - 1}" if count else "no CUDA GPU"
+        raise ConfigError(
+            f"--devices: GPU {', '.join(missing)} not found; this machine has {have} (as torch "
+            "sees it). Name GPUs it has, or leave out --devices to run cells on the CPU"
+        )
+
+
+def _check_cell_resources(cell_cpus: float, cell_gpus: float) -> None:
+    """--cell-cpus / --cell-gpus as Ray takes them: finite, CPUs > 0, GPUs >= 0, and a whole
+    number above 1 (Ray shares only a single CPU or GPU between tasks)."""
+    checks = (("--cell-cpus", cell_cpus, cell_cpus > 0, "> 0"),
+              ("--cell-gpus", cell_gpus, cell_gpus >= 0, ">= 0"))  # fmt: skip
+    for option, value, in_range, rule in checks:
+        if not (math.isfinite(value) and in_range):
+            raise ConfigError(f"{option}: must be a number {rule}, e.g. 1 or 0.5; got {value}")
+        if value > 1 and value != int(value):
+            raise ConfigError(
+                f"{option}: {value}: above 1 it must be a whole number (Ray shares only a single "
+                f"CPU or GPU between tasks), e.g. {int(value)} or {int(value) + 1}"
+            )
 
 
 def _grid_progress():
@@ -251,7 +302,6 @@ def _grid_progress():
 
 def _run_local(cells, grid, workers, devices, record) -> None:
     workers = len(devices) if devices else workers
-    threads = grid.threads or (max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None)
     free: queue.Queue[str] = queue.Queue()
     for d in devices:
         free.put(d)
@@ -261,7 +311,7 @@ def _run_local(cells, grid, workers, devices, record) -> None:
         device = free.get() if devices else None
         env = {"CUDA_VISIBLE_DEVICES": device} if device is not None else None
         try:
-            return run_cell(cell, grid, threads, procs, env=env)
+            return run_cell(cell, grid, procs, env=env)
         except (OSError, FirmadError) as err:  # the cell could not even start: record it
             error = f"{type(err).__name__}: {err}"
             cell.run_dir.mkdir(parents=True, exist_ok=True)
@@ -321,14 +371,14 @@ def _run_ray(cells, grid, address, cell_cpus, cell_gpus, record) -> None:
         remote = ray.remote(run_process).options(
             num_cpus=cell_cpus, num_gpus=cell_gpus, max_retries=0
         )
-        env = {k: v for k, v in os.environ.items() if k.startswith("FIRMAD_")}
-        env["OMP_NUM_THREADS"] = str(grid.threads or max(1, int(cell_cpus)))
+        firmad_env = {k: v for k, v in os.environ.items() if k.startswith("FIRMAD_")}
         refs = {}
         for cell in cells:
             job = _cell_job(cell, grid)
             if job is None:
                 record({"cell": cell.key, "status": "done"}, set())
             else:
+                env = {**firmad_env, **cell_env(cell)}
                 refs[remote.remote(**job, env=env, cwd=os.getcwd())] = cell
         pending = list(refs)
         try:

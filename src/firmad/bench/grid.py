@@ -38,9 +38,15 @@ class GridConfig:
     variant: str = "plain"
     root: str | None = None
     # CPU threads of each cell, whichever executor runs it (float sums depend on the thread
-    # count, so the same cell with other threads gives slightly other numbers). None: the
-    # machine's cores shared by the local workers, or --cell-cpus with Ray.
+    # count, so the same cell with other threads gives other numbers). None: the recipe's
+    # train.threads (with the grid's set), else CELL_THREADS.
     threads: int | None = None
+
+
+# A cell's threads unless the grid or its recipe says: one default for every executor and
+# machine, so a cell's numbers do not depend on where it runs. Cells run side by side
+# (--workers, Ray) for speed.
+CELL_THREADS = 1
 
 
 @dataclass
@@ -51,6 +57,7 @@ class Cell:
     seed: int
     run_dir: Path
     backbone: str | None = None  # from the grid's `backbones` axis
+    threads: int = CELL_THREADS  # CPU threads (train.threads and OMP_NUM_THREADS)
 
     @property
     def label(self) -> str:
@@ -120,6 +127,7 @@ def plan_cells(grid: GridConfig, out_dir: Path) -> list[Cell]:
             apply_overrides(copy.deepcopy(base), grid.set + extra + backbone_overrides(backbone)),
             strict=True,
         )
+        threads = grid.threads or cfg.train.threads or CELL_THREADS
         for dataset in grid.datasets or [cfg.data.dataset]:
             info = describe(dataset, grid.root)
             names = [r["name"].lower() for r in info]
@@ -134,7 +142,7 @@ def plan_cells(grid: GridConfig, out_dir: Path) -> list[Cell]:
                 for seed in grid.seeds:
                     cell_name = safe_component(f"{dataset}-c{c}-s{seed}")
                     run_dir = out_dir / _label(recipe, backbone) / cell_name
-                    cell = Cell(recipe, dataset, c, seed, run_dir, backbone)
+                    cell = Cell(recipe, dataset, c, seed, run_dir, backbone, threads)
                     _check_cell(cell, grid, base)
                     cells.append(cell)
     first = {}  # position of each (dataset, class) as first planned; the sort below is stable
@@ -223,6 +231,7 @@ def cell_overrides(cell: Cell, grid: GridConfig) -> list[str]:
             f"data.dataset={cell.dataset}",
             f"data.normal_class={cell.normal_class}",
             f"train.seed={cell.seed}",
+            f"train.threads={cell.threads}",  # in the cell's config.yaml: its record
         ]
     )
     if grid.root:

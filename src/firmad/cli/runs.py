@@ -197,7 +197,7 @@ def bench(
         None,
         "--threads",
         help="CPU threads of each cell, whichever executor runs it (the grid's threads:); "
-        "default: the cores shared by --workers, or --cell-cpus with Ray.",
+        "default: the recipe's train.threads, else 1 (the same numbers anywhere).",
     ),
 ) -> None:
     """Run a grid of datasets x classes x methods x seeds; resumable, one run directory a cell.
