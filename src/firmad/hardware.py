@@ -148,8 +148,8 @@ def run_numerics(amp: str, amp_reason: str, channels_last: bool) -> dict[str, An
     }
 
 
-def numerics_report(device: str = "cpu") -> dict[str, Any]:
-    """Everything `firmad doctor` prints, as one flat-ish dict."""
+def numerics_report(device="cpu") -> dict[str, Any]:
+    """Everything `firmad doctor` prints for ``device`` (a torch device or its name)."""
     import torch
 
     from firmad.versions import __version__
@@ -169,12 +169,26 @@ def numerics_report(device: str = "cpu") -> dict[str, Any]:
         "device": str(device),
         "amp_auto": amp,
         "amp_auto_reason": reason,
-        "channels_last_auto": True,
+        "channels_last_auto": "on",
         "threads": torch.get_num_threads(),
         "interop_threads": torch.get_num_interop_threads(),
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
         "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
         "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         "mkldnn": bool(torch.backends.mkldnn.is_available()),
+        **(_cuda_report(device) if torch.device(device).type == "cuda" else {}),
         "env": {k: os.environ[k] for k in NUMERICS_ENV if k in os.environ},
+    }
+
+
+def _cuda_report(device) -> dict[str, Any]:
+    """The GPU and what changes its float32 maths (TF32 matrix products and convolutions)."""
+    import torch
+
+    return {
+        "gpu": torch.cuda.get_device_name(device),
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+        "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
     }
