@@ -231,12 +231,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCK = {"wall": time.perf_counter, "cpu": time.thread_time}
+clock = CLOCK["wall"]
+
+
 def timed(fn: Callable[[], Any], steps: int, device: torch.device) -> list[float]:
     """Seconds per step for ``steps`` calls of ``fn``, device work included.
 
     On the CPU every step is timed on its own: the median over single steps shrugs off the
     bursts of a shared machine. On CUDA steps overlap (the host runs ahead of the device), so
-    the segment is timed as a whole and its mean step time returned.
+    the segment is timed as a whole and its mean step time returned. ``--clock cpu`` times the
+    CPU seconds of the main thread instead (one thread only): a step's own work, without the
+    time other jobs of a crowded machine held the core.
     """
     if device.type == "cuda":
         sync(device)
@@ -247,9 +253,9 @@ def timed(fn: Callable[[], Any], steps: int, device: torch.device) -> list[float
         return [(time.perf_counter() - t0) / steps]
     times = []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return times
 
 
@@ -439,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"error: {exc}") from None
 
 
-def _main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="resnet_small")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -473,6 +479,13 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--head-hidden", type=int, default=None, help="head width (recipe: 256)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--no-reference", action="store_true", help="skip the papers' pipeline")
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=sorted(CLOCK),
+        help="wall seconds, or cpu: CPU seconds of the one thread (needs --threads 1 and "
+        "--no-reference; for a crowded machine)",
+    )
     p.add_argument("--sync-free", action="store_true", help="the step without host syncs")
     p.add_argument(
         "--cuda-graph",
@@ -496,6 +509,16 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
     cuda = args.device == "cuda"
     if args.cuda_graph and not cuda:
         raise SystemExit("error: --cuda-graph needs --device cuda")
+    if args.clock == "cpu" and (cuda or args.threads != 1 or not args.no_reference):
+        raise SystemExit("error: --clock cpu needs --device cpu --threads 1 --no-reference")
+    return args
+
+
+def _main(argv: list[str] | None = None) -> dict[str, Any]:
+    global clock
+    args = parse_args(argv)
+    clock = CLOCK[args.clock]
+    cuda = args.device == "cuda"
     steps = args.steps or (50 if cuda else 20)
     ref_steps = args.ref_steps or (min(steps, 20) if cuda else steps)
     warmup = (
@@ -613,6 +636,7 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
             "repeats": args.repeats,
             "warmup": warmup,
             "threads": torch.get_num_threads(),
+            "clock": args.clock,
             "torch": torch.__version__,
             "amp_setting": args.amp,
             "amp": trainer.settings.amp,
