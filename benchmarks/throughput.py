@@ -640,7 +640,7 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
             "torch": torch.__version__,
             "amp_setting": args.amp,
             "amp": trainer.settings.amp,
-            "amp_reason": trainer.settings.checkpoint_meta["numerics"]["amp_reason"],
+            "amp_reason": trainer.settings.checkpoint_meta.get("numerics", {}).get("amp_reason"),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "channels_last": bool(trainer.channels_last),
             "compile": bool(args.compile),
