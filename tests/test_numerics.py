@@ -171,3 +171,9 @@ def test_version_stays_light():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("firmad ")
+
+
+@pytest.mark.parametrize(("given", "want"), [("on", "on"), ("off", "off"), ("'off'", "off")])
+def test_channels_last_takes_a_bare_on_or_off(given, want):
+    # YAML would read them as booleans
+    assert load_config("fmnist-cpu", [f"train.channels_last={given}"]).train.channels_last == want
