@@ -1,15 +1,21 @@
 """Training throughput of firmad's step against its own limit and against the papers' pipeline.
 
-Three pipelines, one process, one backbone, one device, one batch (32 samples = 64 views):
+Four pipelines, one process, one backbone, one device, one batch (32 samples = 64 views):
 
 - ``limit``: forward + backward + SGD step of the same model and loss on ready-made float views
   already on the device (no sampling, no outliers, no augmentation): what any pipeline could at
-  best reach.
+  best reach with the run's precision and memory layout.
+- ``plain``: the same step in fp32 with contiguous (NCHW) tensors, whatever the run's options:
+  the baseline the fast path (channels-last, bf16 autocast) is measured against.
 - ``firmad``: the real ``Trainer.train_step()`` of ``firmad train`` (uint8 pool on the device,
   frozen outliers, batched per-sample augmentation, FIRM loss, SGD step).
 - ``reference``: the papers' pipeline, written here for comparison only: a Dataset of PIL images
   (normals + frozen rotated copies), torchvision transforms per image, two views per sample,
   a DataLoader with 2 workers, then the same model step.
+
+Precision and layout follow the recipe unless given: ``--amp auto`` (the default: bf16 autocast
+where the CPU or GPU computes bf16 natively, see `firmad doctor`), ``--channels-last auto`` (on).
+``--amp none --channels-last off`` is the plain fp32 contiguous step.
 
 Options for the fast paths: ``--sync-free`` (the trainer's step without host synchronisation),
 ``--cuda-graph`` (that step replayed from a CUDA graph, ``train.cuda_graph``; it also times
@@ -25,7 +31,7 @@ median of the segments' mean step times). One JSON object goes to stdout (progre
 
     python benchmarks/throughput.py --backbone resnet_small --device cpu
     python benchmarks/throughput.py --backbone resnet18_cifar --width 1.0 --head-depth 8 \\
-        --device cuda --amp bf16 --channels-last --data random
+        --device cuda --amp bf16 --channels-last on --data random
 """
 
 from __future__ import annotations
@@ -112,17 +118,22 @@ def sgd(model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
 class ModelStep:
     """Forward + FIRM loss on the two halves + backward + SGD, as in firmad's step."""
 
-    def __init__(self, trainer: Trainer, compile_encoder: bool, normalise: bool = True):
+    def __init__(
+        self, trainer: Trainer, compile_encoder: bool, normalise: bool = True, plain: bool = False
+    ):
         self.model = copy.deepcopy(trainer.model)
         if not normalise:  # the reference normalises in its transforms instead
             self.model.encoder.normalize = nn.Identity()
+        self.amp_dtype = trainer.amp_dtype
+        self.channels_last = trainer.channels_last
+        if plain:  # fp32 and contiguous tensors, whatever the run's options
+            self.model = self.model.to(memory_format=torch.contiguous_format)
+            self.amp_dtype, self.channels_last = None, False
         self.model.train()
         self.encoder = torch.compile(self.model.encoder) if compile_encoder else self.model.encoder
         self.device = trainer.device
         self.optimizer = sgd(self.model, self.device)
         self.loss_fn = trainer.method.embedding_loss  # the run's method (FIRM)
-        self.amp_dtype = trainer.amp_dtype
-        self.channels_last = trainer.channels_last
 
     def __call__(self, views: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
@@ -220,12 +231,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCK = {"wall": time.perf_counter, "cpu": time.thread_time}
+clock = CLOCK["wall"]
+
+
 def timed(fn: Callable[[], Any], steps: int, device: torch.device) -> list[float]:
     """Seconds per step for ``steps`` calls of ``fn``, device work included.
 
     On the CPU every step is timed on its own: the median over single steps shrugs off the
     bursts of a shared machine. On CUDA steps overlap (the host runs ahead of the device), so
-    the segment is timed as a whole and its mean step time returned.
+    the segment is timed as a whole and its mean step time returned. ``--clock cpu`` times the
+    CPU seconds of the main thread instead (one thread only): a step's own work, without the
+    time other jobs of a crowded machine held the core.
     """
     if device.type == "cuda":
         sync(device)
@@ -236,9 +253,9 @@ def timed(fn: Callable[[], Any], steps: int, device: torch.device) -> list[float
         return [(time.perf_counter() - t0) / steps]
     times = []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return times
 
 
@@ -321,7 +338,7 @@ def run_config(args) -> RunConfig:
         f"model.backbone={args.backbone}",
         f"train.device={args.device}",
         f"train.amp={args.amp}",
-        f"train.channels_last='{'on' if args.channels_last else 'off'}'",
+        f"train.channels_last='{args.channels_last}'",
         f"train.compile={'true' if args.compile else 'false'}",
         f"train.batch_size={BATCH}",
         "train.epochs=1000",  # the one-cycle schedule must outlast all timed steps
@@ -409,6 +426,8 @@ def summary(folder: str, names: list[str]) -> list[str]:
                 f"; {r['models']} models together {r['firmad_models']:.0f} "
                 f"(x{r['firmad_models_over_firmad']} of one)"
             )
+        if r.get("plain"):
+            line += f"; x{r['firmad_over_plain']} of plain fp32 ({r['plain']:.0f})"
         if r.get("reference"):
             line += f"; papers' pipeline {r['reference']:.0f}"
         lines.append(line)
@@ -426,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"error: {exc}") from None
 
 
-def _main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="resnet_small")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -440,14 +459,33 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=5, help="timed segments per pipeline")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per pipeline")
     p.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "random"])
-    p.add_argument("--amp", default="none", choices=["bf16", "fp16", "none"])
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "bf16", "fp16", "none"],
+        help="autocast precision (default auto: the recipe's; bf16 where native, else fp32)",
+    )
+    p.add_argument(
+        "--channels-last",
+        nargs="?",
+        const="on",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="memory layout (default auto: the recipe's, on; a bare --channels-last: on)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder")
     p.add_argument("--width", type=float, default=None, help="backbone width (recipe: 0.5)")
     p.add_argument("--head-depth", type=int, default=None, help="head layers (recipe: 2)")
     p.add_argument("--head-hidden", type=int, default=None, help="head width (recipe: 256)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--no-reference", action="store_true", help="skip the papers' pipeline")
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=sorted(CLOCK),
+        help="wall seconds, or cpu: CPU seconds of the one thread (needs --threads 1 and "
+        "--no-reference; for a crowded machine)",
+    )
     p.add_argument("--sync-free", action="store_true", help="the step without host syncs")
     p.add_argument(
         "--cuda-graph",
@@ -471,6 +509,16 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
     cuda = args.device == "cuda"
     if args.cuda_graph and not cuda:
         raise SystemExit("error: --cuda-graph needs --device cuda")
+    if args.clock == "cpu" and (cuda or args.threads != 1 or not args.no_reference):
+        raise SystemExit("error: --clock cpu needs --device cpu --threads 1 --no-reference")
+    return args
+
+
+def _main(argv: list[str] | None = None) -> dict[str, Any]:
+    global clock
+    args = parse_args(argv)
+    clock = CLOCK[args.clock]
+    cuda = args.device == "cuda"
     steps = args.steps or (50 if cuda else 20)
     ref_steps = args.ref_steps or (min(steps, 20) if cuda else steps)
     warmup = (
@@ -491,13 +539,19 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
     views = torch.rand((views_per_step, channels, size, size), generator=g).to(device)
     labels = torch.where(torch.arange(BATCH) % 4 == 0, 0, -1).to(device)
 
+    plain_step = ModelStep(trainer, compile_encoder=args.compile, plain=True)
+
     def limit() -> torch.Tensor:
         return limit_step(views, labels)
+
+    def plain() -> torch.Tensor:
+        return plain_step(views, labels)
 
     # Each pipeline is (name, step function, steps per segment).
     pipelines: list[tuple[str, Callable[[], Any], int]] = [
         ("limit", limit, steps),
         ("firmad", trainer.train_step, steps),
+        ("plain", plain, steps),
     ]
     ref = None
     views_of = {name: views_per_step for name, _, _ in pipelines}
@@ -549,7 +603,10 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
         "limit": round(med["limit"], 1),
         "firmad": round(med["firmad"], 1),
         "reference": round(med["reference"], 1) if "reference" in med else None,
+        "plain": round(med["plain"], 1),
         "firmad_over_limit": round(med["firmad"] / med["limit"], 3),
+        "firmad_over_plain": round(med["firmad"] / med["plain"], 3),
+        "limit_over_plain": round(med["limit"] / med["plain"], 3),
         "firmad_over_reference": (
             round(med["firmad"] / med["reference"], 3) if "reference" in med else None
         ),
@@ -579,8 +636,12 @@ def _main(argv: list[str] | None = None) -> dict[str, Any]:
             "repeats": args.repeats,
             "warmup": warmup,
             "threads": torch.get_num_threads(),
+            "clock": args.clock,
             "torch": torch.__version__,
-            "amp": args.amp,
+            "amp_setting": args.amp,
+            "amp": trainer.settings.amp,
+            "amp_reason": trainer.settings.checkpoint_meta.get("numerics", {}).get("amp_reason"),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "channels_last": bool(trainer.channels_last),
             "compile": bool(args.compile),
             "sync_free": bool(trainer.sync_free),

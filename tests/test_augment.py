@@ -12,9 +12,11 @@ from firmad.augment import (
     adjust_contrast,
     adjust_hue,
     adjust_saturation,
+    broadcast_channel,
     color_jitter,
     gaussian_blur,
     random_crops,
+    repeat_views,
     rotate90,
     to_float,
 )
@@ -190,3 +192,37 @@ def test_cuda_graph_replay_matches_eager_and_cpu() -> None:
     first = graph_aug(x, _gen(0))
     graph_aug(x, _gen(1))  # a later replay must not overwrite an earlier result
     torch.testing.assert_close(first, eager_aug(x, _gen(0)), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("device_params", [False, True])
+def test_grey_batch_is_augmented_once_with_the_same_numbers(seed, device_params) -> None:
+    """A grey batch broadcast to 3 channels (what the trainer samples from a grey pool) gets,
+    bit for bit, the views of its dense 3-channel copy: same parameters, same maths per channel
+    (luma of the three channels, hue a clamp), computed once."""
+    uint8 = torch.randint(0, 256, (12, 1, 20, 20), dtype=torch.uint8, generator=_gen(seed))
+    grey = repeat_views(to_float(uint8, size=16, channels=3, broadcast=True), 2)
+    dense = torch.cat([to_float(uint8, size=16, channels=3)] * 2)
+    assert broadcast_channel(grey) is not None and broadcast_channel(dense) is None
+    assert torch.equal(grey, dense)
+    aug = ViewAugment(
+        16, scale=(0.3, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), blur_p=0.75, hflip_p=0.5,
+        grayscale_p=0.5,
+    )  # fmt: skip
+    run = aug.forward_device if device_params else aug
+    for _ in range(4):  # several colour-op orders
+        state = _gen(seed).get_state()
+        got = run(grey, torch.Generator().set_state(state))
+        want = run(dense, torch.Generator().set_state(state))
+        assert broadcast_channel(got) is not None  # computed on one channel
+        assert torch.equal(got, want)
+        seed += 10
+
+
+@pytest.mark.parametrize("op", [adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue])
+def test_colour_ops_of_a_grey_channel_are_those_of_its_repetition(op) -> None:
+    # values a little outside [0, 1] too, as interpolation may leave them
+    one = torch.rand(6, 1, 8, 8, generator=_gen(3)) * 1.2 - 0.1
+    factor = torch.rand(6, generator=_gen(4)) - 0.5 if op is adjust_hue else torch.rand(6) + 0.5
+    want = op(one.expand(-1, 3, -1, -1).contiguous(), factor)
+    assert torch.equal(op(one, factor, 3).expand(-1, 3, -1, -1), want)

@@ -9,6 +9,7 @@ import pytest
 from firmad.cli import main
 from firmad.config import load_config
 from firmad.errors import CheckpointError, ConfigError
+from firmad.hardware import resolve_amp
 from firmad.pipeline import evaluate_run, train_run
 from tests.conftest import DSVDD_TINY
 
@@ -37,6 +38,9 @@ def test_train_run_writes_a_complete_run(tmp_path, tiny):
         assert key in data
     assert data["dataset"] == "fashion-mnist" and data["normal_classes"] == [0]
     assert data["method"] == "firm" and data["epochs"] == 2
+    # The precision it trained in: train.amp auto as resolved on this machine, and why.
+    assert data["numerics"]["amp"] == resolve_amp("auto", "cpu")[0]
+    assert data["numerics"]["amp_reason"].startswith("auto: ")
     assert {(r["scorer"], r["k"]) for r in data["results"]} == {("knn_cos", 5), ("centre", None)}
     for r in data["results"]:
         assert set(r) >= RESULT_KEYS and 0 <= r["auroc"] <= 1

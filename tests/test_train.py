@@ -155,6 +155,7 @@ def test_a_trainer_from_explicit_components_equals_the_factorys(tiny, one_thread
     from firmad.augment import ViewAugment
     from firmad.data.pool import build_pool, prepare_images
     from firmad.factory import build_split
+    from firmad.hardware import resolve_amp
     from firmad.methods import FIRM
     from firmad.models import HeadSettings, build_backbone, normalisation_for
     from firmad.outliers import parse_outliers
@@ -177,8 +178,9 @@ def test_a_trainer_from_explicit_components_equals_the_factorys(tiny, one_thread
         optimizer, max_lr=0.01, total_steps=8, pct_start=0.25, anneal_strategy="cos"
     )
     augment = ViewAugment(size=16, blur_p=0.0)
+    amp = resolve_amp("auto", cpu)[0]  # what the recipe's train.amp: auto gives here
     settings = TrainSettings(batch_size=16, epochs=2, seed=0, device=cpu, steps_per_epoch=4,
-                             channels_last=True)  # fmt: skip
+                             amp=amp, channels_last=True)  # fmt: skip
     by_hand = Trainer(model, method, pool, optimizer, scheduler, augment, (), settings)
     factory = build_trainer(cfg)
     for _ in range(3):

@@ -46,11 +46,13 @@ __all__ = [
     "adjust_contrast",
     "adjust_hue",
     "adjust_saturation",
+    "broadcast_channel",
     "check_view_settings",
     "color_jitter",
     "gaussian_blur",
     "grayscale",
     "random_crops",
+    "repeat_views",
     "rotate90",
     "test_transform",
     "to_float",
@@ -120,6 +122,9 @@ class ViewAugment(nn.Module):
     Semantics follow torchvision, with one difference: the order of the four colour ops is
     drawn once per batch (torchvision draws it per image), so the whole batch stays batched.
     Inputs larger than ``size`` are not antialiased; resize them first with :func:`to_float`.
+    A grey batch broadcast to 3 channels (``to_float(..., broadcast=True)``: channel stride 0)
+    is augmented once, on its one channel, and comes back broadcast: the same numbers as for
+    its 3-channel copy at a third of the work (and no hue maths, a no-op on grey images).
     """
 
     def __init__(
@@ -232,22 +237,26 @@ class ViewAugment(nn.Module):
 
         Fixed shapes, no host synchronisation: safe to capture in a CUDA graph.
         """
-        S = self.size
-        do_jitter, do_gray, do_blur = self._stages(x.shape[1])
-        out = sample_grid(x, params[:, :S], params[:, S : 2 * S])
+        S, C = self.size, x.shape[1]
+        grey = broadcast_channel(x)
+        do_jitter, do_gray, do_blur = self._stages(C)
+        out = sample_grid(x if grey is None else grey, params[:, :S], params[:, S : 2 * S])
         i = 2 * S
         if do_jitter:
-            out = color_jitter(out, params[:, i : i + 4], order)
+            out = color_jitter(out, params[:, i : i + 4], order, C)
             i += 4
-        return self._gray_and_blur(out, params, i, do_gray, do_blur)
+        out = self._gray_and_blur(out, params, i, (do_gray, do_blur), C)
+        return out if grey is None else out.expand(-1, C, -1, -1)
 
     def _gray_and_blur(
-        self, out: Tensor, params: Tensor, i: int, do_gray: bool, do_blur: bool
+        self, out: Tensor, params: Tensor, i: int, stages: tuple[bool, bool], channels: int
     ) -> Tensor:
-        """The last two stages, from the parameter columns starting at ``i``."""
+        """The last two stages (which run: ``stages``), from the parameter columns starting at
+        ``i``; ``channels``: what ``out`` stands for (3 for a grey batch's one channel)."""
+        do_gray, do_blur = stages
         if do_gray:
             flag = params[:, i].view(-1, 1, 1, 1)
-            out = torch.lerp(out, grayscale(out).expand_as(out), flag)
+            out = torch.lerp(out, grayscale(out, channels).expand_as(out), flag)
             i += 1
         if do_blur:
             out = blur_with_kernels(out, params[:, i : i + self.blur_kernel])
@@ -317,20 +326,22 @@ class ViewAugment(nn.Module):
         computes each active op and keeps the one its order names (torch.where), so one fixed
         sequence of kernels serves every order -- capturable once in a CUDA graph. The colour
         ops cost 4x as much; the result is the same as with the order as a tuple."""
-        S = self.size
-        do_jitter, do_gray, do_blur = self._stages(x.shape[1])
-        out = sample_grid(x, params[:, :S], params[:, S : 2 * S])
+        S, C = self.size, x.shape[1]
+        grey = broadcast_channel(x)
+        do_jitter, do_gray, do_blur = self._stages(C)
+        out = sample_grid(x if grey is None else grey, params[:, :S], params[:, S : 2 * S])
         i = 2 * S
         if do_jitter:
             factors = params[:, i : i + 4]
-            active = self._active_ops(x.shape[1])
+            active = self._active_ops(C)
             for slot in range(4):
                 before = out
                 for k in active:
-                    op = COLOR_OPS[k](before, factors[:, k])
+                    op = COLOR_OPS[k](before, factors[:, k], C)
                     out = torch.where(slots[slot] == k, op, out)
             i += 4
-        return self._gray_and_blur(out, params, i, do_gray, do_blur)
+        out = self._gray_and_blur(out, params, i, (do_gray, do_blur), C)
+        return out if grey is None else out.expand(-1, C, -1, -1)
 
     def forward_device(
         self,
@@ -386,11 +397,14 @@ def _resize(x: Tensor, size: int | tuple[int, int]) -> Tensor:
     return F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)
 
 
-def to_float(x: Tensor, size: int | None = None, channels: int = 3) -> Tensor:
+def to_float(
+    x: Tensor, size: int | None = None, channels: int = 3, broadcast: bool = False
+) -> Tensor:
     """uint8 images (B, C, H, W) -> float32 in [0, 1], resized (bilinear, antialias) to
     ``size`` x ``size`` if given and different, and a single channel repeated to 3 channels
-    when ``channels == 3``. Float64 input stays float64 (gradient checks); other floats become
-    float32."""
+    when ``channels == 3`` (with ``broadcast``: as a view with channel stride 0, no copy, which
+    `ViewAugment` augments once). Float64 input stays float64 (gradient checks); other floats
+    become float32."""
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise InputError("to_float expects a (B, C, H, W) tensor of uint8 images")
     if x.dtype == torch.uint8:
@@ -401,8 +415,28 @@ def to_float(x: Tensor, size: int | None = None, channels: int = 3) -> Tensor:
         # not in place: at the target size _resize returns the caller's (maybe leaf) tensor
         out = _resize(out, int(size)).clamp(0.0, 1.0)
     if channels == 3 and out.shape[1] == 1:
-        out = out.expand(-1, 3, -1, -1).contiguous()
+        out = out.expand(-1, 3, -1, -1)
+        return out if broadcast else out.contiguous()
     return out
+
+
+def broadcast_channel(x: Tensor) -> Tensor | None:
+    """The one channel (B, 1, H, W) of a batch whose channels all are that channel broadcast
+    (channel stride 0, as ``to_float(..., broadcast=True)`` makes them), else None."""
+    if x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 0:
+        return x[:, :1]
+    return None
+
+
+def repeat_views(x: Tensor, n: int) -> Tensor:
+    """``n`` copies of a batch stacked (view-major), as the methods' views start: a broadcast
+    grey batch stays broadcast (its one channel is copied, not three)."""
+    if n == 1:
+        return x
+    grey = broadcast_channel(x)
+    if grey is None:
+        return torch.cat([x] * n)
+    return torch.cat([grey] * n).expand(-1, x.shape[1], -1, -1)
 
 
 def _center_crop(x: Tensor, size: int) -> Tensor:

@@ -163,6 +163,12 @@ class TrainConfig(_Section):
     # SGD, frozen outliers, one process. Same numbers as the eager step, to float tolerance.
     cuda_graph: bool = False
 
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _on_off(cls, v):
+        # YAML reads a bare on / off (`--set train.channels_last=off`) as a boolean
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:

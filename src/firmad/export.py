@@ -65,7 +65,8 @@ def export_onnx(model, path: str | Path, opset: int = 18, threshold: float | Non
     c, h, w = model.input_shape
     example = torch.zeros(2, c, h, w, dtype=torch.uint8)
     try:
-        with quiet_exporter():
+        # fp32 whatever the caller's autocast: the graph computes what score_tensor computes
+        with quiet_exporter(), torch.autocast("cpu", enabled=False):
             program = torch.onnx.export(
                 graph,
                 (example,),

@@ -27,6 +27,7 @@ from firmad.data.protocol import (
     one_vs_rest,
 )
 from firmad.errors import ConfigError
+from firmad.hardware import resolve_amp, run_numerics
 from firmad.methods import Method, method_class
 from firmad.models import HeadSettings, build_backbone, normalisation_for
 from firmad.outliers import parse_outliers
@@ -172,6 +173,10 @@ def train_settings(
     adversarial = None
     if a.enabled:
         adversarial = AdversarialSettings(a.norm, a.eps, a.steps, a.alpha(), a.random_start)
+    # auto: bf16 autocast where the device computes it natively, fp32 elsewhere (firmad.hardware)
+    amp, amp_reason = resolve_amp(t.amp, device)
+    channels_last = t.channels_last in ("on", "auto")  # faster convolutions on CPU and GPU
+    numerics = run_numerics(amp, amp_reason, channels_last)
     return TrainSettings(
         batch_size=t.batch_size,
         epochs=t.epochs,
@@ -179,13 +184,13 @@ def train_settings(
         device=device,
         channels=cfg.data.channels,
         steps_per_epoch=t.steps_per_epoch or 0,
-        amp=t.amp if t.amp != "auto" else ("bf16" if device.type == "cuda" else "none"),
-        channels_last=t.channels_last in ("on", "auto"),  # faster convolutions on CPU and GPU
+        amp=amp,
+        channels_last=channels_last,
         compile=t.compile,
         cuda_graph=t.cuda_graph,
         adversarial=adversarial,
         fresh_outliers=fresh_outliers(cfg, method),
-        checkpoint_meta={"dataset": dataset, "config": cfg.to_dict()},
+        checkpoint_meta={"dataset": dataset, "config": cfg.to_dict(), "numerics": numerics},
     )
 
 

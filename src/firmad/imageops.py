@@ -65,36 +65,50 @@ def _per_sample(f: Tensor | float, x: Tensor) -> Tensor:
     return f.reshape(-1, 1, 1, 1) if f.dim() > 0 else f
 
 
-def grayscale(x: Tensor) -> Tensor:
-    """Luma of a (B, 3, H, W) batch as (B, 1, H, W); a 1-channel batch is returned unchanged."""
-    if x.shape[1] == 1:
+# The colour ops take ``channels``: a 1-channel batch with ``channels=3`` stands for a grey image
+# repeated to 3 channels, and gets the numbers each channel of that repeated image gets (what
+# `firmad.augment` uses to compute a grey batch's views once instead of three times).
+
+
+def grayscale(x: Tensor, channels: int | None = None) -> Tensor:
+    """Luma of a (B, 3, H, W) batch as (B, 1, H, W); a 1-channel batch is returned unchanged
+    (``channels=3``: the luma of its repetition to 3 channels, torchvision's 0.9999 x)."""
+    C = channels or x.shape[1]
+    if C == 1:
         return x
-    B, C, H, W = x.shape
+    B, _, H, W = x.shape
     w = constant(_LUMA, x.device, x.dtype)
-    # One matmul over the channel axis: ~2x faster than a weighted sum on CPU.
-    return torch.matmul(w, x.reshape(B, C, H * W)).reshape(B, 1, H, W)
+    # One matmul over the channel axis: ~2x faster than a weighted sum on CPU. A grey batch is
+    # repeated first: the matmul of 3 real channels, the numbers the repeated image gets.
+    flat = x.reshape(B, x.shape[1], H * W)
+    if flat.shape[1] != C:
+        flat = flat.expand(B, C, H * W).contiguous()
+    return torch.matmul(w, flat).reshape(B, 1, H, W)
 
 
-def adjust_brightness(x: Tensor, factor: Tensor | float) -> Tensor:
+def adjust_brightness(x: Tensor, factor: Tensor | float, channels: int | None = None) -> Tensor:
     """Multiply by a per-sample factor (B,) and clamp to [0, 1]."""
     return (x * _per_sample(factor, x)).clamp_(0.0, 1.0)
 
 
-def adjust_contrast(x: Tensor, factor: Tensor | float) -> Tensor:
+def adjust_contrast(x: Tensor, factor: Tensor | float, channels: int | None = None) -> Tensor:
     """Blend each image with the mean of its grayscale version, per-sample factor (B,)."""
-    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    mean = grayscale(x, channels).mean(dim=(1, 2, 3), keepdim=True)
     return torch.lerp(mean.expand_as(x), x, _per_sample(factor, x)).clamp_(0.0, 1.0)
 
 
-def adjust_saturation(x: Tensor, factor: Tensor | float) -> Tensor:
+def adjust_saturation(x: Tensor, factor: Tensor | float, channels: int | None = None) -> Tensor:
     """Blend each image with its grayscale version, per-sample factor (B,). No-op for 1 channel."""
-    if x.shape[1] == 1:
+    if (channels or x.shape[1]) == 1:
         return x
-    return torch.lerp(grayscale(x).expand_as(x), x, _per_sample(factor, x)).clamp_(0.0, 1.0)
+    gray = grayscale(x, channels).expand_as(x)
+    return torch.lerp(gray, x, _per_sample(factor, x)).clamp_(0.0, 1.0)
 
 
-def adjust_hue(x: Tensor, shift: Tensor | float) -> Tensor:
-    """Rotate the hue by a per-sample shift (B,) in turns ([-0.5, 0.5]). No-op for 1 channel.
+def adjust_hue(x: Tensor, shift: Tensor | float, channels: int | None = None) -> Tensor:
+    """Rotate the hue by a per-sample shift (B,) in turns ([-0.5, 0.5]). No-op for 1 channel;
+    a grey image repeated to 3 channels (``channels=3``) has no hue and comes back clamped to
+    [0, 1], as the round trip below returns it.
 
     Batched RGB -> HSV -> RGB. With d = max - min (= v * s), the inverse is the closed form
     ``c_n = v - d * clamp(min(k, 4 - k), 0, 1)``, ``k = (n + 6 h) mod 6``, n = 5, 3, 1.
@@ -102,7 +116,7 @@ def adjust_hue(x: Tensor, shift: Tensor | float) -> Tensor:
     slower than plain arithmetic on CPU.
     """
     if x.shape[1] == 1:
-        return x
+        return x if (channels or 1) == 1 else x.clamp(0.0, 1.0)
     r, g, b = x.unbind(1)
     v = x.amax(dim=1)
     d = v - x.amin(dim=1)
@@ -125,14 +139,19 @@ def adjust_hue(x: Tensor, shift: Tensor | float) -> Tensor:
 COLOR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
-def color_jitter(x: Tensor, factors: Tensor, order: tuple[int, ...] = (0, 1, 2, 3)) -> Tensor:
+def color_jitter(
+    x: Tensor,
+    factors: Tensor,
+    order: tuple[int, ...] = (0, 1, 2, 3),
+    channels: int | None = None,
+) -> Tensor:
     """Apply brightness, contrast, saturation, hue with per-sample ``factors`` (B, 4).
 
     ``order`` lists op indices (0 brightness, 1 contrast, 2 saturation, 3 hue) in the order
-    they are applied. Identity factors are (1, 1, 1, 0).
+    they are applied. Identity factors are (1, 1, 1, 0). ``channels``: as the ops above.
     """
     for i in order:
-        x = COLOR_OPS[i](x, factors[:, i])
+        x = COLOR_OPS[i](x, factors[:, i], channels)
     return x
 
 

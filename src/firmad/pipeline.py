@@ -396,6 +396,7 @@ def _record(
         "eval_time_s": round(eval_s, 3),
         "wall_time_s": round(wall_s, 3),
         "recipe": cfg.name,
+        "numerics": meta.get("numerics"),  # precision trained in (train.amp resolved) and why
         "results": [],
     }
     history = meta.get("history", [])

@@ -16,7 +16,8 @@ import typer
 from firmad.cli.common import app, console, global_flags_first
 from firmad.errors import FirmadError
 
-for _module in ("runs", "data", "detectors", "robustness"):  # registered in `--help`'s order
+# registered in `--help`'s order
+for _module in ("runs", "data", "detectors", "robustness", "doctor"):
     importlib.import_module(f"firmad.cli.{_module}")
 
 # --- entry point ---------------------------------------------------------------------------------
@@ -35,6 +36,7 @@ SHORT_HELP = {
     "attack": "Robust AUROC of a run or detector under PGD.",
     "data": "Find, inspect and prepare datasets.",
     "data prepare": "Find a dataset, or download its official files.",
+    "doctor": "What decides numerics here: versions, CPU, bf16, threads.",
 }
 
 

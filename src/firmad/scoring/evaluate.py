@@ -24,7 +24,7 @@ from torch import nn
 from firmad.errors import ConfigError, InputError
 from firmad.metrics import evaluate_scores
 from firmad.scoring.banks import bank_crops, bank_subset, extract_banks
-from firmad.scoring.features import ANGLES, FeatureExtractor, check_uint8
+from firmad.scoring.features import ANGLES, FeatureExtractor, check_uint8, full_precision
 from firmad.scoring.scorers import build_scorer
 from firmad.scoring.specs import ScorerSpec, parse_scorer, scorer_class
 
@@ -117,13 +117,15 @@ class VariantScorer(nn.Module):
     def forward(
         self, extractor: FeatureExtractor, x: torch.Tensor, gen: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Differentiable scores of images in [0, 1] through ``extractor``."""
+        """Differentiable scores of images in [0, 1] through ``extractor``, in float32 even
+        under a caller's autocast (`full_precision`)."""
         crops = self.n_crops if self.variant == "ensemble" else None
         feats = {}
-        for angle in self.angles:
-            f = extractor(x, angle=angle, crops=crops, gen=gen)
-            feats[angle] = f.reshape(crops, x.shape[0], -1) if crops else f
-        return self.combine(feats)
+        with full_precision(x.device.type):
+            for angle in self.angles:
+                f = extractor(x, angle=angle, crops=crops, gen=gen)
+                feats[angle] = f.reshape(crops, x.shape[0], -1) if crops else f
+            return self.combine(feats)
 
 
 def _spec_and_data(

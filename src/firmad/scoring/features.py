@@ -7,9 +7,15 @@ evaluation, the detector API, attacks and the ONNX export alike:
     already that size) -> grey repeated to the encoder's channels -> test transform (resize
     ``size * resize_ratio``, centre-crop ``size``; the paper's 36 -> 32) -> rotation by a
     multiple of 90 degrees -> encoder (its first layer normalises) -> (N, D).
+
+Features are computed in float32 (the encoder's dtype) with channels-last input on the CPU,
+never under autocast (`full_precision`): a run may train in bf16, but scores, attacks and the
+ONNX export see the fp32 model a deployment runs.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
@@ -73,9 +79,11 @@ class FeatureExtractor(nn.Module):
     ) -> torch.Tensor:
         x = self.preprocess(x, angle, crops, gen).to(self.dtype)
         if x.device.type == "cpu" and not tracing():
-            # oneDNN convolutions run markedly faster on channels-last input (same numbers)
+            # oneDNN convolutions run markedly faster on channels-last input (same numbers up
+            # to the order of float sums)
             x = x.contiguous(memory_format=torch.channels_last)
-        out = self.encoder(x)
+        with full_precision(x.device.type):
+            out = self.encoder(x)
         if isinstance(out, tuple | list):  # encoders returning (features, extras)
             out = out[0]
         out = out.reshape(out.shape[0], -1)
@@ -129,6 +137,16 @@ class FeatureExtractor(nn.Module):
         if not chunks:
             raise InputError("no images to extract features from (empty tensor).")
         return torch.cat(chunks, dim=1 if crops is not None else 0)
+
+
+def full_precision(device_type: str):
+    """A context without autocast: inside it the encoder and scorers compute in their own dtype
+    (float32), also when the caller runs under ``torch.autocast`` -- an attacker of an fp32
+    deployment does not see bf16 gradients. Nothing to switch off while tracing (ONNX export,
+    torch.compile): a traced graph holds no autocast."""
+    if tracing():
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
 
 
 class eval_mode:

@@ -31,7 +31,8 @@ class TrainSettings:
     ``batch_size`` is the global batch of all processes; ``steps_per_epoch`` caps an epoch
     (0: the whole pool); ``amp`` is resolved (none, bf16 or fp16); ``fresh_outliers`` are the
     outlier kinds drawn anew each step (empty: the pool's frozen ones); ``checkpoint_meta``
-    goes into every checkpoint's metadata (the dataset and the run config)."""
+    goes into every checkpoint's metadata (the dataset, the run config, and ``numerics``: the
+    precision ``train.amp`` resolved to here and why, the layout, capability and threads)."""
 
     batch_size: int
     epochs: int

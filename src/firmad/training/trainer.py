@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from firmad.augment import ViewAugment, to_float
+from firmad.augment import ViewAugment, repeat_views, to_float
 from firmad.data.pool import Pool
 from firmad.errors import CheckpointError, ConfigError, FirmadError
 from firmad.io import join_state, prefixed, split_state
@@ -137,7 +137,9 @@ class Trainer(SyncFreeStep):
         """Float images in [0, 1] (B, C, S, S) with their class ids and outlier kind ids.
 
         With several processes, B is this rank's slice of the global batch: every rank draws
-        the whole global batch's random numbers and keeps rows ``rank*B .. (rank+1)*B``."""
+        the whole global batch's random numbers and keeps rows ``rank*B .. (rank+1)*B``. A grey
+        pool of a 3-channel model comes as its channel broadcast (`firmad.augment.to_float`),
+        so that the views are computed once per image, not once per channel."""
         b = self.settings.batch_size
         if self.perm is None:
             self.perm = torch.randperm(
@@ -155,11 +157,11 @@ class Trainer(SyncFreeStep):
             class_ids = torch.where(kind_ids > 0, -1, self.pool.class_ids[idx % n])
             return x[mine], class_ids[mine], kind_ids[mine]
         idx = idx[mine]
-        x = to_float(self.pool.images[idx], channels=self.settings.channels)
+        x = to_float(self.pool.images[idx], channels=self.settings.channels, broadcast=True)
         return x, self.pool.class_ids[idx], self.pool.kind_ids[idx]
 
     def compute_loss(self, x: torch.Tensor, class_ids: torch.Tensor, kind_ids: torch.Tensor):
-        views = torch.cat([x] * self.n_views) if self.n_views > 1 else x
+        views = repeat_views(x, self.n_views)
         if self.augment is not None:
             views = self.augment_views(views)
         if self.channels_last:
