@@ -147,6 +147,8 @@ def build_set(cell, name: str, models, sources, held) -> dict[str, Any]:
     }
     try:
         meta["attempts"], images, eps = _reach(cell, name, det_bin, (source, target), relabelled)
+        if images is None:
+            raise _reach_error(cell, name, meta["attempts"])
         meta.update(eps=eps, reach=meta["attempts"][-1])
         meta["reference"] = _reference_check(
             cell, name, det_ref, (source, images, label), relabelled, held
@@ -170,7 +172,7 @@ def _reach(cell, name: str, det_bin, pushed, relabelled):
     """Attack the images towards their targets at each radius of ``reach_eps`` until both
     directions reach the floor among the *relabelled* images (the others are pushed further
     into their own label and would reach it for free): the attempts, the stored images and the
-    radius. Raises `ConstructionError` when no radius does."""
+    radius (None, None when no radius does)."""
     from firmad.robustness.attacks import pgd, score
     from firmad.robustness.construct import reach_by_target, to_uint8
 
@@ -197,8 +199,12 @@ def _reach(cell, name: str, det_bin, pushed, relabelled):
         attempts.append({"eps": eps, **reach_by_target(read, target[relabelled])})
         if min(attempts[-1]["to_normal"], attempts[-1]["to_outlier"]) >= c.reach_floor:
             return attempts, stored, eps
-    last = attempts[-1]
-    raise ConstructionError(
+    return attempts, None, None
+
+
+def _reach_error(cell, name: str, attempts: list[dict]) -> ConstructionError:
+    c, last = cell.cfg, attempts[-1]
+    return ConstructionError(
         f"{name} ({cell.tag()}): at the largest radius, L2 eps {c.reach_eps[-1]:g}, only "
         f"{100 * last['to_outlier']:.1f} % of the relabelled stored images reach 'outlier' and "
         f"{100 * last['to_normal']:.1f} % reach 'normal'; the floor is "

@@ -163,7 +163,7 @@ class StudyConfig(BaseModel):
                 f"robust_floor_eps {self.robust_floor_eps:g} must be one of attack_eps "
                 f"{self.attack_eps}: the floor reads the attacked AUROC there"
             )
-        known = set(BINARY_SETS) | set(one_class_sets(self.inversion_starts))
+        known = set(BINARY_SETS) | set(one_class_sets())
         unknown = sorted(set(self.transfer_sets) - known)
         if unknown:
             raise ValueError(f"transfer_sets: unknown set(s) {unknown}; known: {sorted(known)}")
