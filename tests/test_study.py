@@ -379,3 +379,61 @@ def test_one_class_branch_on_some_seeds(tmp_path, one_thread):
     }
     md = (tmp_path / "out" / "study.md").read_text()
     assert "one-class branch ran on seeds [1] only" in md
+
+
+def _fake_cell(seed: int, clean: dict[str, float]) -> dict:
+    def ev(v):
+        return {"clean_auroc": v, "attacked": {}}
+
+    binary = {n: ev(v) for n, v in clean.items() if not n.startswith(("D_R", "D_NR", "starts"))}
+    one = {n: ev(v) for n, v in clean.items() if n.startswith(("D_R", "D_NR", "starts"))}
+    return {
+        "class": 0,
+        "seed": seed,
+        "binary": {"sets": binary, "models": {}},
+        "one_class": {"sets": one, "models": {}},
+    }
+
+
+def test_the_summary_applies_the_rule_to_every_set_with_its_floors():
+    """Five seeds of one class: D_det below chance but above its controls, D_rand above both,
+    D_NR-other no better than its starts, D_R-other missing in two cells (stopped)."""
+    from firmad.robustness.study.config import StudyConfig
+    from firmad.robustness.study.stats import summarise
+
+    cfg = StudyConfig(
+        classes=[0], inversion_starts=["other"], transfer_backbone=None, attack_eps=[0.0, 0.5]
+    )
+    rng = np.random.default_rng(0)
+    results = {}
+    for seed in range(5):
+        j = lambda: float(rng.normal(0, 0.01))  # noqa: E731
+        clean = {
+            "D_clean": 0.9 + j(),
+            "D_det": 0.4 + j(),
+            "flip": 0.1 + j(),
+            "flip_noise": 0.2 + j(),
+            "D_rand": 0.7 + j(),
+            "shuffle": 0.4 + j(),
+            "shuffle_noise": 0.45 + j(),
+            "D_NR-other": 0.6 + j(),
+            "starts-other": 0.6 + j(),
+            "normals": 0.9 + j(),
+        }
+        if seed < 3:
+            clean["D_R-other"] = 0.8 + j()
+        results[(0, seed)] = _fake_cell(seed, clean)
+    summary = summarise(cfg, results)
+    sets = summary["groups"]["0"]["sets clean"]["sets"]
+    assert sets["D_det"]["verdict"] == SIGNAL and sets["D_rand"]["verdict"] == USEFUL
+    assert sets["D_NR-other"]["verdict"] == NOT_USEFUL
+    assert (
+        sets["D_R-other"]["verdict"] == NO_VERDICT
+        and "3 of 5 cells (needs 4)" in (sets["D_R-other"]["why"])
+    )
+    assert sets["D_det"]["diffs"]["flip"]["n"] == 5
+    assert sets["D_det"]["own"]["lo"] < 0.4 < sets["D_det"]["own"]["hi"] < 0.5
+    answers = summary["groups"]["0"]["sets clean"]["answers"]
+    assert answers == {"one_class": NOT_USEFUL, "robust_features": NO_VERDICT, "binary": SIGNAL}
+    levels = summary["groups"]["0"]["sets clean"]["levels"]
+    assert levels["shuffle"]["mean"] == pytest.approx(0.4, abs=0.02)

@@ -137,7 +137,7 @@ def build_set(cell, name: str, models, sources, held) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(cell.seed * 1009 + (11 if name == "D_det" else 13))
     target = 1 - label if name == "D_det" else torch.randint(0, 2, (len(source),), generator=gen)
     relabelled = target != label
-    tic = time.perf_counter()
+    tic, cpu = time.perf_counter(), time.process_time()
     meta: dict[str, Any] = {
         "set": name,
         "class": cell.cls,
@@ -162,6 +162,7 @@ def build_set(cell, name: str, models, sources, held) -> dict[str, Any]:
     meta.update(
         share_relabelled=float(relabelled.float().mean()),
         seconds=round(time.perf_counter() - tic, 1),
+        cpu_s=round(time.process_time() - cpu, 1),
     )
     _save_sets(cell, name, (source, images, noise), target, meta)
     atomic_write_json(record, meta)

@@ -109,9 +109,10 @@ class Cell:
                 continue
             done = self.out / f"{branch}.json"
             if not done.exists():
-                tic = time.perf_counter()
+                tic, cpu = time.perf_counter(), time.process_time()
                 part = build(self)
                 part["seconds_last_invocation"] = round(time.perf_counter() - tic, 1)
+                part["cpu_s_last_invocation"] = round(time.process_time() - cpu, 1)
                 atomic_write_json(done, part)
             result[branch] = json.loads(done.read_text())
             # a stopped stage is kept with its reason and reported on every run

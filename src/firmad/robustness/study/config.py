@@ -163,6 +163,8 @@ class StudyConfig(BaseModel):
                 f"robust_floor_eps {self.robust_floor_eps:g} must be one of attack_eps "
                 f"{self.attack_eps}: the floor reads the attacked AUROC there"
             )
+        for field in ("backbone", "transfer_backbone"):
+            _check_backbone(field, getattr(self, field))
         known = set(BINARY_SETS) | set(one_class_sets())
         unknown = sorted(set(self.transfer_sets) - known)
         if unknown:
@@ -172,6 +174,23 @@ class StudyConfig(BaseModel):
     def cells_needed(self, n_cells: int) -> int:
         """The cells of ``n_cells`` in which a stage must pass for its sets to get a verdict."""
         return max(1, math.ceil(self.cells_floor * n_cells - 1e-9))
+
+
+def _check_backbone(field: str, entry: str | None) -> None:
+    from firmad.models import BACKBONES
+
+    if entry is None:
+        return
+    name, _, width = entry.partition("@")
+    try:
+        ok = name in BACKBONES and (not width or float(width) > 0)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{field}: {entry!r} is not 'name' or 'name@width' with a backbone of "
+            f"{', '.join(sorted(BACKBONES))} and a width > 0"
+        )
 
 
 def read_study(path: str | Path) -> StudyConfig:

@@ -39,6 +39,7 @@ def study_markdown(results: dict[str, Any]) -> str:
     lines += _inputs_table(summary)
     lines += _levels_table(summary)
     lines += _init_lines(summary)
+    lines += _timing_lines(summary)
     lines += _construction_lines(results)
     lines += _floor_lines(results)
     lines += _inversion_lines(results)
@@ -77,30 +78,55 @@ def _views(summary: dict) -> list[tuple[str, str]]:
 
 def _verdict_lines(results: dict) -> list[str]:
     summary, groups = results["summary"], results["summary"]["groups"]
-    lines = ["## Verdicts", "", f"The rule: {RULE}", "",
-             f"Intervals: {100 * summary['confidence']:.0f} % t-intervals over the seeds of a "
-             "class; pooled, over the class means (classes are a random effect: a pooled claim "
-             "rests on the classes, not on the cells).", "",
-             "| question | view | " + " | ".join(_group_name(g) for g in groups) + " |",
-             "|---|---|" + "---|" * len(groups)]  # fmt: skip
+    lines = [
+        "## Verdicts",
+        "",
+        f"The rule: {RULE}",
+        "",
+        f"Intervals: {100 * summary['confidence']:.0f} % t-intervals over the seeds of a "
+        "class; pooled, over the class means (classes are a random effect: a pooled claim "
+        "rests on the classes, not on the cells).",
+        "",
+        "| question | view | " + " | ".join(_group_name(g) for g in groups) + " |",
+        "|---|---|" + "---|" * len(groups),
+    ]
     for question in QUESTIONS:
         for view, vname in _views(summary):
             cells = [groups[g][view]["answers"].get(question) for g in groups]
             if any(c is not None for c in cells):
                 text = " | ".join("–" if c is None else f"**{c}**" for c in cells)
                 lines.append(f"| {QUESTIONS[question]} | {vname} | {text} |")
+    chance = [
+        f"{_group_name(g)} {_interval(e['sets clean']['levels']['shuffle'])}"
+        for g, e in groups.items()
+        if "shuffle" in e["sets clean"]["levels"]
+    ]
+    if chance:
+        lines += [
+            "",
+            f"Chance is {100 * summary['chance']:.0f}; this pipeline's own chance "
+            "level, the clean AUROC of the shuffle control (labels that carry nothing): "
+            + ", ".join(chance)
+            + ".",
+        ]
     floors = summary["floors"]
     if not floors["general_claim_allowed"]:
-        lines += ["", f"{floors['classes']} class(es), at least {floors['seeds_min']} seed(s) "
-                  "each: below the floors for a general claim (>= 3 classes, >= 5 seeds); "
-                  "not a general result."]  # fmt: skip
+        lines += [
+            "",
+            f"{floors['classes']} class(es), at least {floors['seeds_min']} seed(s) "
+            "each: below the floors for a general claim (>= 3 classes, >= 5 seeds); "
+            "not a general result.",
+        ]
     for question in QUESTIONS:
         block = _question_lines(summary, question, "sets clean")
         if block:
             lines += ["", f"### {TITLES[question]}", "", *block]
-    stopped = [f"- {key} {b}: {m}" for key, r in results["cells"].items()
-               for b in ("binary", "one_class")
-               for m in r.get(b, {}).get("stopped", {}).values()]  # fmt: skip
+    stopped = [
+        f"- {key} {b}: {m}"
+        for key, r in results["cells"].items()
+        for b in ("binary", "one_class")
+        for m in r.get(b, {}).get("stopped", {}).values()
+    ]
     if stopped:
         lines += ["", "### Stopped stages", "", *stopped]
     return lines + [""]
@@ -117,9 +143,13 @@ def _question_lines(summary: dict, question: str, view: str) -> list[str]:
         part = entry[view]
         if question not in part["answers"]:
             continue
-        detail = "; ".join(f"{n}: {part['sets'][n]['verdict']} ({_inputs(part['sets'][n])})"
-                           for n in _key_sets(question, part["sets"]))  # fmt: skip
-        head = _group_name(gname) + ("" if gname == "pooled" else f" ({len(entry['seeds'])} seeds)")
+        detail = "; ".join(
+            f"{n}: {part['sets'][n]['verdict']} ({_inputs(part['sets'][n])})"
+            for n in _key_sets(question, part["sets"])
+        )
+        head = _group_name(gname) + (
+            "" if gname == "pooled" else f" ({len(entry['seeds'])} seed(s))"
+        )
         lines.append(f"- {head}: **{part['answers'][question]}** — {detail}")
     return lines
 
@@ -190,6 +220,30 @@ def _init_lines(summary: dict) -> list[str]:
         "a seed) that differ from every source model of their cell (init seeds and "
         "initial-weight digests per model in study.json).",
     ]
+
+
+def _timing_lines(summary: dict) -> list[str]:
+    t = summary["timing"]
+    lines = [
+        "",
+        "## Time per cell (seconds; CPU: all threads of the cell's process)",
+        "",
+        "| cell | wall | CPU | training CPU | testing CPU | constructions CPU |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, r in t["cells"].items():
+        lines.append(
+            f"| {key} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['train_cpu_s']:.0f} | "
+            f"{r['test_cpu_s']:.0f} | {r['construct_cpu_s']:.0f} |"
+        )
+    if t["cpu_s_median"]:
+        lines += [
+            "",
+            f"Median CPU seconds per cell: {t['cpu_s_median']:.0f} (wall time on a "
+            "machine shared with other work says little; CPU time extrapolates: n cells "
+            "on c fully used cores take about n x this / c seconds).",
+        ]
+    return lines
 
 
 def _construction_lines(results: dict) -> list[str]:

@@ -204,7 +204,7 @@ def inverted_set(cell, name: str, det, targets, reach: dict) -> dict[str, Any]:
     x = cell.data.train_u8[pick]
     if not npz.with_suffix(".json").exists():
         cell.log(f"[{cell.tag()}] building {name}: {len(x)} inversions, {c.inversion_steps} steps")
-        tic = time.perf_counter()
+        tic, cpu = time.perf_counter(), time.process_time()
         images, _, _ = invert_features(
             det.extractor_, x, start, c.inversion_steps, c.inversion_lr, c.batch_size
         )
@@ -216,6 +216,7 @@ def inverted_set(cell, name: str, det, targets, reach: dict) -> dict[str, Any]:
             "steps": c.inversion_steps,
             "lr": c.inversion_lr,
             "seconds": round(time.perf_counter() - tic, 1),
+            "cpu_s": round(time.process_time() - cpu, 1),
         }
         save_constructed(npz, to_uint8(images), np.zeros(len(x), np.int64), meta)
     meta = json.loads(npz.with_suffix(".json").read_text())

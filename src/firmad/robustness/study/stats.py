@@ -215,6 +215,7 @@ def summarise(cfg: StudyConfig, results: dict[tuple[int, int], dict]) -> dict[st
         "general_claim_allowed": n_classes >= 3 and min_seeds >= 5,
     }
     out["fresh_inits"] = fresh_init_check(results)
+    out["timing"] = timing(results)
     out["ceilings"] = CEILING
     return out
 
@@ -237,3 +238,35 @@ def fresh_init_check(results: dict) -> dict[str, Any]:
                     for s in src
                 )
     return {"fresh_models": n, "differ_from_sources": differ, "all_differ": n == differ}
+
+
+def timing(results: dict) -> dict[str, Any]:
+    """Wall and CPU seconds of each cell (the invocation that built each branch) and the CPU
+    seconds of its stages: training, testing (clean scores and attacks), constructions."""
+    cells = {}
+    for (cls, seed), r in results.items():
+        row = {
+            "wall_s": 0.0,
+            "cpu_s": 0.0,
+            "train_cpu_s": 0.0,
+            "test_cpu_s": 0.0,
+            "construct_cpu_s": 0.0,
+        }
+        for branch in ("binary", "one_class"):
+            part = r.get(branch, {})
+            row["wall_s"] += part.get("seconds_last_invocation") or 0.0
+            row["cpu_s"] += part.get("cpu_s_last_invocation") or 0.0
+            row["train_cpu_s"] += sum(
+                m.get("train_cpu_s") or 0.0 for m in part.get("models", {}).values()
+            )
+            evals = [*part.get("sets", {}).values(), *part.get("transfer", {}).values()]
+            evals += [part[k] for k in ("reference", "robust") if k in part]
+            row["test_cpu_s"] += sum(e.get("cpu_s") or 0.0 for e in evals)
+            built = [
+                *part.get("constructions", {}).values(),
+                *part.get("failed_constructions", {}).values(),
+            ]
+            row["construct_cpu_s"] += sum(m.get("cpu_s") or 0.0 for m in built)
+        cells[f"c{cls}-s{seed}"] = {k: round(v, 1) for k, v in row.items()}
+    cpu = sorted(v["cpu_s"] for v in cells.values())
+    return {"cells": cells, "cpu_s_median": cpu[len(cpu) // 2] if cpu else None}
