@@ -116,7 +116,7 @@ class StudyConfig(BaseModel):
         default_factory=lambda: list(START_KINDS), min_length=1
     )
     inversion_steps: int = Field(3000, ge=0)
-    inversion_lr: float = Field(0.05, gt=0)  # Adam on the sigmoid's argument, cosine decay
+    inversion_lr: float = Field(0.1, gt=0)  # Adam on the sigmoid's argument, cosine decay
     # the reachability check: this many targets from themselves plus Gaussian pixel noise
     reachability_n: int = Field(16, ge=1)
     reachability_steps: int = Field(200, ge=1)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from firmad.io import atomic_write_json
+from firmad.robustness.construct import to_uint8
 from firmad.robustness.study.cell import other_class_images
 from firmad.robustness.study.config import ConstructionError, StudyConfig
 from firmad.robustness.study.models import ModelSpec, evaluate, fresh_seed, train_model
@@ -33,46 +34,24 @@ ENCODERS = ("D_R", "D_NR")  # the set an encoder's inversions make: robust, stan
 
 
 def run_one_class(cell) -> dict[str, Any]:
-    c, data = cell.cfg, cell.data
-    std, rec_std = train_model(
-        cell, ModelSpec("standard", False, cell.seed, c.train_steps), data.train_u8
-    )
-    rob_spec = ModelSpec("robust", False, cell.seed, c.train_steps, extra=tuple(c.robust_set))
-    rob, rec_rob = train_model(cell, rob_spec, data.train_u8)
+    c = cell.cfg
     out: dict[str, Any] = {
-        "models": {"standard": rec_std, "robust": rec_rob},
+        "models": {},
         "stopped": {},
         "constructions": {},
         "reachability": {},
         "sets": {},
         "transfer": {},
     }
-    out["sets"]["D"] = evaluate(cell, std, "standard")
-    out["robust"] = evaluate(cell, rob, "robust", checks=c.robust_checks)
-    out["robust_floor"] = robust_floor(c, out["sets"]["D"], out["robust"])
-    encoders = {"D_NR": std}
-    if out["robust_floor"]["passed"]:
-        encoders["D_R"] = rob
-    else:
-        cell.stop(out["stopped"], "robust_floor", _floor_error(cell, out["robust_floor"]))
+    std, rob = _source_models(cell, out)
+    encoders = {"D_NR": std, **({"D_R": rob} if out["robust_floor"]["passed"] else {})}
     pick, starts = _targets_and_starts(cell)
     for enc, det in encoders.items():
-        nearest = _nearest(cell, det, pick)
-        out["reachability"][enc] = _reachability(cell, enc, det, (pick, nearest))
-        for kind, start in starts.items():
-            name = f"{enc}-{kind}"
-            try:
-                out["constructions"][name] = inverted_set(
-                    cell, name, det, (pick, start, nearest), out["reachability"][enc]
-                )
-            except ConstructionError as error:
-                cell.stop(out["stopped"], name, error)
-                failed = json.loads((cell.out / "sets" / f"{name}-failed.json").read_text())
-                out.setdefault("failed_constructions", {})[name] = failed
+        _inversions(cell, out, (enc, det), pick, starts)
     _picture(cell, pick, starts)
-    train = {"normals": data.train_u8[pick]}
+    train = {"normals": cell.data.train_u8[pick]}
     for kind, start in starts.items():
-        train[f"starts-{kind}"] = start
+        train[f"starts-{kind}"] = to_uint8(start)  # exact: the starts are uint8 values
         train.update(
             {
                 f"{e}-{kind}": _stored(cell, f"{e}-{kind}")
@@ -89,6 +68,42 @@ def run_one_class(cell) -> dict[str, Any]:
     if c.drift_eps:
         out["drift"] = {k: _drift(cell, d, k) for k, d in (("standard", std), ("robust", rob))}
     return out
+
+
+def _source_models(cell, out: dict):
+    """The standard and robust encoders of the cell, tested, and the robust one's floor."""
+    c, data = cell.cfg, cell.data
+    specs = (
+        ModelSpec("standard", False, cell.seed, c.train_steps),
+        ModelSpec("robust", False, cell.seed, c.train_steps, extra=tuple(c.robust_set)),
+    )
+    (std, out["models"]["standard"]), (rob, out["models"]["robust"]) = (
+        train_model(cell, spec, data.train_u8) for spec in specs
+    )
+    out["sets"]["D"] = evaluate(cell, std, "standard")
+    out["robust"] = evaluate(cell, rob, "robust", checks=c.robust_checks)
+    out["robust_floor"] = robust_floor(c, out["sets"]["D"], out["robust"])
+    if not out["robust_floor"]["passed"]:
+        cell.stop(out["stopped"], "robust_floor", _floor_error(cell, out["robust_floor"]))
+    return std, rob
+
+
+def _inversions(cell, out: dict, encoder, pick, starts: dict) -> None:
+    """One encoder's reachability check and its inversions from every kind of start; an
+    inversion that does not converge is recorded with its measurements and stops its set."""
+    enc, det = encoder
+    nearest = _nearest(cell, det, pick)
+    reach = out["reachability"][enc] = _reachability(cell, enc, det, (pick, nearest))
+    for kind, start in starts.items():
+        name = f"{enc}-{kind}"
+        try:
+            out["constructions"][name] = inverted_set(
+                cell, name, det, (pick, start, nearest), reach
+            )
+        except ConstructionError as error:
+            cell.stop(out["stopped"], name, error)
+            failed = json.loads((cell.out / "sets" / f"{name}-failed.json").read_text())
+            out.setdefault("failed_constructions", {})[name] = failed
 
 
 def robust_floor(cfg: StudyConfig, standard: dict, robust: dict) -> dict[str, Any]:
