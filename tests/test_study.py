@@ -94,7 +94,7 @@ def test_study_runs_every_stage_records_and_resumes(tmp_path, capsys, one_thread
         tmp_path,
         toy(
             transfer_backbone="resnet_small@0.125",
-            transfer_sets=["D_det", "flip", "D_NR-noise", "starts-noise"],
+            transfer_sets=["D_det", "flip", "D_NR-grey", "starts-grey"],
         ),
     )
     out = tmp_path / "out"
@@ -118,13 +118,13 @@ def test_study_runs_every_stage_records_and_resumes(tmp_path, capsys, one_thread
         "D_R-other",
         "D_NR-other",
         "starts-other",
-        "D_R-noise",
-        "D_NR-noise",
-        "starts-noise",
+        "D_R-grey",
+        "D_NR-grey",
+        "starts-grey",
         "normals",
     }
     assert set(binary["transfer"]) == {"D_det", "flip"}
-    assert set(one["transfer"]) == {"D_NR-noise", "starts-noise"}
+    assert set(one["transfer"]) == {"D_NR-grey", "starts-grey"}
     assert binary["transfer"]["flip"]["attacked"] == {}  # the transfer variant: clean only
     # every model trained the same steps; fresh ones from their own seeds and weights
     models = {**binary["models"], **one["models"]}
@@ -201,18 +201,18 @@ def test_each_floor_stops_its_stage(tmp_path, capsys, one_thread):
     assert "stage(s) stopped" in err
     cell = json.loads((out / "study.json").read_text())["cells"]["c0-s0"]
     stopped = {**cell["binary"]["stopped"], **cell["one_class"]["stopped"]}
-    assert set(stopped) == {"D_det", "D_rand", "robust_floor", "D_NR-other", "D_NR-noise"}
+    assert set(stopped) == {"D_det", "D_rand", "robust_floor", "D_NR-other", "D_NR-grey"}
     assert "floor is 95 %" in stopped["D_det"] and "reach_eps" in stopped["D_det"]
     assert "not robust enough" in stopped["robust_floor"]
     assert "did not converge" in stopped["D_NR-other"] and "reachability" in stopped["D_NR-other"]
     assert set(cell["binary"]["sets"]) == {"D_clean"}
-    assert set(cell["one_class"]["sets"]) == {"D", "starts-other", "starts-noise", "normals"}
+    assert set(cell["one_class"]["sets"]) == {"D", "starts-other", "starts-grey", "normals"}
     sets = out / "c0-s0" / "sets"
     assert not (sets / "D_det.npz").exists() and not (sets / "D_R-other.npz").exists()
     failed = json.loads((sets / "D_det-failed.json").read_text())
     assert failed["attempts"][0]["eps"] == 1e-4 and "floor is 95 %" in failed["error"]
     assert (
-        json.loads((sets / "D_NR-noise-failed.json").read_text())["convergence"]["converged"]
+        json.loads((sets / "D_NR-grey-failed.json").read_text())["convergence"]["converged"]
         is False
     )
     md = (out / "study.md").read_text()
@@ -364,7 +364,7 @@ def test_one_class_branch_on_some_seeds(tmp_path, one_thread):
         seeds=[0, 1],
         one_class_seeds=[1],
         attack_eps=[0.0, 0.5],
-        inversion_starts=["noise"],
+        inversion_starts=["grey"],
         branches=["one_class"],
         robust_floor_eps=0.5,
     )
@@ -372,9 +372,9 @@ def test_one_class_branch_on_some_seeds(tmp_path, one_thread):
     assert "one_class" not in result["cells"]["c0-s0"]
     assert set(result["cells"]["c0-s1"]["one_class"]["sets"]) == {
         "D",
-        "D_R-noise",
-        "D_NR-noise",
-        "starts-noise",
+        "D_R-grey",
+        "D_NR-grey",
+        "starts-grey",
         "normals",
     }
     md = (tmp_path / "out" / "study.md").read_text()

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from firmad.errors import FirmadError
 
-START_KINDS = ("other", "noise")  # inversion starts: other-class training images, uniform noise
+# inversion starts: other-class training images (Ilyas et al.), a class-free mid-grey image
+START_KINDS = ("other", "grey")
 
 # The binary branch (Ilyas et al.'s sets for a binary classifier, the one-class surrogate).
 BINARY_SETS = ("D_clean", "D_det", "flip", "flip_noise", "D_rand", "shuffle", "shuffle_noise")
@@ -112,11 +113,11 @@ class StudyConfig(BaseModel):
     reference_min_accuracy: float = Field(0.8, ge=0, le=1)
     survival_floor: float = Field(0.9, ge=0, le=1)
     invert_n: int = Field(1000, ge=2)  # normals inverted per D_R / D_NR
-    inversion_starts: list[Literal["other", "noise"]] = Field(
+    inversion_starts: list[Literal["other", "grey"]] = Field(
         default_factory=lambda: list(START_KINDS), min_length=1
     )
     inversion_steps: int = Field(3000, ge=0)
-    inversion_lr: float = Field(0.1, gt=0)  # Adam on the sigmoid's argument, cosine decay
+    inversion_lr: float = Field(0.3, gt=0)  # Adam on the sigmoid's argument, cosine decay
     # the reachability check: this many targets from themselves plus Gaussian pixel noise
     reachability_n: int = Field(16, ge=1)
     reachability_steps: int = Field(200, ge=1)

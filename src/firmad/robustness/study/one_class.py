@@ -6,13 +6,14 @@ least ``robust_floor_margin`` above the standard one's and its strength checks p
 D_R stage stops. ``invert_n`` normal training images are inverted through each encoder
 (`firmad.robustness.construct.invert_features`: cosine distance on the features the kNN scorer
 reads, Adam on a sigmoid parametrisation) from two kinds of start: other-class training images
-(Ilyas et al.'s choice: the start's robust content contradicts the target's class) and uniform
-noise (class-free). A seconds-long reachability check (targets from themselves plus noise)
-first tells an optimiser failure from an unreachable target; an inversion that does not
-converge (median final/initial distance <= ``convergence_ratio`` and >= ``convergence_share``
-of the stored images closer to their target than its nearest other normal) stops its stage.
-Fresh FIRM detectors (their own init seeds) train on each set, on its starts (the control) and
-on the real normals aimed at (the ceiling); clean and attacked AUROC.
+(Ilyas et al.'s choice: the start's robust content contradicts the target's class) and a
+class-free mid-grey image (uniform in [0.45, 0.55]: no content, and no speckle to undo, which
+uniform noise starts leave behind). A seconds-long reachability check (targets from themselves
+plus noise) first tells an optimiser failure from an unreachable target; an inversion that does
+not converge (median final/initial distance <= ``convergence_ratio`` and >=
+``convergence_share`` of the stored images closer to their target than its nearest other
+normal) stops its stage. Fresh FIRM detectors (their own init seeds) train on each set, on its
+starts (the control) and on the real normals aimed at (the ceiling); clean and attacked AUROC.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def _targets_and_starts(cell) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if kind == "other":
             starts[kind] = other_class_images(c, cell.cls, len(pick), gen).float() / 255
         else:
-            starts[kind] = (torch.rand(shape, generator=gen) * 255).round() / 255
+            starts[kind] = ((0.45 + 0.1 * torch.rand(shape, generator=gen)) * 255).round() / 255
     return pick, starts
 
 
