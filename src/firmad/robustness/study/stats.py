@@ -62,6 +62,18 @@ def rule_sets(cfg: StudyConfig) -> dict[str, tuple[str, ...]]:
     return {s: c for s, c in every.items() if branch_of(s) in cfg.branches}
 
 
+def measured(cfg: StudyConfig, variant: str, metric: str) -> list[str]:
+    """The rule's sets a view measures: every one clean; attacked, the binary ones only when
+    the study attacks them; the transfer variant, those it trains with all their controls."""
+    sets = rule_sets(cfg)
+    if variant == "transfer":
+        chosen = set(cfg.transfer_sets)
+        return [n for n, ctl in sets.items() if n in chosen and chosen.issuperset(ctl)]
+    if metric != "clean" and not cfg.attack_binary_sets:
+        return [n for n in sets if branch_of(n) != "binary"]
+    return list(sets)
+
+
 def t_interval(values, confidence: float) -> dict[str, Any]:
     """Mean and two-sided t-interval of ``values`` (None bounds below two values)."""
     v = np.asarray(list(values), dtype=float)
@@ -194,7 +206,10 @@ def summarise(cfg: StudyConfig, results: dict[tuple[int, int], dict]) -> dict[st
     for gname, group in groups.items():
         entry = {}
         for variant, metric in variants:
-            sets = {n: set_inputs(cfg, group, variant, metric, n) for n in rule_sets(cfg)}
+            sets = {
+                n: set_inputs(cfg, group, variant, metric, n)
+                for n in measured(cfg, variant, metric)
+            }
             answers = {
                 q: weakest([sets[n]["verdict"] for n in names if n in sets])
                 for q, names in key_sets(cfg).items()
