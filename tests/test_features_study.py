@@ -159,7 +159,14 @@ def small_net() -> nn.Module:
     )
 
 
-def test_invert_features_matches_features():
+def _cosine(net, a, b) -> torch.Tensor:
+    with torch.no_grad():
+        fa = nn.functional.normalize(net(a).flatten(1), dim=1)
+        fb = nn.functional.normalize(net(b).flatten(1), dim=1)
+    return 1 - (fa * fb).sum(dim=1)
+
+
+def test_invert_features_matches_features(one_thread):
     net = small_net()
     net.train()
     gen = torch.Generator().manual_seed(0)
@@ -167,26 +174,47 @@ def test_invert_features_matches_features():
     starts = targets[pick_starts(6, gen)]
     seen = []
     progress = lambda done, total: seen.append((done, total))  # noqa: E731
-    images, final, initial = invert_features(net, targets, starts, 60, 0.1, 4, progress)
+    images, final, initial = invert_features(net, targets, starts, 100, 0.05, 4, progress)
     assert images.shape == targets.shape
-    assert float(images.min()) >= 0.0 and float(images.max()) <= 1.0
+    assert float(images.min()) > 0.0 and float(images.max()) < 1.0  # a sigmoid, no clamp
     assert bool((final < 0.1 * initial).all()), (final, initial)
     assert seen == [(4, 6), (6, 6)]
-    # the distances are those of the returned images, measured the same way
+    # the distances are the cosine distances of the returned images, measured the same way
     net.eval()
-    with torch.no_grad():
-        d = (net(images) - net(targets)).norm(dim=1)
-        d0 = (net(starts) - net(targets)).norm(dim=1)
-    assert torch.allclose(d, final, atol=1e-4) and torch.allclose(d0, initial, atol=1e-4)
+    assert torch.allclose(_cosine(net, images, targets), final, atol=1e-5)
+    assert torch.allclose(_cosine(net, starts, targets), initial, atol=1e-3)
     # the module's mode is restored and no parameter gradient is left behind
     net.train()
-    again = invert_features(net, targets, starts, steps=60, step_size=0.1, batch_size=4)
+    again = invert_features(net, targets, starts, steps=100, lr=0.05, batch_size=4)
     assert net.training
     assert all(p.grad is None for p in net.parameters())
     assert torch.equal(again[0], images) and torch.equal(again[1], final)
-    # zero steps return the starts
+    # zero steps return the starts (moved inside the sigmoid's range: the same uint8 image)
     same, f0, i0 = invert_features(net, targets, starts, steps=0)
-    assert torch.equal(same, starts) and torch.equal(f0, i0)
+    assert torch.allclose(same, starts, atol=1 / 512) and torch.equal(f0, i0)
+    assert torch.equal(to_uint8(same), to_uint8(starts))
+    # features matched in direction only: a target twice as bright is the same target for a
+    # scale-free feature map, and is reached as well
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(144, 8, bias=False))
+    _, fin, ini = invert_features(linear, targets * 0.5, starts, steps=50, lr=0.05)
+    assert bool((fin < 0.05 * ini).all())
+
+
+def test_same_norm_noise_moves_each_image_by_its_norm_inside_the_range():
+    from firmad.robustness.construct import same_norm_noise
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.zeros(5, 1, 16, 16)  # black like Fashion-MNIST's background: clamping bites
+    x[:, :, 4:12, 4:12] = torch.rand(5, 1, 8, 8, generator=gen)
+    norms = torch.tensor([0.0, 0.5, 1.0, 2.0, 3.0])
+    moved = same_norm_noise(x, norms, gen)
+    assert float(moved.min()) >= 0.0 and float(moved.max()) <= 1.0
+    achieved = (moved - x).flatten(1).norm(dim=1)
+    assert torch.allclose(achieved, norms, atol=1e-4)
+    other = same_norm_noise(x, norms, torch.Generator().manual_seed(1))
+    assert not torch.allclose(other, moved)  # a random direction
+    with pytest.raises(InputError):
+        same_norm_noise(x, norms[:3])
 
 
 def _mode(path) -> int:
@@ -246,7 +274,7 @@ def test_sample_grid_png(tmp_path):
     )
 
 
-def test_invert_features_restores_every_submodules_mode():
+def test_invert_features_restores_every_submodules_mode(one_thread):
     """A wrapper in training mode around an encoder in eval mode: both flags come back as they
     were (the encoder's BatchNorm is not switched to training mode)."""
     wrapper = nn.Sequential(small_net())
@@ -267,6 +295,7 @@ def test_convergence_and_reach_records():
     from firmad.robustness.construct import (
         feature_distance,
         inversion_convergence,
+        near_starts,
         nearest_other_distance,
         reach_by_target,
     )
@@ -278,9 +307,15 @@ def test_convergence_and_reach_records():
     assert not inversion_convergence(final, initial, torch.full((3,), 0.03), 0.1, 0.9)["converged"]
     reach = reach_by_target(torch.tensor([1.0, -1.0, 2.0, 3.0]), torch.tensor([1, 1, 0, 1]))
     assert reach == {"to_normal": 0.0, "to_outlier": pytest.approx(2 / 3), "all": 0.5}
-    # nearest other image: itself is skipped by index (a duplicate elsewhere is not)
-    pool = torch.tensor([0.0, 1.0, 3.0, 3.0]).view(4, 1, 1, 1)
+    # cosine distances; the nearest *other* image: itself is skipped by index (a duplicate
+    # elsewhere is not)
+    angle = torch.tensor([0.0, 0.5, 1.2, 1.2])
+    pool = torch.stack([angle.cos(), angle.sin()], dim=1).view(4, 2, 1, 1)
     flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
     d = nearest_other_distance(flat, pool, torch.tensor([0, 2]), batch_size=3)
-    assert torch.allclose(d, torch.tensor([1.0, 0.0]))
-    assert torch.allclose(feature_distance(flat, pool[:2], pool[2:]), torch.tensor([3.0, 2.0]))
+    assert torch.allclose(d, torch.tensor([1 - math.cos(0.5), 0.0]), atol=1e-6)
+    got = feature_distance(flat, pool[:2], 3 * pool[2:])  # the length does not count
+    assert torch.allclose(got, 1 - torch.cos(torch.tensor([1.2, 0.7])), atol=1e-6)
+    x = torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    near = near_starts(x, 0.1, torch.Generator().manual_seed(0))
+    assert float(near.min()) >= 0.0 and float(near.max()) <= 1.0 and not torch.equal(near, x)

@@ -8,7 +8,14 @@ on a cluster; the same subprocess, the same files). Ctrl-C stops a grid at once,
 keep a checkpoint; running the same command again continues it.
 """
 
-from firmad.bench.executors import EXECUTORS, cell_command, parse_devices, run_cell, run_grid
+from firmad.bench.executors import (
+    EXECUTORS,
+    cell_command,
+    parse_devices,
+    run_cell,
+    run_grid,
+    run_jobs,
+)
 from firmad.bench.grid import (
     Cell,
     GridConfig,
@@ -44,6 +51,7 @@ __all__ = [
     "read_grid",
     "run_cell",
     "run_grid",
+    "run_jobs",
     "select_cells",
     "summarise",
 ]

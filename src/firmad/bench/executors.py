@@ -406,3 +406,93 @@ def _ray_status(ray, ref, cell: Cell) -> dict[str, Any]:
         error = (str(err).strip().splitlines() or [type(err).__name__])[0]
         atomic_write_json(cell.run_dir / CELL_ERROR, {"returncode": None, "error": error})
         return {"cell": cell.key, "status": "failed", "error": error}
+
+
+# --- any commands through the same executors (the feature study's cells) ------------------------
+
+
+def run_jobs(
+    jobs: list[dict[str, Any]],
+    executor: str = "local",
+    workers: int = 1,
+    threads: int | None = None,
+    address: str | None = None,
+    cpus: float = 1.0,
+    gpus: float = 0.0,
+) -> dict[str, dict[str, Any]]:
+    """Run commands the way a grid runs its cells: each job (``{"key", "cmd", "log_path"}``,
+    optionally ``"forget"``) is one process in its own session with its output in its log,
+    started by the ``local`` executor (``workers`` at once) or as a Ray task (``cpus`` /
+    ``gpus`` each, on the cluster at ``address`` or a local runtime). ``threads`` sets each
+    process's OMP_NUM_THREADS. Ctrl-C or SIGTERM stops them as it stops a grid's cells, then
+    raises KeyboardInterrupt. Returns each job's outcome (`run_process`'s record) by key."""
+    _check_executor(executor, None, workers)
+    env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+    with _stop_signals():
+        if executor == "local":
+            return _local_jobs(jobs, workers, env)
+        return _ray_jobs(jobs, address, cpus, gpus, env)
+
+
+def _local_jobs(jobs, workers: int, env: dict[str, str]) -> dict[str, dict[str, Any]]:
+    procs = CellProcesses()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="job")
+    futures = {pool.submit(run_process, j["cmd"], j["log_path"], env=env, procs=procs,
+                           forget=tuple(j.get("forget", ()))): j["key"] for j in jobs}  # fmt: skip
+    pending, outcomes = set(futures), {}
+    try:
+        while pending:
+            done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            outcomes.update({futures[f]: f.result() for f in done})
+    except KeyboardInterrupt:
+        procs.stop(signal.SIGINT)  # as a grid: running jobs stop, queued ones never start
+        pool.shutdown(wait=False, cancel_futures=True)
+        wait({f for f in pending if not f.cancelled()}, timeout=STOP_GRACE_S)
+        procs.stop(signal.SIGKILL)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return outcomes
+
+
+def _ray_jobs(jobs, address, cpus: float, gpus: float, env) -> dict[str, dict[str, Any]]:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(
+            "executor ray needs Ray: pip install 'firmad[ray]' (on every node of the cluster)"
+        ) from None
+    started = not ray.is_initialized()
+    if started:
+        local = {} if address else {"_node_ip_address": "127.0.0.1"}
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, **local)
+    try:
+        remote = ray.remote(run_process).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
+        env = {**{k: v for k, v in os.environ.items() if k.startswith("FIRMAD_")}, **env}
+        cwd, refs = os.getcwd(), {}
+        for j in jobs:
+            forget = tuple(j.get("forget", ()))
+            refs[remote.remote(j["cmd"], j["log_path"], env=env, cwd=cwd, forget=forget)] = j["key"]
+        pending, outcomes = list(refs), {}
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1, timeout=1.0)
+                outcomes.update({refs[r]: _ray_outcome(ray, r) for r in done})
+        except KeyboardInterrupt:
+            for ref in pending:
+                ray.cancel(ref)
+            with contextlib.suppress(KeyboardInterrupt):
+                ray.wait(pending, num_returns=len(pending), timeout=STOP_GRACE_S)
+            raise
+        return outcomes
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _ray_outcome(ray, ref) -> dict[str, Any]:
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as err:  # cancelled, or the worker or its node died
+        error = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return {"started": True, "returncode": None, "stopped": False, "error": error}

@@ -24,7 +24,7 @@ from firmad.errors import FirmadError
 
 @app.command(
     epilog="Examples:\n\n  firmad features --config benchmarks/features-fmnist-cpu.yaml\n\n"
-    "  firmad features --config STUDY.yaml --out runs/features/mine"
+    "  firmad features --config STUDY.yaml --out runs/features/mine --workers 2"
 )
 def features(
     config: Path = typer.Option(..., "--config", "-c", help="Study YAML (see robustness.study)."),
@@ -34,13 +34,23 @@ def features(
         "--workers",
         min=1,
         max=64,
-        help="Cells (class x seed) run in this many processes at once, each with the study's "
-        "train.threads (default: the study's `workers`, 1).",
+        help="Cells (class x seed) run at once, each in its own process with the study's "
+        "train.threads (default: the study's `workers`, 1: one after the other here).",
     ),
+    executor: str | None = typer.Option(
+        None,
+        "--executor",
+        help="local (this machine's processes) or ray (one Ray task a cell, on the cluster at "
+        "the study's `address`); default: the study's `executor`, local.",
+    ),
+    cell: str | None = typer.Option(None, "--cell", hidden=True, help="Run this cell only."),
 ) -> None:
-    """Are non-robust features useful for one class? Constructed sets, probes and drift."""
-    from firmad.robustness.study import run_study
+    """Are non-robust features useful for one class? Constructed sets, floors, a computed rule."""
+    from firmad.bench.executors import EXECUTORS
+    from firmad.errors import ConfigError
 
+    if executor is not None and executor not in EXECUTORS:
+        raise ConfigError(f"--executor: {executor!r} is not one of {', '.join(EXECUTORS)}")
     config = config.absolute()  # a file, even one named like a shipped recipe
     if out_dir is not None:
         from firmad.outputs import check_folder
@@ -48,9 +58,14 @@ def features(
         check_folder(out_dir, "--out")
     log = (lambda *a: None) if state["quiet"] else (lambda msg: console.print(msg, highlight=False))
     with interruptible("finished stages are kept; run the same command again to continue"):
-        result = run_study(config, out_dir, log=log, workers=workers)
-    from firmad.robustness.study import study_markdown
+        if cell is not None:  # one cell in a process of its own (the executors' job)
+            from firmad.robustness.study import run_cell_process
 
+            run_cell_process(config, out_dir or Path("."), cell)
+            return
+        from firmad.robustness.study import run_study, study_markdown
+
+        result = run_study(config, out_dir, log=log, workers=workers, executor=executor)
     out.print(study_markdown(result), highlight=False)
 
 

@@ -1,12 +1,15 @@
 """Constructed datasets after Ilyas et al. 2019 ("Adversarial examples are not bugs, they are
 features"), adapted to one-class training sets.
 
-For every training image x, start from a different training image z0 and move z towards
-``g(z) = g(x)`` by minimising ``||g(z) - g(x)||_2`` over ``z in [0, 1]^d``, where g is a feature
-extractor (the encoder's penultimate layer). With an adversarially trained g the result keeps
-only the features a robust model uses (D_R); with a standard g it also carries the non-robust ones
-(D_NR). The images are saved as an ``npz:`` dataset that `firmad.data.load_dataset` reads, so a
-fresh detector can be trained on them and tested on the original test set.
+For every training image x, start from another image z0 (an image of another class, as Ilyas
+et al. did, or a class-free one such as noise) and move z until its features point the way
+x's do: minimise ``1 - cos(g(z), g(x))`` with Adam on ``z = sigmoid(w)``, where g is a feature
+extractor (the encoder a cosine kNN scorer reads). With an adversarially trained g the result
+keeps only the features a robust model uses (D_R); with a standard g it also carries the
+non-robust ones (D_NR). The images are saved as an ``npz:`` dataset that
+`firmad.data.load_dataset` reads, so a fresh detector can be trained on them and tested on the
+original test set. `same_norm_noise` builds the controls of a perturbed set: random directions
+of the same per-image size.
 
 Conventions: images are float (N, C, H, W) in [0, 1] (uint8 is accepted and divided by 255);
 labels are the inlier class ids (>= 0).
@@ -14,7 +17,9 @@ labels are the inlier class ids (>= 0).
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -31,8 +36,10 @@ __all__ = [
     "inversion_convergence",
     "nearest_other_distance",
     "reach_by_target",
+    "near_starts",
     "invert_features",
     "pick_starts",
+    "same_norm_noise",
     "sample_grid_png",
     "save_constructed",
     "to_uint8",
@@ -68,61 +75,72 @@ def invert_features(
     feature_fn: FeatureFn,
     targets: torch.Tensor,
     starts: torch.Tensor,
-    steps: int = 1000,
-    step_size: float = 0.1,
+    steps: int = 3000,
+    lr: float = 0.05,
     batch_size: int = 256,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Find images z whose features match the targets', starting from other images.
+    """Find images z whose features point the way the targets' do, starting from other images.
 
-    Minimises ``d(z) = ||g(z) - g(x)||_2`` (features flattened per sample) over ``z in [0, 1]^d``
-    with normalised-gradient L2 steps ``z <- clamp(z - step_size * grad / ||grad||_2, 0, 1)``
-    (one gradient norm per sample) and keeps each sample's best iterate, z0 included.
+    Minimises the cosine distance ``d(z) = 1 - cos(g(z), g(x))`` (features flattened per
+    sample): the space of a cosine kNN scorer, which reads only the direction of a feature.
+    The images are parametrised as ``z = sigmoid(w)``, so they stay inside (0, 1) without a
+    clamp that would pin pixels to its edges; ``w`` follows Adam with a learning rate that
+    decays from ``lr`` to 0 on a cosine schedule. Each sample's best iterate is kept (the start
+    included); samples are independent (Adam's moments are per pixel).
 
     Args:
         feature_fn: float images in [0, 1] -> features (N, D) or (N, ...), e.g. an encoder. It
             must treat samples independently (BatchNorm in eval mode). An ``nn.Module`` is put in
             eval mode for the call and every submodule's training flag is restored afterwards;
-            for other callables that is the caller's job. Gradients are taken with respect to z
-            only (``torch.autograd.grad``); no parameter ``.grad`` is touched.
+            for other callables that is the caller's job. Gradients are taken with respect to
+            the images only (``torch.autograd.grad``); no parameter ``.grad`` is touched.
         targets: images x (N, C, H, W) whose features are matched.
-        starts: start images z0, same shape (e.g. ``targets[pick_starts(N, gen)]``), on the
-            device ``feature_fn`` expects; batches stay on the inputs' device.
-        steps: number of gradient steps (Ilyas et al.: 1000).
-        step_size: L2 length of each step in pixel space [0, 1] (Ilyas et al.: 0.1).
+        starts: start images z0, same shape, on the device ``feature_fn`` expects. Pixels are
+            moved inside [1/512, 1 - 1/512] first (the sigmoid never reaches 0 or 1), which
+            rounds back to the same uint8 value.
+        steps: Adam steps (>= 0).
+        lr: the first learning rate of Adam on w (> 0).
         batch_size: samples optimised together.
         progress: called as ``progress(done, total)`` after each batch (samples done / total).
 
     Returns:
-        ``(images, final, initial)``: the best iterates (float, N, C, H, W, in [0, 1]), their
-        distances ``d`` and the distances of the starts, both float (N,) on the CPU.
+        ``(images, final, initial)``: the best iterates (float, N, C, H, W, in (0, 1)), their
+        cosine distances ``d`` and those of the starts, both float (N,) on the CPU.
         Deterministic for a deterministic ``feature_fn``.
     """
-    x_all, z_all = _check_inversion(targets, starts, steps, step_size, batch_size)
-    module = feature_fn if isinstance(feature_fn, nn.Module) else None
-    # Every submodule's own flag: a wrapper in training mode may hold an encoder in eval mode,
-    # and restoring only the wrapper's flag would switch the encoder's BatchNorm to training.
-    modes = [(m, m.training) for m in module.modules()] if module is not None else []
-    if module is not None:
-        module.eval()
+    x_all, z_all = _check_inversion(targets, starts, steps, lr, batch_size)
     n = x_all.shape[0]
     images, final, initial = [], [], []
-    try:
+    with _eval_mode(feature_fn):
         for lo in range(0, n, batch_size):
             part = slice(lo, lo + batch_size)
-            best, d_best, d0 = _invert_batch(feature_fn, x_all[part], z_all[part], steps, step_size)
+            best, d_best, d0 = _invert_batch(feature_fn, x_all[part], z_all[part], steps, lr)
             images.append(best)
             final.append(d_best.cpu())
             initial.append(d0.cpu())
             if progress is not None:
                 progress(min(lo + batch_size, n), n)
-    finally:
-        for m, training in modes:
-            m.training = training
     return torch.cat(images), torch.cat(final), torch.cat(initial)
 
 
-def _check_inversion(targets, starts, steps, step_size, batch_size):
+@contextlib.contextmanager
+def _eval_mode(feature_fn: FeatureFn):
+    """An ``nn.Module`` in eval mode for the block; every submodule's own flag restored after
+    (a wrapper in training mode may hold an encoder in eval mode, and restoring only the
+    wrapper's flag would switch the encoder's BatchNorm to training)."""
+    module = feature_fn if isinstance(feature_fn, nn.Module) else None
+    modes = [(m, m.training) for m in module.modules()] if module is not None else []
+    if module is not None:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _check_inversion(targets, starts, steps, lr, batch_size):
     """The targets and starts as float tensors of one shape; the settings in range."""
     x_all = _as_float(targets, "targets")
     z_all = _as_float(starts, "starts")
@@ -131,41 +149,92 @@ def _check_inversion(targets, starts, steps, step_size, batch_size):
             f"targets {tuple(x_all.shape)} and starts {tuple(z_all.shape)} must have the same "
             "shape: one start image per target."
         )
-    if steps < 0 or batch_size < 1 or not step_size > 0:
+    if steps < 0 or batch_size < 1 or not lr > 0:
         raise InputError(
-            f"need steps >= 0, batch_size >= 1 and step_size > 0; got {steps}, {batch_size}, "
-            f"{step_size}."
+            f"need steps >= 0, batch_size >= 1 and lr > 0; got {steps}, {batch_size}, {lr}."
         )
     return x_all, z_all
 
 
-def _invert_batch(feature_fn, x, z0, steps: int, step_size: float):
+def _direction(feature_fn: FeatureFn, x: torch.Tensor) -> torch.Tensor:
+    """Unit feature vectors (N, D) of images x."""
+    return nn.functional.normalize(feature_fn(x).reshape(x.shape[0], -1), dim=1)
+
+
+def _invert_batch(feature_fn, x, z0, steps: int, lr: float):
     """One batch of `invert_features`: best iterates, their distances, initial distances."""
     with torch.no_grad():
-        gx = feature_fn(x).reshape(x.shape[0], -1)
-    z = z0.clone()
-    best = z0.clone()
+        gx = _direction(feature_fn, x)
+    edge = 1.0 / 512
+    w = torch.logit(z0.clamp(edge, 1.0 - edge)).requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * t / max(1, steps)))
+    )
+    best = torch.sigmoid(w).detach()
     d_best = torch.full((x.shape[0],), float("inf"), device=x.device)
     d0 = None
     for step in range(steps + 1):
         last = step == steps  # the last iterate is only measured
         with torch.set_grad_enabled(not last):
-            z.requires_grad_(not last)
-            sq = (feature_fn(z).reshape(z.shape[0], -1) - gx).pow(2).sum(dim=1)
-            # d^2 has the same per-sample gradient direction as d, and no NaN at d = 0
-            grad = None if last else torch.autograd.grad(sq.sum(), z)[0]
-        z = z.detach()
-        d = sq.detach().sqrt()
+            z = torch.sigmoid(w)
+            d = 1.0 - (_direction(feature_fn, z) * gx).sum(dim=1)
+            grad = None if last else torch.autograd.grad(d.sum(), w)[0]
+        d = d.detach()
         if d0 is None:
             d0 = d.clone()
         better = d < d_best
-        best[better] = z[better]
+        best[better] = z.detach()[better]
         d_best = torch.where(better, d, d_best)
         if grad is None:
             break
-        norm = grad.reshape(grad.shape[0], -1).norm(dim=1).clamp_min(1e-12)
-        z = (z - step_size * grad / norm.view(-1, 1, 1, 1)).clamp(0.0, 1.0)
+        w.grad = grad
+        opt.step()
+        schedule.step()
     return best, d_best, d0
+
+
+def near_starts(targets: torch.Tensor, noise: float, gen: torch.Generator | None = None):
+    """Starts for a reachability check: each target plus Gaussian pixel noise of standard
+    deviation ``noise``, clamped to [0, 1]. An optimiser that cannot match a target's features
+    from close by has failed (or has wrong settings); only one that can tells an unreachable
+    target apart when it fails from far away."""
+    x = _as_float(targets, "targets")
+    return (x + noise * torch.randn(x.shape, generator=gen).to(x.device)).clamp(0.0, 1.0)
+
+
+def same_norm_noise(
+    source: torch.Tensor, norms: torch.Tensor, gen: torch.Generator | None = None
+) -> torch.Tensor:
+    """``source`` moved in a random direction by ``norms[i]`` (L2, pixel space [0, 1]) per
+    image, inside [0, 1]: the control of a constructed set whose perturbations have these
+    norms. The direction is Gaussian; its length is found by bisection so that the *clamped*
+    image is ``norms[i]`` away (clamping shortens a step that leaves the pixel range, as it
+    does on Fashion-MNIST's black backgrounds). A norm that no length reaches (the whole
+    direction clamped away) gives the farthest image found."""
+    x = _as_float(source, "source")
+    norms = torch.as_tensor(norms, dtype=x.dtype).reshape(-1).to(x.device)
+    if len(norms) != len(x) or bool((norms < 0).any()):
+        raise InputError(f"need one norm >= 0 per image ({len(x)}), got {tuple(norms.shape)}.")
+    u = torch.randn(x.shape, generator=gen).to(x.device)
+    u = u / u.reshape(len(u), -1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    lo = torch.zeros_like(norms)
+    hi = 4.0 * norms + 1e-6
+    view = (-1, *([1] * (x.ndim - 1)))
+
+    def moved(t: torch.Tensor) -> torch.Tensor:
+        return (x + t.view(view) * u).clamp(0.0, 1.0)
+
+    for _ in range(8):  # grow hi until it reaches the norm (or saturates)
+        short = (moved(hi) - x).reshape(len(x), -1).norm(dim=1) < norms
+        if not bool(short.any()):
+            break
+        hi = torch.where(short, hi * 4.0, hi)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        short = (moved(mid) - x).reshape(len(x), -1).norm(dim=1) < norms
+        lo, hi = torch.where(short, mid, lo), torch.where(short, hi, mid)
+    return moved(hi)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -286,40 +355,33 @@ def reach_by_target(scores: torch.Tensor, target: torch.Tensor) -> dict[str, flo
 
 
 def _features(feature_fn: FeatureFn, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Flattened features (N, D) of uint8 or float images, in eval mode, without gradients."""
-    module = feature_fn if isinstance(feature_fn, nn.Module) else None
-    modes = [(m, m.training) for m in module.modules()] if module is not None else []
-    if module is not None:
-        module.eval()
-    try:
-        with torch.no_grad():
-            parts = [feature_fn(_as_float(images[i : i + batch_size], "images"))
-                     for i in range(0, len(images), batch_size)]  # fmt: skip
-    finally:
-        for m, training in modes:
-            m.training = training
-    return torch.cat([p.reshape(p.shape[0], -1) for p in parts]).double()
+    """Unit feature vectors (N, D) of uint8 or float images, in eval mode, without gradients."""
+    with _eval_mode(feature_fn), torch.no_grad():
+        parts = [_direction(feature_fn, _as_float(images[i : i + batch_size], "images"))
+                 for i in range(0, len(images), batch_size)]  # fmt: skip
+    return torch.cat(parts).double()
 
 
 def feature_distance(
     feature_fn: FeatureFn, images: torch.Tensor, targets: torch.Tensor, batch_size: int = 256
 ) -> torch.Tensor:
-    """``||g(images[i]) - g(targets[i])||_2`` per pair (float, N), in eval mode."""
+    """Cosine distance ``1 - cos(g(images[i]), g(targets[i]))`` per pair (float, N), in eval
+    mode: the space of `invert_features` and of a cosine kNN scorer."""
     a = _features(feature_fn, images, batch_size)
     b = _features(feature_fn, targets, batch_size)
-    return (a - b).norm(dim=1).float().cpu()
+    return (1.0 - (a * b).sum(dim=1)).float().cpu()
 
 
 def nearest_other_distance(
     feature_fn: FeatureFn, pool: torch.Tensor, index: torch.Tensor, batch_size: int = 256
 ) -> torch.Tensor:
-    """For each target ``pool[index[i]]``, the feature distance to its nearest *other* image of
+    """For each target ``pool[index[i]]``, the cosine distance to its nearest *other* image of
     ``pool`` (its own row is skipped by index, so batch-dependent rounding cannot make the
     target its own neighbour). The scale an inversion's residual is judged against: a residual
     below it means the inversion is closer to its target than any other normal image is."""
     index = torch.as_tensor(index).reshape(-1).long()
     fp = _features(feature_fn, pool, batch_size)
-    d = torch.cdist(fp[index], fp)
+    d = 1.0 - fp[index] @ fp.T
     d[torch.arange(len(index)), index] = float("inf")
     return d.min(dim=1).values.float().cpu()
 
