@@ -437,3 +437,16 @@ def test_the_summary_applies_the_rule_to_every_set_with_its_floors():
     assert answers == {"one_class": NOT_USEFUL, "robust_features": NO_VERDICT, "binary": SIGNAL}
     levels = summary["groups"]["0"]["sets clean"]["levels"]
     assert levels["shuffle"]["mean"] == pytest.approx(0.4, abs=0.02)
+
+
+@pytest.mark.parametrize(
+    "field, values", [("seeds", [0, 0]), ("classes", [1, 2, 1]), ("one_class_seeds", [3, 3])]
+)
+def test_a_repeated_seed_or_class_is_refused(field, values):
+    """A seed listed twice would count twice toward the intervals over seeds."""
+    from pydantic import ValidationError
+
+    from firmad.robustness.study.config import StudyConfig
+
+    with pytest.raises(ValidationError, match=f"{field}: .* more than once"):
+        StudyConfig(**{field: values})

@@ -164,6 +164,11 @@ class StudyConfig(BaseModel):
                 f"robust_floor_eps {self.robust_floor_eps:g} must be one of attack_eps "
                 f"{self.attack_eps}: the floor reads the attacked AUROC there"
             )
+        for field in ("classes", "seeds", "one_class_seeds"):
+            values = getattr(self, field) or []
+            twice = sorted({v for v in values if values.count(v) > 1})
+            if twice:  # a repeated seed would count twice toward the intervals over seeds
+                raise ValueError(f"{field}: {twice} listed more than once; list each once")
         for field in ("backbone", "transfer_backbone"):
             _check_backbone(field, getattr(self, field))
         known = set(BINARY_SETS) | set(one_class_sets())
