@@ -12,7 +12,6 @@ the global RNG right after ``torch.manual_seed(train.seed)``, after the pool is 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 from torch import nn
