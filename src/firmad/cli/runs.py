@@ -225,19 +225,18 @@ def bench(
 
     Ctrl-C stops it at once (running cells keep a checkpoint); the same command continues it.
     Exits with status 1 when every cell failed."""
-    from firmad.bench import run_grid
+    from firmad.bench import GridExecutor, run_grid
 
     _check_out(out_dir)
     with interruptible(
         "grid stopped; finished cells are kept and interrupted ones keep a checkpoint: run the "
         "same command again to continue"
     ):
+        where = GridExecutor(executor, workers, devices, address, cell_cpus, cell_gpus)
         result = run_grid(
-            config, out_dir=out_dir, workers=workers, quiet=state["quiet"],
-            overrides=list(set_), executor=executor, devices=devices, address=address,
-            cell_cpus=cell_cpus, cell_gpus=cell_gpus,
-            classes=comma_list(classes, "--classes"), seeds=int_list(seeds, "--seeds"),
-            threads=threads,
+            config, out_dir=out_dir, quiet=state["quiet"], overrides=list(set_),
+            executor=where, classes=comma_list(classes, "--classes"),
+            seeds=int_list(seeds, "--seeds"), threads=threads,
         )  # fmt: skip
     out.print(result["markdown"], highlight=False)
     out.print(f"Tables: {result['csv']} and {result['md']}", highlight=False)
