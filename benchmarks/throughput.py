@@ -365,16 +365,17 @@ def make_trainer(args, cfg: RunConfig, split: OneClassSplit) -> Trainer:
 
 def scoring_time(trainer: Trainer, cfg: RunConfig, split: OneClassSplit) -> dict[str, float]:
     """Features of bank and test set + kNN (k = 5, knn_cos): seconds, from the model as is."""
-    from firmad.scoring import build_scorer, extract_features
+    from firmad.scoring import ExtractOptions, build_scorer, extract_features
 
-    enc, dev, channels = trainer.model.encoder, trainer.device, cfg.data.channels
-    size = cfg.data.size
+    enc = trainer.model.encoder
+    dev = trainer.device
+    opts = ExtractOptions(cfg.data.size, channels=cfg.data.channels, device=dev)
     # Warm-up on a few images (first-call allocations, cuDNN autotuning).
-    extract_features(enc, split.train_images[:256], device=dev, size=size, channels=channels)
+    extract_features(enc, split.train_images[:256], opts)
     sync(dev)
     t0 = time.perf_counter()
-    bank = extract_features(enc, split.train_images, device=dev, size=size, channels=channels)
-    test = extract_features(enc, split.test_images, device=dev, size=size, channels=channels)
+    bank = extract_features(enc, split.train_images, opts)
+    test = extract_features(enc, split.test_images, opts)
     t1 = time.perf_counter()
     scores = build_scorer("knn_cos", k=5).fit(bank).score(test)
     t2 = time.perf_counter()

@@ -8,6 +8,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from firmad.augment import (
     ViewAugment,
+    ViewSettings,
     adjust_brightness,
     adjust_contrast,
     adjust_hue,
@@ -48,7 +49,9 @@ def test_view_shape_range_dtype() -> None:
 
 def test_view_identity_when_everything_off() -> None:
     x = _images(4)
-    aug = ViewAugment(size=16, scale=(1.0, 1.0), jitter=(0, 0, 0, 0), blur_p=0.0)
+    aug = ViewAugment(
+        size=16, views=ViewSettings(scale=(1.0, 1.0), jitter=(0, 0, 0, 0), blur_p=0.0)
+    )
     torch.testing.assert_close(aug(x, _gen()), x, atol=1e-6, rtol=0)
 
 
@@ -71,7 +74,7 @@ def test_view_per_sample_randomness() -> None:
 
 def test_view_grayscale_and_one_channel() -> None:
     x = _images(4)
-    out = ViewAugment(size=16, grayscale_p=1.0)(x, _gen())
+    out = ViewAugment(size=16, views=ViewSettings(grayscale_p=1.0))(x, _gen())
     torch.testing.assert_close(out[:, 0], out[:, 1])
     torch.testing.assert_close(out[:, 1], out[:, 2])
     gray = ViewAugment(size=16)(_images(4, c=1), _gen())
@@ -80,7 +83,9 @@ def test_view_grayscale_and_one_channel() -> None:
 
 def test_view_hflip_only() -> None:
     x = _images(4)
-    aug = ViewAugment(size=16, scale=(1, 1), jitter=(0, 0, 0, 0), blur_p=0.0, hflip_p=1.0)
+    aug = ViewAugment(
+        size=16, views=ViewSettings(scale=(1, 1), jitter=(0, 0, 0, 0), blur_p=0.0, hflip_p=1.0)
+    )
     torch.testing.assert_close(aug(x, _gen()), x.flip(3), atol=1e-6, rtol=0)
 
 
@@ -138,11 +143,11 @@ def test_blur_matches_torchvision() -> None:
 
 def test_view_config_errors() -> None:
     with pytest.raises(ConfigError, match="scale"):
-        ViewAugment(scale=(0.5, 1.5))
+        ViewAugment(views=ViewSettings(scale=(0.5, 1.5)))
     with pytest.raises(ConfigError, match="blur_kernel"):
-        ViewAugment(blur_kernel=4)
+        ViewAugment(views=ViewSettings(blur_kernel=4))
     with pytest.raises(ConfigError, match="blur_p"):
-        ViewAugment(blur_p=2.0)
+        ViewAugment(views=ViewSettings(blur_p=2.0))
     with pytest.raises(InputError):
         ViewAugment()(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), _gen())
 
@@ -206,8 +211,11 @@ def test_grey_batch_is_augmented_once_with_the_same_numbers(seed, device_params)
     assert broadcast_channel(grey) is not None and broadcast_channel(dense) is None
     assert torch.equal(grey, dense)
     aug = ViewAugment(
-        16, scale=(0.3, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), blur_p=0.75, hflip_p=0.5,
-        grayscale_p=0.5,
+        16,
+        ViewSettings(
+            scale=(0.3, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), blur_p=0.75, hflip_p=0.5,
+            grayscale_p=0.5,
+        ),
     )  # fmt: skip
     run = aug.forward_device if device_params else aug
     for _ in range(4):  # several colour-op orders

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from firmad.bench import read_grid, run_grid
+from firmad.bench import GridExecutor, read_grid, run_grid
 from firmad.errors import ConfigError
 from tests.conftest import FIXTURE_FMNIST, TINY
 
@@ -166,11 +166,17 @@ def test_every_state_of_a_cell_has_its_own_status(tmp_path):
 
 def test_bad_executor_options_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="executor"):
-        run_grid(_grid(tmp_path), out_dir=tmp_path / "o", executor="dask", quiet=True)
+        run_grid(_grid(tmp_path), out_dir=tmp_path / "o", executor=GridExecutor("dask"), quiet=True)
     with pytest.raises(ConfigError, match="devices"):
-        run_grid(_grid(tmp_path), out_dir=tmp_path / "o", devices="0,x", quiet=True)
+        run_grid(
+            _grid(tmp_path),
+            out_dir=tmp_path / "o",
+            executor=GridExecutor(devices="0,x"),
+            quiet=True,
+        )
     with pytest.raises(ConfigError, match="executor local"):
-        run_grid(_grid(tmp_path), out_dir=tmp_path / "o", executor="ray", devices="0", quiet=True)
+        ray_on_0 = GridExecutor("ray", devices="0")
+        run_grid(_grid(tmp_path), out_dir=tmp_path / "o", executor=ray_on_0, quiet=True)
 
 
 BAD_RESOURCES = [
@@ -193,7 +199,7 @@ def test_bad_cell_resources_are_refused_before_any_work(tmp_path, monkeypatch, k
     monkeypatch.setitem(sys.modules, "ray", None)  # never reached: refused before Ray starts
     out = tmp_path / "o"
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        run_grid(_grid(tmp_path), out_dir=out, executor="ray", quiet=True, **kwargs)
+        run_grid(_grid(tmp_path), out_dir=out, executor=GridExecutor("ray", **kwargs), quiet=True)
     assert not out.exists()
 
 
@@ -212,7 +218,7 @@ def test_devices_the_machine_lacks_are_an_error(
     monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
     out = tmp_path / "o"
     with pytest.raises(ConfigError, match=said):
-        run_grid(_grid(tmp_path), out_dir=out, devices=devices, quiet=True)
+        run_grid(_grid(tmp_path), out_dir=out, executor=GridExecutor(devices=devices), quiet=True)
     args = ["-q", "bench", "--config", str(_grid(tmp_path)), "--out", str(out)]
     assert main([*args, "--devices", devices]) == 2
     assert main([*args, "--executor", "ray", "--cell-cpus", "nan"]) == 2

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from firmad.bench import run_grid
+from firmad.bench import GridExecutor, run_grid
 from tests.conftest import FIXTURE_FMNIST, TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +67,7 @@ def test_ray_grid_writes_the_tables_of_a_local_grid(tmp_path):
     except Exception as err:  # noqa: BLE001 - any reason Ray cannot start here
         pytest.skip(f"a local Ray runtime cannot start here: {err}")
     try:
-        result = run_grid(grid, out_dir=tmp_path / "ray", executor="ray", quiet=True)
+        result = run_grid(grid, out_dir=tmp_path / "ray", executor=GridExecutor("ray"), quiet=True)
     finally:
         ray.shutdown()
     assert [s["status"] for s in result["statuses"]] == ["ran", "ran"]

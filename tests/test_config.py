@@ -197,13 +197,13 @@ def test_build_validates_plain_dataclasses():
 
 
 def test_augment_and_head_checks_have_one_source():
-    from firmad.augment import ViewAugment
+    from firmad.augment import ViewAugment, ViewSettings
     from firmad.models import build_head
 
     with pytest.raises(ConfigError) as by_config:
         config_from_dict({"augment": {"scale": [0.9, 0.1]}})
     with pytest.raises(ConfigError) as by_module:
-        ViewAugment(scale=(0.9, 0.1))
+        ViewAugment(views=ViewSettings(scale=(0.9, 0.1)))
     assert str(by_config.value) == str(by_module.value)
     assert str(by_config.value).startswith("augment.scale:")
     with pytest.raises(ConfigError) as by_config:

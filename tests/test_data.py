@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import pickle
 import tarfile
@@ -183,14 +184,14 @@ def test_idx_labels_out_of_range(tmp_path):
 def test_idx_permission_denied_is_not_called_corrupt(tmp_path, monkeypatch):
     folder = make_idx(tmp_path / "m")
     denied = folder / "train-labels-idx1-ubyte.gz"
-    real_open = sources.gzip.open
+    real_open = gzip.open
 
     def gzip_open(path, *args, **kwargs):
         if Path(path) == denied:  # as for a file of mode 0600 owned by someone else
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(sources.gzip, "open", gzip_open)
+    monkeypatch.setattr(gzip, "open", gzip_open)
     with pytest.raises(DataError) as err:
         load_dataset("mnist", root=folder)
     msg = str(err.value)

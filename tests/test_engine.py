@@ -18,7 +18,7 @@ from firmad.detector import OneClassDetector
 from firmad.engine import Engine, image_stats
 from firmad.factory import build_extractor, build_trainer
 from firmad.fitting import FitOptions, detector_for_fit
-from firmad.scoring import VariantScorer, bank_subset, extract_banks, score_run
+from firmad.scoring import ScoreOptions, VariantScorer, bank_subset, extract_banks, score_run
 from tests.test_detector import TRAIN, split  # noqa: F401  (module fixture)
 
 
@@ -81,9 +81,11 @@ def test_the_engine_evaluates_as_score_run(split):  # noqa: F811
         prepare_images(split.train_images, cfg.data.size),
         prepare_images(split.test_images, cfg.data.size),
         split.test_labels, scorers=["knn_cos:k=5", "kde"], variants=["plain"],
-        batch_size=e.batch_size, n_crops=e.n_crops, seed=cfg.train.seed,
-        bank_size=e.bank_size, bank_centroids=e.bank_centroids, extra_scorers=[],
-        ensemble_bank=e.ensemble_bank, return_details=True,
+        options=ScoreOptions(
+            batch_size=e.batch_size, n_crops=e.n_crops, seed=cfg.train.seed,
+            bank_size=e.bank_size, bank_centroids=e.bank_centroids,
+            ensemble_bank=e.ensemble_bank,
+        ), return_details=True,
     )  # fmt: skip
     assert rows == old_rows
     for label, scores in old_details["scores"].items():

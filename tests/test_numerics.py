@@ -22,7 +22,7 @@ from firmad.config import load_config
 from firmad.factory import build_trainer
 from firmad.hardware import Bf16Support, bf16_support, resolve_amp
 from firmad.models import build_backbone
-from firmad.scoring import FeatureExtractor, VariantScorer, extract_features
+from firmad.scoring import ExtractOptions, FeatureExtractor, VariantScorer, extract_features
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,9 +117,11 @@ def test_channels_last_features_equal_contiguous_ones(one_thread):
     extractor = FeatureExtractor(encoder, size=32, channels=3)
     with torch.no_grad():
         plain = encoder(extractor.preprocess(images.float() / 255).contiguous())
-    fast = extract_features(encoder, images, size=32, channels=3)
+    fast = extract_features(encoder, images, ExtractOptions(32, channels=3))
     weights_cl = extract_features(
-        _encoder().eval().to(memory_format=torch.channels_last), images, size=32, channels=3
+        _encoder().eval().to(memory_format=torch.channels_last),
+        images,
+        ExtractOptions(32, channels=3),
     )
     # float32 sums in another order: a few units in the last place of the largest features
     tol = 1e-5 * float(plain.abs().max())

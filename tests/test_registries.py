@@ -22,7 +22,7 @@ from firmad.errors import ConfigError
 from firmad.factory import build_method
 from firmad.methods import METHODS, Method, MethodSettings
 from firmad.pipeline import train_run
-from firmad.scoring import SCORERS, ScorerSpec, score_run
+from firmad.scoring import SCORERS, ScoreOptions, ScorerSpec, score_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +135,7 @@ def test_a_new_scorers_parameters_name_each_row(registered):
     encoder = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 6))
     results, details = score_run(
         encoder, images, images, labels, ["knn_rbf:k=1", "knn_rbf:k=3,bw=0.5"],
-        variants=("plain", "angled"), size=8, return_details=True,
+        variants=("plain", "angled"), options=ScoreOptions(size=8), return_details=True,
     )  # fmt: skip
     assert [r["params"] for r in results] == [{"k": 1, "bw": 1.0}] * 2 + [{"k": 3, "bw": 0.5}] * 2
     assert sorted(details["scores"]) == [
@@ -143,7 +143,8 @@ def test_a_new_scorers_parameters_name_each_row(registered):
         "knn_rbf:k=3,bw=0.5 (angled)", "knn_rbf:k=3,bw=0.5 (plain)",
     ]  # fmt: skip
     with pytest.raises(ConfigError, match="knn_rbf:k=3 is listed twice"):
-        score_run(encoder, images, images, labels, ["knn_rbf:k=3", "knn_rbf:bw=1.0"], size=8)
+        opts = ScoreOptions(size=8)
+        score_run(encoder, images, images, labels, ["knn_rbf:k=3", "knn_rbf:bw=1.0"], options=opts)
     with pytest.raises(ConfigError, match="unknown parameter 'c'; allowed: k, bw"):
         ScorerSpec.parse("knn_rbf:c=1")
     with pytest.raises(ConfigError, match="bw must be a finite number > 0"):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from firmad import bench
-from firmad.bench import read_grid, run_grid
+from firmad.bench import GridExecutor, read_grid, run_grid
 from firmad.cli import main
 from firmad.errors import ConfigError
 from tests.conftest import FIXTURE_FMNIST, TINY
@@ -130,7 +130,8 @@ def test_a_cell_gets_the_same_threads_under_both_executors(
     monkeypatch.setattr(bench.executors, "run_process", fake_process)
     monkeypatch.setitem(sys.modules, "ray", _FakeRay())
     path = _grid(tmp_path, classes=[1, 7], threads=threads)
-    run_grid(path, out_dir=tmp_path / "local", workers=workers, quiet=True)
+    run_grid(path, out_dir=tmp_path / "local", executor=GridExecutor(workers=workers), quiet=True)
     executor["now"] = "ray"
-    run_grid(path, out_dir=tmp_path / "ray", executor="ray", cell_cpus=cpus, quiet=True)
+    on_ray = GridExecutor("ray", cell_cpus=cpus)
+    run_grid(path, out_dir=tmp_path / "ray", executor=on_ray, quiet=True)
     assert envs["local"] == envs["ray"] == [str(threads)] * 2

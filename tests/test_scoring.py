@@ -15,7 +15,9 @@ from firmad.errors import ConfigError, InputError
 from firmad.scoring import (
     ANGLES,
     SCORERS,
+    ExtractOptions,
     FeatureExtractor,
+    ScoreOptions,
     VariantScorer,
     build_scorer,
     extract_banks,
@@ -225,14 +227,14 @@ def test_extract_features_pipeline_and_rotation() -> None:
     imgs = _images(7, c=1, hw=14)
     flat = nn.Flatten()
     for angle in (0, 90, 180, 270):
-        feats = extract_features(flat, imgs, batch_size=3, size=16, angle=angle)
+        feats = extract_features(flat, imgs, ExtractOptions(16, batch_size=3), angle=angle)
         # images not at the training size are first resized to it, as in training
         x = augment.test_transform(augment.to_float(imgs, size=16, channels=3), 16, 1.125)
         ref = augment.rotate90(x, angle // 90).flatten(1)
         assert feats.dtype == torch.float32 and feats.shape == (7, 3 * 16 * 16)
         torch.testing.assert_close(feats, ref)
     # resize_ratio 1.0 disables the centre crop
-    feats = extract_features(flat, imgs, size=16, resize_ratio=1.0, channels=1)
+    feats = extract_features(flat, imgs, ExtractOptions(16, resize_ratio=1.0, channels=1))
     torch.testing.assert_close(feats, augment.to_float(imgs, size=16, channels=1).flatten(1))
 
 
@@ -241,12 +243,16 @@ def test_extract_features_modes_crops_and_determinism() -> None:
     enc.train()
     enc[1].eval()  # a mixed-mode module must come back exactly as it was
     imgs = _images(10)
-    f1 = extract_features(enc, imgs, batch_size=4, size=8)
+    f1 = extract_features(enc, imgs, ExtractOptions(8, batch_size=4))
     assert enc.training and enc[0].training and not enc[1].training
-    f2 = extract_features(enc, imgs, batch_size=10, size=8)
+    f2 = extract_features(enc, imgs, ExtractOptions(8, batch_size=10))
     torch.testing.assert_close(f1, f2)  # eval mode: batch size does not matter
-    crops = extract_features(enc, imgs, size=8, crops=3, gen=torch.Generator().manual_seed(1))
-    again = extract_features(enc, imgs, size=8, crops=3, gen=torch.Generator().manual_seed(1))
+    crops = extract_features(
+        enc, imgs, ExtractOptions(8), crops=3, gen=torch.Generator().manual_seed(1)
+    )
+    again = extract_features(
+        enc, imgs, ExtractOptions(8), crops=3, gen=torch.Generator().manual_seed(1)
+    )
     assert crops.shape == (3, 10, 8)
     torch.testing.assert_close(crops, again)
     assert not torch.allclose(crops[0], crops[1])
@@ -282,9 +288,7 @@ def test_score_run_all_variants_and_keys() -> None:
         labels,
         scorers=DEFAULT_SCORERS,
         variants=("plain", "angled", "ensemble"),
-        size=16,
-        n_crops=2,
-        batch_size=16,
+        options=ScoreOptions(size=16, n_crops=2, batch_size=16),
         return_details=True,
     )
     assert len(results) == len(DEFAULT_SCORERS) * 3
@@ -308,14 +312,17 @@ def test_score_run_plain_matches_manual_and_bank_subset() -> None:
     enc = _tiny_conv(in_ch=3)
     train, test = _images(30, seed=1), _images(20, seed=2)
     labels = torch.tensor([0, 1] * 10)
-    kw = dict(scorers=[("knn_cos", {"k": 2})], size=8, knn_backend="torch")
-    (res,) = score_run(enc, train, test, labels, **kw)
-    bank = extract_features(enc, train, size=8)
+    kw = dict(scorers=[("knn_cos", {"k": 2})])
+    (res,) = score_run(
+        enc, train, test, labels, **kw, options=ScoreOptions(size=8, knn_backend="torch")
+    )
+    bank = extract_features(enc, train, ExtractOptions(8))
     knn = build_scorer("knn_cos", k=2, knn_backend="torch")
-    s = knn.fit(bank).score(extract_features(enc, test, size=8))
+    s = knn.fit(bank).score(extract_features(enc, test, ExtractOptions(8)))
     assert res["auroc"] == pytest.approx(roc_auc_score(labels.numpy(), s), abs=1e-12)
-    a = score_run(enc, train, test, labels, bank_size=10, seed=4, **kw)
-    b = score_run(enc, train, test, labels, bank_size=10, seed=4, **kw)
+    subset = ScoreOptions(size=8, knn_backend="torch", bank_size=10, seed=4)
+    a = score_run(enc, train, test, labels, **kw, options=subset)
+    b = score_run(enc, train, test, labels, **kw, options=subset)
     assert a == b
 
 
@@ -327,11 +334,12 @@ def test_ensemble_bank_of_crops() -> None:
     labels = torch.tensor([0, 1] * 5)
     kw = dict(
         scorers=[("knn_cos", {"k": 2, "knn_backend": "torch"})],
-        variants=("plain", "angled", "ensemble"), size=8, n_crops=3, seed=5,
-        return_details=True,
+        variants=("plain", "angled", "ensemble"), return_details=True,
     )  # fmt: skip
-    _, centre = score_run(enc, train, test, labels, **kw)
-    _, crops = score_run(enc, train, test, labels, ensemble_bank="crops", **kw)
+    opts = ScoreOptions(size=8, n_crops=3, seed=5)
+    _, centre = score_run(enc, train, test, labels, **kw, options=opts)
+    on_crops = ScoreOptions(size=8, n_crops=3, seed=5, ensemble_bank="crops")
+    _, crops = score_run(enc, train, test, labels, **kw, options=on_crops)
     for variant in ("plain", "angled"):
         name = f"knn_cos:k=2,knn_backend=torch ({variant})"
         np.testing.assert_array_equal(crops["scores"][name], centre["scores"][name])
@@ -346,17 +354,18 @@ def test_ensemble_bank_of_crops() -> None:
     vs = VariantScorer("knn_cos", {"k": 2, "knn_backend": "torch"}, "ensemble", 3).fit(banks)
     np.testing.assert_allclose(crops["scores"][ens], vs.combine(feats).numpy(), rtol=1e-6)
     with pytest.raises(ConfigError, match="ensemble_bank"):
-        score_run(enc, train, test, labels, ensemble_bank="edges", **kw)
+        edges = ScoreOptions(size=8, n_crops=3, seed=5, ensemble_bank="edges")
+        score_run(enc, train, test, labels, **kw, options=edges)
 
 
 def test_score_run_errors() -> None:
     imgs = _images(4)
     with pytest.raises(InputError, match="labels"):
-        score_run(_Pool(), imgs, imgs, [0, 1, 0], scorers=["centre"], size=8)
+        score_run(_Pool(), imgs, imgs, [0, 1, 0], scorers=["centre"], options=ScoreOptions(size=8))
     with pytest.raises(ConfigError, match="variant"):
         score_run(_Pool(), imgs, imgs, [0, 1, 0, 1], scorers=["centre"], variants=("rot",))
     with pytest.raises(ConfigError, match="unknown scorer"):
-        score_run(_Pool(), imgs, imgs, [0, 1, 0, 1], scorers=["nope"], size=8)
+        score_run(_Pool(), imgs, imgs, [0, 1, 0, 1], ["nope"], options=ScoreOptions(size=8))
 
 
 def test_kmeans_bank_keeps_the_answer():
@@ -404,12 +413,12 @@ def test_score_run_numbers_do_not_depend_on_how_a_scorer_is_written() -> None:
     labels = torch.tensor([0, 1] * 10)
     pairs = [("knn_cos", {"k": 2}), ("kde", {"scale": 5}), ("kde", {}), ("centre", {})]
     specs = ["knn_cos:k=2", "kde:scale=5.0", "kde", "centre"]
-    kw = dict(size=8, return_details=True)
+    kw = dict(options=ScoreOptions(size=8), return_details=True)
     rows_a, a = score_run(enc, train, test, labels, pairs, **kw)
     rows_b, b = score_run(enc, train, test, labels, specs, **kw)
     assert rows_a == rows_b and list(a["scores"]) == list(b["scores"])
-    bank = extract_features(enc, train, size=8)
-    feats = extract_features(enc, test, size=8)
+    bank = extract_features(enc, train, ExtractOptions(8))
+    feats = extract_features(enc, test, ExtractOptions(8))
     for (name, params), row in zip(pairs, rows_a, strict=True):
         own = build_scorer(name, **params).fit(bank).score(feats)
         np.testing.assert_array_equal(a["scores"][f"{row['label']} (plain)"], own)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from firmad.augment import ViewAugment
+from firmad.augment import ViewAugment, ViewSettings
 from firmad.config import load_config
 from firmad.errors import ConfigError
 from firmad.factory import build_trainer
@@ -27,7 +27,10 @@ STEPS = [
 
 @pytest.mark.parametrize("C", [1, 3])
 def test_device_view_parameters_equal_the_host_ones(C):
-    aug = ViewAugment(size=16, hflip_p=0.5, grayscale_p=0.3, jitter_p=0.7, ratio=(0.75, 1.33))
+    aug = ViewAugment(
+        size=16,
+        views=ViewSettings(hflip_p=0.5, grayscale_p=0.3, jitter_p=0.7, ratio=(0.75, 1.33)),
+    )
     x = torch.rand(9, C, 20, 20)
     g_host, g_dev = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     for _ in range(3):

@@ -152,7 +152,7 @@ def test_multi_class_normal_keeps_class_ids(tmp_path, tiny):
 def test_a_trainer_from_explicit_components_equals_the_factorys(tiny, one_thread):
     """Every component takes plain arguments; `build_trainer` only wires the config into them
     (in the order the numbers rely on), so a trainer built by hand trains identically."""
-    from firmad.augment import ViewAugment
+    from firmad.augment import ViewAugment, ViewSettings
     from firmad.data.pool import build_pool, prepare_images
     from firmad.factory import build_split
     from firmad.hardware import resolve_amp
@@ -177,7 +177,7 @@ def test_a_trainer_from_explicit_components_equals_the_factorys(tiny, one_thread
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=0.01, total_steps=8, pct_start=0.25, anneal_strategy="cos"
     )
-    augment = ViewAugment(size=16, blur_p=0.0)
+    augment = ViewAugment(size=16, views=ViewSettings(blur_p=0.0))
     amp = resolve_amp("auto", cpu)[0]  # what the recipe's train.amp: auto gives here
     settings = TrainSettings(batch_size=16, epochs=2, seed=0, device=cpu, steps_per_epoch=4,
                              amp=amp, channels_last=True)  # fmt: skip

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,7 @@ from firmad.imageops import (
 
 __all__ = [
     "ViewAugment",
+    "ViewSettings",
     "adjust_brightness",
     "adjust_contrast",
     "adjust_hue",
@@ -63,18 +65,27 @@ def _is_number(v: object) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def check_view_settings(
-    *,
-    scale: Sequence[float],
-    ratio: Sequence[float],
-    jitter: Sequence[float],
-    jitter_p: float,
-    blur_kernel: int,
-    blur_sigma: Sequence[float],
-    blur_p: float,
-    hflip_p: float,
-    grayscale_p: float,
-) -> None:
+@dataclass(frozen=True)
+class ViewSettings:
+    """What a training view is made of (the recipe's ``augment`` section, less ``enabled``).
+
+    Defaults are FIRM's recipe: RandomResizedCrop(scale 0.25-1, ratio 1, bilinear),
+    ColorJitter(0.4, 0.4, 0.4, 0.4) with p = 1, GaussianBlur(3, sigma 0.1-2) with p = 0.75.
+    Checked by `check_view_settings` when a `ViewAugment` is built.
+    """
+
+    scale: Sequence[float] = (0.25, 1.0)
+    ratio: Sequence[float] = (1.0, 1.0)
+    jitter: Sequence[float] = (0.4, 0.4, 0.4, 0.4)
+    jitter_p: float = 1.0
+    blur_kernel: int = 3
+    blur_sigma: Sequence[float] = (0.1, 2.0)
+    blur_p: float = 0.75
+    hflip_p: float = 0.0
+    grayscale_p: float = 0.0
+
+
+def check_view_settings(views: ViewSettings) -> None:
     """Check view augmentation settings; ConfigError names the recipe key (``augment.KEY``).
 
     The one check of these values: the config calls it before any work starts, and
@@ -90,25 +101,26 @@ def check_view_settings(
                 f"augment.{key}: expected [low, high] with 0 < low <= high{bound}, got {v}"
             )
 
-    pair("scale", scale, 1.0)
-    pair("ratio", ratio, None)
-    pair("blur_sigma", blur_sigma, None)
-    j = list(jitter)
+    pair("scale", views.scale, 1.0)
+    pair("ratio", views.ratio, None)
+    pair("blur_sigma", views.blur_sigma, None)
+    j = list(views.jitter)
     if len(j) != 4 or not all(map(_is_number, j)) or min(j) < 0 or j[3] > 0.5:
         raise ConfigError(
             "augment.jitter: expected 4 values >= 0 (brightness, contrast, saturation, hue) "
             f"with hue <= 0.5, got {j}"
         )
+    blur_kernel = views.blur_kernel
     whole = _is_number(blur_kernel) and float(blur_kernel).is_integer()
     if not whole or blur_kernel < 1 or blur_kernel % 2 == 0:
         raise ConfigError(
             f"augment.blur_kernel: must be a positive odd integer, got {blur_kernel!r}"
         )
     for key, p in (
-        ("jitter_p", jitter_p),
-        ("blur_p", blur_p),
-        ("hflip_p", hflip_p),
-        ("grayscale_p", grayscale_p),
+        ("jitter_p", views.jitter_p),
+        ("blur_p", views.blur_p),
+        ("hflip_p", views.hflip_p),
+        ("grayscale_p", views.grayscale_p),
     ):
         if not _is_number(p) or not 0.0 <= p <= 1.0:
             raise ConfigError(f"augment.{key}: must be a probability in [0, 1], got {p!r}")
@@ -117,8 +129,7 @@ def check_view_settings(
 class ViewAugment(nn.Module):
     """Per-sample random views: RandomResizedCrop -> hflip -> ColorJitter -> grayscale -> blur.
 
-    Defaults are FIRM's recipe: RandomResizedCrop(32, scale 0.25-1, ratio 1, bilinear),
-    ColorJitter(0.4, 0.4, 0.4, 0.4) with p = 1, GaussianBlur(3, sigma 0.1-2) with p = 0.75.
+    ``views``: the `ViewSettings` (default: FIRM's recipe), the crops ``size`` x ``size``.
     Semantics follow torchvision, with one difference: the order of the four colour ops is
     drawn once per batch (torchvision draws it per image), so the whole batch stays batched.
     Inputs larger than ``size`` are not antialiased; resize them first with :func:`to_float`.
@@ -128,43 +139,24 @@ class ViewAugment(nn.Module):
     """
 
     def __init__(
-        self,
-        size: int = 32,
-        scale: tuple[float, float] = (0.25, 1.0),
-        ratio: tuple[float, float] = (1.0, 1.0),
-        jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.4),
-        jitter_p: float = 1.0,
-        blur_kernel: int = 3,
-        blur_sigma: tuple[float, float] = (0.1, 2.0),
-        blur_p: float = 0.75,
-        hflip_p: float = 0.0,
-        grayscale_p: float = 0.0,
-        cuda_graphs: bool = True,
+        self, size: int = 32, views: ViewSettings | None = None, cuda_graphs: bool = True
     ) -> None:
         super().__init__()
         if int(size) <= 0:
             raise ConfigError(f"augment size must be a positive integer, got {size}")
-        check_view_settings(
-            scale=scale,
-            ratio=ratio,
-            jitter=jitter,
-            jitter_p=jitter_p,
-            blur_kernel=blur_kernel,
-            blur_sigma=blur_sigma,
-            blur_p=blur_p,
-            hflip_p=hflip_p,
-            grayscale_p=grayscale_p,
-        )
+        views = views or ViewSettings()
+        check_view_settings(views)
+        scale, ratio, blur_sigma = views.scale, views.ratio, views.blur_sigma
         self.size = int(size)
         self.scale = (float(scale[0]), float(scale[1]))
         self.ratio = (float(ratio[0]), float(ratio[1]))
-        self.jitter = tuple(float(j) for j in jitter)
-        self.jitter_p = float(jitter_p)
-        self.blur_kernel = int(blur_kernel)
+        self.jitter = tuple(float(j) for j in views.jitter)
+        self.jitter_p = float(views.jitter_p)
+        self.blur_kernel = int(views.blur_kernel)
         self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
-        self.blur_p = float(blur_p)
-        self.hflip_p = float(hflip_p)
-        self.grayscale_p = float(grayscale_p)
+        self.blur_p = float(views.blur_p)
+        self.hflip_p = float(views.hflip_p)
+        self.grayscale_p = float(views.grayscale_p)
         self.cuda_graphs = bool(cuda_graphs)
         # CUDA graphs by (shape, dtype, device, colour-op order); at most 24 orders per shape.
         self._graphs: dict[tuple, tuple] = {}

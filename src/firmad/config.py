@@ -36,7 +36,7 @@ from pydantic import (
     model_validator,
 )
 
-from firmad.augment import check_view_settings
+from firmad.augment import ViewSettings, check_view_settings
 from firmad.errors import ConfigError
 from firmad.io import atomic_write_text
 from firmad.methods import (
@@ -363,7 +363,7 @@ def _check_values(cfg: RunConfig) -> None:
             raise ConfigError(f"outliers.kinds: {err}") from None
     if method_class(cfg.method.name).requires_outliers and not (o.kinds or o.exposure):
         raise ConfigError(f"outliers.kinds: method {shorten(cfg.method.name)} needs outliers")
-    check_view_settings(**cfg.augment.model_dump(exclude={"enabled"}))
+    check_view_settings(ViewSettings(**cfg.augment.model_dump(exclude={"enabled"})))
     specs = [check_scorer(spec) for spec in cfg.eval.scorers]
     for i, spec in enumerate(specs):
         if spec in specs[:i]:

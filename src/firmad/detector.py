@@ -56,6 +56,7 @@ class OneClassDetector(OutlierMixin, BaseEstimator):
     The parameters, their meaning and their values: `firmad.detector_params.DetectorParams`.
     """
 
+    # Over 8 parameters on purpose: scikit-learn needs every hyper-parameter in __init__.
     def __init__(
         self, recipe: str | None = None, method: str | None = None, backbone: str | None = None,
         epochs: int | None = None, scorer: str = "knn_cos", k: int | None = 5,

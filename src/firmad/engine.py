@@ -29,6 +29,7 @@ from firmad.data.pool import prepare_images
 from firmad.errors import ConfigError, InputError
 from firmad.factory import build_extractor, build_method, build_trainer
 from firmad.scoring import (
+    ScoreOptions,
     VariantScorer,
     bank_crops,
     bank_subset,
@@ -252,12 +253,14 @@ class Engine:
         if method.own_scorer is not None:
             own_vs = VariantScorer(method.own_scorer, method.own_scorer_params(network))
             own.append(own_vs.fit({0: None}).to(extractor.device))
+        options = ScoreOptions(
+            batch_size=e.batch_size, n_crops=e.n_crops, seed=cfg.train.seed,
+            bank_size=e.bank_size, bank_centroids=e.bank_centroids, ensemble_bank=e.ensemble_bank,
+        )  # fmt: skip
         return score_run(
             extractor, prepare_images(train_images, cfg.data.size),
-            prepare_images(test_images, cfg.data.size), test_labels, scorers=scorers,
-            variants=variants, batch_size=e.batch_size, n_crops=e.n_crops, seed=cfg.train.seed,
-            bank_size=e.bank_size, bank_centroids=e.bank_centroids, extra_scorers=own,
-            ensemble_bank=e.ensemble_bank, return_details=True,
+            prepare_images(test_images, cfg.data.size), test_labels, [*own, *scorers],
+            variants, options, return_details=True,
         )  # fmt: skip
 
 

@@ -12,12 +12,11 @@ the global RNG right after ``torch.manual_seed(train.seed)``, after the pool is 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import torch
 from torch import nn
 
-from firmad.augment import ViewAugment
+from firmad.augment import ViewAugment, ViewSettings
 from firmad.config import RunConfig
 from firmad.data.pool import Pool, build_pool, match_channels, normal_class_ids, prepare_images
 from firmad.data.protocol import (
@@ -71,18 +70,16 @@ def build_model(
     return OneClassModel(encoder, method.build_modules(encoder.feature_dim))
 
 
-def view_settings(cfg: RunConfig) -> dict[str, Any]:
-    """The augmentation section as `ViewAugment` keywords (without ``enabled``)."""
-    settings = cfg.augment.model_dump()
-    settings.pop("enabled")
-    return settings
+def view_settings(cfg: RunConfig) -> ViewSettings:
+    """The augmentation section as `ViewSettings` (without ``enabled``)."""
+    return ViewSettings(**cfg.augment.model_dump(exclude={"enabled"}))
 
 
 def build_augment(cfg: RunConfig) -> ViewAugment | None:
     """The training views' augmentation, or None when ``augment.enabled`` is false."""
     if not cfg.augment.enabled:
         return None
-    return ViewAugment(size=cfg.data.size, **view_settings(cfg))
+    return ViewAugment(size=cfg.data.size, views=view_settings(cfg))
 
 
 def build_extractor(cfg: RunConfig, encoder: nn.Module) -> FeatureExtractor:

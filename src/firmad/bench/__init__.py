@@ -10,6 +10,7 @@ keep a checkpoint; running the same command again continues it.
 
 from firmad.bench.executors import (
     EXECUTORS,
+    GridExecutor,
     cell_command,
     parse_devices,
     run_cell,
@@ -40,6 +41,7 @@ __all__ = [
     "RESULT_FIELDS",
     "Cell",
     "GridConfig",
+    "GridExecutor",
     "bench_markdown",
     "cell_command",
     "cell_overrides",

@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,17 +149,31 @@ def parse_devices(text: str | None) -> list[str]:
     return devices
 
 
+@dataclass(frozen=True)
+class GridExecutor:
+    """Where a grid's cells run.
+
+    ``kind``: ``local`` runs ``workers`` cells at once as subprocesses of this process
+    (``devices``: GPU ids, one cell per GPU at a time, pinned with CUDA_VISIBLE_DEVICES);
+    ``ray`` runs each cell as a Ray task (``cell_cpus`` CPUs and ``cell_gpus`` GPUs) on the
+    cluster at ``address``, or on a local Ray runtime (or the one this process already joined).
+    Checked by `run_grid` before anything is planned.
+    """
+
+    kind: str = "local"
+    workers: int = 1
+    devices: list[str] | str | None = None
+    address: str | None = None
+    cell_cpus: float = 1.0
+    cell_gpus: float = 0.0
+
+
 def run_grid(
     config: Path,
     out_dir: Path | None = None,
-    workers: int = 1,
     quiet: bool = False,
     overrides: list[str] | None = None,
-    executor: str = "local",
-    devices: list[str] | str | None = None,
-    address: str | None = None,
-    cell_cpus: float = 1.0,
-    cell_gpus: float = 0.0,
+    executor: GridExecutor | None = None,
     classes: list[str] | None = None,
     seeds: list[int] | None = None,
     threads: int | None = None,
@@ -168,11 +183,8 @@ def run_grid(
     ``classes`` / ``seeds`` run only those cells of the grid (a part of a long grid now, the
     rest later); the tables still cover the whole grid, the cells not run shown as they are.
 
-    ``executor``: ``local`` runs ``workers`` cells at once as subprocesses of this process
-    (``devices``: GPU ids, one cell per GPU at a time, pinned with CUDA_VISIBLE_DEVICES);
-    ``ray`` runs each cell as a Ray task (``cell_cpus`` CPUs and ``cell_gpus`` GPUs) on the
-    cluster at ``address``, or on a local Ray runtime (or the one this process already joined).
-    With Ray, ``out_dir`` and the data must be on a filesystem every node sees. ``threads``
+    ``executor``: where the cells run (`GridExecutor`; default: one local worker). With Ray,
+    ``out_dir`` and the data must be on a filesystem every node sees. ``threads``
     (or the grid's ``threads:``) sets each cell's CPU threads, whichever executor runs it
     (default: the recipe's ``train.threads``, else `CELL_THREADS`).
 
@@ -181,11 +193,12 @@ def run_grid(
     ``pending``), then KeyboardInterrupt is raised. The result's ``statuses`` has one record
     per cell that ran or was looked at.
     """
-    devices = _check_executor(executor, devices, workers)
-    _check_cell_resources(cell_cpus, cell_gpus)
+    ex = executor or GridExecutor()
+    devices = _check_executor(ex.kind, ex.devices, ex.workers)
+    _check_cell_resources(ex.cell_cpus, ex.cell_gpus)
     grid = _read_grid(config, overrides, threads)
     out_dir = Path(out_dir or Path("runs") / "bench" / grid.name)
-    if executor == "ray":
+    if ex.kind == "ray":
         out_dir = out_dir.resolve()  # Ray workers may run elsewhere: no relative paths
     cells = plan_cells(grid, out_dir)
     to_run = select_cells(cells, grid, classes, seeds)
@@ -193,10 +206,10 @@ def run_grid(
     record = _Recorder(grid, cells, out_dir, None if quiet else _grid_progress(), len(to_run))
     try:
         with _stop_signals():
-            if executor == "local":
-                _run_local(to_run, grid, workers, devices, record)
+            if ex.kind == "local":
+                _run_local(to_run, grid, ex.workers, devices, record)
             else:
-                _run_ray(to_run, grid, address, cell_cpus, cell_gpus, record)
+                _run_ray(to_run, grid, ex.address, ex.cell_cpus, ex.cell_gpus, record)
     finally:
         record.stop()
         # Whatever happened, the last tables describe the cells as they are now on disk.

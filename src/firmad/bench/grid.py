@@ -223,7 +223,10 @@ def _label(recipe: str, backbone: str | None) -> str:
 
 
 def cell_overrides(cell: Cell, grid: GridConfig) -> list[str]:
-    """The --set options of a new cell's `firmad train`."""
+    """The --set options of a new cell's `firmad train`.
+
+    Strings on purpose: a cell runs as a `firmad train` process of its own, so these are its
+    command line (the edge where overrides are parsed) and its record in the cell's log."""
     overrides = (
         grid.set
         + backbone_overrides(cell.backbone)

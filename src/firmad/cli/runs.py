@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -67,15 +68,14 @@ def train(
     if classes is not None:
         if normal_class is not None:
             raise FirmadError("give either --normal-class or --classes, not both")
-        _train_classes(classes, config, set_, out_dir, resume, seed, epochs, device, no_eval)
+        overrides = _train_overrides(set_, seed, epochs, device)
+        _train_classes(classes, _TrainRequest(config, overrides, out_dir, resume, no_eval))
         return
     overrides = list(set_)
     if normal_class is not None:
         value = normal_class if not normal_class.lstrip("-").isdigit() else int(normal_class)
         overrides.append(f"data.normal_class={value!r}")  # a name quoted, an id as it is
-    for key, value in (("train.seed", seed), ("train.epochs", epochs), ("train.device", device)):
-        if value is not None:
-            overrides.append(f"{key}={value}")
+    overrides += _train_overrides([], seed, epochs, device)
     if config is None and not resume:
         raise FirmadError(
             "give a recipe with --config (e.g. --config fmnist-cpu), or --resume --out DIR"
@@ -101,16 +101,35 @@ def train(
         print_summary(summary)
 
 
-def _train_classes(classes, config, set_, out_dir, resume, seed, epochs, device, no_eval):
+def _train_overrides(set_: list[str], seed, epochs, device) -> list[str]:
+    """--set overrides, then those of --seed, --epochs and --device when given."""
+    overrides = list(set_)
+    for key, value in (("train.seed", seed), ("train.epochs", epochs), ("train.device", device)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return overrides
+
+
+@dataclass(frozen=True)
+class _TrainRequest:
+    """What `firmad train` was asked, less the classes: the recipe, its overrides (--set,
+    --seed, --epochs, --device), --out, --resume and --no-eval."""
+
+    config: str | None
+    overrides: list[str]
+    out_dir: Path | None
+    resume: bool
+    no_eval: bool
+
+
+def _train_classes(classes: str, request: _TrainRequest) -> None:
     """`firmad train --classes 0,1,...`: one run per class, trained together in one process."""
     from firmad.pipeline import default_run_dir, train_runs
 
     names = comma_list(classes, "--classes", "class ids or names")
+    config, out_dir, resume = request.config, request.out_dir, request.resume
     _check_out(out_dir)
-    common = list(set_)
-    for key, value in (("train.seed", seed), ("train.epochs", epochs), ("train.device", device)):
-        if value is not None:
-            common.append(f"{key}={value}")
+    common = request.overrides
     cfgs, dirs = [], []
     for name in names:
         value = int(name) if name.lstrip("-").isdigit() else repr(name)
@@ -127,7 +146,7 @@ def _train_classes(classes, config, set_, out_dir, resume, seed, epochs, device,
         dirs.append(run_dir or default_run_dir(cfgs[-1]))
     with interruptible():
         summaries = train_runs(
-            cfgs, dirs, resume=resume, evaluate=not no_eval, quiet=state["quiet"]
+            cfgs, dirs, resume=resume, evaluate=not request.no_eval, quiet=state["quiet"]
         )
     for summary in summaries:
         if summary["results"] is not None:
@@ -206,19 +225,18 @@ def bench(
 
     Ctrl-C stops it at once (running cells keep a checkpoint); the same command continues it.
     Exits with status 1 when every cell failed."""
-    from firmad.bench import run_grid
+    from firmad.bench import GridExecutor, run_grid
 
     _check_out(out_dir)
     with interruptible(
         "grid stopped; finished cells are kept and interrupted ones keep a checkpoint: run the "
         "same command again to continue"
     ):
+        where = GridExecutor(executor, workers, devices, address, cell_cpus, cell_gpus)
         result = run_grid(
-            config, out_dir=out_dir, workers=workers, quiet=state["quiet"],
-            overrides=list(set_), executor=executor, devices=devices, address=address,
-            cell_cpus=cell_cpus, cell_gpus=cell_gpus,
-            classes=comma_list(classes, "--classes"), seeds=int_list(seeds, "--seeds"),
-            threads=threads,
+            config, out_dir=out_dir, quiet=state["quiet"], overrides=list(set_),
+            executor=where, classes=comma_list(classes, "--classes"),
+            seeds=int_list(seeds, "--seeds"), threads=threads,
         )  # fmt: skip
     out.print(result["markdown"], highlight=False)
     out.print(f"Tables: {result['csv']} and {result['md']}", highlight=False)

@@ -107,6 +107,16 @@ def match_images(images: torch.Tensor, size: tuple[int, int], channels: int) -> 
     return images
 
 
+@dataclass(frozen=True)
+class _Subsample:
+    """The deterministic subsampling of a split: at most ``max_train`` normal training images,
+    ``max_test`` test images (stratified), drawn from a generator seeded with ``seed``."""
+
+    max_train: int | None
+    max_test: int | None
+    seed: int
+
+
 def _build(
     dataset: str,
     train: ImageDataset,
@@ -114,10 +124,9 @@ def _build(
     test_classes: torch.Tensor,
     normal_ids: list[int],
     classes: list[str],
-    max_train: int | None,
-    max_test: int | None,
-    seed: int,
+    sub: _Subsample,
 ) -> OneClassSplit:
+    max_train, max_test, seed = sub.max_train, sub.max_test, sub.seed
     gen = torch.Generator().manual_seed(seed)
     normal = torch.isin(train.labels, torch.tensor(normal_ids))
     train_images, train_labels = train.images[normal], train.labels[normal]
@@ -174,9 +183,8 @@ def multi_class_normal(
     if not normal_classes:
         raise DataError(f"{name}: give at least one normal class; classes: {train.classes}")
     ids = sorted({class_index(train.classes, c) for c in normal_classes})
-    return _build(
-        name, train, test.images, test.labels, ids, train.classes, max_train, max_test, seed
-    )
+    sub = _Subsample(max_train, max_test, seed)
+    return _build(name, train, test.images, test.labels, ids, train.classes, sub)
 
 
 def one_vs_rest(
@@ -222,6 +230,5 @@ def dataset_vs_dataset(
     classes = list(train.classes) + [f"{outlier_name}:{c}" for c in outliers.classes]
     normal_ids = list(range(offset))
     dataset = f"{normal_name} vs {outlier_name}"
-    return _build(
-        dataset, train, test_images, test_classes, normal_ids, classes, max_train, max_test, seed
-    )
+    sub = _Subsample(max_train, max_test, seed)
+    return _build(dataset, train, test_images, test_classes, normal_ids, classes, sub)

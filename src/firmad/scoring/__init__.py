@@ -13,6 +13,7 @@ named by its `ScorerSpec` (the scorer with every parameter), never by the scorer
 from firmad.scoring.banks import bank_crops, bank_subset, extract_banks, kmeans_centroids
 from firmad.scoring.evaluate import (
     VARIANTS,
+    ScoreOptions,
     VariantScorer,
     angles_for,
     result_identity,
@@ -20,7 +21,13 @@ from firmad.scoring.evaluate import (
     score_run,
     scorer_specs,
 )
-from firmad.scoring.features import ANGLES, FeatureExtractor, check_uint8, extract_features
+from firmad.scoring.features import (
+    ANGLES,
+    ExtractOptions,
+    FeatureExtractor,
+    check_uint8,
+    extract_features,
+)
 from firmad.scoring.scorers import (
     SCORERS,
     CentreScorer,
@@ -50,6 +57,7 @@ __all__ = [
     "SCORERS",
     "VARIANTS",
     "CentreScorer",
+    "ExtractOptions",
     "FeatureExtractor",
     "KdeScorer",
     "KnnCosNormScorer",
@@ -59,6 +67,7 @@ __all__ = [
     "OcsvmLinearScorer",
     "OcsvmRbfScorer",
     "Scorer",
+    "ScoreOptions",
     "ScorerSpec",
     "SvddScorer",
     "VariantScorer",

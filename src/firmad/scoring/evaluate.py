@@ -15,6 +15,7 @@ tables share one path.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -169,49 +170,67 @@ def result_identity(row: Mapping[str, Any]) -> tuple:
     return (ScorerSpec.from_row(row), row.get("variant"))
 
 
+@dataclass(frozen=True)
+class ScoreOptions:
+    """How `score_run` extracts features and builds the banks.
+
+    ``size``, ``resize_ratio``, ``channels``: the test-time preprocessing (`FeatureExtractor`'s;
+    unused when the encoder given is one); ``device``: where the encoder must be (None: where
+    it is); ``bank_size``: a subset of the training images drawn from ``seed`` as the bank;
+    ``bank_centroids``: that many k-means centroids instead; ``n_crops``: the ensemble's crops
+    per image, drawn from ``seed``; ``ensemble_bank="crops"``: the ensemble's bank is
+    ``n_crops`` random crops of each bank image (the paper's script: the centre crop);
+    ``knn_backend``: for the kNN scorers left at "auto"."""
+
+    batch_size: int = 512
+    size: int = 32
+    resize_ratio: float = 1.125
+    channels: int = 3
+    device: str | torch.device | None = None
+    n_crops: int = 10
+    seed: int = 0
+    bank_size: int | None = None
+    bank_centroids: int | None = None
+    ensemble_bank: str = "centre"
+    knn_backend: str = "auto"
+
+
 def score_run(
     encoder: nn.Module | FeatureExtractor,
     train_images: torch.Tensor,
     test_images: torch.Tensor,
     test_labels,
-    scorers: Iterable[tuple[str, dict[str, Any]] | str],
+    scorers: Iterable[SpecLike | VariantScorer],
     variants: Sequence[str] = ("plain",),
-    device: str | torch.device | None = None,
-    batch_size: int = 512,
-    size: int = 32,
-    resize_ratio: float = 1.125,
-    n_crops: int = 10,
-    seed: int = 0,
-    bank_size: int | None = None,
-    channels: int = 3,
-    knn_backend: str = "auto",
+    options: ScoreOptions | None = None,
     return_details: bool = False,
-    bank_centroids: int | None = None,
-    extra_scorers: Sequence[VariantScorer] = (),
-    ensemble_bank: str = "centre",
 ):
     """Score the test images with every scorer x variant and evaluate the metrics.
 
     Features are extracted once per rotation (and once for the crops), shared by all scorers.
-    ``bank_size``: a seeded subset of the training images as the bank; ``bank_centroids``:
-    that many k-means centroids instead; ``extra_scorers``: fitted `VariantScorer`s (a
-    method's own score) reported first; ``ensemble_bank="crops"``: the ensemble's bank is
-    ``n_crops`` random crops of each bank image (the paper's script: the centre crop).
+    ``scorers``: specs (or their text, or (name, params) pairs), each run under every variant;
+    fitted `VariantScorer`s among them (a method's own score) are scored as they are, and
+    reported first. ``options``: how features and banks are made (`ScoreOptions`).
 
     Returns rows (`VariantScorer.result_row`); with ``return_details`` ``(rows, details)``:
     ``"scores"`` (label -> np.ndarray), ``"labels"``, ``"test_features"`` (plain, (N, D)).
     """
+    o = options or ScoreOptions()
+    scorers = list(scorers)
+    extra_scorers = [s for s in scorers if isinstance(s, VariantScorer)]
+    scorers = [s for s in scorers if not isinstance(s, VariantScorer)]
+    batch_size, n_crops, seed = o.batch_size, o.n_crops, o.seed
     variants = check_variants(variants)
-    crops_of = {v: bank_crops(v, ensemble_bank, n_crops) for v in variants}
-    scorers_ = _variant_scorers(scorers, variants, n_crops, knn_backend)
+    crops_of = {v: bank_crops(v, o.ensemble_bank, n_crops) for v in variants}
+    scorers_ = _variant_scorers(scorers, variants, n_crops, o.knn_backend)
     _check_labels([*extra_scorers, *scorers_])
     train_images, test_images = check_uint8(train_images), check_uint8(test_images)
     labels = _labels(test_labels, test_images.shape[0])
-    extractor = _extractor(encoder, size, resize_ratio, channels, device)
+    extractor = _extractor(encoder, o.size, o.resize_ratio, o.channels, o.device)
     angles = (0,) if variants == ("plain",) else ANGLES
-    bank_images = bank_subset(train_images, bank_size, seed)
+    bank_images = bank_subset(train_images, o.bank_size, seed)
     banks = {  # keyed by crops per image (None: centre crops); only the kinds some variant uses
-        c: extract_banks(extractor, bank_images, angles, batch_size, bank_centroids, seed, c)
+        c: extract_banks(extractor, bank_images, angles, batch_size, o.bank_centroids, seed, c)
         for c in dict.fromkeys(crops_of.values())
     }  # fmt: skip
     test = {a: extractor.extract(test_images, batch_size, angle=a) for a in angles}

@@ -16,6 +16,7 @@ ONNX export see the fp32 model a deployment runs.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -179,26 +180,38 @@ def check_uint8(images) -> torch.Tensor:
     return images
 
 
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How `extract_features` runs: the test-time preprocessing (``size``, ``resize_ratio``,
+    ``channels``: `FeatureExtractor`'s), the batch size, and the device the encoder must be on
+    (None: wherever it is)."""
+
+    size: int = 32
+    resize_ratio: float = 1.125
+    channels: int = 3
+    batch_size: int = 512
+    device: str | torch.device | None = None
+
+
 def extract_features(
     encoder: nn.Module,
     images_uint8: torch.Tensor,
-    batch_size: int = 512,
-    device: str | torch.device | None = None,
-    size: int = 32,
-    resize_ratio: float = 1.125,
+    options: ExtractOptions | None = None,
     angle: int = 0,
     crops: int | None = None,
     gen: torch.Generator | None = None,
-    channels: int = 3,
 ) -> torch.Tensor:
     """Encoder features of uint8 images (a functional shortcut to `FeatureExtractor.extract`).
 
-    The encoder must already live on ``device`` (when given); its modes are restored afterwards.
+    The encoder must already live on ``options.device`` (when given); its modes are restored
+    afterwards.
     """
-    extractor = FeatureExtractor(encoder, size, resize_ratio, channels)
+    o = options or ExtractOptions()
+    extractor = FeatureExtractor(encoder, o.size, o.resize_ratio, o.channels)
+    device = o.device
     if device is not None and extractor.device.type != torch.device(device).type:
         raise InputError(
             f"the encoder lives on {extractor.device} but features were requested on {device}; "
             f"move it first with encoder.to('{device}')."
         )
-    return extractor.extract(images_uint8, batch_size, angle, crops, gen)
+    return extractor.extract(images_uint8, o.batch_size, angle, crops, gen)

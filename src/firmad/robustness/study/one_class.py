@@ -27,7 +27,7 @@ import torch
 
 from firmad.io import atomic_write_json
 from firmad.robustness.construct import to_uint8
-from firmad.robustness.study.cell import other_class_images
+from firmad.robustness.study.celldata import other_class_images
 from firmad.robustness.study.config import ConstructionError, StudyConfig
 from firmad.robustness.study.models import ModelSpec, evaluate, fresh_seed, train_model
 
