@@ -58,7 +58,8 @@ MUTATIONS = [
         "torch.randperm(n, generator=gen)[:max_n].sort().values",
         "torch.randperm(n, generator=gen)[1 : max_n + 1].sort().values",
         ("tests/test_protocol.py::test_subsampling_sizes_and_stratification",
-         "tests/test_protocol.py::test_subsampling_is_deterministic", f"{GL}[firm]"),
+         "tests/test_protocol.py::test_subsampling_is_deterministic", f"{GL}[firm]",
+         "tests/test_protocol.py::test_which_images_a_subsample_keeps_is_stored_exactly"),
         "max_train keeps permutation entries 1..n instead of 0..n-1 (same size, other images)",
     ),
     Mutation(
@@ -91,7 +92,7 @@ MUTATIONS = [
         "colour-jitter factors' spread 1e-3 relative wider",
     ),
     Mutation(
-        "idx-column-major", "data/sources.py", "read_idx",
+        "idx-column-major", "data/idx.py", "read_idx",
         "return np.frombuffer(data, dtype=np.uint8).reshape(dims)",
         "return np.frombuffer(data, dtype=np.uint8).reshape(dims)"
         ".transpose(0, *range(len(dims) - 1, 0, -1))",

@@ -121,3 +121,19 @@ def test_full_debian_one_vs_rest():
     split = one_vs_rest("fashion-mnist", "sneaker")
     assert split.train_images.shape == (6000, 1, 28, 28)
     assert len(split.test_images) == 10000 and int(split.test_labels.sum()) == 9000
+
+
+def test_which_images_a_subsample_keeps_is_stored_exactly():
+    """Integer draws from a seeded generator are the same on every CPU, so they are stored:
+    which 20 of the class's 100 fixture images `max_train` keeps, not only how many."""
+    from firmad.data import load_dataset
+    from firmad.data.protocol import subsample_indices
+
+    assert subsample_indices(1000, 7, torch.Generator().manual_seed(3)).tolist() == [
+        114, 140, 232, 871, 885, 894, 986,
+    ]  # fmt: skip
+    kept = [3, 11, 15, 16, 17, 22, 23, 32, 35, 36, 45, 48, 58, 62, 63, 72, 79, 80, 90, 96]
+    split = one_vs_rest("fashion-mnist", 0, root=FIXTURE, max_train=20, max_test=55, seed=1)
+    train = load_dataset("fashion-mnist", "train", root=FIXTURE)
+    class_images = train.images[train.labels == 0]
+    assert torch.equal(split.train_images, class_images[kept])
