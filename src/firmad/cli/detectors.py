@@ -33,7 +33,9 @@ def fit(
         None, "--config", "-c", help="Recipe (default fmnist-cpu: FIRM, narrow ResNet-10)."
     ),
     set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value."),
-    scorer: str = typer.Option("knn_cos:k=5", "--scorer", help="Scorer spec, e.g. kde."),
+    scorer: str | None = typer.Option(
+        None, "--scorer", help="Scorer spec, e.g. knn_cos:k=5 (default: mahalanobis)."
+    ),
     variant: str = typer.Option("plain", "--variant", help="plain, angled or ensemble."),
     holdout: str = typer.Option(
         "auto",
@@ -66,8 +68,11 @@ def fit(
         from firmad.outputs import check_folder
 
         check_folder(out_dir, "--out", inputs=[folder])  # its plots would be training images
+        from firmad.fitting import DEFAULT_SCORER
+
         opts = FitOptions(
-            config, list(set_), scorer, variant, holdout, target_fpr, epochs, device, seed,
+            config, list(set_), scorer or DEFAULT_SCORER, variant, holdout, target_fpr, epochs,
+            device, seed,
             verbose=not state["quiet"], steps=steps, quick=quick,
         )  # fmt: skip
         det = detector_for_fit(opts)
