@@ -183,19 +183,24 @@ def _mean_ci(values: list[float]) -> str:
 def choose(records: list[dict]) -> tuple[int, str, dict]:
     """The rule, as written in RESULTS before the run: highest mean AUROC over the choice
     classes x seeds; a candidate within TIE points with a smaller budget (then kNN before
-    Mahalanobis) is preferred. Only candidates that exist for every cell count."""
-    cells = {(r["class"], r["seed"]) for r in records if r["class"] in CHOOSE}
+    Mahalanobis) is preferred. A budget counts once it has run on every choice class; all are
+    compared on the (class, seed) cells they have in common."""
+    cells = {}
+    for r in records:
+        if r["class"] in CHOOSE:
+            cells.setdefault(r["budget"], set()).add((r["class"], r["seed"]))
+    budgets = [b for b, cs in cells.items() if {c for c, _ in cs} == set(CHOOSE)]
+    common = set.intersection(*(cells[b] for b in budgets))
     means = {}
-    for b in sorted({r["budget"] for r in records}):
+    for b in sorted(budgets):
         for s in CANDIDATES:
             vals = [r["scorers"][s]["auroc"] for r in records
-                    if r["class"] in CHOOSE and r["budget"] == b]  # fmt: skip
-            if vals and len(vals) == len(cells):
-                means[(b, s)] = 100 * float(np.mean(vals))
+                    if r["budget"] == b and (r["class"], r["seed"]) in common]  # fmt: skip
+            means[(b, s)] = 100 * float(np.mean(vals))
     best = max(means.values())
     close = [key for key, m in means.items() if m >= best - TIE]
     pick = min(close, key=lambda key: (key[0], SCORERS.index(key[1])))
-    return pick[0], pick[1], means
+    return pick[0], pick[1], {"means": means, "cells": sorted(common)}
 
 
 def cmd_table(args: argparse.Namespace) -> None:
@@ -223,6 +228,8 @@ def cmd_table(args: argparse.Namespace) -> None:
     print(
         f"\nchosen: {budget} steps, {scorer} (rule: max mean AUROC on {CHOOSE}, ties within {TIE})"
     )
+    print("compared on (class, seed):", means["cells"])
+    print("means:", {f"{b} {s}": round(m, 2) for (b, s), m in means["means"].items()})
     print("\nPer normal class (mean over seeds; % flagged per anomaly class):")
     for c in CHOOSE + CONFIRM:
         for b, s in dict.fromkeys([(budget, scorer), (BUDGETS[0], CANDIDATES[0])]):
