@@ -64,20 +64,17 @@ def fit(
 ) -> None:
     """Train a detector on a folder of normal images; set its threshold on held-out ones."""
     with interruptible("nothing was saved; run the command again"):
-        from firmad.fitting import FitOptions, check_fit_out, detector_for_fit, fit_folder
+        from firmad import fitting
         from firmad.outputs import check_folder
 
         check_folder(out_dir, "--out", inputs=[folder])  # its plots would be training images
-        from firmad.fitting import DEFAULT_SCORER
-
-        opts = FitOptions(
-            config, list(set_), scorer or DEFAULT_SCORER, variant, holdout, target_fpr, epochs,
-            device, seed,
-            verbose=not state["quiet"], steps=steps, quick=quick,
+        opts = fitting.FitOptions(
+            config, list(set_), scorer or fitting.DEFAULT_SCORER, variant, holdout, target_fpr,
+            epochs, device, seed, verbose=not state["quiet"], steps=steps, quick=quick,
         )  # fmt: skip
-        det = detector_for_fit(opts)
-        check_fit_out(out_dir)
-        report = fit_folder(det, folder, out_dir, say=say, warn=warn)
+        det = fitting.detector_for_fit(opts)
+        fitting.check_fit_out(out_dir)
+        report = fitting.fit_folder(det, folder, out_dir, say=say, warn=warn)
         say(f"Report: {report}")
     cal = det.calibration_
     ci = cal.get("interval")
