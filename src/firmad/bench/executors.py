@@ -366,18 +366,24 @@ def _run_local(cells, grid, workers, devices, record) -> None:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_ray(cells, grid, address, cell_cpus, cell_gpus, record) -> None:
+def _start_ray(address: str | None, option: str):
+    """Ray, connected (to ``address``, or a runtime of this machine alone on the loopback
+    interface); (the module, whether this call started it, so the caller shuts it down)."""
     try:
         import ray
     except ImportError:
         raise ConfigError(
-            "--executor ray needs Ray: pip install 'firmad[ray]' (on every node of the cluster)"
+            f"{option} ray needs Ray: pip install 'firmad[ray]' (on every node of the cluster)"
         ) from None
     started = not ray.is_initialized()
     if started:
-        # No address: a runtime of this machine alone, kept on the loopback interface.
         local = {} if address else {"_node_ip_address": "127.0.0.1"}
         ray.init(address=address, include_dashboard=False, log_to_driver=False, **local)
+    return ray, started
+
+
+def _run_ray(cells, grid, address, cell_cpus, cell_gpus, record) -> None:
+    ray, started = _start_ray(address, "--executor")
     try:
         # A cell is the same subprocess as in a local grid, started by the Ray worker on the
         # node Ray chose; the worker imports only firmad.cellproc.
@@ -469,16 +475,7 @@ def _local_jobs(jobs, workers: int, env: dict[str, str]) -> dict[str, dict[str, 
 
 
 def _ray_jobs(jobs, address, cpus: float, gpus: float, env) -> dict[str, dict[str, Any]]:
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError(
-            "executor ray needs Ray: pip install 'firmad[ray]' (on every node of the cluster)"
-        ) from None
-    started = not ray.is_initialized()
-    if started:
-        local = {} if address else {"_node_ip_address": "127.0.0.1"}
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, **local)
+    ray, started = _start_ray(address, "executor")
     try:
         remote = ray.remote(run_process).options(num_cpus=cpus, num_gpus=gpus, max_retries=0)
         env = {**{k: v for k, v in os.environ.items() if k.startswith("FIRMAD_")}, **env}
