@@ -61,15 +61,9 @@ def read_bytes(path: Path) -> bytes:
         error = unreadable(path, e)
         if error is not None:
             raise error from e
-        raise DataError(
-            f"{path}: cannot read the file ({e}); it is probably truncated or corrupt. "
-            "Delete it and download it again."
-        ) from e
+        raise damaged(path, e) from e
     except (EOFError, zlib.error) as e:
-        raise DataError(
-            f"{path}: cannot read the file ({e}); it is probably truncated or corrupt. "
-            "Delete it and download it again."
-        ) from e
+        raise damaged(path, e) from e
 
 
 def damaged(path: Path, e: Exception) -> DataError:
