@@ -11,8 +11,9 @@ This script needs only Selenium; firmad runs in its own Python (``--python``, de
 page is driven as a user drives it:
 
 - every image picked with the file input, dropped on the drop zone and picked as a folder:
-  each score, p-value and decision on the page equals `firmad score`'s CSV (within 1e-5), the
-  file that is no image shows its error, a folder's files come in sorted order;
+  each score, p-value and decision on the page equals `firmad score`'s CSV (to the page's 6
+  significant digits: relative 1e-5), the file that is no image shows its error, a folder's
+  files come in sorted order;
 - the results table sorts by score and name, filters by name and decision, pages (50 rows),
   and its CSV download holds every row shown with the page's numbers;
 - file names made of HTML or Markdown stay text (no script runs, no alert); a listed file named
@@ -146,6 +147,12 @@ def show_all(driver, size: str = "500") -> list[dict]:
     return table(driver)
 
 
+def same_number(shown: float, want: float) -> bool:
+    """Equal to the page's precision: it shows 6 significant digits (half a unit of the last is
+    at most 5e-6 of the value), so a relative 1e-5 (at least 1e-5 absolute near zero)."""
+    return abs(shown - want) <= 1e-5 * max(abs(want), 1.0)
+
+
 def check_scores(got: list[dict], expected: dict[str, dict], problems: Problems) -> None:
     """Each row equals `firmad score`'s; the file that is no image shows its error."""
     for row in got:
@@ -156,7 +163,7 @@ def check_scores(got: list[dict], expected: dict[str, dict], problems: Problems)
             problems.check(shown, f"{row['name']}: no clear error shown ({row['decision']!r})")
             continue
         score = float(row["score"]) if row["score"] else float("nan")
-        problems.check(abs(score - float(want["score"])) <= 1e-5,
+        problems.check(same_number(score, float(want["score"])),
                        f"{name}: page {row['score']} vs firmad score {want['score']}")  # fmt: skip
         decision = {"1": "anomaly", "0": "normal", "": "no threshold"}[want["anomaly"]]
         problems.check(row["decision"] == decision, f"{name}: decision {row['decision']!r}")
@@ -230,7 +237,7 @@ def check_csv(driver, downloads: Path, problems: Problems) -> None:
     problems.check(len(got) == len(rows), f"CSV: {len(got)} rows, page {len(rows)}")
     for page, row in zip(rows, got, strict=False):
         same = page["name"] == row["path"] and (
-            page["score"] == "" or abs(float(row["score"]) - float(page["score"])) < 1e-5
+            page["score"] == "" or same_number(float(page["score"]), float(row["score"]))
         )
         problems.check(same, f"CSV row {row['path']} differs from the page")
 
