@@ -102,6 +102,20 @@ def test_a_step_budget_trains_exactly_that_many_steps(split):  # noqa: F811
         OneClassDetector(overrides=TRAIN, steps=6, epochs=2).fit(split.train_images)
 
 
+def test_the_default_budget_never_replaces_one_the_user_set(monkeypatch):
+    from firmad import fitting
+
+    monkeypatch.setattr(fitting, "DEFAULT_STEPS", 123)
+    monkeypatch.setattr(fitting, "QUICK_STEPS", 7)
+    assert fitting.training_steps(FitOptions()) == 123
+    assert fitting.training_steps(FitOptions(quick=True)) == 7
+    assert fitting.training_steps(FitOptions(steps=5)) == 5
+    assert fitting.training_steps(FitOptions(epochs=2)) is None  # the epochs asked for
+    for chosen in (["train.epochs=2"], ["train.steps_per_epoch = 4"], TRAIN):
+        assert fitting.training_steps(FitOptions(overrides=list(chosen))) is None, chosen
+    assert fitting.training_steps(FitOptions(overrides=["train.lr=0.1"])) == 123
+
+
 def test_fit_options_keep_todays_budget_with_quick():
     quick = detector_for_fit(FitOptions(overrides=TRAIN, quick=True))
     default = detector_for_fit(FitOptions(overrides=TRAIN))

@@ -73,7 +73,16 @@ def training_steps(opts: FitOptions) -> int | None:
         raise ConfigError("give --steps or --epochs, not both")
     if opts.quick:
         return QUICK_STEPS
-    return opts.steps if opts.steps is not None or opts.epochs is not None else DEFAULT_STEPS
+    if opts.steps is not None or opts.epochs is not None or _budget_overridden(opts.overrides):
+        return opts.steps
+    return DEFAULT_STEPS
+
+
+def _budget_overridden(overrides: list[str]) -> bool:
+    """Whether ``--set`` chose the budget (train.epochs or train.steps_per_epoch): then it is
+    the user's, and the default step budget must not silently replace it."""
+    keys = {o.split("=", 1)[0].strip() for o in overrides}
+    return bool(keys & {"train.epochs", "train.steps_per_epoch"})
 
 
 def detector_for_fit(opts: FitOptions) -> OneClassDetector:
