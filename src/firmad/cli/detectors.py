@@ -54,7 +54,7 @@ def fit(
         None, "--seed", help="Seeds training and the held-out draw (train.seed)."
     ),
     steps: int | None = typer.Option(
-        None, "--steps", min=1, help="Train exactly this many steps (instead of --epochs)."
+        None, "--steps", min=1, help="Train exactly this many steps (default 1500; or --epochs)."
     ),
     quick: bool = typer.Option(
         False,
