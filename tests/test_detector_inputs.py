@@ -238,6 +238,11 @@ def test_cli_help_names_the_real_flags_and_columns(capsys):
     assert main(["fit", "--help"]) == 0
     text = capsys.readouterr().out
     assert all(flag in text for flag in ("--epochs", "--device", "--seed"))
+    from firmad import fitting  # the help's defaults are the ones `fit` uses
+
+    text = " ".join(text.split())
+    assert f"default {fitting.DEFAULT_STEPS};" in text
+    assert f"(default: {fitting.DEFAULT_SCORER})" in text
     assert main(["score", "--help"]) == 0
     assert "anomaly" in capsys.readouterr().out
 
