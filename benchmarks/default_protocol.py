@@ -13,6 +13,12 @@ the detector's own threshold, and the fit's CPU and wall seconds.
     python benchmarks/default_protocol.py run --out runs/protocol --classes 0 2 4 --seeds 0 1 2
     python benchmarks/default_protocol.py table --out runs/protocol
 
+Protocol II (RESULTS.md, "The default detector II"): the shipped training (1 500 steps), and
+Mahalanobis scored plain, angled (4 rotations) or as the crop ensemble, on the same folders:
+
+    python benchmarks/default_protocol.py run2 --out runs/protocol --classes 0 2 4 6 7 8
+    python benchmarks/default_protocol.py table2 --out runs/protocol
+
 `run` resumes: a (class, seed, budget) with its JSON is not trained again. Run two at once
 with one thread each (`--threads 1`, the default) on a 2-core machine.
 """
@@ -154,6 +160,137 @@ def run_one(out: Path, train: Path, test: Path, c: int, seed: int, budget: int) 
     )
 
 
+VARIANTS_II = ("plain", "angled", "ensemble")  # the candidates, cheapest first
+BESIDE_II = ("knn_cos:k=5/angled", "z-mean(mahalanobis/angled, pixel-knn)")
+
+
+def _pixels(images: torch.Tensor) -> torch.Tensor:
+    """Grey pixels in [0, 1], one row per image (the raw-pixel kNN beside the candidates)."""
+    return images[:, 0].reshape(len(images), -1).double() / 255.0
+
+
+def _pixel_knn(bank: torch.Tensor, x: torch.Tensor, k: int = 5) -> np.ndarray:
+    return torch.cdist(x, bank).topk(k, largest=False).values.mean(1).numpy()
+
+
+def _standardised(test: np.ndarray, held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return (test - held.mean()) / held.std(), (held - held.mean()) / held.std()
+
+
+def run_two(out: Path, train: Path, test: Path, c: int, seed: int) -> None:
+    """Protocol II for one (class, seed): `fit`'s default training, then each candidate
+    variant of Mahalanobis (and the rows beside them) on the same network, bank and held-out."""
+    path = out / "results-ii" / f"c{c}-s{seed}.json"
+    if path.exists():
+        return
+    det = detector_for_fit(FitOptions(seed=seed, verbose=False))
+    images = fit_images(train, det, say=lambda m: None, warn=lambda m: None)
+    tic, cpu = time.perf_counter(), time.process_time()
+    det.fit(images)
+    fit_s, fit_cpu_s = time.perf_counter() - tic, time.process_time() - cpu
+    files = find_images([test])[0]
+    true = np.array([int(f.name.split("_")[0]) for f in files])
+    held = torch.as_tensor(det.heldout_indices_)
+    kept = torch.ones(len(images), dtype=torch.bool)
+    kept[held] = False
+    rows, raw = {}, {}
+    for scorer, variant in [("mahalanobis", v) for v in VARIANTS_II] + [("knn_cos:k=5", "angled")]:
+        one = OneClassDetector.from_model(det.model_, det.config_, scorer=scorer, k=None,
+                                          variant=variant)  # fmt: skip
+        one.fit_bank(images[kept]).calibrate(images[held], target_fpr=TARGET)
+        cpu = time.process_time()
+        scores = one.decision_function(files)
+        name = f"{scorer}/{variant}"
+        rows[name] = measure(scores, one.threshold_, true, c)
+        rows[name]["score_cpu_ms_per_image"] = 1000 * (time.process_time() - cpu) / len(files)
+        raw[name] = (scores, one.heldout_scores_)
+    from firmad.inputs import load_files
+
+    test_images = load_files(files, det.size, det.config_.data.channels)
+    bank, x, h = _pixels(images[kept]), _pixels(test_images), _pixels(images[held])
+    pix = _standardised(_pixel_knn(bank, x), _pixel_knn(bank, h))
+    maha = _standardised(*raw["mahalanobis/angled"])
+    ens_test, ens_held = (maha[0] + pix[0]) / 2, (maha[1] + pix[1]) / 2
+    rows[BESIDE_II[1]] = measure(ens_test, cal.conformal_threshold(ens_held, TARGET), true, c)
+    record = {
+        "class": c, "seed": seed, "budget": det.steps, "fit_s": round(fit_s, 1),
+        "fit_cpu_s": round(fit_cpu_s, 1), "threads": torch.get_num_threads(),
+        "n_train": int(kept.sum()), "n_held": len(held), "n_test": len(files),
+        "numerics": det.config_.train.amp, "scorers": rows,
+    }  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    print(f"class {c} seed {seed}: fit {fit_s:.0f} s; AUROC " + ", ".join(
+        f"{n} {100 * r['auroc']:.1f}" for n, r in rows.items()), flush=True)  # fmt: skip
+
+
+def choose_two(records: list[dict]) -> tuple[str, dict]:
+    """Protocol II's rule: highest mean AUROC over the choice cells; a cheaper variant within
+    TIE points of it is chosen instead. Compared on the (class, seed) cells all records share."""
+    cells = sorted((r["class"], r["seed"]) for r in records if r["class"] in CHOOSE)
+    means = {
+        v: 100 * float(np.mean([r["scorers"][f"mahalanobis/{v}"]["auroc"] for r in records
+                                if r["class"] in CHOOSE]))
+        for v in VARIANTS_II
+    }  # fmt: skip
+    best = max(means.values())
+    pick = next(v for v in VARIANTS_II if means[v] >= best - TIE)
+    return pick, {"means": means, "cells": cells}
+
+
+def cmd_table_two(args: argparse.Namespace) -> None:
+    records = [json.loads(p.read_text()) for p in sorted((args.out / "results-ii").glob("*.json"))]
+    names = load_dataset("fashion-mnist", "test").classes
+    pick, info = choose_two(records)
+    print("| scorer | choice 0, 2, 4: AUROC | recall | FPR | confirm 6, 7, 8: AUROC | recall "
+          "| FPR | scoring CPU ms / image |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---:|")
+    rows = [f"mahalanobis/{v}" for v in VARIANTS_II] + list(BESIDE_II)
+    for s in rows:
+        cols = []
+        for group in (CHOOSE, CONFIRM):
+            sel = [r["scorers"][s] for r in records if r["class"] in group]
+            cols += [
+                _mean_ci([x[k] for x in sel]) if sel else "—" for k in ("auroc", "recall", "fpr")
+            ]
+        ms = [r["scorers"][s].get("score_cpu_ms_per_image") for r in records]
+        ms = f"{np.mean(ms):.2f}" if ms and ms[0] is not None else "—"
+        mark = " **(chosen)**" if s == f"mahalanobis/{pick}" else ""
+        print(f"| {s}{mark} | " + " | ".join(cols) + f" | {ms} |")
+    print(f"\nchosen: mahalanobis/{pick} (rule: max mean AUROC on {CHOOSE}, cheaper within {TIE})")
+    print("cells:", info["cells"])
+    print("means:", {v: round(m, 2) for v, m in info["means"].items()})
+    print("\nPer normal class (mean over seeds; % flagged per anomaly class):")
+    for c in CHOOSE + CONFIRM:
+        for s in dict.fromkeys(["mahalanobis/plain", f"mahalanobis/{pick}"]):
+            sel = [r["scorers"][s] for r in records if r["class"] == c]
+            if not sel:
+                continue
+            per = {
+                k: np.mean([x["recall_per_class"][k] for x in sel])
+                for k in sel[0]["recall_per_class"]
+            }
+            flagged = ", ".join(f"{names[int(k)]} {100 * v:.0f}" for k, v in per.items())
+            lo, hi = (100 * f(x["auroc"] for x in sel) for f in (min, max))
+            print(f"- {c} {names[c]}, {s} ({len(sel)} seeds): AUROC "
+                  f"{_mean_ci([x['auroc'] for x in sel])} ({lo:.1f}-{hi:.1f}), "
+                  f"recall {_mean_ci([x['recall'] for x in sel])}, "
+                  f"FPR {_mean_ci([x['fpr'] for x in sel])}; {flagged}")  # fmt: skip
+
+
+def cmd_run_two(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    train = load_dataset("fashion-mnist", "train")
+    test = load_dataset("fashion-mnist", "test")
+    tr_img, tr_lab = train.images[:, 0].numpy(), train.labels.numpy()
+    te_img, te_lab = test.images[:, 0].numpy(), test.labels.numpy()
+    for seed in args.seeds:
+        for c in args.classes:
+            test_folder = make_test_folder(args.out, te_img, te_lab, c)
+            folder = make_train_folder(args.out, tr_img, tr_lab, c, seed)
+            run_two(args.out, folder, test_folder, c, seed)
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     train = load_dataset("fashion-mnist", "train")
@@ -269,8 +406,16 @@ def main() -> None:
     run.add_argument("--threads", type=int, default=1)
     table = sub.add_parser("table")
     table.add_argument("--out", type=Path, required=True)
+    run2 = sub.add_parser("run2")
+    run2.add_argument("--out", type=Path, required=True)
+    run2.add_argument("--classes", type=int, nargs="+", default=list(CHOOSE + CONFIRM))
+    run2.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    run2.add_argument("--threads", type=int, default=1)
+    table2 = sub.add_parser("table2")
+    table2.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    cmd_run(args) if args.cmd == "run" else cmd_table(args)
+    commands = {"run": cmd_run, "table": cmd_table, "run2": cmd_run_two, "table2": cmd_table_two}
+    commands[args.cmd](args)
 
 
 if __name__ == "__main__":
