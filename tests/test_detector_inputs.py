@@ -243,6 +243,7 @@ def test_cli_help_names_the_real_flags_and_columns(capsys):
     text = " ".join(text.split())
     assert f"default {fitting.DEFAULT_STEPS};" in text
     assert f"(default: {fitting.DEFAULT_SCORER})" in text
+    assert f"(default: {fitting.DEFAULT_VARIANT})" in text
     assert main(["score", "--help"]) == 0
     assert "anomaly" in capsys.readouterr().out
 

@@ -36,7 +36,9 @@ def fit(
     scorer: str | None = typer.Option(
         None, "--scorer", help="Scorer spec, e.g. knn_cos:k=5 (default: mahalanobis)."
     ),
-    variant: str = typer.Option("plain", "--variant", help="plain, angled or ensemble."),
+    variant: str | None = typer.Option(
+        None, "--variant", help="plain, angled (4 rotations) or ensemble (default: plain)."
+    ),
     holdout: str = typer.Option(
         "auto",
         "--holdout",
@@ -69,7 +71,8 @@ def fit(
 
         check_folder(out_dir, "--out", inputs=[folder])  # its plots would be training images
         opts = fitting.FitOptions(
-            config, list(set_), scorer or fitting.DEFAULT_SCORER, variant, holdout, target_fpr,
+            config, list(set_), scorer or fitting.DEFAULT_SCORER,
+            variant or fitting.DEFAULT_VARIANT, holdout, target_fpr,
             epochs, device, seed, verbose=not state["quiet"], steps=steps, quick=quick,
         )  # fmt: skip
         det = fitting.detector_for_fit(opts)
