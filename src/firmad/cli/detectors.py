@@ -36,9 +36,7 @@ def fit(
     scorer: str | None = typer.Option(
         None, "--scorer", help="Scorer spec, e.g. knn_cos:k=5 (default: mahalanobis)."
     ),
-    variant: str | None = typer.Option(
-        None, "--variant", help="plain, angled (4 rotations) or ensemble (default: plain)."
-    ),
+    variant: str | None = typer.Option(None, "--variant", help="angled/ensemble (default: plain)."),
     holdout: str = typer.Option(
         "auto",
         "--holdout",
