@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ from firmad import calibration as cal
 from firmad.data.sources import load_dataset
 from firmad.detector import OneClassDetector
 from firmad.fitting import FitOptions, detector_for_fit, fit_images
-from firmad.inputs import find_images
+from firmad.inputs import find_images, load_files
 
 BUDGETS = (400, 1500, 3000)
 SCORERS = ("knn_cos:k=5", "mahalanobis", "z-mean(knn_cos:k=5, mahalanobis)")
@@ -107,12 +108,40 @@ def measure(scores: np.ndarray, threshold: float, true: np.ndarray, c: int) -> d
     }
 
 
-def run_one(out: Path, train: Path, test: Path, c: int, seed: int, budget: int) -> None:
-    path = out / "results" / f"c{c}-s{seed}-b{budget}.json"
-    if path.exists():
-        return
-    # the kNN row by name: `fit`'s default scorer changed (to Mahalanobis) during the protocol
-    opts = FitOptions(steps=budget, seed=seed, verbose=False, scorer="knn_cos:k=5")
+@dataclass
+class Trial:
+    """One detector trained as `fit` trains it on a training folder, and the test folder it is
+    measured on: ``kept`` marks the bank images, ``held`` the held-out ones."""
+
+    det: OneClassDetector
+    images: torch.Tensor
+    files: list[Path]
+    true: np.ndarray
+    held: torch.Tensor
+    kept: torch.Tensor
+    fit_s: float
+    fit_cpu_s: float
+
+    def detector(self, scorer: str, variant: str = "plain") -> OneClassDetector:
+        """Another scorer on the same network, bank and held-out images."""
+        one = OneClassDetector.from_model(self.det.model_, self.det.config_, scorer=scorer,
+                                          k=None, variant=variant)  # fmt: skip
+        return one.fit_bank(self.images[self.kept]).calibrate(
+            self.images[self.held], target_fpr=TARGET
+        )
+
+    def save(self, path: Path, c: int, seed: int, budget: int, rows: dict) -> None:
+        record = {
+            "class": c, "seed": seed, "budget": budget, "fit_s": round(self.fit_s, 1),
+            "fit_cpu_s": round(self.fit_cpu_s, 1), "threads": torch.get_num_threads(),
+            "n_train": int(self.kept.sum()), "n_held": len(self.held), "n_test": len(self.files),
+            "numerics": self.det.config_.train.amp, "scorers": rows,
+        }  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1))
+
+
+def train_trial(opts: FitOptions, train: Path, test: Path) -> Trial:
     det = detector_for_fit(opts)
     images = fit_images(train, det, say=lambda m: None, warn=lambda m: None)
     tic, cpu = time.perf_counter(), time.process_time()
@@ -123,37 +152,39 @@ def run_one(out: Path, train: Path, test: Path, c: int, seed: int, budget: int) 
     held = torch.as_tensor(det.heldout_indices_)
     kept = torch.ones(len(images), dtype=torch.bool)
     kept[held] = False
-    maha = OneClassDetector.from_model(det.model_, det.config_, scorer="mahalanobis", k=None)
-    maha.fit_bank(images[kept]).calibrate(images[held], target_fpr=TARGET)
-    scores = {"knn_cos:k=5": det.decision_function(files), "mahalanobis": None}
-    scores["mahalanobis"] = maha.decision_function(files)
-    helds = {"knn_cos:k=5": det.heldout_scores_, "mahalanobis": maha.heldout_scores_}
-    # the rank-free ensemble: each score standardised on the held-out normals, then averaged
-    z = {
-        k: (
-            (scores[k] - helds[k].mean()) / helds[k].std(),
-            (helds[k] - helds[k].mean()) / helds[k].std(),
-        )
-        for k in helds
-    }  # noqa: E501
-    ens_test = (z["knn_cos:k=5"][0] + z["mahalanobis"][0]) / 2
-    ens_held = (z["knn_cos:k=5"][1] + z["mahalanobis"][1]) / 2
+    return Trial(det, images, files, true, held, kept, fit_s, fit_cpu_s)
+
+
+def _standardised(test: np.ndarray, held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A score standardised on the held-out normals (test, held-out)."""
+    return (test - held.mean()) / held.std(), (held - held.mean()) / held.std()
+
+
+def _mean_of(a: tuple, b: tuple, true: np.ndarray, c: int) -> dict:
+    """The rank-free ensemble of two standardised scores, thresholded on its held-out scores."""
+    test, held = (a[0] + b[0]) / 2, (a[1] + b[1]) / 2
+    return measure(test, cal.conformal_threshold(held, TARGET), true, c)
+
+
+def run_one(out: Path, train: Path, test: Path, c: int, seed: int, budget: int) -> None:
+    path = out / "results" / f"c{c}-s{seed}-b{budget}.json"
+    if path.exists():
+        return
+    # the kNN row by name: `fit`'s default scorer changed (to Mahalanobis) during the protocol
+    t = train_trial(FitOptions(steps=budget, seed=seed, verbose=False, scorer="knn_cos:k=5"),
+                    train, test)  # fmt: skip
+    maha = t.detector("mahalanobis")
+    knn_scores, maha_scores = t.det.decision_function(t.files), maha.decision_function(t.files)
     rows = {
-        "knn_cos:k=5": measure(scores["knn_cos:k=5"], det.threshold_, true, c),
-        "mahalanobis": measure(scores["mahalanobis"], maha.threshold_, true, c),
-        SCORERS[2]: measure(ens_test, cal.conformal_threshold(ens_held, TARGET), true, c),
-    }
-    record = {
-        "class": c, "seed": seed, "budget": budget, "fit_s": round(fit_s, 1),
-        "fit_cpu_s": round(fit_cpu_s, 1), "threads": torch.get_num_threads(),
-        "n_train": int(kept.sum()), "n_held": len(held), "n_test": len(files),
-        "numerics": det.config_.train.amp, "scorers": rows,
+        "knn_cos:k=5": measure(knn_scores, t.det.threshold_, t.true, c),
+        "mahalanobis": measure(maha_scores, maha.threshold_, t.true, c),
+        SCORERS[2]: _mean_of(_standardised(knn_scores, t.det.heldout_scores_),
+                             _standardised(maha_scores, maha.heldout_scores_), t.true, c),
     }  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1))
+    t.save(path, c, seed, budget, rows)
     knn = rows["knn_cos:k=5"]
     print(
-        f"class {c} seed {seed} budget {budget}: fit {fit_s:.0f} s; AUROC knn "
+        f"class {c} seed {seed} budget {budget}: fit {t.fit_s:.0f} s; AUROC knn "
         f"{100 * knn['auroc']:.1f}, maha {100 * rows['mahalanobis']['auroc']:.1f}, ens "
         f"{100 * rows[SCORERS[2]]['auroc']:.1f}",
         flush=True,
@@ -173,54 +204,28 @@ def _pixel_knn(bank: torch.Tensor, x: torch.Tensor, k: int = 5) -> np.ndarray:
     return torch.cdist(x, bank).topk(k, largest=False).values.mean(1).numpy()
 
 
-def _standardised(test: np.ndarray, held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return (test - held.mean()) / held.std(), (held - held.mean()) / held.std()
-
-
 def run_two(out: Path, train: Path, test: Path, c: int, seed: int) -> None:
     """Protocol II for one (class, seed): `fit`'s default training, then each candidate
     variant of Mahalanobis (and the rows beside them) on the same network, bank and held-out."""
     path = out / "results-ii" / f"c{c}-s{seed}.json"
     if path.exists():
         return
-    det = detector_for_fit(FitOptions(seed=seed, verbose=False))
-    images = fit_images(train, det, say=lambda m: None, warn=lambda m: None)
-    tic, cpu = time.perf_counter(), time.process_time()
-    det.fit(images)
-    fit_s, fit_cpu_s = time.perf_counter() - tic, time.process_time() - cpu
-    files = find_images([test])[0]
-    true = np.array([int(f.name.split("_")[0]) for f in files])
-    held = torch.as_tensor(det.heldout_indices_)
-    kept = torch.ones(len(images), dtype=torch.bool)
-    kept[held] = False
+    t = train_trial(FitOptions(seed=seed, verbose=False), train, test)
     rows, raw = {}, {}
     for scorer, variant in [("mahalanobis", v) for v in VARIANTS_II] + [("knn_cos:k=5", "angled")]:
-        one = OneClassDetector.from_model(det.model_, det.config_, scorer=scorer, k=None,
-                                          variant=variant)  # fmt: skip
-        one.fit_bank(images[kept]).calibrate(images[held], target_fpr=TARGET)
+        one = t.detector(scorer, variant)
         cpu = time.process_time()
-        scores = one.decision_function(files)
+        scores = one.decision_function(t.files)
         name = f"{scorer}/{variant}"
-        rows[name] = measure(scores, one.threshold_, true, c)
-        rows[name]["score_cpu_ms_per_image"] = 1000 * (time.process_time() - cpu) / len(files)
+        rows[name] = measure(scores, one.threshold_, t.true, c)
+        rows[name]["score_cpu_ms_per_image"] = 1000 * (time.process_time() - cpu) / len(t.files)
         raw[name] = (scores, one.heldout_scores_)
-    from firmad.inputs import load_files
-
-    test_images = load_files(files, det.size, det.config_.data.channels)
-    bank, x, h = _pixels(images[kept]), _pixels(test_images), _pixels(images[held])
-    pix = _standardised(_pixel_knn(bank, x), _pixel_knn(bank, h))
-    maha = _standardised(*raw["mahalanobis/angled"])
-    ens_test, ens_held = (maha[0] + pix[0]) / 2, (maha[1] + pix[1]) / 2
-    rows[BESIDE_II[1]] = measure(ens_test, cal.conformal_threshold(ens_held, TARGET), true, c)
-    record = {
-        "class": c, "seed": seed, "budget": det.steps, "fit_s": round(fit_s, 1),
-        "fit_cpu_s": round(fit_cpu_s, 1), "threads": torch.get_num_threads(),
-        "n_train": int(kept.sum()), "n_held": len(held), "n_test": len(files),
-        "numerics": det.config_.train.amp, "scorers": rows,
-    }  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1))
-    print(f"class {c} seed {seed}: fit {fit_s:.0f} s; AUROC " + ", ".join(
+    test_images = load_files(t.files, t.det.size, t.det.config_.data.channels)
+    bank, held = _pixels(t.images[t.kept]), _pixels(t.images[t.held])
+    pix = _standardised(_pixel_knn(bank, _pixels(test_images)), _pixel_knn(bank, held))
+    rows[BESIDE_II[1]] = _mean_of(_standardised(*raw["mahalanobis/angled"]), pix, t.true, c)
+    t.save(path, c, seed, t.det.steps, rows)
+    print(f"class {c} seed {seed}: fit {t.fit_s:.0f} s; AUROC " + ", ".join(
         f"{n} {100 * r['auroc']:.1f}" for n, r in rows.items()), flush=True)  # fmt: skip
 
 
@@ -239,7 +244,7 @@ def choose_two(records: list[dict]) -> tuple[str, dict]:
 
 
 def cmd_table_two(args: argparse.Namespace) -> None:
-    records = [json.loads(p.read_text()) for p in sorted((args.out / "results-ii").glob("*.json"))]
+    records = _load(args.out, "results-ii")
     names = load_dataset("fashion-mnist", "test").classes
     pick, info = choose_two(records)
     print("| scorer | choice 0, 2, 4: AUROC | recall | FPR | confirm 6, 7, 8: AUROC | recall "
@@ -264,26 +269,21 @@ def cmd_table_two(args: argparse.Namespace) -> None:
     for c in CHOOSE + CONFIRM:
         for s in dict.fromkeys(["mahalanobis/plain", f"mahalanobis/{pick}"]):
             sel = [r["scorers"][s] for r in records if r["class"] == c]
-            if not sel:
-                continue
-            per = {
-                k: np.mean([x["recall_per_class"][k] for x in sel])
-                for k in sel[0]["recall_per_class"]
-            }
-            flagged = ", ".join(f"{names[int(k)]} {100 * v:.0f}" for k, v in per.items())
-            lo, hi = (100 * f(x["auroc"] for x in sel) for f in (min, max))
-            print(f"- {c} {names[c]}, {s} ({len(sel)} seeds): AUROC "
-                  f"{_mean_ci([x['auroc'] for x in sel])} ({lo:.1f}-{hi:.1f}), "
-                  f"recall {_mean_ci([x['recall'] for x in sel])}, "
-                  f"FPR {_mean_ci([x['fpr'] for x in sel])}; {flagged}")  # fmt: skip
+            if sel:
+                print(summary(sel, names, c, s, with_range=True))
+
+
+def _arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fashion-MNIST's training and test images (N, 28, 28) and labels, as numpy arrays."""
+    train = load_dataset("fashion-mnist", "train")
+    test = load_dataset("fashion-mnist", "test")
+    return (train.images[:, 0].numpy(), train.labels.numpy(),
+            test.images[:, 0].numpy(), test.labels.numpy())  # fmt: skip
 
 
 def cmd_run_two(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    train = load_dataset("fashion-mnist", "train")
-    test = load_dataset("fashion-mnist", "test")
-    tr_img, tr_lab = train.images[:, 0].numpy(), train.labels.numpy()
-    te_img, te_lab = test.images[:, 0].numpy(), test.labels.numpy()
+    tr_img, tr_lab, te_img, te_lab = _arrays()
     for seed in args.seeds:
         for c in args.classes:
             test_folder = make_test_folder(args.out, te_img, te_lab, c)
@@ -293,10 +293,7 @@ def cmd_run_two(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    train = load_dataset("fashion-mnist", "train")
-    test = load_dataset("fashion-mnist", "test")
-    tr_img, tr_lab = train.images[:, 0].numpy(), train.labels.numpy()
-    te_img, te_lab = test.images[:, 0].numpy(), test.labels.numpy()
+    tr_img, tr_lab, te_img, te_lab = _arrays()
     for c in args.classes:
         test_folder = make_test_folder(args.out, te_img, te_lab, c)
         for seed in args.seeds:
@@ -305,8 +302,8 @@ def cmd_run(args: argparse.Namespace) -> None:
                 run_one(args.out, folder, test_folder, c, seed, budget)
 
 
-def _load(out: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
+def _load(out: Path, folder: str = "results") -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / folder).glob("*.json"))]
 
 
 def _mean_ci(values: list[float]) -> str:
@@ -378,19 +375,25 @@ def cmd_table(args: argparse.Namespace) -> None:
 
 
 def class_line(records: list[dict], names: list[str], c: int, budget: int, scorer: str) -> str:
-    """One normal class under one candidate: AUROC, recall and FPR over its seeds, and the
-    share flagged of each anomaly class ("" when the class has no run of that budget)."""
+    """One normal class under one candidate ("" when the class has no run of that budget)."""
     rows = [r["scorers"][scorer] for r in records if r["class"] == c and r["budget"] == budget]
-    if not rows:
-        return ""
+    return summary(rows, names, c, f"{budget} steps, {scorer}") if rows else ""
+
+
+def summary(rows: list[dict], names: list[str], c: int, label: str, with_range=False) -> str:
+    """AUROC (and its range), recall and FPR of one normal class over its seeds' rows, and the
+    share flagged of each anomaly class."""
     per = {
         k: np.mean([x["recall_per_class"][k] for x in rows]) for k in rows[0]["recall_per_class"]
     }
     flagged = ", ".join(f"{names[int(k)]} {100 * v:.0f}" for k, v in per.items())
     auroc, recall = _mean_ci([x["auroc"] for x in rows]), _mean_ci([x["recall"] for x in rows])
+    if with_range:
+        lo, hi = (100 * f(x["auroc"] for x in rows) for f in (min, max))
+        auroc += f" ({lo:.1f}-{hi:.1f})"
     fpr = _mean_ci([x["fpr"] for x in rows])
     return (
-        f"- {c} {names[c]}, {budget} steps, {scorer} ({len(rows)} seeds): AUROC {auroc}, "
+        f"- {c} {names[c]}, {label} ({len(rows)} seeds): AUROC {auroc}, "
         f"recall {recall}, FPR {fpr}; {flagged}"
     )
 
