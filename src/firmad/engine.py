@@ -237,7 +237,7 @@ class Engine:
         crops = bank_crops(choice.variant, e.ensemble_bank, e.n_crops)
         extractor = build_extractor(cfg, network.encoder)
         banks = extract_banks(
-            extractor, bank, vs.angles, e.batch_size, e.bank_centroids, cfg.train.seed, crops
+            extractor, bank, vs.bank_angles, e.batch_size, e.bank_centroids, cfg.train.seed, crops
         )
         check_features(banks)
         shape = tuple(input_shape or images.shape[1:])

@@ -6,7 +6,7 @@ more anomalous). Every scorer is a differentiable torch module (OC-SVMs are fitt
 scikit-learn and evaluated in torch from their support vectors).
 
 Adding a scorer: a module with a `Scorer` subclass decorated with `register_scorer`, and one
-import line below (the built-in scorers are registered by importing `scorers`). A result is
+import line below (the built-in scorers are registered by importing `scorers` and `rotation`). A result is
 named by its `ScorerSpec` (the scorer with every parameter), never by the scorer's name alone.
 """
 
@@ -28,6 +28,7 @@ from firmad.scoring.features import (
     check_uint8,
     extract_features,
 )
+from firmad.scoring.rotation import RotationScorer
 from firmad.scoring.scorers import (
     SCORERS,
     CentreScorer,
@@ -66,6 +67,7 @@ __all__ = [
     "MahalanobisScorer",
     "OcsvmLinearScorer",
     "OcsvmRbfScorer",
+    "RotationScorer",
     "Scorer",
     "ScoreOptions",
     "ScorerSpec",

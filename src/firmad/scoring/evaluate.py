@@ -86,6 +86,12 @@ class VariantScorer(nn.Module):
     def differentiable(self) -> bool:
         return all(s.differentiable for s in self.per_angle)
 
+    @property
+    def bank_angles(self) -> tuple[int, ...]:
+        """The rotations whose bank features `fit` needs: all 4 for a scorer fitted on every
+        rotation at once (the rotation scorer), else the variant's own."""
+        return ANGLES if getattr(self.per_angle[0], "fits_on_angles", False) else self.angles
+
     def fit(self, banks: Mapping[int, torch.Tensor], cache: dict | None = None) -> VariantScorer:
         """``banks[angle]``: the normal training features at that rotation. With a ``cache``
         dict, scorers already fitted with the same name and parameters at that angle (by
@@ -95,7 +101,10 @@ class VariantScorer(nn.Module):
             if cache is not None and not self.data and key in cache:
                 self.per_angle[i] = cache[key]
                 continue
-            self.per_angle[i].fit(banks[angle])
+            if getattr(self.per_angle[i], "fits_on_angles", False):
+                self.per_angle[i].fit(banks, angle=angle)
+            else:
+                self.per_angle[i].fit(banks[angle])
             if cache is not None and not self.data:
                 cache[key] = self.per_angle[i]
         return self
@@ -227,7 +236,8 @@ def score_run(
     train_images, test_images = check_uint8(train_images), check_uint8(test_images)
     labels = _labels(test_labels, test_images.shape[0])
     extractor = _extractor(encoder, o.size, o.resize_ratio, o.channels, o.device)
-    angles = (0,) if variants == ("plain",) else ANGLES
+    on_angles = any(vs.bank_angles != vs.angles for vs in scorers_)
+    angles = (0,) if variants == ("plain",) and not on_angles else ANGLES
     bank_images = bank_subset(train_images, o.bank_size, seed)
     banks = {  # keyed by crops per image (None: centre crops); only the kinds some variant uses
         c: extract_banks(extractor, bank_images, angles, batch_size, o.bank_centroids, seed, c)
