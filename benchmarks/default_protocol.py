@@ -19,6 +19,12 @@ Mahalanobis scored plain, angled (4 rotations) or as the crop ensemble, on the s
     python benchmarks/default_protocol.py run2 --out runs/protocol --classes 0 2 4 6 7 8
     python benchmarks/default_protocol.py table2 --out runs/protocol
 
+Protocol III (RESULTS.md, "The default detector III"): fresh folders (training seeds 10-12, a
+new test draw), the shipped training, Mahalanobis against the rotation scorer:
+
+    python benchmarks/default_protocol.py run3 --out runs/protocol3 --classes 0 2 4 6 7 8
+    python benchmarks/default_protocol.py table3 --out runs/protocol3
+
 `run` resumes: a (class, seed, budget) with its JSON is not trained again. Run two at once
 with one thread each (`--threads 1`, the default) on a 2-core machine.
 """
@@ -78,13 +84,15 @@ def make_train_folder(out: Path, images: np.ndarray, labels: np.ndarray, c: int,
     return folder
 
 
-def make_test_folder(out: Path, images: np.ndarray, labels: np.ndarray, c: int) -> Path:
-    """Test files named by their true class (label_i.ext); drawn once per class (seed 1234)."""
+def make_test_folder(out: Path, images: np.ndarray, labels: np.ndarray, c: int,
+                     draw: int = 1234) -> Path:  # fmt: skip
+    """Test files named by their true class (label_i.ext); drawn once per class (seed draw + c:
+    1234 for protocols I and II, `DRAW_III` for the fresh folders of protocol III)."""
     folder = out / "data" / f"test-c{c}"
     if (folder / "done").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1234 + c)
+    rng = np.random.default_rng(draw + c)
     for k in range(10):
         n = N_TEST_NORMAL if k == c else N_TEST_OTHER
         for i, j in enumerate(rng.choice(np.flatnonzero(labels == k), n, replace=False)):
@@ -273,6 +281,96 @@ def cmd_table_two(args: argparse.Namespace) -> None:
                 print(summary(sel, names, c, s, with_range=True))
 
 
+CANDIDATES_III = ("mahalanobis/plain", "rotation/plain", "rotation/angled")  # cheapest first
+BESIDE_III = ("mahalanobis/angled",)
+SEEDS_III, DRAW_III = (10, 11, 12), 5678
+GUARD_III = 0.5  # AUROC points the choice may lose on the confirmation classes
+
+
+def run_three(out: Path, train: Path, test: Path, c: int, seed: int) -> None:
+    """Protocol III for one (class, seed): `fit`'s default training, then every candidate (and
+    the row beside them) on the same network, bank and held-out images."""
+    path = out / "results-iii" / f"c{c}-s{seed}.json"
+    if path.exists():
+        return
+    t = train_trial(FitOptions(seed=seed, verbose=False), train, test)
+    rows = {}
+    for name in CANDIDATES_III + BESIDE_III:
+        scorer, variant = name.split("/")
+        cpu = time.process_time()
+        one = t.detector(scorer, variant)
+        fit_ms = 1000 * (time.process_time() - cpu)
+        cpu = time.process_time()
+        scores = one.decision_function(t.files)
+        rows[name] = measure(scores, one.threshold_, t.true, c)
+        rows[name]["score_cpu_ms_per_image"] = 1000 * (time.process_time() - cpu) / len(t.files)
+        rows[name]["scorer_fit_cpu_ms"] = fit_ms
+    t.save(path, c, seed, t.det.steps, rows)
+    print(f"class {c} seed {seed}: fit {t.fit_s:.0f} s; AUROC " + ", ".join(
+        f"{n} {100 * r['auroc']:.1f}" for n, r in rows.items()), flush=True)  # fmt: skip
+
+
+def choose_three(records: list[dict]) -> tuple[str, dict]:
+    """Protocol III's rule: highest mean AUROC over the choice cells, a cheaper candidate within
+    TIE points of it chosen instead; then the guard: a choice other than the shipped scorer
+    whose mean AUROC on the confirmation classes is more than GUARD_III points below the
+    shipped one's is dropped, and the shipped scorer stays."""
+
+    def mean(name: str, group: tuple[int, ...]) -> float:
+        return 100 * float(np.mean([r["scorers"][name]["auroc"] for r in records
+                                    if r["class"] in group]))  # fmt: skip
+
+    means = {n: mean(n, CHOOSE) for n in CANDIDATES_III}
+    best = max(means.values())
+    pick = next(n for n in CANDIDATES_III if means[n] >= best - TIE)
+    confirm = {n: mean(n, CONFIRM) for n in CANDIDATES_III}
+    guarded = pick != CANDIDATES_III[0] and confirm[pick] < confirm[CANDIDATES_III[0]] - GUARD_III
+    cells = sorted((r["class"], r["seed"]) for r in records)
+    info = {"means": means, "confirm": confirm, "by_rule": pick, "guard": guarded, "cells": cells}
+    return (CANDIDATES_III[0] if guarded else pick), info
+
+
+def cmd_table_three(args: argparse.Namespace) -> None:
+    records = _load(args.out, "results-iii")
+    names = load_dataset("fashion-mnist", "test").classes
+    pick, info = choose_three(records)
+    print("| scorer | choice 0, 2, 4: AUROC | recall | FPR | confirm 6, 7, 8: AUROC | recall "
+          "| FPR | scoring CPU ms / image |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---:|")
+    for s in CANDIDATES_III + BESIDE_III:
+        cols = []
+        for group in (CHOOSE, CONFIRM):
+            sel = [r["scorers"][s] for r in records if r["class"] in group]
+            cols += [
+                _mean_ci([x[k] for x in sel]) if sel else "—" for k in ("auroc", "recall", "fpr")
+            ]
+        ms = np.mean([r["scorers"][s]["score_cpu_ms_per_image"] for r in records])
+        mark = " **(chosen)**" if s == pick else ""
+        print(f"| {s}{mark} | " + " | ".join(cols) + f" | {ms:.2f} |")
+    print(f"\nchosen: {pick} (rule: max mean AUROC on {CHOOSE}, cheaper within {TIE}; guard "
+          f"{GUARD_III} on {CONFIRM})")  # fmt: skip
+    print("cells:", info["cells"])
+    for key in ("means", "confirm"):
+        print(f"{key}:", {n: round(m, 2) for n, m in info[key].items()})
+    print("by the rule alone:", info["by_rule"], "| dropped by the guard:", info["guard"])
+    print("\nPer normal class (mean over seeds; % flagged per anomaly class):")
+    for c in CHOOSE + CONFIRM:
+        for s in dict.fromkeys([CANDIDATES_III[0], pick, "rotation/angled"]):
+            sel = [r["scorers"][s] for r in records if r["class"] == c]
+            if sel:
+                print(summary(sel, names, c, s, with_range=True))
+
+
+def cmd_run_three(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    tr_img, tr_lab, te_img, te_lab = _arrays()
+    for seed in args.seeds:
+        for c in args.classes:
+            test_folder = make_test_folder(args.out, te_img, te_lab, c, draw=DRAW_III)
+            folder = make_train_folder(args.out, tr_img, tr_lab, c, seed)
+            run_three(args.out, folder, test_folder, c, seed)
+
+
 def _arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Fashion-MNIST's training and test images (N, 28, 28) and labels, as numpy arrays."""
     train = load_dataset("fashion-mnist", "train")
@@ -416,8 +514,16 @@ def main() -> None:
     run2.add_argument("--threads", type=int, default=1)
     table2 = sub.add_parser("table2")
     table2.add_argument("--out", type=Path, required=True)
+    run3 = sub.add_parser("run3")
+    run3.add_argument("--out", type=Path, required=True)
+    run3.add_argument("--classes", type=int, nargs="+", default=list(CHOOSE + CONFIRM))
+    run3.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS_III))
+    run3.add_argument("--threads", type=int, default=1)
+    table3 = sub.add_parser("table3")
+    table3.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    commands = {"run": cmd_run, "table": cmd_table, "run2": cmd_run_two, "table2": cmd_table_two}
+    commands = {"run": cmd_run, "table": cmd_table, "run2": cmd_run_two, "table2": cmd_table_two,
+                "run3": cmd_run_three, "table3": cmd_table_three}  # fmt: skip
     commands[args.cmd](args)
 
 
