@@ -79,8 +79,9 @@ def test_calibrate_and_predict(fitted, split):
 
 @pytest.mark.parametrize(
     "scorer",
-    ["knn_cos:k=1", "knn_cos:k=5", "kde", "centre", "mahalanobis", "ocsvm_rbf", "knn_cos_norm"],
-)
+    ["knn_cos:k=1", "knn_cos:k=5", "kde", "centre", "mahalanobis", "ocsvm_rbf", "knn_cos_norm",
+     "rotation"],
+)  # fmt: skip
 def test_score_tensor_equals_decision_function_and_has_gradients(fitted, split, scorer):
     det = OneClassDetector.from_model(fitted.model_, fitted.config_, scorer=scorer, k=None)
     det.fit_bank(split.train_images)
@@ -136,6 +137,34 @@ def test_own_scores_are_differentiable(split, method, own):
         t.detach().numpy(), det.decision_function(split.test_images[:8]), atol=1e-5
     )
     (g,) = torch.autograd.grad(t.sum(), x)
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_rotation_scorer_saves_loads_and_exports(fitted, split, tmp_path):
+    """The rotation scorer (angled: 4 rotations of every image, one classifier) as a detector:
+    fitted on the banks of every rotation, saved and loaded to the same scores, exported to
+    ONNX with the same scores, differentiable."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from firmad.export import export_onnx
+
+    det = OneClassDetector.from_model(
+        fitted.model_, fitted.config_, scorer="rotation", k=None, variant="angled"
+    ).fit_bank(split.train_images)
+    assert [int(s.target_) for s in det.scorer_.per_angle] == [0, 1, 2, 3]
+    det.calibrate(split.test_images[split.test_labels == 0], target_fpr=0.1)
+    images = split.test_images[:9]
+    scores = det.decision_function(images)
+    assert np.isfinite(scores).all() and (scores >= 0).all()
+    det.save(tmp_path / "det")
+    loaded = OneClassDetector.load(tmp_path / "det")
+    np.testing.assert_allclose(loaded.decision_function(images), scores, rtol=1e-12)
+    export_onnx(det, tmp_path / "det.onnx")
+    session = ort.InferenceSession(str(tmp_path / "det.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"images": prepare_images(images, det.size).numpy()})
+    np.testing.assert_allclose(got, scores, rtol=1e-5, atol=1e-5)
+    x = (images.float() / 255).requires_grad_()
+    (g,) = torch.autograd.grad(det.score_tensor(x).sum(), x)
     assert torch.isfinite(g).all() and g.abs().sum() > 0
 
 

@@ -16,6 +16,7 @@ from firmad.data import one_vs_rest
 from firmad.detector import OneClassDetector
 from firmad.errors import InputError
 from firmad.report_detector import Scored, gallery_order, write_fit_report, write_score_report
+from firmad.scoring import ANGLES
 from firmad.scoring.scales import scale_sentence, score_scale
 from firmad.scoring.scorers import SCORERS, build_scorer
 from tests.conftest import FIXTURE_FMNIST
@@ -47,7 +48,10 @@ def test_every_scorer_has_its_scale_in_words():
     bank = torch.randn(40, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for name in SCORERS:
         scorer = build_scorer(name, **({"max_bank": 40} if name.startswith("ocsvm") else {}))
-        scorer.fit(bank if name != "logit" else None)
+        if name == "rotation":  # fitted on the features of the 4 rotations
+            scorer.fit({a: bank + a / 90 for a in ANGLES})
+        else:
+            scorer.fit(bank if name != "logit" else None)
         text = scale_sentence(scorer, 40)
         assert text.startswith(f"The {name} score is ") and "higher = more" not in text, name
     # the numbers in the words are the scorer's own

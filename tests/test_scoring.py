@@ -29,8 +29,11 @@ from firmad.scoring import (
 from firmad.scoring import base as scoring_base
 
 # Every registered scorer at its defaults (and kNN with k = 1), except the logit scorer,
-# which scores a classifier's logits rather than features (tested on its own below).
-FEATURE_SCORERS = [("knn_cos", {"k": 1})] + [(n, {}) for n in SCORERS if n != "logit"]
+# which scores a classifier's logits rather than features, and the rotation scorer, fitted on
+# the features of 4 rotations (each tested on its own below).
+FEATURE_SCORERS = [("knn_cos", {"k": 1})] + [
+    (n, {}) for n in SCORERS if n not in ("logit", "rotation")
+]
 
 
 def _blob(rng: np.random.Generator, n: int, centre: np.ndarray, spread: float = 1.0):
@@ -169,6 +172,54 @@ def test_svdd_and_logit() -> None:
     )
     with pytest.raises(InputError):
         build_scorer("logit").score(torch.zeros(3, 2))
+
+
+def _rotation_banks(rng: np.random.Generator, n: int, recognisable: bool = True):
+    """Features of n images at each of the 4 rotations: each rotation its own blob when the
+    rotation is recognisable, one blob for all of them when it is not."""
+    d = 8
+    centres = {a: np.eye(d)[i] * 4.0 for i, a in enumerate(ANGLES)}
+    return {
+        a: torch.as_tensor(_blob(rng, n, centres[a] if recognisable else np.zeros(d)))
+        for a in ANGLES
+    }
+
+
+def test_rotation_scorer_flags_images_whose_rotation_cannot_be_told() -> None:
+    rng = np.random.default_rng(0)
+    bank = _rotation_banks(rng, 200)
+    normal, other = _rotation_banks(rng, 100), _rotation_banks(rng, 100, recognisable=False)
+    labels = np.r_[np.zeros(100), np.ones(100)]
+    for variant in ("plain", "angled"):
+        vs = VariantScorer("rotation", variant=variant)
+        assert vs.bank_angles == ANGLES  # fitted on every rotation, whatever the variant
+        vs.fit(bank)
+        with torch.no_grad():
+            scores = np.r_[vs.combine(normal).numpy(), vs.combine(other).numpy()]
+        assert roc_auc_score(labels, scores) > 0.99, variant
+        assert scores[:100].mean() < 0.1 < np.log(4) - 0.5 < scores[100:].mean()
+
+
+def test_rotation_scorer_gives_probabilities_of_the_4_rotations() -> None:
+    """The 4 copies of an angled rotation scorer read one classifier: for any features, the
+    probabilities exp(-score) of the 4 rotations sum to 1."""
+    rng = np.random.default_rng(1)
+    vs = VariantScorer("rotation", variant="angled").fit(_rotation_banks(rng, 50))
+    x = torch.as_tensor(rng.normal(size=(30, 8)) * 3)
+    total = sum(torch.exp(-copy(x)) for copy in vs.per_angle)
+    np.testing.assert_allclose(total.detach().numpy(), 1.0, rtol=1e-9)
+    assert [int(copy.target_) for copy in vs.per_angle] == [0, 1, 2, 3]
+
+
+def test_rotation_scorer_errors() -> None:
+    with pytest.raises(InputError, match="4 rotations"):
+        build_scorer("rotation").fit(torch.zeros(10, 3))
+    with pytest.raises(ConfigError, match="c must be"):
+        build_scorer("rotation", c=0)
+    with pytest.raises(ConfigError, match="max_iter"):
+        build_scorer("rotation", max_iter=0)
+    with pytest.raises(InputError, match="at least 2"):
+        build_scorer("rotation").fit({a: torch.zeros(1, 3) for a in ANGLES})
 
 
 # The default scorers of a recipe (the one list of them, in the config).
