@@ -101,10 +101,12 @@ class VariantScorer(nn.Module):
             if cache is not None and not self.data and key in cache:
                 self.per_angle[i] = cache[key]
                 continue
-            if getattr(self.per_angle[i], "fits_on_angles", False):
-                self.per_angle[i].fit(banks, angle=angle)
-            else:
+            if not getattr(self.per_angle[i], "fits_on_angles", False):
                 self.per_angle[i].fit(banks[angle])
+            elif i == 0:
+                self.per_angle[i].fit(banks, angle=angle)
+            else:  # one classifier of the rotations, read at another angle
+                self.per_angle[i] = self.per_angle[0].at_angle(angle)
             if cache is not None and not self.data:
                 cache[key] = self.per_angle[i]
         return self

@@ -9,11 +9,13 @@ does not. Under the ``angled`` variant the score is the mean over the 4 rotation
 score with rotations only); under ``plain``, ``-log p(upright | features)``.
 
 It is fitted on the features of all 4 rotations at once, so `VariantScorer` gives it the banks
-of every rotation (``fits_on_angles``) and the rotation of the copy it fits (``angle``).
+of every rotation (``fits_on_angles``) and the rotation of the copy it fits (``angle``); the
+angled variant's other copies read the same classifier at their own rotation (`at_angle`).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import numpy as np
@@ -70,6 +72,15 @@ class RotationScorer(Scorer):
         self.bias_ = torch.from_numpy(lr.intercept_).double()
         self.target_ = torch.tensor(ANGLES.index(angle))
         return self
+
+    def at_angle(self, angle: int) -> RotationScorer:
+        """A copy of this fitted scorer that scores the probability of ``angle`` instead."""
+        self._check_fitted()
+        if angle not in ANGLES:
+            raise InputError(f"rotation: angle must be one of {ANGLES}, got {angle!r}.")
+        other = copy.deepcopy(self)
+        other.target_ = torch.tensor(ANGLES.index(angle))
+        return other
 
     @property
     def dtype(self) -> torch.dtype:
