@@ -359,6 +359,21 @@ def test_score_run_all_variants_and_keys() -> None:
     np.testing.assert_array_equal(details["labels"], labels.numpy())
 
 
+def test_score_run_fits_the_rotation_scorer_on_every_rotation() -> None:
+    """Plain alone still gives the rotation scorer the banks of all 4 rotations; a vertical
+    stripe is a horizontal one turned by 90 degrees, so the upright read-out flags it."""
+    train = _striped(40, vertical=False, seed=0)
+    test = torch.cat([_striped(15, False, 1), _striped(15, True, 2)])
+    labels = torch.cat([torch.zeros(15), torch.ones(15)]).long()
+    results = score_run(_Pool(), train, test, labels, scorers=["rotation"],
+                        variants=("plain", "angled"), options=ScoreOptions(size=16))  # fmt: skip
+    assert [r["variant"] for r in results] == ["plain", "angled"]
+    assert all(r["auroc"] > 0.95 for r in results)
+    (plain,) = score_run(_Pool(), train, test, labels, scorers=["rotation"],
+                         options=ScoreOptions(size=16))  # fmt: skip
+    assert plain["auroc"] == results[0]["auroc"]
+
+
 def test_score_run_plain_matches_manual_and_bank_subset() -> None:
     enc = _tiny_conv(in_ch=3)
     train, test = _images(30, seed=1), _images(20, seed=2)

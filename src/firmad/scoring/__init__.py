@@ -6,8 +6,9 @@ more anomalous). Every scorer is a differentiable torch module (OC-SVMs are fitt
 scikit-learn and evaluated in torch from their support vectors).
 
 Adding a scorer: a module with a `Scorer` subclass decorated with `register_scorer`, and one
-import line below (the built-in scorers are registered by importing `scorers` and `rotation`). A result is
-named by its `ScorerSpec` (the scorer with every parameter), never by the scorer's name alone.
+import line below (the built-in scorers are registered by importing `scorers` and `rotation`).
+A result is named by its `ScorerSpec` (the scorer with every parameter), never by the scorer's
+name alone.
 """
 
 from firmad.scoring.banks import bank_crops, bank_subset, extract_banks, kmeans_centroids
