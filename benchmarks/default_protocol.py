@@ -212,6 +212,21 @@ def _pixel_knn(bank: torch.Tensor, x: torch.Tensor, k: int = 5) -> np.ndarray:
     return torch.cdist(x, bank).topk(k, largest=False).values.mean(1).numpy()
 
 
+def _scored(t: Trial, name: str, c: int) -> tuple[dict, tuple, float]:
+    """One "scorer/variant" on a trial's network, bank and held-out images: its measured row
+    (with the scoring CPU ms per test file), its (test, held-out) scores, and the CPU ms its
+    fitting and calibration took."""
+    scorer, variant = name.split("/")
+    cpu = time.process_time()
+    one = t.detector(scorer, variant)
+    fit_ms = 1000 * (time.process_time() - cpu)
+    cpu = time.process_time()
+    scores = one.decision_function(t.files)
+    row = measure(scores, one.threshold_, t.true, c)
+    row["score_cpu_ms_per_image"] = 1000 * (time.process_time() - cpu) / len(t.files)
+    return row, (scores, one.heldout_scores_), fit_ms
+
+
 def run_two(out: Path, train: Path, test: Path, c: int, seed: int) -> None:
     """Protocol II for one (class, seed): `fit`'s default training, then each candidate
     variant of Mahalanobis (and the rows beside them) on the same network, bank and held-out."""
@@ -221,13 +236,8 @@ def run_two(out: Path, train: Path, test: Path, c: int, seed: int) -> None:
     t = train_trial(FitOptions(seed=seed, verbose=False), train, test)
     rows, raw = {}, {}
     for scorer, variant in [("mahalanobis", v) for v in VARIANTS_II] + [("knn_cos:k=5", "angled")]:
-        one = t.detector(scorer, variant)
-        cpu = time.process_time()
-        scores = one.decision_function(t.files)
         name = f"{scorer}/{variant}"
-        rows[name] = measure(scores, one.threshold_, t.true, c)
-        rows[name]["score_cpu_ms_per_image"] = 1000 * (time.process_time() - cpu) / len(t.files)
-        raw[name] = (scores, one.heldout_scores_)
+        rows[name], raw[name], _ = _scored(t, name, c)
     test_images = load_files(t.files, t.det.size, t.det.config_.data.channels)
     bank, held = _pixels(t.images[t.kept]), _pixels(t.images[t.held])
     pix = _standardised(_pixel_knn(bank, _pixels(test_images)), _pixel_knn(bank, held))
@@ -251,14 +261,12 @@ def choose_two(records: list[dict]) -> tuple[str, dict]:
     return pick, {"means": means, "cells": cells}
 
 
-def cmd_table_two(args: argparse.Namespace) -> None:
-    records = _load(args.out, "results-ii")
-    names = load_dataset("fashion-mnist", "test").classes
-    pick, info = choose_two(records)
+def print_scorer_table(records: list[dict], rows: list[str], pick: str) -> None:
+    """The markdown table of protocols II and III: per scorer row, AUROC, recall and FPR over
+    the choice and the confirmation cells, and the scoring time; the chosen row marked."""
     print("| scorer | choice 0, 2, 4: AUROC | recall | FPR | confirm 6, 7, 8: AUROC | recall "
           "| FPR | scoring CPU ms / image |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---:|")
-    rows = [f"mahalanobis/{v}" for v in VARIANTS_II] + list(BESIDE_II)
     for s in rows:
         cols = []
         for group in (CHOOSE, CONFIRM):
@@ -268,8 +276,16 @@ def cmd_table_two(args: argparse.Namespace) -> None:
             ]
         ms = [r["scorers"][s].get("score_cpu_ms_per_image") for r in records]
         ms = f"{np.mean(ms):.2f}" if ms and ms[0] is not None else "—"
-        mark = " **(chosen)**" if s == f"mahalanobis/{pick}" else ""
+        mark = " **(chosen)**" if s == pick else ""
         print(f"| {s}{mark} | " + " | ".join(cols) + f" | {ms} |")
+
+
+def cmd_table_two(args: argparse.Namespace) -> None:
+    records = _load(args.out, "results-ii")
+    names = load_dataset("fashion-mnist", "test").classes
+    pick, info = choose_two(records)
+    print_scorer_table(records, [f"mahalanobis/{v}" for v in VARIANTS_II] + list(BESIDE_II),
+                       f"mahalanobis/{pick}")  # fmt: skip
     print(f"\nchosen: mahalanobis/{pick} (rule: max mean AUROC on {CHOOSE}, cheaper within {TIE})")
     print("cells:", info["cells"])
     print("means:", {v: round(m, 2) for v, m in info["means"].items()})
@@ -296,14 +312,7 @@ def run_three(out: Path, train: Path, test: Path, c: int, seed: int) -> None:
     t = train_trial(FitOptions(seed=seed, verbose=False), train, test)
     rows = {}
     for name in CANDIDATES_III + BESIDE_III:
-        scorer, variant = name.split("/")
-        cpu = time.process_time()
-        one = t.detector(scorer, variant)
-        fit_ms = 1000 * (time.process_time() - cpu)
-        cpu = time.process_time()
-        scores = one.decision_function(t.files)
-        rows[name] = measure(scores, one.threshold_, t.true, c)
-        rows[name]["score_cpu_ms_per_image"] = 1000 * (time.process_time() - cpu) / len(t.files)
+        rows[name], _, fit_ms = _scored(t, name, c)
         rows[name]["scorer_fit_cpu_ms"] = fit_ms
     t.save(path, c, seed, t.det.steps, rows)
     print(f"class {c} seed {seed}: fit {t.fit_s:.0f} s; AUROC " + ", ".join(
@@ -334,19 +343,7 @@ def cmd_table_three(args: argparse.Namespace) -> None:
     records = _load(args.out, "results-iii")
     names = load_dataset("fashion-mnist", "test").classes
     pick, info = choose_three(records)
-    print("| scorer | choice 0, 2, 4: AUROC | recall | FPR | confirm 6, 7, 8: AUROC | recall "
-          "| FPR | scoring CPU ms / image |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---:|")
-    for s in CANDIDATES_III + BESIDE_III:
-        cols = []
-        for group in (CHOOSE, CONFIRM):
-            sel = [r["scorers"][s] for r in records if r["class"] in group]
-            cols += [
-                _mean_ci([x[k] for x in sel]) if sel else "—" for k in ("auroc", "recall", "fpr")
-            ]
-        ms = np.mean([r["scorers"][s]["score_cpu_ms_per_image"] for r in records])
-        mark = " **(chosen)**" if s == pick else ""
-        print(f"| {s}{mark} | " + " | ".join(cols) + f" | {ms:.2f} |")
+    print_scorer_table(records, list(CANDIDATES_III + BESIDE_III), pick)
     print(f"\nchosen: {pick} (rule: max mean AUROC on {CHOOSE}, cheaper within {TIE}; guard "
           f"{GUARD_III} on {CONFIRM})")  # fmt: skip
     print("cells:", info["cells"])
