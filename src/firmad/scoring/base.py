@@ -110,6 +110,9 @@ class Scorer(nn.Module):
     differentiable = True
     label_keys: tuple[str, ...] = ()
     data_params: tuple[str, ...] = ()
+    # True: fitted on the features of every rotation at once, `fit(banks, angle=...)` (the
+    # rotation scorer); `VariantScorer` then extracts all 4 rotations whatever the variant.
+    fits_on_angles = False
 
     def __init__(self) -> None:
         super().__init__()

@@ -90,7 +90,7 @@ class VariantScorer(nn.Module):
     def bank_angles(self) -> tuple[int, ...]:
         """The rotations whose bank features `fit` needs: all 4 for a scorer fitted on every
         rotation at once (the rotation scorer), else the variant's own."""
-        return ANGLES if getattr(self.per_angle[0], "fits_on_angles", False) else self.angles
+        return ANGLES if self.per_angle[0].fits_on_angles else self.angles
 
     def fit(self, banks: Mapping[int, torch.Tensor], cache: dict | None = None) -> VariantScorer:
         """``banks[angle]``: the normal training features at that rotation. With a ``cache``
@@ -101,7 +101,7 @@ class VariantScorer(nn.Module):
             if cache is not None and not self.data and key in cache:
                 self.per_angle[i] = cache[key]
                 continue
-            if not getattr(self.per_angle[i], "fits_on_angles", False):
+            if not self.per_angle[i].fits_on_angles:
                 self.per_angle[i].fit(banks[angle])
             elif i == 0:
                 self.per_angle[i].fit(banks, angle=angle)

@@ -29,6 +29,13 @@ from firmad.scoring.specs import register_scorer
 MIN_SCALE = 1e-6  # a feature dimension constant over the bank is not divided by ~0
 
 
+def _target(angle: int) -> torch.Tensor:
+    """The class index of a rotation, as the buffer a copy of the scorer reads."""
+    if angle not in ANGLES:
+        raise InputError(f"rotation: angle must be one of {ANGLES}, got {angle!r}.")
+    return torch.tensor(ANGLES.index(angle))
+
+
 @register_scorer
 class RotationScorer(Scorer):
     """``-log p(rotation | features)`` by a logistic regression of the 4 rotations (L2 penalty
@@ -36,7 +43,7 @@ class RotationScorer(Scorer):
 
     name = "rotation"
     fitted = ("mean_", "scale_", "weight_", "bias_", "target_")
-    fits_on_angles = True  # `VariantScorer` passes the banks of all rotations
+    fits_on_angles = True
 
     def __init__(self, c: float = 0.1, max_iter: int = 1000) -> None:
         super().__init__()
@@ -57,8 +64,7 @@ class RotationScorer(Scorer):
                 f"{{angle: features}} for angles {ANGLES}; fit it through VariantScorer "
                 "(any variant), which extracts them."
             )
-        if angle not in ANGLES:
-            raise InputError(f"rotation: angle must be one of {ANGLES}, got {angle!r}.")
+        target = _target(angle)
         feats = [as_features(bank[a], "bank features").detach().double().cpu() for a in ANGLES]
         x = torch.cat(feats)
         if min(f.shape[0] for f in feats) < 2:
@@ -70,21 +76,15 @@ class RotationScorer(Scorer):
         self.mean_, self.scale_ = mean, scale
         self.weight_ = torch.from_numpy(lr.coef_).double()
         self.bias_ = torch.from_numpy(lr.intercept_).double()
-        self.target_ = torch.tensor(ANGLES.index(angle))
+        self.target_ = target
         return self
 
     def at_angle(self, angle: int) -> RotationScorer:
         """A copy of this fitted scorer that scores the probability of ``angle`` instead."""
         self._check_fitted()
-        if angle not in ANGLES:
-            raise InputError(f"rotation: angle must be one of {ANGLES}, got {angle!r}.")
         other = copy.deepcopy(self)
-        other.target_ = torch.tensor(ANGLES.index(angle))
+        other.target_ = _target(angle)
         return other
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.mean_.dtype if self.mean_ is not None else torch.float64
 
     def forward(self, features) -> torch.Tensor:
         x = self.prepare(features)
