@@ -121,6 +121,8 @@ def process_group(device: str = "auto", timeout_s: float = 1800.0):
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         yield world()
+        # every rank done before any tears down: gloo aborts a process whose peer vanished
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
