@@ -25,6 +25,13 @@ new test draw), the shipped training, Mahalanobis against the rotation scorer:
     python benchmarks/default_protocol.py run3 --out runs/protocol3 --classes 0 2 4 6 7 8
     python benchmarks/default_protocol.py table3 --out runs/protocol3
 
+Protocol IV (RESULTS.md, "The default detector IV"): fresh folders again (training seeds 30-32,
+another test draw); `fit`'s training with the recipe's crops and with milder ones, each scored
+by Mahalanobis and by maha_rotation (Mahalanobis and the rotation scorer, standardised):
+
+    python benchmarks/default_protocol.py run4 --out runs/protocol4 --classes 0 2 4 6 7 8
+    python benchmarks/default_protocol.py table4 --out runs/protocol4
+
 `run` resumes: a (class, seed, budget) with its JSON is not trained again. Run two at once
 with one thread each (`--threads 1`, the default) on a 2-core machine.
 """
@@ -319,31 +326,34 @@ def run_three(out: Path, train: Path, test: Path, c: int, seed: int) -> None:
         f"{n} {100 * r['auroc']:.1f}" for n, r in rows.items()), flush=True)  # fmt: skip
 
 
-def choose_three(records: list[dict]) -> tuple[str, dict]:
-    """Protocol III's rule: highest mean AUROC over the choice cells, a cheaper candidate within
-    TIE points of it chosen instead; then the guard: a choice other than the shipped scorer
-    whose mean AUROC on the confirmation classes is more than GUARD_III points below the
-    shipped one's is dropped, and the shipped scorer stays."""
+def choose_guarded(records: list[dict], candidates: tuple[str, ...]) -> tuple[str, dict]:
+    """Protocols III and IV's rule: highest mean AUROC over the choice cells, a cheaper
+    candidate (earlier in ``candidates``) within TIE points of it chosen instead; then the
+    guard: a choice other than the shipped one (the first) whose mean AUROC on the confirmation
+    classes is more than GUARD_III points below the shipped one's is dropped, and the shipped
+    one stays."""
 
     def mean(name: str, group: tuple[int, ...]) -> float:
         return 100 * float(np.mean([r["scorers"][name]["auroc"] for r in records
                                     if r["class"] in group]))  # fmt: skip
 
-    means = {n: mean(n, CHOOSE) for n in CANDIDATES_III}
+    means = {n: mean(n, CHOOSE) for n in candidates}
     best = max(means.values())
-    pick = next(n for n in CANDIDATES_III if means[n] >= best - TIE)
-    confirm = {n: mean(n, CONFIRM) for n in CANDIDATES_III}
-    guarded = pick != CANDIDATES_III[0] and confirm[pick] < confirm[CANDIDATES_III[0]] - GUARD_III
+    pick = next(n for n in candidates if means[n] >= best - TIE)
+    confirm = {n: mean(n, CONFIRM) for n in candidates}
+    guarded = pick != candidates[0] and confirm[pick] < confirm[candidates[0]] - GUARD_III
     cells = sorted((r["class"], r["seed"]) for r in records)
     info = {"means": means, "confirm": confirm, "by_rule": pick, "guard": guarded, "cells": cells}
-    return (CANDIDATES_III[0] if guarded else pick), info
+    return (candidates[0] if guarded else pick), info
 
 
-def cmd_table_three(args: argparse.Namespace) -> None:
-    records = _load(args.out, "results-iii")
+def print_choice(records: list[dict], candidates: tuple[str, ...], beside: tuple[str, ...],
+                 extra: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """Protocols III and IV's table, the rule's answer and the per-class lines of the shipped
+    candidate, the chosen one and ``extra``."""
     names = load_dataset("fashion-mnist", "test").classes
-    pick, info = choose_three(records)
-    print_scorer_table(records, list(CANDIDATES_III + BESIDE_III), pick)
+    pick, info = choose_guarded(records, candidates)
+    print_scorer_table(records, list(candidates + beside), pick)
     print(f"\nchosen: {pick} (rule: max mean AUROC on {CHOOSE}, cheaper within {TIE}; guard "
           f"{GUARD_III} on {CONFIRM})")  # fmt: skip
     print("cells:", info["cells"])
@@ -352,10 +362,14 @@ def cmd_table_three(args: argparse.Namespace) -> None:
     print("by the rule alone:", info["by_rule"], "| dropped by the guard:", info["guard"])
     print("\nPer normal class (mean over seeds; % flagged per anomaly class):")
     for c in CHOOSE + CONFIRM:
-        for s in dict.fromkeys([CANDIDATES_III[0], pick, "rotation/angled"]):
+        for s in dict.fromkeys([candidates[0], pick, *extra]):
             sel = [r["scorers"][s] for r in records if r["class"] == c]
             if sel:
                 print(summary(sel, names, c, s, with_range=True))
+
+
+def cmd_table_three(args: argparse.Namespace) -> None:
+    print_choice(_load(args.out, "results-iii"), CANDIDATES_III, BESIDE_III, ("rotation/angled",))
 
 
 def cmd_run_three(args: argparse.Namespace) -> None:
@@ -366,6 +380,56 @@ def cmd_run_three(args: argparse.Namespace) -> None:
             test_folder = make_test_folder(args.out, te_img, te_lab, c, draw=DRAW_III)
             folder = make_train_folder(args.out, tr_img, tr_lab, c, seed)
             run_three(args.out, folder, test_folder, c, seed)
+
+
+CROP_IV = "augment.scale=[0.6,1.0]"  # milder random crops than the recipe's [0.25, 1.0]
+# name: (training overrides, scorer/variant); cheapest first (the shipped detector first)
+CANDIDATES_IV = {
+    "crop0.25 mahalanobis/plain": ((), "mahalanobis/plain"),
+    "crop0.6 mahalanobis/plain": ((CROP_IV,), "mahalanobis/plain"),
+    "crop0.25 maha_rotation/angled": ((), "maha_rotation/angled"),
+    "crop0.6 maha_rotation/angled": ((CROP_IV,), "maha_rotation/angled"),
+}
+SEEDS_IV, DRAW_IV = (30, 31, 32), 9012
+
+
+def run_four(out: Path, train: Path, test: Path, c: int, seed: int) -> None:
+    """Protocol IV for one (class, seed): `fit`'s default training and the same with milder
+    crops, each network scored by Mahalanobis and by maha_rotation on its own bank and
+    held-out images."""
+    path = out / "results-iv" / f"c{c}-s{seed}.json"
+    if path.exists():
+        return
+    rows, fits = {}, {}
+    for overrides in dict.fromkeys(o for o, _ in CANDIDATES_IV.values()):
+        t = train_trial(FitOptions(seed=seed, verbose=False, overrides=list(overrides)),
+                        train, test)  # fmt: skip
+        fits[" ".join(overrides) or "recipe"] = {"fit_s": round(t.fit_s, 1),
+                                                 "fit_cpu_s": round(t.fit_cpu_s, 1)}  # fmt: skip
+        for name, (o, scorer) in CANDIDATES_IV.items():
+            if o == overrides:
+                rows[name], _, fit_ms = _scored(t, scorer, c)
+                rows[name]["scorer_fit_cpu_ms"] = fit_ms
+    t.save(path, c, seed, t.det.steps, rows)
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "fits": fits}, indent=1))
+    print(f"class {c} seed {seed}: fits {fits}; AUROC " + ", ".join(
+        f"{n} {100 * r['auroc']:.1f}" for n, r in rows.items()), flush=True)  # fmt: skip
+
+
+def cmd_run_four(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    tr_img, tr_lab, te_img, te_lab = _arrays()
+    for seed in args.seeds:
+        for c in args.classes:
+            test_folder = make_test_folder(args.out, te_img, te_lab, c, draw=DRAW_IV)
+            folder = make_train_folder(args.out, tr_img, tr_lab, c, seed)
+            run_four(args.out, folder, test_folder, c, seed)
+
+
+def cmd_table_four(args: argparse.Namespace) -> None:
+    print_choice(_load(args.out, "results-iv"), tuple(CANDIDATES_IV), (),
+                 tuple(CANDIDATES_IV)[1:])  # fmt: skip
 
 
 def _arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -518,9 +582,17 @@ def main() -> None:
     run3.add_argument("--threads", type=int, default=1)
     table3 = sub.add_parser("table3")
     table3.add_argument("--out", type=Path, required=True)
+    run4 = sub.add_parser("run4")
+    run4.add_argument("--out", type=Path, required=True)
+    run4.add_argument("--classes", type=int, nargs="+", default=list(CHOOSE + CONFIRM))
+    run4.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS_IV))
+    run4.add_argument("--threads", type=int, default=1)
+    table4 = sub.add_parser("table4")
+    table4.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     commands = {"run": cmd_run, "table": cmd_table, "run2": cmd_run_two, "table2": cmd_table_two,
-                "run3": cmd_run_three, "table3": cmd_table_three}  # fmt: skip
+                "run3": cmd_run_three, "table3": cmd_table_three, "run4": cmd_run_four,
+                "table4": cmd_table_four}  # fmt: skip
     commands[args.cmd](args)
 
 

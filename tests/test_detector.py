@@ -80,7 +80,7 @@ def test_calibrate_and_predict(fitted, split):
 @pytest.mark.parametrize(
     "scorer",
     ["knn_cos:k=1", "knn_cos:k=5", "kde", "centre", "mahalanobis", "ocsvm_rbf", "knn_cos_norm",
-     "rotation"],
+     "rotation", "maha_rotation"],
 )  # fmt: skip
 def test_score_tensor_equals_decision_function_and_has_gradients(fitted, split, scorer):
     det = OneClassDetector.from_model(fitted.model_, fitted.config_, scorer=scorer, k=None)
@@ -140,22 +140,23 @@ def test_own_scores_are_differentiable(split, method, own):
     assert torch.isfinite(g).all() and g.abs().sum() > 0
 
 
-def test_rotation_scorer_saves_loads_and_exports(fitted, split, tmp_path):
-    """The rotation scorer (angled: 4 rotations of every image, one classifier) as a detector:
-    fitted on the banks of every rotation, saved and loaded to the same scores, exported to
-    ONNX with the same scores, differentiable."""
+@pytest.mark.parametrize("scorer", ["rotation", "maha_rotation"])
+def test_rotation_scorers_save_load_and_export(fitted, split, tmp_path, scorer):
+    """The scorers fitted on every rotation (angled: 4 rotations of every image, one fit) as
+    detectors: saved and loaded to the same scores, exported to ONNX with the same scores,
+    differentiable."""
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from firmad.export import export_onnx
 
     det = OneClassDetector.from_model(
-        fitted.model_, fitted.config_, scorer="rotation", k=None, variant="angled"
+        fitted.model_, fitted.config_, scorer=scorer, k=None, variant="angled"
     ).fit_bank(split.train_images)
     assert [int(s.target_) for s in det.scorer_.per_angle] == [0, 1, 2, 3]
     det.calibrate(split.test_images[split.test_labels == 0], target_fpr=0.1)
     images = split.test_images[:9]
     scores = det.decision_function(images)
-    assert np.isfinite(scores).all() and (scores >= 0).all()
+    assert np.isfinite(scores).all() and (scorer != "rotation" or (scores >= 0).all())
     det.save(tmp_path / "det")
     loaded = OneClassDetector.load(tmp_path / "det")
     np.testing.assert_allclose(loaded.decision_function(images), scores, rtol=1e-12)

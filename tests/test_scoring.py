@@ -29,10 +29,10 @@ from firmad.scoring import (
 from firmad.scoring import base as scoring_base
 
 # Every registered scorer at its defaults (and kNN with k = 1), except the logit scorer,
-# which scores a classifier's logits rather than features, and the rotation scorer, fitted on
-# the features of 4 rotations (each tested on its own below).
+# which scores a classifier's logits rather than features, and the scorers fitted on the
+# features of 4 rotations (rotation, maha_rotation; each tested on its own below).
 FEATURE_SCORERS = [("knn_cos", {"k": 1})] + [
-    (n, {}) for n in SCORERS if n not in ("logit", "rotation")
+    (n, {}) for n in SCORERS if n not in ("logit", "rotation", "maha_rotation")
 ]
 
 
@@ -220,6 +220,75 @@ def test_rotation_scorer_errors() -> None:
         build_scorer("rotation", max_iter=0)
     with pytest.raises(InputError, match="at least 2"):
         build_scorer("rotation").fit({a: torch.zeros(1, 3) for a in ANGLES})
+
+
+def test_maha_rotation_is_the_mean_of_its_standardised_parts() -> None:
+    """Normals: each rotation its own blob. Anomalies of two kinds: off the normal blob with
+    the rotation still clear (the rotation scorer alone misses them), and at the normals' mean
+    of all rotations (no rotation to tell). The combined score flags both kinds, and it is the
+    mean of the Mahalanobis and rotation scores fitted on the whole bank, each standardised by
+    the scorer's stored centre and spread."""
+    rng = np.random.default_rng(3)
+    d, n = 8, 300
+    centres = {a: np.eye(d)[i] * 3.0 for i, a in enumerate(ANGLES)}
+    mean = np.mean(list(centres.values()), axis=0)
+    far = np.r_[np.zeros(d - 1), 6.0]
+
+    def feats(m: int, centre=lambda a: centres[a]):
+        return {a: torch.as_tensor(_blob(rng, m, centre(a), 0.5)) for a in ANGLES}
+
+    bank = feats(n)
+    tests = [feats(100), feats(100, lambda a: centres[a] + far), feats(100, lambda a: mean)]
+    kinds = {"far": np.r_[0:200], "no rotation": np.r_[0:100, 200:300]}
+    labels = np.r_[np.zeros(100), np.ones(100)]
+    scores = {}
+    for name in ("rotation", "maha_rotation"):
+        vs = VariantScorer(name, variant="angled").fit(bank)
+        with torch.no_grad():
+            scores[name] = np.concatenate([vs.combine(t).numpy() for t in tests])
+        if name == "maha_rotation":
+            combined = vs
+    auroc = {n: {k: roc_auc_score(labels, s[i]) for k, i in kinds.items()}
+             for n, s in scores.items()}  # fmt: skip
+    assert min(auroc["maha_rotation"].values()) > 0.99 and auroc["rotation"]["far"] < 0.9, auroc
+    x = tests[1][90]
+    one = combined.per_angle[1]
+    maha = build_scorer("mahalanobis").fit(bank[90]).score(x)
+    rot = VariantScorer("rotation", variant="angled").fit(bank).per_angle[1].score(x)
+    centre, spread = one.centre_[1].numpy(), one.spread_[1].numpy()
+    want = ((maha - centre[0]) / spread[0] + (rot - centre[1]) / spread[1]) / 2
+    np.testing.assert_allclose(one.score(x), want, rtol=1e-9)
+
+
+def test_maha_rotation_is_standardised_out_of_fold() -> None:
+    """Each part is standardised by scores of bank features its fit did not see: new normals
+    score about 0 on average (in-sample scores would put them above 0), the copies of the
+    angled variant read one fit at their own rotation, and the fit is reproducible."""
+    rng = np.random.default_rng(4)
+    bank, normals = _rotation_banks(rng, 400), _rotation_banks(rng, 2000)
+    vs = VariantScorer("maha_rotation", variant="angled").fit(bank)
+    assert [int(s.target_) for s in vs.per_angle] == [0, 1, 2, 3]
+    with torch.no_grad():
+        scores = vs.combine(normals).numpy()
+    assert abs(scores.mean()) < 0.15, scores.mean()
+    again = VariantScorer("maha_rotation", variant="angled").fit(bank)
+    with torch.no_grad():
+        np.testing.assert_array_equal(again.combine(normals).numpy(), scores)
+    other = VariantScorer("maha_rotation:seed=1", variant="angled").fit(bank)
+    assert not torch.equal(other.per_angle[0].centre_, vs.per_angle[0].centre_)
+
+
+def test_maha_rotation_errors() -> None:
+    with pytest.raises(InputError, match="4 rotations"):
+        build_scorer("maha_rotation").fit(torch.zeros(10, 3))
+    with pytest.raises(ConfigError, match="folds"):
+        build_scorer("maha_rotation", folds=1)
+    with pytest.raises(ConfigError, match="c must be"):
+        build_scorer("maha_rotation", c=-1)
+    with pytest.raises(InputError, match="at least 10"):
+        build_scorer("maha_rotation").fit({a: torch.zeros(9, 3) for a in ANGLES})
+    with pytest.raises(InputError, match="same images"):
+        build_scorer("maha_rotation").fit({a: torch.zeros(20 + i, 3) for i, a in enumerate(ANGLES)})
 
 
 # The default scorers of a recipe (the one list of them, in the config).

@@ -6,12 +6,14 @@ more anomalous). Every scorer is a differentiable torch module (OC-SVMs are fitt
 scikit-learn and evaluated in torch from their support vectors).
 
 Adding a scorer: a module with a `Scorer` subclass decorated with `register_scorer`, and one
-import line below (the built-in scorers are registered by importing `scorers` and `rotation`).
+import line below (the built-in scorers are registered by importing `scorers`, `rotation` and
+`combined`).
 A result is named by its `ScorerSpec` (the scorer with every parameter), never by the scorer's
 name alone.
 """
 
 from firmad.scoring.banks import bank_crops, bank_subset, extract_banks, kmeans_centroids
+from firmad.scoring.combined import MahalanobisRotationScorer
 from firmad.scoring.evaluate import (
     VARIANTS,
     ScoreOptions,
@@ -65,6 +67,7 @@ __all__ = [
     "KnnCosNormScorer",
     "KnnCosScorer",
     "LogitScorer",
+    "MahalanobisRotationScorer",
     "MahalanobisScorer",
     "OcsvmLinearScorer",
     "OcsvmRbfScorer",

@@ -1,0 +1,114 @@
+"""A scorer combining two: Mahalanobis and the rotation scorer, each standardised on the bank.
+
+Its own module because it builds on two built-in scorers' modules (`scorers`, `rotation`),
+neither of which imports it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+
+from firmad.errors import ConfigError, InputError
+from firmad.scoring.base import Scorer, as_features
+from firmad.scoring.features import ANGLES
+from firmad.scoring.rotation import MIN_SCALE, RotationScorer, _target
+from firmad.scoring.scorers import MahalanobisScorer
+from firmad.scoring.specs import register_scorer
+
+
+@register_scorer
+class MahalanobisRotationScorer(Scorer):
+    """The mean of two scores on the same features, each standardised on the normal bank: the
+    squared Mahalanobis distance at the copy's rotation and the rotation scorer's
+    ``-log p(rotation | features)``. The two disagree where they fail: Mahalanobis misses an
+    anomaly close to the normal mean (a trouser to T-shirts), the rotation scorer one whose
+    rotation its outline tells (a pullover to T-shirts).
+
+    Standardised by out-of-fold scores: the bank is split into ``folds`` parts (drawn with
+    ``seed``), each scored by both scorers fitted on the other parts, so neither score's scale
+    is measured on the features it was fitted on (in-sample Mahalanobis distances are smaller
+    than a new normal's). The held-out images that set a detector's threshold are never used.
+    """
+
+    name = "maha_rotation"
+    fitted = ("location_", "precision_", "mean_", "scale_", "weight_", "bias_", "target_",
+              "centre_", "spread_")  # fmt: skip
+    fits_on_angles = True
+
+    def __init__(self, c: float = 0.1, folds: int = 5, seed: int = 0, max_iter: int = 1000) -> None:
+        super().__init__()
+        RotationScorer(c=c, max_iter=max_iter)  # checks c and max_iter
+        if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+            raise ConfigError(f"maha_rotation: folds must be an integer >= 2, got {folds!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"maha_rotation: seed must be an integer, got {seed!r}.")
+        self.c, self.folds, self.seed, self.max_iter = float(c), folds, seed, max_iter
+
+    def _parts(self, bank) -> tuple[RotationScorer, list]:
+        """The rotation scorer and one Mahalanobis per rotation, fitted on ``bank``."""
+        rotation = RotationScorer(c=self.c, max_iter=self.max_iter).fit(bank)
+        return rotation, [MahalanobisScorer().fit(bank[a]) for a in ANGLES]
+
+    def fit(self, bank, angle: int = 0) -> MahalanobisRotationScorer:
+        """``bank``: {rotation: normal training features at that rotation} for all of
+        `ANGLES` (the same images in the same order); ``angle``: this copy's rotation."""
+        if not isinstance(bank, Mapping) or set(bank) != set(ANGLES):
+            raise InputError(
+                "maha_rotation is fitted on the features of the 4 rotations {angle: features} "
+                f"for angles {ANGLES}; fit it through VariantScorer (any variant)."
+            )
+        bank = {a: as_features(bank[a], "bank features").detach().double().cpu() for a in ANGLES}
+        n = bank[0].shape[0]
+        if any(f.shape[0] != n for f in bank.values()):
+            raise InputError("maha_rotation needs the same images at every rotation.")
+        if n < 2 * self.folds:
+            raise InputError(f"maha_rotation needs a bank of at least {2 * self.folds} features "
+                             f"({self.folds} folds of 2); got {n}.")  # fmt: skip
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
+        oof = torch.zeros(len(ANGLES), 2, n, dtype=torch.float64)
+        for part in order.tensor_split(self.folds):
+            rest = torch.ones(n, dtype=torch.bool)
+            rest[part] = False
+            rotation, mahas = self._parts({a: f[rest] for a, f in bank.items()})
+            for i, a in enumerate(ANGLES):
+                oof[i, 0, part] = torch.from_numpy(mahas[i].score(bank[a][part]))
+                oof[i, 1, part] = torch.from_numpy(rotation.at_angle(a).score(bank[a][part]))
+        rotation, mahas = self._parts(bank)
+        self.location_ = torch.stack([m.location_ for m in mahas])
+        self.precision_ = torch.stack([m.precision_ for m in mahas])
+        self.mean_, self.scale_ = rotation.mean_, rotation.scale_
+        self.weight_, self.bias_ = rotation.weight_, rotation.bias_
+        self.centre_ = oof.mean(2)
+        self.spread_ = oof.std(2).clamp_min(MIN_SCALE)
+        self.target_ = _target(angle)
+        return self
+
+    def at_angle(self, angle: int) -> MahalanobisRotationScorer:
+        """A copy of this fitted scorer that scores at ``angle`` instead."""
+        self._check_fitted()
+        other = copy.deepcopy(self)
+        other.target_ = _target(angle)
+        return other
+
+    def forward(self, features) -> torch.Tensor:
+        x = self.prepare(features)
+        self._check_dim(x, self.mean_.shape[0])
+        i = self.target_.reshape(1)
+        d = x - self.location_.index_select(0, i)[0]
+        maha = ((d @ self.precision_.index_select(0, i)[0]) * d).sum(dim=1)
+        logits = ((x - self.mean_) / self.scale_) @ self.weight_.T + self.bias_
+        rotation = -torch.log_softmax(logits, dim=1).index_select(1, i)[:, 0]
+        centre, spread = self.centre_.index_select(0, i)[0], self.spread_.index_select(0, i)[0]
+        return ((maha - centre[0]) / spread[0] + (rotation - centre[1]) / spread[1]) / 2
+
+    def explain_scale(self, n_bank) -> str:
+        return (
+            "the mean of two standardised scores of the features: their squared Mahalanobis "
+            f"distance to the {n_bank} normal training features and how badly a linear "
+            "classifier of the 4 rotations tells the image's rotation, each measured in "
+            "standard deviations of normal training images held out of its fit: about 0 is "
+            "typical of a normal image, higher values are more anomalous."
+        )
