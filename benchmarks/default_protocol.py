@@ -156,6 +156,19 @@ class Trial:
         path.write_text(json.dumps(record, indent=1))
 
 
+# The training and scorer `fit` shipped while protocols I-IV ran: the recipe's random crops and
+# Mahalanobis, plain. Pinned, so that each protocol's script trains what it trained then,
+# whatever `fit`'s defaults are now (a later override, e.g. protocol IV's milder crops, wins).
+RECIPE_CROP = "augment.scale=[0.25,1.0]"
+
+
+def as_shipped_then(seed: int, overrides: tuple[str, ...] = (), **kwargs) -> FitOptions:
+    """`fit`'s options as protocols I-IV ran them (``kwargs``: steps, scorer)."""
+    kwargs.setdefault("scorer", "mahalanobis")
+    return FitOptions(seed=seed, verbose=False, variant="plain",
+                      overrides=[RECIPE_CROP, *overrides], **kwargs)  # fmt: skip
+
+
 def train_trial(opts: FitOptions, train: Path, test: Path) -> Trial:
     det = detector_for_fit(opts)
     images = fit_images(train, det, say=lambda m: None, warn=lambda m: None)
@@ -186,8 +199,7 @@ def run_one(out: Path, train: Path, test: Path, c: int, seed: int, budget: int) 
     if path.exists():
         return
     # the kNN row by name: `fit`'s default scorer changed (to Mahalanobis) during the protocol
-    t = train_trial(FitOptions(steps=budget, seed=seed, verbose=False, scorer="knn_cos:k=5"),
-                    train, test)  # fmt: skip
+    t = train_trial(as_shipped_then(seed, steps=budget, scorer="knn_cos:k=5"), train, test)
     maha = t.detector("mahalanobis")
     knn_scores, maha_scores = t.det.decision_function(t.files), maha.decision_function(t.files)
     rows = {
@@ -240,7 +252,7 @@ def run_two(out: Path, train: Path, test: Path, c: int, seed: int) -> None:
     path = out / "results-ii" / f"c{c}-s{seed}.json"
     if path.exists():
         return
-    t = train_trial(FitOptions(seed=seed, verbose=False), train, test)
+    t = train_trial(as_shipped_then(seed), train, test)
     rows, raw = {}, {}
     for scorer, variant in [("mahalanobis", v) for v in VARIANTS_II] + [("knn_cos:k=5", "angled")]:
         name = f"{scorer}/{variant}"
@@ -316,7 +328,7 @@ def run_three(out: Path, train: Path, test: Path, c: int, seed: int) -> None:
     path = out / "results-iii" / f"c{c}-s{seed}.json"
     if path.exists():
         return
-    t = train_trial(FitOptions(seed=seed, verbose=False), train, test)
+    t = train_trial(as_shipped_then(seed), train, test)
     rows = {}
     for name in CANDIDATES_III + BESIDE_III:
         rows[name], _, fit_ms = _scored(t, name, c)
@@ -402,8 +414,7 @@ def run_four(out: Path, train: Path, test: Path, c: int, seed: int) -> None:
         return
     rows, fits = {}, {}
     for overrides in dict.fromkeys(o for o, _ in CANDIDATES_IV.values()):
-        t = train_trial(FitOptions(seed=seed, verbose=False, overrides=list(overrides)),
-                        train, test)  # fmt: skip
+        t = train_trial(as_shipped_then(seed, overrides), train, test)
         fits[" ".join(overrides) or "recipe"] = {"fit_s": round(t.fit_s, 1),
                                                  "fit_cpu_s": round(t.fit_cpu_s, 1)}  # fmt: skip
         for name, (o, scorer) in CANDIDATES_IV.items():

@@ -59,7 +59,10 @@ def test_fit_writes_a_calibrated_detector(detector_dir):
     params = det.get_params()
     assert params["recipe"] == "fmnist-cpu" and params["method"] == "firm"
     assert params["epochs"] == 1 and params["size"] == 16
-    assert params["scorer"] == "mahalanobis" and params["k"] is None  # fit's default scorer
+    from firmad import fitting
+
+    assert params["scorer"] == fitting.DEFAULT_SCORER and params["k"] is None  # fit's default
+    assert params["variant"] == fitting.DEFAULT_VARIANT
     assert params["target_fpr"] == 0.05 and params["holdout"] == "auto"
 
 

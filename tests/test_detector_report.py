@@ -48,7 +48,7 @@ def test_every_scorer_has_its_scale_in_words():
     bank = torch.randn(40, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for name in SCORERS:
         scorer = build_scorer(name, **({"max_bank": 40} if name.startswith("ocsvm") else {}))
-        if name == "rotation":  # fitted on the features of the 4 rotations
+        if scorer.fits_on_angles:  # fitted on the features of the 4 rotations
             scorer.fit({a: bank + a / 90 for a in ANGLES})
         else:
             scorer.fit(bank if name != "logit" else None)

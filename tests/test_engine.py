@@ -10,9 +10,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from firmad.anomaly_model import AnomalyModel
-from firmad.config import load_config
+from firmad.config import AugmentConfig, load_config
 from firmad.data.pool import prepare_images
 from firmad.detector import OneClassDetector
 from firmad.engine import Engine, image_stats
@@ -114,6 +115,21 @@ def test_the_default_budget_never_replaces_one_the_user_set(monkeypatch):
     for chosen in (["train.epochs=2"], ["train.steps_per_epoch = 4"], TRAIN):
         assert fitting.training_steps(FitOptions(overrides=list(chosen))) is None, chosen
     assert fitting.training_steps(FitOptions(overrides=["train.lr=0.1"])) == 123
+
+
+def test_fit_trains_its_default_recipe_with_its_own_crops_and_never_over_the_users():
+    """`fit`'s milder random crops (DEFAULT_OVERRIDES) apply to its default recipe; a
+    --set augment.scale=... replaces them, and a recipe named with --config is trained as
+    written."""
+    from firmad import fitting
+
+    own = fitting.DEFAULT_OVERRIDES[0].split("=", 1)[1]
+    default = detector_for_fit(FitOptions(overrides=TRAIN)).check_params()
+    assert default.augment.scale == yaml.safe_load(own) != AugmentConfig().scale
+    mine = detector_for_fit(FitOptions(overrides=[*TRAIN, "augment.scale=[0.3,0.9]"]))
+    assert mine.check_params().augment.scale == [0.3, 0.9]
+    named = detector_for_fit(FitOptions(recipe="fmnist-cpu", overrides=TRAIN)).check_params()
+    assert named.augment.scale == load_config("fmnist-cpu").augment.scale == [0.25, 1.0]
 
 
 def test_fit_options_keep_todays_budget_with_quick():

@@ -285,8 +285,11 @@ def test_maha_rotation_errors() -> None:
         build_scorer("maha_rotation", folds=1)
     with pytest.raises(ConfigError, match="c must be"):
         build_scorer("maha_rotation", c=-1)
-    with pytest.raises(InputError, match="at least 10"):
-        build_scorer("maha_rotation").fit({a: torch.zeros(9, 3) for a in ANGLES})
+    with pytest.raises(InputError, match="at least 4"):
+        build_scorer("maha_rotation").fit({a: torch.zeros(3, 3) for a in ANGLES})
+    small = {a: torch.randn(6, 3, generator=torch.Generator().manual_seed(i))
+             for i, a in enumerate(ANGLES)}  # fmt: skip
+    assert torch.isfinite(build_scorer("maha_rotation").fit(small).spread_).all()  # 3 folds
     with pytest.raises(InputError, match="same images"):
         build_scorer("maha_rotation").fit({a: torch.zeros(20 + i, 3) for i, a in enumerate(ANGLES)})
 

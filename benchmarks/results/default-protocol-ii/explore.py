@@ -19,7 +19,7 @@ from firmad import calibration as cal  # noqa: E402
 from firmad.data.sources import load_dataset
 from firmad.detector import OneClassDetector
 from firmad.factory import build_extractor  # noqa: E402
-from firmad.fitting import FitOptions, detector_for_fit, fit_images
+from firmad.fitting import detector_for_fit, fit_images
 from firmad.inputs import (
     find_images,
     load_files,  # noqa: E402
@@ -63,9 +63,7 @@ if (det_dir / "done").exists():
     det = OneClassDetector.load(det_dir)
     images = fit_images(folder, det, say=lambda m: None, warn=lambda m: None)
 else:
-    opts = FitOptions(
-        steps=steps, seed=seed, verbose=False, scorer="mahalanobis", overrides=list(extra)
-    )
+    opts = dp.as_shipped_then(seed, tuple(extra), steps=steps)
     det = detector_for_fit(opts)
     images = fit_images(folder, det, say=lambda m: None, warn=lambda m: None)
     t = time.perf_counter()

@@ -19,8 +19,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/
 import default_protocol as dp  # noqa: E402
 
-from firmad.fitting import FitOptions  # noqa: E402
-
 SEED, OUT = 20, Path("runs/explore4")
 torch.set_num_threads(1)
 c, tag, overrides = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
@@ -39,7 +37,7 @@ if not (val / "done").exists():
             dp._write(tr_img[j], val / f"{k}_{i:04d}", i)
     (val / "done").write_text("")
 
-t = dp.train_trial(FitOptions(seed=SEED, verbose=False, overrides=overrides), folder, val)
+t = dp.train_trial(dp.as_shipped_then(SEED, tuple(overrides)), folder, val)
 
 
 def at_exact_fpr(scores: np.ndarray, fpr: float = 0.05) -> str:

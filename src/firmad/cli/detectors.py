@@ -30,13 +30,19 @@ def fit(
     folder: Path = typer.Argument(..., help="A folder of normal images (searched recursively)."),
     out_dir: Path = typer.Option(..., "--out", help="Detector directory to write (new or empty)."),
     config: str | None = typer.Option(
-        None, "--config", "-c", help="Recipe (default fmnist-cpu: FIRM, narrow ResNet-10)."
+        None,
+        "--config",
+        "-c",
+        help="Recipe (default fmnist-cpu: FIRM, narrow ResNet-10, with fit's milder random "
+        "crops, augment.scale=[0.6,1.0]; a recipe named here is trained as written).",
     ),
     set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value."),
     scorer: str | None = typer.Option(
-        None, "--scorer", help="Scorer spec, e.g. knn_cos:k=5 (default: mahalanobis)."
+        None, "--scorer", help="Scorer spec, e.g. knn_cos:k=5 (default: maha_rotation)."
     ),
-    variant: str | None = typer.Option(None, "--variant", help="angled/ensemble (default: plain)."),
+    variant: str | None = typer.Option(
+        None, "--variant", help="plain/angled/ensemble (default: angled)."
+    ),
     holdout: str = typer.Option(
         "auto",
         "--holdout",
