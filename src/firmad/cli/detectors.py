@@ -20,6 +20,13 @@ from firmad.errors import FirmadError
 # --- detectors: fit / score / export --------------------------------------------------------------
 
 
+FIT_RECIPE_HELP = (
+    "Recipe (default fmnist-cpu: FIRM, narrow ResNet-10, with fit's milder random crops, "
+    "augment.scale=[0.6,1.0]; a recipe named here is trained as written)."
+)
+FIT_VARIANT_HELP = "plain/angled/ensemble (default: angled)."
+
+
 @app.command(
     epilog="Examples:\n\n"
     "  firmad fit photos/good_parts --out det/\n\n"
@@ -29,20 +36,12 @@ from firmad.errors import FirmadError
 def fit(
     folder: Path = typer.Argument(..., help="A folder of normal images (searched recursively)."),
     out_dir: Path = typer.Option(..., "--out", help="Detector directory to write (new or empty)."),
-    config: str | None = typer.Option(
-        None,
-        "--config",
-        "-c",
-        help="Recipe (default fmnist-cpu: FIRM, narrow ResNet-10, with fit's milder random "
-        "crops, augment.scale=[0.6,1.0]; a recipe named here is trained as written).",
-    ),
+    config: str | None = typer.Option(None, "--config", "-c", help=FIT_RECIPE_HELP),
     set_: list[str] = typer.Option([], "--set", help="Override a key: section.key=value."),
     scorer: str | None = typer.Option(
         None, "--scorer", help="Scorer spec, e.g. knn_cos:k=5 (default: maha_rotation)."
     ),
-    variant: str | None = typer.Option(
-        None, "--variant", help="plain/angled/ensemble (default: angled)."
-    ),
+    variant: str | None = typer.Option(None, "--variant", help=FIT_VARIANT_HELP),
     holdout: str = typer.Option(
         "auto",
         "--holdout",
