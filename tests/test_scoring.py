@@ -255,7 +255,7 @@ def test_maha_rotation_is_the_mean_of_its_standardised_parts() -> None:
     one = combined.per_angle[1]
     maha = build_scorer("mahalanobis").fit(bank[90]).score(x)
     rot = VariantScorer("rotation", variant="angled").fit(bank).per_angle[1].score(x)
-    centre, spread = one.centre_[1].numpy(), one.spread_[1].numpy()
+    centre, spread = one.centre_.numpy(), one.spread_.numpy()
     want = ((maha - centre[0]) / spread[0] + (rot - centre[1]) / spread[1]) / 2
     np.testing.assert_allclose(one.score(x), want, rtol=1e-9)
 
@@ -290,6 +290,11 @@ def test_maha_rotation_errors() -> None:
     small = {a: torch.randn(6, 3, generator=torch.Generator().manual_seed(i))
              for i, a in enumerate(ANGLES)}  # fmt: skip
     assert torch.isfinite(build_scorer("maha_rotation").fit(small).spread_).all()  # 3 folds
+    loaded = build_scorer("maha_rotation").load_fitted(
+        build_scorer("maha_rotation").fit(small).fitted_state()
+    )
+    with pytest.raises(InputError, match="fit it again"):
+        loaded.at_angle(90)
     with pytest.raises(InputError, match="same images"):
         build_scorer("maha_rotation").fit({a: torch.zeros(20 + i, 3) for i, a in enumerate(ANGLES)})
 

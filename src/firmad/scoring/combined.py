@@ -14,7 +14,7 @@ import torch
 from firmad.errors import ConfigError, InputError
 from firmad.scoring.base import Scorer, as_features
 from firmad.scoring.features import ANGLES
-from firmad.scoring.rotation import MIN_SCALE, RotationScorer, _target
+from firmad.scoring.rotation import MIN_SCALE, RotationScorer, rotation_index
 from firmad.scoring.scorers import MahalanobisScorer
 from firmad.scoring.specs import register_scorer
 
@@ -79,32 +79,42 @@ class MahalanobisRotationScorer(Scorer):
                 oof[i, 0, part] = torch.from_numpy(mahas[i].score(bank[a][part]))
                 oof[i, 1, part] = torch.from_numpy(rotation.at_angle(a).score(bank[a][part]))
         rotation, mahas = self._parts(bank)
-        self.location_ = torch.stack([m.location_ for m in mahas])
-        self.precision_ = torch.stack([m.precision_ for m in mahas])
         self.mean_, self.scale_ = rotation.mean_, rotation.scale_
         self.weight_, self.bias_ = rotation.weight_, rotation.bias_
-        self.centre_ = oof.mean(2)
-        self.spread_ = oof.std(2).clamp_min(MIN_SCALE)
-        self.target_ = _target(angle)
+        # every rotation's part, kept (not saved) for `at_angle`; the copy holds its own only
+        self._all_angles = {
+            "location_": torch.stack([m.location_ for m in mahas]),
+            "precision_": torch.stack([m.precision_ for m in mahas]),
+            "centre_": oof.mean(2),
+            "spread_": oof.std(2).clamp_min(MIN_SCALE),
+        }
+        self._select(angle)
         return self
 
+    def _select(self, angle: int) -> None:
+        self.target_ = rotation_index(angle)
+        for key, stacked in self._all_angles.items():
+            setattr(self, key, stacked[int(self.target_)].clone())
+
     def at_angle(self, angle: int) -> MahalanobisRotationScorer:
-        """A copy of this fitted scorer that scores at ``angle`` instead."""
+        """A copy of this scorer, just fitted, that scores at ``angle`` instead."""
         self._check_fitted()
+        if not hasattr(self, "_all_angles"):
+            raise InputError("maha_rotation: at_angle needs the scorer as fitted, not as loaded; "
+                             "fit it again.")  # fmt: skip
         other = copy.deepcopy(self)
-        other.target_ = _target(angle)
+        other._select(angle)
         return other
 
     def forward(self, features) -> torch.Tensor:
         x = self.prepare(features)
         self._check_dim(x, self.mean_.shape[0])
-        i = self.target_.reshape(1)
-        d = x - self.location_.index_select(0, i)[0]
-        maha = ((d @ self.precision_.index_select(0, i)[0]) * d).sum(dim=1)
+        d = x - self.location_
+        maha = ((d @ self.precision_) * d).sum(dim=1)
         logits = ((x - self.mean_) / self.scale_) @ self.weight_.T + self.bias_
-        rotation = -torch.log_softmax(logits, dim=1).index_select(1, i)[:, 0]
-        centre, spread = self.centre_.index_select(0, i)[0], self.spread_.index_select(0, i)[0]
-        return ((maha - centre[0]) / spread[0] + (rotation - centre[1]) / spread[1]) / 2
+        rotation = -torch.log_softmax(logits, dim=1).index_select(1, self.target_.reshape(1))[:, 0]
+        c, s = self.centre_, self.spread_
+        return ((maha - c[0]) / s[0] + (rotation - c[1]) / s[1]) / 2
 
     def explain_scale(self, n_bank) -> str:
         return (

@@ -29,7 +29,7 @@ from firmad.scoring.specs import register_scorer
 MIN_SCALE = 1e-6  # a feature dimension constant over the bank is not divided by ~0
 
 
-def _target(angle: int) -> torch.Tensor:
+def rotation_index(angle: int) -> torch.Tensor:
     """The class index of a rotation, as the buffer a copy of the scorer reads."""
     if angle not in ANGLES:
         raise InputError(f"rotation: angle must be one of {ANGLES}, got {angle!r}.")
@@ -64,7 +64,7 @@ class RotationScorer(Scorer):
                 f"{{angle: features}} for angles {ANGLES}; fit it through VariantScorer "
                 "(any variant), which extracts them."
             )
-        target = _target(angle)
+        target = rotation_index(angle)
         feats = [as_features(bank[a], "bank features").detach().double().cpu() for a in ANGLES]
         x = torch.cat(feats)
         if min(f.shape[0] for f in feats) < 2:
@@ -83,7 +83,7 @@ class RotationScorer(Scorer):
         """A copy of this fitted scorer that scores the probability of ``angle`` instead."""
         self._check_fitted()
         other = copy.deepcopy(self)
-        other.target_ = _target(angle)
+        other.target_ = rotation_index(angle)
         return other
 
     def forward(self, features) -> torch.Tensor:
