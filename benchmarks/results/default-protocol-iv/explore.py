@@ -5,7 +5,8 @@ of each other class, none in that training folder). Run from the project root:
 
     python benchmarks/results/default-protocol-iv/explore.py CLASS TAG [key=value ...]
 
-TAG names the run; key=value are recipe overrides (e.g. augment.scale=[0.6,1.0]). Prints per
+TAG names the run; key=value are recipe overrides (e.g. augment.scale=[0.6,1.0]); a TAG ending
+in -steps3000 trains 3 000 steps instead of `fit`'s 1 500. Prints per
 scorer: AUROC, recall at the detector's own 5 % threshold, and recall at exactly 5 % of these
 validation normals (per anomaly class).
 """
@@ -37,7 +38,8 @@ if not (val / "done").exists():
             dp._write(tr_img[j], val / f"{k}_{i:04d}", i)
     (val / "done").write_text("")
 
-t = dp.train_trial(dp.as_shipped_then(SEED, tuple(overrides)), folder, val)
+steps = 3000 if tag.endswith("-steps3000") else None
+t = dp.train_trial(dp.as_shipped_then(SEED, tuple(overrides), steps=steps), folder, val)
 
 
 def at_exact_fpr(scores: np.ndarray, fpr: float = 0.05) -> str:
@@ -47,7 +49,7 @@ def at_exact_fpr(scores: np.ndarray, fpr: float = 0.05) -> str:
 
 
 raw = {}
-for name in ("mahalanobis/plain", "mahalanobis/angled", "rotation/angled"):
+for name in ("mahalanobis/plain", "mahalanobis/angled", "rotation/angled", "maha_rotation/angled"):
     row, raw[name], _ = dp._scored(t, name, c)
     print(f"c{c} {tag} {name}: AUROC {100 * row['auroc']:.1f}; recall {100 * row['recall']:.0f} "
           f"% at FPR {100 * row['fpr']:.1f} %; exact 5 %: {at_exact_fpr(raw[name][0])}",
