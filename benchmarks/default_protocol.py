@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,12 +146,12 @@ class Trial:
             self.images[self.held], target_fpr=TARGET
         )
 
-    def save(self, path: Path, c: int, seed: int, budget: int, rows: dict) -> None:
+    def save(self, path: Path, c: int, seed: int, budget: int, rows: dict, **extra) -> None:
         record = {
             "class": c, "seed": seed, "budget": budget, "fit_s": round(self.fit_s, 1),
             "fit_cpu_s": round(self.fit_cpu_s, 1), "threads": torch.get_num_threads(),
             "n_train": int(self.kept.sum()), "n_held": len(self.held), "n_test": len(self.files),
-            "numerics": self.det.config_.train.amp, "scorers": rows,
+            "numerics": self.det.config_.train.amp, "scorers": rows, **extra,
         }  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=1))
@@ -385,13 +386,7 @@ def cmd_table_three(args: argparse.Namespace) -> None:
 
 
 def cmd_run_three(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
-    tr_img, tr_lab, te_img, te_lab = _arrays()
-    for seed in args.seeds:
-        for c in args.classes:
-            test_folder = make_test_folder(args.out, te_img, te_lab, c, draw=DRAW_III)
-            folder = make_train_folder(args.out, tr_img, tr_lab, c, seed)
-            run_three(args.out, folder, test_folder, c, seed)
+    run_cells(args, run_three, DRAW_III)
 
 
 CROP_IV = "augment.scale=[0.6,1.0]"  # milder random crops than the recipe's [0.25, 1.0]
@@ -421,26 +416,30 @@ def run_four(out: Path, train: Path, test: Path, c: int, seed: int) -> None:
             if o == overrides:
                 rows[name], _, fit_ms = _scored(t, scorer, c)
                 rows[name]["scorer_fit_cpu_ms"] = fit_ms
-    t.save(path, c, seed, t.det.steps, rows)
-    record = json.loads(path.read_text())
-    path.write_text(json.dumps({**record, "fits": fits}, indent=1))
+    t.save(path, c, seed, t.det.steps, rows, fits=fits)
     print(f"class {c} seed {seed}: fits {fits}; AUROC " + ", ".join(
         f"{n} {100 * r['auroc']:.1f}" for n, r in rows.items()), flush=True)  # fmt: skip
 
 
 def cmd_run_four(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
-    tr_img, tr_lab, te_img, te_lab = _arrays()
-    for seed in args.seeds:
-        for c in args.classes:
-            test_folder = make_test_folder(args.out, te_img, te_lab, c, draw=DRAW_IV)
-            folder = make_train_folder(args.out, tr_img, tr_lab, c, seed)
-            run_four(args.out, folder, test_folder, c, seed)
+    run_cells(args, run_four, DRAW_IV)
 
 
 def cmd_table_four(args: argparse.Namespace) -> None:
     print_choice(_load(args.out, "results-iv"), tuple(CANDIDATES_IV), (),
                  tuple(CANDIDATES_IV)[1:])  # fmt: skip
+
+
+def run_cells(args: argparse.Namespace, run: Callable, draw: int = 1234) -> None:
+    """Protocols II-IV: ``run(out, train folder, test folder, class, seed)`` for every seed and
+    class asked for, seed by seed; the test folder of each class drawn with ``draw`` + class."""
+    torch.set_num_threads(args.threads)
+    tr_img, tr_lab, te_img, te_lab = _arrays()
+    for seed in args.seeds:
+        for c in args.classes:
+            test_folder = make_test_folder(args.out, te_img, te_lab, c, draw=draw)
+            folder = make_train_folder(args.out, tr_img, tr_lab, c, seed)
+            run(args.out, folder, test_folder, c, seed)
 
 
 def _arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -452,13 +451,7 @@ def _arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def cmd_run_two(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
-    tr_img, tr_lab, te_img, te_lab = _arrays()
-    for seed in args.seeds:
-        for c in args.classes:
-            test_folder = make_test_folder(args.out, te_img, te_lab, c)
-            folder = make_train_folder(args.out, tr_img, tr_lab, c, seed)
-            run_two(args.out, folder, test_folder, c, seed)
+    run_cells(args, run_two)
 
 
 def cmd_run(args: argparse.Namespace) -> None:

@@ -14,7 +14,7 @@ import torch
 from firmad.errors import ConfigError, InputError
 from firmad.scoring.base import Scorer, as_features
 from firmad.scoring.features import ANGLES
-from firmad.scoring.rotation import MIN_SCALE, RotationScorer, rotation_index
+from firmad.scoring.rotation import MIN_SCALE, RotationScorer, rotation_index, rotation_nll
 from firmad.scoring.scorers import MahalanobisScorer
 from firmad.scoring.specs import register_scorer
 
@@ -111,8 +111,7 @@ class MahalanobisRotationScorer(Scorer):
         self._check_dim(x, self.mean_.shape[0])
         d = x - self.location_
         maha = ((d @ self.precision_) * d).sum(dim=1)
-        logits = ((x - self.mean_) / self.scale_) @ self.weight_.T + self.bias_
-        rotation = -torch.log_softmax(logits, dim=1).index_select(1, self.target_.reshape(1))[:, 0]
+        rotation = rotation_nll(self, x)
         c, s = self.centre_, self.spread_
         return ((maha - c[0]) / s[0] + (rotation - c[1]) / s[1]) / 2
 

@@ -36,6 +36,14 @@ def rotation_index(angle: int) -> torch.Tensor:
     return torch.tensor(ANGLES.index(angle))
 
 
+def rotation_nll(fitted, x: torch.Tensor) -> torch.Tensor:
+    """``-log p(rotation | x)`` for prepared features ``x``, read from a fitted rotation
+    classifier's buffers (``mean_``, ``scale_``, ``weight_``, ``bias_``, ``target_``): the
+    rotation scorer's and `maha_rotation`'s."""
+    logits = ((x - fitted.mean_) / fitted.scale_) @ fitted.weight_.T + fitted.bias_
+    return -torch.log_softmax(logits, dim=1).index_select(1, fitted.target_.reshape(1))[:, 0]
+
+
 @register_scorer
 class RotationScorer(Scorer):
     """``-log p(rotation | features)`` by a logistic regression of the 4 rotations (L2 penalty
@@ -89,8 +97,7 @@ class RotationScorer(Scorer):
     def forward(self, features) -> torch.Tensor:
         x = self.prepare(features)
         self._check_dim(x, self.mean_.shape[0])
-        logits = ((x - self.mean_) / self.scale_) @ self.weight_.T + self.bias_
-        return -torch.log_softmax(logits, dim=1).index_select(1, self.target_.reshape(1))[:, 0]
+        return rotation_nll(self, x)
 
     def explain_scale(self, n_bank) -> str:
         return (
